@@ -1,0 +1,107 @@
+/* deltaserve — the in-memory base model (Llama family) and its loaders.
+ *
+ * Both loaders (Hugging Face directory, GGUF file) produce the same ds_model: fp32 host weights in
+ * Hugging Face layout and orientation ([out][in], row-major), with the GGUF Q/K row permutation
+ * undone. Backends upload from here. A loaded ds_model is immutable: const access is thread-safe. */
+#ifndef DS_MODEL_H
+#define DS_MODEL_H
+
+#include "ds/common.h"
+#include "ds/tokenizer.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum {
+    DS_ARCH_LLAMA = 0, /* Llama 2/3.x, SmolLM2, TinyLlama */
+    DS_ARCH_MISTRAL,   /* same math as llama */
+    DS_ARCH_QWEN2,     /* q/k/v bias */
+} ds_arch;
+
+typedef enum { DS_ROPE_SCALING_NONE = 0, DS_ROPE_SCALING_LLAMA3 = 1 } ds_rope_scaling;
+
+typedef struct ds_model_config {
+    ds_arch arch;
+    char arch_name[32];      /* "llama", "qwen2", "mistral" */
+    char name[128];          /* general.name / _name_or_path, informational */
+    int32_t n_vocab;
+    int32_t d_model;         /* hidden_size */
+    int32_t n_layer;
+    int32_t n_head;
+    int32_t n_kv_head;
+    int32_t head_dim;        /* config.head_dim or d_model / n_head */
+    int32_t d_ff;            /* intermediate_size */
+    int32_t max_ctx;         /* max_position_embeddings / context_length */
+    float rms_eps;
+    float rope_theta;
+    ds_rope_scaling rope_scaling;
+    float rope_factor, rope_low_freq_factor, rope_high_freq_factor;
+    int32_t rope_orig_ctx;   /* original_max_position_embeddings */
+    bool qkv_bias;
+    bool tied_embeddings;
+} ds_model_config;
+
+typedef struct ds_layer_weights {
+    float *attn_norm; /* [d_model] */
+    float *wq;        /* [n_head*head_dim][d_model] */
+    float *wk;        /* [n_kv_head*head_dim][d_model] */
+    float *wv;        /* [n_kv_head*head_dim][d_model] */
+    float *bq;        /* [n_head*head_dim] or NULL */
+    float *bk;        /* [n_kv_head*head_dim] or NULL */
+    float *bv;        /* [n_kv_head*head_dim] or NULL */
+    float *wo;        /* [d_model][n_head*head_dim] */
+    float *ffn_norm;  /* [d_model] */
+    float *w_gate;    /* [d_ff][d_model] */
+    float *w_up;      /* [d_ff][d_model] */
+    float *w_down;    /* [d_model][d_ff] */
+} ds_layer_weights;
+
+typedef struct ds_model {
+    ds_model_config cfg;
+    float *tok_embd;          /* [n_vocab][d_model] */
+    float *output_norm;       /* [d_model] */
+    float *output;            /* [n_vocab][d_model]; == tok_embd when tied */
+    float *inv_freq;          /* [head_dim/2] final RoPE inverse frequencies (scaling applied) */
+    ds_layer_weights *layers; /* [n_layer] */
+    ds_tokenizer *tok;        /* owned; NULL only if the source had no tokenizer */
+    char *chat_template;      /* owned Jinja text, or NULL */
+    char *source_path;        /* owned */
+    /* Ownership of the float buffers: every pointer above points into `blobs`. */
+    void **blobs;
+    size_t n_blobs, cap_blobs;
+    size_t n_params;          /* number of weight floats (informational) */
+} ds_model;
+
+typedef struct ds_model_params {
+    bool load_tokenizer;        /* default true */
+    bool verbose;               /* progress log lines while loading (default true) */
+} ds_model_params;
+
+ds_model_params ds_model_default_params(void);
+
+/* Loads a model from a Hugging Face directory (config.json, *.safetensors, tokenizer.json) or
+ * a GGUF file; picks by what `path` is. Returns NULL with a message naming the file and what is
+ * wrong. Any thread; the returned model is owned by the caller (ds_model_free). */
+ds_model *ds_model_load(const char *path, const ds_model_params *params, ds_err *err);
+ds_model *ds_model_load_hf_dir(const char *dir, const ds_model_params *params, ds_err *err);
+ds_model *ds_model_load_gguf(const char *path, const ds_model_params *params, ds_err *err);
+void ds_model_free(ds_model *m);
+
+/* Helpers shared by the loaders (src/model/config.c). */
+/* Allocates a zeroed model; weights are added with ds_model_alloc_floats. */
+ds_model *ds_model_new(void);
+/* Allocates n floats owned by the model (zeroed). Returns NULL on overflow/OOM. */
+float *ds_model_alloc_floats(ds_model *m, size_t n);
+/* Validates cfg (positive sizes, divisibility, GQA grouping) and fills derived fields (head_dim
+ * when 0). Returns 0 or DS_EFORMAT/DS_EUNSUPPORTED with a message naming the field. */
+int ds_model_config_validate(ds_model_config *cfg, const char *source, ds_err *err);
+/* Computes inv_freq[head_dim/2] from theta and rope scaling (HF _compute_llama3_parameters). */
+void ds_rope_inv_freq(const ds_model_config *cfg, float *inv_freq);
+/* Checks that every weight pointer the config needs is set; names the first missing tensor. */
+int ds_model_check_complete(const ds_model *m, ds_err *err);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,115 @@
+/* deltaserve — byte-level BPE tokenizer (GPT-2 / Llama-3 / Qwen2 / SmolLM families) and chat
+ * templates. A ds_tokenizer is immutable after creation: every const function is thread-safe. */
+#ifndef DS_TOKENIZER_H
+#define DS_TOKENIZER_H
+
+#include "ds/common.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct ds_tokenizer ds_tokenizer;
+
+/* Token types as GGUF numbers them. */
+enum {
+    DS_TOKEN_NORMAL = 1,
+    DS_TOKEN_UNKNOWN = 2,
+    DS_TOKEN_CONTROL = 3,
+    DS_TOKEN_USER_DEFINED = 4,
+    DS_TOKEN_UNUSED = 5,
+    DS_TOKEN_BYTE = 6,
+};
+
+/* Pre-tokeniser families. */
+typedef enum {
+    DS_PRE_GPT2 = 0,   /* GPT-2 regex */
+    DS_PRE_SMOLLM,     /* individual digits, then the GPT-2 regex */
+    DS_PRE_LLAMA3,     /* Llama-3 regex (digits in runs of 1-3) */
+    DS_PRE_QWEN2,      /* NFC, then the Llama-3 regex with single digits */
+} ds_pre_type;
+
+/* A neutral description the loaders fill in (from GGUF metadata or tokenizer.json).
+ * All pointers are borrowed for the duration of ds_tokenizer_create only. */
+typedef struct ds_tokenizer_desc {
+    int32_t n_vocab;
+    const char *const *tokens;   /* [n_vocab] byte-level strings (the vocab keys, e.g. "Ġthe") */
+    const int32_t *token_types;  /* [n_vocab] DS_TOKEN_*, or NULL (all normal) */
+    int32_t n_merges;
+    const char *const *merges;   /* [n_merges] "a b", rank = index */
+    ds_pre_type pre;
+    bool ignore_merges;          /* emit an in-vocab pre-token whole (Llama-3) */
+    int32_t bos_id, eos_id, eot_id, pad_id; /* -1 when absent */
+    bool add_bos;                /* prepend BOS when encoding with add_special */
+    bool add_eos;
+} ds_tokenizer_desc;
+
+/* Returns a tokenizer, or NULL with a message. Control / user-defined tokens are "added tokens"
+ * matched before BPE when encoding with parse_special. */
+ds_tokenizer *ds_tokenizer_create(const ds_tokenizer_desc *desc, ds_err *err);
+
+/* Loads tokenizer.json (+ optional tokenizer_config.json for bos/eos/add_bos_token and
+ * chat_template; config_path may be NULL). Returns NULL with a message naming the file. */
+ds_tokenizer *ds_tokenizer_load_json(const char *tokenizer_json_path, const char *config_path, ds_err *err);
+
+void ds_tokenizer_free(ds_tokenizer *t);
+
+/* Encodes UTF-8 text. add_special: prepend BOS (and append EOS) as the model's config says.
+ * parse_special: match added/special tokens in the text (e.g. "<|im_start|>"); otherwise they are
+ * plain text. On success *ids is malloc'd (caller frees) and *n_ids set; returns 0 or DS_E*.
+ * Invalid UTF-8 is encoded byte-wise (never an error). */
+int ds_tokenizer_encode(const ds_tokenizer *t, const char *text, size_t len, bool add_special,
+                        bool parse_special, int32_t **ids, size_t *n_ids);
+
+/* Decodes ids to UTF-8 bytes (caller frees *out, NUL-terminated). skip_special drops control
+ * tokens. Returns 0 or DS_EINVAL for an id out of range. */
+int ds_tokenizer_decode(const ds_tokenizer *t, const int32_t *ids, size_t n_ids, bool skip_special,
+                        char **out, size_t *out_len);
+
+/* Streaming detokeniser: feeds one token, appends only complete UTF-8 characters to `out`
+ * (up to cap bytes), holding back an incomplete trailing sequence until the next token.
+ * Returns the number of bytes written, or a negative DS_E*. */
+typedef struct ds_detok {
+    uint8_t pending[8];
+    int n_pending;
+} ds_detok;
+int ds_detok_push(const ds_tokenizer *t, ds_detok *st, int32_t id, bool skip_special, char *out, size_t cap);
+/* Emits whatever is still pending (invalid bytes become U+FFFD). */
+int ds_detok_flush(ds_detok *st, char *out, size_t cap);
+
+int32_t ds_tokenizer_n_vocab(const ds_tokenizer *t);
+int32_t ds_tokenizer_bos(const ds_tokenizer *t);
+int32_t ds_tokenizer_eos(const ds_tokenizer *t);
+int32_t ds_tokenizer_eot(const ds_tokenizer *t); /* end-of-turn, or -1 */
+bool ds_tokenizer_is_eog(const ds_tokenizer *t, int32_t id); /* eos, eot and other end-of-generation ids */
+bool ds_tokenizer_is_special(const ds_tokenizer *t, int32_t id);
+/* The raw decoded bytes of one token (not NUL-terminated); valid while t lives. */
+const char *ds_tokenizer_token_bytes(const ds_tokenizer *t, int32_t id, size_t *len);
+/* Looks up an exact vocab/added-token string ("<|im_end|>"); -1 when absent. */
+int32_t ds_tokenizer_find(const ds_tokenizer *t, const char *token);
+
+/* Chat templates. */
+typedef enum {
+    DS_CHAT_CHATML = 0, /* <|im_start|>role\n...<|im_end|>\n (SmolLM2, Qwen2) */
+    DS_CHAT_LLAMA3,     /* <|start_header_id|>role<|end_header_id|>\n\n...<|eot_id|> */
+    DS_CHAT_LLAMA2,     /* [INST] ... [/INST] (Llama-2, Mistral) */
+} ds_chat_format;
+
+typedef struct ds_chat_msg {
+    const char *role;    /* "system" | "user" | "assistant" | ... */
+    const char *content;
+} ds_chat_msg;
+
+/* Picks the format from a Jinja template's text (NULL → ChatML). */
+ds_chat_format ds_chat_detect(const char *template_text);
+
+/* Renders messages in the format; add_generation_prompt appends the assistant header.
+ * default_system: inserted when the template does so and no system message is given (may be NULL).
+ * *out is malloc'd, caller frees. Returns 0 or DS_EINVAL (unknown role, NULL content). */
+int ds_chat_render(ds_chat_format fmt, const ds_chat_msg *msgs, size_t n_msgs, bool add_generation_prompt,
+                   const char *default_system, char **out);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
