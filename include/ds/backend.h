@@ -1,0 +1,152 @@
+/* deltaserve — the backend interface (ggml-backend / SQLite-VFS style).
+ *
+ * The forward pass (src/model/llama.c) is written once over these ops. All tensor pointers given
+ * to ops are BACKEND pointers (host memory for the CPU backend, device memory for CUDA) obtained
+ * from alloc() or mat_upload(); the forward never dereferences them. Small per-step index arrays
+ * (ds_batch_dev) are uploaded once per step with upload().
+ *
+ * Activations are fp32, row-major. Weights are ds_mat handles whose storage format is the
+ * backend's business (CPU: the model's fp32 arrays, borrowed; CUDA: bf16 copies).
+ *
+ * Threading: a backend is used by one thread at a time (the engine thread). Every op returns 0 or
+ * a negative DS_E* (DS_EDEVICE for device failures, incl. device OOM) — ops never abort. */
+#ifndef DS_BACKEND_H
+#define DS_BACKEND_H
+
+#include "ds/common.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define DS_BACKEND_IFACE_VERSION 1
+
+typedef enum { DS_DTYPE_F32 = 0, DS_DTYPE_F16 = 1, DS_DTYPE_BF16 = 2 } ds_dtype;
+
+/* A weight matrix in backend memory: logical shape [rows][cols] (torch [out][in]). */
+typedef struct ds_mat {
+    void *data;
+    int32_t rows, cols;
+    ds_dtype dtype;
+    bool borrowed; /* data belongs to someone else (CPU backend: the ds_model) */
+} ds_mat;
+
+/* One LoRA-family segment: tokens [start, start+len) of the batch share these adapter weights.
+ * y[t] += scale * B · (A · x[t])  for t in the segment. Pointers are backend pointers. */
+typedef struct ds_lora_seg {
+    int32_t start, len;
+    int32_t rank;
+    float scale;
+    const float *A; /* [rank][in] */
+    const float *B; /* [out][rank] */
+} ds_lora_seg;
+
+/* A per-segment vector op: rows [start, start+len) of y with vector v (backend pointer). */
+typedef struct ds_vec_seg {
+    int32_t start, len;
+    const float *v;
+    float alpha; /* seg_add only */
+} ds_vec_seg;
+
+/* Paged attention over a KV pool. Logical KV slot i of sequence s lives at
+ * ds_kv_slot(block_table_s, prefix_s, block_size, i). The first prefix_s logical slots are an
+ * adapter's prefix-tuning K/V (shared blocks at the head of the block table, last one possibly
+ * partial); the sequence's own tokens start on the next block boundary. */
+typedef struct ds_attn_args {
+    const float *q;              /* [n_tokens][n_head][head_dim], RoPE applied */
+    float *out;                  /* [n_tokens][n_head][head_dim] */
+    const float *k_cache;        /* this layer: [n_blocks][block_size][n_kv_head][head_dim] */
+    const float *v_cache;
+    int32_t n_tokens, n_head, n_kv_head, head_dim, block_size;
+    const int32_t *tok_seq;      /* [n_tokens] sequence index (backend ptr) */
+    const int32_t *tok_nkv;      /* [n_tokens] logical KV slots this token attends to (backend ptr) */
+    const int32_t *block_tables; /* [n_seqs][max_blocks] physical block ids (backend ptr) */
+    const int32_t *seq_prefix;   /* [n_seqs] prefix slots per sequence (backend ptr) */
+    int32_t n_seqs, max_blocks;
+    float scale;                 /* 1/sqrt(head_dim) */
+} ds_attn_args;
+
+/* Physical slot index (block*block_size + offset) of logical KV slot i. */
+static inline int64_t ds_kv_slot(const int32_t *block_table, int32_t n_prefix, int32_t block_size, int32_t i) {
+    int32_t j = i;
+    if (i >= n_prefix) j = i - n_prefix + ((n_prefix + block_size - 1) / block_size) * block_size;
+    return (int64_t)block_table[j / block_size] * block_size + j % block_size;
+}
+
+struct ds_backend_iface {
+    int version; /* DS_BACKEND_IFACE_VERSION */
+    const char *name;
+    void (*free)(void *ctx);
+
+    /* Memory. alloc returns NULL on OOM; memory is zeroed. */
+    void *(*alloc)(void *ctx, size_t bytes);
+    void (*release)(void *ctx, void *ptr);
+    int (*upload)(void *ctx, void *dst, const void *src, size_t bytes);
+    int (*download)(void *ctx, void *dst, const void *src, size_t bytes);
+    int (*synchronize)(void *ctx);
+
+    /* Weights: host fp32 [rows][cols] → backend format. The host array must stay valid for the
+     * lifetime of the mat if the backend borrows it (CPU). */
+    int (*mat_upload)(void *ctx, const float *host, int32_t rows, int32_t cols, ds_mat *out);
+    void (*mat_free)(void *ctx, ds_mat *m);
+
+    /* y[n][rows] = x[n][cols] · Wᵀ (+ bias[rows]); accumulate: y += instead of =. */
+    int (*matmul)(void *ctx, const float *x, const ds_mat *w, const float *bias, float *y, int32_t n,
+                  bool accumulate);
+    /* out[t] = embd[ids[t]] for each token. */
+    int (*embed)(void *ctx, const ds_mat *embd, const int32_t *ids, float *out, int32_t n);
+    /* y[t] = x[t] * rsqrt(mean(x[t]^2) + eps) * w  (fp32; HF order). */
+    int (*rmsnorm)(void *ctx, const float *x, const float *w, float *y, int32_t n, int32_t d, float eps);
+    /* In place NeoX/rotate_half RoPE on x[n][n_head][head_dim] at positions pos[n]. */
+    int (*rope)(void *ctx, float *x, const int32_t *pos, const float *inv_freq, int32_t n, int32_t n_head,
+                int32_t head_dim);
+    /* out[i] = silu(gate[i]) * up[i] */
+    int (*silu_mul)(void *ctx, const float *gate, const float *up, float *out, size_t n);
+    /* y[i] += x[i] */
+    int (*add)(void *ctx, float *y, const float *x, size_t n);
+    /* dst[i] = src[idx[i]] rows of width d (gather, e.g. logits rows). */
+    int (*get_rows)(void *ctx, const float *src, const int32_t *idx, float *dst, int32_t n, int32_t d);
+    /* Writes k[t], v[t] ([n][n_kv_head*head_dim]) at physical slots slot[t] of the layer pools. */
+    int (*kv_store)(void *ctx, float *k_cache, float *v_cache, const float *k, const float *v,
+                    const int64_t *slot, int32_t n, int32_t row);
+    int (*attention)(void *ctx, const ds_attn_args *a);
+
+    /* Segmented LoRA (SGMV): y[t][out] += scale·B·(A·x[t]) per segment; x [n][in]. May be NULL
+     * (backend without adapter support). */
+    int (*lora)(void *ctx, const float *x, int32_t in, float *y, int32_t out, const ds_lora_seg *segs,
+                int32_t n_segs);
+    /* y[t][j] *= v[j] for t in each segment (DoRA magnitude, IA³). segs is a host array. */
+    int (*seg_scale)(void *ctx, float *y, int32_t width, const ds_vec_seg *segs, int32_t n_segs);
+    /* y[t][j] += alpha * v[j] for t in each segment (biases). segs is a host array. */
+    int (*seg_add)(void *ctx, float *y, int32_t width, const ds_vec_seg *segs, int32_t n_segs);
+    /* dst[rows[i]] = src[i] (width floats each): soft-prompt rows. rows and src are host arrays of
+     * row indices and backend row pointers. */
+    int (*set_rows)(void *ctx, float *dst, int32_t width, const int32_t *rows, const float *const *src, int32_t n);
+    /* Backend-to-backend copy. */
+    int (*copy)(void *ctx, void *dst, const void *src, size_t bytes);
+};
+
+typedef struct ds_backend {
+    const struct ds_backend_iface *iface;
+    void *ctx;
+} ds_backend;
+
+typedef struct ds_backend_params {
+    int32_t n_threads; /* CPU: 0 → all cores */
+    int32_t device;    /* CUDA device index */
+} ds_backend_params;
+
+ds_backend_params ds_backend_default_params(void);
+
+/* Creates a backend by name: "cpu" (always), "cuda" (when built with DS_CUDA and a device is
+ * present). Returns NULL with a message. */
+ds_backend *ds_backend_create(const char *name, const ds_backend_params *params, ds_err *err);
+void ds_backend_free(ds_backend *b);
+
+/* The CPU backend (src/backend/cpu). */
+ds_backend *ds_backend_cpu_create(const ds_backend_params *params, ds_err *err);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

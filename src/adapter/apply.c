@@ -1,0 +1,199 @@
+/* Applies the step's adapters inside the forward pass (the hooks of adapter.h), and makes the
+ * resident (backend) copies they read.
+ *
+ * Per projection, the order follows PEFT: x' = x ⊙ l (IA³ feed-forward side); y = W x';
+ * y += s·B(A x') per LoRA segment (one segmented op covering every segment); y += s·b_B (lora_bias);
+ * DoRA: y = (m/‖W + sBA‖) ⊙ y; + bias; IA³ attention side: y = y ⊙ l. */
+#include "ds/adapter.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+const char *ds_proj_name(ds_proj p) {
+    static const char *names[DS_PROJ_COUNT] = {"q_proj", "k_proj", "v_proj", "o_proj",
+                                               "gate_proj", "up_proj", "down_proj"};
+    return (unsigned)p < DS_PROJ_COUNT ? names[p] : "?";
+}
+
+#define TRY(expr)                                                                                  \
+    do {                                                                                           \
+        int st_ = (expr);                                                                          \
+        if (st_) return st_;                                                                       \
+    } while (0)
+
+static const ds_lora_dev *lora_of(const ds_adapter_batch *ad, int32_t slot, int32_t layer, ds_proj proj) {
+    const ds_adapter_dev *d = ad->slots[slot];
+    if (layer < 0) return d->lm_head.rank ? &d->lm_head : NULL;
+    const ds_lora_dev *l = d->lora ? &d->lora[(size_t)layer * DS_PROJ_COUNT + proj] : NULL;
+    return l && l->rank ? l : NULL;
+}
+
+static const float *ia3_of(const ds_adapter_batch *ad, int32_t slot, int32_t layer, ds_proj proj, bool input) {
+    const ds_adapter_dev *d = ad->slots[slot];
+    if (layer < 0 || !d->ia3 || d->host->ia3_is_input[proj] != input) return NULL;
+    return d->ia3[(size_t)layer * DS_PROJ_COUNT + proj];
+}
+
+/* Gathers the segments of one kind for (layer, proj) into vec_tmp; returns their count. */
+typedef const float *(*vec_pick)(const ds_adapter_batch *, int32_t, int32_t, ds_proj);
+
+static const float *pick_ia3_in(const ds_adapter_batch *ad, int32_t s, int32_t l, ds_proj p) { return ia3_of(ad, s, l, p, true); }
+static const float *pick_ia3_out(const ds_adapter_batch *ad, int32_t s, int32_t l, ds_proj p) { return ia3_of(ad, s, l, p, false); }
+static const float *pick_dora(const ds_adapter_batch *ad, int32_t s, int32_t l, ds_proj p) {
+    const ds_lora_dev *m = lora_of(ad, s, l, p);
+    return m ? m->dora_scale : NULL;
+}
+static const float *pick_lbias(const ds_adapter_batch *ad, int32_t s, int32_t l, ds_proj p) {
+    const ds_lora_dev *m = lora_of(ad, s, l, p);
+    return m ? m->bias_B : NULL;
+}
+
+static int32_t gather_vecs(const ds_adapter_batch *ad, int32_t layer, ds_proj proj, vec_pick pick) {
+    int32_t n = 0;
+    for (int32_t i = 0; i < ad->n_segs; i++) {
+        const ds_adapter_seg *g = &ad->segs[i];
+        const float *v = pick(ad, g->slot, layer, proj);
+        if (!v) continue;
+        float alpha = 1.0f;
+        if (pick == pick_lbias) alpha = lora_of(ad, g->slot, layer, proj)->scale;
+        ad->vec_tmp[n++] = (ds_vec_seg){.start = g->start, .len = g->len, .v = v, .alpha = alpha};
+    }
+    return n;
+}
+
+static int32_t gather_lora(const ds_adapter_batch *ad, int32_t layer, ds_proj proj) {
+    int32_t n = 0;
+    for (int32_t i = 0; i < ad->n_segs; i++) {
+        const ds_adapter_seg *g = &ad->segs[i];
+        const ds_lora_dev *m = lora_of(ad, g->slot, layer, proj);
+        if (!m) continue;
+        ad->lora_tmp[n++] = (ds_lora_seg){.start = g->start, .len = g->len, .rank = m->rank, .scale = m->scale,
+                                          .A = m->A, .B = m->B};
+    }
+    return n;
+}
+
+/* Full adapted projection; layer < 0 means lm_head (LoRA only). */
+static int adapted_linear(const ds_adapter_batch *ad, ds_backend *b, int32_t layer, ds_proj proj, const ds_mat *w,
+                          const float *bias, const float *x, float *y, int32_t n) {
+    const struct ds_backend_iface *f = b->iface;
+    void *ctx = b->ctx;
+    int32_t k = gather_vecs(ad, layer, proj, pick_ia3_in);
+    if (k) { /* IA³ feed-forward side scales the projection's input: work on a copy */
+        TRY(f->copy(ctx, ad->scratch, x, sizeof(float) * (size_t)n * w->cols));
+        TRY(f->seg_scale(ctx, ad->scratch, w->cols, ad->vec_tmp, k));
+        x = ad->scratch;
+    }
+    const int32_t n_dora = gather_vecs(ad, layer, proj, pick_dora);
+    TRY(f->matmul(ctx, x, w, n_dora ? NULL : bias, y, n, false));
+    if ((k = gather_lora(ad, layer, proj))) {
+        if (!f->lora) return DS_EUNSUPPORTED;
+        TRY(f->lora(ctx, x, w->cols, y, w->rows, ad->lora_tmp, k));
+    }
+    if ((k = gather_vecs(ad, layer, proj, pick_lbias))) TRY(f->seg_add(ctx, y, w->rows, ad->vec_tmp, k));
+    if (n_dora) {
+        k = gather_vecs(ad, layer, proj, pick_dora);
+        TRY(f->seg_scale(ctx, y, w->rows, ad->vec_tmp, k));
+        if (bias) {
+            ds_vec_seg all = {.start = 0, .len = n, .v = bias, .alpha = 1.0f};
+            TRY(f->seg_add(ctx, y, w->rows, &all, 1));
+        }
+    }
+    if ((k = gather_vecs(ad, layer, proj, pick_ia3_out))) TRY(f->seg_scale(ctx, y, w->rows, ad->vec_tmp, k));
+    return DS_OK;
+}
+
+int ds_adapter_linear(const ds_adapter_batch *ad, ds_backend *b, int32_t layer, ds_proj proj, const ds_mat *w,
+                      const float *bias, const float *x, float *y, int32_t n) {
+    if (!ad || ad->n_segs == 0) return b->iface->matmul(b->ctx, x, w, bias, y, n, false);
+    return adapted_linear(ad, b, layer, proj, w, bias, x, y, n);
+}
+
+int ds_adapter_embed(const ds_adapter_batch *ad, ds_backend *b, const ds_mat *tok_embd, const int32_t *ids,
+                     float *out, int32_t n) {
+    TRY(b->iface->embed(b->ctx, tok_embd, ids, out, n));
+    if (ad && ad->n_soft > 0) TRY(b->iface->set_rows(b->ctx, out, tok_embd->cols, ad->soft_rows, ad->soft_src, ad->n_soft));
+    return DS_OK;
+}
+
+int ds_adapter_lm_head(const ds_adapter_batch *ad, ds_backend *b, const ds_mat *output, const float *x,
+                       float *logits, int32_t n) {
+    (void)ad; /* lm_head LoRA segments would need the segments remapped to output rows; refused at load */
+    return b->iface->matmul(b->ctx, x, output, NULL, logits, n, false);
+}
+
+/* ---- resident copies ---- */
+
+static float *dev_copy(ds_backend *b, ds_adapter_dev *d, const float *host, size_t n) {
+    if (d->n_allocs == d->cap_allocs) {
+        size_t cap = d->cap_allocs ? d->cap_allocs * 2 : 32;
+        void **na = realloc(d->allocs, cap * sizeof *na);
+        if (!na) return NULL;
+        d->allocs = na;
+        d->cap_allocs = cap;
+    }
+    float *p = b->iface->alloc(b->ctx, n * sizeof(float));
+    if (!p) return NULL;
+    d->allocs[d->n_allocs++] = p;
+    d->dev_bytes += n * sizeof(float);
+    if (b->iface->upload(b->ctx, p, host, n * sizeof(float)) != DS_OK) return NULL;
+    return p;
+}
+
+static int upload_lora(ds_backend *b, ds_adapter_dev *d, const ds_lora_module *m, ds_lora_dev *out) {
+    out->rank = m->rank;
+    out->scale = m->scale;
+    out->A = dev_copy(b, d, m->A, (size_t)m->rank * m->in);
+    out->B = dev_copy(b, d, m->B, (size_t)m->out * m->rank);
+    if (!out->A || !out->B) return DS_EDEVICE;
+    if (m->bias_B && !(out->bias_B = dev_copy(b, d, m->bias_B, (size_t)m->out))) return DS_EDEVICE;
+    if (m->dora_scale && !(out->dora_scale = dev_copy(b, d, m->dora_scale, (size_t)m->out))) return DS_EDEVICE;
+    return DS_OK;
+}
+
+static int upload_all(ds_backend *b, const ds_adapter *a, ds_adapter_dev *d) {
+    const size_t n_mod = (size_t)a->n_layer * DS_PROJ_COUNT;
+    if (a->lora) {
+        if (!(d->lora = calloc(n_mod, sizeof *d->lora))) return DS_ENOMEM;
+        for (size_t i = 0; i < n_mod; i++)
+            if (a->lora[i]) TRY(upload_lora(b, d, a->lora[i], &d->lora[i]));
+    }
+    if (a->lm_head) TRY(upload_lora(b, d, a->lm_head, &d->lm_head));
+    if (a->ia3) {
+        if (!(d->ia3 = calloc(n_mod, sizeof *d->ia3))) return DS_ENOMEM;
+        for (size_t i = 0; i < n_mod; i++) {
+            if (!a->ia3[i]) continue;
+            const ds_proj p = (ds_proj)(i % DS_PROJ_COUNT);
+            const size_t len = (size_t)(a->ia3_is_input[p] ? a->proj_in[p] : a->proj_out[p]);
+            if (!(d->ia3[i] = dev_copy(b, d, a->ia3[i], len))) return DS_EDEVICE;
+        }
+    }
+    if (a->n_virtual > 0 && a->prompt) {
+        if (!(d->prompt_rows = calloc((size_t)a->n_virtual, sizeof *d->prompt_rows))) return DS_ENOMEM;
+        float *rows = dev_copy(b, d, a->prompt, (size_t)a->n_virtual * a->d_model);
+        if (!rows) return DS_EDEVICE;
+        for (int32_t i = 0; i < a->n_virtual; i++) d->prompt_rows[i] = rows + (size_t)i * a->d_model;
+    }
+    return DS_OK;
+}
+
+int ds_adapter_dev_upload(ds_backend *b, const ds_adapter *a, ds_adapter_dev *out, ds_err *err) {
+    memset(out, 0, sizeof *out);
+    out->host = a;
+    int st = upload_all(b, a, out);
+    if (st) {
+        ds_adapter_dev_release(b, out);
+        return ds_err_set(err, st, "adapter '%s': upload to the %s backend failed (%s)", a->name ? a->name : "?",
+                          b->iface->name, ds_strerror(st));
+    }
+    return DS_OK;
+}
+
+void ds_adapter_dev_release(ds_backend *b, ds_adapter_dev *d) {
+    for (size_t i = 0; i < d->n_allocs; i++) b->iface->release(b->ctx, d->allocs[i]);
+    free(d->allocs);
+    free(d->lora);
+    free(d->ia3);
+    free(d->prompt_rows);
+    memset(d, 0, sizeof *d);
+}

@@ -1,0 +1,285 @@
+/* The CPU backend: the reference implementation of ds_backend. OpenBLAS for GEMMs, OpenMP threads
+ * for the rest. Memory is plain host memory; weights are borrowed from the ds_model (fp32). */
+#include "ds/backend.h"
+
+#include <cblas.h>
+#include <math.h>
+#include <omp.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct cpu_ctx {
+    int n_threads;
+} cpu_ctx;
+
+static void cpu_free(void *ctx) { free(ctx); }
+
+static void *cpu_alloc(void *ctx, size_t bytes) {
+    (void)ctx;
+    void *p = NULL;
+    if (bytes == 0) bytes = 1;
+    size_t rounded = (bytes + 63) & ~(size_t)63;
+    if (posix_memalign(&p, 64, rounded) != 0) return NULL;
+    memset(p, 0, rounded);
+    return p;
+}
+
+static void cpu_release(void *ctx, void *ptr) { free(ptr); }
+
+static int cpu_copy(void *ctx, void *dst, const void *src, size_t bytes) {
+    if (bytes) memcpy(dst, src, bytes);
+    return DS_OK;
+}
+
+static int cpu_sync(void *ctx) { return DS_OK; }
+
+static int cpu_mat_upload(void *ctx, const float *host, int32_t rows, int32_t cols, ds_mat *out) {
+    out->data = (void *)host;
+    out->rows = rows;
+    out->cols = cols;
+    out->dtype = DS_DTYPE_F32;
+    out->borrowed = true;
+    return DS_OK;
+}
+
+static void cpu_mat_free(void *ctx, ds_mat *m) {
+    if (!m->borrowed) free(m->data);
+    m->data = NULL;
+}
+
+static int cpu_matmul(void *ctx, const float *x, const ds_mat *w, const float *bias, float *y, int32_t n,
+                      bool accumulate) {
+    if (w->dtype != DS_DTYPE_F32) return DS_EUNSUPPORTED;
+    const int32_t m = w->rows, k = w->cols;
+    if (n == 1) {
+        cblas_sgemv(CblasRowMajor, CblasNoTrans, m, k, 1.0f, (const float *)w->data, k, x, 1,
+                    accumulate ? 1.0f : 0.0f, y, 1);
+    } else {
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, m, k, 1.0f, x, k, (const float *)w->data, k,
+                    accumulate ? 1.0f : 0.0f, y, m);
+    }
+    if (bias) {
+        for (int32_t t = 0; t < n; t++) {
+            float *yr = y + (size_t)t * m;
+            for (int32_t i = 0; i < m; i++) yr[i] += bias[i];
+        }
+    }
+    return DS_OK;
+}
+
+static int cpu_embed(void *ctx, const ds_mat *embd, const int32_t *ids, float *out, int32_t n) {
+    const int32_t d = embd->cols;
+    for (int32_t t = 0; t < n; t++) {
+        if (ids[t] < 0 || ids[t] >= embd->rows) return DS_EINVAL;
+        memcpy(out + (size_t)t * d, (const float *)embd->data + (size_t)ids[t] * d, sizeof(float) * (size_t)d);
+    }
+    return DS_OK;
+}
+
+static int cpu_rmsnorm(void *ctx, const float *x, const float *w, float *y, int32_t n, int32_t d, float eps) {
+#pragma omp parallel for if (n > 4)
+    for (int32_t t = 0; t < n; t++) {
+        const float *xr = x + (size_t)t * d;
+        float *yr = y + (size_t)t * d;
+        double ss = 0.0;
+        for (int32_t i = 0; i < d; i++) ss += (double)xr[i] * xr[i];
+        const float r = 1.0f / sqrtf((float)(ss / d) + eps);
+        for (int32_t i = 0; i < d; i++) yr[i] = (xr[i] * r) * w[i];
+    }
+    return DS_OK;
+}
+
+/* rotate_half RoPE (HF Llama): x1 = x[:hd/2], x2 = x[hd/2:]; out = x*cos + rotate_half(x)*sin with
+ * cos/sin from cat(freqs, freqs), freqs = pos * inv_freq computed in fp32. */
+static int cpu_rope(void *ctx, float *x, const int32_t *pos, const float *inv_freq, int32_t n, int32_t n_head,
+                    int32_t head_dim) {
+    const int32_t half = head_dim / 2;
+#pragma omp parallel for if (n > 4)
+    for (int32_t t = 0; t < n; t++) {
+        for (int32_t i = 0; i < half; i++) {
+            const float f = (float)pos[t] * inv_freq[i];
+            const float c = cosf(f), s = sinf(f);
+            for (int32_t h = 0; h < n_head; h++) {
+                float *xh = x + ((size_t)t * n_head + h) * head_dim;
+                const float a = xh[i], b = xh[i + half];
+                xh[i] = a * c - b * s;
+                xh[i + half] = b * c + a * s;
+            }
+        }
+    }
+    return DS_OK;
+}
+
+static int cpu_silu_mul(void *ctx, const float *gate, const float *up, float *out, size_t n) {
+#pragma omp parallel for if (n > 65536)
+    for (size_t i = 0; i < n; i++) {
+        const float g = gate[i];
+        out[i] = g / (1.0f + expf(-g)) * up[i];
+    }
+    return DS_OK;
+}
+
+static int cpu_add(void *ctx, float *y, const float *x, size_t n) {
+    for (size_t i = 0; i < n; i++) y[i] += x[i];
+    return DS_OK;
+}
+
+static int cpu_get_rows(void *ctx, const float *src, const int32_t *idx, float *dst, int32_t n, int32_t d) {
+    for (int32_t i = 0; i < n; i++)
+        memcpy(dst + (size_t)i * d, src + (size_t)idx[i] * d, sizeof(float) * (size_t)d);
+    return DS_OK;
+}
+
+static int cpu_kv_store(void *ctx, float *k_cache, float *v_cache, const float *k, const float *v,
+                        const int64_t *slot, int32_t n, int32_t row) {
+    for (int32_t t = 0; t < n; t++) {
+        memcpy(k_cache + (size_t)slot[t] * row, k + (size_t)t * row, sizeof(float) * (size_t)row);
+        memcpy(v_cache + (size_t)slot[t] * row, v + (size_t)t * row, sizeof(float) * (size_t)row);
+    }
+    return DS_OK;
+}
+
+/* One query head of one token against its sequence's paged KV: softmax in fp32 (two-pass, stable). */
+static void attend_one(const ds_attn_args *a, int32_t t, int32_t h, float *scores) {
+    const int32_t s = a->tok_seq[t], nkv = a->tok_nkv[t], hd = a->head_dim;
+    const int32_t kvh = h / (a->n_head / a->n_kv_head); /* contiguous GQA groups */
+    const int32_t row = a->n_kv_head * hd;
+    const int32_t *bt = a->block_tables + (size_t)s * a->max_blocks;
+    const int32_t pre = a->seq_prefix ? a->seq_prefix[s] : 0;
+    const float *q = a->q + ((size_t)t * a->n_head + h) * hd;
+    float mx = -INFINITY;
+    for (int32_t i = 0; i < nkv; i++) {
+        const float *k = a->k_cache + ds_kv_slot(bt, pre, a->block_size, i) * row + (size_t)kvh * hd;
+        float dot = 0.0f;
+        for (int32_t d = 0; d < hd; d++) dot += q[d] * k[d];
+        scores[i] = dot * a->scale;
+        if (scores[i] > mx) mx = scores[i];
+    }
+    float sum = 0.0f;
+    for (int32_t i = 0; i < nkv; i++) {
+        scores[i] = expf(scores[i] - mx);
+        sum += scores[i];
+    }
+    float *o = a->out + ((size_t)t * a->n_head + h) * hd;
+    memset(o, 0, sizeof(float) * (size_t)hd);
+    const float inv = 1.0f / sum;
+    for (int32_t i = 0; i < nkv; i++) {
+        const float *v = a->v_cache + ds_kv_slot(bt, pre, a->block_size, i) * row + (size_t)kvh * hd;
+        const float p = scores[i] * inv;
+        for (int32_t d = 0; d < hd; d++) o[d] += p * v[d];
+    }
+}
+
+static int cpu_attention(void *ctx, const ds_attn_args *a) {
+    if (a->n_head % a->n_kv_head) return DS_EINVAL;
+    int32_t max_kv = 0;
+    for (int32_t t = 0; t < a->n_tokens; t++)
+        if (a->tok_nkv[t] > max_kv) max_kv = a->tok_nkv[t];
+    int status = DS_OK;
+#pragma omp parallel
+    {
+        float *scores = malloc(sizeof(float) * (size_t)(max_kv > 0 ? max_kv : 1));
+        if (!scores) {
+#pragma omp atomic write
+            status = DS_ENOMEM;
+        }
+#pragma omp for collapse(2) schedule(dynamic, 4)
+        for (int32_t t = 0; t < a->n_tokens; t++)
+            for (int32_t h = 0; h < a->n_head; h++)
+                if (scores) attend_one(a, t, h, scores);
+        free(scores);
+    }
+    return status;
+}
+
+/* Segmented LoRA: per segment, tmp[len][r] = X·Aᵀ then Y += scale · tmp·Bᵀ — two GEMMs at the
+ * adapter's own rank (no padding). */
+static int cpu_lora(void *ctx, const float *x, int32_t in, float *y, int32_t out, const ds_lora_seg *segs,
+                    int32_t n_segs) {
+    size_t need = 0;
+    for (int32_t i = 0; i < n_segs; i++) {
+        size_t sz = (size_t)segs[i].len * (size_t)segs[i].rank;
+        if (sz > need) need = sz;
+    }
+    float *tmp = malloc(sizeof(float) * (need ? need : 1));
+    if (!tmp) return DS_ENOMEM;
+    for (int32_t i = 0; i < n_segs; i++) {
+        const ds_lora_seg *g = &segs[i];
+        if (g->len <= 0 || g->rank <= 0) continue;
+        const float *xs = x + (size_t)g->start * in;
+        float *ys = y + (size_t)g->start * out;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, g->len, g->rank, in, 1.0f, xs, in, g->A, in, 0.0f,
+                    tmp, g->rank);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, g->len, out, g->rank, g->scale, tmp, g->rank, g->B,
+                    g->rank, 1.0f, ys, out);
+    }
+    free(tmp);
+    return DS_OK;
+}
+
+static int cpu_seg_scale(void *ctx, float *y, int32_t width, const ds_vec_seg *segs, int32_t n_segs) {
+    for (int32_t i = 0; i < n_segs; i++)
+        for (int32_t t = segs[i].start; t < segs[i].start + segs[i].len; t++) {
+            float *yr = y + (size_t)t * width;
+            for (int32_t j = 0; j < width; j++) yr[j] *= segs[i].v[j];
+        }
+    return DS_OK;
+}
+
+static int cpu_seg_add(void *ctx, float *y, int32_t width, const ds_vec_seg *segs, int32_t n_segs) {
+    for (int32_t i = 0; i < n_segs; i++)
+        for (int32_t t = segs[i].start; t < segs[i].start + segs[i].len; t++) {
+            float *yr = y + (size_t)t * width;
+            for (int32_t j = 0; j < width; j++) yr[j] += segs[i].alpha * segs[i].v[j];
+        }
+    return DS_OK;
+}
+
+static int cpu_set_rows(void *ctx, float *dst, int32_t width, const int32_t *rows, const float *const *src, int32_t n) {
+    for (int32_t i = 0; i < n; i++) memcpy(dst + (size_t)rows[i] * width, src[i], sizeof(float) * (size_t)width);
+    return DS_OK;
+}
+
+static const struct ds_backend_iface cpu_iface = {
+    .version = DS_BACKEND_IFACE_VERSION,
+    .name = "cpu",
+    .free = cpu_free,
+    .alloc = cpu_alloc,
+    .release = cpu_release,
+    .upload = cpu_copy,
+    .download = cpu_copy,
+    .synchronize = cpu_sync,
+    .mat_upload = cpu_mat_upload,
+    .mat_free = cpu_mat_free,
+    .matmul = cpu_matmul,
+    .embed = cpu_embed,
+    .rmsnorm = cpu_rmsnorm,
+    .rope = cpu_rope,
+    .silu_mul = cpu_silu_mul,
+    .add = cpu_add,
+    .get_rows = cpu_get_rows,
+    .kv_store = cpu_kv_store,
+    .attention = cpu_attention,
+    .lora = cpu_lora,
+    .seg_scale = cpu_seg_scale,
+    .seg_add = cpu_seg_add,
+    .set_rows = cpu_set_rows,
+    .copy = cpu_copy,
+};
+
+ds_backend *ds_backend_cpu_create(const ds_backend_params *params, ds_err *err) {
+    ds_backend *b = calloc(1, sizeof *b);
+    cpu_ctx *c = calloc(1, sizeof *c);
+    if (!b || !c) {
+        free(b);
+        free(c);
+        ds_err_set(err, DS_ENOMEM, "cpu backend: out of memory");
+        return NULL;
+    }
+    c->n_threads = params && params->n_threads > 0 ? params->n_threads : omp_get_num_procs();
+    omp_set_num_threads(c->n_threads);
+    openblas_set_num_threads(c->n_threads);
+    b->iface = &cpu_iface;
+    b->ctx = c;
+    return b;
+}

@@ -1,0 +1,278 @@
+/* The engine thread: continuous batching over the paged KV cache (DESIGN.md "The data path").
+ * Each step takes every running sequence's pending tokens (a decode is 1 token, a prefill a chunk)
+ * up to the token budget, admits waiting requests while blocks and slots allow, runs one forward,
+ * samples, and emits events. When blocks run out, the most recently admitted sequence is
+ * preempted (its blocks freed, recomputed later) — never dropped. */
+#include "engine/engine_internal.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+ds_engine_params ds_engine_default_params(void) {
+    ds_engine_params p = {.max_batch_tokens = 512, .max_seqs = 64, .kv_block_size = 16,
+                          .kv_cache_bytes = (size_t)256 << 20, .max_ctx = 0, .max_queue = 1024,
+                          .n_threads = 0, .registry = NULL, .adapter_budget_bytes = (size_t)512 << 20,
+                          .max_adapters = 64};
+    return p;
+}
+
+ds_gen_request ds_gen_request_default(void) {
+    ds_gen_request r;
+    memset(&r, 0, sizeof r);
+    r.max_tokens = 16;
+    r.skip_special = true;
+    r.top_logprobs = -1;
+    r.sampling = ds_sampling_default_params();
+    return r;
+}
+
+static void *engine_main(void *arg);
+
+static int engine_init(ds_engine *e, ds_err *err) {
+    ds_backend_params bp = ds_backend_default_params();
+    bp.n_threads = e->p.n_threads;
+    e->backend = ds_backend_create("cpu", &bp, err);
+    if (!e->backend) return DS_EDEVICE;
+    ds_llama_params lp = ds_llama_default_params();
+    lp.max_tokens = e->p.max_batch_tokens;
+    lp.max_seqs = e->p.max_seqs;
+    lp.kv_block_size = e->p.kv_block_size;
+    lp.kv_bytes = e->p.kv_cache_bytes;
+    lp.max_blocks_per_seq = (e->max_ctx + e->p.kv_block_size - 1) / e->p.kv_block_size + 2;
+    e->llama = ds_llama_create(e->model, e->backend, &lp, err);
+    if (!e->llama) return DS_EDEVICE;
+    int st = ds_kv_alloc_init(&e->kv, ds_llama_n_kv_blocks(e->llama));
+    if (st) return ds_err_set(err, st, "out of memory");
+    if (ds_engine_batch_init(e) != DS_OK) return ds_err_set(err, DS_ENOMEM, "out of memory for batch buffers");
+    e->reg = e->p.registry;
+    if (e->p.max_adapters < 1) e->p.max_adapters = 1;
+    e->slots = calloc((size_t)e->p.max_adapters, sizeof *e->slots);
+    if (!e->slots) return ds_err_set(err, DS_ENOMEM, "out of memory");
+    const ds_model_config *c = &e->model->cfg;
+    const size_t w = (size_t)(c->d_ff > c->d_model ? c->d_ff : c->d_model);
+    e->b.scratch = e->backend->iface->alloc(e->backend->ctx, sizeof(float) * w * (size_t)e->p.max_batch_tokens);
+    if (!e->b.scratch) return ds_err_set(err, DS_EDEVICE, "out of backend memory for adapter scratch");
+    return DS_OK;
+}
+
+ds_engine *ds_engine_create(const ds_model *model, const ds_engine_params *params, ds_err *err) {
+    ds_engine *e = calloc(1, sizeof *e);
+    if (!e) {
+        ds_err_set(err, DS_ENOMEM, "out of memory");
+        return NULL;
+    }
+    e->model = model;
+    e->p = params ? *params : ds_engine_default_params();
+    e->max_ctx = e->p.max_ctx > 0 && e->p.max_ctx < model->cfg.max_ctx ? e->p.max_ctx : model->cfg.max_ctx;
+    if (e->p.max_batch_tokens < 1 || e->p.max_seqs < 1 || e->p.kv_block_size < 1 || e->p.max_queue < 1) {
+        ds_err_set(err, DS_EINVAL, "engine: max_batch_tokens, max_seqs, kv_block_size, max_queue must be >= 1");
+        free(e);
+        return NULL;
+    }
+    pthread_mutex_init(&e->mu, NULL);
+    pthread_cond_init(&e->cv, NULL);
+    e->next_id = 1;
+    if (engine_init(e, err) != DS_OK) {
+        ds_engine_free(e);
+        return NULL;
+    }
+    if (pthread_create(&e->thread, NULL, engine_main, e) != 0) {
+        ds_err_set(err, DS_ENOMEM, "cannot start the engine thread");
+        ds_engine_free(e);
+        return NULL;
+    }
+    e->thread_started = true;
+    DS_LOGI("engine: %d KV blocks of %d tokens (%.1f MiB), batch %d tokens, %d sequences, context %d",
+            e->kv.n_blocks, e->p.kv_block_size, (double)e->p.kv_cache_bytes / (1 << 20), e->p.max_batch_tokens,
+            e->p.max_seqs, e->max_ctx);
+    return e;
+}
+
+static void free_list(ds_seq *s) {
+    while (s) {
+        ds_seq *n = s->next;
+        ds_seq_free(s);
+        s = n;
+    }
+}
+
+void ds_engine_free(ds_engine *e) {
+    if (!e) return;
+    if (e->thread_started) {
+        pthread_mutex_lock(&e->mu);
+        e->stop = true;
+        pthread_cond_signal(&e->cv);
+        pthread_mutex_unlock(&e->mu);
+        pthread_join(e->thread, NULL);
+    }
+    for (ds_seq *s = e->incoming; s; s = s->next) ds_engine_seq_release(e, s);
+    free_list(e->incoming);
+    ds_engine_slots_free(e);
+    if (e->b.scratch) e->backend->iface->release(e->backend->ctx, e->b.scratch);
+    ds_engine_batch_free(e);
+    ds_kv_alloc_free(&e->kv);
+    ds_llama_free(e->llama);
+    ds_backend_free(e->backend);
+    free(e->cancels);
+    pthread_mutex_destroy(&e->mu);
+    pthread_cond_destroy(&e->cv);
+    free(e);
+}
+
+/* Resolves the adapter (taking a reference) and returns the extra context it occupies. */
+static int resolve_adapter(ds_engine *e, const ds_gen_request *r, ds_adapter_entry **entry, int32_t *n_virt,
+                           int32_t *n_prefix, ds_err *err) {
+    *entry = NULL;
+    *n_virt = *n_prefix = 0;
+    if (!r->adapter || !r->adapter[0]) return DS_OK;
+    if (!e->reg || !(*entry = ds_registry_acquire(e->reg, r->adapter)))
+        return ds_err_set(err, DS_ENOTFOUND, "The model `%s` does not exist.", r->adapter);
+    const ds_adapter *a = (*entry)->adapter;
+    if (a->kind == DS_ADAPTER_PROMPT) *n_virt = a->n_virtual;
+    if (a->kind == DS_ADAPTER_PREFIX) *n_prefix = a->n_virtual;
+    return DS_OK;
+}
+
+static int validate_request(ds_engine *e, const ds_gen_request *r, int32_t extra, ds_err *err) {
+    if (!r->on_event) return ds_err_set(err, DS_EINVAL, "request has no event callback");
+    if (r->n_prompt == 0) return ds_err_set(err, DS_EINVAL, "prompt is empty");
+    if (r->max_tokens < 1) return ds_err_set(err, DS_EINVAL, "max_tokens must be at least 1");
+    for (size_t i = 0; i < r->n_prompt; i++)
+        if (r->prompt[i] < 0 || r->prompt[i] >= e->model->cfg.n_vocab)
+            return ds_err_set(err, DS_EINVAL, "prompt token %d is out of range [0, %d)", r->prompt[i],
+                              e->model->cfg.n_vocab);
+    if ((int64_t)r->n_prompt + r->max_tokens + extra > e->max_ctx)
+        return ds_err_set(err, DS_ERANGE,
+                          "This model's maximum context length is %d tokens. However, you requested %lld tokens "
+                          "(%zu in the prompt, %d for the completion%s).",
+                          e->max_ctx, (long long)r->n_prompt + r->max_tokens + extra, r->n_prompt, r->max_tokens,
+                          extra ? ", plus the adapter's virtual tokens" : "");
+    int64_t need = ((int64_t)r->n_prompt + r->max_tokens + extra + e->p.kv_block_size - 1) / e->p.kv_block_size + 1;
+    if (need > e->kv.n_blocks)
+        return ds_err_set(err, DS_ERANGE, "request needs %lld KV blocks but the cache holds %d", (long long)need,
+                          e->kv.n_blocks);
+    return DS_OK;
+}
+
+uint64_t ds_engine_submit(ds_engine *e, const ds_gen_request *req, int *status, ds_err *err) {
+    ds_adapter_entry *entry;
+    int32_t n_virt, n_prefix;
+    int st = resolve_adapter(e, req, &entry, &n_virt, &n_prefix, err);
+    if (!st) st = validate_request(e, req, n_virt + n_prefix, err);
+    if (st) {
+        if (entry) ds_registry_release(e->reg, entry);
+        if (status) *status = st;
+        return 0;
+    }
+    pthread_mutex_lock(&e->mu);
+    if ((int64_t)e->n_incoming + e->stats.n_waiting >= e->p.max_queue || e->stop) {
+        pthread_mutex_unlock(&e->mu);
+        if (entry) ds_registry_release(e->reg, entry);
+        if (status) *status = DS_EBUSY;
+        ds_err_set(err, DS_EBUSY, "the server is overloaded: %d requests are waiting", e->p.max_queue);
+        return 0;
+    }
+    uint64_t id = e->next_id++;
+    pthread_mutex_unlock(&e->mu);
+    ds_seq *s = ds_seq_create(id, req, e->model->cfg.n_vocab, n_virt);
+    if (s) {
+        s->entry = entry;
+        s->n_prefix = n_prefix;
+    } else {
+        if (entry) ds_registry_release(e->reg, entry);
+        if (status) *status = DS_ENOMEM;
+        ds_err_set(err, DS_ENOMEM, "out of memory");
+        return 0;
+    }
+    pthread_mutex_lock(&e->mu);
+    s->next = NULL;
+    if (e->incoming_tail) e->incoming_tail->next = s;
+    else e->incoming = s;
+    e->incoming_tail = s;
+    e->n_incoming++;
+    e->in_flight++;
+    pthread_cond_signal(&e->cv);
+    pthread_mutex_unlock(&e->mu);
+    if (status) *status = DS_OK;
+    return id;
+}
+
+void ds_engine_cancel(ds_engine *e, uint64_t id) {
+    pthread_mutex_lock(&e->mu);
+    if (e->n_cancels == e->cap_cancels) {
+        size_t cap = e->cap_cancels ? e->cap_cancels * 2 : 64;
+        uint64_t *nc = realloc(e->cancels, cap * sizeof *nc);
+        if (nc) {
+            e->cancels = nc;
+            e->cap_cancels = cap;
+        }
+    }
+    if (e->n_cancels < e->cap_cancels) e->cancels[e->n_cancels++] = id;
+    pthread_cond_signal(&e->cv);
+    pthread_mutex_unlock(&e->mu);
+}
+
+void ds_engine_stats_get(ds_engine *e, ds_engine_stats *out) {
+    pthread_mutex_lock(&e->mu);
+    *out = e->stats;
+    out->n_waiting += (int32_t)e->n_incoming;
+    pthread_mutex_unlock(&e->mu);
+}
+
+const ds_model *ds_engine_model(const ds_engine *e) { return e->model; }
+
+void ds_engine_adapter_activity(ds_engine *e, char *running, size_t running_cap, char *waiting, size_t waiting_cap) {
+    pthread_mutex_lock(&e->mu);
+    snprintf(running, running_cap, "%s", e->act_running);
+    snprintf(waiting, waiting_cap, "%s", e->act_waiting);
+    pthread_mutex_unlock(&e->mu);
+}
+
+int32_t ds_engine_in_flight(ds_engine *e) {
+    pthread_mutex_lock(&e->mu);
+    int32_t n = e->in_flight;
+    pthread_mutex_unlock(&e->mu);
+    return n;
+}
+
+/* Moves submitted requests into the waiting queue and marks cancelled sequences. */
+static void take_inbox(ds_engine *e) {
+    ds_seq *in = e->incoming;
+    e->incoming = e->incoming_tail = NULL;
+    e->n_incoming = 0;
+    for (size_t i = 0; i < e->n_cancels; i++) {
+        uint64_t id = e->cancels[i];
+        for (ds_seq *s = in; s; s = s->next)
+            if (s->id == id) s->cancel = true;
+        for (ds_seq *s = e->waiting; s; s = s->next)
+            if (s->id == id) s->cancel = true;
+        for (ds_seq *s = e->running; s; s = s->next)
+            if (s->id == id) s->cancel = true;
+    }
+    e->n_cancels = 0;
+    while (in) {
+        ds_seq *n = in->next;
+        ds_engine_queue_waiting(e, in, false);
+        in = n;
+    }
+}
+
+static void *engine_main(void *arg) {
+    ds_engine *e = arg;
+    pthread_mutex_lock(&e->mu);
+    for (;;) {
+        take_inbox(e);
+        if (e->stop) break;
+        if (!e->waiting && !e->running) {
+            pthread_cond_wait(&e->cv, &e->mu);
+            continue;
+        }
+        pthread_mutex_unlock(&e->mu);
+        ds_engine_step(e);
+        pthread_mutex_lock(&e->mu);
+    }
+    pthread_mutex_unlock(&e->mu);
+    ds_engine_cancel_all(e);
+    return NULL;
+}

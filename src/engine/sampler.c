@@ -1,0 +1,187 @@
+/* Sampling: the order follows HF's logits processors — repetition penalty, OpenAI presence/
+ * frequency penalties and logit bias, then temperature, top-k, top-p, min-p, then a draw. */
+#include "engine/sampler.h"
+
+#include <float.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+ds_sampling_params ds_sampling_default_params(void) {
+    ds_sampling_params p = {.temperature = 1.0f, .top_p = 1.0f, .top_k = 0, .min_p = 0.0f,
+                            .repetition_penalty = 1.0f, .presence_penalty = 0.0f, .frequency_penalty = 0.0f,
+                            .seed = 0, .has_seed = false, .logit_bias = NULL, .n_logit_bias = 0};
+    return p;
+}
+
+static uint64_t splitmix64(uint64_t *x) {
+    uint64_t z = (*x += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+void ds_rng_seed(uint64_t st[4], uint64_t seed) {
+    for (int i = 0; i < 4; i++) st[i] = splitmix64(&seed);
+}
+
+static inline uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+
+uint64_t ds_rng_next(uint64_t s[4]) {
+    const uint64_t r = rotl(s[1] * 5, 7) * 9, t = s[1] << 17;
+    s[2] ^= s[0];
+    s[3] ^= s[1];
+    s[1] ^= s[2];
+    s[0] ^= s[3];
+    s[2] ^= t;
+    s[3] = rotl(s[3], 45);
+    return r;
+}
+
+int ds_sampler_init(ds_sampler *s, const ds_sampling_params *p, int32_t n_vocab, uint64_t fallback_seed) {
+    memset(s, 0, sizeof *s);
+    s->p = *p;
+    s->n_vocab = n_vocab;
+    s->work = malloc(sizeof(float) * (size_t)n_vocab);
+    s->idx = malloc(sizeof(int32_t) * (size_t)n_vocab);
+    if (p->n_logit_bias > 0) {
+        s->bias = malloc(sizeof(ds_logit_bias) * (size_t)p->n_logit_bias);
+        if (s->bias) memcpy(s->bias, p->logit_bias, sizeof(ds_logit_bias) * (size_t)p->n_logit_bias);
+    }
+    s->p.logit_bias = s->bias;
+    if (!s->work || !s->idx || (p->n_logit_bias > 0 && !s->bias)) {
+        ds_sampler_free(s);
+        return DS_ENOMEM;
+    }
+    ds_rng_seed(s->rng, p->has_seed ? p->seed : fallback_seed);
+    return DS_OK;
+}
+
+void ds_sampler_free(ds_sampler *s) {
+    free(s->work);
+    free(s->idx);
+    free(s->bias);
+    memset(s, 0, sizeof *s);
+}
+
+/* Penalties use s->idx as a per-token "already seen" mark so each token is penalised once. */
+static void apply_penalties(ds_sampler *s, float *logits, const int32_t *hist, int32_t n_hist, int32_t n_prompt) {
+    const ds_sampling_params *p = &s->p;
+    const bool rep = p->repetition_penalty > 0.0f && p->repetition_penalty != 1.0f;
+    const bool pf = p->presence_penalty != 0.0f || p->frequency_penalty != 0.0f;
+    if (!rep && !pf) return;
+    int32_t *cnt = s->idx;
+    memset(cnt, 0, sizeof(int32_t) * (size_t)s->n_vocab);
+    for (int32_t i = n_prompt; i < n_hist; i++)
+        if (hist[i] >= 0 && hist[i] < s->n_vocab) cnt[hist[i]]++;
+    if (pf) {
+        for (int32_t i = n_prompt; i < n_hist; i++) {
+            int32_t t = hist[i];
+            if (t < 0 || t >= s->n_vocab || cnt[t] <= 0) continue;
+            logits[t] -= p->frequency_penalty * (float)cnt[t] + p->presence_penalty;
+            cnt[t] = -cnt[t]; /* done; keep "seen" for the repetition pass */
+        }
+    }
+    if (rep) {
+        for (int32_t i = 0; i < n_hist; i++) {
+            int32_t t = hist[i];
+            if (t < 0 || t >= s->n_vocab || cnt[t] == INT32_MIN) continue;
+            logits[t] = logits[t] > 0 ? logits[t] / p->repetition_penalty : logits[t] * p->repetition_penalty;
+            cnt[t] = INT32_MIN;
+        }
+    }
+}
+
+static int32_t argmax(const float *x, int32_t n) {
+    int32_t best = 0;
+    for (int32_t i = 1; i < n; i++)
+        if (x[i] > x[best]) best = i;
+    return best;
+}
+
+static int cmp_desc(const void *a, const void *b, void *ctx) {
+    const float *v = ctx;
+    float x = v[*(const int32_t *)a], y = v[*(const int32_t *)b];
+    return (x < y) - (x > y);
+}
+
+/* Sorts candidate ids by logit, descending (qsort_r). */
+static void sort_ids(int32_t *ids, int32_t n, const float *logits) {
+    qsort_r(ids, (size_t)n, sizeof(int32_t), cmp_desc, (void *)logits);
+}
+
+/* Filters (top-k, top-p, min-p) on the temperature-scaled logits, then draws. */
+static int32_t draw(ds_sampler *s, const float *scaled) {
+    const ds_sampling_params *p = &s->p;
+    int32_t n = s->n_vocab;
+    int32_t *ids = s->idx;
+    for (int32_t i = 0; i < n; i++) ids[i] = i;
+    sort_ids(ids, n, scaled);
+    if (p->top_k > 0 && p->top_k < n) n = p->top_k;
+    float *prob = s->work;
+    const float mx = scaled[ids[0]];
+    double sum = 0.0;
+    for (int32_t i = 0; i < n; i++) sum += (prob[i] = expf(scaled[ids[i]] - mx));
+    if (p->top_p > 0.0f && p->top_p < 1.0f) {
+        double acc = 0.0;
+        int32_t keep = n;
+        for (int32_t i = 0; i < n; i++) {
+            acc += prob[i] / sum;
+            if (acc >= p->top_p) {
+                keep = i + 1;
+                break;
+            }
+        }
+        n = keep;
+    }
+    if (p->min_p > 0.0f) {
+        const float floor_p = p->min_p * prob[0];
+        int32_t keep = 1;
+        while (keep < n && prob[keep] >= floor_p) keep++;
+        n = keep;
+    }
+    sum = 0.0;
+    for (int32_t i = 0; i < n; i++) sum += prob[i];
+    const double u = (double)(ds_rng_next(s->rng) >> 11) * (1.0 / 9007199254740992.0) * sum;
+    double acc = 0.0;
+    for (int32_t i = 0; i < n; i++) {
+        acc += prob[i];
+        if (u < acc) return ids[i];
+    }
+    return ids[n - 1];
+}
+
+int32_t ds_sampler_sample(ds_sampler *s, float *logits, const int32_t *hist, int32_t n_hist, int32_t n_prompt) {
+    apply_penalties(s, logits, hist, n_hist, n_prompt);
+    for (int32_t i = 0; i < s->p.n_logit_bias; i++) {
+        const ds_logit_bias *lb = &s->p.logit_bias[i];
+        if (lb->token >= 0 && lb->token < s->n_vocab) logits[lb->token] += lb->bias;
+    }
+    if (s->p.temperature <= 0.0f) return argmax(logits, s->n_vocab);
+    const float inv_t = 1.0f / s->p.temperature;
+    for (int32_t i = 0; i < s->n_vocab; i++) logits[i] *= inv_t;
+    return draw(s, logits);
+}
+
+float ds_logprobs(const float *logits, int32_t n_vocab, int32_t tok, ds_top_logprob *top, int32_t n_top) {
+    float mx = -FLT_MAX;
+    for (int32_t i = 0; i < n_vocab; i++)
+        if (logits[i] > mx) mx = logits[i];
+    double sum = 0.0;
+    for (int32_t i = 0; i < n_vocab; i++) sum += exp((double)(logits[i] - mx));
+    const float lse = mx + (float)log(sum);
+    /* top-n by a partial insertion pass: n_top <= 20 */
+    int32_t filled = 0;
+    for (int32_t i = 0; i < n_vocab && n_top > 0; i++) {
+        if (filled == n_top && logits[i] <= top[filled - 1].logprob) continue;
+        int32_t j = filled < n_top ? filled++ : n_top - 1;
+        while (j > 0 && top[j - 1].logprob < logits[i]) {
+            top[j] = top[j - 1];
+            j--;
+        }
+        top[j].token = i;
+        top[j].logprob = logits[i];
+    }
+    for (int32_t i = 0; i < filled; i++) top[i].logprob -= lse;
+    return logits[tok] - lse;
+}

@@ -1,0 +1,317 @@
+/* The Llama-family forward pass, written once over ds_backend ops (DESIGN.md "The backend
+ * interface"). Numerics follow HF transformers' LlamaModel / Qwen2Model in fp32. */
+#include "ds/adapter.h"
+#include "ds/model.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct llama_layer {
+    ds_mat wq, wk, wv, wo, w_gate, w_up, w_down;
+    float *attn_norm, *ffn_norm, *bq, *bk, *bv; /* backend pointers */
+    float *k_pool, *v_pool;                     /* [n_blocks][block][n_kv*hd] */
+} llama_layer;
+
+/* Per-step activations and index arrays, sized for max_tokens / max_seqs at create time. */
+typedef struct llama_work {
+    float *x, *h, *q, *k, *v, *att, *gate, *up, *xo, *logits;
+    int32_t *tokens, *pos, *tok_seq, *tok_nkv, *block_tables, *seq_prefix, *out_rows;
+    int64_t *slots;
+    int64_t *host_slots;
+    int32_t *host_nkv;
+} llama_work;
+
+struct ds_llama {
+    const ds_model *model;
+    ds_backend *b;
+    ds_llama_params p;
+    ds_mat tok_embd, output;
+    float *output_norm, *inv_freq;
+    llama_layer *layers;
+    llama_work w;
+    void **allocs; /* every backend allocation, for free */
+    size_t n_allocs, cap_allocs;
+};
+
+ds_llama_params ds_llama_default_params(void) {
+    ds_llama_params p = {.max_tokens = 512, .max_seqs = 64, .kv_block_size = 16, .n_kv_blocks = 0,
+                         .kv_bytes = (size_t)256 << 20, .max_blocks_per_seq = 0};
+    return p;
+}
+
+#define IFACE(L) ((L)->b->iface)
+
+static void *balloc(ds_llama *L, size_t bytes) {
+    if (L->n_allocs == L->cap_allocs) {
+        size_t cap = L->cap_allocs ? L->cap_allocs * 2 : 64;
+        void **na = realloc(L->allocs, cap * sizeof *na);
+        if (!na) return NULL;
+        L->allocs = na;
+        L->cap_allocs = cap;
+    }
+    void *p = IFACE(L)->alloc(L->b->ctx, bytes);
+    if (p) L->allocs[L->n_allocs++] = p;
+    return p;
+}
+
+/* Uploads a host fp32 vector into a fresh backend buffer. */
+static float *upload_vec(ds_llama *L, const float *host, size_t n) {
+    float *d = balloc(L, n * sizeof(float));
+    if (d && IFACE(L)->upload(L->b->ctx, d, host, n * sizeof(float)) != DS_OK) return NULL;
+    return d;
+}
+
+static int upload_layer(ds_llama *L, int32_t i, ds_err *err) {
+    const ds_model_config *c = &L->model->cfg;
+    const ds_layer_weights *w = &L->model->layers[i];
+    llama_layer *l = &L->layers[i];
+    const int32_t qd = c->n_head * c->head_dim, kvd = c->n_kv_head * c->head_dim;
+    void *ctx = L->b->ctx;
+    int st = IFACE(L)->mat_upload(ctx, w->wq, qd, c->d_model, &l->wq);
+    if (!st) st = IFACE(L)->mat_upload(ctx, w->wk, kvd, c->d_model, &l->wk);
+    if (!st) st = IFACE(L)->mat_upload(ctx, w->wv, kvd, c->d_model, &l->wv);
+    if (!st) st = IFACE(L)->mat_upload(ctx, w->wo, c->d_model, qd, &l->wo);
+    if (!st) st = IFACE(L)->mat_upload(ctx, w->w_gate, c->d_ff, c->d_model, &l->w_gate);
+    if (!st) st = IFACE(L)->mat_upload(ctx, w->w_up, c->d_ff, c->d_model, &l->w_up);
+    if (!st) st = IFACE(L)->mat_upload(ctx, w->w_down, c->d_model, c->d_ff, &l->w_down);
+    if (st) return ds_err_set(err, st, "layer %d: weight upload failed (%s)", i, ds_strerror(st));
+    l->attn_norm = upload_vec(L, w->attn_norm, (size_t)c->d_model);
+    l->ffn_norm = upload_vec(L, w->ffn_norm, (size_t)c->d_model);
+    if (!l->attn_norm || !l->ffn_norm) return ds_err_set(err, DS_EDEVICE, "layer %d: out of backend memory", i);
+    if (w->bq) {
+        l->bq = upload_vec(L, w->bq, (size_t)qd);
+        l->bk = upload_vec(L, w->bk, (size_t)kvd);
+        l->bv = upload_vec(L, w->bv, (size_t)kvd);
+        if (!l->bq || !l->bk || !l->bv) return ds_err_set(err, DS_EDEVICE, "layer %d: out of backend memory", i);
+    }
+    return DS_OK;
+}
+
+static int alloc_work(ds_llama *L, ds_err *err) {
+    const ds_model_config *c = &L->model->cfg;
+    const size_t T = (size_t)L->p.max_tokens, S = (size_t)L->p.max_seqs;
+    const size_t qd = (size_t)c->n_head * c->head_dim, kvd = (size_t)c->n_kv_head * c->head_dim;
+    llama_work *w = &L->w;
+    w->x = balloc(L, T * c->d_model * 4);
+    w->h = balloc(L, T * c->d_model * 4);
+    w->q = balloc(L, T * qd * 4);
+    w->k = balloc(L, T * kvd * 4);
+    w->v = balloc(L, T * kvd * 4);
+    w->att = balloc(L, T * qd * 4);
+    w->gate = balloc(L, T * c->d_ff * 4);
+    w->up = balloc(L, T * c->d_ff * 4);
+    w->xo = balloc(L, T * c->d_model * 4);
+    w->logits = balloc(L, T * (size_t)c->n_vocab * 4);
+    w->tokens = balloc(L, T * 4);
+    w->pos = balloc(L, T * 4);
+    w->tok_seq = balloc(L, T * 4);
+    w->tok_nkv = balloc(L, T * 4);
+    w->out_rows = balloc(L, T * 4);
+    w->slots = balloc(L, T * 8);
+    w->block_tables = balloc(L, S * (size_t)L->p.max_blocks_per_seq * 4);
+    w->seq_prefix = balloc(L, S * 4);
+    w->host_slots = malloc(T * 8);
+    w->host_nkv = malloc(T * 4);
+    if (!w->x || !w->h || !w->q || !w->k || !w->v || !w->att || !w->gate || !w->up || !w->xo || !w->logits ||
+        !w->tokens || !w->pos || !w->tok_seq || !w->tok_nkv || !w->out_rows || !w->slots || !w->block_tables ||
+        !w->seq_prefix || !w->host_slots || !w->host_nkv)
+        return ds_err_set(err, DS_EDEVICE, "out of backend memory for activations (max_tokens %d)", L->p.max_tokens);
+    return DS_OK;
+}
+
+static int alloc_kv(ds_llama *L, ds_err *err) {
+    const ds_model_config *c = &L->model->cfg;
+    const size_t row = (size_t)c->n_kv_head * c->head_dim;
+    const size_t block_bytes = (size_t)L->p.kv_block_size * row * sizeof(float);
+    if (L->p.n_kv_blocks <= 0) {
+        size_t per_block_all_layers = block_bytes * 2 * (size_t)c->n_layer;
+        size_t nb = L->p.kv_bytes / per_block_all_layers;
+        if (nb > INT32_MAX / 2) nb = INT32_MAX / 2;
+        L->p.n_kv_blocks = (int32_t)nb;
+    }
+    if (L->p.n_kv_blocks < 2) return ds_err_set(err, DS_EINVAL, "KV cache too small: %d blocks", L->p.n_kv_blocks);
+    for (int32_t i = 0; i < c->n_layer; i++) {
+        L->layers[i].k_pool = balloc(L, block_bytes * (size_t)L->p.n_kv_blocks);
+        L->layers[i].v_pool = balloc(L, block_bytes * (size_t)L->p.n_kv_blocks);
+        if (!L->layers[i].k_pool || !L->layers[i].v_pool)
+            return ds_err_set(err, DS_EDEVICE, "out of backend memory for the KV cache (%d blocks)", L->p.n_kv_blocks);
+    }
+    return DS_OK;
+}
+
+static int llama_init(ds_llama *L, ds_err *err) {
+    const ds_model *m = L->model;
+    const ds_model_config *c = &m->cfg;
+    int st = IFACE(L)->mat_upload(L->b->ctx, m->tok_embd, c->n_vocab, c->d_model, &L->tok_embd);
+    if (st) return ds_err_set(err, st, "token embedding upload failed");
+    if (m->output == m->tok_embd) {
+        L->output = L->tok_embd;
+        L->output.borrowed = true; /* freed once, through tok_embd */
+    } else if ((st = IFACE(L)->mat_upload(L->b->ctx, m->output, c->n_vocab, c->d_model, &L->output))) {
+        return ds_err_set(err, st, "output weight upload failed");
+    }
+    L->output_norm = upload_vec(L, m->output_norm, (size_t)c->d_model);
+    L->inv_freq = upload_vec(L, m->inv_freq, (size_t)c->head_dim / 2);
+    if (!L->output_norm || !L->inv_freq) return ds_err_set(err, DS_EDEVICE, "out of backend memory");
+    L->layers = calloc((size_t)c->n_layer, sizeof *L->layers);
+    if (!L->layers) return ds_err_set(err, DS_ENOMEM, "out of memory");
+    for (int32_t i = 0; i < c->n_layer; i++)
+        if ((st = upload_layer(L, i, err))) return st;
+    if ((st = alloc_kv(L, err))) return st;
+    return alloc_work(L, err);
+}
+
+ds_llama *ds_llama_create(const ds_model *model, ds_backend *backend, const ds_llama_params *params,
+                          ds_err *err) {
+    ds_llama *L = calloc(1, sizeof *L);
+    if (!L) {
+        ds_err_set(err, DS_ENOMEM, "out of memory");
+        return NULL;
+    }
+    L->model = model;
+    L->b = backend;
+    L->p = params ? *params : ds_llama_default_params();
+    if (L->p.max_tokens <= 0 || L->p.max_seqs <= 0 || L->p.kv_block_size <= 0) {
+        ds_err_set(err, DS_EINVAL, "llama: max_tokens, max_seqs and kv_block_size must be positive");
+        free(L);
+        return NULL;
+    }
+    if (L->p.max_blocks_per_seq <= 0)
+        L->p.max_blocks_per_seq = (model->cfg.max_ctx + L->p.kv_block_size - 1) / L->p.kv_block_size + 64;
+    if (llama_init(L, err) != DS_OK) {
+        ds_llama_free(L);
+        return NULL;
+    }
+    return L;
+}
+
+void ds_llama_free(ds_llama *L) {
+    if (!L) return;
+    void *ctx = L->b->ctx;
+    if (L->layers) {
+        for (int32_t i = 0; i < L->model->cfg.n_layer; i++) {
+            llama_layer *l = &L->layers[i];
+            ds_mat *mats[] = {&l->wq, &l->wk, &l->wv, &l->wo, &l->w_gate, &l->w_up, &l->w_down};
+            for (size_t j = 0; j < sizeof mats / sizeof mats[0]; j++)
+                if (mats[j]->data) IFACE(L)->mat_free(ctx, mats[j]);
+        }
+    }
+    if (L->output.data && L->output.data != L->tok_embd.data) IFACE(L)->mat_free(ctx, &L->output);
+    if (L->tok_embd.data) IFACE(L)->mat_free(ctx, &L->tok_embd);
+    for (size_t i = 0; i < L->n_allocs; i++) IFACE(L)->release(ctx, L->allocs[i]);
+    free(L->allocs);
+    free(L->layers);
+    free(L->w.host_slots);
+    free(L->w.host_nkv);
+    free(L);
+}
+
+/* Checks the batch against the limits and uploads its index arrays. */
+static int upload_batch(ds_llama *L, const ds_batch *bt, ds_err *err) {
+    const int32_t T = bt->n_tokens, S = bt->n_seqs, bs = L->p.kv_block_size, mb = bt->max_blocks;
+    if (T <= 0 || T > L->p.max_tokens || S <= 0 || S > L->p.max_seqs || mb <= 0 || mb > L->p.max_blocks_per_seq ||
+        bt->n_out < 0 || bt->n_out > T)
+        return ds_err_set(err, DS_EINVAL, "batch exceeds limits (tokens %d/%d, seqs %d/%d, blocks %d/%d)", T,
+                          L->p.max_tokens, S, L->p.max_seqs, mb, L->p.max_blocks_per_seq);
+    for (int32_t t = 0; t < T; t++) {
+        const int32_t s = bt->tok_seq[t];
+        if (s < 0 || s >= S || bt->tok_kv[t] < 0 || bt->tokens[t] < 0 || bt->tokens[t] >= L->model->cfg.n_vocab)
+            return ds_err_set(err, DS_EINVAL, "batch token %d out of range", t);
+        const int32_t pre = bt->seq_prefix ? bt->seq_prefix[s] : 0;
+        const int32_t *tab = bt->block_tables + (size_t)s * mb;
+        int32_t j = bt->tok_kv[t] < pre ? bt->tok_kv[t] : bt->tok_kv[t] - pre + ((pre + bs - 1) / bs) * bs;
+        if (j / bs >= mb || tab[j / bs] < 0 || tab[j / bs] >= L->p.n_kv_blocks)
+            return ds_err_set(err, DS_EINVAL, "batch token %d: KV slot outside its block table", t);
+        L->w.host_slots[t] = ds_kv_slot(tab, pre, bs, bt->tok_kv[t]);
+        L->w.host_nkv[t] = bt->tok_kv[t] + 1;
+    }
+    void *ctx = L->b->ctx;
+    const struct ds_backend_iface *f = IFACE(L);
+    int st = f->upload(ctx, L->w.tokens, bt->tokens, (size_t)T * 4);
+    if (!st) st = f->upload(ctx, L->w.pos, bt->pos, (size_t)T * 4);
+    if (!st) st = f->upload(ctx, L->w.tok_seq, bt->tok_seq, (size_t)T * 4);
+    if (!st) st = f->upload(ctx, L->w.tok_nkv, L->w.host_nkv, (size_t)T * 4);
+    if (!st) st = f->upload(ctx, L->w.slots, L->w.host_slots, (size_t)T * 8);
+    if (!st) st = f->upload(ctx, L->w.block_tables, bt->block_tables, (size_t)S * mb * 4);
+    if (!st && bt->seq_prefix) st = f->upload(ctx, L->w.seq_prefix, bt->seq_prefix, (size_t)S * 4);
+    if (!st && bt->n_out) st = f->upload(ctx, L->w.out_rows, bt->out_rows, (size_t)bt->n_out * 4);
+    return st ? ds_err_set(err, st, "batch upload failed") : DS_OK;
+}
+
+#define TRY(expr)                                                                                  \
+    do {                                                                                           \
+        int st_ = (expr);                                                                          \
+        if (st_) return st_;                                                                       \
+    } while (0)
+
+static int attention_block(ds_llama *L, int32_t il, const ds_batch *bt, const ds_adapter_batch *ad) {
+    const ds_model_config *c = &L->model->cfg;
+    const struct ds_backend_iface *f = IFACE(L);
+    void *ctx = L->b->ctx;
+    llama_layer *l = &L->layers[il];
+    llama_work *w = &L->w;
+    const int32_t T = bt->n_tokens, qd = c->n_head * c->head_dim, kvd = c->n_kv_head * c->head_dim;
+    TRY(f->rmsnorm(ctx, w->x, l->attn_norm, w->h, T, c->d_model, c->rms_eps));
+    TRY(ds_adapter_linear(ad, L->b, il, DS_PROJ_Q, &l->wq, l->bq, w->h, w->q, T));
+    TRY(ds_adapter_linear(ad, L->b, il, DS_PROJ_K, &l->wk, l->bk, w->h, w->k, T));
+    TRY(ds_adapter_linear(ad, L->b, il, DS_PROJ_V, &l->wv, l->bv, w->h, w->v, T));
+    TRY(f->rope(ctx, w->q, w->pos, L->inv_freq, T, c->n_head, c->head_dim));
+    TRY(f->rope(ctx, w->k, w->pos, L->inv_freq, T, c->n_kv_head, c->head_dim));
+    TRY(f->kv_store(ctx, l->k_pool, l->v_pool, w->k, w->v, w->slots, T, kvd));
+    ds_attn_args a = {.q = w->q, .out = w->att, .k_cache = l->k_pool, .v_cache = l->v_pool, .n_tokens = T,
+                      .n_head = c->n_head, .n_kv_head = c->n_kv_head, .head_dim = c->head_dim,
+                      .block_size = L->p.kv_block_size, .tok_seq = w->tok_seq, .tok_nkv = w->tok_nkv,
+                      .block_tables = w->block_tables, .seq_prefix = bt->seq_prefix ? w->seq_prefix : NULL,
+                      .n_seqs = bt->n_seqs, .max_blocks = bt->max_blocks, .scale = 1.0f / sqrtf((float)c->head_dim)};
+    TRY(f->attention(ctx, &a));
+    TRY(ds_adapter_linear(ad, L->b, il, DS_PROJ_O, &l->wo, NULL, w->att, w->h, T));
+    (void)qd;
+    return f->add(ctx, w->x, w->h, (size_t)T * c->d_model);
+}
+
+static int mlp_block(ds_llama *L, int32_t il, const ds_batch *bt, const ds_adapter_batch *ad) {
+    const ds_model_config *c = &L->model->cfg;
+    const struct ds_backend_iface *f = IFACE(L);
+    void *ctx = L->b->ctx;
+    llama_layer *l = &L->layers[il];
+    llama_work *w = &L->w;
+    const int32_t T = bt->n_tokens;
+    TRY(f->rmsnorm(ctx, w->x, l->ffn_norm, w->h, T, c->d_model, c->rms_eps));
+    TRY(ds_adapter_linear(ad, L->b, il, DS_PROJ_GATE, &l->w_gate, NULL, w->h, w->gate, T));
+    TRY(ds_adapter_linear(ad, L->b, il, DS_PROJ_UP, &l->w_up, NULL, w->h, w->up, T));
+    TRY(f->silu_mul(ctx, w->gate, w->up, w->gate, (size_t)T * c->d_ff));
+    TRY(ds_adapter_linear(ad, L->b, il, DS_PROJ_DOWN, &l->w_down, NULL, w->gate, w->h, T));
+    return f->add(ctx, w->x, w->h, (size_t)T * c->d_model);
+}
+
+int ds_llama_forward(ds_llama *L, const ds_batch *bt, const ds_adapter_batch *ad, float *logits_out, ds_err *err) {
+    const ds_model_config *c = &L->model->cfg;
+    const struct ds_backend_iface *f = IFACE(L);
+    void *ctx = L->b->ctx;
+    llama_work *w = &L->w;
+    int st = upload_batch(L, bt, err);
+    if (st) return st;
+    st = ds_adapter_embed(ad, L->b, &L->tok_embd, w->tokens, w->x, bt->n_tokens);
+    for (int32_t il = 0; !st && il < c->n_layer; il++) {
+        st = attention_block(L, il, bt, ad);
+        if (!st) st = mlp_block(L, il, bt, ad);
+    }
+    if (!st && bt->n_out > 0) {
+        st = f->get_rows(ctx, w->x, w->out_rows, w->xo, bt->n_out, c->d_model);
+        if (!st) st = f->rmsnorm(ctx, w->xo, L->output_norm, w->h, bt->n_out, c->d_model, c->rms_eps);
+        if (!st) st = ds_adapter_lm_head(ad, L->b, &L->output, w->h, w->logits, bt->n_out);
+        if (!st) st = f->download(ctx, logits_out, w->logits, (size_t)bt->n_out * c->n_vocab * sizeof(float));
+    }
+    if (!st) st = f->synchronize(ctx);
+    if (st) return ds_err_set(err, st, "forward failed: %s", ds_strerror(st));
+    return DS_OK;
+}
+
+int32_t ds_llama_n_kv_blocks(const ds_llama *L) { return L->p.n_kv_blocks; }
+int32_t ds_llama_kv_block_size(const ds_llama *L) { return L->p.kv_block_size; }
+int32_t ds_llama_max_blocks_per_seq(const ds_llama *L) { return L->p.max_blocks_per_seq; }
+ds_backend *ds_llama_backend(const ds_llama *L) { return L->b; }
+const ds_model *ds_llama_model(const ds_llama *L) { return L->model; }
+float *ds_llama_k_pool(ds_llama *L, int32_t layer) { return L->layers[layer].k_pool; }
+float *ds_llama_v_pool(ds_llama *L, int32_t layer) { return L->layers[layer].v_pool; }

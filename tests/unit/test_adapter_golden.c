@@ -1,0 +1,175 @@
+/* Golden test of every adapter type against HF PEFT (fp32, CPU): for each adapter under
+ * tests/data/adapters/<model>/, prefill logits at every real prompt position and 4 decode steps
+ * match to max|Δ| <= 1e-4 · max(1, max|logit|); then the mixed manifest runs >= 6 sequences with
+ * different adapters (or none) in ONE forward per step, each matching its own reference. */
+#include "adapter_run.h"
+#include "ds_test.h"
+#include "golden.h"
+
+#include <dirent.h>
+
+#define REL_TOL 1e-4
+#define MAX_ADAPTERS 32
+
+typedef struct loaded {
+    char name[64];
+    ds_adapter *a;
+    ds_adapter_dev dev;
+    cJSON *ref;
+} loaded;
+
+static void check_row(const char *what, const float *logits, const cJSON *ref, int n_vocab) {
+    double tol = REL_TOL * fmax(1.0, golden_max_abs(ref));
+    double d = golden_max_diff(logits, ref, n_vocab);
+    CHECK_MSG(d <= tol, "%s: max|diff| %.3g > tol %.3g", what, d, tol);
+}
+
+/* Runs the given (adapter, case) pairs together: one prefill step, then the decode steps. */
+static void run_group(ds_llama *L, const ds_model *m, loaded **ads, const int *case_idx, int n, const char *label) {
+    const int V = m->cfg.n_vocab;
+    ar_ctx c;
+    ar_init(&c, L, m);
+    int32_t *toks[AR_MAX_SEQS];
+    int nt[AR_MAX_SEQS], total = 0;
+    const cJSON *cases[AR_MAX_SEQS];
+    for (int i = 0; i < n; i++) {
+        ar_add(&c, ads[i]->a ? &ads[i]->dev : NULL);
+        cases[i] = cJSON_GetArrayItem(cJSON_GetObjectItem(ads[i]->ref, "cases"), case_idx[i]);
+        toks[i] = golden_ids(cJSON_GetObjectItem(cases[i], "prompt"), &nt[i]);
+        total += nt[i];
+    }
+    float *logits = malloc(sizeof(float) * (size_t)total * V);
+    CHECK(ar_step(&c, toks, nt, logits) == 0);
+    char what[256];
+    size_t off = 0;
+    for (int i = 0; i < n; i++) {
+        for (int r = 0; r < nt[i]; r++) {
+            snprintf(what, sizeof what, "%s %s case %d prefill pos %d", label, ads[i]->name, case_idx[i], r);
+            check_row(what, logits + off, cJSON_GetArrayItem(cJSON_GetObjectItem(cases[i], "prefill_logits"), r), V);
+            off += (size_t)V;
+        }
+    }
+    int steps = cJSON_GetArraySize(cJSON_GetObjectItem(cases[0], "decode"));
+    for (int k = 0; k < steps; k++) {
+        int32_t dt[AR_MAX_SEQS], *dp[AR_MAX_SEQS];
+        int ones[AR_MAX_SEQS];
+        for (int i = 0; i < n; i++) {
+            const cJSON *st = cJSON_GetArrayItem(cJSON_GetObjectItem(cases[i], "decode"), k);
+            dt[i] = st ? (int32_t)cJSON_GetObjectItem(st, "token")->valuedouble : 0;
+            dp[i] = &dt[i];
+            ones[i] = st ? 1 : 0;
+        }
+        CHECK(ar_step(&c, dp, ones, logits) == 0);
+        int row = 0;
+        for (int i = 0; i < n; i++) {
+            if (!ones[i]) continue;
+            const cJSON *st = cJSON_GetArrayItem(cJSON_GetObjectItem(cases[i], "decode"), k);
+            snprintf(what, sizeof what, "%s %s case %d decode %d", label, ads[i]->name, case_idx[i], k);
+            check_row(what, logits + (size_t)row++ * V, cJSON_GetObjectItem(st, "logits"), V);
+        }
+    }
+    for (int i = 0; i < n; i++) free(toks[i]);
+    free(logits);
+    ar_free(&c);
+}
+
+static int load_all(const char *dir, const ds_model *m, ds_backend *b, loaded *out) {
+    DIR *d = opendir(dir);
+    if (!d) return 0;
+    int n = 0;
+    struct dirent *e;
+    while ((e = readdir(d)) && n < MAX_ADAPTERS) {
+        char path[512], ref[600];
+        snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+        snprintf(ref, sizeof ref, "%s/reference.json", path);
+        if (e->d_name[0] == '.' || access(ref, R_OK) != 0) continue;
+        loaded *l = &out[n];
+        memset(l, 0, sizeof *l);
+        snprintf(l->name, sizeof l->name, "%s", e->d_name);
+        ds_err err = {{0}};
+        ds_adapter_load_params lp = ds_adapter_default_load_params();
+        lp.name = l->name;
+        l->a = ds_adapter_load(path, m, &lp, &err);
+        CHECK_MSG(l->a != NULL, "load %s: %s", path, err.msg);
+        l->ref = golden_load_json(ref);
+        if (!l->a || !l->ref) continue;
+        CHECK_MSG(ds_adapter_dev_upload(b, l->a, &l->dev, &err) == 0, "upload %s: %s", path, err.msg);
+        n++;
+    }
+    closedir(d);
+    return n;
+}
+
+static void run_model(const char *model) {
+    char mpath[512], adir[512];
+    snprintf(mpath, sizeof mpath, "%s/models/%s", DS_TEST_DATA, model);
+    snprintf(adir, sizeof adir, "%s/adapters/%s", DS_TEST_DATA, model);
+    if (access(mpath, R_OK) || access(adir, R_OK)) {
+        printf("skip %s: golden model or adapters missing\n", model);
+        return;
+    }
+    ds_err err = {{0}};
+    ds_model_params mp = ds_model_default_params();
+    mp.verbose = false;
+    ds_model *m = ds_model_load(mpath, &mp, &err);
+    CHECK_MSG(m != NULL, "%s", err.msg);
+    if (!m) return;
+    ds_backend *b = ds_backend_create("cpu", NULL, &err);
+    ds_llama_params lp = ds_llama_default_params();
+    lp.kv_bytes = (size_t)32 << 20;
+    lp.max_blocks_per_seq = AR_BLOCKS_PER_SEQ + 4;
+    ds_llama *L = ds_llama_create(m, b, &lp, &err);
+    static loaded ads[MAX_ADAPTERS];
+    int n = load_all(adir, m, b, ads);
+    for (int i = 0; i < n; i++) { /* each adapter alone, case by case */
+        int nc = cJSON_GetArraySize(cJSON_GetObjectItem(ads[i].ref, "cases"));
+        for (int k = 0; k < nc; k++) {
+            loaded *one[1] = {&ads[i]};
+            run_group(L, m, one, &k, 1, model);
+        }
+        printf("%s/%s: checked %d cases\n", model, ads[i].name, nc);
+    }
+    char man[600];
+    snprintf(man, sizeof man, "%s/mixed.json", adir);
+    cJSON *mix = golden_load_json(man);
+    if (mix && n > 0) {
+        static loaded base;
+        loaded *group[AR_MAX_SEQS];
+        int cidx[AR_MAX_SEQS], g = 0;
+        char basepath[600];
+        snprintf(basepath, sizeof basepath, "%s/reference.json", mpath);
+        base.ref = golden_load_json(basepath);
+        snprintf(base.name, sizeof base.name, "base");
+        const cJSON *it;
+        cJSON_ArrayForEach(it, mix) {
+            const cJSON *an = cJSON_GetObjectItem(it, "adapter");
+            loaded *l = cJSON_IsString(an) ? NULL : &base;
+            for (int i = 0; i < n && !l; i++)
+                if (!strcmp(ads[i].name, an->valuestring)) l = &ads[i];
+            CHECK_MSG(l != NULL, "mixed.json names an adapter that did not load");
+            if (!l || g == AR_MAX_SEQS) continue;
+            group[g] = l;
+            cidx[g++] = (int)cJSON_GetObjectItem(it, "case")->valuedouble;
+        }
+        CHECK(g >= 6);
+        run_group(L, m, group, cidx, g, "mixed");
+        printf("%s: mixed batch of %d sequences checked\n", model, g);
+        cJSON_Delete(base.ref);
+    }
+    cJSON_Delete(mix);
+    for (int i = 0; i < n; i++) {
+        ds_adapter_dev_release(b, &ads[i].dev);
+        ds_adapter_free(ads[i].a);
+        cJSON_Delete(ads[i].ref);
+    }
+    ds_llama_free(L);
+    ds_backend_free(b);
+    ds_model_free(m);
+}
+
+int main(void) {
+    run_model("tiny-llama");
+    run_model("tiny-qwen2");
+    if (ds_test_checks == 0) SKIP("no golden adapters under %s/adapters (run tests/golden/gen_adapters.py)", DS_TEST_DATA);
+    return ds_test_result();
+}

@@ -1,0 +1,148 @@
+/* Golden test of the forward pass against HF transformers (fp32, CPU): tiny random llama (GQA,
+ * untied), qwen2 (qkv bias, tied), llama3 rope scaling — loaded from HF directories and from GGUF
+ * — for every prefill position and every decode step, run one sequence at a time and all cases
+ * batched together. Tolerance: max |Δ| <= 1e-4 · max(1, max |logit|). */
+#include "ds_test.h"
+#include "golden.h"
+
+#define REL_TOL 1e-4
+
+static void check_rows(const char *what, const float *logits, const cJSON *rows, int n_rows, int n_vocab) {
+    for (int r = 0; r < n_rows; r++) {
+        const cJSON *ref = cJSON_GetArrayItem(rows, r);
+        double tol = REL_TOL * fmax(1.0, golden_max_abs(ref));
+        double d = golden_max_diff(logits + (size_t)r * n_vocab, ref, n_vocab);
+        CHECK_MSG(d <= tol, "%s row %d: max|diff| %.3g > tol %.3g", what, r, d, tol);
+    }
+}
+
+/* Case by case: prefill (all positions) then each decode step. */
+static void run_single(ds_llama *L, const cJSON *cases, int n_vocab, const char *label) {
+    const cJSON *c;
+    cJSON_ArrayForEach(c, cases) {
+        int n;
+        int32_t *prompt = golden_ids(cJSON_GetObjectItem(c, "prompt"), &n);
+        golden_seqs g;
+        golden_seqs_init(&g, 1, 64);
+        float *logits = malloc(sizeof(float) * (size_t)n * n_vocab);
+        CHECK(golden_step(L, &g, &prompt, &n, logits, 1) == 0);
+        char what[400];
+        snprintf(what, sizeof what, "%s prefill(n=%d)", label, n);
+        check_rows(what, logits, cJSON_GetObjectItem(c, "prefill_logits"), n, n_vocab);
+        const cJSON *step;
+        int k = 0;
+        cJSON_ArrayForEach(step, cJSON_GetObjectItem(c, "decode")) {
+            int32_t tok = (int32_t)cJSON_GetObjectItem(step, "token")->valuedouble;
+            int32_t *tp = &tok;
+            int one = 1;
+            CHECK(golden_step(L, &g, &tp, &one, logits, 1) == 0);
+            cJSON *rows = cJSON_CreateArray();
+            cJSON_AddItemReferenceToArray(rows, cJSON_GetObjectItem(step, "logits"));
+            snprintf(what, sizeof what, "%s decode step %d", label, k++);
+            check_rows(what, logits, rows, 1, n_vocab);
+            cJSON_Delete(rows);
+        }
+        free(logits);
+        free(prompt);
+        golden_seqs_free(&g);
+    }
+}
+
+/* All cases in one batch: one prefill step for every sequence, then decode steps together. */
+static void run_batched(ds_llama *L, const cJSON *cases, int n_vocab, const char *label) {
+    int ns = cJSON_GetArraySize(cases), total = 0;
+    int32_t **toks = calloc((size_t)ns, sizeof *toks);
+    int *n = calloc((size_t)ns, sizeof *n);
+    for (int s = 0; s < ns; s++) {
+        toks[s] = golden_ids(cJSON_GetObjectItem(cJSON_GetArrayItem(cases, s), "prompt"), &n[s]);
+        total += n[s];
+    }
+    golden_seqs g;
+    golden_seqs_init(&g, ns, 64);
+    float *logits = malloc(sizeof(float) * (size_t)total * n_vocab);
+    CHECK(golden_step(L, &g, toks, n, logits, 1) == 0);
+    size_t off = 0;
+    char what[400];
+    for (int s = 0; s < ns; s++) {
+        snprintf(what, sizeof what, "%s batched prefill seq %d", label, s);
+        check_rows(what, logits + off, cJSON_GetObjectItem(cJSON_GetArrayItem(cases, s), "prefill_logits"), n[s], n_vocab);
+        off += (size_t)n[s] * n_vocab;
+    }
+    int steps = cJSON_GetArraySize(cJSON_GetObjectItem(cJSON_GetArrayItem(cases, 0), "decode"));
+    for (int k = 0; k < steps; k++) {
+        int32_t *dt = calloc((size_t)ns, sizeof *dt);
+        int32_t **dp = calloc((size_t)ns, sizeof *dp);
+        int *ones = calloc((size_t)ns, sizeof *ones);
+        for (int s = 0; s < ns; s++) {
+            const cJSON *st = cJSON_GetArrayItem(cJSON_GetObjectItem(cJSON_GetArrayItem(cases, s), "decode"), k);
+            dt[s] = (int32_t)cJSON_GetObjectItem(st, "token")->valuedouble;
+            dp[s] = &dt[s];
+            ones[s] = 1;
+        }
+        CHECK(golden_step(L, &g, dp, ones, logits, 1) == 0);
+        for (int s = 0; s < ns; s++) {
+            const cJSON *st = cJSON_GetArrayItem(cJSON_GetObjectItem(cJSON_GetArrayItem(cases, s), "decode"), k);
+            cJSON *rows = cJSON_CreateArray();
+            cJSON_AddItemReferenceToArray(rows, cJSON_GetObjectItem(st, "logits"));
+            snprintf(what, sizeof what, "%s batched decode step %d seq %d", label, k, s);
+            check_rows(what, logits + (size_t)s * n_vocab, rows, 1, n_vocab);
+            cJSON_Delete(rows);
+        }
+        free(dt);
+        free(dp);
+        free(ones);
+    }
+    for (int s = 0; s < ns; s++) free(toks[s]);
+    free(toks);
+    free(n);
+    free(logits);
+    golden_seqs_free(&g);
+}
+
+static void run_model(const char *name, const char *file, const char *refname) {
+    char path[512], refpath[512];
+    snprintf(path, sizeof path, "%s/models/%s%s%s", DS_TEST_DATA, name, file ? "/" : "", file ? file : "");
+    snprintf(refpath, sizeof refpath, "%s/models/%s/%s", DS_TEST_DATA, name, refname);
+    if (access(path, R_OK) != 0 || access(refpath, R_OK) != 0) {
+        printf("skip %s (%s): golden files missing\n", name, file ? file : "hf dir");
+        return;
+    }
+    cJSON *ref = golden_load_json(refpath);
+    CHECK_MSG(ref != NULL, "cannot parse %s", refpath);
+    if (!ref) return;
+    ds_err err = {{0}};
+    ds_model_params mp = ds_model_default_params();
+    mp.verbose = false;
+    ds_model *m = ds_model_load(path, &mp, &err);
+    CHECK_MSG(m != NULL, "load %s: %s", path, err.msg);
+    ds_backend *b = ds_backend_create("cpu", NULL, &err);
+    ds_llama_params lp = ds_llama_default_params();
+    lp.kv_bytes = (size_t)16 << 20;
+    lp.max_blocks_per_seq = 64;
+    ds_llama *L = m ? ds_llama_create(m, b, &lp, &err) : NULL;
+    CHECK_MSG(L != NULL, "llama_create: %s", err.msg);
+    if (L) {
+        char label[256];
+        snprintf(label, sizeof label, "%s/%s", name, file ? file : "hf");
+        int n_vocab = (int)cJSON_GetObjectItem(ref, "n_vocab")->valuedouble;
+        CHECK_EQ_INT(n_vocab, m->cfg.n_vocab);
+        run_single(L, cJSON_GetObjectItem(ref, "cases"), n_vocab, label);
+        run_batched(L, cJSON_GetObjectItem(ref, "cases"), n_vocab, label);
+        printf("%s: checked\n", label);
+    }
+    ds_llama_free(L);
+    ds_backend_free(b);
+    ds_model_free(m);
+    cJSON_Delete(ref);
+}
+
+int main(void) {
+    const char *models[] = {"tiny-llama", "tiny-qwen2", "tiny-llama3"};
+    for (size_t i = 0; i < 3; i++) {
+        run_model(models[i], NULL, "reference.json");
+        run_model(models[i], "model.gguf", "reference.json");
+    }
+    run_model("tiny-llama", "model-q8_0.gguf", "reference-q8_0.json");
+    if (ds_test_checks == 0) SKIP("no golden models under %s/models (run tests/golden/gen_models.py)", DS_TEST_DATA);
+    return ds_test_result();
+}
