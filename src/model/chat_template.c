@@ -1,0 +1,246 @@
+/* Chat templates for the families deltaserve serves, rendered natively instead of through a Jinja
+ * engine: each renderer reproduces transformers' apply_chat_template output for the family's
+ * canonical template byte for byte (tests/data/tokenizer/chat_golden.json), including its whitespace
+ * filters (Jinja `trim` / Python str.strip) and the exceptions it raises. */
+#include "ds/tokenizer.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "model/tok_internal.h"
+
+typedef struct sbuf {
+    char *p;
+    size_t n, cap;
+    bool oom;
+} sbuf;
+
+static void sb_put(sbuf *b, const char *s, size_t n) {
+    if (b->oom) return;
+    if (b->n + n + 1 > b->cap) {
+        size_t ncap = b->cap ? b->cap : 256;
+        while (ncap < b->n + n + 1) ncap *= 2;
+        char *np = realloc(b->p, ncap);
+        if (!np) {
+            b->oom = true;
+            return;
+        }
+        b->p = np;
+        b->cap = ncap;
+    }
+    memcpy(b->p + b->n, s, n);
+    b->n += n;
+    b->p[b->n] = 0;
+}
+
+static void sb_str(sbuf *b, const char *s) { sb_put(b, s, strlen(s)); }
+
+/* Python str.isspace(), which Jinja's `trim` and str.strip() use: White_Space plus U+001C..U+001F. */
+static bool py_space(uint32_t c) { return (c >= 0x1C && c <= 0x1F) || tok_is_white_space(c); }
+
+/* Appends s stripped of leading and trailing Python whitespace. */
+static void sb_strip(sbuf *b, const char *s) {
+    const uint8_t *u = (const uint8_t *)s;
+    size_t n = strlen(s), lo = 0, hi = n, w;
+    uint32_t cp;
+    while (lo < n && (w = tok_utf8_decode(u + lo, n - lo, &cp)) && py_space(cp)) lo += w;
+    while (hi > lo) {
+        size_t k = 1;
+        while (k < 4 && k < hi - lo && (u[hi - k] & 0xC0) == 0x80) k++;
+        if (tok_utf8_decode(u + hi - k, k, &cp) != k || !py_space(cp)) break;
+        hi -= k;
+    }
+    sb_put(b, s + lo, hi - lo);
+}
+
+static bool role_ok(const char *r) {
+    if (!r || !*r) return false;
+    for (; *r; r++)
+        if (!((*r >= 'a' && *r <= 'z') || (*r >= 'A' && *r <= 'Z') || (*r >= '0' && *r <= '9') || *r == '_' || *r == '-'))
+            return false;
+    return true;
+}
+
+static bool is_role(const ds_chat_msg *m, const char *role) { return !strcmp(m->role, role); }
+
+/* The conversation as the template sees it: an optional default system message, then msgs. */
+typedef struct conv {
+    const ds_chat_msg *msgs;
+    size_t n;
+    ds_chat_msg sys; /* used when has_sys */
+    bool has_sys;
+} conv;
+
+static const ds_chat_msg *conv_at(const conv *c, size_t i) {
+    if (c->has_sys) return i == 0 ? &c->sys : &c->msgs[i - 1];
+    return &c->msgs[i];
+}
+
+static size_t conv_len(const conv *c) { return c->n + (c->has_sys ? 1 : 0); }
+
+/* SmolLM2 / Qwen2: '<|im_start|>' + role + '\n' + content + '<|im_end|>' + '\n'. */
+static int render_chatml(const conv *c, bool gen, sbuf *b) {
+    for (size_t i = 0; i < conv_len(c); i++) {
+        const ds_chat_msg *m = conv_at(c, i);
+        sb_str(b, "<|im_start|>");
+        sb_str(b, m->role);
+        sb_str(b, "\n");
+        sb_str(b, m->content);
+        sb_str(b, "<|im_end|>\n");
+    }
+    if (gen) sb_str(b, "<|im_start|>assistant\n");
+    return DS_OK;
+}
+
+/* Meta-Llama-3-Instruct: bos before the first message, content | trim. */
+static int render_llama3(const conv *c, bool gen, sbuf *b) {
+    for (size_t i = 0; i < conv_len(c); i++) {
+        const ds_chat_msg *m = conv_at(c, i);
+        if (i == 0) sb_str(b, "<|begin_of_text|>");
+        sb_str(b, "<|start_header_id|>");
+        sb_str(b, m->role);
+        sb_str(b, "<|end_header_id|>\n\n");
+        sb_strip(b, m->content);
+        sb_str(b, "<|eot_id|>");
+    }
+    if (gen) sb_str(b, "<|start_header_id|>assistant<|end_header_id|>\n\n");
+    return DS_OK;
+}
+
+/* Llama-2-chat: a leading system message folds into the first turn as <<SYS>>; every user turn opens
+ * with bos; the whole turn text (system block included) is str.strip()'d. */
+static int render_llama2(const conv *c, sbuf *b) {
+    size_t first = 0;
+    const char *sys = NULL;
+    if (conv_len(c) && is_role(conv_at(c, 0), "system")) {
+        sys = conv_at(c, 0)->content;
+        first = 1;
+    }
+    for (size_t i = first; i < conv_len(c); i++) {
+        const ds_chat_msg *m = conv_at(c, i);
+        bool user = is_role(m, "user");
+        if (user != ((i - first) % 2 == 0)) return DS_EINVAL; /* roles must alternate */
+        sbuf turn = {0};
+        if (i == first && sys) {
+            sb_str(&turn, "<<SYS>>\n");
+            sb_str(&turn, sys);
+            sb_str(&turn, "\n<</SYS>>\n\n");
+        }
+        sb_str(&turn, m->content);
+        if (turn.oom) {
+            free(turn.p);
+            return DS_ENOMEM;
+        }
+        if (user || is_role(m, "assistant")) {
+            sb_str(b, user ? "<s>[INST] " : " ");
+            sb_strip(b, turn.p);
+            sb_str(b, user ? " [/INST]" : " </s>");
+        }
+        free(turn.p);
+    }
+    return DS_OK;
+}
+
+/* Mistral / Mixtral instruct: one bos, no stripping, only alternating user / assistant. */
+static int render_mistral(const conv *c, sbuf *b) {
+    sb_str(b, "<s>");
+    for (size_t i = 0; i < conv_len(c); i++) {
+        const ds_chat_msg *m = conv_at(c, i);
+        bool user = is_role(m, "user");
+        if (user != (i % 2 == 0)) return DS_EINVAL;
+        if (user) {
+            sb_str(b, "[INST] ");
+            sb_str(b, m->content);
+            sb_str(b, " [/INST]");
+        } else if (is_role(m, "assistant")) {
+            sb_str(b, m->content);
+            sb_str(b, "</s>");
+        } else {
+            return DS_EINVAL;
+        }
+    }
+    return DS_OK;
+}
+
+ds_chat_format ds_chat_detect(const char *t) {
+    if (!t) return DS_CHAT_CHATML;
+    if (strstr(t, "<|im_start|>")) return DS_CHAT_CHATML;
+    if (strstr(t, "<|start_header_id|>")) return DS_CHAT_LLAMA3;
+    if (strstr(t, "[INST]")) return strstr(t, "<<SYS>>") ? DS_CHAT_LLAMA2 : DS_CHAT_MISTRAL;
+    return DS_CHAT_CHATML;
+}
+
+int ds_chat_render(ds_chat_format fmt, const ds_chat_msg *msgs, size_t n_msgs, bool add_generation_prompt,
+                   const char *default_system, char **out) {
+    if (!out) return DS_EINVAL;
+    *out = NULL;
+    /* transformers refuses an empty conversation before the template runs. */
+    if (!msgs || !n_msgs) return DS_EINVAL;
+    for (size_t i = 0; i < n_msgs; i++)
+        if (!role_ok(msgs[i].role) || !msgs[i].content) return DS_EINVAL;
+    conv c = {.msgs = msgs, .n = n_msgs};
+    if (default_system && fmt != DS_CHAT_MISTRAL && !is_role(&msgs[0], "system")) {
+        c.sys = (ds_chat_msg){"system", default_system};
+        c.has_sys = true;
+    }
+    sbuf b = {0};
+    int rc;
+    switch (fmt) {
+    case DS_CHAT_CHATML: rc = render_chatml(&c, add_generation_prompt, &b); break;
+    case DS_CHAT_LLAMA3: rc = render_llama3(&c, add_generation_prompt, &b); break;
+    case DS_CHAT_LLAMA2: rc = render_llama2(&c, &b); break;
+    case DS_CHAT_MISTRAL: rc = render_mistral(&c, &b); break;
+    default: rc = DS_EINVAL;
+    }
+    if (!rc && b.oom) rc = DS_ENOMEM;
+    if (!rc && !b.p) sb_put(&b, "", 0); /* a valid empty string, never NULL, on success */
+    if (!rc && b.oom) rc = DS_ENOMEM;
+    if (rc) {
+        free(b.p);
+        return rc;
+    }
+    *out = b.p;
+    return DS_OK;
+}
+
+/* Reads one Jinja string-literal body starting at s, up to "<|im_end|>", undoing \-escapes. Fails
+ * (NULL) when the literal ends first — then the text was an expression such as
+ * '<|im_start|>system\n' + messages[0]['content'], not a fixed prompt. */
+static char *literal_until_im_end(const char *s, char quote) {
+    sbuf b = {0};
+    for (const char *p = s; *p; p++) {
+        if (!strncmp(p, "<|im_end|>", 10)) {
+            if (!b.p) sb_put(&b, "", 0);
+            if (b.oom) break;
+            return b.p;
+        }
+        if (*p == quote) break;
+        if (*p == '\\' && p[1]) {
+            p++;
+            char c = *p == 'n' ? '\n' : *p == 't' ? '\t' : *p == 'r' ? '\r' : *p;
+            sb_put(&b, &c, 1);
+            continue;
+        }
+        sb_put(&b, p, 1);
+    }
+    free(b.p);
+    return NULL;
+}
+
+char *ds_chat_default_system(const char *t) {
+    static const char mark[] = "<|im_start|>system";
+    if (!t || !strstr(t, "messages[0]")) return NULL;
+    for (const char *p = strstr(t, mark); p; p = strstr(p + 1, mark)) {
+        /* The literal's delimiter: the nearest quote before the marker. */
+        const char *q = p;
+        while (q > t && q[-1] != '\'' && q[-1] != '"') q--;
+        if (q == t) continue;
+        const char *body = p + sizeof mark - 1;
+        if (*body == '\n') body++;
+        else if (body[0] == '\\' && body[1] == 'n') body += 2;
+        else continue;
+        char *sys = literal_until_im_end(body, q[-1]);
+        if (sys) return sys;
+    }
+    return NULL;
+}

@@ -1,0 +1,414 @@
+/* Base model from one GGUF file (llama.cpp layout): config from `<arch>.*` metadata, fp32 weights
+ * dequantised at load in Hugging Face orientation, the tokenizer from `tokenizer.ggml.*`. */
+#include "ds/model.h"
+#include "model/gguf.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct {
+    ds_gguf g;
+    ds_model *m;
+    const char *path;
+    ds_err *err;
+    bool verbose;
+    bool *used;             /* [g.n_tensors] tensors consumed, to report leftovers */
+    size_t n_loaded, n_expected;
+    size_t type_count[48];  /* per ggml type, tensors loaded */
+    double t0;
+} gctx;
+
+/* ---- config ---- */
+
+static int arch_key(gctx *c, char *buf, size_t cap, const char *suffix) {
+    int n = snprintf(buf, cap, "%s.%s", c->m->cfg.arch_name, suffix);
+    return n > 0 && (size_t)n < cap ? 0 : ds_err_set(c->err, DS_EINVAL, "%s: metadata key too long", c->path);
+}
+
+/* An `<arch>.<suffix>` integer; absent keeps *out (the default) unless required. */
+static int get_int(gctx *c, const char *suffix, int32_t *out, bool required) {
+    char key[128];
+    uint32_t v;
+    int rc = arch_key(c, key, sizeof key, suffix);
+    if (!rc) rc = ds_gguf_get_u32(&c->g, key, &v, c->err);
+    if (rc == DS_ENOTFOUND && !required) return 0;
+    if (rc == DS_ENOTFOUND) return ds_err_set(c->err, DS_EFORMAT, "%s: required metadata '%s' is missing", c->path, key);
+    if (rc) return rc;
+    if (v > INT32_MAX) return ds_err_set(c->err, DS_EFORMAT, "%s: metadata '%s' = %u is too large", c->path, key, v);
+    *out = (int32_t)v;
+    return 0;
+}
+
+static int get_float(gctx *c, const char *suffix, float *out, bool required) {
+    char key[128];
+    int rc = arch_key(c, key, sizeof key, suffix);
+    if (!rc) rc = ds_gguf_get_f32(&c->g, key, out, c->err);
+    if (rc == DS_ENOTFOUND && !required) return 0;
+    if (rc == DS_ENOTFOUND) return ds_err_set(c->err, DS_EFORMAT, "%s: required metadata '%s' is missing", c->path, key);
+    return rc;
+}
+
+static int read_arch(gctx *c, ds_model_config *cfg) {
+    const char *arch, *type, *name;
+    int rc = ds_gguf_get_str(&c->g, "general.architecture", &arch, c->err);
+    if (rc == DS_ENOTFOUND) return ds_err_set(c->err, DS_EFORMAT, "%s: general.architecture is missing", c->path);
+    if (rc) return rc;
+    if (!ds_gguf_get_str(&c->g, "general.type", &type, NULL) && !strcmp(type, "adapter"))
+        return ds_err_set(c->err, DS_EINVAL, "%s: is a LoRA adapter (general.type = adapter), not a base model", c->path);
+    if (!strcmp(arch, "llama")) cfg->arch = DS_ARCH_LLAMA;
+    else if (!strcmp(arch, "mistral")) cfg->arch = DS_ARCH_MISTRAL;
+    else if (!strcmp(arch, "qwen2")) cfg->arch = DS_ARCH_QWEN2;
+    else
+        return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: architecture '%s' is not supported (llama, mistral, qwen2)",
+                          c->path, arch);
+    snprintf(cfg->arch_name, sizeof cfg->arch_name, "%s", arch);
+    if (!ds_gguf_get_str(&c->g, "general.name", &name, NULL)) snprintf(cfg->name, sizeof cfg->name, "%s", name);
+    cfg->qkv_bias = cfg->arch == DS_ARCH_QWEN2;
+    return 0;
+}
+
+/* `<arch>.rope.scaling.*`: only "none" (or linear with factor 1) is plain RoPE here. Llama-3 scaling
+ * arrives as the rope_freqs tensor instead (see load_rope). */
+static int read_rope_scaling(gctx *c) {
+    char key[128];
+    const char *type = NULL;
+    float factor = 1.0f;
+    int rc = arch_key(c, key, sizeof key, "rope.scaling.type");
+    if (!rc) rc = ds_gguf_get_str(&c->g, key, &type, c->err);
+    if (rc == DS_ENOTFOUND) return 0;
+    if (rc) return rc;
+    if ((rc = get_float(c, "rope.scaling.factor", &factor, false))) return rc;
+    if (!strcmp(type, "none") || (!strcmp(type, "linear") && factor == 1.0f)) return 0;
+    return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: RoPE scaling type '%s' (factor %g) is not supported", c->path, type,
+                      factor);
+}
+
+static int read_config(gctx *c) {
+    ds_model_config *cfg = &c->m->cfg;
+    int rc = read_arch(c, cfg);
+    int32_t rope_dim = 0, v_len = 0;
+    cfg->max_ctx = 2048;
+    cfg->rope_theta = 10000.0f;
+    if (!rc) rc = get_int(c, "block_count", &cfg->n_layer, true);
+    if (!rc) rc = get_int(c, "embedding_length", &cfg->d_model, true);
+    if (!rc) rc = get_int(c, "feed_forward_length", &cfg->d_ff, true);
+    if (!rc) rc = get_int(c, "attention.head_count", &cfg->n_head, true);
+    if (!rc) rc = get_int(c, "attention.head_count_kv", &cfg->n_kv_head, false);
+    if (!rc) rc = get_int(c, "context_length", &cfg->max_ctx, false);
+    if (!rc) rc = get_int(c, "attention.key_length", &cfg->head_dim, false);
+    if (!rc) rc = get_int(c, "attention.value_length", &v_len, false);
+    if (!rc) rc = get_int(c, "rope.dimension_count", &rope_dim, false);
+    if (!rc) rc = get_float(c, "rope.freq_base", &cfg->rope_theta, false);
+    if (!rc) rc = get_float(c, "attention.layer_norm_rms_epsilon", &cfg->rms_eps, true);
+    if (!rc) rc = read_rope_scaling(c);
+    if (rc) return rc;
+    const ds_gguf_tensor *emb = ds_gguf_find_tensor(&c->g, "token_embd.weight");
+    if (!emb) return ds_err_set(c->err, DS_EFORMAT, "%s: missing tensor 'token_embd.weight'", c->path);
+    cfg->n_vocab = emb->ne[1] <= INT32_MAX ? (int32_t)emb->ne[1] : -1;
+    if ((rc = ds_model_config_validate(cfg, c->path, c->err))) return rc;
+    if (v_len && v_len != cfg->head_dim)
+        return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: value_length %d != key_length %d is not supported", c->path,
+                          v_len, cfg->head_dim);
+    if (rope_dim && rope_dim != cfg->head_dim)
+        return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: partial RoPE (rope.dimension_count %d, head_dim %d) is not supported",
+                          c->path, rope_dim, cfg->head_dim);
+    return 0;
+}
+
+/* ---- tensors ---- */
+
+static void progress(gctx *c) {
+    c->n_loaded++;
+    size_t q_prev = (c->n_loaded - 1) * 4 / c->n_expected, q = c->n_loaded * 4 / c->n_expected;
+    if (c->verbose && q != q_prev && q < 4)
+        DS_LOGI("loading %s: %zu%% (%zu/%zu tensors, %.1f s)", c->path, q * 25, c->n_loaded, c->n_expected,
+                ds_time_s() - c->t0);
+}
+
+/* GGUF row r of a llama Q/K weight came from HF row unperm(r): convert_hf_to_gguf reshapes HF rows to
+ * (n_head, 2, hd/2) and swaps the last two axes, so GGUF row h·hd + 2i + j = HF row h·hd + j·hd/2 + i. */
+static uint64_t unperm(uint64_t r, uint64_t hd) {
+    uint64_t h = r / hd, w = r % hd;
+    return h * hd + (w % 2) * (hd / 2) + w / 2;
+}
+
+static int unperm_vector(gctx *c, const ds_gguf_tensor *t, float *p, uint64_t hd) {
+    float *tmp = malloc((size_t)t->n_elems * sizeof *tmp);
+    if (!tmp) return ds_err_set(c->err, DS_ENOMEM, "%s: out of memory", c->path);
+    int rc = ds_gguf_dequant_rows(&c->g, t, 0, 1, tmp, c->err);
+    for (uint64_t i = 0; i < t->n_elems && !rc; i++) p[unperm(i, hd)] = tmp[i];
+    free(tmp);
+    return rc;
+}
+
+/* Loads tensor `name` of torch shape [rows][cols] (GGUF ne = [cols, rows]; rows == 1 for vectors).
+ * perm_heads > 0 undoes the Q/K row permutation for that many heads. Missing + optional → *dst NULL. */
+static int load(gctx *c, const char *name, int64_t rows, int64_t cols, int perm_heads, bool optional, float **dst) {
+    const ds_gguf_tensor *t = ds_gguf_find_tensor(&c->g, name);
+    *dst = NULL;
+    if (!t) return optional ? 0 : ds_err_set(c->err, DS_EFORMAT, "%s: missing tensor '%s'", c->path, name);
+    if (t->ne[0] != (uint64_t)cols || t->ne[1] != (uint64_t)rows || t->ne[2] != 1 || t->ne[3] != 1)
+        return ds_err_set(c->err, DS_EFORMAT, "%s: tensor '%s' has ne [%llu, %llu, %llu, %llu], expected [%lld, %lld]",
+                          c->path, name, (unsigned long long)t->ne[0], (unsigned long long)t->ne[1],
+                          (unsigned long long)t->ne[2], (unsigned long long)t->ne[3], (long long)cols, (long long)rows);
+    float *p = ds_model_alloc_floats(c->m, (size_t)t->n_elems);
+    if (!p) return ds_err_set(c->err, DS_ENOMEM, "%s: out of memory for tensor '%s'", c->path, name);
+    int rc = 0;
+    if (perm_heads > 0 && rows > 1) { /* a weight: whole rows move */
+        const uint64_t hd = (uint64_t)rows / (uint64_t)perm_heads;
+        rc = ds_gguf_dequant_rows(&c->g, t, 0, 0, p, c->err); /* checks the type once */
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (rc == 0 && t->n_elems >= (1u << 18))
+#endif
+        for (int64_t r = 0; r < (rc ? 0 : rows); r++)
+            ds_ggml_dequant_row(t->type, t->data + (uint64_t)r * t->row_bytes, p + unperm((uint64_t)r, hd) * (uint64_t)cols,
+                                (size_t)cols);
+    } else if (perm_heads > 0) { /* a bias: its elements move like the weight's rows */
+        rc = unperm_vector(c, t, p, (uint64_t)cols / (uint64_t)perm_heads);
+    } else {
+        rc = ds_gguf_dequant_rows(&c->g, t, 0, t->n_rows, p, c->err);
+    }
+    if (rc) return rc;
+    c->used[t - c->g.tensors] = true;
+    if (t->type < sizeof c->type_count / sizeof c->type_count[0]) c->type_count[t->type]++;
+    c->m->n_params += (size_t)t->n_elems;
+    *dst = p;
+    progress(c);
+    return 0;
+}
+
+static int load_layer(gctx *c, int i) {
+    const ds_model_config *cfg = &c->m->cfg;
+    ds_layer_weights *l = &c->m->layers[i];
+    const int64_t d = cfg->d_model, q = (int64_t)cfg->n_head * cfg->head_dim, kv = (int64_t)cfg->n_kv_head * cfg->head_dim;
+    /* Only the llama converter permutes Q/K (formats.md §6); qwen2 keeps HF order. */
+    const bool perm = cfg->arch != DS_ARCH_QWEN2;
+    const int ph = perm ? cfg->n_head : 0, pkv = perm ? cfg->n_kv_head : 0;
+    char n[12][96];
+    const char *suffix[12] = {"attn_norm.weight", "attn_q.weight",  "attn_k.weight",  "attn_v.weight",
+                              "attn_output.weight", "ffn_norm.weight", "ffn_gate.weight", "ffn_up.weight",
+                              "ffn_down.weight", "attn_q.bias",     "attn_k.bias",    "attn_v.bias"};
+    for (int k = 0; k < 12; k++) snprintf(n[k], sizeof n[k], "blk.%d.%s", i, suffix[k]);
+    int rc = load(c, n[0], 1, d, 0, false, &l->attn_norm);
+    if (!rc) rc = load(c, n[1], q, d, ph, false, &l->wq);
+    if (!rc) rc = load(c, n[2], kv, d, pkv, false, &l->wk);
+    if (!rc) rc = load(c, n[3], kv, d, 0, false, &l->wv);
+    if (!rc) rc = load(c, n[4], d, q, 0, false, &l->wo);
+    if (!rc) rc = load(c, n[5], 1, d, 0, false, &l->ffn_norm);
+    if (!rc) rc = load(c, n[6], cfg->d_ff, d, 0, false, &l->w_gate);
+    if (!rc) rc = load(c, n[7], cfg->d_ff, d, 0, false, &l->w_up);
+    if (!rc) rc = load(c, n[8], d, cfg->d_ff, 0, false, &l->w_down);
+    if (!rc && cfg->qkv_bias) rc = load(c, n[9], 1, q, ph, false, &l->bq);
+    if (!rc && cfg->qkv_bias) rc = load(c, n[10], 1, kv, pkv, false, &l->bk);
+    if (!rc && cfg->qkv_bias) rc = load(c, n[11], 1, kv, 0, false, &l->bv);
+    return rc;
+}
+
+/* Biases this model struct cannot hold (o_proj, MLP) are refused rather than silently dropped; a llama
+ * file with attn_q.bias (attention_bias) gets q/k/v biases. */
+static int check_biases(gctx *c) {
+    static const char *unsupported[] = {"attn_output.bias", "ffn_gate.bias", "ffn_up.bias", "ffn_down.bias"};
+    for (size_t k = 0; k < sizeof unsupported / sizeof unsupported[0]; k++) {
+        char name[64];
+        snprintf(name, sizeof name, "blk.0.%s", unsupported[k]);
+        if (ds_gguf_find_tensor(&c->g, name))
+            return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: tensor '%s': output/MLP biases are not supported", c->path,
+                              name);
+    }
+    if (ds_gguf_find_tensor(&c->g, "blk.0.attn_q.bias")) c->m->cfg.qkv_bias = true;
+    return 0;
+}
+
+/* inv_freq from theta; llama3-style files also carry rope_freqs.weight [hd/2], the per-frequency
+ * divisors convert_hf_to_gguf derived from rope_scaling: inv_freq[i] = base[i] / rope_freqs[i]. */
+static int load_rope(gctx *c) {
+    ds_model *m = c->m;
+    const int half = m->cfg.head_dim / 2;
+    float *freqs;
+    if (!(m->inv_freq = ds_model_alloc_floats(m, (size_t)half)))
+        return ds_err_set(c->err, DS_ENOMEM, "%s: out of memory", c->path);
+    ds_rope_inv_freq(&m->cfg, m->inv_freq);
+    int rc = load(c, "rope_freqs.weight", 1, half, 0, true, &freqs);
+    if (rc || !freqs) return rc;
+    m->n_params -= (size_t)half; /* not a weight */
+    for (int i = 0; i < half; i++) {
+        if (!(freqs[i] > 0))
+            return ds_err_set(c->err, DS_EFORMAT, "%s: rope_freqs.weight[%d] = %g is not positive", c->path, i, freqs[i]);
+        m->inv_freq[i] /= freqs[i];
+    }
+    return 0;
+}
+
+static int load_weights(gctx *c) {
+    ds_model *m = c->m;
+    const ds_model_config *cfg = &m->cfg;
+    int rc = check_biases(c);
+    if (rc) return rc;
+    c->n_expected = 2 + (size_t)cfg->n_layer * (cfg->qkv_bias ? 12 : 9) + 1;
+    if (!(m->layers = calloc((size_t)cfg->n_layer, sizeof *m->layers)))
+        return ds_err_set(c->err, DS_ENOMEM, "%s: out of memory", c->path);
+    if ((rc = load(c, "token_embd.weight", cfg->n_vocab, cfg->d_model, 0, false, &m->tok_embd))) return rc;
+    for (int i = 0; i < cfg->n_layer && !rc; i++) rc = load_layer(c, i);
+    if (!rc) rc = load(c, "output_norm.weight", 1, cfg->d_model, 0, false, &m->output_norm);
+    if (!rc) rc = load(c, "output.weight", cfg->n_vocab, cfg->d_model, 0, true, &m->output);
+    if (rc) return rc;
+    m->cfg.tied_embeddings = m->output == NULL;
+    if (!m->output) m->output = m->tok_embd;
+    return load_rope(c);
+}
+
+/* ---- tokenizer ---- */
+
+static int pre_type(gctx *c, ds_pre_type *pre) {
+    const char *s = "default";
+    int rc = ds_gguf_get_str(&c->g, "tokenizer.ggml.pre", &s, c->err);
+    if (rc && rc != DS_ENOTFOUND) return rc;
+    if (!strcmp(s, "smollm")) *pre = DS_PRE_SMOLLM;
+    else if (!strcmp(s, "llama-bpe") || !strcmp(s, "llama3") || !strcmp(s, "llama-v3")) *pre = DS_PRE_LLAMA3;
+    else if (!strcmp(s, "qwen2")) *pre = DS_PRE_QWEN2;
+    else if (!strcmp(s, "gpt-2") || !strcmp(s, "default")) *pre = DS_PRE_GPT2;
+    else
+        return ds_err_set(c->err, DS_EUNSUPPORTED,
+                          "%s: tokenizer pre-tokeniser '%s' is not supported (smollm, llama-bpe, qwen2, gpt-2)", c->path, s);
+    return 0;
+}
+
+/* An optional special-token id: absent → -1; present must index the vocabulary. */
+static int token_id(gctx *c, const char *key, int32_t n_tokens, int32_t *out) {
+    uint32_t v;
+    *out = -1;
+    int rc = ds_gguf_get_u32(&c->g, key, &v, c->err);
+    if (rc == DS_ENOTFOUND) return 0;
+    if (rc) return rc;
+    if (v >= (uint32_t)n_tokens)
+        return ds_err_set(c->err, DS_EFORMAT, "%s: %s = %u is outside the vocabulary (%d tokens)", c->path, key, v,
+                          n_tokens);
+    *out = (int32_t)v;
+    return 0;
+}
+
+static int fill_desc(gctx *c, ds_tokenizer_desc *d, size_t n_tok, size_t n_types) {
+    int rc = pre_type(c, &d->pre);
+    if (rc) return rc;
+    if (n_tok == 0 || n_tok > (size_t)c->m->cfg.n_vocab)
+        return ds_err_set(c->err, DS_EFORMAT, "%s: tokenizer has %zu tokens but the embedding has %d rows", c->path,
+                          n_tok, c->m->cfg.n_vocab);
+    if (d->token_types && n_types != n_tok)
+        return ds_err_set(c->err, DS_EFORMAT, "%s: tokenizer.ggml.token_type has %zu entries for %zu tokens", c->path,
+                          n_types, n_tok);
+    d->n_vocab = (int32_t)n_tok;
+    if ((rc = token_id(c, "tokenizer.ggml.bos_token_id", d->n_vocab, &d->bos_id))) return rc;
+    if ((rc = token_id(c, "tokenizer.ggml.eos_token_id", d->n_vocab, &d->eos_id))) return rc;
+    if ((rc = token_id(c, "tokenizer.ggml.eot_token_id", d->n_vocab, &d->eot_id))) return rc;
+    if ((rc = token_id(c, "tokenizer.ggml.padding_token_id", d->n_vocab, &d->pad_id))) return rc;
+    /* llama.cpp defaults: Llama-3 BPE adds BOS and ignores merges for in-vocab words; the file's
+     * add_bos_token / add_eos_token override. */
+    d->ignore_merges = d->pre == DS_PRE_LLAMA3;
+    d->add_bos = d->pre == DS_PRE_LLAMA3;
+    rc = ds_gguf_get_bool(&c->g, "tokenizer.ggml.add_bos_token", &d->add_bos, c->err);
+    if (rc && rc != DS_ENOTFOUND) return rc;
+    rc = ds_gguf_get_bool(&c->g, "tokenizer.ggml.add_eos_token", &d->add_eos, c->err);
+    return rc == DS_ENOTFOUND ? 0 : rc;
+}
+
+static int load_tokenizer(gctx *c) {
+    const char *model;
+    int rc = ds_gguf_get_str(&c->g, "tokenizer.ggml.model", &model, c->err);
+    if (rc == DS_ENOTFOUND) {
+        DS_LOGW("%s: no tokenizer in the file; text endpoints will be unavailable", c->path);
+        return 0;
+    }
+    if (rc) return rc;
+    if (strcmp(model, "gpt2"))
+        return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: tokenizer model '%s' is not supported (only byte-level BPE, 'gpt2')",
+                          c->path, model);
+    char **tokens = NULL, **merges = NULL;
+    int32_t *types = NULL;
+    size_t n_tok = 0, n_merges = 0, n_types = 0;
+    ds_tokenizer_desc d = {0};
+    rc = ds_gguf_get_str_array(&c->g, "tokenizer.ggml.tokens", &tokens, &n_tok, c->err);
+    if (!rc) rc = ds_gguf_get_str_array(&c->g, "tokenizer.ggml.merges", &merges, &n_merges, c->err);
+    if (!rc) rc = ds_gguf_get_i32_array(&c->g, "tokenizer.ggml.token_type", &types, &n_types, c->err);
+    if (rc == DS_ENOTFOUND && tokens && merges) rc = 0; /* token_type is optional */
+    if (!rc && n_merges > INT32_MAX) rc = ds_err_set(c->err, DS_EFORMAT, "%s: too many merges", c->path);
+    d.tokens = (const char *const *)tokens;
+    d.token_types = types;
+    d.merges = (const char *const *)merges;
+    d.n_merges = (int32_t)n_merges;
+    if (!rc) rc = fill_desc(c, &d, n_tok, n_types);
+    if (!rc) {
+        ds_err e = {{0}};
+        if (!(c->m->tok = ds_tokenizer_create(&d, &e)))
+            rc = ds_err_set(c->err, DS_EFORMAT, "%s: tokenizer: %s", c->path, e.msg);
+    }
+    free(tokens);
+    free(merges);
+    free(types);
+    return rc;
+}
+
+static int load_chat_template(gctx *c) {
+    const char *tmpl;
+    int rc = ds_gguf_get_str(&c->g, "tokenizer.chat_template", &tmpl, c->err);
+    if (rc == DS_ENOTFOUND) return 0;
+    if (rc) return rc;
+    if (!(c->m->chat_template = strdup(tmpl))) return ds_err_set(c->err, DS_ENOMEM, "%s: out of memory", c->path);
+    return 0;
+}
+
+/* ---- entry point ---- */
+
+static void log_summary(gctx *c) {
+    char mix[256] = "";
+    size_t o = 0;
+    for (size_t t = 0; t < sizeof c->type_count / sizeof c->type_count[0]; t++)
+        if (c->type_count[t] && o < sizeof mix)
+            o += (size_t)snprintf(mix + o, sizeof mix - o, "%s%s x%zu", o ? ", " : "", ds_ggml_type_name((uint32_t)t),
+                                  c->type_count[t]);
+    size_t unused = 0;
+    const char *first = NULL;
+    for (size_t i = 0; i < c->g.n_tensors; i++)
+        if (!c->used[i] && !unused++) first = c->g.tensors[i].name;
+    if (unused) DS_LOGW("%s: %zu tensors not used (first: '%s')", c->path, unused, first);
+    if (c->verbose)
+        DS_LOGI("loaded %s: %s, %d layers, %.1fM params (%s), %s embeddings, %.2f s", c->path, c->m->cfg.arch_name,
+                c->m->cfg.n_layer, (double)c->m->n_params / 1e6, mix, c->m->cfg.tied_embeddings ? "tied" : "untied",
+                ds_time_s() - c->t0);
+}
+
+static int load_all(gctx *c, const ds_model_params *p) {
+    int rc = ds_gguf_open(&c->g, c->path, c->err);
+    if (rc) return rc;
+    if (!(c->used = calloc(c->g.n_tensors ? c->g.n_tensors : 1, sizeof *c->used)))
+        return ds_err_set(c->err, DS_ENOMEM, "%s: out of memory", c->path);
+    if (!(c->m->source_path = strdup(c->path))) return ds_err_set(c->err, DS_ENOMEM, "%s: out of memory", c->path);
+    if ((rc = read_config(c)) || (rc = load_weights(c))) return rc;
+    if (p->load_tokenizer && (rc = load_tokenizer(c))) return rc;
+    if ((rc = load_chat_template(c))) return rc;
+    if ((rc = ds_model_check_complete(c->m, c->err))) return rc;
+    log_summary(c);
+    return 0;
+}
+
+ds_model *ds_model_load_gguf(const char *path, const ds_model_params *params, ds_err *err) {
+    ds_model_params def = ds_model_default_params();
+    const ds_model_params *p = params ? params : &def;
+    gctx c = {.path = path, .err = err, .verbose = p->verbose, .t0 = ds_time_s()};
+    if (!path) {
+        ds_err_set(err, DS_EINVAL, "ds_model_load_gguf: no path");
+        return NULL;
+    }
+    if (!(c.m = ds_model_new())) {
+        ds_err_set(err, DS_ENOMEM, "%s: out of memory", path);
+        return NULL;
+    }
+    int rc = load_all(&c, p);
+    free(c.used);
+    ds_gguf_close(&c.g);
+    if (rc) {
+        ds_model_free(c.m);
+        return NULL;
+    }
+    return c.m;
+}

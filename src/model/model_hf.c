@@ -1,0 +1,325 @@
+/* Base model from a Hugging Face directory: config.json, model.safetensors (or an index + shards),
+ * tokenizer.json + tokenizer_config.json. Weights are read by their HF names and converted to fp32. */
+#include "ds/model.h"
+#include "model/safetensors.h"
+
+#include <cjson/cJSON.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+typedef struct {
+    ds_st_set set;
+    ds_model *m;
+    const char *dir;
+    char cfg_path[PATH_MAX];
+    ds_err *err;
+    bool verbose;
+    size_t n_loaded, n_expected;
+    double t0;
+} hctx;
+
+static bool exists(const char *path) {
+    struct stat st;
+    return stat(path, &st) == 0 && S_ISREG(st.st_mode);
+}
+
+static int join(char *buf, size_t cap, const char *dir, const char *name, ds_err *err) {
+    int n = snprintf(buf, cap, "%s/%s", dir, name);
+    return n > 0 && (size_t)n < cap ? 0 : ds_err_set(err, DS_EINVAL, "%s: path too long", dir);
+}
+
+/* ---- config.json ---- */
+
+static const cJSON *field(const cJSON *o, const char *key) {
+    const cJSON *j = cJSON_GetObjectItemCaseSensitive(o, key);
+    return cJSON_IsNull(j) ? NULL : j; /* HF writes null for "use the default" */
+}
+
+/* Optional integer field (absent/null keeps *out); required ones fail by name when absent. */
+static int get_int(hctx *c, const cJSON *o, const char *key, int32_t *out, bool required) {
+    const cJSON *j = field(o, key);
+    if (!j) return required ? ds_err_set(c->err, DS_EFORMAT, "%s: \"%s\" is missing", c->cfg_path, key) : 0;
+    double d = cJSON_IsNumber(j) ? j->valuedouble : -1;
+    if (!(d >= 0 && d <= INT32_MAX) || d != (double)(int32_t)d)
+        return ds_err_set(c->err, DS_EFORMAT, "%s: \"%s\" must be a non-negative integer", c->cfg_path, key);
+    *out = (int32_t)d;
+    return 0;
+}
+
+static int get_float(hctx *c, const cJSON *o, const char *key, float *out, bool required) {
+    const cJSON *j = field(o, key);
+    if (!j) return required ? ds_err_set(c->err, DS_EFORMAT, "%s: \"%s\" is missing", c->cfg_path, key) : 0;
+    if (!cJSON_IsNumber(j)) return ds_err_set(c->err, DS_EFORMAT, "%s: \"%s\" must be a number", c->cfg_path, key);
+    *out = (float)j->valuedouble;
+    return 0;
+}
+
+static int get_bool(hctx *c, const cJSON *o, const char *key, bool *out) {
+    const cJSON *j = field(o, key);
+    if (!j) return 0;
+    if (!cJSON_IsBool(j)) return ds_err_set(c->err, DS_EFORMAT, "%s: \"%s\" must be true or false", c->cfg_path, key);
+    *out = cJSON_IsTrue(j);
+    return 0;
+}
+
+static const char *get_str(const cJSON *o, const char *key) {
+    const cJSON *j = field(o, key);
+    return cJSON_IsString(j) ? j->valuestring : NULL;
+}
+
+static int parse_arch(hctx *c, const cJSON *root, ds_model_config *cfg) {
+    const char *mt = get_str(root, "model_type"), *act = get_str(root, "hidden_act"), *name;
+    if (!mt) return ds_err_set(c->err, DS_EFORMAT, "%s: \"model_type\" is missing", c->cfg_path);
+    if (!strcmp(mt, "llama")) cfg->arch = DS_ARCH_LLAMA, cfg->max_ctx = 2048;
+    else if (!strcmp(mt, "mistral")) cfg->arch = DS_ARCH_MISTRAL, cfg->max_ctx = 131072;
+    else if (!strcmp(mt, "qwen2")) cfg->arch = DS_ARCH_QWEN2, cfg->max_ctx = 32768;
+    else
+        return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: model_type '%s' is not supported (llama, mistral, qwen2)",
+                          c->cfg_path, mt);
+    snprintf(cfg->arch_name, sizeof cfg->arch_name, "%s", mt);
+    if ((name = get_str(root, "_name_or_path"))) snprintf(cfg->name, sizeof cfg->name, "%s", name);
+    if (act && strcmp(act, "silu"))
+        return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: hidden_act '%s' is not supported (silu)", c->cfg_path, act);
+    bool attn_bias = false, mlp_bias = false;
+    int rc = get_bool(c, root, "attention_bias", &attn_bias);
+    if (!rc) rc = get_bool(c, root, "mlp_bias", &mlp_bias);
+    if (rc) return rc;
+    /* Llama's attention_bias also puts a bias on o_proj, which ds_layer_weights has no slot for. */
+    if ((attn_bias && cfg->arch != DS_ARCH_QWEN2) || mlp_bias)
+        return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: %s = true is not supported", c->cfg_path,
+                          mlp_bias ? "mlp_bias" : "attention_bias");
+    cfg->qkv_bias = cfg->arch == DS_ARCH_QWEN2; /* Qwen2 always has q/k/v bias, never o_proj bias */
+    return 0;
+}
+
+/* RoPE: transformers >= 5 writes "rope_parameters" {rope_type, rope_theta, ...}; older configs write
+ * "rope_theta" and "rope_scaling" {rope_type | type, ...}. Only default and llama3 are supported. */
+static int parse_rope(hctx *c, const cJSON *root, ds_model_config *cfg) {
+    const cJSON *rp = field(root, "rope_parameters"), *rs = rp ? rp : field(root, "rope_scaling");
+    if (rs && !cJSON_IsObject(rs))
+        return ds_err_set(c->err, DS_EFORMAT, "%s: \"%s\" must be an object", c->cfg_path, rp ? "rope_parameters" : "rope_scaling");
+    cfg->rope_theta = 10000.0f;
+    int rc = get_float(c, root, "rope_theta", &cfg->rope_theta, false);
+    if (!rc && rp) rc = get_float(c, rp, "rope_theta", &cfg->rope_theta, false);
+    float partial = 1.0f;
+    if (!rc) rc = get_float(c, root, "partial_rotary_factor", &partial, false);
+    if (!rc && rp) rc = get_float(c, rp, "partial_rotary_factor", &partial, false);
+    if (rc) return rc;
+    if (partial != 1.0f)
+        return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: partial_rotary_factor %g is not supported", c->cfg_path, partial);
+    const char *type = rs ? get_str(rs, "rope_type") : NULL;
+    if (rs && !type) type = get_str(rs, "type");
+    if (!type || !strcmp(type, "default")) return 0;
+    if (strcmp(type, "llama3"))
+        return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: RoPE scaling type '%s' is not supported (default, llama3)",
+                          c->cfg_path, type);
+    cfg->rope_scaling = DS_ROPE_SCALING_LLAMA3;
+    cfg->rope_orig_ctx = cfg->max_ctx; /* transformers' fallback when the field is absent */
+    rc = get_float(c, rs, "factor", &cfg->rope_factor, true);
+    if (!rc) rc = get_float(c, rs, "low_freq_factor", &cfg->rope_low_freq_factor, true);
+    if (!rc) rc = get_float(c, rs, "high_freq_factor", &cfg->rope_high_freq_factor, true);
+    if (!rc) rc = get_int(c, rs, "original_max_position_embeddings", &cfg->rope_orig_ctx, false);
+    return rc;
+}
+
+/* Sliding-window attention only changes the math past the window; warn rather than refuse. */
+static void warn_sliding(hctx *c, const cJSON *root, const ds_model_config *cfg) {
+    const cJSON *sw = field(root, "sliding_window");
+    bool use = cfg->arch == DS_ARCH_MISTRAL;
+    if (cfg->arch == DS_ARCH_QWEN2) get_bool(c, root, "use_sliding_window", &use);
+    if (use && cJSON_IsNumber(sw) && sw->valuedouble < cfg->max_ctx)
+        DS_LOGW("%s: sliding_window %g is ignored: attention is full-context", c->cfg_path, sw->valuedouble);
+}
+
+static int parse_config(hctx *c, const cJSON *root) {
+    ds_model_config *cfg = &c->m->cfg;
+    if (!cJSON_IsObject(root)) return ds_err_set(c->err, DS_EFORMAT, "%s: not a JSON object", c->cfg_path);
+    int rc = parse_arch(c, root, cfg);
+    cfg->rms_eps = 1e-6f;
+    if (!rc) rc = get_int(c, root, "hidden_size", &cfg->d_model, true);
+    if (!rc) rc = get_int(c, root, "intermediate_size", &cfg->d_ff, true);
+    if (!rc) rc = get_int(c, root, "num_hidden_layers", &cfg->n_layer, true);
+    if (!rc) rc = get_int(c, root, "num_attention_heads", &cfg->n_head, true);
+    if (!rc) rc = get_int(c, root, "num_key_value_heads", &cfg->n_kv_head, false);
+    if (!rc) rc = get_int(c, root, "head_dim", &cfg->head_dim, false);
+    if (!rc) rc = get_int(c, root, "vocab_size", &cfg->n_vocab, true);
+    if (!rc) rc = get_int(c, root, "max_position_embeddings", &cfg->max_ctx, false);
+    if (!rc) rc = get_float(c, root, "rms_norm_eps", &cfg->rms_eps, false);
+    if (!rc) rc = get_bool(c, root, "tie_word_embeddings", &cfg->tied_embeddings);
+    if (!rc) rc = parse_rope(c, root, cfg);
+    if (!rc) rc = ds_model_config_validate(cfg, c->cfg_path, c->err);
+    if (!rc) warn_sliding(c, root, cfg);
+    return rc;
+}
+
+static int read_config(hctx *c) {
+    char *text = NULL;
+    int rc = join(c->cfg_path, sizeof c->cfg_path, c->dir, "config.json", c->err);
+    if (!rc) rc = ds_file_read_all(c->cfg_path, 16u << 20, &text, NULL, c->err);
+    if (rc) return rc;
+    cJSON *root = cJSON_Parse(text);
+    free(text);
+    rc = root ? parse_config(c, root) : ds_err_set(c->err, DS_EFORMAT, "%s: not valid JSON", c->cfg_path);
+    cJSON_Delete(root);
+    return rc;
+}
+
+/* ---- weights ---- */
+
+/* Loads `name` with torch shape [rows][cols] (rows == 0: a vector [cols]). */
+static int load(hctx *c, const char *name, int64_t rows, int64_t cols, bool optional, float **dst) {
+    const ds_st_file *f;
+    const ds_st_tensor *t = ds_st_set_find(&c->set, name, &f);
+    *dst = NULL;
+    if (!t) return optional ? 0 : ds_err_set(c->err, DS_EFORMAT, "%s: missing tensor '%s'", c->dir, name);
+    const int64_t shape[2] = {rows ? rows : cols, cols};
+    const int nd = rows ? 2 : 1;
+    int rc = ds_st_check_shape(t, f->path, shape, nd, c->err);
+    if (rc) return rc;
+    /* The shape matched a tensor whose bytes lie inside the file: the allocation is bounded by it. */
+    size_t n = (size_t)t->n_elems;
+    float *p = ds_model_alloc_floats(c->m, n);
+    if (!p) return ds_err_set(c->err, DS_ENOMEM, "%s: out of memory for tensor '%s'", c->dir, name);
+    if ((rc = ds_st_read_f32(t, f->path, shape, nd, p, n, c->err))) return rc;
+    *dst = p;
+    c->m->n_params += n;
+    c->n_loaded++;
+    size_t q_prev = (c->n_loaded - 1) * 4 / c->n_expected, q = c->n_loaded * 4 / c->n_expected;
+    if (c->verbose && q != q_prev && q < 4)
+        DS_LOGI("loading %s: %zu%% (%zu/%zu tensors, %.1f s)", c->dir, q * 25, c->n_loaded, c->n_expected,
+                ds_time_s() - c->t0);
+    return 0;
+}
+
+static int load_layer(hctx *c, int i) {
+    const ds_model_config *cfg = &c->m->cfg;
+    ds_layer_weights *l = &c->m->layers[i];
+    const int64_t d = cfg->d_model, q = (int64_t)cfg->n_head * cfg->head_dim, kv = (int64_t)cfg->n_kv_head * cfg->head_dim;
+    static const char *suffix[12] = {
+        "input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+        "self_attn.o_proj.weight", "post_attention_layernorm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
+        "mlp.down_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"};
+    char n[12][128];
+    for (int k = 0; k < 12; k++) snprintf(n[k], sizeof n[k], "model.layers.%d.%s", i, suffix[k]);
+    int rc = load(c, n[0], 0, d, false, &l->attn_norm);
+    if (!rc) rc = load(c, n[1], q, d, false, &l->wq);
+    if (!rc) rc = load(c, n[2], kv, d, false, &l->wk);
+    if (!rc) rc = load(c, n[3], kv, d, false, &l->wv);
+    if (!rc) rc = load(c, n[4], d, q, false, &l->wo);
+    if (!rc) rc = load(c, n[5], 0, d, false, &l->ffn_norm);
+    if (!rc) rc = load(c, n[6], cfg->d_ff, d, false, &l->w_gate);
+    if (!rc) rc = load(c, n[7], cfg->d_ff, d, false, &l->w_up);
+    if (!rc) rc = load(c, n[8], d, cfg->d_ff, false, &l->w_down);
+    if (!rc && cfg->qkv_bias) rc = load(c, n[9], 0, q, false, &l->bq);
+    if (!rc && cfg->qkv_bias) rc = load(c, n[10], 0, kv, false, &l->bk);
+    if (!rc && cfg->qkv_bias) rc = load(c, n[11], 0, kv, false, &l->bv);
+    return rc;
+}
+
+static int load_weights(hctx *c) {
+    ds_model *m = c->m;
+    const ds_model_config *cfg = &m->cfg;
+    int rc = ds_st_set_open_dir(&c->set, c->dir, c->err);
+    if (rc) return rc;
+    c->n_expected = 2 + (size_t)cfg->n_layer * (cfg->qkv_bias ? 12 : 9) + !cfg->tied_embeddings;
+    if (!(m->layers = calloc((size_t)cfg->n_layer, sizeof *m->layers)))
+        return ds_err_set(c->err, DS_ENOMEM, "%s: out of memory", c->dir);
+    rc = load(c, "model.embed_tokens.weight", cfg->n_vocab, cfg->d_model, false, &m->tok_embd);
+    for (int i = 0; i < cfg->n_layer && !rc; i++) rc = load_layer(c, i);
+    if (!rc) rc = load(c, "model.norm.weight", 0, cfg->d_model, false, &m->output_norm);
+    if (!rc && !cfg->tied_embeddings) rc = load(c, "lm_head.weight", cfg->n_vocab, cfg->d_model, false, &m->output);
+    if (rc) return rc;
+    if (cfg->tied_embeddings) m->output = m->tok_embd;
+    if (c->n_loaded < c->set.n_entries)
+        DS_LOGW("%s: %zu tensors in the safetensors were not used", c->dir, c->set.n_entries - c->n_loaded);
+    if (!(m->inv_freq = ds_model_alloc_floats(m, (size_t)cfg->head_dim / 2)))
+        return ds_err_set(c->err, DS_ENOMEM, "%s: out of memory", c->dir);
+    ds_rope_inv_freq(cfg, m->inv_freq);
+    return 0;
+}
+
+/* ---- tokenizer and chat template ---- */
+
+/* chat_template from tokenizer_config.json (a string, or a list of {name, template} where "default"
+ * wins), else the chat_template.jinja file newer transformers write. Absent → NULL, not an error. */
+static int template_from_config(hctx *c, const char *path) {
+    char *text = NULL;
+    int rc = ds_file_read_all(path, 64u << 20, &text, NULL, c->err);
+    if (rc) return rc;
+    cJSON *root = cJSON_Parse(text);
+    free(text);
+    if (!cJSON_IsObject(root)) {
+        cJSON_Delete(root);
+        return ds_err_set(c->err, DS_EFORMAT, "%s: not a JSON object", path);
+    }
+    const cJSON *t = field(root, "chat_template"), *pick = cJSON_IsString(t) ? t : NULL;
+    for (const cJSON *it = cJSON_IsArray(t) ? t->child : NULL; it; it = it->next) {
+        const char *name = get_str(it, "name");
+        const cJSON *tt = field(it, "template");
+        if (cJSON_IsString(tt) && (!pick || (name && !strcmp(name, "default")))) pick = tt;
+    }
+    if (pick && !(c->m->chat_template = strdup(pick->valuestring))) rc = ds_err_set(c->err, DS_ENOMEM, "out of memory");
+    cJSON_Delete(root);
+    return rc;
+}
+
+static int load_tokenizer(hctx *c, bool want_tok) {
+    char tj[PATH_MAX], tc[PATH_MAX], jinja[PATH_MAX];
+    int rc = join(tj, sizeof tj, c->dir, "tokenizer.json", c->err);
+    if (!rc) rc = join(tc, sizeof tc, c->dir, "tokenizer_config.json", c->err);
+    if (!rc) rc = join(jinja, sizeof jinja, c->dir, "chat_template.jinja", c->err);
+    if (rc) return rc;
+    const bool have_tc = exists(tc);
+    if (have_tc && (rc = template_from_config(c, tc))) return rc;
+    if (!c->m->chat_template && exists(jinja) &&
+        (rc = ds_file_read_all(jinja, 16u << 20, &c->m->chat_template, NULL, c->err)))
+        return rc;
+    if (!want_tok) return 0;
+    if (!exists(tj)) {
+        DS_LOGW("%s: no tokenizer.json; text endpoints will be unavailable", c->dir);
+        return 0;
+    }
+    ds_err e = {{0}};
+    if (!(c->m->tok = ds_tokenizer_load_json(tj, have_tc ? tc : NULL, &e)))
+        return ds_err_set(c->err, DS_EFORMAT, "%s", e.msg[0] ? e.msg : "tokenizer.json: cannot load");
+    return 0;
+}
+
+/* ---- entry point ---- */
+
+static int load_all(hctx *c, const ds_model_params *p) {
+    if (!(c->m->source_path = strdup(c->dir))) return ds_err_set(c->err, DS_ENOMEM, "out of memory");
+    int rc = read_config(c);
+    if (!rc) rc = load_weights(c);
+    if (!rc) rc = load_tokenizer(c, p->load_tokenizer);
+    if (!rc) rc = ds_model_check_complete(c->m, c->err);
+    if (!rc && c->verbose)
+        DS_LOGI("loaded %s: %s, %d layers, %.1fM params, %zu safetensors file(s), %s embeddings, %.2f s", c->dir,
+                c->m->cfg.arch_name, c->m->cfg.n_layer, (double)c->m->n_params / 1e6, c->set.n_files,
+                c->m->cfg.tied_embeddings ? "tied" : "untied", ds_time_s() - c->t0);
+    return rc;
+}
+
+ds_model *ds_model_load_hf_dir(const char *dir, const ds_model_params *params, ds_err *err) {
+    ds_model_params def = ds_model_default_params();
+    const ds_model_params *p = params ? params : &def;
+    if (!dir) {
+        ds_err_set(err, DS_EINVAL, "ds_model_load_hf_dir: no path");
+        return NULL;
+    }
+    hctx c = {.dir = dir, .err = err, .verbose = p->verbose, .t0 = ds_time_s()};
+    if (!(c.m = ds_model_new())) {
+        ds_err_set(err, DS_ENOMEM, "%s: out of memory", dir);
+        return NULL;
+    }
+    int rc = load_all(&c, p);
+    ds_st_set_close(&c.set);
+    if (rc) {
+        ds_model_free(c.m);
+        return NULL;
+    }
+    return c.m;
+}

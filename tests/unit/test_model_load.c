@@ -1,0 +1,305 @@
+/* Model loaders: the HF and GGUF forms of the tiny golden models agree weight for weight (proves the
+ * Q/K unpermute and tied handling), RoPE frequencies match transformers, and broken HF directories
+ * fail by name. */
+#include "ds/model.h"
+#include "ds_test.h"
+
+#include <cjson/cJSON.h>
+#include <limits.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+static ds_model_params quiet(bool tok) {
+    ds_model_params p = ds_model_default_params();
+    p.verbose = false;
+    p.load_tokenizer = tok;
+    return p;
+}
+
+/* ---- HF vs GGUF ---- */
+
+/* Compares n floats; exact (tol 0) for F32 GGUFs, normalised MSE for quantised ones. */
+static void cmp(const char *what, const float *a, const float *b, size_t n, double nmse_tol) {
+    if (!a || !b) {
+        CHECK_MSG(a == b, "%s: present in one form only", what);
+        return;
+    }
+    double err = 0, ref = 0, mx = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = (double)a[i] - b[i];
+        err += d * d;
+        ref += (double)a[i] * a[i];
+        if (!(fabs(d) <= mx)) mx = fabs(d);
+    }
+    if (nmse_tol == 0) CHECK_MSG(mx == 0, "%s: max |diff| %g", what, mx);
+    else CHECK_MSG(err <= nmse_tol * ref, "%s: nmse %g", what, err / (ref > 0 ? ref : 1));
+}
+
+static void cmp_models(const ds_model *h, const ds_model *g, double tol) {
+    const ds_model_config *a = &h->cfg, *b = &g->cfg;
+    CHECK(a->arch == b->arch && a->n_vocab == b->n_vocab && a->d_model == b->d_model && a->n_layer == b->n_layer);
+    CHECK(a->n_head == b->n_head && a->n_kv_head == b->n_kv_head && a->head_dim == b->head_dim && a->d_ff == b->d_ff);
+    CHECK(a->max_ctx == b->max_ctx && a->rms_eps == b->rms_eps && a->rope_theta == b->rope_theta);
+    CHECK(a->qkv_bias == b->qkv_bias && a->tied_embeddings == b->tied_embeddings);
+    CHECK((h->output == h->tok_embd) == a->tied_embeddings && (g->output == g->tok_embd) == b->tied_embeddings);
+    const size_t d = (size_t)a->d_model, q = (size_t)a->n_head * a->head_dim, kv = (size_t)a->n_kv_head * a->head_dim;
+    const size_t ff = (size_t)a->d_ff, v = (size_t)a->n_vocab;
+    cmp("tok_embd", h->tok_embd, g->tok_embd, v * d, tol);
+    cmp("output", h->output, g->output, v * d, tol);
+    cmp("output_norm", h->output_norm, g->output_norm, d, 0);
+    for (int l = 0; l < a->n_layer; l++) {
+        const ds_layer_weights *x = &h->layers[l], *y = &g->layers[l];
+        cmp("attn_norm", x->attn_norm, y->attn_norm, d, 0);
+        cmp("wq", x->wq, y->wq, q * d, tol);
+        cmp("wk", x->wk, y->wk, kv * d, tol);
+        cmp("wv", x->wv, y->wv, kv * d, tol);
+        cmp("bq", x->bq, y->bq, q, 0);
+        cmp("bk", x->bk, y->bk, kv, 0);
+        cmp("bv", x->bv, y->bv, kv, 0);
+        cmp("wo", x->wo, y->wo, d * q, tol);
+        cmp("ffn_norm", x->ffn_norm, y->ffn_norm, d, 0);
+        cmp("w_gate", x->w_gate, y->w_gate, ff * d, tol);
+        cmp("w_up", x->w_up, y->w_up, ff * d, tol);
+        cmp("w_down", x->w_down, y->w_down, d * ff, tol);
+    }
+    /* GGUF llama3 carries rope_freqs divisors computed in float64 by the converter: ~1 ulp apart. */
+    for (int i = 0; i < a->head_dim / 2; i++)
+        CHECK_MSG(fabs(h->inv_freq[i] - g->inv_freq[i]) <= 1e-6 * h->inv_freq[i], "inv_freq[%d] %g vs %g", i,
+                  h->inv_freq[i], g->inv_freq[i]);
+}
+
+static void test_pair(const char *name, const char *gguf_file, double tol) {
+    char dir[PATH_MAX / 2], gg[PATH_MAX];
+    snprintf(dir, sizeof dir, "%s/models/%s", DS_TEST_DATA, name);
+    snprintf(gg, sizeof gg, "%s/%s", dir, gguf_file);
+    if (access(dir, R_OK) || access(gg, R_OK)) {
+        printf("SKIP (part): %s absent; tests/golden/gen_models.py writes it\n", gg);
+        return;
+    }
+    ds_model_params p = quiet(true);
+    ds_err e1 = {{0}}, e2 = {{0}};
+    ds_model *h = ds_model_load(dir, &p, &e1), *g = ds_model_load(gg, &p, &e2);
+    CHECK_MSG(h, "%s: %s", name, e1.msg);
+    CHECK_MSG(g, "%s: %s", name, e2.msg);
+    if (h && g) {
+        printf("%s: HF and %s agree? checking %zu params\n", name, gguf_file, h->n_params);
+        cmp_models(h, g, tol);
+        CHECK_EQ_INT(h->n_params, g->n_params);
+    }
+    ds_model_free(h);
+    ds_model_free(g);
+}
+
+/* ---- RoPE against transformers (tests/data/quant/rope.json) ---- */
+
+static void test_rope_golden(void) {
+    char *text = NULL;
+    ds_err err;
+    CHECK_MSG(ds_file_read_all(DS_TEST_DATA "/quant/rope.json", 1 << 20, &text, NULL, &err) == 0,
+              "rope.json missing: run tests/golden/gen_quant_golden.py");
+    cJSON *j = cJSON_Parse(text);
+    free(text);
+    const cJSON *c;
+    int n_cases = 0, exact = 0, total = 0;
+    cJSON_ArrayForEach(c, cJSON_GetObjectItem(j, "cases")) {
+        ds_model_config cfg = {0};
+        cfg.head_dim = (int)cJSON_GetObjectItem(c, "head_dim")->valuedouble;
+        cfg.rope_theta = (float)cJSON_GetObjectItem(c, "theta")->valuedouble;
+        const cJSON *s = cJSON_GetObjectItem(c, "scaling");
+        if (cJSON_IsObject(s)) {
+            cfg.rope_scaling = DS_ROPE_SCALING_LLAMA3;
+            cfg.rope_factor = (float)cJSON_GetObjectItem(s, "factor")->valuedouble;
+            cfg.rope_low_freq_factor = (float)cJSON_GetObjectItem(s, "low_freq_factor")->valuedouble;
+            cfg.rope_high_freq_factor = (float)cJSON_GetObjectItem(s, "high_freq_factor")->valuedouble;
+            cfg.rope_orig_ctx = (int)cJSON_GetObjectItem(s, "original_max_position_embeddings")->valuedouble;
+        }
+        float inv[512];
+        ds_rope_inv_freq(&cfg, inv);
+        int i = 0;
+        const cJSON *v;
+        cJSON_ArrayForEach(v, cJSON_GetObjectItem(c, "inv_freq")) {
+            /* torch's vectorised pow may differ from a correctly rounded one by an ulp. */
+            CHECK_MSG(fabs(inv[i] - v->valuedouble) <= 2.5e-7 * v->valuedouble, "case %d [%d]: %.9g vs %.9g", n_cases, i,
+                      inv[i], v->valuedouble);
+            exact += inv[i] == (float)v->valuedouble;
+            total++;
+            i++;
+        }
+        CHECK_EQ_INT(i, cfg.head_dim / 2);
+        n_cases++;
+    }
+    printf("rope: %d/%d inv_freq values bit-identical to transformers\n", exact, total);
+    CHECK(n_cases == 4 && exact >= total - 4);
+    cJSON_Delete(j);
+}
+
+/* ---- a synthetic HF directory ---- */
+
+enum { L = 2, D = 32, H = 4, KV = 2, FF = 64, V = 48 };
+
+typedef struct {
+    char name[96];
+    int rows, cols; /* rows 0: vector */
+} hf_t;
+
+/* Writes config.json (`extra` goes first, so it wins over the defaults after it: cJSON returns the first
+ * of duplicate keys) and model.safetensors holding every
+ * tensor but `omit` (BF16 for q_proj weights to exercise conversion). */
+static void write_hf(const char *dir, const char *model_type, const char *extra, const char *omit, bool tied) {
+    char path[PATH_MAX], cfg[1024];
+    snprintf(cfg, sizeof cfg,
+             "{\"model_type\":\"%s\"%s,\"hidden_size\":%d,\"intermediate_size\":%d,\"num_hidden_layers\":%d,"
+             "\"num_attention_heads\":%d,\"num_key_value_heads\":%d,\"vocab_size\":%d,\"rms_norm_eps\":1e-5,"
+             "\"tie_word_embeddings\":%s,\"head_dim\":null,\"rope_scaling\":null}",
+             model_type, extra, D, FF, L, H, KV, V, tied ? "true" : "false");
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    FILE *fp = fopen(path, "w");
+    fputs(cfg, fp);
+    fclose(fp);
+    hf_t t[64];
+    int n = 0;
+    const bool bias = !strcmp(model_type, "qwen2");
+    snprintf(t[n].name, 96, "model.embed_tokens.weight"), t[n].rows = V, t[n++].cols = D;
+    snprintf(t[n].name, 96, "model.norm.weight"), t[n].rows = 0, t[n++].cols = D;
+    if (!tied) snprintf(t[n].name, 96, "lm_head.weight"), t[n].rows = V, t[n++].cols = D;
+    for (int l = 0; l < L; l++) {
+        const char *s[] = {"input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                           "self_attn.v_proj.weight", "self_attn.o_proj.weight", "post_attention_layernorm.weight",
+                           "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
+                           "self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"};
+        const int r[] = {0, D, KV * D / H, KV * D / H, D, 0, FF, FF, D, 0, 0, 0};
+        const int c[] = {D, D, D, D, D, D, D, D, FF, D, KV * D / H, KV * D / H};
+        for (int k = 0; k < (bias ? 12 : 9); k++)
+            snprintf(t[n].name, 96, "model.layers.%d.%s", l, s[k]), t[n].rows = r[k], t[n++].cols = c[k];
+    }
+    char *hdr = malloc(16384);
+    size_t hn = 0, off = 0;
+    uint8_t *data = malloc(1 << 20);
+    hn += (size_t)sprintf(hdr + hn, "{");
+    for (int i = 0; i < n; i++) {
+        if (omit && !strcmp(omit, t[i].name)) continue;
+        const bool bf = strstr(t[i].name, "q_proj.weight") != NULL;
+        size_t cnt = (size_t)(t[i].rows ? t[i].rows : 1) * t[i].cols, nb = cnt * (bf ? 2 : 4);
+        for (size_t j = 0; j < cnt; j++) {
+            float v = (float)((j * 7 + (size_t)i * 13) % 29) / 29.0f - 0.5f;
+            if (bf) {
+                uint16_t b = ds_f32_to_bf16(v);
+                memcpy(data + off + 2 * j, &b, 2);
+            } else {
+                memcpy(data + off + 4 * j, &v, 4);
+            }
+        }
+        if (t[i].rows)
+            hn += (size_t)sprintf(hdr + hn, "%s\"%s\":{\"dtype\":\"%s\",\"shape\":[%d,%d],\"data_offsets\":[%zu,%zu]}",
+                                  hn > 1 ? "," : "", t[i].name, bf ? "BF16" : "F32", t[i].rows, t[i].cols, off, off + nb);
+        else
+            hn += (size_t)sprintf(hdr + hn, "%s\"%s\":{\"dtype\":\"F32\",\"shape\":[%d],\"data_offsets\":[%zu,%zu]}",
+                                  hn > 1 ? "," : "", t[i].name, t[i].cols, off, off + nb);
+        off += nb;
+    }
+    hn += (size_t)sprintf(hdr + hn, "}");
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    fp = fopen(path, "wb");
+    uint64_t h64 = hn;
+    fwrite(&h64, 8, 1, fp), fwrite(hdr, 1, hn, fp), fwrite(data, 1, off, fp);
+    fclose(fp);
+    free(hdr);
+    free(data);
+}
+
+static void expect_hf_fail(const char *dir, const char *mt, const char *extra, const char *omit, const char *needle) {
+    write_hf(dir, mt, extra, omit, false);
+    ds_model_params p = quiet(true);
+    ds_err err = {{0}};
+    ds_model *m = ds_model_load(dir, &p, &err);
+    CHECK_MSG(!m && strstr(err.msg, needle) && strstr(err.msg, dir), "want '%s', got '%s'", needle, err.msg);
+    ds_model_free(m);
+}
+
+static void write_text(const char *dir, const char *name, const char *text) {
+    char path[PATH_MAX];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    FILE *fp = fopen(path, "w");
+    fputs(text, fp);
+    fclose(fp);
+}
+
+static void test_hf_dir(void) {
+    char dir[] = "/tmp/ds_test_hf_XXXXXX";
+    CHECK(mkdtemp(dir) != NULL);
+    ds_model_params p = quiet(true);
+    ds_err err = {{0}};
+    write_hf(dir, "qwen2", "", NULL, true);
+    write_text(dir, "tokenizer_config.json", "{\"chat_template\":[{\"name\":\"tool_use\",\"template\":\"T\"},"
+                                             "{\"name\":\"default\",\"template\":\"{{ messages }}\"}]}");
+    ds_model *m = ds_model_load(dir, &p, &err);
+    CHECK_MSG(m, "%s", err.msg);
+    if (m) {
+        CHECK(m->cfg.arch == DS_ARCH_QWEN2 && m->cfg.qkv_bias && m->cfg.tied_embeddings && m->output == m->tok_embd);
+        CHECK(m->cfg.head_dim == D / H && m->cfg.n_kv_head == KV && m->cfg.rope_theta == 10000.0f);
+        CHECK(m->tok == NULL && m->chat_template && !strcmp(m->chat_template, "{{ messages }}"));
+        CHECK(m->layers[1].bv != NULL && m->layers[0].wq[1] == ds_bf16_to_f32(ds_f32_to_bf16((float)((7 + 3 * 13) % 29) / 29.0f - 0.5f)));
+        CHECK_EQ_INT(ds_model_check_complete(m, &err), 0);
+    }
+    ds_model_free(m);
+    unlink(strcat(strcpy((char[PATH_MAX]){0}, dir), "/tokenizer_config.json"));
+    write_text(dir, "chat_template.jinja", "J");
+    write_hf(dir, "llama", ",\"rope_parameters\":{\"rope_type\":\"llama3\",\"rope_theta\":500000.0,\"factor\":8.0,"
+                           "\"low_freq_factor\":1.0,\"high_freq_factor\":4.0,\"original_max_position_embeddings\":64}",
+             NULL, false);
+    m = ds_model_load(dir, &p, &err);
+    CHECK_MSG(m, "%s", err.msg);
+    if (m) {
+        CHECK(m->cfg.rope_scaling == DS_ROPE_SCALING_LLAMA3 && m->cfg.rope_theta == 500000.0f && m->cfg.rope_orig_ctx == 64);
+        CHECK(!m->cfg.tied_embeddings && m->output != m->tok_embd && !m->cfg.qkv_bias);
+        CHECK(m->chat_template && !strcmp(m->chat_template, "J"));
+    }
+    ds_model_free(m);
+
+    expect_hf_fail(dir, "llama", "", "model.layers.1.mlp.up_proj.weight", "missing tensor 'model.layers.1.mlp.up_proj.weight'");
+    expect_hf_fail(dir, "llama", "", "lm_head.weight", "'lm_head.weight'");
+    expect_hf_fail(dir, "qwen2", "", "model.layers.0.self_attn.k_proj.bias", "k_proj.bias");
+    expect_hf_fail(dir, "gpt_neox", "", NULL, "model_type 'gpt_neox'");
+    expect_hf_fail(dir, "llama", ",\"rope_scaling\":{\"type\":\"yarn\",\"factor\":4.0}", NULL, "'yarn'");
+    expect_hf_fail(dir, "llama", ",\"attention_bias\":true", NULL, "attention_bias");
+    expect_hf_fail(dir, "llama", ",\"hidden_act\":\"gelu\"", NULL, "'gelu'");
+    expect_hf_fail(dir, "llama", ",\"num_key_value_heads\":3", NULL, "num_key_value_heads");
+    expect_hf_fail(dir, "llama", ",\"vocab_size\":49", NULL, "model.embed_tokens.weight' has shape [48, 32], expected [49, 32]");
+    expect_hf_fail(dir, "llama", ",\"hidden_size\":\"32\"", NULL, "hidden_size");
+    write_text(dir, "config.json", "{\"model_type\":");
+    CHECK(!ds_model_load(dir, &p, &err) && strstr(err.msg, "config.json"));
+    write_text(dir, "config.json", "{\"model_type\":\"llama\"}");
+    CHECK(!ds_model_load(dir, &p, &err) && strstr(err.msg, "hidden_size"));
+
+    /* With a real tokenizer.json when the tokenizer goldens are present. */
+    const char *tj = DS_TEST_DATA "/tokenizer/gpt2_tokenizer.json";
+    char *text = NULL;
+    if (ds_file_read_all(tj, 1 << 24, &text, NULL, &err) == 0) {
+        write_hf(dir, "llama", "", NULL, true);
+        write_text(dir, "tokenizer.json", text);
+        m = ds_model_load(dir, &p, &err);
+        CHECK_MSG(m && m->tok, "with tokenizer.json: %s", err.msg);
+        ds_model_free(m);
+        p.load_tokenizer = false;
+        m = ds_model_load(dir, &p, &err);
+        CHECK(m && !m->tok);
+        ds_model_free(m);
+        free(text);
+    }
+    char cmd[PATH_MAX + 16];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+    CHECK(system(cmd) == 0);
+    CHECK(!ds_model_load(DS_TEST_DATA "/quant/rope.json", &p, &err) && strstr(err.msg, "neither"));
+}
+
+int main(void) {
+    ds_log_set_level(DS_LOG_ERROR);
+    test_rope_golden();
+    test_hf_dir();
+    test_pair("tiny-llama", "model.gguf", 0);
+    test_pair("tiny-llama", "model-q8_0.gguf", 1e-3);
+    test_pair("tiny-qwen2", "model.gguf", 0);
+    test_pair("tiny-llama3", "model.gguf", 0);
+    return ds_test_result();
+}
