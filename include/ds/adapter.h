@@ -36,9 +36,10 @@ int ds_adapter_linear(const ds_adapter_batch *ad, ds_backend *b, int32_t layer, 
 /* Input embeddings of the step's tokens (ids are backend pointers), with soft-prompt rows. */
 int ds_adapter_embed(const ds_adapter_batch *ad, ds_backend *b, const ds_mat *tok_embd, const int32_t *ids,
                      float *out, int32_t n);
-/* logits[n][vocab] = x · outputᵀ (+ lm_head adapters). */
+/* logits[n][vocab] = x · outputᵀ (+ lm_head LoRA). Row r of x is batch token out_rows[r] (host
+ * array, ascending), which tells each row's adapter segment. */
 int ds_adapter_lm_head(const ds_adapter_batch *ad, ds_backend *b, const ds_mat *output, const float *x,
-                       float *logits, int32_t n);
+                       float *logits, int32_t n, const int32_t *out_rows);
 
 
 /* ---- Host-side adapters as loaded from disk (src/adapter/peft.c, gguf_lora.c). ---- */

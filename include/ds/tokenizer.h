@@ -48,11 +48,25 @@ typedef struct ds_tokenizer_desc {
  * matched before BPE when encoding with parse_special. */
 ds_tokenizer *ds_tokenizer_create(const ds_tokenizer_desc *desc, ds_err *err);
 
+/* Maps a GGUF `tokenizer.ggml.pre` name ("smollm", "llama-bpe", "qwen2", "gpt-2", ...; NULL or "" =
+ * "default" = GPT-2) to its family. Returns 0, or DS_EUNSUPPORTED for an unknown name. */
+int ds_tokenizer_pre_from_name(const char *name, ds_pre_type *out);
+
 /* Loads tokenizer.json (+ optional tokenizer_config.json for bos/eos/add_bos_token and
- * chat_template; config_path may be NULL). Returns NULL with a message naming the file. */
+ * chat_template; config_path may be NULL). Returns NULL with a message naming the file.
+ * Supported: model BPE (byte_fallback only when no byte can fall back), normalizer NFC or null,
+ * pre_tokenizer ByteLevel / Sequence[Digits, ByteLevel] / Sequence[Split(Llama-3|Qwen2 regex),
+ * ByteLevel], post_processor TemplateProcessing / ByteLevel / Sequence of those, decoder ByteLevel;
+ * anything else is refused by name. As transformers does, add_bos_token / add_eos_token in the
+ * config replace the post-processor's choice. The chat template is taken from the config, else from
+ * chat_template.jinja beside tokenizer.json. */
 ds_tokenizer *ds_tokenizer_load_json(const char *tokenizer_json_path, const char *config_path, ds_err *err);
 
 void ds_tokenizer_free(ds_tokenizer *t);
+
+/* The chat template loaded with the tokenizer (ds_tokenizer_load_json only), or NULL; valid while t
+ * lives. */
+const char *ds_tokenizer_chat_template(const ds_tokenizer *t);
 
 /* Encodes UTF-8 text. add_special: prepend BOS (and append EOS) as the model's config says.
  * parse_special: match added/special tokens in the text (e.g. "<|im_start|>"); otherwise they are
@@ -68,7 +82,10 @@ int ds_tokenizer_decode(const ds_tokenizer *t, const int32_t *ids, size_t n_ids,
 
 /* Streaming detokeniser: feeds one token, appends only complete UTF-8 characters to `out`
  * (up to cap bytes), holding back an incomplete trailing sequence until the next token.
- * Returns the number of bytes written, or a negative DS_E*. */
+ * Returns the number of bytes written, or a negative DS_E*: DS_EINVAL for a bad id, DS_ERANGE when
+ * the output does not fit in cap (the state is then unchanged; 3 * token bytes + 12 always fits).
+ * Invalid bytes become U+FFFD exactly as ds_tokenizer_decode does, so the pushes + flush of a
+ * sequence concatenate to its decode. Start from a zeroed ds_detok; one per stream. */
 typedef struct ds_detok {
     uint8_t pending[8];
     int n_pending;
@@ -92,7 +109,8 @@ int32_t ds_tokenizer_find(const ds_tokenizer *t, const char *token);
 typedef enum {
     DS_CHAT_CHATML = 0, /* <|im_start|>role\n...<|im_end|>\n (SmolLM2, Qwen2) */
     DS_CHAT_LLAMA3,     /* <|start_header_id|>role<|end_header_id|>\n\n...<|eot_id|> */
-    DS_CHAT_LLAMA2,     /* [INST] ... [/INST] (Llama-2, Mistral) */
+    DS_CHAT_LLAMA2,     /* <s>[INST] <<SYS>>...<</SYS>> ... [/INST] ... </s> (Llama-2-chat) */
+    DS_CHAT_MISTRAL,    /* <s>[INST] ... [/INST]...</s> (Mistral / Mixtral instruct, no system role) */
 } ds_chat_format;
 
 typedef struct ds_chat_msg {
@@ -100,12 +118,24 @@ typedef struct ds_chat_msg {
     const char *content;
 } ds_chat_msg;
 
-/* Picks the format from a Jinja template's text (NULL → ChatML). */
+/* Picks the format from a Jinja template's text (NULL → ChatML): "<|im_start|>" → ChatML,
+ * "<|start_header_id|>" → Llama-3, "[INST]" with "<<SYS>>" → Llama-2, other "[INST]" → Mistral. */
 ds_chat_format ds_chat_detect(const char *template_text);
 
-/* Renders messages in the format; add_generation_prompt appends the assistant header.
- * default_system: inserted when the template does so and no system message is given (may be NULL).
- * *out is malloc'd, caller frees. Returns 0 or DS_EINVAL (unknown role, NULL content). */
+/* The default system prompt a ChatML template inserts when the conversation has none (SmolLM2: "You
+ * are a helpful AI assistant named SmolLM, trained by Hugging Face"; Qwen2: "You are a helpful
+ * assistant."), i.e. a literal '<|im_start|>system\n...<|im_end|>' in a template that tests
+ * messages[0]['role'] != 'system'. Returns a malloc'd string (caller frees) or NULL when none. */
+char *ds_chat_default_system(const char *template_text);
+
+/* Renders messages exactly as transformers' apply_chat_template does with the family's canonical
+ * template (bos/eos spelled "<|begin_of_text|>", "<s>", "</s>"); encode the result with
+ * add_special = false, parse_special = true. add_generation_prompt appends the assistant header
+ * (ChatML, Llama-3; the Llama-2 / Mistral templates have none). default_system (may be NULL) is
+ * inserted as a first system message when messages[0] is not one (not for Mistral, which has no
+ * system role). *out is malloc'd, caller frees. Returns 0 or DS_EINVAL: no messages, NULL role or
+ * content, a role that is not [A-Za-z0-9_-]+, or what the template itself refuses (Llama-2 / Mistral:
+ * roles not alternating user/assistant; Mistral: a role other than user / assistant). */
 int ds_chat_render(ds_chat_format fmt, const ds_chat_msg *msgs, size_t n_msgs, bool add_generation_prompt,
                    const char *default_system, char **out);
 

@@ -116,10 +116,27 @@ int ds_adapter_embed(const ds_adapter_batch *ad, ds_backend *b, const ds_mat *to
     return DS_OK;
 }
 
+/* lm_head rows are the batch's out_rows: remap each token segment to the output rows inside it
+ * (both ascending), then apply like any projection (layer -1 selects the lm_head module). */
 int ds_adapter_lm_head(const ds_adapter_batch *ad, ds_backend *b, const ds_mat *output, const float *x,
-                       float *logits, int32_t n) {
-    (void)ad; /* lm_head LoRA segments would need the segments remapped to output rows; refused at load */
-    return b->iface->matmul(b->ctx, x, output, NULL, logits, n, false);
+                       float *logits, int32_t n, const int32_t *out_rows) {
+    if (!ad || ad->n_segs == 0) return b->iface->matmul(b->ctx, x, output, NULL, logits, n, false);
+    ds_adapter_seg stack[64], *segs = ad->n_segs <= 64 ? stack : malloc(sizeof *segs * (size_t)ad->n_segs);
+    if (!segs) return DS_ENOMEM;
+    int32_t k = 0, r = 0;
+    for (int32_t i = 0; i < ad->n_segs && r < n; i++) {
+        const ds_adapter_seg *g = &ad->segs[i];
+        while (r < n && out_rows[r] < g->start) r++;
+        const int32_t r0 = r;
+        while (r < n && out_rows[r] < g->start + g->len) r++;
+        if (r > r0) segs[k++] = (ds_adapter_seg){.start = r0, .len = r - r0, .slot = g->slot};
+    }
+    ds_adapter_batch rows = *ad;
+    rows.segs = segs;
+    rows.n_segs = k;
+    int st = adapted_linear(&rows, b, -1, DS_PROJ_Q, output, NULL, x, logits, n);
+    if (segs != stack) free(segs);
+    return st;
 }
 
 /* ---- resident copies ---- */

@@ -300,7 +300,7 @@ int ds_llama_forward(ds_llama *L, const ds_batch *bt, const ds_adapter_batch *ad
     if (!st && bt->n_out > 0) {
         st = f->get_rows(ctx, w->x, w->out_rows, w->xo, bt->n_out, c->d_model);
         if (!st) st = f->rmsnorm(ctx, w->xo, L->output_norm, w->h, bt->n_out, c->d_model, c->rms_eps);
-        if (!st) st = ds_adapter_lm_head(ad, L->b, &L->output, w->h, w->logits, bt->n_out);
+        if (!st) st = ds_adapter_lm_head(ad, L->b, &L->output, w->h, w->logits, bt->n_out, bt->out_rows);
         if (!st) st = f->download(ctx, logits_out, w->logits, (size_t)bt->n_out * c->n_vocab * sizeof(float));
     }
     if (!st) st = f->synchronize(ctx);

@@ -1,0 +1,78 @@
+/* deltaserve — the OpenAI-compatible HTTP server.
+ *
+ * One network thread (the one that calls ds_server_run) owns every socket, parser and response
+ * writer; it never runs the model. It talks to the engine only through ds_engine_submit /
+ * ds_engine_cancel and receives token events that the engine thread posts back to it.
+ *
+ * Typical use (src/main.c):
+ *     ds_server_params sp = ds_server_default_params();
+ *     sp.port = 8000; sp.api_key = getenv("DS_API_KEY");
+ *     sp.served_model_name = "SmolLM2-135M"; sp.max_model_len = model->cfg.max_ctx;
+ *     ds_server *srv = ds_server_create(engine, &sp, &err);   // binds now: errors show early
+ *     ds_server_run(srv);          // until SIGINT/SIGTERM or ds_server_stop
+ *     ds_server_free(srv);
+ *     ds_engine_free(engine);      // after the server: no request can reach it any more
+ *
+ * Thread rules: ds_server_stop is safe from any thread and from a signal handler; every other
+ * call belongs to the thread that created the server. */
+#ifndef DS_SERVER_H
+#define DS_SERVER_H
+
+#include "ds/common.h"
+#include "ds/engine.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct ds_server ds_server;
+
+typedef struct ds_server_params {
+    const char *host;              /* listen address (name or IP); default "127.0.0.1" */
+    int port;                      /* default 8000; 0 → an ephemeral port (see ds_server_port) */
+    const char *api_key;           /* NULL or "" → no auth; else every endpoint but /health needs
+                                      "Authorization: Bearer <api_key>" (401 otherwise) */
+    const char *served_model_name; /* the base model's id in /v1/models and responses; default
+                                      "default" */
+    int32_t max_model_len;         /* context length reported by /v1/models; <= 0 → omitted */
+
+    int32_t max_connections;       /* default 1024; over it a new connection gets 503 and close */
+    size_t max_body_bytes;         /* request body limit, default 32 MiB → 413 */
+    size_t max_header_bytes;       /* request line + headers, default 16 KiB → 431 */
+    int32_t max_headers;           /* default 100 → 431 */
+    double idle_timeout_s;         /* keep-alive idle, default 60 */
+    double header_timeout_s;       /* first byte → end of headers, default 10 → 408 */
+    double body_timeout_s;         /* end of headers → end of body, default 60 → 408 */
+    double write_timeout_s;        /* pending output with no progress, default 60 → drop client */
+    size_t max_write_buffer;       /* unsent bytes per connection, default 4 MiB → drop client */
+    double shutdown_timeout_s;     /* stop: wait this long for in-flight requests, default 10 */
+    bool handle_signals;           /* SIGINT/SIGTERM → graceful stop; default true */
+} ds_server_params;
+
+ds_server_params ds_server_default_params(void);
+
+/* Creates the server, registers the routes and binds host:port. `engine` is borrowed (may be
+ * NULL: generation endpoints then answer 503) and must outlive the server's run. Strings in
+ * `params` are copied. Returns NULL with a message (e.g. the port is in use). */
+ds_server *ds_server_create(ds_engine *engine, const ds_server_params *params, ds_err *err);
+
+/* The bound port (useful with port 0), or -1. */
+int ds_server_port(const ds_server *s);
+
+/* Serves until stopped: on stop it refuses new connections, aborts in-flight requests (their
+ * engine requests are cancelled), waits up to shutdown_timeout_s for them to end, and returns 0.
+ * Returns DS_EBUSY if requests were still pending at the timeout (the server then leaks what
+ * they hold rather than free memory the engine may still post to). Call at most once. */
+int ds_server_run(ds_server *s);
+
+/* ANY THREAD, async-signal-safe: asks a running (or about to run) server to stop. A no-op once
+ * ds_server_run has returned. */
+void ds_server_stop(ds_server *s);
+
+/* Frees the server (after ds_server_run returned, or instead of running it). NULL is a no-op. */
+void ds_server_free(ds_server *s);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

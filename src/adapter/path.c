@@ -1,0 +1,79 @@
+/* Confines client-supplied adapter paths to the adapter directory (api.md: nothing a client sends
+ * may reach files outside --adapter-dir).
+ *
+ * `..` components are refused lexically, before the file system is consulted, so a client cannot
+ * probe which paths exist outside the root; everything else is decided on realpath()s, so symlinks
+ * are followed and judged by where they really lead. */
+#include <errno.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ds/adapter.h"
+
+/* Whether `p` (a realpath) is `root` (a realpath) or below it: the prefix must end at a '/'. */
+static bool inside(const char *root, const char *p) {
+    size_t n = strlen(root);
+    if (n == 1 && root[0] == '/') return p[0] == '/';
+    return !strncmp(root, p, n) && (p[n] == '/' || p[n] == 0);
+}
+
+static bool has_dotdot(const char *s) {
+    for (const char *c = s; (c = strstr(c, "..")); c += 2)
+        if ((c == s || c[-1] == '/') && (c[2] == '/' || c[2] == 0)) return true;
+    return false;
+}
+
+/* The path does not exist: say "not found" only when its deepest existing ancestor lies inside the
+ * root, so that missing files outside the root still read as "outside". */
+static int classify_missing(const char *root, char *cand, const char *rel, ds_err *err) {
+    for (char *slash = strrchr(cand, '/'); slash; slash = strrchr(cand, '/')) {
+        if (slash == cand) slash[1] = 0; /* keep "/" */
+        else *slash = 0;
+        char *real = realpath(cand, NULL);
+        if (real || (errno != ENOENT && errno != ENOTDIR)) {
+            bool in = real && inside(root, real);
+            free(real);
+            if (in) return ds_err_set(err, DS_ENOTFOUND, "adapter path '%s' does not exist", rel);
+            return ds_err_set(err, DS_EPERM, "adapter path '%s' is outside the adapter directory", rel);
+        }
+        if (slash == cand) break;
+    }
+    return ds_err_set(err, DS_EPERM, "adapter path '%s' is outside the adapter directory", rel);
+}
+
+static int resolve(const char *root, const char *rel, char **out, ds_err *err) {
+    size_t n = strlen(root) + strlen(rel) + 2;
+    char *cand = malloc(n);
+    if (!cand) return ds_err_set(err, DS_ENOMEM, "out of memory");
+    if (rel[0] == '/') snprintf(cand, n, "%s", rel);
+    else snprintf(cand, n, "%s/%s", root, rel);
+    char *real = realpath(cand, NULL);
+    int rc = 0;
+    if (!real && (errno == ENOENT || errno == ENOTDIR)) rc = classify_missing(root, cand, rel, err);
+    else if (!real && errno == ELOOP) rc = ds_err_set(err, DS_EPERM, "adapter path '%s': too many symlinks", rel);
+    else if (!real) rc = ds_err_set(err, DS_EIO, "adapter path '%s': %s", rel, strerror(errno));
+    else if (!inside(root, real)) rc = ds_err_set(err, DS_EPERM, "adapter path '%s' is outside the adapter directory", rel);
+    free(cand);
+    if (rc) free(real);
+    else *out = real;
+    return rc;
+}
+
+int ds_adapter_resolve_path(const char *root, const char *rel, char **out, ds_err *err) {
+    *out = NULL;
+    if (!root || !*root) return ds_err_set(err, DS_EINVAL, "no adapter directory configured");
+    if (!rel || !*rel) return ds_err_set(err, DS_EINVAL, "empty adapter path");
+    for (const unsigned char *c = (const unsigned char *)rel; *c; c++)
+        if (*c < 0x20 || *c == 0x7f) return ds_err_set(err, DS_EINVAL, "adapter path contains a control character");
+    if (strlen(rel) >= PATH_MAX) return ds_err_set(err, DS_EINVAL, "adapter path is too long");
+    if (has_dotdot(rel)) return ds_err_set(err, DS_EPERM, "adapter path '%s' contains '..'", rel);
+    char *root_real = realpath(root, NULL);
+    if (!root_real)
+        return ds_err_set(err, errno == ENOENT ? DS_ENOTFOUND : DS_EIO, "adapter directory '%s': %s", root,
+                          strerror(errno));
+    int rc = resolve(root_real, rel, out, err);
+    free(root_real);
+    return rc;
+}

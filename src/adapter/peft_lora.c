@@ -1,0 +1,203 @@
+/* PEFT LoRA family: LoRA, rsLoRA, rank/alpha patterns, lora_bias, DoRA, AdaLoRA (formats.md §2–3).
+ *
+ * Every module becomes y = base(x) + scale·B(A x) (+ scale·bias_B); DoRA adds a constant per-row
+ * factor computed here from the base weight; AdaLoRA's SVD triplet is folded into A. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "adapter/loader.h"
+
+typedef struct slot_info {
+    size_t slot;
+    int32_t layer;
+    int proj;       /* DS_PROJ_COUNT = lm_head */
+    char path[96];  /* HF module path, for patterns and messages */
+    int32_t in, out, rank;
+} slot_info;
+
+/* Which tensors a module must / may have, given the config (never silently drop one). */
+static int check_roles(peft_ctx *c, const slot_info *s) {
+    const ds_st_tensor *const *t = c->slots[s->slot];
+    const peft_config *cfg = c->cfg;
+    const char *f = c->st_path;
+    const char *need = !t[ROLE_A] ? (cfg->adalora ? "lora_A" : "lora_A.weight")
+                       : !t[ROLE_B] ? (cfg->adalora ? "lora_B" : "lora_B.weight")
+                       : (cfg->adalora && !t[ROLE_E]) ? "lora_E"
+                                                       : NULL;
+    if (need) return ds_err_set(c->err, DS_EFORMAT, "%s: module '%s' has no %s tensor", f, s->path, need);
+    if (t[ROLE_MAG] && !cfg->dora)
+        return ds_err_set(c->err, DS_EFORMAT, "%s: tensor '%s' is present but use_dora is false in %s", f,
+                          t[ROLE_MAG]->name, c->cfg_path);
+    if (!t[ROLE_MAG] && cfg->dora)
+        return ds_err_set(c->err, DS_EFORMAT, "%s: use_dora is true but module '%s' has no lora_magnitude_vector", f,
+                          s->path);
+    if (t[ROLE_BIAS] && !cfg->lora_bias)
+        return ds_err_set(c->err, DS_EFORMAT, "%s: tensor '%s' is present but lora_bias is false in %s", f,
+                          t[ROLE_BIAS]->name, c->cfg_path);
+    return 0;
+}
+
+/* Rank from lora_A's shape [r, in]; AdaLoRA may have pruned a module to rank 0. */
+static int check_rank(peft_ctx *c, slot_info *s) {
+    const ds_st_tensor *A = c->slots[s->slot][ROLE_A];
+    if (A->n_dims != 2 || A->shape[1] != s->in)
+        return ds_err_set(c->err, DS_EFORMAT, "%s: tensor '%s' must have shape [r, %d] (in_features of %s)", c->st_path,
+                          A->name, s->in, s->path);
+    int64_t r = A->shape[0], lim = s->in < s->out ? s->in : s->out;
+    if (c->cfg->adalora && r > c->cfg->init_r)
+        return ds_err_set(c->err, DS_EFORMAT, "%s: tensor '%s' has rank %lld > init_r %d", c->st_path, A->name,
+                          (long long)r, c->cfg->init_r);
+    if ((r < 1 && !c->cfg->adalora) || r > lim)
+        return ds_err_set(c->err, DS_EFORMAT, "%s: tensor '%s': rank %lld must be in [1, %lld] for %s", c->st_path,
+                          A->name, (long long)r, (long long)lim, s->path);
+    s->rank = (int32_t)r;
+    return 0;
+}
+
+/* PEFT LoraLayer.update_layer: s = α/√r (rsLoRA) or α/r, α from alpha_pattern when a key matches.
+ * AdaLoRA SVDLinear: s = α / (ranknum + 1e-5) with ranknum = init_r (kept through pruning) and α ≤ 0
+ * meaning r (the rank the module was built with, i.e. the saved rank). */
+static int module_scale(peft_ctx *c, const slot_info *s, float *scale) {
+    const peft_config *cfg = c->cfg;
+    double alpha = cfg->alpha;
+    if (cfg->adalora) {
+        if (alpha <= 0) alpha = s->rank;
+        *scale = (float)(alpha / ((double)cfg->init_r + 1e-5));
+        return 0;
+    }
+    bool found;
+    double pa;
+    int rc = peft_pattern_lookup(&cfg->alpha_pattern, s->path, &pa, &found, c->cfg_path, "alpha_pattern", c->err);
+    if (rc) return rc;
+    if (found) alpha = pa;
+    *scale = (float)(cfg->rslora ? alpha / sqrt((double)s->rank) : alpha / (double)s->rank);
+    if (!isfinite(*scale))
+        return ds_err_set(c->err, DS_EFORMAT, "%s: lora_alpha %g gives a non-finite scale for %s", c->cfg_path, alpha,
+                          s->path);
+    return 0;
+}
+
+/* A[i][:] *= E[i]: AdaLoRA's B·diag(E)·A as plain LoRA factors. */
+static int fold_e(peft_ctx *c, const slot_info *s, ds_lora_module *m) {
+    float *e;
+    int64_t shape[2] = {s->rank, 1};
+    int rc = peft_read(c, c->slots[s->slot][ROLE_E], shape, 2, &e);
+    if (rc) return rc;
+    for (int32_t i = 0; i < s->rank; i++)
+        for (int32_t j = 0; j < s->in; j++) m->A[(size_t)i * s->in + j] *= e[i];
+    free(e);
+    return 0;
+}
+
+/* DoRA (Liu et al. 2024; PEFT DoraLinearLayer.get_weight_norm): n[o] = ||W[o,:] + s·(B·A)[o,:]||₂
+ * over the input dim, a constant at inference; y = (m/n)⊙(W x + s·B A x) + b. Computed in double. */
+static int dora_scale(peft_ctx *c, const slot_info *s, ds_lora_module *m) {
+    const ds_st_tensor *mt = c->slots[s->slot][ROLE_MAG];
+    int64_t shape[1] = {s->out};
+    float *mag;
+    int rc = peft_read(c, mt, shape, 1, &mag);
+    if (rc) return rc;
+    const float *W = ds_adapter_base_weight(c->base, s->layer, s->proj);
+    double *row = malloc((size_t)s->in * sizeof *row);
+    if (!row) rc = ds_err_set(c->err, DS_ENOMEM, "%s: out of memory", c->st_path);
+    for (int32_t o = 0; !rc && o < s->out; o++) {
+        const float *w = W + (size_t)o * s->in, *b = m->B + (size_t)o * s->rank;
+        for (int32_t i = 0; i < s->in; i++) row[i] = w[i];
+        for (int32_t k = 0; k < s->rank; k++) {
+            double f = (double)m->scale * b[k];
+            const float *a = m->A + (size_t)k * s->in;
+            for (int32_t i = 0; i < s->in; i++) row[i] += f * a[i];
+        }
+        double n2 = 0;
+        for (int32_t i = 0; i < s->in; i++) n2 += row[i] * row[i];
+        if (!(n2 > 0))
+            rc = ds_err_set(c->err, DS_EFORMAT, "%s: DoRA on %s: row %d of W + s·B·A has zero norm", c->st_path, s->path,
+                            o);
+        else
+            m->dora_scale[o] = (float)(mag[o] / sqrt(n2));
+    }
+    free(row);
+    free(mag);
+    return rc;
+}
+
+static int read_into(peft_ctx *c, const ds_st_tensor *t, const int64_t *shape, int nd, float *dst, size_t n) {
+    float *tmp;
+    int rc = peft_read(c, t, shape, nd, &tmp);
+    if (rc) return rc;
+    memcpy(dst, tmp, n * sizeof *dst);
+    free(tmp);
+    return 0;
+}
+
+static int build_module(peft_ctx *c, const slot_info *s, ds_lora_module **out) {
+    const ds_st_tensor *const *t = c->slots[s->slot];
+    ds_lora_module *m = ds_lora_module_new(s->rank, s->in, s->out);
+    if (!m) return ds_err_set(c->err, DS_ENOMEM, "%s: %s: out of memory", c->st_path, s->path);
+    int64_t sa[2] = {s->rank, s->in}, sb[2] = {s->out, s->rank}, sv[1] = {s->out};
+    int rc = module_scale(c, s, &m->scale);
+    if (!rc) rc = read_into(c, t[ROLE_A], sa, 2, m->A, (size_t)s->rank * s->in);
+    if (!rc) rc = read_into(c, t[ROLE_B], sb, 2, m->B, (size_t)s->out * s->rank);
+    if (!rc && t[ROLE_E]) rc = fold_e(c, s, m);
+    if (!rc && t[ROLE_BIAS] && !(m->bias_B = malloc((size_t)s->out * sizeof(float))))
+        rc = ds_err_set(c->err, DS_ENOMEM, "%s: out of memory", c->st_path);
+    if (!rc && t[ROLE_BIAS]) rc = read_into(c, t[ROLE_BIAS], sv, 1, m->bias_B, (size_t)s->out);
+    if (!rc && t[ROLE_MAG] && !(m->dora_scale = malloc((size_t)s->out * sizeof(float))))
+        rc = ds_err_set(c->err, DS_ENOMEM, "%s: out of memory", c->st_path);
+    if (!rc && t[ROLE_MAG]) rc = dora_scale(c, s, m);
+    if (rc) {
+        ds_lora_module_free(m);
+        return rc;
+    }
+    *out = m;
+    return 0;
+}
+
+static bool slot_used(const peft_ctx *c, size_t slot) {
+    for (int r = 0; r < ROLE_COUNT; r++)
+        if (c->slots[slot][r]) return true;
+    return false;
+}
+
+/* AdaLoRA can prune a module to rank 0: lora_B [out, 0] and lora_E [0, 1] must say so too. */
+static int check_pruned(peft_ctx *c, const slot_info *s) {
+    const ds_st_tensor *B = c->slots[s->slot][ROLE_B], *E = c->slots[s->slot][ROLE_E];
+    if (B->n_dims != 2 || B->shape[0] != s->out || B->shape[1] != 0)
+        return ds_err_set(c->err, DS_EFORMAT, "%s: tensor '%s' must have shape [%d, 0] (lora_A has rank 0)", c->st_path,
+                          B->name, s->out);
+    if (E->n_dims != 2 || E->shape[0] != 0 || E->shape[1] != 1)
+        return ds_err_set(c->err, DS_EFORMAT, "%s: tensor '%s' must have shape [0, 1] (lora_A has rank 0)", c->st_path,
+                          E->name);
+    return 0;
+}
+
+static int load_slot(peft_ctx *c, size_t slot) {
+    slot_info s = {.slot = slot};
+    bool lm = slot == PEFT_LM_HEAD_SLOT(c);
+    s.proj = lm ? DS_PROJ_COUNT : (int)(slot % DS_PROJ_COUNT);
+    s.layer = lm ? -1 : (int32_t)(slot / DS_PROJ_COUNT);
+    peft_slot_path(c, slot, s.path, sizeof s.path);
+    ds_adapter_base_dims(c->base, s.proj, &s.in, &s.out);
+    int rc = check_roles(c, &s);
+    if (!rc) rc = check_rank(c, &s);
+    if (!rc && s.rank == 0) return check_pruned(c, &s); /* a fully pruned AdaLoRA module adds nothing */
+    if (rc) return rc;
+    ds_lora_module *m = NULL;
+    if ((rc = build_module(c, &s, &m))) return rc;
+    if (lm) c->a->lm_head = m;
+    else c->a->lora[slot] = m;
+    c->a->host_bytes += ds_lora_module_bytes(m);
+    return 0;
+}
+
+int peft_load_lora(peft_ctx *c) {
+    int rc = ds_adapter_alloc_lora_table(c->a, c->err);
+    if (!rc) rc = peft_collect_slots(c);
+    size_t used = 0;
+    for (size_t i = 0; !rc && i < c->n_slots; i++)
+        if (slot_used(c, i) && !(rc = load_slot(c, i))) used++;
+    if (!rc && used == 0)
+        rc = ds_err_set(c->err, DS_EFORMAT, "%s: no %s tensors found", c->st_path, c->cfg->peft_type);
+    return rc;
+}

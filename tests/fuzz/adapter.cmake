@@ -1,0 +1,7 @@
+# Adapter-config fuzz target; include()d from tests/fuzz/CMakeLists.txt after ds_fuzz_target():
+#   include(${CMAKE_CURRENT_SOURCE_DIR}/adapter.cmake)
+#   ./fuzz_adapter_config tests/fuzz/corpus/fuzz_adapter_config -max_total_time=60
+# peft_config.c is compiled into the target so that it carries the fuzzer's instrumentation.
+ds_fuzz_target(fuzz_adapter_config ${CMAKE_SOURCE_DIR}/src/adapter/peft_config.c
+  ${CMAKE_SOURCE_DIR}/src/util/common.c)
+target_link_libraries(fuzz_adapter_config PRIVATE PkgConfig::PCRE2)

@@ -1,0 +1,66 @@
+/* libFuzzer target for the tokenizer: the first input byte picks what the rest is.
+ *   odd:  a tokenizer.json (untrusted file parser); a tokenizer that loads must then encode and
+ *         decode without trouble.
+ *   even: text for the committed Llama-3 / Qwen2 / GPT-2-shaped tokenizers, encoded with the flag bits
+ *         of byte 0, then decoded at once and streamed: the decode must be valid UTF-8, equal the
+ *         streamed pieces, and (non-NFC tokenizers, specials off, valid UTF-8 input) equal the input. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ds/tokenizer.h"
+#include "model/tok_internal.h"
+
+static ds_tokenizer *g_tok[3];
+
+static void init(void) {
+    static const char *const names[3] = {"llama3", "qwen2", "gpt2"};
+    for (int i = 0; i < 3; i++) {
+        char path[512];
+        snprintf(path, sizeof path, "%s/tokenizer/%s_tokenizer.json", DS_TEST_DATA, names[i]);
+        if (!(g_tok[i] = ds_tokenizer_load_json(path, NULL, NULL))) abort();
+    }
+}
+
+static void check_stream(const ds_tokenizer *t, const int32_t *ids, size_t n, bool skip, const char *want, size_t wlen) {
+    ds_detok st = {0};
+    char chunk[4096];
+    size_t o = 0;
+    for (size_t i = 0; i < n; i++) {
+        int k = ds_detok_push(t, &st, ids[i], skip, chunk, sizeof chunk);
+        if (k < 0 || o + (size_t)k > wlen || memcmp(want + o, chunk, (size_t)k) || !tok_utf8_valid((uint8_t *)chunk, (size_t)k))
+            abort();
+        o += (size_t)k;
+    }
+    int k = ds_detok_flush(&st, chunk, sizeof chunk);
+    if (k < 0 || o + (size_t)k != wlen || memcmp(want + o, chunk, (size_t)k)) abort();
+}
+
+static void run_text(const ds_tokenizer *t, bool nfc, const uint8_t *s, size_t n, uint8_t flags) {
+    bool add = flags & 2, parse = flags & 4, skip = flags & 8;
+    int32_t *ids = NULL;
+    size_t m = 0, len = 0;
+    char *out = NULL;
+    if (ds_tokenizer_encode(t, (const char *)s, n, add, parse, &ids, &m)) abort();
+    if (ds_tokenizer_decode(t, ids, m, skip, &out, &len) || !tok_utf8_valid((uint8_t *)out, len)) abort();
+    check_stream(t, ids, m, skip, out, len);
+    if (!nfc && !add && !parse && tok_utf8_valid(s, n) && (len != n || memcmp(out, s, n))) abort();
+    free(ids);
+    free(out);
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
+    if (size < 1) return 0;
+    if (!g_tok[0]) init();
+    uint8_t mode = data[0];
+    data++, size--;
+    if (mode & 1) {
+        ds_err e;
+        ds_tokenizer *t = tok_load_json_text((const char *)data, size, "fuzz.json", NULL, &e);
+        if (t) run_text(t, true, (const uint8_t *)"Hello 123 <|x|> wörld  \n", 25, mode);
+        ds_tokenizer_free(t);
+        return 0;
+    }
+    for (int i = 0; i < 3; i++) run_text(g_tok[i], i == 1, data, size, mode);
+    return 0;
+}
