@@ -56,7 +56,11 @@ void ds_log(ds_log_level level, const char *fmt, ...) __attribute__((format(prin
     do {                                                                                     \
         if (!(cond)) ds_assert_fail(#cond, __FILE__, __LINE__);                              \
     } while (0)
+#ifdef __cplusplus
+[[noreturn]] void ds_assert_fail(const char *expr, const char *file, int line);
+#else
 _Noreturn void ds_assert_fail(const char *expr, const char *file, int line);
+#endif
 
 /* Read-only whole-file mapping. `data` is valid until ds_file_unmap. */
 typedef struct ds_file_map {

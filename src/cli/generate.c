@@ -156,11 +156,14 @@ static int encode_prompt(const ds_model *m, const gen_opts *o, const char *promp
         size_t nm = 0;
         if (o->system) msgs[nm++] = (ds_chat_msg){"system", o->system};
         msgs[nm++] = (ds_chat_msg){"user", prompt};
-        if (ds_chat_render(ds_chat_detect(m->chat_template), msgs, nm, true, NULL, &text) != DS_OK)
-            return fprintf(stderr, "deltaserve: cannot render the chat template\n"), -1;
+        char *def = ds_chat_default_system(m->chat_template);
+        int rs = ds_chat_render(ds_chat_detect(m->chat_template), msgs, nm, true, def, &text);
+        free(def);
+        if (rs != DS_OK) return fprintf(stderr, "deltaserve: cannot render the chat template\n"), -1;
         src = text;
     }
-    int st = ds_tokenizer_encode(m->tok, src, strlen(src), true, o->chat, ids, n);
+    /* chat text already spells BOS etc. as the template wants: no add_special, parse specials */
+    int st = ds_tokenizer_encode(m->tok, src, strlen(src), !o->chat, o->chat, ids, n);
     free(text);
     return st;
 }

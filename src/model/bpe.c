@@ -62,8 +62,7 @@ static int merges_alloc(tok_merge_map *m, size_t n) {
 }
 
 /* Resolves "a b" to ids. Returns 0, or 1 when malformed / naming unknown tokens (*why says which). */
-static int resolve_merge(const ds_strmap *vocab, const char *s, int32_t *a, int32_t *b, int32_t *r,
-                         const char **why) {
+static int resolve_merge(const ds_strmap *vocab, const char *s, int32_t *a, int32_t *b, int32_t *r, const char **why) {
     const char *sp = strchr(s, ' ');
     if (!sp || strchr(sp + 1, ' ')) {
         *why = "is not two tokens separated by one space";
@@ -86,8 +85,8 @@ static int resolve_merge(const ds_strmap *vocab, const char *s, int32_t *a, int3
     return ok ? 0 : 1;
 }
 
-int tok_merges_build(tok_merge_map *m, const ds_strmap *vocab, const char *const *merges, int32_t n_merges,
-                     bool strict, int32_t *n_skipped, ds_err *err) {
+int tok_merges_build(tok_merge_map *m, const ds_strmap *vocab, const char *const *merges, int32_t n_merges, bool strict,
+                     int32_t *n_skipped, ds_err *err) {
     *n_skipped = 0;
     if (merges_alloc(m, (size_t)n_merges)) return ds_err_set(err, DS_ENOMEM, "tokenizer: out of memory");
     for (int32_t i = 0; i < n_merges; i++) {
@@ -96,8 +95,8 @@ int tok_merges_build(tok_merge_map *m, const ds_strmap *vocab, const char *const
         int rc = merges[i] ? resolve_merge(vocab, merges[i], &a, &b, &r, &why) : 1;
         if (rc < 0) return ds_err_set(err, DS_ENOMEM, "tokenizer: out of memory");
         if (rc) {
-            if (strict) return ds_err_set(err, DS_EFORMAT, "merges[%d] \"%.60s\" %s", (int)i,
-                                          merges[i] ? merges[i] : "", why);
+            if (strict)
+                return ds_err_set(err, DS_EFORMAT, "merges[%d] \"%.60s\" %s", (int)i, merges[i] ? merges[i] : "", why);
             (*n_skipped)++;
             continue;
         }

@@ -56,7 +56,8 @@ static void sb_strip(sbuf *b, const char *s) {
 static bool role_ok(const char *r) {
     if (!r || !*r) return false;
     for (; *r; r++)
-        if (!((*r >= 'a' && *r <= 'z') || (*r >= 'A' && *r <= 'Z') || (*r >= '0' && *r <= '9') || *r == '_' || *r == '-'))
+        if (!((*r >= 'a' && *r <= 'z') || (*r >= 'A' && *r <= 'Z') || (*r >= '0' && *r <= '9') || *r == '_' ||
+              *r == '-'))
             return false;
     return true;
 }
@@ -236,9 +237,12 @@ char *ds_chat_default_system(const char *t) {
         while (q > t && q[-1] != '\'' && q[-1] != '"') q--;
         if (q == t) continue;
         const char *body = p + sizeof mark - 1;
-        if (*body == '\n') body++;
-        else if (body[0] == '\\' && body[1] == 'n') body += 2;
-        else continue;
+        if (*body == '\n')
+            body++;
+        else if (body[0] == '\\' && body[1] == 'n')
+            body += 2;
+        else
+            continue;
         char *sys = literal_until_im_end(body, q[-1]);
         if (sys) return sys;
     }

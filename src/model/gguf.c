@@ -101,6 +101,19 @@ static char *dup_n(const uint8_t *s, size_t n) {
     return c;
 }
 
+/* Grows *arr (elements of `size` bytes, zero-filled) so index i fits. Capacity doubles from 64, so the
+ * memory follows the entries actually parsed rather than a count read from the file. */
+static bool grow(void **arr, size_t *cap, size_t i, size_t size) {
+    if (i < *cap) return true;
+    size_t n = *cap ? *cap * 2 : 64;
+    void *p = realloc(*arr, n * size);
+    if (!p) return false;
+    memset((char *)p + *cap * size, 0, (n - *cap) * size);
+    *arr = p;
+    *cap = n;
+    return true;
+}
+
 static const uint8_t VT_SIZE[DS_GGUF_NTYPES] = {1, 1, 2, 2, 4, 4, 4, 1, 0, 0, 8, 8, 8};
 
 /* ---- metadata ---- */
@@ -167,14 +180,15 @@ static int parse_metadata(ds_gguf *g, rd_t *r, uint64_t n_kv) {
     if (n_kv > (r->size - r->pos) / 13)
         return ds_err_set(r->err, DS_EFORMAT, "%s: corrupt header: %llu metadata entries cannot fit in %zu bytes",
                           g->path, (unsigned long long)n_kv, r->size - r->pos);
-    g->kv = calloc(n_kv ? (size_t)n_kv : 1, sizeof *g->kv);
-    if (!g->kv) return ds_err_set(r->err, DS_ENOMEM, "%s: out of memory", g->path);
+    size_t cap = 0;
     for (uint64_t i = 0; i < n_kv; i++) {
+        if (!grow((void **)&g->kv, &cap, (size_t)i, sizeof *g->kv))
+            return ds_err_set(r->err, DS_ENOMEM, "%s: out of memory", g->path);
         g->n_kv = (size_t)i + 1; /* so close() frees the partially parsed entry */
         int rc = parse_kv(r, &g->kv[i]);
         if (rc) return rc;
     }
-    qsort(g->kv, g->n_kv, sizeof *g->kv, cmp_kv); /* lookups bsearch; duplicates become adjacent */
+    if (g->n_kv > 1) qsort(g->kv, g->n_kv, sizeof *g->kv, cmp_kv); /* lookups bsearch; duplicates adjacent */
     for (size_t i = 1; i < g->n_kv; i++)
         if (!strcmp(g->kv[i - 1].key, g->kv[i].key))
             return ds_err_set(r->err, DS_EFORMAT, "%s: duplicate metadata key '%s'", g->path, g->kv[i].key);
@@ -182,6 +196,7 @@ static int parse_metadata(ds_gguf *g, rd_t *r, uint64_t n_kv) {
 }
 
 const ds_gguf_kv *ds_gguf_find_kv(const ds_gguf *g, const char *key) {
+    if (!g->n_kv) return NULL;
     ds_gguf_kv probe = {.key = (char *)key};
     return bsearch(&probe, g->kv, g->n_kv, sizeof *g->kv, cmp_kv);
 }
@@ -285,16 +300,20 @@ static int parse_tensors(ds_gguf *g, rd_t *r, uint64_t n) {
     if (n > (r->size - r->pos) / 32 || n > UINT32_MAX)
         return ds_err_set(r->err, DS_EFORMAT, "%s: corrupt header: %llu tensor infos cannot fit in %zu bytes", g->path,
                           (unsigned long long)n, r->size - r->pos);
-    g->tensors = calloc(n ? (size_t)n : 1, sizeof *g->tensors);
-    g->by_name = malloc((n ? (size_t)n : 1) * sizeof *g->by_name);
-    if (!g->tensors || !g->by_name) return ds_err_set(r->err, DS_ENOMEM, "%s: out of memory", g->path);
+    size_t cap = 0;
     for (uint64_t i = 0; i < n; i++) {
+        if (!grow((void **)&g->tensors, &cap, (size_t)i, sizeof *g->tensors))
+            return ds_err_set(r->err, DS_ENOMEM, "%s: out of memory", g->path);
         g->n_tensors = (size_t)i + 1;
         int rc = parse_tensor_info(r, &g->tensors[i]);
         if (rc) return rc;
     }
     sort_key *k = sorted_keys(g, cmp_key_name);
-    if (!k) return ds_err_set(r->err, DS_ENOMEM, "%s: out of memory", g->path);
+    g->by_name = malloc((g->n_tensors ? g->n_tensors : 1) * sizeof *g->by_name);
+    if (!k || !g->by_name) {
+        free(k);
+        return ds_err_set(r->err, DS_ENOMEM, "%s: out of memory", g->path);
+    }
     for (size_t i = 0; i < g->n_tensors; i++) g->by_name[i] = k[i].idx;
     free(k);
     for (size_t i = 1; i < g->n_tensors; i++)
@@ -707,7 +726,7 @@ int ds_gguf_dequant_rows(const ds_gguf *g, const ds_gguf_tensor *t, uint64_t row
                           (unsigned long long)row0, (unsigned long long)n_rows);
     /* Rows are independent; large tensors are split across OpenMP threads when built with it. */
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (n_rows * t->ne[0] >= (1u << 18))
+#pragma omp parallel for schedule(static) if (n_rows * t->ne[0] >= (1u << 20))
 #endif
     for (int64_t r = 0; r < (int64_t)n_rows; r++)
         ds_ggml_dequant_row(t->type, t->data + (row0 + (uint64_t)r) * t->row_bytes, out + (uint64_t)r * t->ne[0],

@@ -18,6 +18,7 @@ typedef struct {
     ds_err *err;
     bool verbose;
     size_t n_loaded, n_expected;
+    size_t dtype_count[3]; /* tensors loaded per DS_ST_F32 / F16 / BF16 */
     double t0;
 } hctx;
 
@@ -185,6 +186,7 @@ static int load(hctx *c, const char *name, int64_t rows, int64_t cols, bool opti
     if (!p) return ds_err_set(c->err, DS_ENOMEM, "%s: out of memory for tensor '%s'", c->dir, name);
     if ((rc = ds_st_read_f32(t, f->path, shape, nd, p, n, c->err))) return rc;
     *dst = p;
+    c->dtype_count[t->dtype]++; /* read_f32 succeeded: one of the three */
     c->m->n_params += n;
     c->n_loaded++;
     size_t q_prev = (c->n_loaded - 1) * 4 / c->n_expected, q = c->n_loaded * 4 / c->n_expected;
@@ -297,9 +299,11 @@ static int load_all(hctx *c, const ds_model_params *p) {
     if (!rc) rc = load_tokenizer(c, p->load_tokenizer);
     if (!rc) rc = ds_model_check_complete(c->m, c->err);
     if (!rc && c->verbose)
-        DS_LOGI("loaded %s: %s, %d layers, %.1fM params, %zu safetensors file(s), %s embeddings, %.2f s", c->dir,
-                c->m->cfg.arch_name, c->m->cfg.n_layer, (double)c->m->n_params / 1e6, c->set.n_files,
-                c->m->cfg.tied_embeddings ? "tied" : "untied", ds_time_s() - c->t0);
+        DS_LOGI("loaded %s: %s, %d layers, %.1fM params (F32 x%zu, F16 x%zu, BF16 x%zu) from %zu safetensors file(s), "
+                "%s embeddings, %.2f s",
+                c->dir, c->m->cfg.arch_name, c->m->cfg.n_layer, (double)c->m->n_params / 1e6, c->dtype_count[0],
+                c->dtype_count[1], c->dtype_count[2], c->set.n_files, c->m->cfg.tied_embeddings ? "tied" : "untied",
+                ds_time_s() - c->t0);
     return rc;
 }
 

@@ -2,6 +2,7 @@
  * as HF's Split(Isolated) does — every match and every gap between matches is a piece. */
 #include "model/tok_internal.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <utf8proc.h>
@@ -14,14 +15,96 @@ const char *const tok_regex_text[3] = {
                      "?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+",
 };
 
+/* Unicode White_Space, which Oniguruma's \s is; PCRE2's also takes U+180E. Spelled for use inside []. */
+static const char k_white_space[] = "\\t\\n\\x{0B}\\f\\r \\x{85}\\x{A0}\\x{1680}\\x{2000}-\\x{200A}\\x{2028}\\x{2029}"
+                                    "\\x{202F}\\x{205F}\\x{3000}";
+
+typedef struct pbuf {
+    char *p;
+    size_t n, cap;
+    bool oom;
+} pbuf;
+
+static void pb_put(pbuf *b, const char *s) {
+    size_t n = strlen(s);
+    if (b->oom) return;
+    if (b->n + n + 1 > b->cap) {
+        size_t ncap = b->cap ? b->cap * 2 : 1024;
+        while (ncap < b->n + n + 1) ncap *= 2;
+        char *np = realloc(b->p, ncap);
+        if (!np) {
+            b->oom = true;
+            return;
+        }
+        b->p = np;
+        b->cap = ncap;
+    }
+    memcpy(b->p + b->n, s, n + 1);
+    b->n += n;
+}
+
+/* "\p{L}" plus the ranges PCRE2's tables lack, for use inside []. */
+static void pb_class(pbuf *b, const char *prop, tok_uni_class extra) {
+    size_t n;
+    const tok_range *r = tok_unicode_extra(extra, &n);
+    pb_put(b, prop);
+    for (size_t i = 0; i < n; i++) {
+        char item[48];
+        snprintf(item, sizeof item, "\\x{%X}-\\x{%X}", (unsigned)r[i].lo, (unsigned)r[i].hi);
+        pb_put(b, item);
+    }
+}
+
+/* Rewrites the four class escapes; everything else is copied. Tracks [...] so an escape inside a class
+ * is spliced in and one outside gets its own brackets. */
+char *tok_regex_for_pcre2(const char *s) {
+    pbuf b = {0};
+    bool in_class = false;
+    for (; *s; s++) {
+        char one[3] = {s[0], 0, 0};
+        if (s[0] == '\\' && s[1]) {
+            const char *open = in_class ? "" : "[", *close = in_class ? "" : "]";
+            if (!strncmp(s, "\\p{L}", 5) || !strncmp(s, "\\p{N}", 5)) {
+                pb_put(&b, open);
+                pb_class(&b, s[3] == 'L' ? "\\p{L}" : "\\p{N}", s[3] == 'L' ? TOK_UNI_LETTER : TOK_UNI_NUMBER);
+                pb_put(&b, close);
+                s += 4;
+                continue;
+            }
+            if ((s[1] == 's' || s[1] == 'S') && !(s[1] == 'S' && in_class)) {
+                pb_put(&b, s[1] == 'S' ? "[^" : open);
+                pb_put(&b, k_white_space);
+                pb_put(&b, s[1] == 'S' ? "]" : close);
+                s += 1;
+                continue;
+            }
+            one[1] = s[1];
+            s++;
+        } else if (s[0] == '[' && !in_class) {
+            in_class = true;
+        } else if (s[0] == ']' && in_class) {
+            in_class = false;
+        }
+        pb_put(&b, one);
+    }
+    if (b.oom) {
+        free(b.p);
+        return NULL;
+    }
+    return b.p;
+}
+
 int tok_pre_init(tok_pre *p, ds_err *err) {
     if ((unsigned)p->regex > TOK_RE_QWEN2) return ds_err_set(err, DS_EINVAL, "tokenizer: bad regex kind");
     int ec;
     PCRE2_SIZE eoff;
-    /* UCP: \s \p{L} etc. are Unicode-aware, as in Oniguruma. MATCH_INVALID_UTF: invalid bytes never
-     * match and simply become gap pieces, so arbitrary input is tokenised byte-wise, never an error. */
+    char *pattern = tok_regex_for_pcre2(tok_regex_text[p->regex]);
+    if (!pattern) return ds_err_set(err, DS_ENOMEM, "tokenizer: out of memory");
+    /* UCP: \p{..} and case folding are Unicode-aware, as in Oniguruma. MATCH_INVALID_UTF: invalid bytes
+     * never match and simply become gap pieces, so arbitrary input is tokenised byte-wise, never an error. */
     uint32_t opts = PCRE2_UTF | PCRE2_UCP | PCRE2_MATCH_INVALID_UTF;
-    p->code = pcre2_compile((PCRE2_SPTR)tok_regex_text[p->regex], PCRE2_ZERO_TERMINATED, opts, &ec, &eoff, NULL);
+    p->code = pcre2_compile((PCRE2_SPTR)pattern, PCRE2_ZERO_TERMINATED, opts, &ec, &eoff, NULL);
+    free(pattern);
     if (!p->code) {
         PCRE2_UCHAR msg[160];
         pcre2_get_error_message(ec, msg, sizeof msg);
@@ -39,8 +122,8 @@ void tok_pre_free(tok_pre *p) {
 
 /* One match from `start`; returns 1 with [*ms, *me), 0 when nothing matches, <0 on error. Falls back
  * to the interpreter when the JIT runs out of its (small, machine-stack) frame space. */
-static int match_at(const pcre2_code *code, pcre2_match_data *md, const uint8_t *s, size_t n, size_t start,
-                    size_t *ms, size_t *me) {
+static int match_at(const pcre2_code *code, pcre2_match_data *md, const uint8_t *s, size_t n, size_t start, size_t *ms,
+                    size_t *me) {
     int rc = pcre2_match(code, (PCRE2_SPTR)s, n, start, 0, md, NULL);
     if (rc == PCRE2_ERROR_JIT_STACKLIMIT) rc = pcre2_match(code, (PCRE2_SPTR)s, n, start, PCRE2_NO_JIT, md, NULL);
     if (rc == PCRE2_ERROR_NOMATCH) return 0;
@@ -51,8 +134,7 @@ static int match_at(const pcre2_code *code, pcre2_match_data *md, const uint8_t 
     return 1;
 }
 
-static int regex_split(const tok_pre *p, pcre2_match_data *md, const uint8_t *s, size_t n, tok_piece_fn fn,
-                       void *ctx) {
+static int regex_split(const tok_pre *p, pcre2_match_data *md, const uint8_t *s, size_t n, tok_piece_fn fn, void *ctx) {
     size_t pos = 0;
     while (pos < n) {
         size_t ms, me;
@@ -73,8 +155,7 @@ static int regex_split(const tok_pre *p, pcre2_match_data *md, const uint8_t *s,
 
 /* HF Digits(individual_digits=true): every numeric character is its own piece; the runs between
  * them go on to the regex separately (so " 1" never becomes one piece). */
-static int digit_split(const tok_pre *p, pcre2_match_data *md, const uint8_t *s, size_t n, tok_piece_fn fn,
-                       void *ctx) {
+static int digit_split(const tok_pre *p, pcre2_match_data *md, const uint8_t *s, size_t n, tok_piece_fn fn, void *ctx) {
     size_t run = 0, i = 0;
     while (i < n) {
         uint32_t cp;

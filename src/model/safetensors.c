@@ -10,6 +10,8 @@
 #include <string.h>
 #include <sys/stat.h>
 
+_Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "safetensors data is little-endian; so must the host be");
+
 /* The reference implementation refuses headers above 100 MB; so do we. */
 #define ST_MAX_HEADER (100u << 20)
 /* JSON numbers are doubles: integers above 2^53 cannot be represented exactly. */
@@ -210,6 +212,7 @@ void ds_st_close(ds_st_file *f) {
 }
 
 const ds_st_tensor *ds_st_find(const ds_st_file *f, const char *name) {
+    if (!f->n_tensors) return NULL;
     ds_st_tensor probe = {.name = (char *)name};
     return bsearch(&probe, f->tensors, f->n_tensors, sizeof *f->tensors, cmp_name);
 }
@@ -281,6 +284,7 @@ static int build_index(ds_st_set *s, ds_err *err) {
 }
 
 const ds_st_tensor *ds_st_set_find(const ds_st_set *s, const char *name, const ds_st_file **file) {
+    if (!s->n_entries) return NULL;
     ds_st_tensor probe_t = {.name = (char *)name};
     ds_st_entry probe = {.t = &probe_t};
     const ds_st_entry *e = bsearch(&probe, s->entries, s->n_entries, sizeof *s->entries, cmp_entry);

@@ -33,6 +33,14 @@ bool tok_is_white_space(uint32_t cp); /* Unicode White_Space (Rust regex \s) */
 bool tok_is_word(uint32_t cp);        /* Rust regex \w: alphabetic, marks, Nd, Pc, join controls */
 bool tok_is_numeric(uint32_t cp);     /* Rust char::is_numeric: Nd, Nl, No (HF Digits) */
 
+/* Code points HF's Unicode 16 tables classify and our libraries' older ones do not (tok_unicode.c). */
+typedef struct tok_range {
+    uint32_t lo, hi;
+} tok_range;
+typedef enum { TOK_UNI_LETTER = 0, TOK_UNI_NUMBER, TOK_UNI_NUMERIC, TOK_UNI_WORD } tok_uni_class;
+const tok_range *tok_unicode_extra(tok_uni_class which, size_t *n);
+bool tok_unicode_extra_has(tok_uni_class which, uint32_t cp);
+
 /* GPT-2 byte <-> code point map (formats.md §7): printable bytes map to themselves, the other 68 to
  * U+0100.. in byte order. tok_cp_to_byte returns -1 for code points outside the map. */
 uint32_t tok_byte_to_cp(uint8_t b);
@@ -48,12 +56,15 @@ int tok_ids_push(tok_ids *ids, int32_t id);
 /* ---- pre-tokeniser (pretokenize.c) ---- */
 typedef enum { TOK_RE_GPT2 = 0, TOK_RE_LLAMA3, TOK_RE_QWEN2 } tok_regex_kind;
 extern const char *const tok_regex_text[3]; /* the patterns, exactly as tokenizer.json spells them */
+/* The PCRE2 spelling of an HF pattern: \p{L}, \p{N} gain the Unicode 16 additions and \s / \S become
+ * explicit White_Space classes, so PCRE2 classifies every code point as Oniguruma does. malloc'd. */
+char *tok_regex_for_pcre2(const char *hf_pattern);
 
 typedef struct tok_pre {
-    bool nfc;             /* NFC normaliser */
-    bool split_digits;    /* HF Digits(individual_digits=true) before the regex (SmolLM) */
+    bool nfc;          /* NFC normaliser */
+    bool split_digits; /* HF Digits(individual_digits=true) before the regex (SmolLM) */
     tok_regex_kind regex;
-    pcre2_code *code;     /* compiled once per tokenizer; JIT'd when available */
+    pcre2_code *code; /* compiled once per tokenizer; JIT'd when available */
 } tok_pre;
 
 int tok_pre_init(tok_pre *p, ds_err *err);
@@ -66,7 +77,7 @@ int tok_nfc(const uint8_t *s, size_t n, uint8_t **out, size_t *out_n);
 
 /* ---- BPE (bpe.c) ---- */
 typedef struct tok_merge_map {
-    uint64_t *keys;   /* (left id << 32 | right id), UINT64_MAX = empty */
+    uint64_t *keys; /* (left id << 32 | right id), UINT64_MAX = empty */
     int32_t *rank, *result;
     size_t cap, count;
 } tok_merge_map;
@@ -76,15 +87,15 @@ typedef struct bpe_scratch {
     size_t sym_cap;
     struct bpe_item *heap;
     size_t heap_cap;
-    char *text;       /* byte-level spelling of a piece, for ignore_merges lookups */
+    char *text; /* byte-level spelling of a piece, for ignore_merges lookups */
     size_t text_cap;
 } bpe_scratch;
 
 void tok_merges_free(tok_merge_map *m);
 /* Adds merges "a b" (rank = index). strict: an unknown part or result is an error naming the merge
  * (HF refuses such files); otherwise such merges are skipped and counted in *n_skipped. */
-int tok_merges_build(tok_merge_map *m, const ds_strmap *vocab, const char *const *merges, int32_t n_merges,
-                     bool strict, int32_t *n_skipped, ds_err *err);
+int tok_merges_build(tok_merge_map *m, const ds_strmap *vocab, const char *const *merges, int32_t n_merges, bool strict,
+                     int32_t *n_skipped, ds_err *err);
 void bpe_scratch_free(bpe_scratch *sc);
 /* Appends the ids of one pre-token (raw bytes) to out. Returns 0 or DS_ENOMEM / DS_ERANGE. */
 int bpe_encode_piece(const ds_tokenizer *t, const uint8_t *s, size_t n, bpe_scratch *sc, tok_ids *out);
@@ -92,7 +103,7 @@ int bpe_encode_piece(const ds_tokenizer *t, const uint8_t *s, size_t n, bpe_scra
 /* ---- added tokens ---- */
 typedef struct tok_added {
     int32_t id;
-    char *content;    /* owned; as matched: the normalised form for normalized tokens */
+    char *content; /* owned; as matched: the normalised form for normalized tokens */
     size_t len;
     bool special, lstrip, rstrip, single_word, normalized;
 } tok_added;
@@ -114,17 +125,17 @@ enum { TOKF_SPECIAL = 1, TOKF_ADDED = 2, TOKF_EOG = 4, TOKF_MODEL = 8 /* in the 
 
 struct ds_tokenizer {
     int32_t n_vocab;
-    char *text;               /* vocab spellings ("Ġthe"), NUL-separated; text_off[id] */
+    char *text; /* vocab spellings ("Ġthe"), NUL-separated; text_off[id] */
     uint32_t *text_off, *text_len;
-    char *bytes;              /* decoded bytes of each token (what decode emits) */
+    char *bytes; /* decoded bytes of each token (what decode emits) */
     uint32_t *bytes_off, *bytes_len;
-    uint8_t *type;            /* DS_TOKEN_* */
-    uint8_t *flags;           /* TOKF_* */
-    ds_strmap *vocab;         /* model vocab spelling -> id (BPE, ignore_merges) */
-    ds_strmap *lookup;        /* added-token contents and vocab spellings -> id (ds_tokenizer_find) */
+    uint8_t *type;     /* DS_TOKEN_* */
+    uint8_t *flags;    /* TOKF_* */
+    ds_strmap *vocab;  /* model vocab spelling -> id (BPE, ignore_merges) */
+    ds_strmap *lookup; /* added-token contents and vocab spellings -> id (ds_tokenizer_find) */
     tok_merge_map merges;
-    int32_t byte_tok[256];    /* id of each byte's one-character token, -1 when absent */
-    int32_t unk_id;           /* emitted for a byte with no token; -1: the byte is dropped (as HF) */
+    int32_t byte_tok[256]; /* id of each byte's one-character token, -1 when absent */
+    int32_t unk_id;        /* emitted for a byte with no token; -1: the byte is dropped (as HF) */
     bool ignore_merges;
     tok_pre pre;
     tok_added *added;
@@ -138,22 +149,26 @@ struct ds_tokenizer {
 /* Everything a loader knows, in the loader-neutral form tok_build consumes. */
 typedef struct tok_spec {
     int32_t n_vocab;
-    const char *const *tokens;   /* [n_vocab] model vocab spellings; NULL = no model token with that id */
-    const int32_t *token_types;  /* [n_vocab] or NULL */
+    const char *const *tokens;  /* [n_vocab] model vocab spellings; NULL = no model token with that id */
+    const int32_t *token_types; /* [n_vocab] or NULL */
     int32_t n_merges;
     const char *const *merges;
     bool strict_merges;
-    const tok_added *added;      /* contents as written (tok_build normalises); NULL: derive from types */
+    const tok_added *added; /* contents as written (tok_build normalises); NULL: derive from types */
     size_t n_added;
-    tok_pre pre;                 /* nfc / split_digits / regex set, code NULL */
+    tok_pre pre; /* nfc / split_digits / regex set, code NULL */
     bool ignore_merges;
     int32_t unk_id, bos, eos, eot, pad;
     bool add_bos, add_eos;
-    const char *chat_template;   /* copied, may be NULL */
-    const char *source;          /* names the input in error messages */
+    const char *chat_template; /* copied, may be NULL */
+    const char *source;        /* names the input in error messages */
 } tok_spec;
 
 ds_tokenizer *tok_build(const tok_spec *s, ds_err *err);
+
+/* ds_tokenizer_load_json on text in memory; `name` stands for the file in messages (fuzzing, tests). */
+ds_tokenizer *tok_load_json_text(const char *text, size_t len, const char *name, const char *config_path,
+                                 ds_err *err);
 
 /* ---- trie (tok_encode.c) ---- */
 int tok_trie_build(tok_trie *tr, const tok_added *added, size_t n_added, bool normalized);

@@ -117,8 +117,8 @@ size_t tok_utf8_lossy(const uint8_t *s, size_t n, bool final, uint8_t *out, size
 bool tok_is_white_space(uint32_t c) {
     if (c == 0x20 || (c >= 0x09 && c <= 0x0D)) return true;
     if (c < 0x85) return false;
-    return c == 0x85 || c == 0xA0 || c == 0x1680 || (c >= 0x2000 && c <= 0x200A) || c == 0x2028 ||
-           c == 0x2029 || c == 0x202F || c == 0x205F || c == 0x3000;
+    return c == 0x85 || c == 0xA0 || c == 0x1680 || (c >= 0x2000 && c <= 0x200A) || c == 0x2028 || c == 0x2029 ||
+           c == 0x202F || c == 0x205F || c == 0x3000;
 }
 
 /* Rust regex \w = Alphabetic + M + Nd + Pc + Join_Control. Alphabetic is L + Nl + Other_Alphabetic;
@@ -127,7 +127,7 @@ bool tok_is_word(uint32_t c) {
     if (c < 0x80) return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_';
     if (c == 0x200C || c == 0x200D) return true;
     if ((c >= 0x24B6 && c <= 0x24E9) || (c >= 0x1F130 && c <= 0x1F149) || (c >= 0x1F150 && c <= 0x1F169) ||
-        (c >= 0x1F170 && c <= 0x1F189))
+        (c >= 0x1F170 && c <= 0x1F189) || tok_unicode_extra_has(TOK_UNI_WORD, c))
         return true;
     switch (utf8proc_category((utf8proc_int32_t)c)) {
     case UTF8PROC_CATEGORY_LU:
@@ -148,7 +148,8 @@ bool tok_is_word(uint32_t c) {
 bool tok_is_numeric(uint32_t c) {
     if (c < 0x80) return c >= '0' && c <= '9';
     utf8proc_category_t k = utf8proc_category((utf8proc_int32_t)c);
-    return k == UTF8PROC_CATEGORY_ND || k == UTF8PROC_CATEGORY_NL || k == UTF8PROC_CATEGORY_NO;
+    return k == UTF8PROC_CATEGORY_ND || k == UTF8PROC_CATEGORY_NL || k == UTF8PROC_CATEGORY_NO ||
+           tok_unicode_extra_has(TOK_UNI_NUMERIC, c);
 }
 
 /* GPT-2 bytes_to_unicode in closed form: the 68 unprintable bytes are 0-32, 127-160 and 173, numbered

@@ -10,8 +10,8 @@
 
 /* End-of-generation spellings llama.cpp also treats as EOG; in preference order for end-of-turn. */
 static const char *const k_eog_names[] = {
-    "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|eom_id|>", "<|endoftext|>",
-    "<|end_of_text|>", "<EOT>", "_<EOT>", "<｜end▁of▁sentence｜>",
+    "<|eot_id|>",    "<|im_end|>",      "<|end|>", "<end_of_turn>", "<|eom_id|>",
+    "<|endoftext|>", "<|end_of_text|>", "<EOT>",   "_<EOT>",        "<｜end▁of▁sentence｜>",
 };
 #define N_EOG_NAMES (sizeof k_eog_names / sizeof k_eog_names[0])
 #define N_EOT_NAMES 4 /* the first four name an end of turn */
@@ -275,8 +275,8 @@ int ds_tokenizer_pre_from_name(const char *name, ds_pre_type *out) {
         const char *name;
         ds_pre_type pre;
     } k[] = {
-        {"default", DS_PRE_GPT2},   {"gpt-2", DS_PRE_GPT2},         {"gpt2", DS_PRE_GPT2},
-        {"smollm", DS_PRE_SMOLLM},  {"starcoder", DS_PRE_SMOLLM},   {"refact", DS_PRE_SMOLLM},
+        {"default", DS_PRE_GPT2},     {"gpt-2", DS_PRE_GPT2},       {"gpt2", DS_PRE_GPT2},
+        {"smollm", DS_PRE_SMOLLM},    {"starcoder", DS_PRE_SMOLLM}, {"refact", DS_PRE_SMOLLM},
         {"llama-bpe", DS_PRE_LLAMA3}, {"llama3", DS_PRE_LLAMA3},    {"llama-v3", DS_PRE_LLAMA3},
         {"smaug-bpe", DS_PRE_LLAMA3}, {"qwen2", DS_PRE_QWEN2},      {"deepseek-r1-qwen", DS_PRE_QWEN2},
     };
@@ -306,12 +306,25 @@ ds_tokenizer *ds_tokenizer_create(const ds_tokenizer_desc *d, ds_err *err) {
         return NULL;
     }
     tok_spec s = {
-        .n_vocab = d->n_vocab, .tokens = d->tokens, .token_types = d->token_types, .n_merges = d->n_merges,
-        .merges = d->merges, .ignore_merges = d->ignore_merges, .unk_id = -1, .bos = d->bos_id,
-        .eos = d->eos_id, .eot = d->eot_id, .pad = d->pad_id, .add_bos = d->add_bos, .add_eos = d->add_eos,
+        .n_vocab = d->n_vocab,
+        .tokens = d->tokens,
+        .token_types = d->token_types,
+        .n_merges = d->n_merges,
+        .merges = d->merges,
+        .ignore_merges = d->ignore_merges,
+        .unk_id = -1,
+        .bos = d->bos_id,
+        .eos = d->eos_id,
+        .eot = d->eot_id,
+        .pad = d->pad_id,
+        .add_bos = d->add_bos,
+        .add_eos = d->add_eos,
         .source = "tokenizer",
-        .pre = {.nfc = d->pre == DS_PRE_QWEN2, .split_digits = d->pre == DS_PRE_SMOLLM,
-                .regex = d->pre == DS_PRE_LLAMA3 ? TOK_RE_LLAMA3 : d->pre == DS_PRE_QWEN2 ? TOK_RE_QWEN2 : TOK_RE_GPT2},
+        .pre = {.nfc = d->pre == DS_PRE_QWEN2,
+                .split_digits = d->pre == DS_PRE_SMOLLM,
+                .regex = d->pre == DS_PRE_LLAMA3  ? TOK_RE_LLAMA3
+                         : d->pre == DS_PRE_QWEN2 ? TOK_RE_QWEN2
+                                                  : TOK_RE_GPT2},
     };
     return tok_build(&s, err);
 }

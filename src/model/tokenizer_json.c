@@ -17,11 +17,12 @@ typedef struct jl {
     const char *path, *cfg_path;
     ds_err *err;
     tok_spec s;
-    const char **tokens;   /* [n_vocab], borrowed from the cJSON tree */
-    char **merges;         /* [n_merges] owned "a b" */
-    tok_added *added;      /* contents borrowed from the cJSON tree */
+    const char **tokens;        /* [n_vocab], borrowed from the cJSON tree */
+    char **merges;              /* [n_merges] owned "a b" */
+    tok_added *added;           /* contents borrowed from the cJSON tree */
     int32_t tmpl_bos, tmpl_eos; /* ids the post-processor adds, -1 none */
     bool has_post;
+    bool from_file;        /* look for chat_template.jinja beside path */
     char *chat_template;
 } jl;
 
@@ -60,7 +61,8 @@ static int parse_vocab(jl *j, const cJSON *vocab, int32_t max_added) {
     int32_t max_id = max_added;
     for (const cJSON *e = vocab->child; e; e = e->next) {
         int32_t id;
-        if (!get_id(e, &id)) return fail(j, DS_EFORMAT, "model.vocab[\"%.80s\"] is not an id in [0, 2^24)", e->string, 0);
+        if (!get_id(e, &id))
+            return fail(j, DS_EFORMAT, "model.vocab[\"%.80s\"] is not an id in [0, 2^24)", e->string, 0);
         if (id > max_id) max_id = id;
     }
     if (max_id < 0) return fail(j, DS_EFORMAT, "model.vocab is empty", 0, 0);
@@ -70,7 +72,8 @@ static int parse_vocab(jl *j, const cJSON *vocab, int32_t max_added) {
     for (const cJSON *e = vocab->child; e; e = e->next) {
         int32_t id = 0;
         get_id(e, &id);
-        if (j->tokens[id]) return fail(j, DS_EFORMAT, "model.vocab: two tokens share the id of \"%.80s\"", e->string, 0);
+        if (j->tokens[id])
+            return fail(j, DS_EFORMAT, "model.vocab: two tokens share the id of \"%.80s\"", e->string, 0);
         j->tokens[id] = e->string;
     }
     j->s.tokens = j->tokens;
@@ -129,7 +132,8 @@ static bool every_byte_in_vocab(const cJSON *vocab) {
 static int check_model_options(jl *j, const cJSON *model) {
     const char *ty = type_of(model);
     if (ty && strcmp(ty, "BPE")) return fail(j, DS_EUNSUPPORTED, "model.type is '%.40s'; only BPE is supported", ty, 0);
-    if (!ty && !field(model, "merges")) return fail(j, DS_EUNSUPPORTED, "model has no type and no merges; only BPE is supported", 0, 0);
+    if (!ty && !field(model, "merges"))
+        return fail(j, DS_EUNSUPPORTED, "model has no type and no merges; only BPE is supported", 0, 0);
     static const char *const strs[] = {"continuing_subword_prefix", "end_of_word_suffix"};
     for (int i = 0; i < 2; i++) {
         const cJSON *v = field(model, strs[i]);
@@ -143,7 +147,8 @@ static int check_model_options(jl *j, const cJSON *model) {
     if (im < 0) return fail(j, DS_EFORMAT, "model.ignore_merges is not a bool", 0, 0);
     if (bf < 0) return fail(j, DS_EFORMAT, "model.byte_fallback is not a bool", 0, 0);
     if (bf && !every_byte_in_vocab(field(model, "vocab")))
-        return fail(j, DS_EUNSUPPORTED, "model.byte_fallback=true with bytes missing from the vocab is not supported", 0, 0);
+        return fail(j, DS_EUNSUPPORTED, "model.byte_fallback=true with bytes missing from the vocab is not supported",
+                    0, 0);
     j->s.ignore_merges = im;
     return DS_OK;
 }
@@ -158,7 +163,8 @@ static int parse_model(jl *j, const cJSON *model, int32_t max_added) {
     if (!rc && cJSON_IsString(unk)) {
         for (int32_t i = 0; i < j->s.n_vocab; i++)
             if (j->tokens[i] && !strcmp(j->tokens[i], unk->valuestring)) j->s.unk_id = i;
-        if (j->s.unk_id < 0) rc = fail(j, DS_EFORMAT, "model.unk_token '%.60s' is not in the vocab", unk->valuestring, 0);
+        if (j->s.unk_id < 0)
+            rc = fail(j, DS_EFORMAT, "model.unk_token '%.60s' is not in the vocab", unk->valuestring, 0);
     }
     return rc;
 }
@@ -224,7 +230,8 @@ static int parse_normalizer(jl *j, const cJSON *n) {
 /* ByteLevel with the given use_regex and no prefix space; anything else is refused. */
 static int check_byte_level(jl *j, const cJSON *b, bool want_regex) {
     const char *ty = type_of(b);
-    if (!ty || strcmp(ty, "ByteLevel")) return fail(j, DS_EUNSUPPORTED, "pre_tokenizer step '%.40s' is not supported here", ty ? ty : "?", 0);
+    if (!ty || strcmp(ty, "ByteLevel"))
+        return fail(j, DS_EUNSUPPORTED, "pre_tokenizer step '%.40s' is not supported here", ty ? ty : "?", 0);
     if (get_bool(b, "add_prefix_space", false) != 0)
         return fail(j, DS_EUNSUPPORTED, "pre_tokenizer ByteLevel add_prefix_space=true is not supported", 0, 0);
     if (get_bool(b, "use_regex", true) != want_regex)
@@ -235,13 +242,20 @@ static int check_byte_level(jl *j, const cJSON *b, bool want_regex) {
 
 static int parse_split(jl *j, const cJSON *sp) {
     const cJSON *pat = field(field(sp, "pattern"), "Regex"), *beh = field(sp, "behavior");
-    if (!cJSON_IsString(pat)) return fail(j, DS_EUNSUPPORTED, "pre_tokenizer Split without a Regex pattern is not supported", 0, 0);
+    if (!cJSON_IsString(pat))
+        return fail(j, DS_EUNSUPPORTED, "pre_tokenizer Split without a Regex pattern is not supported", 0, 0);
     if (!cJSON_IsString(beh) || strcmp(beh->valuestring, "Isolated") || get_bool(sp, "invert", false) != 0)
         return fail(j, DS_EUNSUPPORTED, "pre_tokenizer Split must be behavior Isolated, invert false", 0, 0);
-    if (!strcmp(pat->valuestring, tok_regex_text[TOK_RE_LLAMA3])) j->s.pre.regex = TOK_RE_LLAMA3;
-    else if (!strcmp(pat->valuestring, tok_regex_text[TOK_RE_QWEN2])) j->s.pre.regex = TOK_RE_QWEN2;
-    else if (!strcmp(pat->valuestring, tok_regex_text[TOK_RE_GPT2])) j->s.pre.regex = TOK_RE_GPT2;
-    else return fail(j, DS_EUNSUPPORTED, "pre_tokenizer Split regex is not a known family (Llama-3, Qwen2, GPT-2): %.120s", pat->valuestring, 0);
+    if (!strcmp(pat->valuestring, tok_regex_text[TOK_RE_LLAMA3]))
+        j->s.pre.regex = TOK_RE_LLAMA3;
+    else if (!strcmp(pat->valuestring, tok_regex_text[TOK_RE_QWEN2]))
+        j->s.pre.regex = TOK_RE_QWEN2;
+    else if (!strcmp(pat->valuestring, tok_regex_text[TOK_RE_GPT2]))
+        j->s.pre.regex = TOK_RE_GPT2;
+    else
+        return fail(j, DS_EUNSUPPORTED,
+                    "pre_tokenizer Split regex is not a known family (Llama-3, Qwen2, GPT-2): %.120s", pat->valuestring,
+                    0);
     return DS_OK;
 }
 
@@ -251,7 +265,9 @@ static int parse_pre(jl *j, const cJSON *p) {
     const cJSON *steps = ty && !strcmp(ty, "Sequence") ? field(p, "pretokenizers") : NULL;
     int n = cJSON_IsArray(steps) ? cJSON_GetArraySize(steps) : 0;
     if (n == 1) return parse_pre(j, steps->child);
-    if (n != 2) return fail(j, DS_EUNSUPPORTED, "pre_tokenizer '%.40s' is not a supported byte-level shape", ty ? ty : "null", 0);
+    if (n != 2)
+        return fail(j, DS_EUNSUPPORTED, "pre_tokenizer '%.40s' is not a supported byte-level shape", ty ? ty : "null",
+                    0);
     const cJSON *a = steps->child, *b = a->next;
     const char *ta = type_of(a);
     if (ta && !strcmp(ta, "Digits")) {
@@ -284,7 +300,8 @@ static int template_special(jl *j, const cJSON *tp, const char *name, int32_t *i
 
 static int parse_template(jl *j, const cJSON *tp) {
     const cJSON *single = field(tp, "single");
-    if (!cJSON_IsArray(single)) return fail(j, DS_EFORMAT, "post_processor TemplateProcessing.single is not an array", 0, 0);
+    if (!cJSON_IsArray(single))
+        return fail(j, DS_EFORMAT, "post_processor TemplateProcessing.single is not an array", 0, 0);
     bool seen_a = false;
     for (const cJSON *it = single->child; it; it = it->next) {
         const cJSON *sp = field(field(it, "SpecialToken"), "id");
@@ -292,7 +309,8 @@ static int parse_template(jl *j, const cJSON *tp) {
             seen_a = true;
             continue;
         }
-        if (!cJSON_IsString(sp)) return fail(j, DS_EFORMAT, "post_processor TemplateProcessing.single has a bad item", 0, 0);
+        if (!cJSON_IsString(sp))
+            return fail(j, DS_EFORMAT, "post_processor TemplateProcessing.single has a bad item", 0, 0);
         int32_t *slot = seen_a ? &j->tmpl_eos : &j->tmpl_bos;
         if (*slot >= 0) return fail(j, DS_EUNSUPPORTED, "post_processor adds more than one token on a side", 0, 0);
         int rc = template_special(j, tp, sp->valuestring, slot);
@@ -348,7 +366,8 @@ static int apply_config(jl *j, const cJSON *cfg) {
     int32_t bos = config_token(j, cfg, "bos_token"), eos = config_token(j, cfg, "eos_token");
     j->s.pad = config_token(j, cfg, "pad_token");
     int ab = get_bool(cfg, "add_bos_token", false), ae = get_bool(cfg, "add_eos_token", false);
-    if (ab < 0 || ae < 0) return ds_err_set(j->err, DS_EFORMAT, "%s: add_bos_token / add_eos_token is not a bool", j->cfg_path);
+    if (ab < 0 || ae < 0)
+        return ds_err_set(j->err, DS_EFORMAT, "%s: add_bos_token / add_eos_token is not a bool", j->cfg_path);
     /* transformers rebuilds the post-processor from these flags when either is given (or when the
      * tokenizer.json has none); otherwise tokenizer.json's post-processor decides. */
     if (field(cfg, "add_bos_token") || field(cfg, "add_eos_token") || !j->has_post) {
@@ -402,7 +421,7 @@ static int parse_root(jl *j, const cJSON *root) {
     if (!rc) rc = parse_post(j, field(root, "post_processor"));
     if (!rc && j->cfg_path) rc = load_config(j);
     if (rc) return rc;
-    if (!j->chat_template) load_jinja(j);
+    if (!j->chat_template && j->from_file) load_jinja(j);
     if (j->tmpl_bos >= 0) j->s.bos = j->tmpl_bos;
     if (j->tmpl_eos >= 0 && j->s.eos < 0) j->s.eos = j->tmpl_eos;
     j->s.add_bos = j->tmpl_bos >= 0;
@@ -420,6 +439,24 @@ static void jl_free(jl *j) {
     free(j->chat_template);
 }
 
+static ds_tokenizer *load_text(const char *text, size_t len, const char *name, const char *config_path, bool from_file,
+                               ds_err *err) {
+    cJSON *root = cJSON_ParseWithLength(text, len);
+    jl j = {.path = name, .cfg_path = config_path, .err = err, .tmpl_bos = -1, .tmpl_eos = -1, .from_file = from_file};
+    j.s = (tok_spec){.strict_merges = true, .unk_id = -1, .bos = -1, .eos = -1, .eot = -1, .pad = -1, .source = name};
+    ds_tokenizer *t = NULL;
+    if (!root) fail(&j, DS_EFORMAT, "malformed JSON", 0, 0);
+    else if (!parse_root(&j, root)) t = tok_build(&j.s, err);
+    cJSON_Delete(root);
+    jl_free(&j);
+    return t;
+}
+
+ds_tokenizer *tok_load_json_text(const char *text, size_t len, const char *name, const char *config_path,
+                                 ds_err *err) {
+    return load_text(text, len, name ? name : "tokenizer.json", config_path, false, err);
+}
+
 ds_tokenizer *ds_tokenizer_load_json(const char *path, const char *config_path, ds_err *err) {
     if (!path) {
         ds_err_set(err, DS_EINVAL, "tokenizer.json: no path");
@@ -428,14 +465,7 @@ ds_tokenizer *ds_tokenizer_load_json(const char *path, const char *config_path, 
     char *text = NULL;
     size_t len = 0;
     if (ds_file_read_all(path, TOK_JSON_MAX_BYTES, &text, &len, err)) return NULL;
-    cJSON *root = cJSON_ParseWithLength(text, len);
+    ds_tokenizer *t = load_text(text, len, path, config_path, true, err);
     free(text);
-    jl j = {.path = path, .cfg_path = config_path, .err = err, .tmpl_bos = -1, .tmpl_eos = -1};
-    j.s = (tok_spec){.strict_merges = true, .unk_id = -1, .bos = -1, .eos = -1, .eot = -1, .pad = -1, .source = path};
-    ds_tokenizer *t = NULL;
-    if (!root) fail(&j, DS_EFORMAT, "malformed JSON", 0, 0);
-    else if (!parse_root(&j, root)) t = tok_build(&j.s, err);
-    cJSON_Delete(root);
-    jl_free(&j);
     return t;
 }

@@ -21,6 +21,7 @@ Deterministic: fixed seeds, one CPU thread, eager attention, fp32.
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.metadata
 import json
 import math
@@ -847,10 +848,11 @@ SMOL_ADAPTERS = {
     # all-linear, spelled out: PEFT refuses layers_to_transform with the "all-linear" string
     "lora-b": (dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                        "up_proj", "down_proj"],
-                    layers_to_transform=[0, 5, 10, 15, 20, 25, 29], layers_pattern="layers"),
-               0.035, torch.float16),
+                    layers_to_transform=[0, 10, 20, 29], layers_pattern="layers"),
+               0.07, torch.float16),
 }
 SMOL_NEW_TOKENS = 16
+SMOL_MIN_MARGIN = 5e-2  # every greedy step's top1-top2 gap, so a correct fp32 engine cannot flip a token
 
 
 def gen_smollm2(written: list[Path], report: dict) -> None:
@@ -907,8 +909,9 @@ def gen_smollm2(written: list[Path], report: dict) -> None:
         if d.exists():
             shutil.rmtree(d)
         chosen = None
-        for attempt in range(6):
-            base = load()
+        base0 = load()
+        for attempt in range(10):
+            base = copy.deepcopy(base0)
             torch.manual_seed(seed_of("smollm2", name, "init", attempt))
             pm = get_peft_model(base, LoraConfig(task_type=TaskType.CAUSAL_LM, lora_dropout=0.0, **kw))
             g = torch.Generator().manual_seed(seed_of("smollm2", name, attempt))
@@ -922,7 +925,7 @@ def gen_smollm2(written: list[Path], report: dict) -> None:
             margins = {k: check_steps(pm, ids, outs[k])[0] for k, _, ids in prompts}
             mm = min(min(v) for v in margins.values())
             print(f"  smollm2/{name} attempt {attempt}: changed={changed} min margin {mm:.3g}")
-            if changed and mm >= 2e-2:
+            if changed and mm >= SMOL_MIN_MARGIN:
                 chosen = (attempt, pm)
                 break
         if chosen is None:

@@ -125,8 +125,35 @@ CORPUS = [
     "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 𝕞𝕒𝕥𝕙 𝟙𝟚𝟛",
 ]
 
+def random_lines(n, seed=20241122):
+    """Random mixes of the characters pre-tokenisers disagree about most (whitespace kinds, marks, digits of
+    several scripts, newly assigned code points, added-token fragments): a differential fuzz against HF
+    found Unicode-version differences here that the hand-written lines missed."""
+    import random
+
+    rng = random.Random(seed)
+    pool = list(" \t\n\r  abexZ'stlLSTDMVR19.,!?<|>_-()[]{}\"#@$%^&*+=/\\~`") + [chr(c) for c in (
+        0xA0, 0x3000, 0x2028, 0x2029, 0x85, 0x1680, 0x180E, 0x200B, 0x2009, 0x202F, 0x205F, 0xFEFF, 0x4E2D, 0x6587,
+        0x53C2, 0xE9, 0x301, 0x1F600, 0x1F3FD, 0x200D, 0x1F1FA, 0x1F1F8, 0x663, 0xB2, 0x216B, 0xFF21, 0xE01, 0x5D0,
+        0x17F, 0x2019, 0xAC00, 0x1100, 0x1161, 0x11DE0, 0x16FF4, 0x0B, 0x0C, 0x1C, 0x1F, 0x212A, 0x130, 0x131, 0xDF,
+        0x1E9E, 0x2160, 0xBD, 0x3007, 0x10400, 0x1D7CE, 0x345, 0xE31, 0xE47, 0x105C0, 0x10D40, 0x13460, 0x1C89)]
+    pieces = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|begin_of_text|>", "<|eot_id|>", "<|mask|>", "[WORD]",
+              "<think>", "café", "<tool_call>", "'s", "'LL", "'Re", "  ", "\t\n", " \n ", "\r\n", "\u3000 "]
+    lines = []
+    for _ in range(n):
+        out = []
+        for _ in range(rng.randint(1, 60)):
+            r = rng.random()
+            out.append(rng.choice(pieces) if r < 0.15 else chr(rng.choice([c for c in range(0x20, 0x2FFFF)
+                                                                            if not 0xD800 <= c < 0xE000]))
+                       if r < 0.25 else rng.choice(pool))
+        lines.append("".join(out))
+    return lines
+
+
 UNREACHABLE = ["Ġdeltaserve", "Ġunreachable", "ZZZZ", "ĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠĠ"]
 CORPUS.append("welcome to deltaserve unreachable ZZZZ" + " " * 33 + "x")
+CORPUS += random_lines(12)
 
 CHINESE_TRAIN = """
 参数高效微调是一类只更新少量参数的方法，例如低秩适配、前缀微调和提示微调。低秩适配把权重的更新量分解为两个低秩矩阵的乘积，
@@ -378,9 +405,71 @@ def gen_chat(smollm_template):
     print(f"wrote {path}: {len(cases)} cases")
 
 
+# ---- Unicode classes ------------------------------------------------------------------------------------------
+
+def _ranges(cs):
+    out = []
+    for c in sorted(cs):
+        if out and out[-1][1] == c - 1:
+            out[-1][1] = c
+        else:
+            out.append([c, c])
+    return out
+
+
+def unicode_classes():
+    """HF's character classes over every code point, as [lo, hi] ranges (tests/data/tokenizer/unicode_classes.json):
+    Oniguruma's \\s, \\p{L}, \\p{N} (pre-tokenizer regexes), Rust char::is_numeric (Digits) and the Rust regex
+    crate's \\w and \\s (added tokens' single_word / lstrip / rstrip). test_tokenizer_unicode.c checks deltaserve
+    classifies each code point the same way; src/model/tok_unicode.c holds the ranges our libraries lack."""
+    from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers
+
+    chars = [c for c in range(1, 0x110000) if not 0xD800 <= c < 0xE000]
+    out = {}
+    for name, rx in (("white_space", r"\s"), ("letter", r"\p{L}"), ("number", r"\p{N}")):
+        split = pre_tokenizers.Split(Regex(rx), behavior="removed")  # members are exactly what disappears
+        members = []
+        for i in range(0, len(chars), 4096):
+            chunk = chars[i:i + 4096]
+            kept = {ord(ch) for text, _ in split.pre_tokenize_str("".join(map(chr, chunk))) for ch in text}
+            members += [c for c in chunk if c not in kept]
+        out[name] = _ranges(members)
+    digits = pre_tokenizers.Digits(individual_digits=True)
+    numeric = set()
+    for i in range(0, len(chars), 4096):  # "a"-separated: only numerics stand alone
+        for text, _ in digits.pre_tokenize_str("a".join(map(chr, chars[i:i + 4096]))):
+            if len(text) == 1 and text != "a":
+                numeric.add(ord(text))
+    out["numeric"] = _ranges(numeric)
+
+    def added_probe(token, texts, hit):
+        tok = Tokenizer(models.BPE())
+        tok.add_special_tokens([token])
+        qid = tok.token_to_id(token.content)
+        found = []
+        for i in range(0, len(texts), 100000):
+            for c, e in zip(chars[i:i + 100000], tok.encode_batch(texts[i:i + 100000])):
+                if hit(qid, e):
+                    found.append(c)
+        return found
+
+    # \w: a single_word token right after a word character does not match.
+    out["word"] = _ranges(added_probe(AddedToken("Q", single_word=True, normalized=False, special=True),
+                                      [chr(c) + "Q" for c in chars], lambda q, e: q not in e.ids))
+    # \s (Rust regex): an lstrip token swallows the white space before it.
+    ws = added_probe(AddedToken("Q", lstrip=True, normalized=False, special=True), ["x" + chr(c) + "Q" for c in chars],
+                     lambda q, e: any(t == q and o[0] == 1 for t, o in zip(e.ids, e.offsets)))
+    out["rust_white_space"] = _ranges(c for c in ws if c != ord("Q"))
+    path = os.path.join(DATA, "unicode_classes.json")
+    with open(path, "w") as f:
+        f.write("{\n" + ",\n".join(f'"{k}": {json.dumps(v, separators=(",", ":"))}' for k, v in out.items()) + "\n}\n")
+    print(f"wrote {path}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--retrain", action="store_true", help="retrain the small Llama-3/Qwen2/GPT-2 tokenizers")
+    ap.add_argument("--skip-unicode", action="store_true", help="keep unicode_classes.json (its scan takes ~30 s)")
     args = ap.parse_args()
     os.makedirs(DATA, exist_ok=True)
     if not os.path.exists(os.path.join(MODELS, GGUF)):
@@ -408,6 +497,8 @@ def main():
     diff = sum(no_ign.encode(t).ids != goldens["llama3"]["ids"][i] for i, t in enumerate(CORPUS))
     print(f"llama3: ignore_merges changes {diff}/{len(CORPUS)} lines")
     gen_chat(smol_template)
+    if not args.skip_unicode:
+        unicode_classes()
 
 
 if __name__ == "__main__":

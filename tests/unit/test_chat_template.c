@@ -13,9 +13,11 @@ static ds_chat_format expected_format(const char *name) {
 
 static void run_case(const cJSON *templates, const cJSON *c, int idx) {
     const char *name = cJSON_GetObjectItemCaseSensitive(c, "template")->valuestring;
-    const char *tmpl = cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(templates, name), "template")->valuestring;
+    const char *tmpl =
+        cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(templates, name), "template")->valuestring;
     bool gen = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(c, "add_generation_prompt"));
-    const cJSON *msgs = cJSON_GetObjectItemCaseSensitive(c, "messages"), *want = cJSON_GetObjectItemCaseSensitive(c, "output");
+    const cJSON *msgs = cJSON_GetObjectItemCaseSensitive(c, "messages"),
+                *want = cJSON_GetObjectItemCaseSensitive(c, "output");
     ds_chat_format fmt = ds_chat_detect(tmpl);
     CHECK_EQ_INT(fmt, expected_format(name));
     size_t n = (size_t)cJSON_GetArraySize(msgs), i = 0;
@@ -30,7 +32,8 @@ static void run_case(const cJSON *templates, const cJSON *c, int idx) {
         CHECK_MSG(rc == 0 && out && !strcmp(out, want->valuestring), "case %d (%s, gen=%d): got\n[%s]\nwant\n[%s]", idx,
                   name, gen, out ? out : "(error)", want->valuestring);
     } else {
-        CHECK_MSG(rc == DS_EINVAL && out == NULL, "case %d (%s): HF refuses this conversation, got rc %d", idx, name, rc);
+        CHECK_MSG(rc == DS_EINVAL && out == NULL, "case %d (%s): HF refuses this conversation, got rc %d", idx, name,
+                  rc);
     }
     free(out);
     free(sys);
@@ -41,15 +44,20 @@ static void test_golden(void) {
     cJSON *g = tg_load(TOK_DATA "/chat_golden.json");
     CHECK(g != NULL);
     if (!g) return;
-    const cJSON *templates = cJSON_GetObjectItemCaseSensitive(g, "templates"), *cases = cJSON_GetObjectItemCaseSensitive(g, "cases");
+    const cJSON *templates = cJSON_GetObjectItemCaseSensitive(g, "templates"),
+                *cases = cJSON_GetObjectItemCaseSensitive(g, "cases");
     int idx = 0;
     for (const cJSON *c = cases->child; c; c = c->next) run_case(templates, c, idx++);
     CHECK(idx >= 80);
     /* Only the ChatML template carries a default system prompt. */
-    char *sys = ds_chat_default_system(cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(templates, "chatml_smollm2"), "template")->valuestring);
+    char *sys = ds_chat_default_system(
+        cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(templates, "chatml_smollm2"), "template")
+            ->valuestring);
     CHECK(sys && !strcmp(sys, "You are a helpful AI assistant named SmolLM, trained by Hugging Face"));
     free(sys);
-    CHECK(ds_chat_default_system(cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(templates, "llama3"), "template")->valuestring) == NULL);
+    CHECK(ds_chat_default_system(
+              cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(templates, "llama3"), "template")
+                  ->valuestring) == NULL);
     cJSON_Delete(g);
 }
 

@@ -215,7 +215,7 @@ static void test_metadata(void) {
 
 static const float F32_64[64];
 
-static void test_malformed(void) {
+static void test_malformed_header(void) {
     kvs k = {0};
     kv_str(&k, "general.architecture", "llama");
     tdesc t1 = {"w", 2, {32, 2}, DS_GGML_F32, F32_64, 256, -1};
@@ -242,7 +242,13 @@ static void test_malformed(void) {
     }
     CHECK_EQ_INT(prefix_ok, 0);
     free(b.p);
+    free(good.p);
+    free(k.b.p);
+}
 
+static void test_malformed_metadata(void) {
+    tdesc t1 = {"w", 2, {32, 2}, DS_GGML_F32, F32_64, 256, -1};
+    buf b = {0};
     kvs h = {0};
     kv_key(&h, "k", DS_GGUF_STRING), put_u64(&h.b, UINT64_MAX / 2);
     b = build(&h, NULL, 0), expect_fail(&b, DS_EFORMAT, "length", "huge string length"), free(b.p);
@@ -273,7 +279,15 @@ static void test_malformed(void) {
     b.n = 0, put(&b, "GGUF", 4), put_u32(&b, 3), put_u64(&b, 0), put_u64(&b, UINT64_MAX);
     expect_fail(&b, DS_EFORMAT, "metadata entries", "huge kv count");
     free(b.p);
+}
 
+static void test_malformed_tensors(void) {
+    kvs k = {0};
+    kv_str(&k, "general.architecture", "llama");
+    tdesc t1 = {"w", 2, {32, 2}, DS_GGML_F32, F32_64, 256, -1};
+    buf b;
+    ds_gguf g;
+    ds_err err;
     tdesc t[2] = {t1, t1};
     t[0].offset = 1024;
     b = build(&k, t, 1), expect_fail(&b, DS_EFORMAT, "past the end", "offset past EOF"), free(b.p);
@@ -307,7 +321,6 @@ static void test_malformed(void) {
     CHECK(strstr(err.msg, "blk.0.q5") && strstr(err.msg, "Q5_K"));
     ds_gguf_close(&g);
     free(b.p);
-    free(good.p);
     free(k.b.p);
 }
 
@@ -687,7 +700,9 @@ int main(void) {
     ds_log_set_level(DS_LOG_WARN);
     test_golden_blocks();
     test_metadata();
-    test_malformed();
+    test_malformed_header();
+    test_malformed_metadata();
+    test_malformed_tensors();
     test_corruption_fuzz();
     test_tiny_model();
     test_model_errors();

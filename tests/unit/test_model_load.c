@@ -257,6 +257,17 @@ static void test_hf_dir(void) {
     }
     ds_model_free(m);
 
+    char cmd[PATH_MAX + 16];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+    CHECK(system(cmd) == 0);
+}
+
+static void test_hf_errors(void) {
+    char dir[] = "/tmp/ds_test_hf_XXXXXX";
+    CHECK(mkdtemp(dir) != NULL);
+    ds_model_params p = quiet(true);
+    ds_err err = {{0}};
+    ds_model *m;
     expect_hf_fail(dir, "llama", "", "model.layers.1.mlp.up_proj.weight", "missing tensor 'model.layers.1.mlp.up_proj.weight'");
     expect_hf_fail(dir, "llama", "", "lm_head.weight", "'lm_head.weight'");
     expect_hf_fail(dir, "qwen2", "", "model.layers.0.self_attn.k_proj.bias", "k_proj.bias");
@@ -297,6 +308,7 @@ int main(void) {
     ds_log_set_level(DS_LOG_ERROR);
     test_rope_golden();
     test_hf_dir();
+    test_hf_errors();
     test_pair("tiny-llama", "model.gguf", 0);
     test_pair("tiny-llama", "model-q8_0.gguf", 1e-3);
     test_pair("tiny-qwen2", "model.gguf", 0);

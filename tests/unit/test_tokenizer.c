@@ -28,7 +28,8 @@ static void test_goldens(const cJSON *golden, const cJSON *corpus) {
         tg_run_golden(t, k_families[f], golden, corpus);
         /* decode(encode(x)) == x wherever HF round-trips (everything but NFC-changed lines and the
          * byte-mapped "café" added token). */
-        const cJSON *dec = cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(golden, k_families[f]), "decoded");
+        const cJSON *dec =
+            cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(golden, k_families[f]), "decoded");
         int line = 0;
         for (const cJSON *c = corpus->child; c; c = c->next, line++) {
             const char *want = cJSON_GetArrayItem(dec, line)->valuestring, *text = c->valuestring;
@@ -37,10 +38,12 @@ static void test_goldens(const cJSON *golden, const cJSON *corpus) {
             char *back = NULL;
             CHECK(ds_tokenizer_encode(t, text, strlen(text), true, true, &ids, &n) == 0);
             CHECK(ds_tokenizer_decode(t, ids, n, false, &back, &len) == 0);
-            CHECK_MSG(back && !strcmp(back, want), "%s line %d: decode(encode(x)) differs from HF", k_families[f], line);
+            CHECK_MSG(back && !strcmp(back, want), "%s line %d: decode(encode(x)) differs from HF", k_families[f],
+                      line);
             size_t bos = 0; /* the spelling of a BOS that encode itself added (Llama-3) */
             if (!strcmp(k_families[f], "llama3")) ds_tokenizer_token_bytes(t, ds_tokenizer_bos(t), &bos);
-            if (!strcmp(want + bos, text)) CHECK_MSG(back && !strcmp(back + bos, text), "%s line %d: no round trip", k_families[f], line);
+            if (!strcmp(want + bos, text))
+                CHECK_MSG(back && !strcmp(back + bos, text), "%s line %d: no round trip", k_families[f], line);
             free(ids);
             free(back);
         }
@@ -161,7 +164,8 @@ static size_t put_cp(uint32_t cp, char *o) {
     if (cp < 0x80) return o[0] = (char)cp, 1;
     if (cp < 0x800) return o[0] = (char)(0xC0 | (cp >> 6)), o[1] = (char)(0x80 | (cp & 0x3F)), 2;
     if (cp < 0x10000)
-        return o[0] = (char)(0xE0 | (cp >> 12)), o[1] = (char)(0x80 | ((cp >> 6) & 0x3F)), o[2] = (char)(0x80 | (cp & 0x3F)), 3;
+        return o[0] = (char)(0xE0 | (cp >> 12)), o[1] = (char)(0x80 | ((cp >> 6) & 0x3F)),
+               o[2] = (char)(0x80 | (cp & 0x3F)), 3;
     o[0] = (char)(0xF0 | (cp >> 18)), o[1] = (char)(0x80 | ((cp >> 12) & 0x3F));
     o[2] = (char)(0x80 | ((cp >> 6) & 0x3F)), o[3] = (char)(0x80 | (cp & 0x3F));
     return 4;
@@ -170,10 +174,11 @@ static size_t put_cp(uint32_t cp, char *o) {
 /* Valid UTF-8 mixing whitespace kinds, digits of several scripts, contractions, CJK, emoji with
  * modifiers / ZWJ / flags, combining marks and added-token fragments. */
 static size_t random_text(uint64_t *seed, char *buf) {
-    static const uint32_t pool[] = {' ', ' ', ' ', '\t', '\n', '\r', 'a', 'b', 'e', 'x', 'Z', '\'', 's', 't', 'l', 'L',
-                                    '1', '2', '9', '.', ',', '!', '<', '|', '>', '_', 0xA0, 0x3000, 0x2028, 0x85, 0x4E2D,
-                                    0x6587, 0x53C2, 0xE9, 0x301, 0x1F600, 0x1F3FD, 0x200D, 0x1F1FA, 0x1F1F8, 0x663,
-                                    0xB2, 0x216B, 0xFF21, 0xE01, 0x5D0, 0x17F, 0x2019, 0xAC00, 0x1100, 0x1161};
+    static const uint32_t pool[] = {
+        ' ',     ' ',    ' ',    '\t',   '\n',   '\r',   'a',    'b',   'e',    'x',     'Z',     '\'',   's',
+        't',     'l',    'L',    '1',    '2',    '9',    '.',    ',',   '!',    '<',     '|',     '>',    '_',
+        0xA0,    0x3000, 0x2028, 0x85,   0x4E2D, 0x6587, 0x53C2, 0xE9,  0x301,  0x1F600, 0x1F3FD, 0x200D, 0x1F1FA,
+        0x1F1F8, 0x663,  0xB2,   0x216B, 0xFF21, 0xE01,  0x5D0,  0x17F, 0x2019, 0xAC00,  0x1100,  0x1161};
     size_t n = 0, len = rnd(seed) % 48;
     for (size_t i = 0; i < len; i++) {
         uint32_t cp = pool[rnd(seed) % (sizeof pool / sizeof pool[0])];
@@ -202,7 +207,8 @@ static void test_random_round_trip(void) {
             char *want = f == 1 ? (char *)utf8proc_NFC((const utf8proc_uint8_t *)text) : strdup(text);
             if (ds_tokenizer_encode(t, text, len, false, false, &ids, &n) ||
                 ds_tokenizer_decode(t, ids, n, false, &back, &blen) || strcmp(back, want)) {
-                if (bad++ < 3) fprintf(stderr, "%s: round trip failed for [%s] -> [%s]\n", k_families[f], text, back ? back : "");
+                if (bad++ < 3)
+                    fprintf(stderr, "%s: round trip failed for [%s] -> [%s]\n", k_families[f], text, back ? back : "");
             }
             free(want);
             free(ids);
@@ -275,9 +281,13 @@ typedef void (*mutate_fn)(cJSON *j);
 static void m_unigram(cJSON *j) { cJSON_ReplaceItemInObject(at(j, "model"), "type", cJSON_CreateString("Unigram")); }
 static void m_no_vocab(cJSON *j) { cJSON_DeleteItemFromObject(at(j, "model"), "vocab"); }
 static void m_neg_id(cJSON *j) { cJSON_ReplaceItemInObject(at(at(j, "model"), "vocab"), "Ġ", cJSON_CreateNumber(-3)); }
-static void m_frac_id(cJSON *j) { cJSON_ReplaceItemInObject(at(at(j, "model"), "vocab"), "Ġ", cJSON_CreateNumber(1.5)); }
+static void m_frac_id(cJSON *j) {
+    cJSON_ReplaceItemInObject(at(at(j, "model"), "vocab"), "Ġ", cJSON_CreateNumber(1.5));
+}
 static void m_dup_id(cJSON *j) { cJSON_ReplaceItemInObject(at(at(j, "model"), "vocab"), "Ġ", cJSON_CreateNumber(0)); }
-static void m_merge_unknown(cJSON *j) { cJSON_AddItemToArray(at(at(j, "model"), "merges"), cJSON_CreateString("Ġ qqqqzz")); }
+static void m_merge_unknown(cJSON *j) {
+    cJSON_AddItemToArray(at(at(j, "model"), "merges"), cJSON_CreateString("Ġ qqqqzz"));
+}
 static void m_merge_shape(cJSON *j) { cJSON_AddItemToArray(at(at(j, "model"), "merges"), cJSON_CreateNumber(7)); }
 static void m_merges_obj(cJSON *j) { cJSON_ReplaceItemInObject(at(j, "model"), "merges", cJSON_CreateObject()); }
 static void m_byte_fallback(cJSON *j) {
@@ -289,14 +299,26 @@ static void m_nfkc(cJSON *j) {
     cJSON_AddStringToObject(n, "type", "NFKC");
     cJSON_ReplaceItemInObject(j, "normalizer", n);
 }
-static void m_metaspace(cJSON *j) { cJSON_ReplaceItemInObject(at(j, "pre_tokenizer"), "type", cJSON_CreateString("Metaspace")); }
-static void m_prefix_space(cJSON *j) { cJSON_ReplaceItemInObject(at(j, "pre_tokenizer"), "add_prefix_space", cJSON_CreateTrue()); }
+static void m_metaspace(cJSON *j) {
+    cJSON_ReplaceItemInObject(at(j, "pre_tokenizer"), "type", cJSON_CreateString("Metaspace"));
+}
+static void m_prefix_space(cJSON *j) {
+    cJSON_ReplaceItemInObject(at(j, "pre_tokenizer"), "add_prefix_space", cJSON_CreateTrue());
+}
 static void m_no_pre(cJSON *j) { cJSON_ReplaceItemInObject(j, "pre_tokenizer", cJSON_CreateNull()); }
-static void m_decoder(cJSON *j) { cJSON_ReplaceItemInObject(at(j, "decoder"), "type", cJSON_CreateString("WordPiece")); }
-static void m_roberta(cJSON *j) { cJSON_ReplaceItemInObject(at(j, "post_processor"), "type", cJSON_CreateString("RobertaProcessing")); }
+static void m_decoder(cJSON *j) {
+    cJSON_ReplaceItemInObject(at(j, "decoder"), "type", cJSON_CreateString("WordPiece"));
+}
+static void m_roberta(cJSON *j) {
+    cJSON_ReplaceItemInObject(at(j, "post_processor"), "type", cJSON_CreateString("RobertaProcessing"));
+}
 static void m_added_bad(cJSON *j) { cJSON_AddItemToArray(at(j, "added_tokens"), cJSON_CreateString("<x>")); }
-static void m_added_flag(cJSON *j) { cJSON_ReplaceItemInObject(cJSON_GetArrayItem(at(j, "added_tokens"), 0), "lstrip", cJSON_CreateNumber(1)); }
-static void m_prefix(cJSON *j) { cJSON_ReplaceItemInObject(at(j, "model"), "continuing_subword_prefix", cJSON_CreateString("##")); }
+static void m_added_flag(cJSON *j) {
+    cJSON_ReplaceItemInObject(cJSON_GetArrayItem(at(j, "added_tokens"), 0), "lstrip", cJSON_CreateNumber(1));
+}
+static void m_prefix(cJSON *j) {
+    cJSON_ReplaceItemInObject(at(j, "model"), "continuing_subword_prefix", cJSON_CreateString("##"));
+}
 static void m_root_array(cJSON *j) { (void)j; }
 
 static void test_malformed(void) {
@@ -304,15 +326,24 @@ static void test_malformed(void) {
         const char *label, *needle;
         mutate_fn fn;
     } cases[] = {
-        {"unigram", "model.type", m_unigram},           {"no_vocab", "model.vocab", m_no_vocab},
-        {"neg_id", "model.vocab", m_neg_id},            {"frac_id", "model.vocab", m_frac_id},
-        {"dup_id", "model.vocab", m_dup_id},            {"merge_unknown", "merges[", m_merge_unknown},
-        {"merge_shape", "model.merges[", m_merge_shape}, {"merges_obj", "model.merges", m_merges_obj},
-        {"byte_fallback", "byte_fallback", m_byte_fallback}, {"nfkc", "normalizer 'NFKC'", m_nfkc},
-        {"metaspace", "pre_tokenizer", m_metaspace},    {"prefix_space", "add_prefix_space", m_prefix_space},
-        {"no_pre", "pre_tokenizer", m_no_pre},          {"decoder", "decoder 'WordPiece'", m_decoder},
-        {"roberta", "post_processor 'RobertaProcessing'", m_roberta}, {"added_bad", "added_tokens[", m_added_bad},
-        {"added_flag", "added_tokens[0]", m_added_flag}, {"prefix", "continuing_subword_prefix", m_prefix},
+        {"unigram", "model.type", m_unigram},
+        {"no_vocab", "model.vocab", m_no_vocab},
+        {"neg_id", "model.vocab", m_neg_id},
+        {"frac_id", "model.vocab", m_frac_id},
+        {"dup_id", "model.vocab", m_dup_id},
+        {"merge_unknown", "merges[", m_merge_unknown},
+        {"merge_shape", "model.merges[", m_merge_shape},
+        {"merges_obj", "model.merges", m_merges_obj},
+        {"byte_fallback", "byte_fallback", m_byte_fallback},
+        {"nfkc", "normalizer 'NFKC'", m_nfkc},
+        {"metaspace", "pre_tokenizer", m_metaspace},
+        {"prefix_space", "add_prefix_space", m_prefix_space},
+        {"no_pre", "pre_tokenizer", m_no_pre},
+        {"decoder", "decoder 'WordPiece'", m_decoder},
+        {"roberta", "post_processor 'RobertaProcessing'", m_roberta},
+        {"added_bad", "added_tokens[", m_added_bad},
+        {"added_flag", "added_tokens[0]", m_added_flag},
+        {"prefix", "continuing_subword_prefix", m_prefix},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         cJSON *j = base_json();
@@ -327,7 +358,8 @@ static void test_malformed(void) {
     ds_err e = {{0}};
     snprintf(path, sizeof path, "%s/missing.json", g_tmpdir);
     CHECK(ds_tokenizer_load_json(path, NULL, &e) == NULL && strstr(e.msg, path));
-    static const char *const bodies[] = {"{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0", "[1, 2, 3]", "", "nul"};
+    static const char *const bodies[] = {"{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0", "[1, 2, 3]", "",
+                                         "nul"};
     for (size_t i = 0; i < 4; i++) {
         snprintf(path, sizeof path, "%s/bad%zu.json", g_tmpdir, i);
         write_file(path, bodies[i]);
@@ -407,15 +439,16 @@ typedef struct thr_arg {
 
 static void *thr_main(void *p) {
     thr_arg *a = p;
-    const cJSON *ids = cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(a->golden, a->name), "ids_nobos");
+    const cJSON *ids =
+        cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(a->golden, a->name), "ids_nobos");
     for (int rep = 0; rep < 20; rep++) {
         int line = 0;
         for (const cJSON *c = a->corpus->child; c; c = c->next, line++) {
             int32_t *got = NULL;
             size_t n = 0, nw;
             int32_t *want = tg_ids(cJSON_GetArrayItem(ids, line), &nw);
-            if (ds_tokenizer_encode(a->t, c->valuestring, strlen(c->valuestring), false, true, &got, &n) ||
-                n != nw || (n && memcmp(got, want, n * sizeof *got)))
+            if (ds_tokenizer_encode(a->t, c->valuestring, strlen(c->valuestring), false, true, &got, &n) || n != nw ||
+                (n && memcmp(got, want, n * sizeof *got)))
                 a->bad++;
             free(got);
             free(want);

@@ -149,10 +149,17 @@ static void free_gguf_tok(gguf_tok *g) {
 
 static ds_tokenizer *from_gguf(const gguf_tok *g) {
     ds_tokenizer_desc d = {
-        .n_vocab = (int32_t)g->n_tok, .tokens = (const char *const *)g->tokens,
-        .token_types = g->n_types == g->n_tok ? g->types : NULL, .n_merges = (int32_t)g->n_merges,
-        .merges = (const char *const *)g->merges, .bos_id = g->bos, .eos_id = g->eos, .eot_id = g->eot,
-        .pad_id = g->pad, .add_bos = g->add_bos, .add_eos = g->add_eos,
+        .n_vocab = (int32_t)g->n_tok,
+        .tokens = (const char *const *)g->tokens,
+        .token_types = g->n_types == g->n_tok ? g->types : NULL,
+        .n_merges = (int32_t)g->n_merges,
+        .merges = (const char *const *)g->merges,
+        .bos_id = g->bos,
+        .eos_id = g->eos,
+        .eot_id = g->eot,
+        .pad_id = g->pad,
+        .add_bos = g->add_bos,
+        .add_eos = g->add_eos,
     };
     CHECK_EQ_INT(ds_tokenizer_pre_from_name(g->pre, &d.pre), 0);
     CHECK_EQ_INT(d.pre, DS_PRE_SMOLLM);
@@ -222,8 +229,7 @@ int main(void) {
             printf("smollm2: loaded tokenizer.json in %.3f s\n", ds_time_s() - t0);
             tg_run_golden(t, "smollm2", golden, corpus);
             check_smollm_specials(t);
-            if (ok && g.tmpl && ds_tokenizer_chat_template(t))
-                CHECK(!strcmp(ds_tokenizer_chat_template(t), g.tmpl));
+            if (ok && g.tmpl && ds_tokenizer_chat_template(t)) CHECK(!strcmp(ds_tokenizer_chat_template(t), g.tmpl));
         }
         ds_tokenizer_free(t);
     } else {

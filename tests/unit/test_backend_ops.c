@@ -1,0 +1,589 @@
+/* Every backend op on every available backend against a naive double-precision reference written
+ * here (llama.cpp test-backend-ops style; STYLE.md "The backend interface").
+ *
+ *   test_backend_ops           cpu, then cuda when ds_backend_create("cuda") succeeds (else it
+ *                              prints "cuda: skipped: <reason>" and still passes)
+ *   test_backend_ops cuda      cuda only; exit 77 (ctest: skipped) when there is no device
+ *   test_backend_ops cpu       cpu only
+ *
+ * Error measure: normalised mean squared error, NMSE = Σ(y − ref)² / Σ ref², per op, against these
+ * tolerances (chosen per backend, see tolerances_for):
+ *   data movement (copy, get_rows, kv_store, set_rows, memory)        0 (bit-exact)
+ *   fp32 arithmetic (rmsnorm, rope, silu_mul, add, attention, lora,
+ *                    seg_scale, seg_add)                               CPU 1e-10, CUDA 1e-9
+ *   matmul (CUDA: bf16 weights and bf16 inputs, fp32 accumulate)       CPU 1e-10, CUDA 1e-4
+ *   embed (CUDA: bf16 table)                                           CPU 0,     CUDA 1e-4
+ * A bf16 rounding has a relative error ≤ 2^-9, so bf16 NMSE is ~1e-6; an indexing bug gives ~1. */
+#include "ds/backend.h"
+#include "ds_test.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ---- harness ---- */
+
+typedef struct tcase {
+    ds_backend *b;
+    const char *name;
+    double tol_f32, tol_gemm, tol_embed;
+    void *allocs[64];
+    int n_allocs;
+} tcase;
+
+static uint64_t rng = 0x9E3779B97F4A7C15ull;
+
+static uint64_t rnd_u64(void) { /* splitmix64: reproducible across platforms */
+    uint64_t z = (rng += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+static float rnd_f(void) { return (float)((double)(rnd_u64() >> 11) / 9007199254740992.0 * 2.0 - 1.0); }
+static int32_t rnd_i(int32_t n) { return (int32_t)(rnd_u64() % (uint64_t)n); }
+
+static float *rnd_vec(size_t n, float scale) {
+    float *v = malloc(sizeof(float) * (n ? n : 1));
+    for (size_t i = 0; i < n; i++) v[i] = scale * rnd_f();
+    return v;
+}
+
+static void *t_alloc(tcase *t, size_t bytes) {
+    void *p = t->b->iface->alloc(t->b->ctx, bytes);
+    CHECK_MSG(p != NULL, "%s: alloc(%zu) failed", t->name, bytes);
+    if (p && t->n_allocs < (int)(sizeof t->allocs / sizeof t->allocs[0])) t->allocs[t->n_allocs++] = p;
+    return p;
+}
+
+static void *t_up(tcase *t, const void *host, size_t bytes) {
+    void *d = t_alloc(t, bytes);
+    if (d) CHECK_EQ_INT(t->b->iface->upload(t->b->ctx, d, host, bytes), DS_OK);
+    return d;
+}
+
+static void t_down(tcase *t, void *host, const void *dev, size_t bytes) {
+    CHECK_EQ_INT(t->b->iface->synchronize(t->b->ctx), DS_OK); /* surfaces asynchronous failures */
+    CHECK_EQ_INT(t->b->iface->download(t->b->ctx, host, dev, bytes), DS_OK);
+}
+
+static void t_release_all(tcase *t) {
+    for (int i = 0; i < t->n_allocs; i++) t->b->iface->release(t->b->ctx, t->allocs[i]);
+    t->n_allocs = 0;
+}
+
+static void t_ok(tcase *t, const char *op, int st) {
+    CHECK_MSG(st == DS_OK, "%s %s: %s", t->name, op, ds_strerror(st));
+}
+
+/* NMSE of got against ref; prints one line per case and counts a failure above tol. */
+static void expect(tcase *t, const char *op, const char *what, const float *got, const double *ref, size_t n,
+                   double tol) {
+    double num = 0.0, den = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        const double e = (double)got[i] - ref[i];
+        num += e * e;
+        den += ref[i] * ref[i];
+    }
+    const double nmse = den > 0.0 ? num / den : num;
+    printf("%-5s %-10s %-40s nmse %.2e (tol %.0e)\n", t->name, op, what, nmse, tol);
+    CHECK_MSG(nmse <= tol, "%s %s %s: nmse %.3e > %.0e", t->name, op, what, nmse, tol);
+}
+
+static double *dvec(size_t n) { return calloc(n ? n : 1, sizeof(double)); }
+
+/* ---- memory ---- */
+
+static void test_memory(tcase *t) {
+    const size_t sizes[] = {1, 1000, (size_t)3 << 20}; /* the last crosses CUDA's staging ring */
+    for (size_t c = 0; c < sizeof sizes / sizeof sizes[0]; c++) {
+        const size_t n = sizes[c];
+        float *h = rnd_vec(n, 1.0f), *back = malloc(n * sizeof(float));
+        double *ref = dvec(n);
+        char what[64];
+        float *z = t_alloc(t, n * sizeof(float));
+        t_down(t, back, z, n * sizeof(float));
+        snprintf(what, sizeof what, "alloc zeroed n=%zu", n);
+        expect(t, "memory", what, back, ref, n, 0.0);
+        float *d = t_up(t, h, n * sizeof(float));
+        t_ok(t, "copy", t->b->iface->copy(t->b->ctx, z, d, n * sizeof(float)));
+        t_down(t, back, z, n * sizeof(float));
+        for (size_t i = 0; i < n; i++) ref[i] = h[i];
+        snprintf(what, sizeof what, "upload+copy+download n=%zu", n);
+        expect(t, "memory", what, back, ref, n, 0.0);
+        t_release_all(t);
+        free(h), free(back), free(ref);
+    }
+}
+
+/* ---- matmul, embed ---- */
+
+/* f32_mat: the weight is a plain fp32 backend buffer (dtype F32) instead of mat_upload's format. */
+static void matmul_case(tcase *t, int32_t n, int32_t rows, int32_t cols, bool use_bias, bool acc, bool f32_mat) {
+    float *x = rnd_vec((size_t)n * cols, 1.0f), *w = rnd_vec((size_t)rows * cols, 0.5f);
+    float *bias = rnd_vec((size_t)rows, 1.0f), *y0 = rnd_vec((size_t)n * rows, 1.0f);
+    float *got = malloc(sizeof(float) * (size_t)n * rows);
+    double *ref = dvec((size_t)n * rows);
+    for (int32_t i = 0; i < n; i++)
+        for (int32_t r = 0; r < rows; r++) {
+            double s = acc ? y0[(size_t)i * rows + r] : 0.0;
+            for (int32_t k = 0; k < cols; k++) s += (double)x[(size_t)i * cols + k] * w[(size_t)r * cols + k];
+            ref[(size_t)i * rows + r] = s + (use_bias ? bias[r] : 0.0);
+        }
+    ds_mat m = {0};
+    if (f32_mat)
+        m = (ds_mat){.data = t_up(t, w, sizeof(float) * (size_t)rows * cols), .rows = rows, .cols = cols,
+                     .dtype = DS_DTYPE_F32, .borrowed = true};
+    else
+        t_ok(t, "mat_upload", t->b->iface->mat_upload(t->b->ctx, w, rows, cols, &m));
+    float *dx = t_up(t, x, sizeof(float) * (size_t)n * cols), *dy = t_up(t, y0, sizeof(float) * (size_t)n * rows);
+    float *db = t_up(t, bias, sizeof(float) * rows);
+    t_ok(t, "matmul", t->b->iface->matmul(t->b->ctx, dx, &m, use_bias ? db : NULL, dy, n, acc));
+    t_down(t, got, dy, sizeof(float) * (size_t)n * rows);
+    char what[80];
+    snprintf(what, sizeof what, "n=%d %dx%d%s%s%s", n, rows, cols, use_bias ? " bias" : "", acc ? " accumulate" : "",
+             f32_mat ? " f32-weights" : "");
+    expect(t, "matmul", what, got, ref, (size_t)n * rows, f32_mat ? t->tol_f32 : t->tol_gemm);
+    t->b->iface->mat_free(t->b->ctx, &m);
+    t_release_all(t);
+    free(x), free(w), free(bias), free(y0), free(got), free(ref);
+}
+
+static void test_matmul(tcase *t) {
+    const int32_t shapes[][3] = {{1, 37, 53}, {300, 37, 53}, {7, 64, 128}, {300, 256, 96}, {1, 1000, 576}};
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
+        for (int v = 0; v < 4; v++) matmul_case(t, shapes[s][0], shapes[s][1], shapes[s][2], v & 1, v & 2, false);
+    matmul_case(t, 1, 37, 53, true, true, true);
+    matmul_case(t, 300, 256, 96, true, false, true);
+}
+
+static void test_embed(tcase *t) {
+    const int32_t vocab = 50, d = 37;
+    float *table = rnd_vec((size_t)vocab * d, 1.0f);
+    ds_mat m = {0};
+    t_ok(t, "mat_upload", t->b->iface->mat_upload(t->b->ctx, table, vocab, d, &m));
+    for (int32_t n = 1; n <= 300; n += 299) {
+        int32_t *ids = malloc(sizeof(int32_t) * n);
+        for (int32_t i = 0; i < n; i++) ids[i] = i == 0 ? vocab - 1 : rnd_i(vocab);
+        float *got = malloc(sizeof(float) * (size_t)n * d);
+        double *ref = dvec((size_t)n * d);
+        for (int32_t i = 0; i < n; i++)
+            for (int32_t j = 0; j < d; j++) ref[(size_t)i * d + j] = table[(size_t)ids[i] * d + j];
+        int32_t *dids = t_up(t, ids, sizeof(int32_t) * n);
+        float *dout = t_alloc(t, sizeof(float) * (size_t)n * d);
+        t_ok(t, "embed", t->b->iface->embed(t->b->ctx, &m, dids, dout, n));
+        t_down(t, got, dout, sizeof(float) * (size_t)n * d);
+        char what[64];
+        snprintf(what, sizeof what, "n=%d vocab=%d d=%d", n, vocab, d);
+        expect(t, "embed", what, got, ref, (size_t)n * d, t->tol_embed);
+        t_release_all(t);
+        free(ids), free(got), free(ref);
+    }
+    /* An out-of-range id is an error, reported by the op (CPU) or by the next synchronize (CUDA);
+     * either way the backend stays usable. */
+    const int32_t bad[2] = {0, vocab};
+    int32_t *dbad = t_up(t, bad, sizeof bad);
+    float *dout = t_alloc(t, sizeof(float) * 2 * d);
+    int st = t->b->iface->embed(t->b->ctx, &m, dbad, dout, 2);
+    int st_sync = t->b->iface->synchronize(t->b->ctx);
+    CHECK_MSG(st != DS_OK || st_sync != DS_OK, "%s embed: id %d of %d accepted", t->name, vocab, vocab);
+    CHECK_EQ_INT(t->b->iface->synchronize(t->b->ctx), DS_OK);
+    printf("%-5s %-10s %-40s status %s / %s\n", t->name, "embed", "out-of-range id", ds_strerror(st),
+           ds_strerror(st_sync));
+    t_release_all(t);
+    t->b->iface->mat_free(t->b->ctx, &m);
+    free(table);
+}
+
+/* ---- rmsnorm, rope, silu_mul, add ---- */
+
+static void test_rmsnorm(tcase *t) {
+    const int32_t dims[] = {37, 576, 4100};
+    for (int32_t n = 1; n <= 300; n += 299)
+        for (size_t c = 0; c < sizeof dims / sizeof dims[0]; c++) {
+            const int32_t d = dims[c];
+            const float eps = 1e-5f;
+            float *x = rnd_vec((size_t)n * d, 3.0f), *w = rnd_vec((size_t)d, 2.0f);
+            float *got = malloc(sizeof(float) * (size_t)n * d);
+            double *ref = dvec((size_t)n * d);
+            for (int32_t i = 0; i < n; i++) {
+                double ss = 0.0;
+                for (int32_t j = 0; j < d; j++) ss += (double)x[(size_t)i * d + j] * x[(size_t)i * d + j];
+                const double r = 1.0 / sqrt(ss / d + eps);
+                for (int32_t j = 0; j < d; j++) ref[(size_t)i * d + j] = x[(size_t)i * d + j] * r * w[j];
+            }
+            float *dx = t_up(t, x, sizeof(float) * (size_t)n * d), *dw = t_up(t, w, sizeof(float) * d);
+            float *dy = t_alloc(t, sizeof(float) * (size_t)n * d);
+            t_ok(t, "rmsnorm", t->b->iface->rmsnorm(t->b->ctx, dx, dw, dy, n, d, eps));
+            t_down(t, got, dy, sizeof(float) * (size_t)n * d);
+            char what[64];
+            snprintf(what, sizeof what, "n=%d d=%d", n, d);
+            expect(t, "rmsnorm", what, got, ref, (size_t)n * d, t->tol_f32);
+            t_release_all(t);
+            free(x), free(w), free(got), free(ref);
+        }
+}
+
+static void test_rope(tcase *t) {
+    const int32_t head_dims[] = {64, 18}, n_head = 3;
+    for (int32_t n = 1; n <= 300; n += 299)
+        for (size_t c = 0; c < 2; c++) {
+            const int32_t hd = head_dims[c], half = hd / 2;
+            const size_t total = (size_t)n * n_head * hd;
+            float *x = rnd_vec(total, 1.0f), *inv = malloc(sizeof(float) * half), *got = malloc(sizeof(float) * total);
+            int32_t *pos = malloc(sizeof(int32_t) * n);
+            double *ref = dvec(total);
+            for (int32_t i = 0; i < half; i++) inv[i] = (float)(1.0 / pow(10000.0, 2.0 * i / hd));
+            for (int32_t i = 0; i < n; i++) pos[i] = i == 0 && n > 1 ? 0 : 1 + rnd_i(4095);
+            for (int32_t i = 0; i < n; i++)
+                for (int32_t h = 0; h < n_head; h++)
+                    for (int32_t j = 0; j < half; j++) {
+                        const float f = (float)pos[i] * inv[j]; /* the angle is an fp32 product, as in HF */
+                        const size_t o = ((size_t)i * n_head + h) * hd;
+                        const double a = x[o + j], b = x[o + j + half];
+                        ref[o + j] = a * cos((double)f) - b * sin((double)f);
+                        ref[o + j + half] = b * cos((double)f) + a * sin((double)f);
+                    }
+            float *dx = t_up(t, x, sizeof(float) * total), *dinv = t_up(t, inv, sizeof(float) * half);
+            int32_t *dpos = t_up(t, pos, sizeof(int32_t) * n);
+            t_ok(t, "rope", t->b->iface->rope(t->b->ctx, dx, dpos, dinv, n, n_head, hd));
+            t_down(t, got, dx, sizeof(float) * total);
+            char what[64];
+            snprintf(what, sizeof what, "n=%d heads=%d head_dim=%d", n, n_head, hd);
+            expect(t, "rope", what, got, ref, total, t->tol_f32);
+            t_release_all(t);
+            free(x), free(inv), free(got), free(pos), free(ref);
+        }
+}
+
+static void test_silu_add(tcase *t) {
+    const size_t sizes[] = {1, 300 * 37 + 1};
+    for (size_t c = 0; c < 2; c++) {
+        const size_t n = sizes[c];
+        float *g = rnd_vec(n, 6.0f), *u = rnd_vec(n, 2.0f), *got = malloc(sizeof(float) * n);
+        double *ref = dvec(n);
+        char what[64];
+        for (size_t i = 0; i < n; i++) ref[i] = g[i] / (1.0 + exp(-(double)g[i])) * u[i];
+        float *dg = t_up(t, g, sizeof(float) * n), *du = t_up(t, u, sizeof(float) * n);
+        t_ok(t, "silu_mul", t->b->iface->silu_mul(t->b->ctx, dg, du, dg, n)); /* in place, as the forward */
+        t_down(t, got, dg, sizeof(float) * n);
+        snprintf(what, sizeof what, "n=%zu out=gate", n);
+        expect(t, "silu_mul", what, got, ref, n, t->tol_f32);
+        for (size_t i = 0; i < n; i++) ref[i] = (double)got[i] + u[i];
+        t_ok(t, "add", t->b->iface->add(t->b->ctx, dg, du, n));
+        t_down(t, got, dg, sizeof(float) * n);
+        snprintf(what, sizeof what, "n=%zu", n);
+        expect(t, "add", what, got, ref, n, t->tol_f32);
+        t_release_all(t);
+        free(g), free(u), free(got), free(ref);
+    }
+}
+
+/* ---- get_rows, kv_store, set_rows, seg ops ---- */
+
+static void test_rows(tcase *t) {
+    const int32_t src_rows = 50, d = 37;
+    float *src = rnd_vec((size_t)src_rows * d, 1.0f);
+    float *dsrc = t_up(t, src, sizeof(float) * (size_t)src_rows * d);
+    for (int32_t n = 1; n <= 300; n += 299) {
+        int32_t *idx = malloc(sizeof(int32_t) * n);
+        float *got = malloc(sizeof(float) * (size_t)n * d);
+        double *ref = dvec((size_t)n * d);
+        for (int32_t i = 0; i < n; i++) idx[i] = rnd_i(src_rows);
+        for (int32_t i = 0; i < n; i++)
+            for (int32_t j = 0; j < d; j++) ref[(size_t)i * d + j] = src[(size_t)idx[i] * d + j];
+        int32_t *didx = t_up(t, idx, sizeof(int32_t) * n);
+        float *ddst = t_alloc(t, sizeof(float) * (size_t)n * d);
+        t_ok(t, "get_rows", t->b->iface->get_rows(t->b->ctx, dsrc, didx, ddst, n, d));
+        t_down(t, got, ddst, sizeof(float) * (size_t)n * d);
+        char what[64];
+        snprintf(what, sizeof what, "n=%d d=%d", n, d);
+        expect(t, "get_rows", what, got, ref, (size_t)n * d, 0.0);
+        free(idx), free(got), free(ref);
+    }
+    /* set_rows: sources are row pointers into the middle of one buffer; destination rows unordered. */
+    const int32_t dst_rows = 20, rows[] = {3, 0, 19};
+    float *dst = rnd_vec((size_t)dst_rows * d, 1.0f), *got = malloc(sizeof(float) * (size_t)dst_rows * d);
+    double *ref = dvec((size_t)dst_rows * d);
+    float *ddst = t_up(t, dst, sizeof(float) * (size_t)dst_rows * d);
+    const float *srcp[3] = {dsrc + 7 * d, dsrc + 0 * d, dsrc + 49 * d};
+    const int32_t from[3] = {7, 0, 49};
+    for (size_t i = 0; i < (size_t)dst_rows * d; i++) ref[i] = dst[i];
+    for (int i = 0; i < 3; i++)
+        for (int32_t j = 0; j < d; j++) ref[(size_t)rows[i] * d + j] = src[(size_t)from[i] * d + j];
+    t_ok(t, "set_rows", t->b->iface->set_rows(t->b->ctx, ddst, d, rows, srcp, 3));
+    t_down(t, got, ddst, sizeof(float) * (size_t)dst_rows * d);
+    expect(t, "set_rows", "3 of 20 rows, width 37", got, ref, (size_t)dst_rows * d, 0.0);
+    t_release_all(t);
+    free(src), free(dst), free(got), free(ref);
+}
+
+static void test_kv_store(tcase *t) {
+    const int32_t n_slots = 256, row = 40;
+    const size_t pool = (size_t)n_slots * row;
+    for (int32_t n = 1; n <= 200; n += 199) {
+        float *kc = rnd_vec(pool, 1.0f), *vc = rnd_vec(pool, 1.0f), *k = rnd_vec((size_t)n * row, 1.0f);
+        float *v = rnd_vec((size_t)n * row, 1.0f), *got = malloc(sizeof(float) * pool);
+        double *rk = dvec(pool), *rv = dvec(pool);
+        int64_t *slot = malloc(sizeof(int64_t) * n_slots);
+        for (int32_t i = 0; i < n_slots; i++) slot[i] = i;
+        for (int32_t i = n_slots - 1; i > 0; i--) { /* distinct slots, shuffled */
+            const int32_t j = rnd_i(i + 1);
+            const int64_t tmp = slot[i];
+            slot[i] = slot[j], slot[j] = tmp;
+        }
+        for (size_t i = 0; i < pool; i++) rk[i] = kc[i], rv[i] = vc[i];
+        for (int32_t i = 0; i < n; i++)
+            for (int32_t j = 0; j < row; j++) {
+                rk[slot[i] * row + j] = k[(size_t)i * row + j];
+                rv[slot[i] * row + j] = v[(size_t)i * row + j];
+            }
+        float *dkc = t_up(t, kc, sizeof(float) * pool), *dvc = t_up(t, vc, sizeof(float) * pool);
+        float *dk = t_up(t, k, sizeof(float) * (size_t)n * row), *dv = t_up(t, v, sizeof(float) * (size_t)n * row);
+        int64_t *dslot = t_up(t, slot, sizeof(int64_t) * n);
+        t_ok(t, "kv_store", t->b->iface->kv_store(t->b->ctx, dkc, dvc, dk, dv, dslot, n, row));
+        char what[64];
+        snprintf(what, sizeof what, "n=%d row=%d (K pool)", n, row);
+        t_down(t, got, dkc, sizeof(float) * pool);
+        expect(t, "kv_store", what, got, rk, pool, 0.0);
+        snprintf(what, sizeof what, "n=%d row=%d (V pool)", n, row);
+        t_down(t, got, dvc, sizeof(float) * pool);
+        expect(t, "kv_store", what, got, rv, pool, 0.0);
+        t_release_all(t);
+        free(kc), free(vc), free(k), free(v), free(got), free(rk), free(rv), free(slot);
+    }
+}
+
+/* Three skewed segments with tokens 1-2 in none of them. */
+static const int32_t seg_start[3] = {0, 3, 10}, seg_len[3] = {1, 7, 300};
+#define SEG_TOKENS 310
+
+static void test_seg_vec(tcase *t) {
+    const int32_t width = 75;
+    const size_t total = (size_t)SEG_TOKENS * width;
+    for (int op = 0; op < 2; op++) {
+        float *y = rnd_vec(total, 1.0f), *got = malloc(sizeof(float) * total);
+        double *ref = dvec(total);
+        float *dy = t_up(t, y, sizeof(float) * total);
+        ds_vec_seg segs[3];
+        for (size_t i = 0; i < total; i++) ref[i] = y[i];
+        for (int s = 0; s < 3; s++) {
+            float *v = rnd_vec((size_t)width, 2.0f);
+            const float alpha = 0.5f + (float)s;
+            segs[s] = (ds_vec_seg){.start = seg_start[s], .len = seg_len[s], .v = t_up(t, v, sizeof(float) * width),
+                                   .alpha = alpha};
+            for (int32_t tk = seg_start[s]; tk < seg_start[s] + seg_len[s]; tk++)
+                for (int32_t j = 0; j < width; j++) {
+                    double *r = &ref[(size_t)tk * width + j];
+                    *r = op == 0 ? *r * v[j] : *r + (double)alpha * v[j];
+                }
+            free(v);
+        }
+        const char *name = op == 0 ? "seg_scale" : "seg_add";
+        t_ok(t, name, (op == 0 ? t->b->iface->seg_scale : t->b->iface->seg_add)(t->b->ctx, dy, width, segs, 3));
+        t_down(t, got, dy, sizeof(float) * total);
+        expect(t, name, "segs len 1/7/300, width 75", got, ref, total, t->tol_f32);
+        t_release_all(t);
+        free(y), free(got), free(ref);
+    }
+}
+
+/* ---- lora ---- */
+
+static void lora_case(tcase *t, int32_t in, int32_t out, const int32_t seg_rank[3]) {
+    const size_t ny = (size_t)SEG_TOKENS * out;
+    float *x = rnd_vec((size_t)SEG_TOKENS * in, 1.0f), *y = rnd_vec(ny, 1.0f), *got = malloc(sizeof(float) * ny);
+    double *ref = dvec(ny);
+    ds_lora_seg segs[4];
+    for (size_t i = 0; i < ny; i++) ref[i] = y[i];
+    for (int s = 0; s < 3; s++) {
+        const int32_t r = seg_rank[s];
+        float *A = rnd_vec((size_t)r * in, 0.3f), *B = rnd_vec((size_t)out * r, 0.3f);
+        const float scale = 2.0f / (float)r;
+        for (int32_t tk = seg_start[s]; tk < seg_start[s] + seg_len[s]; tk++) {
+            double mid[64];
+            for (int32_t k = 0; k < r; k++) {
+                mid[k] = 0.0;
+                for (int32_t j = 0; j < in; j++) mid[k] += (double)A[(size_t)k * in + j] * x[(size_t)tk * in + j];
+            }
+            for (int32_t o = 0; o < out; o++) {
+                double acc = 0.0;
+                for (int32_t k = 0; k < r; k++) acc += mid[k] * B[(size_t)o * r + k];
+                ref[(size_t)tk * out + o] += scale * acc;
+            }
+        }
+        segs[s] = (ds_lora_seg){.start = seg_start[s], .len = seg_len[s], .rank = r, .scale = scale,
+                                .A = t_up(t, A, sizeof(float) * (size_t)r * in),
+                                .B = t_up(t, B, sizeof(float) * (size_t)out * r)};
+        free(A), free(B);
+    }
+    segs[3] = (ds_lora_seg){.start = SEG_TOKENS, .len = 0, .rank = 8, .scale = 1.0f, .A = segs[0].A, .B = segs[0].B};
+    float *dx = t_up(t, x, sizeof(float) * (size_t)SEG_TOKENS * in), *dy = t_up(t, y, sizeof(float) * ny);
+    t_ok(t, "lora", t->b->iface->lora(t->b->ctx, dx, in, dy, out, segs, 4));
+    t_down(t, got, dy, sizeof(float) * ny);
+    char what[80];
+    snprintf(what, sizeof what, "in=%d out=%d ranks %d/%d/%d len 1/7/300", in, out, seg_rank[0], seg_rank[1],
+             seg_rank[2]);
+    expect(t, "lora", what, got, ref, ny, t->tol_f32);
+    bool untouched = true; /* tokens 1 and 2 belong to no segment */
+    for (size_t i = (size_t)1 * out; i < (size_t)3 * out; i++) untouched &= got[i] == y[i];
+    CHECK_MSG(untouched, "%s lora: rows outside every segment were modified", t->name);
+    t_release_all(t);
+    free(x), free(y), free(got), free(ref);
+}
+
+static void test_lora(tcase *t) {
+    if (!t->b->iface->lora) {
+        printf("%-5s lora       skipped: backend has no lora op\n", t->name);
+        return;
+    }
+    const int32_t ranks[][3] = {{4, 8, 16}, {40, 1, 24}}; /* the second: partial rank groups / chunks */
+    lora_case(t, 67, 75, ranks[0]);
+    lora_case(t, 200, 330, ranks[0]);
+    lora_case(t, 200, 330, ranks[1]);
+}
+
+/* ---- attention ---- */
+
+typedef struct attn_cfg {
+    int32_t n_head, n_kv_head, head_dim, block_size;
+    bool prefix; /* false: seq_prefix = NULL */
+} attn_cfg;
+
+/* Three sequences, 300 tokens: s0 prefix 5 (last prefix block partial), 3 cached + 9 new tokens;
+ * s1 one decode token after 20 cached; s2 prefix of exactly one block, 290-token prefill. */
+enum { A_SEQS = 3, A_BLOCKS = 160 };
+static const int32_t a_cached[A_SEQS] = {3, 20, 0}, a_new[A_SEQS] = {9, 1, 290};
+
+static int32_t a_prefix(const attn_cfg *c, int s) { return !c->prefix ? 0 : s == 0 ? 5 : s == 2 ? c->block_size : 0; }
+
+/* Where logical slot i lives, from the layout's description (not from ds_kv_slot). */
+static int64_t ref_slot(const int32_t *table, int32_t pre, int32_t bs, int32_t i) {
+    const int32_t pre_blocks = (pre + bs - 1) / bs;
+    const int32_t blk = i < pre ? i / bs : pre_blocks + (i - pre) / bs;
+    const int32_t off = i < pre ? i % bs : (i - pre) % bs;
+    return (int64_t)table[blk] * bs + off;
+}
+
+static void attn_ref(const attn_cfg *c, const float *q, const float *kc, const float *vc, const int32_t *tok_seq,
+                     const int32_t *tok_nkv, const int32_t *tables, int32_t max_blocks, int32_t n, double *ref) {
+    const int32_t hd = c->head_dim, row = c->n_kv_head * hd, group = c->n_head / c->n_kv_head;
+    double *p = dvec(1024);
+    for (int32_t t = 0; t < n; t++)
+        for (int32_t h = 0; h < c->n_head; h++) {
+            const int32_t s = tok_seq[t], nkv = tok_nkv[t];
+            const float *qh = q + ((size_t)t * c->n_head + h) * hd;
+            double mx = -INFINITY, sum = 0.0;
+            for (int32_t i = 0; i < nkv; i++) {
+                const float *k = kc + ref_slot(tables + s * max_blocks, a_prefix(c, s), c->block_size, i) * row +
+                                 (h / group) * hd;
+                double dot = 0.0;
+                for (int32_t d = 0; d < hd; d++) dot += (double)qh[d] * k[d];
+                p[i] = dot / sqrt((double)hd);
+                if (p[i] > mx) mx = p[i];
+            }
+            for (int32_t i = 0; i < nkv; i++) sum += (p[i] = exp(p[i] - mx));
+            double *o = ref + ((size_t)t * c->n_head + h) * hd;
+            for (int32_t i = 0; i < nkv; i++) {
+                const float *v = vc + ref_slot(tables + s * max_blocks, a_prefix(c, s), c->block_size, i) * row +
+                                 (h / group) * hd;
+                for (int32_t d = 0; d < hd; d++) o[d] += p[i] / sum * v[d];
+            }
+        }
+    free(p);
+}
+
+static void attention_case(tcase *t, const attn_cfg *c) {
+    const int32_t bs = c->block_size, hd = c->head_dim, row = c->n_kv_head * hd, max_blocks = 96;
+    int32_t n = 0, tok_seq[300], tok_nkv[300], tables[A_SEQS * 96], prefix[A_SEQS], perm[A_BLOCKS], used = 0;
+    for (int32_t i = 0; i < A_BLOCKS; i++) perm[i] = i;
+    for (int32_t i = A_BLOCKS - 1; i > 0; i--) { /* physical blocks in random order */
+        const int32_t j = rnd_i(i + 1), tmp = perm[i];
+        perm[i] = perm[j], perm[j] = tmp;
+    }
+    for (int s = 0; s < A_SEQS; s++) {
+        prefix[s] = a_prefix(c, s);
+        const int32_t own = a_cached[s] + a_new[s];
+        const int32_t nb = (prefix[s] + bs - 1) / bs + (own + bs - 1) / bs;
+        for (int32_t b = 0; b < max_blocks; b++) tables[s * max_blocks + b] = b < nb ? perm[used + b] : -1;
+        used += nb;
+        for (int32_t j = 0; j < a_new[s]; j++, n++) {
+            tok_seq[n] = s;
+            tok_nkv[n] = prefix[s] + a_cached[s] + j + 1; /* causal: up to and including itself */
+        }
+    }
+    DS_ASSERT(used <= A_BLOCKS && n == 300);
+    const size_t pool = (size_t)A_BLOCKS * bs * row, nq = (size_t)n * c->n_head * hd;
+    float *kc = rnd_vec(pool, 1.0f), *vc = rnd_vec(pool, 1.0f), *q = rnd_vec(nq, 2.0f);
+    float *got = malloc(sizeof(float) * nq);
+    double *ref = dvec(nq);
+    attn_ref(c, q, kc, vc, tok_seq, tok_nkv, tables, max_blocks, n, ref);
+    ds_attn_args a = {.q = t_up(t, q, sizeof(float) * nq), .out = t_alloc(t, sizeof(float) * nq),
+                      .k_cache = t_up(t, kc, sizeof(float) * pool), .v_cache = t_up(t, vc, sizeof(float) * pool),
+                      .n_tokens = n, .n_head = c->n_head, .n_kv_head = c->n_kv_head, .head_dim = hd,
+                      .block_size = bs, .tok_seq = t_up(t, tok_seq, sizeof(int32_t) * n),
+                      .tok_nkv = t_up(t, tok_nkv, sizeof(int32_t) * n),
+                      .block_tables = t_up(t, tables, sizeof tables),
+                      .seq_prefix = c->prefix ? t_up(t, prefix, sizeof prefix) : NULL, .n_seqs = A_SEQS,
+                      .max_blocks = max_blocks, .scale = 1.0f / sqrtf((float)hd)};
+    t_ok(t, "attention", t->b->iface->attention(t->b->ctx, &a));
+    t_down(t, got, a.out, sizeof(float) * nq);
+    char what[96];
+    snprintf(what, sizeof what, "heads %d/%d hd=%d block=%d %s", c->n_head, c->n_kv_head, hd, bs,
+             c->prefix ? "prefix 5/0/block" : "no prefix");
+    expect(t, "attention", what, got, ref, nq, t->tol_f32);
+    t_release_all(t);
+    free(kc), free(vc), free(q), free(got), free(ref);
+}
+
+static void test_attention(tcase *t) {
+    const attn_cfg cfgs[] = {{6, 2, 40, 4, true}, {4, 4, 128, 16, true}, {8, 1, 80, 16, false}, {2, 1, 256, 8, true}};
+    for (size_t i = 0; i < sizeof cfgs / sizeof cfgs[0]; i++) attention_case(t, &cfgs[i]);
+}
+
+/* ---- driver ---- */
+
+static void tolerances_for(tcase *t) {
+    const bool cpu = !strcmp(t->b->iface->name, "cpu");
+    t->tol_f32 = cpu ? 1e-10 : 1e-9;
+    t->tol_gemm = cpu ? 1e-10 : 1e-4;
+    t->tol_embed = cpu ? 0.0 : 1e-4;
+}
+
+static void run_backend(ds_backend *b) {
+    tcase t = {.b = b, .name = b->iface->name};
+    tolerances_for(&t);
+    CHECK_EQ_INT(b->iface->version, DS_BACKEND_IFACE_VERSION);
+    test_memory(&t);
+    test_matmul(&t);
+    test_embed(&t);
+    test_rmsnorm(&t);
+    test_rope(&t);
+    test_silu_add(&t);
+    test_rows(&t);
+    test_kv_store(&t);
+    test_seg_vec(&t);
+    test_lora(&t);
+    test_attention(&t);
+    CHECK_EQ_INT(b->iface->synchronize(b->ctx), DS_OK);
+}
+
+int main(int argc, char **argv) {
+    const char *only = argc > 1 ? argv[1] : NULL;
+    const char *names[] = {"cpu", "cuda"};
+    for (size_t i = 0; i < 2; i++) {
+        if (only && strcmp(only, names[i])) continue;
+        ds_err err = {{0}};
+        ds_backend_params p = ds_backend_default_params();
+        ds_backend *b = ds_backend_create(names[i], &p, &err);
+        if (!b) {
+            if (only) SKIP("%s: %s", names[i], err.msg);
+            printf("%s: skipped: %s\n", names[i], err.msg);
+            CHECK_MSG(strcmp(names[i], "cpu") != 0, "the cpu backend must always exist");
+            continue;
+        }
+        run_backend(b);
+        ds_backend_free(b);
+    }
+    return ds_test_result();
+}
