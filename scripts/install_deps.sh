@@ -5,7 +5,7 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 pkgs=(build-essential cmake ninja-build pkg-config git libuv1-dev libcjson-dev node-llhttp libopenblas-dev libopenblas-openmp-dev
-      libpcre2-dev libutf8proc-dev python3 python3-venv python3-pip)
+      libpcre2-dev libutf8proc-dev python3 python3-venv python3-pip clang libclang-rt-dev)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

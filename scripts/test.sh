@@ -14,6 +14,15 @@ echo "== sanitizer build (ASan + UBSan)"
 DS_BUILD_TYPE=Debug scripts/build.sh "$here/build-asan" -DDS_SANITIZE=ON
 ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
   ctest --test-dir build-asan --output-on-failure -j 2 --timeout 2400 -LE slow
+echo "== fuzz targets (libFuzzer): replay the committed corpus, then ${DS_FUZZ_SECONDS:=20} s each"
+CC=clang scripts/build.sh "$here/build-fuzz" -DDS_FUZZ=ON -DDS_CUDA=OFF >/dev/null
+for f in build-fuzz/fuzz/fuzz_*; do
+  name=$(basename "$f")
+  work=$(mktemp -d)
+  "$f" -runs=0 "tests/fuzz/corpus/$name" >/dev/null 2>&1 || { echo "corpus replay failed: $name"; exit 1; }
+  "$f" -max_total_time="$DS_FUZZ_SECONDS" -print_final_stats=0 "$work" "tests/fuzz/corpus/$name" 2>&1 | tail -n 1
+  rm -rf "$work"
+done
 if ls tests/server/test_*.py >/dev/null 2>&1; then
   echo "== server tests (real binary, openai client)"
   DS_BINARY="$here/build/deltaserve" .venv/bin/python -m pytest -q tests/server

@@ -98,11 +98,12 @@ static bool grow_blocks(ds_engine *e, ds_seq *s, int32_t n_own) {
     return true;
 }
 
-/* Preempts the most recently admitted running sequence other than `keep` (recompute later). */
+/* Preempts the most recently admitted running sequence admitted after `keep` (recompute later).
+ * Those are not scheduled in this step yet (running is scanned in admission order); when there is
+ * none, `keep` is itself the newest and the caller preempts it (LIFO, as vLLM). */
 static bool preempt_one(ds_engine *e, ds_seq *keep) {
     ds_seq *victim = NULL;
-    for (ds_seq *s = e->running; s; s = s->next)
-        if (s != keep) victim = s;
+    for (ds_seq *s = keep->next; s; s = s->next) victim = s;
     if (!victim) return false;
     unlink_seq(&e->running, victim);
     release_blocks(e, victim);
@@ -113,9 +114,8 @@ static bool preempt_one(ds_engine *e, ds_seq *keep) {
     return true;
 }
 
-static void seq_done(ds_engine *e, ds_seq *s) {
-    ds_engine_seq_release(e, s);
-    ds_seq_free(s);
+/* Counted out of in_flight BEFORE the final event, so whoever sees the event also sees the count. */
+static void leave_flight(ds_engine *e) {
     pthread_mutex_lock(&e->mu);
     e->in_flight--;
     pthread_mutex_unlock(&e->mu);
@@ -123,14 +123,18 @@ static void seq_done(ds_engine *e, ds_seq *s) {
 
 static void finish_seq(ds_engine *e, ds_seq *s, ds_finish_reason why) {
     release_blocks(e, s);
+    leave_flight(e);
     ds_seq_finish(s, why);
-    seq_done(e, s);
+    ds_engine_seq_release(e, s);
+    ds_seq_free(s);
 }
 
 static void fail_seq(ds_engine *e, ds_seq *s, int status, const char *msg) {
     release_blocks(e, s);
+    leave_flight(e);
     ds_seq_fail(s, status, msg);
-    seq_done(e, s);
+    ds_engine_seq_release(e, s);
+    ds_seq_free(s);
 }
 
 static void reap_cancelled(ds_engine *e) {
@@ -202,8 +206,8 @@ static void admit(ds_engine *e, int32_t *budget, int32_t *n_seqs, int32_t n_runn
 /* Picks this step's work: running sequences first, then waiting ones while blocks last. */
 static int32_t schedule(ds_engine *e) {
     int32_t budget = e->p.max_batch_tokens, n_seqs = 0;
-    for (ds_seq *s = e->running, *next; s && budget > 0; s = next) {
-        next = s->next;
+    /* s->next is read after scheduling s: preemption only removes sequences after s */
+    for (ds_seq *s = e->running; s && budget > 0; s = s->next) {
         int32_t n = schedule_seq(e, s, budget, &n_seqs);
         if (n < 0) { /* alone and still no room: wait in the queue */
             unlink_seq(&e->running, s);
