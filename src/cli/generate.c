@@ -1,6 +1,9 @@
 /* deltaserve generate: run prompts through the engine (one batch) and print the continuations. */
 #include "cli/cli.h"
+#include "ds/adapter.h"
 #include "ds/engine.h"
+
+#include <limits.h>
 
 #include <pthread.h>
 #include <stdio.h>
@@ -18,6 +21,9 @@ static const char *GEN_HELP =
     "  -m, --model PATH        GGUF file or Hugging Face directory (default: $DS_MODEL, else\n"
     "                          models/SmolLM2-135M-Instruct.Q4_1.gguf from scripts/fetch_model.sh)\n"
     "  -p, --prompt TEXT       prompt text; repeat for several sequences in one batch\n"
+    "  -a, --adapter PATH      PEFT adapter directory or GGUF LoRA file for the prompts that\n"
+    "                          follow (until the next -a; '-a base' = no adapter). Prompts with\n"
+    "                          different adapters run in the same batch.\n"
     "  -n, --max-tokens N      tokens to generate per prompt (default 64)\n"
     "      --chat              wrap each prompt as a user message in the model's chat template\n"
     "      --system TEXT       system message for --chat (default: the template's own)\n"
@@ -89,6 +95,8 @@ static void on_event(const ds_gen_event *ev) {
 typedef struct gen_opts {
     const char *model, *system;
     const char *prompts[MAX_PROMPTS];
+    const char *adapters[MAX_PROMPTS]; /* per prompt: path or NULL */
+    const char *cur_adapter;
     int n_prompts;
     long max_tokens, threads, ctx;
     bool chat, show_ids;
@@ -117,7 +125,11 @@ static int parse_opt(gen_opts *o, int argc, char **argv, int *i) {
     if (!strcmp(a, "-m") || !strcmp(a, "--model")) o->model = TAKE;
     else if (!strcmp(a, "-p") || !strcmp(a, "--prompt")) {
         if (o->n_prompts == MAX_PROMPTS) return fprintf(stderr, "deltaserve: at most %d prompts\n", MAX_PROMPTS), -1;
+        o->adapters[o->n_prompts] = o->cur_adapter;
         o->prompts[o->n_prompts++] = TAKE;
+    } else if (!strcmp(a, "-a") || !strcmp(a, "--adapter")) {
+        if (!v) return fprintf(stderr, "deltaserve: %s needs a value\n", a), -1;
+        o->cur_adapter = strcmp(TAKE, "base") ? v : NULL;
     } else if (!strcmp(a, "-n") || !strcmp(a, "--max-tokens")) { if (!ds_cli_int(a, TAKE, 1, 1 << 20, &o->max_tokens)) return -1; }
     else if (!strcmp(a, "--chat")) o->chat = true;
     else if (!strcmp(a, "--system")) o->system = TAKE;
@@ -168,14 +180,50 @@ static int encode_prompt(const ds_model *m, const gen_opts *o, const char *promp
     return st;
 }
 
+/* The CLI trusts its own arguments: adapters load from any path (root "/"), each registered under
+ * its absolute path. Returns the registry (NULL when no prompt uses an adapter) or exits. */
+static ds_adapter_registry *load_adapters(const ds_model *m, gen_opts *o, char abs[][PATH_MAX], bool *ok) {
+    *ok = true;
+    bool any = false;
+    for (int i = 0; i < o->n_prompts; i++) any |= o->adapters[i] != NULL;
+    if (!any) return NULL;
+    ds_err err = {{0}};
+    ds_adapter_registry *reg = ds_registry_create(m, "/", &err);
+    for (int i = 0; reg && i < o->n_prompts; i++) {
+        if (!o->adapters[i]) continue;
+        if (!realpath(o->adapters[i], abs[i])) {
+            fprintf(stderr, "deltaserve: adapter '%s' not found\n", o->adapters[i]);
+            *ok = false;
+            break;
+        }
+        ds_adapter_info info;
+        if (ds_registry_info(reg, abs[i], &info) == DS_OK) continue; /* same adapter, earlier prompt */
+        if (ds_registry_load(reg, abs[i], abs[i], false, &err) != DS_OK) {
+            fprintf(stderr, "deltaserve: adapter '%s': %s\n", o->adapters[i], err.msg);
+            *ok = false;
+            break;
+        }
+    }
+    if (!reg) fprintf(stderr, "deltaserve: %s\n", err.msg), *ok = false;
+    return reg;
+}
+
 static int run(const ds_model *m, gen_opts *o) {
+    static char abs[MAX_PROMPTS][PATH_MAX];
+    bool ok;
+    ds_adapter_registry *reg = load_adapters(m, o, abs, &ok);
+    if (!ok) {
+        ds_registry_free(reg);
+        return 1;
+    }
     ds_engine_params ep = ds_engine_default_params();
+    ep.registry = reg;
     ep.n_threads = (int32_t)o->threads;
     ep.max_ctx = (int32_t)o->ctx;
     if (ep.max_ctx == 0 && m->cfg.max_ctx > 4096) ep.max_ctx = 4096;
     ds_err err = {{0}};
     ds_engine *e = ds_engine_create(m, &ep, &err);
-    if (!e) return fprintf(stderr, "deltaserve: %s\n", err.msg), 1;
+    if (!e) return fprintf(stderr, "deltaserve: %s\n", err.msg), ds_registry_free(reg), 1;
     gen_out *outs = calloc((size_t)o->n_prompts, sizeof *outs);
     int rc = 0;
     for (int i = 0; i < o->n_prompts; i++) {
@@ -186,6 +234,7 @@ static int run(const ds_model *m, gen_opts *o) {
         r.prompt = ids;
         r.n_prompt = n;
         r.max_tokens = (int32_t)o->max_tokens;
+        r.adapter = o->adapters[i] ? abs[i] : NULL;
         r.on_event = on_event;
         r.user = &outs[i];
         outs[i].stream = o->n_prompts == 1;
@@ -206,7 +255,9 @@ static int run(const ds_model *m, gen_opts *o) {
     int total = 0;
     for (int i = 0; i < o->n_prompts; i++) {
         gen_out *g = &outs[i];
-        if (o->n_prompts > 1) printf("--- [%d] %s\n%s%s", i, o->prompts[i], g->text ? g->text : "", "");
+        if (o->n_prompts > 1)
+            printf("--- [%d]%s%s %s\n%s", i, o->adapters[i] ? " adapter=" : "", o->adapters[i] ? o->adapters[i] : "",
+                   o->prompts[i], g->text ? g->text : "");
         printf("\n");
         if (g->err[0]) { fprintf(stderr, "deltaserve: prompt %d failed: %s\n", i, g->err); rc = 1; }
         if (o->show_ids) {
@@ -223,6 +274,7 @@ static int run(const ds_model *m, gen_opts *o) {
     fprintf(stderr, "generated %d tokens in %.2f s (%.1f tokens/s)\n", total, dt, dt > 0 ? total / dt : 0.0);
     free(outs);
     ds_engine_free(e);
+    ds_registry_free(reg);
     return rc;
 }
 
