@@ -153,14 +153,14 @@ ds_finish_reason ds_seq_accept(ds_seq *s, const ds_tokenizer *tok, int32_t token
     if (n > 0 && held_append(s, buf, (size_t)n) != DS_OK) return DS_FINISH_ERROR;
     long cut = (may_stop && s->n_stop) ? find_stop(s) : -1;
     if (cut >= 0) {
-        emit_token(s, token, s->held, (size_t)cut, &lp);
+        emit_token(s, token, s->held ? s->held : "", (size_t)cut, &lp);
         s->held_len = 0;
         return DS_FINISH_STOP;
     }
     size_t keep = s->n_stop ? stop_prefix_suffix(s) : 0;
     size_t out = s->held_len - keep;
-    emit_token(s, token, s->held, out, &lp);
-    memmove(s->held, s->held + out, keep);
+    emit_token(s, token, s->held ? s->held : "", out, &lp);
+    if (keep) memmove(s->held, s->held + out, keep);
     s->held_len = keep;
     if (s->n_gen >= s->max_tokens || s->n_prefix + s->n_tokens >= max_ctx) return DS_FINISH_LENGTH;
     return DS_FINISH_NONE;

@@ -10,7 +10,9 @@
 #include <string.h>
 #include <unistd.h>
 
-static cJSON *golden_load_json(const char *path) {
+#define GOLDEN_FN static __attribute__((unused))
+
+GOLDEN_FN cJSON *golden_load_json(const char *path) {
     char *text = NULL;
     size_t len = 0;
     ds_err err;
@@ -20,7 +22,7 @@ static cJSON *golden_load_json(const char *path) {
     return j;
 }
 
-static int32_t *golden_ids(const cJSON *arr, int *n) {
+GOLDEN_FN int32_t *golden_ids(const cJSON *arr, int *n) {
     *n = cJSON_GetArraySize(arr);
     int32_t *ids = malloc(sizeof(int32_t) * (size_t)(*n > 0 ? *n : 1));
     for (int i = 0; i < *n; i++) ids[i] = (int32_t)cJSON_GetArrayItem(arr, i)->valuedouble;
@@ -28,7 +30,7 @@ static int32_t *golden_ids(const cJSON *arr, int *n) {
 }
 
 /* max |a - ref| over n values where ref is a JSON array. */
-static double golden_max_diff(const float *a, const cJSON *ref, int n) {
+GOLDEN_FN double golden_max_diff(const float *a, const cJSON *ref, int n) {
     double mx = 0;
     if (cJSON_GetArraySize(ref) != n) return INFINITY;
     int i = 0;
@@ -40,7 +42,7 @@ static double golden_max_diff(const float *a, const cJSON *ref, int n) {
     return mx;
 }
 
-static double golden_max_abs(const cJSON *ref) {
+GOLDEN_FN double golden_max_abs(const cJSON *ref) {
     double mx = 0;
     const cJSON *it;
     cJSON_ArrayForEach(it, ref) if (fabs(it->valuedouble) > mx) mx = fabs(it->valuedouble);
@@ -55,7 +57,7 @@ typedef struct golden_seqs {
     int32_t *n_past; /* tokens already in the cache per sequence */
 } golden_seqs;
 
-static void golden_seqs_init(golden_seqs *g, int n_seqs, int max_blocks) {
+GOLDEN_FN void golden_seqs_init(golden_seqs *g, int n_seqs, int max_blocks) {
     g->n_seqs = n_seqs;
     g->max_blocks = max_blocks;
     g->tables = malloc(sizeof(int32_t) * (size_t)(n_seqs * max_blocks));
@@ -63,14 +65,14 @@ static void golden_seqs_init(golden_seqs *g, int n_seqs, int max_blocks) {
     for (int i = 0; i < n_seqs * max_blocks; i++) g->tables[i] = i;
 }
 
-static void golden_seqs_free(golden_seqs *g) {
+GOLDEN_FN void golden_seqs_free(golden_seqs *g) {
     free(g->tables);
     free(g->n_past);
 }
 
 /* Runs one step where sequence s contributes n_tok[s] tokens toks[s] (0 allowed → skipped), all
  * token rows produce logits into `logits` ([total][n_vocab]). Returns 0 or the forward's status. */
-static int golden_step(ds_llama *L, golden_seqs *g, int32_t *const *toks, const int *n_tok, float *logits,
+GOLDEN_FN int golden_step(ds_llama *L, golden_seqs *g, int32_t *const *toks, const int *n_tok, float *logits,
                        int all_logits) {
     int total = 0;
     for (int s = 0; s < g->n_seqs; s++) total += n_tok[s];
