@@ -74,7 +74,7 @@ N_DECODE = 4
 PROMPT_LENS = (6, 9, 1)
 TINY = ("tiny-llama", "tiny-qwen2")
 ADAPTER_NAMES = ("lora-qv", "lora-qk", "lora-all", "lora-bias", "dora", "adalora", "adalora-full",
-                 "ia3", "prompt-tuning", "p-tuning", "prefix", "prefix-proj", "lora-embed-head")
+                 "ia3", "prompt-tuning", "p-tuning", "prefix", "prefix-proj", "lora-embed-head", "lora-head")
 PROMPT_LEARNING = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
 
 
@@ -242,6 +242,8 @@ def peft_config_for(adapter: str, model_name: str, cfg) -> object | None:
             return None  # tied embeddings: see README (skipped)
         return LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "lm_head"], lora_dropout=0.0,
                           **common)
+    if adapter == "lora-head":  # LoRA on the (untied) lm_head next to a projection
+        return LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], lora_dropout=0.0, **common)
     raise KeyError(adapter)
 
 
@@ -250,6 +252,7 @@ def adapters_for(model_name: str) -> list[str]:
     names = [a for a in ADAPTER_NAMES if not (a == "lora-qk" and model_name != "tiny-llama")]
     if model_name == "tiny-qwen2":
         names.remove("lora-embed-head")
+        names.remove("lora-head")
     return names
 
 
@@ -714,7 +717,7 @@ def extra_checks(model_name, adapter, pm, pm2, cfg_json, st, base_model, report)
 MIXED = {
     "tiny-llama": [("lora-qv", 0), (None, 0), ("lora-all", 1), ("dora", 0), ("adalora", 2), ("ia3", 1),
                    ("prompt-tuning", 0), ("p-tuning", 2), ("prefix", 1), ("prefix-proj", 0),
-                   ("lora-bias", 1), ("lora-qv", 1), (None, 2), ("lora-embed-head", 0)],
+                   ("lora-bias", 1), ("lora-qv", 1), (None, 2), ("lora-embed-head", 0), ("lora-head", 1)],
     "tiny-qwen2": [("prefix", 0), ("lora-all", 0), (None, 1), ("dora", 1), ("adalora-full", 0),
                    ("ia3", 2), ("prompt-tuning", 1), ("p-tuning", 0), ("lora-bias", 0), ("lora-qv", 2),
                    ("prefix-proj", 1), ("adalora", 1), ("lora-qv", 0)],
@@ -844,7 +847,10 @@ def gen_gguf_lora(model_name: str, adapter: str, written: list[Path]) -> None:
 # --------------------------------------------------------------------------------------------
 SMOL_ADAPTERS = {
     # name: (LoraConfig kwargs, std of A and B, storage dtype)
-    "lora-a": (dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]), 0.05, torch.bfloat16),
+    # every other layer (size: 15 layers x r 8 x (576+576 + 576+192) x 2 bytes = 469 KB)
+    "lora-a": (dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                    layers_to_transform=list(range(0, 30, 2)), layers_pattern="layers"),
+               0.06, torch.bfloat16),
     # all-linear, spelled out: PEFT refuses layers_to_transform with the "all-linear" string
     "lora-b": (dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                        "up_proj", "down_proj"],
@@ -904,6 +910,16 @@ def gen_smollm2(written: list[Path], report: dict) -> None:
         return margins, top
 
     base_greedy = {k: greedy(base, ids) for k, _, ids in prompts}
+    # same base as gen_models.py's smollm2 reference (same prompts -> same ids and greedy tokens)
+    mref = MODELS / "smollm2" / "reference.json"
+    if mref.is_file():
+        mcases = {c["kind"]: c for c in json.loads(mref.read_text())["cases"]}
+        for k, _, ids in prompts:
+            if k in mcases:
+                assert mcases[k]["prompt"] == ids, f"smollm2 {k}: prompt ids differ from {mref}"
+                want = mcases[k]["greedy"]["tokens"][:SMOL_NEW_TOKENS]
+                assert base_greedy[k][:len(want)] == want, f"smollm2 {k}: base greedy differs from {mref}"
+        print(f"  base greedy tokens agree with {mref.relative_to(ROOT)}")
     for name, (kw, std, dtype) in SMOL_ADAPTERS.items():
         d = OUT / "smollm2" / name
         if d.exists():
@@ -1007,7 +1023,7 @@ def _lora_cfg(**over) -> dict:
     return dict(sorted(cfg.items()))
 
 
-def _lora_tensors(g, layers=(0, 1), mods=("q_proj", "v_proj"), hidden=64, r=4, outs=None) -> dict:
+def _lora_tensors(g, layers=(0,), mods=("q_proj", "v_proj"), hidden=64, r=4, outs=None) -> dict:
     outs = outs or {"q_proj": 64, "k_proj": 32, "v_proj": 32, "o_proj": 64}
     sd = {}
     for i in layers:
@@ -1044,7 +1060,7 @@ deltaserve must REFUSE to load against the base `tests/data/models/tiny-llama` (
 layers, 4 heads / 2 KV heads, head_dim 16, intermediate 128, vocab 320): the load must fail with an
 error (HTTP 400 from `/v1/load_lora_adapter`), never crash, never half-register the adapter. A
 test should check that the error message contains the keyword (case-insensitive; any one of the
-`|`-separated alternatives). `manifest.json` has the same table in machine-readable form.
+listed alternatives). `manifest.json` has the same table in machine-readable form.
 
 NaN/Inf values in weights are NOT malformed and are deliberately absent here.
 
@@ -1064,7 +1080,7 @@ def gen_bad(written: list[Path]) -> None:
         entries.append({"case": name + path_suffix, "what": what, "keyword": keyword})
 
     # 1. rank mismatch between lora_A and lora_B
-    t = _lora_tensors(g)
+    t = _lora_tensors(g, layers=(0, 1))
     t["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"] = 0.1 * torch.randn(32, 3, generator=g)
     _write_bad("rank-mismatch", _lora_cfg(), t, written)
     add("rank-mismatch", "layers.1 v_proj: lora_A [4,64] but lora_B [32,3]", "rank|shape")
@@ -1076,7 +1092,7 @@ def gen_bad(written: list[Path]) -> None:
     add("missing-lora-b", "layers.0 q_proj has lora_A but no lora_B", "lora_B|missing")
 
     # 3. missing lora_A
-    t = _lora_tensors(g)
+    t = _lora_tensors(g, layers=(0, 1))
     del t["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"]
     _write_bad("missing-lora-a", _lora_cfg(), t, written)
     add("missing-lora-a", "layers.1 q_proj has lora_B but no lora_A", "lora_A|missing")
@@ -1113,7 +1129,7 @@ def gen_bad(written: list[Path]) -> None:
 
     # 9. DoRA + lora_bias (PEFT refuses this combination: 'lora_bias=True is not supported for DoRA')
     t = _lora_tensors(g)
-    for i in (0, 1):
+    for i in (0,):
         for m, o in (("q_proj", 64), ("v_proj", 32)):
             p = f"base_model.model.model.layers.{i}.self_attn.{m}"
             t[f"{p}.lora_B.bias"] = 0.1 * torch.randn(o, generator=g)
@@ -1156,7 +1172,7 @@ def gen_bad(written: list[Path]) -> None:
     add("unknown-module", "tensors for model.layers.0.self_attn.qkv_proj (no such module)", "module|qkv_proj")
 
     # 15. layer index out of range
-    t = _lora_tensors(g, layers=(0, 1, 5))
+    t = _lora_tensors(g, layers=(0, 5))
     _write_bad("layer-out-of-range", _lora_cfg(), t, written)
     add("layer-out-of-range", "tensors for model.layers.5 on a 2-layer base", "layer")
 
@@ -1214,11 +1230,14 @@ def gen_bad(written: list[Path]) -> None:
     bogus[0:8] = struct.pack("<Q", 1 << 40)
     _write_bad("safetensors-bad-header", _lora_cfg(), None, written, raw_weights=bytes(bogus))
     add("safetensors-bad-header", "safetensors header length field = 2^40", "safetensors|header")
-    hdr = json.dumps({"x.lora_A.weight": {"dtype": "F32", "shape": [4, 64], "data_offsets": [0, 999999]}}).encode()
+    pfx = "base_model.model.model.layers.0.self_attn.q_proj"
+    hdr = json.dumps({f"{pfx}.lora_A.weight": {"dtype": "F32", "shape": [4, 64], "data_offsets": [0, 999999]},
+                      f"{pfx}.lora_B.weight": {"dtype": "F32", "shape": [64, 4], "data_offsets": [0, 1024]}},
+                     separators=(",", ":")).encode()
     _write_bad("safetensors-bad-offsets", _lora_cfg(), None, written,
                raw_weights=struct.pack("<Q", len(hdr)) + hdr + b"\0" * 64)
     add("safetensors-bad-offsets", "tensor data_offsets beyond the file / not matching shape*dtype",
-        "safetensors|offset")
+        "safetensors|offset|size")
 
     # 22. prompt learning shape errors
     _write_bad("prompt-tuning-wrong-dim",
@@ -1293,8 +1312,6 @@ def gen_bad(written: list[Path]) -> None:
         add("gguf-rank-mismatch", "blk.1.attn_v.weight.lora_a ne [64,4] but lora_b ne [3,32]", "rank|shape",
             ".gguf")
 
-        def tamper_name(gname, a, b):
-            return a, b
         p = bad_root / "gguf-unknown-tensor.gguf"
         w_tmp = bad_root / "gguf-unknown-tensor.tmp"
         write_gguf_lora(w_tmp, qv, "llama", base.config, "unknown-tensor")
@@ -1331,7 +1348,8 @@ def gen_bad(written: list[Path]) -> None:
     manifest = {"base": "tiny-llama", "note": "every case must be refused; keyword = any of the |-separated "
                 "words, case-insensitive, should appear in the error message", "cases": entries}
     write_text(bad_root / "manifest.json", dump_json(manifest) + "\n")
-    rows = "".join(f"| `{e['case']}` | {e['what']} | `{e['keyword']}` |\n" for e in entries)
+    rows = "".join(f"| `{e['case']}` | {e['what']} | "
+                   f"{' / '.join('`' + k + '`' for k in e['keyword'].split('|'))} |\n" for e in entries)
     write_text(bad_root / "README.md", BAD_README_HEAD + rows)
     written += [bad_root / "manifest.json", bad_root / "README.md"]
     print(f"  bad: {len(entries)} malformed adapters")
