@@ -47,6 +47,12 @@ typedef struct ds_server_params {
     size_t max_write_buffer;       /* unsent bytes per connection, default 4 MiB → drop client */
     double shutdown_timeout_s;     /* stop: wait this long for in-flight requests, default 10 */
     bool handle_signals;           /* SIGINT/SIGTERM → graceful stop; default true */
+
+    /* Added with the adapter endpoints (zero / NULL keeps the old behaviour): */
+    struct ds_adapter_registry *registry; /* borrowed, may be NULL (no adapter endpoints beyond
+                                      empty lists); the engine's registry; must outlive the server */
+    int32_t max_lora;              /* resident adapter slots (engine max_adapters), reported as
+                                      max_lora in vllm:lora_requests_info; default 0 */
 } ds_server_params;
 
 ds_server_params ds_server_default_params(void);
@@ -59,10 +65,12 @@ ds_server *ds_server_create(ds_engine *engine, const ds_server_params *params, d
 /* The bound port (useful with port 0), or -1. */
 int ds_server_port(const ds_server *s);
 
-/* Serves until stopped: on stop it refuses new connections, aborts in-flight requests (their
- * engine requests are cancelled), waits up to shutdown_timeout_s for them to end, and returns 0.
- * Returns DS_EBUSY if requests were still pending at the timeout (the server then leaks what
- * they hold rather than free memory the engine may still post to). Call at most once. */
+/* Serves until stopped. On stop it drains: /health answers 503, new requests get 503 (and
+ * "Connection: close"), in-flight requests run to completion for up to shutdown_timeout_s; then
+ * what is left is aborted (engine requests cancelled) and given a few more seconds to end.
+ * Returns 0 once every request has ended, or DS_EBUSY if some were still pending at the end (the
+ * server then leaks what they hold rather than free memory the engine may still post to).
+ * Call at most once. */
 int ds_server_run(ds_server *s);
 
 /* ANY THREAD, async-signal-safe: asks a running (or about to run) server to stop. A no-op once

@@ -1,11 +1,298 @@
-/* deltaserve serve: placeholder until the HTTP server lands (see src/server). */
+/* deltaserve serve: load the model, scan the adapter directory, start the engine and the
+ * OpenAI-compatible HTTP server, and run until SIGINT/SIGTERM (then drain and exit 0). */
 #include "cli/cli.h"
+#include "ds/adapter.h"
+#include "ds/engine.h"
+#include "ds/server.h"
 
+#include <libgen.h>
+#include <limits.h>
+#include <pthread.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static const char *SERVE_HELP =
+    "usage: deltaserve serve [-m MODEL] [--adapter-dir DIR] [--port N] [options]\n"
+    "\n"
+    "Serves the OpenAI-compatible API (completions, chat, models), runtime adapter loading\n"
+    "(vLLM's /v1/load_lora_adapter and /v1/adapters), /health and Prometheus /metrics.\n"
+    "SIGINT/SIGTERM stop it gracefully: /health turns 503, new requests are refused, running\n"
+    "ones finish (up to --shutdown-timeout), then the rest is cancelled and it exits 0.\n"
+    "\n"
+    "model and adapters:\n"
+    "  -m, --model PATH          GGUF file or Hugging Face directory (default: $DS_MODEL, else\n"
+    "                            models/SmolLM2-135M-Instruct.Q4_1.gguf from scripts/fetch_model.sh)\n"
+    "      --served-model-name N the base model's id in the API (default: the model file's stem);\n"
+    "                            \"base\" and the model's own name also select the base model\n"
+    "      --adapter-dir DIR     directory of adapters (PEFT directories, GGUF LoRA files); every\n"
+    "                            one found is loaded at start (named after its directory / file\n"
+    "                            stem), and runtime loads may only read paths inside it\n"
+    "                            (default: none; adapters disabled)\n"
+    "      --max-adapters N      adapters resident in the engine at once (default 64)\n"
+    "      --adapter-budget-mb N backend memory for resident adapters, LRU-evicted (default 512)\n"
+    "\n"
+    "network:\n"
+    "      --host ADDR           listen address (default 127.0.0.1; 0.0.0.0 for all interfaces)\n"
+    "      --port N              listen port (default 8000)\n"
+    "      --api-key KEY         require \"Authorization: Bearer KEY\" on every endpoint but\n"
+    "                            /health (default: $DS_API_KEY, else no authentication)\n"
+    "      --max-connections N   open connections; more get 503 (default 1024)\n"
+    "      --max-body-mb N       request body limit; larger bodies get 413 (default 32)\n"
+    "      --header-timeout S    seconds a client may take to send a request's headers (slower\n"
+    "                            ones get 408; default 10)\n"
+    "      --shutdown-timeout S  seconds running requests may take to finish on SIGTERM before\n"
+    "                            they are cancelled (default 30)\n"
+    "\n"
+    "engine:\n"
+    "      --max-model-len N     context length per request, prompt + completion (default: the\n"
+    "                            model's, capped to what the KV cache holds)\n"
+    "      --kv-cache-mb N       KV cache size (default 256)\n"
+    "      --max-batch-tokens N  tokens per engine step, prefill chunks + decodes (default 512)\n"
+    "      --max-seqs N          sequences running at once (default 64)\n"
+    "      --max-queue N         waiting requests; more get 429 (default 1024)\n"
+    "  -t, --threads N           CPU threads (default 0 = all cores)\n"
+    "\n"
+    "      --log-level LEVEL     error | warn | info | debug (default info; also $DS_LOG)\n"
+    "  -h, --help                this text\n";
+
+typedef struct serve_opts {
+    const char *model, *served_name, *adapter_dir, *host, *api_key, *log_level;
+    long port, max_batch_tokens, max_seqs, kv_mb, max_model_len, max_queue, max_adapters, adapter_mb, threads;
+    long max_body_mb, max_connections;
+    double shutdown_timeout, header_timeout;
+} serve_opts;
+
+static void opts_default(serve_opts *o) {
+    memset(o, 0, sizeof *o);
+    o->host = "127.0.0.1";
+    o->port = 8000;
+    o->max_batch_tokens = 512;
+    o->max_seqs = 64;
+    o->kv_mb = 256;
+    o->max_queue = 1024;
+    o->max_adapters = 64;
+    o->adapter_mb = 512;
+    o->max_body_mb = 32;
+    o->max_connections = 1024;
+    o->shutdown_timeout = 30;
+    o->header_timeout = 10;
+    const char *key = getenv("DS_API_KEY");
+    o->api_key = key && *key ? key : NULL;
+}
+
+/* An integer flag: returns 1 when `a` is `name` (and the value parsed), -1 on a bad value. */
+static int int_flag(const char *a, const char *name, const char *v, long lo, long hi, long *out) {
+    if (strcmp(a, name)) return 0;
+    return ds_cli_int(a, v, lo, hi, out) ? 1 : -1;
+}
+
+/* A string flag. */
+static int str_flag(const char *a, const char *name, const char *alias, const char *v, const char **out) {
+    if (strcmp(a, name) && (!alias || strcmp(a, alias))) return 0;
+    if (!v) return fprintf(stderr, "deltaserve: %s needs a value\n", a), -1;
+    *out = v;
+    return 1;
+}
+
+/* Parses argv[*i] (and its value). Returns 0 ok, 1 help shown, -1 error. */
+static int parse_opt(serve_opts *o, int argc, char **argv, int *i) {
+    const char *a = argv[*i], *v = *i + 1 < argc ? argv[*i + 1] : NULL;
+    if (!strcmp(a, "-h") || !strcmp(a, "--help")) return fputs(SERVE_HELP, stdout), 1;
+    int r = 0;
+    if (!r) r = str_flag(a, "--model", "-m", v, &o->model);
+    if (!r) r = str_flag(a, "--served-model-name", NULL, v, &o->served_name);
+    if (!r) r = str_flag(a, "--adapter-dir", NULL, v, &o->adapter_dir);
+    if (!r) r = str_flag(a, "--host", NULL, v, &o->host);
+    if (!r) r = str_flag(a, "--api-key", NULL, v, &o->api_key);
+    if (!r) r = str_flag(a, "--log-level", NULL, v, &o->log_level);
+    if (!r) r = int_flag(a, "--port", v, 0, 65535, &o->port);
+    if (!r) r = int_flag(a, "--max-batch-tokens", v, 1, 1 << 20, &o->max_batch_tokens);
+    if (!r) r = int_flag(a, "--max-seqs", v, 1, 1 << 16, &o->max_seqs);
+    if (!r) r = int_flag(a, "--kv-cache-mb", v, 1, 1 << 24, &o->kv_mb);
+    if (!r) r = int_flag(a, "--max-model-len", v, 16, 1 << 24, &o->max_model_len);
+    if (!r) r = int_flag(a, "--max-queue", v, 1, 1 << 24, &o->max_queue);
+    if (!r) r = int_flag(a, "--max-adapters", v, 1, 1 << 16, &o->max_adapters);
+    if (!r) r = int_flag(a, "--adapter-budget-mb", v, 1, 1 << 24, &o->adapter_mb);
+    if (!r) r = int_flag(a, "--threads", v, 0, 1024, &o->threads);
+    if (!r) r = int_flag(a, "-t", v, 0, 1024, &o->threads);
+    if (!r) r = int_flag(a, "--max-body-mb", v, 1, 4096, &o->max_body_mb);
+    if (!r) r = int_flag(a, "--max-connections", v, 1, 1 << 20, &o->max_connections);
+    if (!r && !strcmp(a, "--header-timeout")) r = ds_cli_float(a, v, 0.1, 3600, &o->header_timeout) ? 1 : -1;
+    if (!r && !strcmp(a, "--shutdown-timeout")) r = ds_cli_float(a, v, 0, 86400, &o->shutdown_timeout) ? 1 : -1;
+    if (r == 0) return fprintf(stderr, "deltaserve serve: unknown option '%s' (see --help)\n", a), -1;
+    if (r < 0) return -1;
+    ++*i; /* every option here takes a value */
+    return 0;
+}
+
+static bool set_log_level(const char *s) {
+    static const char *names[] = {"error", "warn", "info", "debug"};
+    for (int i = 0; i < 4; i++)
+        if (!strcmp(s, names[i])) return ds_log_set_level((ds_log_level)i), true;
+    fprintf(stderr, "deltaserve: --log-level must be error, warn, info or debug\n");
+    return false;
+}
+
+/* "models/SmolLM2-135M-Instruct.Q4_1.gguf" → "SmolLM2-135M-Instruct.Q4_1" (a directory: its name). */
+static void file_stem(const char *path, char *out, size_t cap) {
+    char tmp[PATH_MAX];
+    snprintf(tmp, sizeof tmp, "%s", path);
+    size_t n = strlen(tmp);
+    while (n > 1 && tmp[n - 1] == '/') tmp[--n] = '\0';
+    snprintf(out, cap, "%s", basename(tmp));
+    n = strlen(out);
+    if (n > 5 && !strcmp(out + n - 5, ".gguf")) out[n - 5] = '\0';
+}
+
+/* The context a request may use: the model's, the flag's, and what the KV cache can hold (the
+ * engine reserves one block beyond a sequence's tokens). */
+static int32_t pick_context(const ds_model *m, const serve_opts *o, const ds_engine_params *ep) {
+    const ds_model_config *c = &m->cfg;
+    int64_t ctx = c->max_ctx;
+    if (o->max_model_len > 0 && o->max_model_len < ctx) ctx = o->max_model_len;
+    else if (o->max_model_len > ctx)
+        DS_LOGW("serve: --max-model-len %ld is more than the model's %d; using %d", o->max_model_len, c->max_ctx,
+                c->max_ctx);
+    size_t block_bytes = (size_t)ep->kv_block_size * (size_t)c->n_kv_head * (size_t)c->head_dim * sizeof(float) * 2 *
+                         (size_t)c->n_layer;
+    int64_t blocks = (int64_t)(ep->kv_cache_bytes / block_bytes);
+    int64_t kv_tokens = (blocks - 1) * ep->kv_block_size;
+    if (kv_tokens < ctx) {
+        DS_LOGI("serve: context limited to %lld tokens by the KV cache (%ld MiB; raise --kv-cache-mb for more)",
+                (long long)kv_tokens, o->kv_mb);
+        ctx = kv_tokens;
+    }
+    DS_LOGI("serve: memory: model weights %.1f MiB (fp32), KV cache %lld blocks x %d tokens = %.1f MiB, "
+            "adapters up to %d resident in %.0f MiB",
+            (double)m->n_params * 4 / (1 << 20), (long long)blocks, ep->kv_block_size,
+            (double)(blocks * (int64_t)block_bytes) / (1 << 20), ep->max_adapters,
+            (double)ep->adapter_budget_bytes / (1 << 20));
+    return (int32_t)ctx;
+}
+
+static ds_engine_params engine_params_of(const serve_opts *o) {
+    ds_engine_params ep = ds_engine_default_params();
+    ep.max_batch_tokens = (int32_t)o->max_batch_tokens;
+    ep.max_seqs = (int32_t)o->max_seqs;
+    ep.kv_cache_bytes = (size_t)o->kv_mb << 20;
+    ep.max_queue = (int32_t)o->max_queue;
+    ep.max_adapters = (int32_t)o->max_adapters;
+    ep.adapter_budget_bytes = (size_t)o->adapter_mb << 20;
+    ep.n_threads = (int32_t)o->threads;
+    return ep;
+}
+
+static ds_server_params server_params_of(const serve_opts *o, const char *name, int32_t ctx,
+                                         ds_adapter_registry *reg) {
+    ds_server_params sp = ds_server_default_params();
+    sp.host = o->host;
+    sp.port = (int)o->port;
+    sp.api_key = o->api_key;
+    sp.served_model_name = name;
+    sp.max_model_len = ctx;
+    sp.max_connections = (int32_t)o->max_connections;
+    sp.max_body_bytes = (size_t)o->max_body_mb << 20;
+    sp.shutdown_timeout_s = o->shutdown_timeout;
+    sp.header_timeout_s = o->header_timeout;
+    sp.registry = reg;
+    sp.max_lora = (int32_t)o->max_adapters;
+    return sp;
+}
+
+/* Warm-up: one 1-token generation before the server listens. It proves the backend runs, touches
+ * the weights and thread pools once, and makes the engine publish its stats (KV blocks, slots),
+ * which /metrics reports from the first scrape on. */
+typedef struct warmup {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    bool done;
+    ds_event_type type;
+    char msg[256];
+} warmup;
+
+static void on_warmup_event(const ds_gen_event *ev) {
+    warmup *w = ev->user;
+    if (ev->type == DS_EV_TOKEN) return;
+    pthread_mutex_lock(&w->mu);
+    w->done = true;
+    w->type = ev->type;
+    snprintf(w->msg, sizeof w->msg, "%s", ev->message ? ev->message : "");
+    pthread_cond_signal(&w->cv);
+    pthread_mutex_unlock(&w->mu);
+}
+
+static bool warm_up(ds_engine *e, const ds_model *m) {
+    warmup w = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
+    int32_t tok = m->tok && ds_tokenizer_bos(m->tok) >= 0 ? ds_tokenizer_bos(m->tok) : 0;
+    ds_gen_request r = ds_gen_request_default();
+    r.prompt = &tok, r.n_prompt = 1, r.max_tokens = 1, r.sampling.temperature = 0;
+    r.on_event = on_warmup_event, r.user = &w;
+    ds_err err = {{0}};
+    int st;
+    double t0 = ds_time_s();
+    if (!ds_engine_submit(e, &r, &st, &err)) return fprintf(stderr, "deltaserve: warm-up: %s\n", err.msg), false;
+    pthread_mutex_lock(&w.mu);
+    while (!w.done) pthread_cond_wait(&w.cv, &w.mu);
+    pthread_mutex_unlock(&w.mu);
+    if (w.type == DS_EV_ERROR) return fprintf(stderr, "deltaserve: warm-up failed: %s\n", w.msg), false;
+    DS_LOGI("serve: warm-up step done in %.0f ms", (ds_time_s() - t0) * 1e3);
+    return true;
+}
+
+/* Engine + server over a loaded model and registry; returns the exit code. */
+static int serve(const ds_model *m, ds_adapter_registry *reg, const serve_opts *o) {
+    char name[256];
+    if (o->served_name) snprintf(name, sizeof name, "%s", o->served_name);
+    else file_stem(o->model, name, sizeof name);
+    ds_engine_params ep = engine_params_of(o);
+    ep.registry = reg;
+    ep.max_ctx = pick_context(m, o, &ep);
+    if (ep.max_ctx < 16) return fprintf(stderr, "deltaserve: the KV cache is too small (--kv-cache-mb)\n"), 1;
+    ds_err err = {{0}};
+    ds_engine *e = ds_engine_create(m, &ep, &err);
+    if (!e) return fprintf(stderr, "deltaserve: cannot start the engine: %s\n", err.msg), 1;
+    if (!warm_up(e, m)) {
+        ds_engine_free(e);
+        return 1;
+    }
+    ds_server_params sp = server_params_of(o, name, ep.max_ctx, reg);
+    ds_server *srv = ds_server_create(e, &sp, &err);
+    if (!srv) {
+        fprintf(stderr, "deltaserve: %s\n", err.msg);
+        ds_engine_free(e);
+        return 1;
+    }
+    int rc = ds_server_run(srv);
+    ds_server_free(srv);
+    ds_engine_free(e); /* after the server: no request can reach it any more */
+    DS_LOGI("serve: stopped");
+    return rc == 0 ? 0 : 1;
+}
 
 int ds_cli_serve(int argc, char **argv) {
-    (void)argc;
-    (void)argv;
-    fprintf(stderr, "deltaserve serve: the HTTP server is not built yet in this revision\n");
-    return 1;
+    serve_opts o;
+    opts_default(&o);
+    for (int i = 1; i < argc; i++) {
+        int r = parse_opt(&o, argc, argv, &i);
+        if (r) return r > 0 ? 0 : 2;
+    }
+    if (o.log_level && !set_log_level(o.log_level)) return 2;
+    if (!o.model && !(o.model = ds_cli_default_model(argv[0]))) return 1;
+    ds_model *m = ds_cli_load_model(o.model);
+    if (!m) return 1;
+    ds_adapter_registry *reg = NULL;
+    if (o.adapter_dir) {
+        ds_err err = {{0}};
+        if (!(reg = ds_registry_create(m, o.adapter_dir, &err))) {
+            fprintf(stderr, "deltaserve: --adapter-dir: %s\n", err.msg);
+            ds_model_free(m);
+            return 1;
+        }
+        ds_registry_scan(reg); /* logs each adapter and the total */
+    }
+    int rc = serve(m, reg, &o);
+    ds_registry_free(reg);
+    ds_model_free(m);
+    return rc;
 }

@@ -1,6 +1,8 @@
 /* The route table (auth, 404/405) and the ds_server facade: the loop, the HTTP layer, the
- * built-in endpoints, signals and the shutdown sequence. */
+ * built-in endpoints (/health, /metrics), signals and the shutdown sequence (drain, then abort). */
 #include <llhttp.h>
+#include <stdarg.h>
+#include <stdio.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -8,6 +10,8 @@
 #include <time.h>
 
 #include "ds/server.h"
+#include "ds/adapter.h"
+#include "server/handlers.h"
 #include "server/http.h"
 #include "server/openai_req.h"
 
@@ -75,15 +79,22 @@ static bool authorized(const ds_router *rt, const ds_http_req *req) {
     return key_equal(h, strlen(h), rt->api_key);
 }
 
+/* Counts a response the router gives itself (401/404/405) in /metrics when a ds_server is behind
+ * the request; unknown paths share one label so clients cannot grow the series without bound. */
+static void count_router_reply(ds_http_req *req, const ds_route *r, int status) {
+    ds_server *s = ds_server_of(req);
+    if (s) ds_metrics_count_request(ds_server_metrics(s), r ? r->pattern : "other", status);
+}
+
 void ds_router_dispatch(ds_http_req *req, void *ud) {
     ds_router *rt = ud;
-    const ds_route *hit = NULL;
-    bool known = false, public_path = false;
+    const ds_route *hit = NULL, *any = NULL;
+    bool public_path = false;
     char allow[64] = "";
     for (int32_t i = 0; i < rt->n_routes; i++) {
         const ds_route *r = &rt->routes[i];
         if (!route_match(r->pattern, req->path, NULL)) continue;
-        known = true;
+        if (!any) any = r;
         public_path |= (r->flags & DS_ROUTE_PUBLIC) != 0;
         if (r->method == req->method && !hit) hit = r;
         else if (strlen(allow) + 10 < sizeof allow)
@@ -92,15 +103,18 @@ void ds_router_dispatch(ds_http_req *req, void *ud) {
     }
     /* Auth comes before 404 so that the route table is not visible without the key. */
     if (!public_path && !authorized(rt, req)) {
+        count_router_reply(req, any, 401);
         ds_http_req_add_header(req, "WWW-Authenticate", "Bearer");
         ds_http_respond_errorf(req, 401, NULL, "invalid_api_key", "Incorrect API key provided.");
         return;
     }
-    if (!known) {
+    if (!any) {
+        count_router_reply(req, NULL, 404);
         ds_http_respond_errorf(req, 404, NULL, NULL, "Invalid URL (%s %.200s)", req->method_name, req->path);
         return;
     }
     if (!hit) {
+        count_router_reply(req, any, 405);
         ds_http_req_add_header(req, "Allow", allow);
         ds_http_respond_errorf(req, 405, NULL, NULL, "Method %s not allowed for %.200s (allowed: %s)",
                                req->method_name, req->path, allow);
@@ -112,6 +126,10 @@ void ds_router_dispatch(ds_http_req *req, void *ud) {
 
 /* ---- the server facade -------------------------------------------------------------------- */
 
+#define DRAIN_TICK_MS 25     /* how often a draining server checks whether requests are done */
+#define CANCEL_GRACE_S 5.0   /* after cancelling leftovers: time for them to end normally */
+#define ABORT_GRACE_S 5.0    /* after aborting connections: time for the engine's final events */
+
 struct ds_server {
     uv_loop_t loop;
     ds_http_server http;
@@ -119,6 +137,7 @@ struct ds_server {
     ds_server_params params;
     char *host, *api_key, *model_name; /* owned copies of the params' strings */
     ds_engine *engine;
+    ds_metrics *metrics;
     uv_async_t stop_async;
     uv_signal_t sig_int, sig_term;
     uv_timer_t drain_timer;
@@ -126,7 +145,13 @@ struct ds_server {
     int n_own_handles;     /* stop_async, signals, drain_timer still open */
     int stop_open;         /* atomic: stop_async may be signalled */
     bool stopping, forced;
+    int drain_phase;       /* DRAIN_*: what the stop has done so far */
+    bool http_closing;     /* ds_http_server_close was called */
+    double deadline;       /* ds_time_s() at which the current drain phase gives up */
+    ds_server_job *jobs;   /* generations in flight (cancelled when the drain time is up) */
 };
+
+enum { DRAIN_WAIT = 0, DRAIN_CANCELLED, DRAIN_ABORTED };
 
 ds_server_params ds_server_default_params(void) {
     ds_http_params h = ds_http_default_params();
@@ -154,56 +179,107 @@ ds_engine *ds_server_engine(const ds_server *s) { return s->engine; }
 const ds_server_params *ds_server_get_params(const ds_server *s) { return &s->params; }
 ds_router *ds_server_router(ds_server *s) { return &s->router; }
 ds_http_server *ds_server_http(ds_server *s) { return &s->http; }
+struct ds_adapter_registry *ds_server_registry(const ds_server *s) { return s->params.registry; }
+ds_metrics *ds_server_metrics(ds_server *s) { return s->metrics; }
+bool ds_server_draining(const ds_server *s) { return s->stopping; }
+int64_t ds_server_created(const ds_server *s) { return s->created; }
 
-static int respond_json(ds_http_req *req, int status, ds_sb *b) {
-    if (!ds_sb_ok(b)) {
-        ds_sb_free(b);
-        return ds_http_respond_errorf(req, 500, NULL, NULL, "out of memory");
-    }
-    int rc = ds_http_respond(req, status, "application/json", b->data ? b->data : "", b->len);
+int32_t ds_server_max_ctx(const ds_server *s) {
+    if (s->params.max_model_len > 0) return s->params.max_model_len;
+    return s->engine ? ds_engine_model(s->engine)->cfg.max_ctx : 0;
+}
+
+bool ds_server_is_base_name(const ds_server *s, const char *name) {
+    if (!strcmp(name, s->model_name) || !strcmp(name, "base")) return true;
+    const char *own = s->engine ? ds_engine_model(s->engine)->cfg.name : NULL;
+    return own && own[0] && !strcmp(name, own);
+}
+
+/* ---- reply helpers (handlers.h) ------------------------------------------------------------- */
+
+void ds_server_count(ds_http_req *req, const char *endpoint, int status) {
+    ds_server *s = ds_server_of(req);
+    if (s) ds_metrics_count_request(s->metrics, endpoint, status);
+}
+
+int ds_server_reply(ds_http_req *req, const char *endpoint, int status, const char *ctype, const char *body,
+                    size_t len) {
+    ds_server_count(req, endpoint, status);
+    return ds_http_respond(req, status, ctype, body, len);
+}
+
+int ds_server_reply_json(ds_http_req *req, const char *endpoint, int status, ds_sb *b) {
+    int rc;
+    if (!ds_sb_ok(b)) rc = ds_server_reply_errorf(req, endpoint, 500, NULL, NULL, "out of memory");
+    else rc = ds_server_reply(req, endpoint, status, "application/json", b->data ? b->data : "", b->len);
     ds_sb_free(b);
     return rc;
 }
 
-static void handle_health(ds_http_req *req, void *ud) {
-    static const char ok[] = "{\"status\":\"ok\"}";
-    ds_http_respond(req, 200, "application/json", ok, sizeof ok - 1);
+int ds_server_reply_error(ds_http_req *req, const char *endpoint, const ds_oai_error *e) {
+    ds_server_count(req, endpoint, e->status);
+    /* Clients back off on these; without a hint many retry at once. */
+    if (e->status == 429 || e->status == 503) ds_http_req_add_header(req, "Retry-After", "1");
+    return ds_http_respond_error(req, e);
 }
 
-static void handle_models(ds_http_req *req, void *ud) {
+int ds_server_reply_errorf(ds_http_req *req, const char *endpoint, int status, const char *param, const char *code,
+                           const char *fmt, ...) {
+    ds_oai_error e;
+    ds_oai_error_set(&e, status, param, code, "%s", "");
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(e.message, sizeof e.message, fmt, ap);
+    va_end(ap);
+    return ds_server_reply_error(req, endpoint, &e);
+}
+
+/* ---- built-in endpoints ------------------------------------------------------------------- */
+
+static void handle_health(ds_http_req *req, void *ud) {
     ds_server *s = ud;
-    /* The adapter registry adds one entry per adapter here (parent = the base's id). */
-    ds_oai_model_entry base = {
-        .id = s->model_name, .created = s->created, .max_model_len = s->params.max_model_len};
+    static const char ok[] = "{\"status\":\"ok\"}", draining[] = "{\"status\":\"draining\"}";
+    if (s->stopping) ds_server_reply(req, "/health", 503, "application/json", draining, sizeof draining - 1);
+    else ds_server_reply(req, "/health", 200, "application/json", ok, sizeof ok - 1);
+}
+
+static void handle_metrics(ds_http_req *req, void *ud) {
+    ds_server *s = ud;
     ds_sb b;
     ds_sb_init(&b);
-    ds_oai_models_json(&b, &base, 1);
-    respond_json(req, 200, &b);
-}
-
-/* Placeholder until the engine glue (completion handlers) is registered in its place: validates
- * the body, so clients already get precise 400s, then says generation is unavailable. */
-static void handle_generate_unwired(ds_http_req *req, void *ud) {
-    ds_oai_kind kind = (ds_oai_kind)(intptr_t)ud;
-    ds_oai_request r;
-    ds_oai_error e;
-    if (ds_oai_request_parse(&r, kind, req->body, req->body_len, &e) != 0) {
-        ds_http_respond_error(req, &e);
-        return;
-    }
-    ds_oai_request_free(&r);
-    ds_http_respond_errorf(req, 503, NULL, NULL, "generation is not available on this server");
+    /* Count this scrape first so that it appears in its own output. */
+    ds_server_count(req, "/metrics", 200);
+    int32_t max_lora = s->params.max_lora;
+    ds_metrics_sources src = {.engine = s->engine, .registry = s->params.registry, .max_lora = max_lora};
+    ds_metrics_render(s->metrics, &src, &b);
+    if (!ds_sb_ok(&b)) ds_http_respond_errorf(req, 500, NULL, NULL, "out of memory");
+    else ds_http_respond(req, 200, "text/plain; version=0.0.4; charset=utf-8", b.data ? b.data : "", b.len);
+    ds_sb_free(&b);
 }
 
 static int register_routes(ds_server *s) {
     ds_router *rt = &s->router;
     int rc = 0;
     rc |= ds_router_add(rt, HTTP_GET, "/health", handle_health, s, DS_ROUTE_PUBLIC);
-    rc |= ds_router_add(rt, HTTP_GET, "/v1/models", handle_models, s, 0);
-    rc |= ds_router_add(rt, HTTP_POST, "/v1/completions", handle_generate_unwired, (void *)(intptr_t)DS_OAI_COMPLETION, 0);
-    rc |= ds_router_add(rt, HTTP_POST, "/v1/chat/completions", handle_generate_unwired, (void *)(intptr_t)DS_OAI_CHAT, 0);
+    rc |= ds_router_add(rt, HTTP_GET, "/metrics", handle_metrics, s, 0);
+    rc |= ds_handlers_gen_register(s);
+    rc |= ds_handlers_adapters_register(s);
     return rc ? DS_ERANGE : 0;
 }
+
+/* The HTTP handler: while draining, everything but /health is refused before routing, so that
+ * no new work starts; the client is told to go elsewhere and close the connection. */
+static void server_dispatch(ds_http_req *req, void *ud) {
+    ds_server *s = ud;
+    if (s->stopping && strcmp(req->path, "/health") != 0) {
+        ds_http_req_add_header(req, "Connection", "close");
+        ds_server_reply_errorf(req, "other", 503, NULL, NULL, "the server is shutting down");
+        return;
+    }
+    ds_router_dispatch(req, &s->router);
+}
+
+/* ---- shutdown ----------------------------------------------------------------------------- */
 
 static void on_own_handle_closed(uv_handle_t *h) {
     ds_server *s = h->data;
@@ -223,27 +299,82 @@ static void on_http_closed(ds_http_server *h) {
     close_own_handles(s);
 }
 
-static void on_drain_timeout(uv_timer_t *t) {
+static void close_http(ds_server *s) {
+    if (s->http_closing) return;
+    s->http_closing = true;
+    ds_http_server_close(&s->http, on_http_closed); /* aborts what is still in flight */
+}
+
+void ds_server_job_add(ds_server *s, ds_server_job *j) {
+    j->prev = NULL;
+    j->next = s->jobs;
+    if (s->jobs) s->jobs->prev = j;
+    s->jobs = j;
+}
+
+void ds_server_job_remove(ds_server *s, ds_server_job *j) {
+    if (j->prev) j->prev->next = j->next;
+    else if (s->jobs == j) s->jobs = j->next;
+    if (j->next) j->next->prev = j->prev;
+    j->prev = j->next = NULL;
+}
+
+static void cancel_jobs(ds_server *s) {
+    for (ds_server_job *j = s->jobs, *n; j; j = n) {
+        n = j->next; /* cancel may end the job synchronously */
+        j->cancel(j);
+    }
+}
+
+/* Drain state machine, one tick every DRAIN_TICK_MS. Nothing pending → close. Drain time up →
+ * cancel the generations (they end normally, streams with an error event). Still pending after
+ * CANCEL_GRACE_S → abort the connections (their abort callbacks cancel what is left). Still
+ * pending after ABORT_GRACE_S → give up on them (run returns DS_EBUSY). */
+static void on_drain_tick(uv_timer_t *t) {
     ds_server *s = t->data;
-    DS_LOGW("server: %lld request(s) still pending after %.1f s; exiting without them",
-            (long long)ds_http_server_pending(&s->http), s->params.shutdown_timeout_s);
-    s->forced = true;
-    close_own_handles(s);
-    uv_stop(&s->loop);
+    double now = ds_time_s();
+    int64_t pending = ds_http_server_pending(&s->http);
+    if (pending == 0) {
+        if (!s->http_closing) DS_LOGI("server: all requests finished");
+        close_http(s);
+    } else if (now < s->deadline) {
+        return;
+    } else if (s->drain_phase == DRAIN_WAIT) {
+        DS_LOGW("server: %lld request(s) still running after %.1f s; cancelling them", (long long)pending,
+                s->params.shutdown_timeout_s);
+        s->drain_phase = DRAIN_CANCELLED;
+        s->deadline = now + CANCEL_GRACE_S;
+        cancel_jobs(s);
+    } else if (s->drain_phase == DRAIN_CANCELLED) {
+        DS_LOGW("server: %lld request(s) did not end when cancelled; closing their connections", (long long)pending);
+        s->drain_phase = DRAIN_ABORTED;
+        s->deadline = now + ABORT_GRACE_S;
+        close_http(s);
+    } else {
+        DS_LOGW("server: %lld request(s) still pending after aborting; exiting without them", (long long)pending);
+        s->forced = true;
+        close_own_handles(s);
+        uv_stop(&s->loop);
+    }
 }
 
 static void begin_stop(ds_server *s) {
     if (s->stopping) return;
     s->stopping = true;
-    DS_LOGI("server: shutting down");
+    int64_t pending = ds_http_server_pending(&s->http);
+    if (pending) DS_LOGI("server: shutting down; draining %lld request(s) (up to %.1f s)", (long long)pending,
+                         s->params.shutdown_timeout_s);
+    else DS_LOGI("server: shutting down");
     uv_signal_stop(&s->sig_int);
     uv_signal_stop(&s->sig_term);
-    uv_timer_start(&s->drain_timer, on_drain_timeout, (uint64_t)(s->params.shutdown_timeout_s * 1000.0), 0);
-    ds_http_server_close(&s->http, on_http_closed);
+    s->deadline = ds_time_s() + (s->params.shutdown_timeout_s > 0 ? s->params.shutdown_timeout_s : 0);
+    uv_timer_start(&s->drain_timer, on_drain_tick, 0, DRAIN_TICK_MS);
 }
 
 static void on_stop_async(uv_async_t *a) { begin_stop(a->data); }
 static void on_signal(uv_signal_t *sg, int signum) { begin_stop(sg->data); }
+
+/* ---- create / run / free ------------------------------------------------------------------ */
 
 static char *dup_str(const char *s, const char *fallback) {
     const char *v = s && s[0] ? s : fallback;
@@ -274,12 +405,15 @@ static void init_own_handles(ds_server *s) {
     __atomic_store_n(&s->stop_open, 1, __ATOMIC_RELEASE);
 }
 
-ds_server *ds_server_create(ds_engine *engine, const ds_server_params *params, ds_err *err) {
-    ds_server *s = calloc(1, sizeof *s);
-    if (!s) {
-        ds_err_set(err, DS_ENOMEM, "server: out of memory");
-        return NULL;
-    }
+static void free_strings(ds_server *s) {
+    free(s->host);
+    free(s->api_key);
+    free(s->model_name);
+    ds_metrics_free(s->metrics);
+}
+
+/* Everything but the loop and the handles: copies of the params, metrics. */
+static bool init_state(ds_server *s, ds_engine *engine, const ds_server_params *params) {
     s->params = params ? *params : ds_server_default_params();
     s->host = dup_str(s->params.host, "127.0.0.1");
     s->api_key = dup_str(s->params.api_key, NULL);
@@ -289,15 +423,25 @@ ds_server *ds_server_create(ds_engine *engine, const ds_server_params *params, d
     s->params.served_model_name = s->model_name;
     s->engine = engine;
     s->created = (int64_t)time(NULL);
-    if (!s->host || !s->model_name || (s->params.api_key && !s->api_key) || uv_loop_init(&s->loop) != 0) {
+    s->metrics = s->model_name ? ds_metrics_create(s->model_name) : NULL;
+    return s->host && s->model_name && s->metrics && (!s->params.api_key || s->api_key);
+}
+
+ds_server *ds_server_create(ds_engine *engine, const ds_server_params *params, ds_err *err) {
+    ds_server *s = calloc(1, sizeof *s);
+    if (!s) {
         ds_err_set(err, DS_ENOMEM, "server: out of memory");
-        free(s->host), free(s->api_key), free(s->model_name), free(s);
+        return NULL;
+    }
+    if (!init_state(s, engine, params) || uv_loop_init(&s->loop) != 0) {
+        ds_err_set(err, DS_ENOMEM, "server: out of memory");
+        free_strings(s), free(s);
         return NULL;
     }
     ds_http_params hp = http_params_of(&s->params);
-    if (ds_http_server_init(&s->http, &s->loop, &hp, ds_router_dispatch, &s->router, err) != 0) {
+    if (ds_http_server_init(&s->http, &s->loop, &hp, server_dispatch, s, err) != 0) {
         uv_loop_close(&s->loop);
-        free(s->host), free(s->api_key), free(s->model_name), free(s);
+        free_strings(s), free(s);
         return NULL;
     }
     s->http.user = s;
@@ -344,8 +488,6 @@ void ds_server_free(ds_server *s) {
         DS_LOGW("server: leaking the server state after a forced shutdown");
         return;
     }
-    free(s->host);
-    free(s->api_key);
-    free(s->model_name);
+    free_strings(s);
     free(s);
 }
