@@ -76,6 +76,9 @@ typedef struct ds_adapter {
     /* LoRA family: [n_layer][DS_PROJ_COUNT], NULL where the projection is not adapted */
     ds_lora_module **lora;
     ds_lora_module *lm_head;         /* LoRA on lm_head, or NULL */
+    /* LoRA on embed_tokens (PEFT lora_embedding_A/B): Δ[tok] = scale · B · A[:, tok]. Stored with A
+     * TRANSPOSED, [n_vocab][rank] (a row per token; in = n_vocab), B [d_model][rank]. Or NULL. */
+    ds_lora_module *embed;
     /* IA³: [n_layer][DS_PROJ_COUNT] vectors or NULL. ia3_is_input[p]: feed-forward style (scales
      * the projection's INPUT, [in]); otherwise scales its output (incl. bias), [out]. */
     float **ia3;
@@ -126,6 +129,7 @@ typedef struct ds_adapter_dev {
     const ds_adapter *host;    /* borrowed: must outlive the resident copy */
     ds_lora_dev *lora;         /* [n_layer * DS_PROJ_COUNT] */
     ds_lora_dev lm_head;
+    ds_lora_dev embed;         /* A transposed: [n_vocab][rank] */
     float **ia3;               /* [n_layer * DS_PROJ_COUNT] backend vectors or NULL */
     const float **prompt_rows; /* [n_virtual] backend row pointers (prompt tuning / P-tuning) */
     size_t dev_bytes;

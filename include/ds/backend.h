@@ -124,6 +124,10 @@ struct ds_backend_iface {
     int (*set_rows)(void *ctx, float *dst, int32_t width, const int32_t *rows, const float *const *src, int32_t n);
     /* Backend-to-backend copy. */
     int (*copy)(void *ctx, void *dst, const void *src, size_t bytes);
+    /* LoRA expand alone: y[n][out] += scale · t[n][rank] · B[out][rank]ᵀ (embedding LoRA, whose
+     * shrink is a row gather). Optional: NULL → embedding LoRA unsupported on this backend. */
+    int (*lora_expand)(void *ctx, const float *t, int32_t rank, const float *B, float *y, int32_t out, int32_t n,
+                       float scale);
 };
 
 typedef struct ds_backend {

@@ -69,6 +69,7 @@ void ds_adapter_free(ds_adapter *a) {
     free(a->lora);
     free(a->ia3);
     ds_lora_module_free(a->lm_head);
+    ds_lora_module_free(a->embed);
     free(a->prompt);
     free(a->prefix);
     free(a->name);

@@ -109,9 +109,26 @@ int ds_adapter_linear(const ds_adapter_batch *ad, ds_backend *b, int32_t layer, 
     return adapted_linear(ad, b, layer, proj, w, bias, x, y, n);
 }
 
+/* Embedding LoRA (PEFT Embedding.forward): rows of Aᵀ gathered by token id (the shrink), then
+ * out += s · rows · Bᵀ, per segment. Soft-prompt rows are not token embeddings: their placeholder
+ * ids get the delta too, but set_rows overwrites them afterwards. */
+static int embed_lora(const ds_adapter_batch *ad, ds_backend *b, const int32_t *ids, float *out, int32_t d) {
+    const struct ds_backend_iface *f = b->iface;
+    for (int32_t i = 0; i < ad->n_segs; i++) {
+        const ds_adapter_seg *g = &ad->segs[i];
+        const ds_lora_dev *m = &ad->slots[g->slot]->embed;
+        if (!m->rank) continue;
+        if (!f->lora_expand) return DS_EUNSUPPORTED;
+        TRY(f->get_rows(b->ctx, m->A, ids + g->start, ad->scratch, g->len, m->rank));
+        TRY(f->lora_expand(b->ctx, ad->scratch, m->rank, m->B, out + (size_t)g->start * d, d, g->len, m->scale));
+    }
+    return DS_OK;
+}
+
 int ds_adapter_embed(const ds_adapter_batch *ad, ds_backend *b, const ds_mat *tok_embd, const int32_t *ids,
                      float *out, int32_t n) {
     TRY(b->iface->embed(b->ctx, tok_embd, ids, out, n));
+    if (ad && ad->n_segs > 0) TRY(embed_lora(ad, b, ids, out, tok_embd->cols));
     if (ad && ad->n_soft > 0) TRY(b->iface->set_rows(b->ctx, out, tok_embd->cols, ad->soft_rows, ad->soft_src, ad->n_soft));
     return DS_OK;
 }
@@ -176,6 +193,7 @@ static int upload_all(ds_backend *b, const ds_adapter *a, ds_adapter_dev *d) {
             if (a->lora[i]) TRY(upload_lora(b, d, a->lora[i], &d->lora[i]));
     }
     if (a->lm_head) TRY(upload_lora(b, d, a->lm_head, &d->lm_head));
+    if (a->embed) TRY(upload_lora(b, d, a->embed, &d->embed)); /* A is [in=n_vocab][rank]: same count */
     if (a->ia3) {
         if (!(d->ia3 = calloc(n_mod, sizeof *d->ia3))) return DS_ENOMEM;
         for (size_t i = 0; i < n_mod; i++) {

@@ -81,6 +81,7 @@ typedef struct peft_ctx {
     /* [n_slots][ROLE_COUNT]; slot l*DS_PROJ_COUNT+p, the last one is lm_head */
     const ds_st_tensor *(*slots)[ROLE_COUNT];
     size_t n_slots;
+    const ds_st_tensor *emb_A, *emb_B; /* LoRA on embed_tokens (lora_embedding_A / _B) */
 } peft_ctx;
 
 #define PEFT_LM_HEAD_SLOT(c) ((c)->n_slots - 1)

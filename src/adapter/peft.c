@@ -121,7 +121,8 @@ static bool ends_with(const char *s, const char *suf) {
 static int refuse_key(const peft_ctx *c, const char *name) {
     const char *f = c->st_path;
     if (strstr(name, "lora_embedding_A") || strstr(name, "lora_embedding_B"))
-        return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: tensor '%s': LoRA on embed_tokens is not supported", f, name);
+        return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: tensor '%s': embedding LoRA is supported for LORA on "
+                          "model.embed_tokens only", f, name);
     if (strstr(name, "trainable_tokens") || strstr(name, "token_adapter"))
         return ds_err_set(c->err, DS_EUNSUPPORTED,
                           "%s: tensor '%s' comes from trainable_token_indices, which replaces base embedding rows "
@@ -193,11 +194,26 @@ static int embedding_copy(peft_ctx *c, const ds_st_tensor *t, const char *key) {
     return 0;
 }
 
+/* lora_embedding_A / _B of model.embed_tokens (plain LoRA only). Returns 1 when t is not one. */
+static int place_embedding_lora(peft_ctx *c, const ds_st_tensor *t, const char *mod) {
+    const char *rest = skip(mod, "model.embed_tokens.");
+    if (!rest || c->cfg->kind != DS_ADAPTER_LORA || c->cfg->adalora) return 1;
+    char suf[64];
+    strip_default(rest, suf, sizeof suf);
+    const ds_st_tensor **dst = !strcmp(suf, "lora_embedding_A") ? &c->emb_A
+                               : !strcmp(suf, "lora_embedding_B") ? &c->emb_B : NULL;
+    if (!dst) return 1;
+    if (*dst) return ds_err_set(c->err, DS_EFORMAT, "%s: tensor '%s' appears twice", c->st_path, t->name);
+    *dst = t;
+    return 0;
+}
+
 static int place(peft_ctx *c, const ds_st_tensor *t) {
     peft_key k;
     parse_key(t->name, &k);
     int rc = embedding_copy(c, t, k.mod);
     if (rc <= 0) return rc;
+    if ((rc = place_embedding_lora(c, t, k.mod)) <= 0) return rc;
     if (k.proj < 0) return refuse_key(c, t->name);
     if (k.proj < DS_PROJ_COUNT && k.layer >= c->base->cfg.n_layer)
         return ds_err_set(c->err, DS_EFORMAT, "%s: tensor '%s': layer %d, but the base model has %d layers", c->st_path,

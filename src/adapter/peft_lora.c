@@ -3,6 +3,7 @@
  * Every module becomes y = base(x) + scale·B(A x) (+ scale·bias_B); DoRA adds a constant per-row
  * factor computed here from the base weight; AdaLoRA's SVD triplet is folded into A. */
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -191,10 +192,42 @@ static int load_slot(peft_ctx *c, size_t slot) {
     return 0;
 }
 
+/* LoRA on embed_tokens: lora_embedding_A [r, vocab], lora_embedding_B [d_model, r]; A is stored
+ * transposed ([vocab][r]) so the shrink is a row gather by token id. */
+static int load_embedding(peft_ctx *c) {
+    if (!c->emb_A || !c->emb_B)
+        return ds_err_set(c->err, DS_EFORMAT, "%s: embed_tokens LoRA needs both lora_embedding_A and lora_embedding_B",
+                          c->st_path);
+    const int32_t V = c->base->cfg.n_vocab, d = c->base->cfg.d_model;
+    const ds_st_tensor *A = c->emb_A;
+    if (A->n_dims != 2 || A->shape[0] < 1 || A->shape[0] > d || A->shape[1] != V)
+        return ds_err_set(c->err, DS_EFORMAT, "%s: tensor '%s' must be [r, %d] with 1 <= r <= %d", c->st_path, A->name, V, d);
+    slot_info s = {.slot = 0, .layer = -1, .proj = -1, .in = V, .out = d, .rank = (int32_t)A->shape[0]};
+    snprintf(s.path, sizeof s.path, "model.embed_tokens");
+    ds_lora_module *m = ds_lora_module_new(s.rank, V, d);
+    float *a = NULL;
+    if (!m) return ds_err_set(c->err, DS_ENOMEM, "%s: out of memory", c->st_path);
+    int64_t sa[2] = {s.rank, V}, sb[2] = {d, s.rank};
+    int rc = module_scale(c, &s, &m->scale);
+    if (!rc) rc = peft_read(c, A, sa, 2, &a);
+    if (!rc) rc = read_into(c, c->emb_B, sb, 2, m->B, (size_t)d * s.rank);
+    for (int32_t k = 0; !rc && k < s.rank; k++)
+        for (int32_t v = 0; v < V; v++) m->A[(size_t)v * s.rank + k] = a[(size_t)k * V + v];
+    free(a);
+    if (rc) {
+        ds_lora_module_free(m);
+        return rc;
+    }
+    c->a->embed = m;
+    c->a->host_bytes += ds_lora_module_bytes(m);
+    return 0;
+}
+
 int peft_load_lora(peft_ctx *c) {
     int rc = ds_adapter_alloc_lora_table(c->a, c->err);
     if (!rc) rc = peft_collect_slots(c);
     size_t used = 0;
+    if (!rc && (c->emb_A || c->emb_B) && !(rc = load_embedding(c))) used++;
     for (size_t i = 0; !rc && i < c->n_slots; i++)
         if (slot_used(c, i) && !(rc = load_slot(c, i))) used++;
     if (!rc && used == 0)

@@ -370,7 +370,14 @@ static void golden_model(const char *model, const ds_model *m) {
     ds_adapter_free(a);
     if ((a = load_ok(AD("prefix-proj"), m))) check_prompt(d, a, DS_ADAPTER_PREFIX, 3, 128);
     ds_adapter_free(a);
-    if (!access(AD("lora-embed-head"), R_OK)) expect_refused(d, m, "embed_tokens");
+    a = NULL;
+    if (!access(AD("lora-embed-head"), R_OK) && (a = load_ok(AD("lora-embed-head"), m))) {
+        /* embed_tokens LoRA: A kept transposed [vocab][r]; lm_head LoRA beside it */
+        CHECK(a->embed != NULL && a->embed->rank == 4 && a->embed->in == m->cfg.n_vocab &&
+              a->embed->out == m->cfg.d_model && fabsf(a->embed->scale - 2.0f) < 1e-6f);
+        CHECK(a->lm_head != NULL && a->lm_head->rank == 4);
+    }
+    ds_adapter_free(a);
     char g[700];
     const char *pairs[] = {"lora-qv", "lora-qk"};
     for (int i = 0; i < 2; i++) {

@@ -240,6 +240,12 @@ static int cpu_set_rows(void *ctx, float *dst, int32_t width, const int32_t *row
     return DS_OK;
 }
 
+static int cpu_lora_expand(void *ctx, const float *t, int32_t rank, const float *B, float *y, int32_t out, int32_t n,
+                           float scale) {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, out, rank, scale, t, rank, B, rank, 1.0f, y, out);
+    return DS_OK;
+}
+
 static const struct ds_backend_iface cpu_iface = {
     .version = DS_BACKEND_IFACE_VERSION,
     .name = "cpu",
@@ -265,6 +271,7 @@ static const struct ds_backend_iface cpu_iface = {
     .seg_add = cpu_seg_add,
     .set_rows = cpu_set_rows,
     .copy = cpu_copy,
+    .lora_expand = cpu_lora_expand,
 };
 
 ds_backend *ds_backend_cpu_create(const ds_backend_params *params, ds_err *err) {

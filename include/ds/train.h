@@ -1,0 +1,173 @@
+/* deltaserve — online adapter training on a frozen base (src/train/).
+ *
+ * A ds_trainer owns one trainable adapter (LoRA / rsLoRA on any of q,k,v,o,gate,up,down and lm_head,
+ * prompt tuning, or prefix tuning without projection) over a borrowed, immutable ds_model. A step
+ * runs the forward pass saving what backward needs (or only per-layer checkpoints, recomputing
+ * the rest: activation recomputation), back-propagates through every frozen layer to the adapter's
+ * parameters only — the base gets no gradient buffers and no optimizer state — and applies AdamW
+ * (decoupled weight decay, HF warm-up + linear/cosine schedules, clipping by global L2 norm).
+ *
+ * The loss is HF's causal-LM loss: labels use the HF convention (labels[i] is the target of the
+ * logits at position i-1, -100 = ignored) and the loss is the mean cross-entropy over every label
+ * token of the batch, so splitting a batch into micro-batches (gradient accumulation) gives the
+ * same gradient as the full batch. Prompt tuning prepends P virtual rows whose labels are -100
+ * (the last virtual row predicts real token 0 when labels[0] counts), prefix tuning prepends P
+ * K/V slots per layer and real tokens take positions P.., exactly as PEFT does.
+ *
+ * This slice computes on the host in fp32 (OpenBLAS). Threading: a trainer is used by one thread
+ * at a time; several trainers may share one ds_model. */
+#ifndef DS_TRAIN_H
+#define DS_TRAIN_H
+
+#include "ds/adapter.h"
+#include "ds/common.h"
+#include "ds/model.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define DS_TRAIN_IGNORE_INDEX (-100) /* a label that does not count (HF ignore_index) */
+
+/* LoRA targets: bit p for projection p (ds_proj), plus lm_head. */
+#define DS_TRAIN_TARGET(p) (1u << (unsigned)(p))
+#define DS_TRAIN_TARGET_LM_HEAD (1u << DS_PROJ_COUNT)
+#define DS_TRAIN_TARGET_ALL_LINEAR ((1u << DS_PROJ_COUNT) - 1u) /* PEFT "all-linear": every projection, not lm_head */
+
+/* What to train when starting from scratch. */
+typedef struct ds_train_adapter_spec {
+    ds_adapter_kind kind;  /* DS_ADAPTER_LORA, DS_ADAPTER_PROMPT (prompt tuning) or DS_ADAPTER_PREFIX */
+    const char *name;      /* adapter id (default "trained") */
+    /* LoRA */
+    int32_t r;             /* rank (default 8) */
+    float lora_alpha;      /* default 16 */
+    bool use_rslora;       /* scale = alpha/sqrt(r) (rsLoRA) instead of alpha/r */
+    uint32_t targets;      /* DS_TRAIN_TARGET bits (default q_proj | v_proj) */
+    /* prompt / prefix tuning */
+    int32_t n_virtual;     /* virtual tokens (default 20) */
+    float init_std;        /* > 0: rows ~ N(0, std²) (PEFT RANDOM init uses 1). 0 (default): prompt
+                            * tuning copies the embeddings of random vocabulary tokens (PEFT
+                            * SAMPLE_VOCAB), prefix tuning uses N(0, 1) as PEFT does */
+    uint64_t seed;         /* initialisation (LoRA: A ~ U(±1/sqrt(in)) as PEFT's kaiming_uniform(a=√5), B = 0) */
+} ds_train_adapter_spec;
+
+ds_train_adapter_spec ds_train_default_spec(ds_adapter_kind kind);
+
+/* Parses a method name as the fine-tuning API spells it: "lora", "prompt_tuning", "prefix_tuning"
+ * (case-insensitive, '-' or '_'). Known but untrainable types (dora, ia3, adalora, p_tuning, loha,
+ * lokr, …) give DS_EUNSUPPORTED with a message saying what can be trained; anything else DS_EINVAL. */
+int ds_train_kind_parse(const char *method, ds_adapter_kind *out, ds_err *err);
+
+typedef enum { DS_LR_CONSTANT = 0, DS_LR_LINEAR, DS_LR_COSINE } ds_lr_schedule;
+typedef enum { DS_RECOMPUTE_AUTO = 0, DS_RECOMPUTE_OFF, DS_RECOMPUTE_ON } ds_recompute;
+
+typedef struct ds_train_params {
+    float lr;                  /* peak learning rate (default 1e-4) */
+    float beta1, beta2, eps;   /* AdamW (0.9, 0.999, 1e-8) */
+    float weight_decay;        /* decoupled, on every adapter tensor (default 0, as HF Trainer) */
+    ds_lr_schedule schedule;   /* default DS_LR_LINEAR */
+    int32_t warmup_steps;      /* HF: lr·k/warmup for optimizer step k < warmup (so step 0 has lr 0) */
+    int32_t total_steps;       /* length of the linear/cosine decay; 0: constant after warm-up */
+    float max_grad_norm;       /* clip by global L2 norm (torch clip_grad_norm_); <= 0: off (default 1) */
+    int32_t micro_batch_tokens;/* rows per micro-batch, virtual rows included; also the longest
+                                * example (default 512) */
+    int32_t micro_batch_seqs;  /* sequences per micro-batch; 0 = as many as fit (default) */
+    ds_recompute recompute;    /* AUTO: recompute when saved activations would exceed activation_budget */
+    size_t activation_budget;  /* bytes (default 1 GiB) */
+} ds_train_params;
+
+ds_train_params ds_train_default_params(void);
+
+/* One training sequence. labels == NULL means labels = tokens (every next token counts). */
+typedef struct ds_train_example {
+    const int32_t *tokens;     /* [n_tokens] */
+    const int32_t *labels;     /* [n_tokens], HF convention, or NULL */
+    int32_t n_tokens;
+} ds_train_example;
+
+typedef struct ds_train_stats {
+    double loss;               /* masked mean cross-entropy of the batch, before the update */
+    int64_t n_label_tokens;
+    int32_t n_micro_batches;
+    double grad_norm;          /* global L2 norm before clipping (0 from ds_trainer_eval) */
+    float lr;                  /* learning rate the update used (0 when no update) */
+    int64_t step;              /* optimizer steps done so far */
+    bool recompute;            /* activation recomputation was on */
+    double seconds;
+} ds_train_stats;
+
+typedef struct ds_trainer ds_trainer;
+
+/* A fresh adapter of `spec` on `base`. base is borrowed (read-only) and must outlive the trainer.
+ * Returns NULL with a message: DS_EUNSUPPORTED for untrainable kinds, DS_EINVAL for bad specs or
+ * params, DS_ENOMEM. Any thread. */
+ds_trainer *ds_trainer_create(const ds_model *base, const ds_train_adapter_spec *spec, const ds_train_params *params,
+                              ds_err *err);
+/* Continues training `init` (deep-copied: the registry's version stays immutable). LoRA (incl.
+ * rsLoRA, lm_head, GGUF LoRA), prompt tuning and prefix tuning are trainable; DoRA, lora_bias,
+ * AdaLoRA, IA³ and P-tuning give DS_EUNSUPPORTED naming the feature. use_rslora / lora_alpha say
+ * how `init` was configured, for the saved adapter_config.json (lora_alpha <= 0: derived from each
+ * module's scale). */
+ds_trainer *ds_trainer_create_from(const ds_model *base, const ds_adapter *init, bool use_rslora, float lora_alpha,
+                                   const ds_train_params *params, ds_err *err);
+void ds_trainer_free(ds_trainer *t);
+
+/* One optimizer step over `n` examples: micro-batches of at most micro_batch_tokens rows /
+ * micro_batch_seqs sequences, gradients accumulated (each scaled by 1/total label tokens), then
+ * clipping and AdamW. Returns 0 or DS_EINVAL (token/label out of range, no label token) /
+ * DS_ERANGE (an example longer than micro_batch_tokens or the model context) / DS_ENOMEM; the
+ * parameters are unchanged on failure. stats may be NULL. */
+int ds_trainer_step(ds_trainer *t, const ds_train_example *ex, int32_t n, ds_train_stats *stats, ds_err *err);
+/* The step's first half: loss and (unclipped) gradients into the tensors' grad arrays, no update. */
+int ds_trainer_compute_grads(ds_trainer *t, const ds_train_example *ex, int32_t n, ds_train_stats *stats,
+                             ds_err *err);
+/* The step's second half: clip the current gradients and apply one AdamW update. */
+int ds_trainer_apply(ds_trainer *t, ds_train_stats *stats, ds_err *err);
+/* Loss only (validation): forward, no gradients, no update. */
+int ds_trainer_eval(ds_trainer *t, const ds_train_example *ex, int32_t n, ds_train_stats *stats, ds_err *err);
+
+/* The trainable tensors, named by their PEFT safetensors keys
+ * ("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", "prompt_embeddings"). */
+typedef struct ds_train_tensor {
+    const char *name;
+    int32_t n_dims;
+    int64_t shape[2];
+    size_t n;
+    float *value;              /* [n] live parameters (inside the trainer's adapter); writable between steps */
+    const float *grad;         /* [n] gradient of the last compute_grads (clipped after a step) */
+} ds_train_tensor;
+
+int32_t ds_trainer_n_tensors(const ds_trainer *t);
+/* Valid until ds_trainer_free. i in [0, ds_trainer_n_tensors). */
+const ds_train_tensor *ds_trainer_tensor(const ds_trainer *t, int32_t i);
+/* The live adapter (valid until the next step or free). */
+const ds_adapter *ds_trainer_adapter(const ds_trainer *t);
+/* A deep copy of the current adapter to publish as a new version (caller frees). NULL + message. */
+ds_adapter *ds_trainer_snapshot(const ds_trainer *t, const char *name, ds_err *err);
+int64_t ds_trainer_steps_done(const ds_trainer *t);
+/* Learning rate of optimizer step k (0-based) under params (HF LambdaLR schedules). */
+float ds_train_lr_at(const ds_train_params *p, int64_t k);
+
+/* ---- Publishing (src/train/peft_save.c) ---- */
+
+typedef struct ds_peft_save_params {
+    const char *base_model_name_or_path; /* written as is (default "") */
+    bool use_rslora;                     /* LoRA: alpha = scale·sqrt(r) instead of scale·r */
+    float lora_alpha;                    /* > 0: written when it reproduces every module's scale */
+} ds_peft_save_params;
+
+ds_peft_save_params ds_peft_save_default_params(void);
+
+/* Writes `a` as a PEFT directory `dir` (created if missing; one level): adapter_config.json and
+ * adapter_model.safetensors (F32, PEFT keys), each written to a temporary file and renamed. LoRA
+ * (no DoRA / lora_bias), prompt tuning and prefix tuning; others DS_EUNSUPPORTED. Returns 0 or
+ * DS_EIO / DS_ENOMEM with a message naming the file. Any thread. */
+int ds_peft_save(const ds_adapter *a, const ds_model *base, const char *dir, const ds_peft_save_params *params,
+                 ds_err *err);
+/* ds_peft_save of the trainer's current adapter with its own alpha / rsLoRA settings. */
+int ds_trainer_save(const ds_trainer *t, const char *dir, const char *base_model_name_or_path, ds_err *err);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
