@@ -71,6 +71,7 @@ typedef struct ds_gen_event {
     const char *text;        /* new complete UTF-8 text (stop strings already cut); valid during the callback */
     size_t text_len;
     float logprob;           /* log-softmax of the sampled token (before penalties/temperature) */
+    float queue_s;           /* first token only: seconds from submit to first scheduling (else 0) */
     int32_t n_top;
     ds_top_logprob top[DS_MAX_TOP_LOGPROBS];
     /* DS_EV_DONE / DS_EV_ERROR */

@@ -168,6 +168,7 @@ static int32_t schedule_seq(ds_engine *e, ds_seq *s, int32_t budget, int32_t *n_
 
 static void append_running(ds_engine *e, ds_seq *s) {
     s->state = SEQ_RUNNING;
+    if (!s->sched_ns) s->sched_ns = ds_time_ns();
     s->next = NULL;
     ds_seq **pp = &e->running;
     while (*pp) pp = &(*pp)->next;

@@ -142,7 +142,10 @@ ds_finish_reason ds_seq_accept(ds_seq *s, const ds_tokenizer *tok, int32_t token
     }
     s->tokens[s->n_tokens++] = token;
     s->n_gen++;
-    if (!s->first_token_ns) s->first_token_ns = ds_time_ns();
+    if (!s->first_token_ns) {
+        s->first_token_ns = ds_time_ns();
+        lp.queue_s = s->sched_ns > s->arrival_ns ? (float)((double)(s->sched_ns - s->arrival_ns) * 1e-9) : 0.0f;
+    }
     const bool may_stop = s->n_gen > s->min_tokens;
     if (may_stop && is_stop_token(s, tok, token)) {
         emit_token(s, token, "", 0, &lp);

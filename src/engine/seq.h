@@ -39,7 +39,7 @@ typedef struct ds_seq {
     char *held;
     size_t held_len, held_cap;
     bool cancel;
-    uint64_t arrival_ns, first_token_ns;
+    uint64_t arrival_ns, first_token_ns, sched_ns; /* sched_ns: first admitted to running */
     struct ds_seq *next;
 } ds_seq;
 

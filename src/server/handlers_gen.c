@@ -38,6 +38,7 @@ typedef struct gen_msg {
     ds_event_type type;
     int32_t token;
     float logprob;
+    float queue_s; /* first token: engine-reported time in the waiting queue */
     int32_t n_top;
     ds_top_logprob top[DS_MAX_TOP_LOGPROBS];
     ds_finish_reason finish;
@@ -251,6 +252,7 @@ static void on_engine_event(const ds_gen_event *ev) {
     m->type = ev->type;
     m->token = ev->token;
     m->logprob = ev->logprob;
+    m->queue_s = ev->queue_s;
     m->n_top = ev->n_top < 0 ? 0 : ev->n_top > DS_MAX_TOP_LOGPROBS ? DS_MAX_TOP_LOGPROBS : ev->n_top;
     memcpy(m->top, ev->top, sizeof(ds_top_logprob) * (size_t)m->n_top);
     m->finish = ev->finish;
@@ -291,12 +293,12 @@ static void lp_view(const gen_ctx *x, const lp_rec *r, ds_oai_token_lp *out, ds_
     out->n_top = r->n_top;
 }
 
-static void observe_token_timing(gen_ctx *x, gen_choice *c) {
+static void observe_token_timing(gen_ctx *x, gen_choice *c, float queue_s) {
     ds_metrics *mt = ds_server_metrics(x->srv);
     double now = ds_time_s();
     if (!c->got_token) {
         ds_metrics_observe(mt, DS_HIST_TTFT, now - x->t_arrival);
-        ds_metrics_observe(mt, DS_HIST_QUEUE, now - x->t_arrival);
+        ds_metrics_observe(mt, DS_HIST_QUEUE, queue_s);
         c->got_token = true;
     } else {
         ds_metrics_observe(mt, DS_HIST_ITL, now - c->t_last);
@@ -317,7 +319,7 @@ static bool push_lp(gen_choice *c, const lp_rec *r) {
 
 /* token == -1 carries trailing text only: it is neither counted nor given logprobs. */
 static void gen_on_token(gen_ctx *x, gen_choice *c, const gen_msg *m) {
-    if (m->token >= 0) observe_token_timing(x, c);
+    if (m->token >= 0) observe_token_timing(x, c, m->queue_s);
     if (x->aborted || x->failed) return;
     lp_rec rec;
     bool has_lp = x->top_n >= 0 && m->token >= 0;

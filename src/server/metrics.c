@@ -1,9 +1,8 @@
 /* Prometheus exposition of the server's counters and the engine's gauges. Bucket bounds are
  * vLLM's, so dashboards and SLO queries written for vLLM read ours unchanged.
  *
- * vllm:request_queue_time_seconds: the engine does not (yet) report when a request left its
- * waiting queue, so we observe arrival → first token, an upper bound on the queue time (it also
- * holds the prefill). The HELP text says so. */
+ * vllm:request_queue_time_seconds: submit → first admission to the running batch, as the engine
+ * reports it with the first token. */
 #include "server/metrics.h"
 
 #include <stdio.h>
@@ -41,8 +40,7 @@ static const hist_def HISTS[DS_HIST_COUNT] = {
     [DS_HIST_E2E] = {"vllm:e2e_request_latency_seconds", "Histogram of end to end request latency in seconds.",
                      B_E2E, NB(B_E2E), true},
     [DS_HIST_QUEUE] = {"vllm:request_queue_time_seconds",
-                       "Histogram of time spent waiting in the queue in seconds (deltaserve: arrival to first "
-                       "token, an upper bound that includes the prefill).",
+                       "Histogram of time spent waiting in the queue in seconds.",
                        B_E2E, NB(B_E2E), true},
     [DS_HIST_ADAPTER_LOAD] = {"deltaserve_adapter_load_seconds",
                               "Runtime adapter load latency (read, parse, validate) in seconds.", B_LOAD, NB(B_LOAD),
