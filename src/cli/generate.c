@@ -38,6 +38,7 @@ static const char *GEN_HELP =
     "      --ignore-eos        keep generating past end-of-sequence tokens\n"
     "      --show-ids          also print the generated token ids\n"
     "  -t, --threads N         CPU threads (default: all cores)\n"
+    "      --backend NAME      compute backend: cpu (default) or cuda\n"
     "      --ctx N             context length limit (default: the model's)\n"
     "  -h, --help              this text\n";
 
@@ -93,7 +94,7 @@ static void on_event(const ds_gen_event *ev) {
 }
 
 typedef struct gen_opts {
-    const char *model, *system;
+    const char *model, *system, *backend;
     const char *prompts[MAX_PROMPTS];
     const char *adapters[MAX_PROMPTS]; /* per prompt: path or NULL */
     const char *cur_adapter;
@@ -133,6 +134,7 @@ static int parse_opt(gen_opts *o, int argc, char **argv, int *i) {
     } else if (!strcmp(a, "-n") || !strcmp(a, "--max-tokens")) { if (!ds_cli_int(a, TAKE, 1, 1 << 20, &o->max_tokens)) return -1; }
     else if (!strcmp(a, "--chat")) o->chat = true;
     else if (!strcmp(a, "--system")) o->system = TAKE;
+    else if (!strcmp(a, "--backend")) o->backend = TAKE;
     else if (!strcmp(a, "--temp")) { if (!ds_cli_float(a, TAKE, 0, 100, &d)) return -1; sp->temperature = (float)d; }
     else if (!strcmp(a, "--top-k")) { if (!ds_cli_int(a, TAKE, 0, 1 << 30, &l)) return -1; sp->top_k = (int32_t)l; }
     else if (!strcmp(a, "--top-p")) { if (!ds_cli_float(a, TAKE, 0, 1, &d)) return -1; sp->top_p = (float)d; }
@@ -153,7 +155,7 @@ static int parse_opt(gen_opts *o, int argc, char **argv, int *i) {
     else return fprintf(stderr, "deltaserve generate: unknown option '%s' (see --help)\n", a), -1;
 #undef TAKE
     if ((!strcmp(a, "-m") || !strcmp(a, "--model") || !strcmp(a, "-p") || !strcmp(a, "--prompt") ||
-         !strcmp(a, "--system")) && !v)
+         !strcmp(a, "--system") || !strcmp(a, "--backend")) && !v)
         return fprintf(stderr, "deltaserve: %s needs a value\n", a), -1;
     return 0;
 }
@@ -219,6 +221,7 @@ static int run(const ds_model *m, gen_opts *o) {
     ds_engine_params ep = ds_engine_default_params();
     ep.registry = reg;
     ep.n_threads = (int32_t)o->threads;
+    ep.backend = o->backend;
     ep.max_ctx = (int32_t)o->ctx;
     if (ep.max_ctx == 0 && m->cfg.max_ctx > 4096) ep.max_ctx = 4096;
     ds_err err = {{0}};

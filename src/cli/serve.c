@@ -52,12 +52,13 @@ static const char *SERVE_HELP =
     "      --max-seqs N          sequences running at once (default 64)\n"
     "      --max-queue N         waiting requests; more get 429 (default 1024)\n"
     "  -t, --threads N           CPU threads (default 0 = all cores)\n"
+    "      --backend NAME        compute backend: cpu (default) or cuda (builds with CUDA, on a GPU)\n"
     "\n"
     "      --log-level LEVEL     error | warn | info | debug (default info; also $DS_LOG)\n"
     "  -h, --help                this text\n";
 
 typedef struct serve_opts {
-    const char *model, *served_name, *adapter_dir, *host, *api_key, *log_level;
+    const char *model, *served_name, *adapter_dir, *host, *api_key, *log_level, *backend;
     long port, max_batch_tokens, max_seqs, kv_mb, max_model_len, max_queue, max_adapters, adapter_mb, threads;
     long max_body_mb, max_connections;
     double shutdown_timeout, header_timeout;
@@ -106,6 +107,7 @@ static int parse_opt(serve_opts *o, int argc, char **argv, int *i) {
     if (!r) r = str_flag(a, "--host", NULL, v, &o->host);
     if (!r) r = str_flag(a, "--api-key", NULL, v, &o->api_key);
     if (!r) r = str_flag(a, "--log-level", NULL, v, &o->log_level);
+    if (!r) r = str_flag(a, "--backend", NULL, v, &o->backend);
     if (!r) r = int_flag(a, "--port", v, 0, 65535, &o->port);
     if (!r) r = int_flag(a, "--max-batch-tokens", v, 1, 1 << 20, &o->max_batch_tokens);
     if (!r) r = int_flag(a, "--max-seqs", v, 1, 1 << 16, &o->max_seqs);
@@ -180,6 +182,7 @@ static ds_engine_params engine_params_of(const serve_opts *o) {
     ep.max_adapters = (int32_t)o->max_adapters;
     ep.adapter_budget_bytes = (size_t)o->adapter_mb << 20;
     ep.n_threads = (int32_t)o->threads;
+    ep.backend = o->backend;
     return ep;
 }
 

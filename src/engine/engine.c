@@ -32,7 +32,7 @@ static void *engine_main(void *arg);
 static int engine_init(ds_engine *e, ds_err *err) {
     ds_backend_params bp = ds_backend_default_params();
     bp.n_threads = e->p.n_threads;
-    e->backend = ds_backend_create("cpu", &bp, err);
+    e->backend = ds_backend_create(e->p.backend ? e->p.backend : "cpu", &bp, err);
     if (!e->backend) return DS_EDEVICE;
     ds_llama_params lp = ds_llama_default_params();
     lp.max_tokens = e->p.max_batch_tokens;
