@@ -1,9 +1,9 @@
 /* deltaserve — online adapter training on a frozen base (src/train/).
  *
- * A ds_trainer owns one trainable adapter (LoRA / rsLoRA on any of q,k,v,o,gate,up,down and lm_head,
- * prompt tuning, or prefix tuning without projection) over a borrowed, immutable ds_model. A step
- * runs the forward pass saving what backward needs (or only per-layer checkpoints, recomputing
- * the rest: activation recomputation), back-propagates through every frozen layer to the adapter's
+ * A ds_trainer owns one trainable adapter — LoRA / rsLoRA on any of q,k,v,o,gate,up,down_proj, lm_head
+ * and embed_tokens, prompt tuning, or prefix tuning without projection — over a borrowed, immutable
+ * ds_model. A step runs the forward pass saving what backward needs (or only per-layer checkpoints,
+ * recomputing the rest: activation recomputation), back-propagates through every frozen layer to the adapter's
  * parameters only — the base gets no gradient buffers and no optimizer state — and applies AdamW
  * (decoupled weight decay, HF warm-up + linear/cosine schedules, clipping by global L2 norm).
  *
@@ -29,9 +29,10 @@ extern "C" {
 
 #define DS_TRAIN_IGNORE_INDEX (-100) /* a label that does not count (HF ignore_index) */
 
-/* LoRA targets: bit p for projection p (ds_proj), plus lm_head. */
+/* LoRA targets: bit p for projection p (ds_proj), plus lm_head and embed_tokens. */
 #define DS_TRAIN_TARGET(p) (1u << (unsigned)(p))
 #define DS_TRAIN_TARGET_LM_HEAD (1u << DS_PROJ_COUNT)
+#define DS_TRAIN_TARGET_EMBED (1u << (DS_PROJ_COUNT + 1)) /* embed_tokens (PEFT lora_embedding_A/B) */
 #define DS_TRAIN_TARGET_ALL_LINEAR ((1u << DS_PROJ_COUNT) - 1u) /* PEFT "all-linear": every projection, not lm_head */
 
 /* What to train when starting from scratch. */
@@ -48,7 +49,8 @@ typedef struct ds_train_adapter_spec {
     float init_std;        /* > 0: rows ~ N(0, std²) (PEFT RANDOM init uses 1). 0 (default): prompt
                             * tuning copies the embeddings of random vocabulary tokens (PEFT
                             * SAMPLE_VOCAB), prefix tuning uses N(0, 1) as PEFT does */
-    uint64_t seed;         /* initialisation (LoRA: A ~ U(±1/sqrt(in)) as PEFT's kaiming_uniform(a=√5), B = 0) */
+    uint64_t seed;         /* initialisation as PEFT: LoRA A ~ U(±1/sqrt(in)) (kaiming_uniform(a=√5)), B = 0;
+                            * embed_tokens A = 0, B ~ N(0, 1) */
 } ds_train_adapter_spec;
 
 ds_train_adapter_spec ds_train_default_spec(ds_adapter_kind kind);
@@ -121,13 +123,17 @@ int ds_trainer_step(ds_trainer *t, const ds_train_example *ex, int32_t n, ds_tra
 /* The step's first half: loss and (unclipped) gradients into the tensors' grad arrays, no update. */
 int ds_trainer_compute_grads(ds_trainer *t, const ds_train_example *ex, int32_t n, ds_train_stats *stats,
                              ds_err *err);
-/* The step's second half: clip the current gradients and apply one AdamW update. */
+/* The step's second half: clip the current gradients (in place) and apply one AdamW update with
+ * the schedule's lr for this step. Sets stats->grad_norm, lr and step (stats may be NULL).
+ * DS_ERANGE when the gradient norm is not finite (nothing updated). */
 int ds_trainer_apply(ds_trainer *t, ds_train_stats *stats, ds_err *err);
 /* Loss only (validation): forward, no gradients, no update. */
 int ds_trainer_eval(ds_trainer *t, const ds_train_example *ex, int32_t n, ds_train_stats *stats, ds_err *err);
 
 /* The trainable tensors, named by their PEFT safetensors keys
- * ("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", "prompt_embeddings"). */
+ * ("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", "prompt_embeddings").
+ * Values are the adapter's storage: the same layout as the key except embed_tokens'
+ * lora_embedding_A, stored transposed ([n_vocab][r] where PEFT has [r][n_vocab]; shape says so). */
 typedef struct ds_train_tensor {
     const char *name;
     int32_t n_dims;

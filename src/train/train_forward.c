@@ -1,0 +1,124 @@
+/* Training forward pass: the same math as src/model/llama.c (HF LlamaModel / Qwen2Model in fp32),
+ * over a packed micro-batch without a KV cache, keeping what backward needs (tr_act), and the LM
+ * head + masked cross-entropy over the label rows only. */
+#include "train/train_internal.h"
+
+#include <math.h>
+#include <string.h>
+
+tr_act *tr_act_of(ds_trainer *t, int32_t l) { return &t->acts[t->n_acts == 1 ? 0 : l]; }
+
+const ds_lora_module *tr_lora(const ds_trainer *t, int32_t layer, int proj) {
+    if (!t->ad->lora && proj < DS_PROJ_COUNT) return NULL;
+    return proj == DS_PROJ_COUNT ? t->ad->lm_head : t->ad->lora[(size_t)layer * DS_PROJ_COUNT + proj];
+}
+
+/* y = x·Wᵀ (+ bias) (+ s·(x·Aᵀ)·Bᵀ, u = x·Aᵀ saved): PEFT adds the LoRA branch to the base output. */
+static void linear(ds_trainer *t, int32_t l, int p, const float *w, const float *bias, const float *x, float *y,
+                   float *u) {
+    const int32_t n = t->b.n_rows, in = t->ad->proj_in[p], out = t->ad->proj_out[p];
+    tr_mm_nt(x, w, y, n, out, in, 1.0f, 0.0f);
+    if (bias) tr_add_bias(y, bias, n, out);
+    const ds_lora_module *m = tr_lora(t, l, p);
+    if (m) tr_lora_fwd(x, m->A, m->B, m->scale, u, y, n, in, out, m->rank);
+}
+
+/* Attention arguments of layer l; the prefix of layer l is K at column 2l·kvd, V at (2l+1)·kvd of
+ * each row of ds_adapter.prefix [P][L][2][kvd] (PEFT's past_key_values layout, no RoPE). */
+tr_attn_args tr_attn_args_of(ds_trainer *t, int32_t l, tr_act *a) {
+    const tr_dims *D = &t->dim;
+    tr_attn_args r = {.q = a->q, .k = a->k, .v = a->v, .out = a->att, .lse = a->lse, .seqs = t->b.seqs,
+                      .n_seqs = t->b.n_seqs, .n_head = D->n_head, .n_kv = D->n_kv, .hd = D->hd,
+                      .scale = 1.0f / sqrtf((float)D->hd), .work = t->attn_work};
+    if (t->ad->prefix) {
+        r.n_prefix = t->n_prefix;
+        r.p_stride = (size_t)D->L * 2 * D->kvd;
+        r.pk = t->ad->prefix + (size_t)l * 2 * D->kvd;
+        r.pv = r.pk + D->kvd;
+    }
+    return r;
+}
+
+static void attention_block(ds_trainer *t, int32_t l, tr_act *a) {
+    const tr_dims *D = &t->dim;
+    const ds_layer_weights *w = &t->m->layers[l];
+    const int32_t n = t->b.n_rows;
+    const float *x = t->ck[l];
+    tr_rmsnorm_fwd(x, w->attn_norm, a->h1, a->r1, n, D->d, D->eps);
+    linear(t, l, DS_PROJ_Q, w->wq, w->bq, a->h1, a->q, a->u[DS_PROJ_Q]);
+    linear(t, l, DS_PROJ_K, w->wk, w->bk, a->h1, a->k, a->u[DS_PROJ_K]);
+    linear(t, l, DS_PROJ_V, w->wv, w->bv, a->h1, a->v, a->u[DS_PROJ_V]);
+    tr_rope(a->q, t->b.pos, t->m->inv_freq, n, D->n_head, D->hd, +1);
+    tr_rope(a->k, t->b.pos, t->m->inv_freq, n, D->n_kv, D->hd, +1);
+    tr_attn_args args = tr_attn_args_of(t, l, a);
+    tr_attention_fwd(&args);
+    linear(t, l, DS_PROJ_O, w->wo, NULL, a->att, a->x_mid, a->u[DS_PROJ_O]);
+    const size_t nd = (size_t)n * D->d;
+    for (size_t i = 0; i < nd; i++) a->x_mid[i] += x[i]; /* residual */
+}
+
+static void mlp_block(ds_trainer *t, int32_t l, tr_act *a) {
+    const tr_dims *D = &t->dim;
+    const ds_layer_weights *w = &t->m->layers[l];
+    const int32_t n = t->b.n_rows;
+    float *out = t->ck[l + 1];
+    tr_rmsnorm_fwd(a->x_mid, w->ffn_norm, a->h2, a->r2, n, D->d, D->eps);
+    linear(t, l, DS_PROJ_GATE, w->w_gate, NULL, a->h2, a->gate, a->u[DS_PROJ_GATE]);
+    linear(t, l, DS_PROJ_UP, w->w_up, NULL, a->h2, a->up, a->u[DS_PROJ_UP]);
+    tr_silu_mul_fwd(a->gate, a->up, a->act, (size_t)n * D->ff); /* down(silu(gate x) ⊙ up x) */
+    linear(t, l, DS_PROJ_DOWN, w->w_down, NULL, a->act, out, a->u[DS_PROJ_DOWN]);
+    const size_t nd = (size_t)n * D->d;
+    for (size_t i = 0; i < nd; i++) out[i] += a->x_mid[i];
+}
+
+void tr_layer_fwd(ds_trainer *t, int32_t l, tr_act *a) {
+    attention_block(t, l, a);
+    mlp_block(t, l, a);
+}
+
+void tr_forward(ds_trainer *t, bool save) {
+    tr_embed(t->m->tok_embd, t->ad->prompt, t->b.src, t->ck[0], t->b.n_rows, t->dim.d);
+    const ds_lora_module *e = t->ad->embed;
+    if (e) tr_embed_lora_fwd(e->A, e->B, e->scale, t->b.src, t->g.emb_u, t->ck[0], t->b.n_rows, t->dim.d, e->rank);
+    for (int32_t l = 0; l < t->dim.L; l++) tr_layer_fwd(t, l, save ? tr_act_of(t, l) : &t->acts[0]);
+}
+
+/* One chunk of label rows: final norm, logits (+ lm_head LoRA), CE; with grad the chunk's
+ * d/d hidden goes to hw.dx. */
+static double head_chunk(ds_trainer *t, const int32_t *rows, const int32_t *tgt, int32_t c, float scale, bool grad) {
+    const tr_dims *D = &t->dim;
+    tr_head_work *hw = &t->hw;
+    const float *xL = t->ck[D->L];
+    for (int32_t i = 0; i < c; i++)
+        memcpy(hw->x + (size_t)i * D->d, xL + (size_t)rows[i] * D->d, (size_t)D->d * sizeof(float));
+    tr_rmsnorm_fwd(hw->x, t->m->output_norm, hw->hn, hw->rinv, c, D->d, D->eps);
+    tr_mm_nt(hw->hn, t->m->output, hw->logits, c, D->V, D->d, 1.0f, 0.0f);
+    const ds_lora_module *m = tr_lora(t, -1, DS_PROJ_COUNT);
+    if (m) tr_lora_fwd(hw->hn, m->A, m->B, m->scale, hw->u, hw->logits, c, D->d, D->V, m->rank);
+    const double loss = tr_cross_entropy(hw->logits, tgt, c, D->V, scale, grad);
+    if (!grad) return loss;
+    tr_mm_nn(hw->logits, t->m->output, hw->dhn, c, D->V, D->d, 1.0f, 0.0f); /* the output weight is frozen */
+    if (m) {
+        const size_t head = TR_SLOT_HEAD(t);
+        tr_lora_bwd(hw->hn, hw->u, m->A, m->B, m->scale, hw->logits, hw->dhn, t->dA[head], t->dB[head],
+                    t->g.lora_tmp, c, D->d, D->V, m->rank);
+    }
+    memset(hw->dx, 0, (size_t)c * D->d * sizeof(float));
+    tr_rmsnorm_bwd(hw->x, t->m->output_norm, hw->rinv, hw->dhn, hw->dx, c, D->d);
+    return loss;
+}
+
+double tr_head(ds_trainer *t, float scale, bool grad) {
+    const tr_dims *D = &t->dim;
+    if (grad) memset(t->g.dx, 0, (size_t)t->b.n_rows * D->d * sizeof(float));
+    double loss = 0.0;
+    for (int32_t i0 = 0; i0 < t->b.n_lrows; i0 += TR_HEAD_CHUNK) {
+        const int32_t c = t->b.n_lrows - i0 < TR_HEAD_CHUNK ? t->b.n_lrows - i0 : TR_HEAD_CHUNK;
+        loss += head_chunk(t, t->b.lrow + i0, t->b.ltgt + i0, c, scale, grad);
+        if (!grad) continue;
+        for (int32_t i = 0; i < c; i++) /* each row appears once: a plain copy */
+            memcpy(t->g.dx + (size_t)t->b.lrow[i0 + i] * D->d, t->hw.dx + (size_t)i * D->d,
+                   (size_t)D->d * sizeof(float));
+    }
+    return loss;
+}

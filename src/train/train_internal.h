@@ -1,0 +1,128 @@
+/* deltaserve — internals shared by the training files (trainer.c, train_params.c,
+ * train_forward.c, train_backward.c, optim.c, peft_save.c). One thread at a time per trainer. */
+#ifndef DS_TRAIN_INTERNAL_H
+#define DS_TRAIN_INTERNAL_H
+
+#include "ds/train.h"
+#include "train/train_ops.h"
+
+/* Rows of logits computed at once by the LM head (bounds the [rows][n_vocab] buffer). */
+#define TR_HEAD_CHUNK 32
+
+/* LoRA gradient slots: l·DS_PROJ_COUNT + p for the layers, then lm_head, then embed_tokens. */
+#define TR_SLOT_HEAD(t) ((size_t)(t)->dim.L * DS_PROJ_COUNT)
+#define TR_SLOT_EMBED(t) (TR_SLOT_HEAD(t) + 1)
+#define TR_N_SLOTS(t) (TR_SLOT_HEAD(t) + 2)
+
+typedef struct tr_dims {
+    int32_t d, qd, kvd, ff, V, L, n_head, n_kv, hd;
+    float eps;
+} tr_dims;
+
+/* One trainable tensor: the public view plus optimizer state. */
+typedef struct tr_param {
+    ds_train_tensor pub;
+    char name[128];
+    float *grad, *m, *v; /* [n] each: gradient, AdamW first and second moments */
+} tr_param;
+
+/* Activations of one layer that backward needs ([T] = rows of the micro-batch). */
+typedef struct tr_act {
+    float *h1, *r1;       /* attn RMSNorm output [T][d], inverse rms [T] */
+    float *q, *k, *v;     /* [T][qd], [T][kvd] ×2 (q, k after RoPE) */
+    float *lse;           /* [T][n_head] */
+    float *att;           /* attention output, o_proj input [T][qd] */
+    float *x_mid;         /* residual after attention [T][d] */
+    float *h2, *r2;       /* ffn RMSNorm output [T][d], [T] */
+    float *gate, *up;     /* pre-activation [T][ff] ×2 */
+    float *act;           /* silu(gate)·up, down_proj input [T][ff] */
+    float *u[DS_PROJ_COUNT]; /* LoRA shrink outputs x·Aᵀ [T][r] where adapted */
+} tr_act;
+
+/* The packed micro-batch: sequence s owns rows [seqs[s].row0, +len). */
+typedef struct tr_batch {
+    int32_t n_rows, n_seqs;
+    tr_attn_seq *seqs; /* [max_seqs] */
+    int32_t *src;      /* [rows] token id, or −(p+1) for prompt-tuning virtual row p */
+    int32_t *pos;      /* [rows] RoPE positions */
+    int32_t *lrow;     /* rows that have a target, ascending */
+    int32_t *ltgt;     /* their targets */
+    int32_t n_lrows;
+} tr_batch;
+
+/* Gradient work buffers, shared by every layer. */
+typedef struct tr_grad_work {
+    float *dx;         /* d loss / d residual stream [T][d] */
+    float *dh;         /* d loss / d normed input [T][d] */
+    float *dq, *dk, *dv, *datt; /* [T][qd], [T][kvd] ×2, [T][qd] */
+    float *dgate, *dup, *dact;  /* [T][ff] ×3 */
+    float *lora_tmp;   /* [T][r_max] */
+    float *emb_u;      /* embed_tokens LoRA: gathered A rows [T][r_max] */
+} tr_grad_work;
+
+/* LM-head chunk buffers. */
+typedef struct tr_head_work {
+    float *x, *hn, *rinv, *logits, *dhn, *u, *dx; /* [C][d], [C][d], [C], [C][V], [C][d], [C][r], [C][d] */
+} tr_head_work;
+
+struct ds_trainer {
+    const ds_model *m;
+    tr_dims dim;
+    ds_train_params p;
+    ds_adapter *ad;           /* owned: the live parameters */
+    bool rslora;
+    float alpha;              /* spec alpha for saving (0: derive) */
+    tr_param *params;
+    int32_t n_params;
+    float **dA, **dB;         /* [TR_N_SLOTS] gradient arrays of each LoRA module (see TR_SLOT_*) */
+    float *dprompt, *dprefix; /* prompt / prefix gradients */
+    int32_t r_max, n_virtual, n_prefix;
+    /* activations: ck[l] = input of layer l (l = L: final hidden), [L+1][T][d] */
+    float **ck;
+    tr_act *acts;             /* [L] when saving everything, [1] when recomputing */
+    int32_t n_acts;
+    bool recompute;
+    int32_t max_rows, max_seqs;
+    tr_grad_work g;
+    tr_head_work hw;
+    float *attn_work;
+    tr_batch b;
+    void **allocs;            /* every float buffer above, for free */
+    size_t n_allocs, cap_allocs;
+    int64_t step;
+    double accum_loss;        /* Σ CE of the current compute_grads */
+};
+
+/* Geometry and allocation (trainer.c). */
+float *tr_alloc(ds_trainer *t, size_t n); /* zeroed floats owned by the trainer; NULL on OOM */
+const ds_lora_module *tr_lora(const ds_trainer *t, int32_t layer, int proj); /* proj DS_PROJ_COUNT = lm_head */
+/* proj value naming embed_tokens in tr_module_path and the parameter table */
+#define TR_PROJ_EMBED (DS_PROJ_COUNT + 1)
+
+/* Parameters (train_params.c). */
+/* HF module path: "model.layers.3.self_attn.q_proj", "model.layers.0.mlp.down_proj", "lm_head". */
+void tr_module_path(int32_t layer, int proj, char *buf, size_t cap);
+int tr_params_build(ds_trainer *t, ds_err *err);
+void tr_params_free(ds_trainer *t);
+void tr_params_zero_grad(ds_trainer *t);
+int tr_spec_adapter(const ds_model *m, const ds_train_adapter_spec *s, ds_adapter **out, ds_err *err);
+int tr_check_trainable(const ds_adapter *a, const ds_model *m, ds_err *err);
+ds_adapter *tr_adapter_clone(const ds_adapter *a, const char *name, ds_err *err);
+
+/* Forward / backward of one micro-batch (train_forward.c, train_backward.c). */
+void tr_forward(ds_trainer *t, bool save);
+/* LM head + masked CE on the label rows: returns Σ CE; with grad, writes d(scale·ΣCE)/d ck[L]
+ * into g.dx (zero elsewhere) and accumulates the lm_head LoRA gradients. */
+double tr_head(ds_trainer *t, float scale, bool grad);
+void tr_backward(ds_trainer *t);
+/* One layer forward from ck[l] into ck[l+1], saving into a (train_forward.c). */
+void tr_layer_fwd(ds_trainer *t, int32_t l, tr_act *a);
+tr_act *tr_act_of(ds_trainer *t, int32_t l);
+tr_attn_args tr_attn_args_of(ds_trainer *t, int32_t l, tr_act *a);
+
+/* AdamW + clipping (optim.c). */
+double tr_grad_norm(const ds_trainer *t);
+void tr_clip(ds_trainer *t, double norm, float max_norm);
+void tr_adamw(ds_trainer *t, float lr);
+
+#endif

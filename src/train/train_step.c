@@ -1,0 +1,163 @@
+/* A training step: validate the examples, pack them into micro-batches, accumulate gradients of
+ * the masked mean cross-entropy, then clip and apply AdamW. */
+#include "train/train_internal.h"
+
+#include <string.h>
+
+/* HF labels of example e at real position i (labels == NULL: the tokens themselves). */
+static int32_t label_at(const ds_train_example *e, int32_t i) { return e->labels ? e->labels[i] : e->tokens[i]; }
+
+/* Labels that count. Row r of the sequence (P virtual rows first) predicts extended label r+1,
+ * where the P virtual positions carry -100 (PEFT pads labels that way before HF's shift): real
+ * position i counts when i + P >= 1 and its label is not ignored. */
+static int64_t count_labels(const ds_train_example *e, int32_t P) {
+    int64_t n = 0;
+    for (int32_t i = P > 0 ? 0 : 1; i < e->n_tokens; i++) n += label_at(e, i) >= 0;
+    return n;
+}
+
+static int check_example(const ds_trainer *t, const ds_train_example *e, int32_t k, ds_err *err) {
+    const int32_t V = t->dim.V, rows = e->n_tokens + t->n_virtual;
+    if (!e->tokens || e->n_tokens < 1) return ds_err_set(err, DS_EINVAL, "example %d: no tokens", k);
+    if (rows > t->max_rows)
+        return ds_err_set(err, DS_ERANGE, "example %d: %d tokens + %d virtual exceed micro_batch_tokens %d", k,
+                          e->n_tokens, t->n_virtual, t->max_rows);
+    if (t->n_prefix + rows > t->m->cfg.max_ctx)
+        return ds_err_set(err, DS_ERANGE, "example %d: %d positions exceed the model context %d", k,
+                          t->n_prefix + rows, t->m->cfg.max_ctx);
+    for (int32_t i = 0; i < e->n_tokens; i++) {
+        if (e->tokens[i] < 0 || e->tokens[i] >= V)
+            return ds_err_set(err, DS_EINVAL, "example %d: token %d at position %d is outside the vocabulary (%d)", k,
+                              e->tokens[i], i, V);
+        const int32_t y = label_at(e, i);
+        if ((y < 0 && y != DS_TRAIN_IGNORE_INDEX) || y >= V)
+            return ds_err_set(err, DS_EINVAL, "example %d: label %d at position %d is neither -100 nor a token id", k,
+                              y, i);
+    }
+    return 0;
+}
+
+static int check_batch(const ds_trainer *t, const ds_train_example *ex, int32_t n, int64_t *n_labels, ds_err *err) {
+    if (!ex || n < 1) return ds_err_set(err, DS_EINVAL, "no training examples");
+    *n_labels = 0;
+    for (int32_t k = 0; k < n; k++) {
+        int rc = check_example(t, &ex[k], k, err);
+        if (rc) return rc;
+        *n_labels += count_labels(&ex[k], t->n_virtual);
+    }
+    return *n_labels ? 0 : ds_err_set(err, DS_EINVAL, "the batch has no label token (every label is -100)");
+}
+
+static void add_seq(ds_trainer *t, const ds_train_example *e) {
+    tr_batch *b = &t->b;
+    const int32_t P = t->n_virtual, row0 = b->n_rows, len = P + e->n_tokens;
+    b->seqs[b->n_seqs++] = (tr_attn_seq){.row0 = row0, .len = len};
+    for (int32_t r = 0; r < len; r++) {
+        b->src[row0 + r] = r < P ? -(r + 1) : e->tokens[r - P];
+        b->pos[row0 + r] = t->n_prefix + r; /* prompt rows at 0..P-1; prefix: real tokens from P */
+        if (r + 1 >= len || r + 1 < P) continue;
+        const int32_t y = label_at(e, r + 1 - P);
+        if (y < 0) continue;
+        b->lrow[b->n_lrows] = row0 + r;
+        b->ltgt[b->n_lrows++] = y;
+    }
+    b->n_rows += len;
+}
+
+/* Packs examples [k, ...) into t->b; returns the next unpacked index. */
+static int32_t pack(ds_trainer *t, const ds_train_example *ex, int32_t n, int32_t k) {
+    tr_batch *b = &t->b;
+    b->n_rows = b->n_seqs = b->n_lrows = 0;
+    for (; k < n && b->n_seqs < t->max_seqs; k++) {
+        if (b->n_seqs && b->n_rows + ex[k].n_tokens + t->n_virtual > t->max_rows) break;
+        add_seq(t, &ex[k]);
+    }
+    return k;
+}
+
+/* Runs every micro-batch; grad: forward saving activations, head with d/dlogits scaled by
+ * 1/n_labels (so accumulation equals the full batch), backward. Returns the number of micro-batches. */
+static int32_t run_batches(ds_trainer *t, const ds_train_example *ex, int32_t n, int64_t n_labels, bool grad,
+                           double *loss_sum) {
+    const float scale = (float)(1.0 / (double)n_labels);
+    int32_t n_micro = 0;
+    *loss_sum = 0.0;
+    for (int32_t k = 0; k < n; n_micro++) {
+        k = pack(t, ex, n, k);
+        tr_forward(t, grad);
+        *loss_sum += tr_head(t, scale, grad);
+        if (grad) tr_backward(t);
+    }
+    return n_micro;
+}
+
+static int run(ds_trainer *t, const ds_train_example *ex, int32_t n, bool grad, ds_train_stats *stats,
+               ds_err *err) {
+    const double t0 = ds_time_s();
+    int64_t n_labels;
+    int rc = check_batch(t, ex, n, &n_labels, err);
+    if (rc) return rc;
+    if (grad) tr_params_zero_grad(t);
+    double loss_sum;
+    const int32_t n_micro = run_batches(t, ex, n, n_labels, grad, &loss_sum);
+    if (stats)
+        *stats = (ds_train_stats){.loss = loss_sum / (double)n_labels, .n_label_tokens = n_labels,
+                                  .n_micro_batches = n_micro, .step = t->step, .recompute = t->recompute,
+                                  .seconds = ds_time_s() - t0};
+    return 0;
+}
+
+int ds_trainer_compute_grads(ds_trainer *t, const ds_train_example *ex, int32_t n, ds_train_stats *stats,
+                             ds_err *err) {
+    return run(t, ex, n, true, stats, err);
+}
+
+int ds_trainer_eval(ds_trainer *t, const ds_train_example *ex, int32_t n, ds_train_stats *stats, ds_err *err) {
+    return run(t, ex, n, false, stats, err);
+}
+
+int ds_trainer_apply(ds_trainer *t, ds_train_stats *stats, ds_err *err) {
+    const double norm = tr_grad_norm(t);
+    if (norm != norm || norm > 1e30)
+        return ds_err_set(err, DS_ERANGE, "gradient norm is not finite: update skipped");
+    tr_clip(t, norm, t->p.max_grad_norm);
+    const float lr = ds_train_lr_at(&t->p, t->step);
+    tr_adamw(t, lr);
+    if (stats) {
+        stats->grad_norm = norm;
+        stats->lr = lr;
+        stats->step = t->step;
+    }
+    return 0;
+}
+
+int ds_trainer_step(ds_trainer *t, const ds_train_example *ex, int32_t n, ds_train_stats *stats, ds_err *err) {
+    const double t0 = ds_time_s();
+    ds_train_stats s;
+    int rc = ds_trainer_compute_grads(t, ex, n, &s, err);
+    if (!rc) rc = ds_trainer_apply(t, &s, err);
+    s.seconds = ds_time_s() - t0;
+    if (!rc && stats) *stats = s;
+    return rc;
+}
+
+/* ---- accessors ---- */
+
+int32_t ds_trainer_n_tensors(const ds_trainer *t) { return t->n_params; }
+const ds_train_tensor *ds_trainer_tensor(const ds_trainer *t, int32_t i) {
+    return i >= 0 && i < t->n_params ? &t->params[i].pub : NULL;
+}
+const ds_adapter *ds_trainer_adapter(const ds_trainer *t) { return t->ad; }
+int64_t ds_trainer_steps_done(const ds_trainer *t) { return t->step; }
+
+ds_adapter *ds_trainer_snapshot(const ds_trainer *t, const char *name, ds_err *err) {
+    return tr_adapter_clone(t->ad, name, err);
+}
+
+int ds_trainer_save(const ds_trainer *t, const char *dir, const char *base_model_name_or_path, ds_err *err) {
+    ds_peft_save_params p = ds_peft_save_default_params();
+    p.base_model_name_or_path = base_model_name_or_path;
+    p.use_rslora = t->rslora;
+    p.lora_alpha = t->alpha;
+    return ds_peft_save(t->ad, t->m, dir, &p, err);
+}

@@ -1,0 +1,194 @@
+/* ds_trainer: creation (buffers sized once for micro_batch_tokens: a step allocates nothing),
+ * example validation, micro-batch packing, gradient accumulation, the masked mean loss. */
+#include "adapter/loader.h"
+#include "train/train_internal.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+ds_train_adapter_spec ds_train_default_spec(ds_adapter_kind kind) {
+    return (ds_train_adapter_spec){.kind = kind, .name = NULL, .r = 8, .lora_alpha = 16.0f, .use_rslora = false,
+                                   .targets = DS_TRAIN_TARGET(DS_PROJ_Q) | DS_TRAIN_TARGET(DS_PROJ_V),
+                                   .n_virtual = 20, .init_std = 0.0f, .seed = 0};
+}
+
+ds_train_params ds_train_default_params(void) {
+    return (ds_train_params){.lr = 1e-4f, .beta1 = 0.9f, .beta2 = 0.999f, .eps = 1e-8f, .weight_decay = 0.0f,
+                             .schedule = DS_LR_LINEAR, .warmup_steps = 0, .total_steps = 0, .max_grad_norm = 1.0f,
+                             .micro_batch_tokens = 512, .micro_batch_seqs = 0, .recompute = DS_RECOMPUTE_AUTO,
+                             .activation_budget = (size_t)1 << 30};
+}
+
+static void *alloc_bytes(ds_trainer *t, size_t bytes) {
+    if (t->n_allocs == t->cap_allocs) {
+        size_t cap = t->cap_allocs ? 2 * t->cap_allocs : 64;
+        void **na = realloc(t->allocs, cap * sizeof *na);
+        if (!na) return NULL;
+        t->allocs = na;
+        t->cap_allocs = cap;
+    }
+    void *p = calloc(1, bytes ? bytes : 1);
+    if (p) t->allocs[t->n_allocs++] = p;
+    return p;
+}
+
+float *tr_alloc(ds_trainer *t, size_t n) {
+    size_t bytes;
+    return ds_mul_ok(n, sizeof(float), &bytes) ? alloc_bytes(t, bytes) : NULL;
+}
+
+static int check_params(const ds_train_params *p, ds_err *err) {
+    if (!(p->lr >= 0) || !isfinite(p->lr)) return ds_err_set(err, DS_EINVAL, "learning rate must be >= 0");
+    if (!(p->beta1 >= 0 && p->beta1 < 1) || !(p->beta2 >= 0 && p->beta2 < 1))
+        return ds_err_set(err, DS_EINVAL, "AdamW betas must be in [0, 1)");
+    if (!(p->eps > 0) || !(p->weight_decay >= 0) || !isfinite(p->weight_decay))
+        return ds_err_set(err, DS_EINVAL, "AdamW eps must be > 0 and weight_decay >= 0");
+    if (p->warmup_steps < 0 || p->total_steps < 0)
+        return ds_err_set(err, DS_EINVAL, "warmup_steps and total_steps must be >= 0");
+    if (isnan(p->max_grad_norm)) return ds_err_set(err, DS_EINVAL, "max_grad_norm must be a number");
+    if (p->micro_batch_tokens < 2 || p->micro_batch_tokens > (1 << 20) || p->micro_batch_seqs < 0)
+        return ds_err_set(err, DS_EINVAL, "micro_batch_tokens must be in [2, 2^20], micro_batch_seqs >= 0");
+    if ((unsigned)p->schedule > DS_LR_COSINE || (unsigned)p->recompute > DS_RECOMPUTE_ON)
+        return ds_err_set(err, DS_EINVAL, "unknown schedule or recompute mode");
+    return 0;
+}
+
+/* Floats of one layer's saved activations per row (tr_act). */
+static size_t act_floats_per_row(const ds_trainer *t, const bool has_u[DS_PROJ_COUNT]) {
+    const tr_dims *D = &t->dim;
+    size_t n = 3 * (size_t)D->d + 2 + 2 * (size_t)D->qd + 2 * (size_t)D->kvd + (size_t)D->n_head + 3 * (size_t)D->ff;
+    for (int p = 0; p < DS_PROJ_COUNT; p++) n += has_u[p] ? (size_t)t->r_max : 0;
+    return n;
+}
+
+static int alloc_act(ds_trainer *t, tr_act *a, const bool has_u[DS_PROJ_COUNT]) {
+    const tr_dims *D = &t->dim;
+    const size_t T = (size_t)t->max_rows;
+    float **f[] = {&a->h1, &a->x_mid, &a->h2, &a->r1, &a->r2, &a->q, &a->att, &a->k, &a->v, &a->lse,
+                   &a->gate, &a->up, &a->act};
+    const size_t w[] = {D->d, D->d, D->d, 1, 1, D->qd, D->qd, D->kvd, D->kvd, D->n_head, D->ff, D->ff, D->ff};
+    for (size_t i = 0; i < sizeof w / sizeof w[0]; i++)
+        if (!(*f[i] = tr_alloc(t, T * w[i]))) return DS_ENOMEM;
+    for (int p = 0; p < DS_PROJ_COUNT; p++)
+        if (has_u[p] && !(a->u[p] = tr_alloc(t, T * (size_t)t->r_max))) return DS_ENOMEM;
+    return 0;
+}
+
+static int alloc_work(ds_trainer *t) {
+    const tr_dims *D = &t->dim;
+    const size_t T = (size_t)t->max_rows, C = TR_HEAD_CHUNK, R = (size_t)(t->r_max > 0 ? t->r_max : 1);
+    tr_grad_work *g = &t->g;
+    tr_head_work *h = &t->hw;
+    float **f[] = {&g->dx, &g->dh, &g->dq, &g->datt, &g->dk, &g->dv, &g->dgate, &g->dup, &g->dact, &g->lora_tmp,
+                   &g->emb_u, &h->x, &h->hn, &h->dhn, &h->dx, &h->rinv, &h->logits, &h->u};
+    const size_t n[] = {T * D->d, T * D->d, T * D->qd, T * D->qd, T * D->kvd, T * D->kvd, T * D->ff, T * D->ff,
+                        T * D->ff, (T > C ? T : C) * R, T * R, C * D->d, C * D->d, C * D->d, C * D->d, C, C * D->V,
+                        C * R};
+    for (size_t i = 0; i < sizeof n / sizeof n[0]; i++)
+        if (!(*f[i] = tr_alloc(t, n[i]))) return DS_ENOMEM;
+    if (!(t->attn_work = tr_alloc(t, tr_attn_work_floats(t->max_rows, t->n_prefix, D->hd)))) return DS_ENOMEM;
+    tr_batch *b = &t->b;
+    b->seqs = alloc_bytes(t, (size_t)t->max_seqs * sizeof *b->seqs);
+    b->src = alloc_bytes(t, T * sizeof(int32_t));
+    b->pos = alloc_bytes(t, T * sizeof(int32_t));
+    b->lrow = alloc_bytes(t, T * sizeof(int32_t));
+    b->ltgt = alloc_bytes(t, T * sizeof(int32_t));
+    return b->seqs && b->src && b->pos && b->lrow && b->ltgt ? 0 : DS_ENOMEM;
+}
+
+/* Activations: per layer, or (recomputation) one shared set plus the per-layer inputs ck[]. */
+static int alloc_acts(ds_trainer *t) {
+    bool has_u[DS_PROJ_COUNT] = {0};
+    for (int32_t l = 0; l < t->dim.L; l++)
+        for (int p = 0; p < DS_PROJ_COUNT; p++) has_u[p] |= tr_lora(t, l, p) != NULL;
+    const size_t per_layer = act_floats_per_row(t, has_u) * (size_t)t->max_rows * sizeof(float);
+    t->recompute = t->p.recompute == DS_RECOMPUTE_ON ||
+                   (t->p.recompute == DS_RECOMPUTE_AUTO && per_layer * (size_t)t->dim.L > t->p.activation_budget);
+    t->n_acts = t->recompute ? 1 : t->dim.L;
+    t->acts = alloc_bytes(t, (size_t)t->n_acts * sizeof *t->acts);
+    t->ck = alloc_bytes(t, (size_t)(t->dim.L + 1) * sizeof *t->ck);
+    if (!t->acts || !t->ck) return DS_ENOMEM;
+    for (int32_t l = 0; l <= t->dim.L; l++)
+        if (!(t->ck[l] = tr_alloc(t, (size_t)t->max_rows * t->dim.d))) return DS_ENOMEM;
+    for (int32_t i = 0; i < t->n_acts; i++)
+        if (alloc_act(t, &t->acts[i], has_u)) return DS_ENOMEM;
+    return 0;
+}
+
+static ds_trainer *trainer_init(const ds_model *m, ds_adapter *ad, const ds_train_params *p, ds_err *err) {
+    ds_trainer *t = calloc(1, sizeof *t);
+    if (!t) {
+        ds_adapter_free(ad);
+        ds_err_set(err, DS_ENOMEM, "out of memory");
+        return NULL;
+    }
+    const ds_model_config *c = &m->cfg;
+    t->m = m;
+    t->ad = ad;
+    t->p = *p;
+    t->dim = (tr_dims){.d = c->d_model, .qd = c->n_head * c->head_dim, .kvd = c->n_kv_head * c->head_dim,
+                       .ff = c->d_ff, .V = c->n_vocab, .L = c->n_layer, .n_head = c->n_head, .n_kv = c->n_kv_head,
+                       .hd = c->head_dim, .eps = c->rms_eps};
+    t->n_virtual = ad->prompt ? ad->n_virtual : 0;
+    t->n_prefix = ad->prefix ? ad->n_virtual : 0;
+    t->max_rows = p->micro_batch_tokens;
+    t->max_seqs = p->micro_batch_seqs > 0 ? p->micro_batch_seqs : p->micro_batch_tokens;
+    int rc = tr_params_build(t, err);
+    if (!rc && (alloc_acts(t) || alloc_work(t)))
+        rc = ds_err_set(err, DS_ENOMEM, "out of memory for training buffers (micro_batch_tokens %d)", t->max_rows);
+    if (!rc && t->n_virtual >= t->max_rows)
+        rc = ds_err_set(err, DS_EINVAL, "micro_batch_tokens %d leaves no room after %d virtual tokens", t->max_rows,
+                        t->n_virtual);
+    if (rc) {
+        ds_trainer_free(t);
+        return NULL;
+    }
+    return t;
+}
+
+ds_trainer *ds_trainer_create(const ds_model *base, const ds_train_adapter_spec *spec, const ds_train_params *params,
+                              ds_err *err) {
+    ds_train_params p = params ? *params : ds_train_default_params();
+    if (!base || !spec) {
+        ds_err_set(err, DS_EINVAL, "ds_trainer_create: no base model or spec");
+        return NULL;
+    }
+    ds_adapter *ad = NULL;
+    if (check_params(&p, err) || tr_spec_adapter(base, spec, &ad, err)) return NULL;
+    ds_trainer *t = trainer_init(base, ad, &p, err);
+    if (t) {
+        t->rslora = spec->use_rslora;
+        t->alpha = spec->kind == DS_ADAPTER_LORA ? spec->lora_alpha : 0.0f;
+    }
+    return t;
+}
+
+ds_trainer *ds_trainer_create_from(const ds_model *base, const ds_adapter *init, bool use_rslora, float lora_alpha,
+                                   const ds_train_params *params, ds_err *err) {
+    ds_train_params p = params ? *params : ds_train_default_params();
+    if (!base || !init) {
+        ds_err_set(err, DS_EINVAL, "ds_trainer_create_from: no base model or adapter");
+        return NULL;
+    }
+    if (check_params(&p, err) || tr_check_trainable(init, base, err)) return NULL;
+    ds_adapter *ad = tr_adapter_clone(init, NULL, err);
+    if (!ad) return NULL;
+    if (ad->kind == DS_ADAPTER_LORA) snprintf(ad->peft_type, sizeof ad->peft_type, "LORA"); /* e.g. from GGUF */
+    ds_trainer *t = trainer_init(base, ad, &p, err);
+    if (t) {
+        t->rslora = use_rslora;
+        t->alpha = lora_alpha > 0 ? lora_alpha : 0.0f;
+    }
+    return t;
+}
+
+void ds_trainer_free(ds_trainer *t) {
+    if (!t) return;
+    for (size_t i = 0; i < t->n_allocs; i++) free(t->allocs[i]);
+    free(t->allocs);
+    tr_params_free(t);
+    ds_adapter_free(t->ad);
+    free(t);
+}
