@@ -99,56 +99,101 @@ static int32_t argmax(const float *x, int32_t n) {
     return best;
 }
 
-static int cmp_desc(const void *a, const void *b, void *ctx) {
-    const float *v = ctx;
-    float x = v[*(const int32_t *)a], y = v[*(const int32_t *)b];
-    return (x < y) - (x > y);
+/* The `want` largest entries of x (ids into out, sorted descending) through a min-heap: O(V log
+ * want), and nearly O(V) in practice since most entries lose against the heap's root at once. */
+static void heap_down(int32_t *h, int32_t n, int32_t i, const float *x) {
+    for (;;) {
+        int32_t l = 2 * i + 1, r = l + 1, m = i;
+        if (l < n && x[h[l]] < x[h[m]]) m = l;
+        if (r < n && x[h[r]] < x[h[m]]) m = r;
+        if (m == i) return;
+        int32_t t = h[i];
+        h[i] = h[m];
+        h[m] = t;
+        i = m;
+    }
 }
 
-/* Sorts candidate ids by logit, descending (qsort_r). */
-static void sort_ids(int32_t *ids, int32_t n, const float *logits) {
-    qsort_r(ids, (size_t)n, sizeof(int32_t), cmp_desc, (void *)logits);
+static int32_t top_n(const float *x, int32_t V, int32_t want, int32_t *out) {
+    int32_t n = want < V ? want : V;
+    for (int32_t i = 0; i < n; i++) out[i] = i;
+    for (int32_t i = n / 2 - 1; i >= 0; i--) heap_down(out, n, i, x);
+    for (int32_t i = n; i < V; i++)
+        if (x[i] > x[out[0]]) {
+            out[0] = i;
+            heap_down(out, n, 0, x);
+        }
+    for (int32_t end = n - 1; end > 0; end--) { /* heap sort: smallest to the back → descending */
+        int32_t t = out[0];
+        out[0] = out[end];
+        out[end] = t;
+        heap_down(out, end, 0, x);
+    }
+    return n;
 }
 
-/* Filters (top-k, top-p, min-p) on the temperature-scaled logits, then draws. */
-static int32_t draw(ds_sampler *s, const float *scaled) {
-    const ds_sampling_params *p = &s->p;
-    int32_t n = s->n_vocab;
-    int32_t *ids = s->idx;
-    for (int32_t i = 0; i < n; i++) ids[i] = i;
-    sort_ids(ids, n, scaled);
-    if (p->top_k > 0 && p->top_k < n) n = p->top_k;
-    float *prob = s->work;
-    const float mx = scaled[ids[0]];
+static double uniform01(ds_sampler *s) { return (double)(ds_rng_next(s->rng) >> 11) * (1.0 / 9007199254740992.0); }
+
+/* Categorical draw over candidates ids[0..n) with unnormalised weights w. */
+static int32_t pick(ds_sampler *s, const int32_t *ids, const float *w, int32_t n) {
     double sum = 0.0;
-    for (int32_t i = 0; i < n; i++) sum += (prob[i] = expf(scaled[ids[i]] - mx));
+    for (int32_t i = 0; i < n; i++) sum += w[i];
+    const double u = uniform01(s) * sum;
+    double acc = 0.0;
+    for (int32_t i = 0; i < n; i++) {
+        acc += w[i];
+        if (u < acc) return ids ? ids[i] : i;
+    }
+    return ids ? ids[n - 1] : n - 1;
+}
+
+/* How many of the n sorted candidates survive top-p (over `total` mass) and min-p; -1 when the
+ * answer depends on candidates beyond n (only possible when n < limit). */
+static int32_t keep_count(const ds_sampling_params *p, const float *prob, int32_t n, double total, bool complete) {
+    int32_t keep = n;
     if (p->top_p > 0.0f && p->top_p < 1.0f) {
         double acc = 0.0;
-        int32_t keep = n;
-        for (int32_t i = 0; i < n; i++) {
-            acc += prob[i] / sum;
-            if (acc >= p->top_p) {
-                keep = i + 1;
-                break;
-            }
-        }
-        n = keep;
+        keep = -1;
+        for (int32_t i = 0; i < n && keep < 0; i++)
+            if ((acc += prob[i] / total) >= p->top_p) keep = i + 1;
+        if (keep < 0) keep = complete ? n : -1;
+        if (keep < 0) return -1;
     }
     if (p->min_p > 0.0f) {
         const float floor_p = p->min_p * prob[0];
-        int32_t keep = 1;
-        while (keep < n && prob[keep] >= floor_p) keep++;
-        n = keep;
+        int32_t k = 1;
+        while (k < keep && prob[k] >= floor_p) k++;
+        if (k == n && !complete) return -1;
+        keep = k;
     }
-    sum = 0.0;
-    for (int32_t i = 0; i < n; i++) sum += prob[i];
-    const double u = (double)(ds_rng_next(s->rng) >> 11) * (1.0 / 9007199254740992.0) * sum;
-    double acc = 0.0;
-    for (int32_t i = 0; i < n; i++) {
-        acc += prob[i];
-        if (u < acc) return ids[i];
+    return keep;
+}
+
+/* Filters (top-k, top-p, min-p) on the temperature-scaled logits, then draws. Without filters the
+ * draw is one O(V) pass; with them only the top candidates are sorted (grown when needed). */
+static int32_t draw(ds_sampler *s, const float *scaled) {
+    const ds_sampling_params *p = &s->p;
+    const int32_t V = s->n_vocab, limit = p->top_k > 0 && p->top_k < V ? p->top_k : V;
+    float mx = scaled[0];
+    for (int32_t i = 1; i < V; i++)
+        if (scaled[i] > mx) mx = scaled[i];
+    float *prob = s->work;
+    const bool filtered = limit < V || (p->top_p > 0.0f && p->top_p < 1.0f) || p->min_p > 0.0f;
+    if (!filtered) {
+        for (int32_t i = 0; i < V; i++) prob[i] = expf(scaled[i] - mx);
+        return pick(s, NULL, prob, V);
     }
-    return ids[n - 1];
+    double all = 0.0;
+    if (limit == V)
+        for (int32_t i = 0; i < V; i++) all += expf(scaled[i] - mx);
+    for (int32_t want = limit < V ? limit : 256;; want = want * 4 < V ? want * 4 : V) {
+        int32_t n = top_n(scaled, V, want, s->idx);
+        double cand = 0.0;
+        for (int32_t i = 0; i < n; i++) cand += (prob[i] = expf(scaled[s->idx[i]] - mx));
+        const bool complete = n == limit || n == V;
+        int32_t keep = keep_count(p, prob, n, limit < V ? cand : all, complete);
+        if (keep > 0) return pick(s, s->idx, prob, keep);
+    }
 }
 
 int32_t ds_sampler_sample(ds_sampler *s, float *logits, const int32_t *hist, int32_t n_hist, int32_t n_prompt) {

@@ -376,7 +376,13 @@ void ds_engine_step(ds_engine *e) {
         int32_t n_tok = build_batch(e, n_seqs, &batch, &ad);
         n_prompt_tok = count_prompt_tokens(e, n_seqs);
         ds_err err = {{0}};
-        if (ds_llama_forward(e->llama, &batch, &ad, e->b.logits, &err) != DS_OK) {
+        const double t0 = ds_time_s();
+        const int fst = ds_llama_forward(e->llama, &batch, &ad, e->b.logits, &err);
+        const double t1 = ds_time_s();
+        if (ds_log_get_level() >= DS_LOG_DEBUG)
+            DS_LOGD("engine: step %llu: %d seqs, %d tokens, forward %.2f ms", (unsigned long long)e->step_no, n_seqs,
+                    n_tok, (t1 - t0) * 1e3);
+        if (fst != DS_OK) {
             DS_LOGE("engine: step of %d tokens failed: %s", n_tok, err.msg);
             for (int32_t i = 0; i < n_seqs; i++) {
                 unlink_seq(&e->running, e->b.seqs[i]);

@@ -724,10 +724,9 @@ int ds_gguf_dequant_rows(const ds_gguf *g, const ds_gguf_tensor *t, uint64_t row
     if (row0 > t->n_rows || n_rows > t->n_rows - row0)
         return ds_err_set(err, DS_ERANGE, "%s: tensor '%s': rows [%llu, +%llu) out of range", g->path, t->name,
                           (unsigned long long)row0, (unsigned long long)n_rows);
-    /* Rows are independent; large tensors are split across OpenMP threads when built with it. */
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (n_rows * t->ne[0] >= (1u << 20))
-#endif
+    /* Single-threaded on purpose: an OpenMP team created here (the loading thread) would stay
+     * alive beside the engine thread's team, and libgomp then throttles spinning for every team
+     * (more managed threads than CPUs), which halved decode speed. Loading stays well under 1 s. */
     for (int64_t r = 0; r < (int64_t)n_rows; r++)
         ds_ggml_dequant_row(t->type, t->data + (row0 + (uint64_t)r) * t->row_bytes, out + (uint64_t)r * t->ne[0],
                             (size_t)t->ne[0]);

@@ -158,9 +158,7 @@ static int load(gctx *c, const char *name, int64_t rows, int64_t cols, int perm_
     if (perm_heads > 0 && rows > 1) { /* a weight: whole rows move */
         const uint64_t hd = (uint64_t)rows / (uint64_t)perm_heads;
         rc = ds_gguf_dequant_rows(&c->g, t, 0, 0, p, c->err); /* checks the type once */
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (rc == 0 && t->n_elems >= (1u << 20))
-#endif
+        /* single-threaded: see ds_gguf_dequant_rows */
         for (int64_t r = 0; r < (rc ? 0 : rows); r++)
             ds_ggml_dequant_row(t->type, t->data + (uint64_t)r * t->row_bytes, p + unperm((uint64_t)r, hd) * (uint64_t)cols,
                                 (size_t)cols);
