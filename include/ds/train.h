@@ -173,6 +173,102 @@ int ds_peft_save(const ds_adapter *a, const ds_model *base, const char *dir, con
 /* ds_peft_save of the trainer's current adapter with its own alpha / rsLoRA settings. */
 int ds_trainer_save(const ds_trainer *t, const char *dir, const char *base_model_name_or_path, ds_err *err);
 
+
+/* ---- Fine-tuning jobs (src/train/jobs.c) ----
+ *
+ * The OpenAI fine-tuning API's back end: JSONL datasets and a queue of jobs that train an adapter,
+ * save it as a PEFT directory under the adapter directory and publish it in the registry (a new
+ * version: running requests keep the old one).
+ *
+ * SIMPLIFICATION (this slice): jobs run one at a time on a dedicated training thread, concurrently
+ * with the engine (both on the host CPU). The final design runs micro-steps on the engine thread
+ * under --train-budget.
+ *
+ * Datasets are JSON Lines: chat {"messages":[{"role","content","weight"?}, ...]} (assistant turns
+ * are trained, "weight": 0 skips one) or {"prompt","completion"} (the completion is trained). Chat
+ * examples are rendered with the model's chat template; labels are the assistant tokens (content and
+ * end-of-turn), -100 elsewhere. */
+
+/* Checks a JSONL dataset's structure without a model. Returns the number of examples (> 0) or
+ * DS_EINVAL with per-line messages ("line 3: 'messages' must be an array; line 7: ..." — the first
+ * few problems) in err. Any thread. */
+int ds_ft_data_check(const char *text, size_t len, ds_err *err);
+
+typedef enum { DS_FT_QUEUED = 0, DS_FT_RUNNING, DS_FT_SUCCEEDED, DS_FT_FAILED, DS_FT_CANCELLED } ds_ft_status;
+const char *ds_ft_status_name(ds_ft_status s); /* "queued", "running", ... */
+
+typedef struct ds_ft_job_spec {
+    const char *model;            /* base model name (as the client gave it), or an adapter to continue */
+    bool from_adapter;            /* model names a registry adapter: continue training it */
+    const char *fine_tuned_model; /* adapter id to publish (must be a valid adapter id) */
+    const char *training_file, *validation_file; /* file ids (informational) */
+    const char *train_data;       /* JSONL text (copied) */
+    size_t train_len;
+    const char *valid_data;       /* or NULL */
+    size_t valid_len;
+    const char *method;           /* "supervised" | "lora" | "prompt_tuning" | "prefix_tuning" */
+    ds_adapter_kind kind;
+    int32_t n_epochs, batch_size; /* <= 0: defaults (3, min(4, n examples)) */
+    float learning_rate;          /* > 0: used as is; else 2e-4 * multiplier (prompt/prefix: 3e-2 *) */
+    float lr_multiplier;          /* <= 0: 1 */
+    int32_t rank;                 /* LoRA (default 8) */
+    float alpha;                  /* LoRA (default 2 * rank) */
+    uint32_t targets;             /* DS_TRAIN_TARGET bits (0: q,v) */
+    int32_t n_virtual;            /* prompt/prefix tuning (default 20) */
+    uint64_t seed;
+} ds_ft_job_spec;
+
+typedef struct ds_ft_job_info {
+    char id[48];
+    ds_ft_status status;
+    char model[128], fine_tuned_model[128], training_file[64], validation_file[64], method[24];
+    int64_t created_at, finished_at; /* unix seconds; finished 0 while not finished */
+    int64_t trained_tokens;          /* tokens processed so far (all epochs) */
+    int64_t step, total_steps;
+    char error[512];                 /* failed: why */
+    char error_code[48];
+    int32_t n_epochs, batch_size, rank, n_virtual;
+    float learning_rate, alpha, lr_multiplier;
+    uint32_t targets;
+    uint64_t seed;
+    double tokens_per_s;             /* training throughput of the job (0 until a step ran) */
+} ds_ft_job_info;
+
+typedef struct ds_ft_event {
+    int64_t seq;                     /* 1, 2, ... within the job */
+    int64_t created_at;
+    bool metrics;                    /* a training step (step, loss, lr valid) */
+    int64_t step;
+    double train_loss, valid_loss;   /* valid_loss NaN when not measured */
+    float lr;
+    char level[8];                   /* "info" | "warn" | "error" */
+    char message[256];
+} ds_ft_event;
+
+typedef struct ds_ft_checkpoint {
+    int64_t step, created_at;
+    double train_loss, valid_loss;   /* NaN when not measured */
+    char path[256];                  /* relative to the adapter directory */
+} ds_ft_checkpoint;
+
+typedef struct ds_ft_manager ds_ft_manager;
+
+/* base and reg are borrowed and must outlive the manager; reg may be NULL (jobs then fail to
+ * submit: no adapter directory). Starts the training thread. */
+ds_ft_manager *ds_ft_manager_create(const ds_model *base, ds_adapter_registry *reg, ds_err *err);
+/* Cancels every job, joins the thread (within one training step). NULL is a no-op. */
+void ds_ft_manager_free(ds_ft_manager *m);
+/* Queues a job; its id goes to id_out. DS_EINVAL (bad spec), DS_ENOMEM. Any thread. */
+int ds_ft_submit(ds_ft_manager *m, const ds_ft_job_spec *spec, char id_out[48], ds_err *err);
+/* Cancels a queued or running job (a running one stops within one step). DS_ENOTFOUND; DS_EINVAL
+ * when it already finished. */
+int ds_ft_cancel(ds_ft_manager *m, const char *id, ds_err *err);
+/* Snapshots (caller frees *out). DS_ENOTFOUND for an unknown id. jobs: newest first. */
+int ds_ft_list(ds_ft_manager *m, ds_ft_job_info **out, size_t *n);
+int ds_ft_get(ds_ft_manager *m, const char *id, ds_ft_job_info *out);
+int ds_ft_events(ds_ft_manager *m, const char *id, ds_ft_event **out, size_t *n);
+int ds_ft_checkpoints(ds_ft_manager *m, const char *id, ds_ft_checkpoint **out, size_t *n);
+
 #ifdef __cplusplus
 }
 #endif

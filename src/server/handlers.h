@@ -42,6 +42,13 @@ void ds_server_job_remove(ds_server *s, ds_server_job *j);
 /* Route registration (called by ds_server_create). Return 0 or DS_ERANGE (table full). */
 int ds_handlers_gen_register(ds_server *s);      /* /v1/completions, /v1/chat/completions */
 int ds_handlers_adapters_register(ds_server *s); /* /v1/models, vLLM load/unload, /v1/adapters */
+int ds_handlers_ft_register(ds_server *s);       /* /v1/files, /v1/fine_tuning/jobs (handlers_ft.c) */
+
+/* The fine-tuning endpoints' state (files, the training manager): created on first use by
+ * handlers_ft.c, freed by ds_handlers_ft_free from ds_server_free (joins the training thread). */
+struct ds_ft_state;
+struct ds_ft_state **ds_server_ft_state(ds_server *s);
+void ds_handlers_ft_free(ds_server *s);
 
 /* Reply helpers: send, END the request, and count it as deltaserve_requests_total{endpoint,status}.
  * `endpoint` is the route pattern. ds_server_reply_json frees *b (500 when it ran out of memory). */

@@ -149,6 +149,7 @@ struct ds_server {
     bool http_closing;     /* ds_http_server_close was called */
     double deadline;       /* ds_time_s() at which the current drain phase gives up */
     ds_server_job *jobs;   /* generations in flight (cancelled when the drain time is up) */
+    struct ds_ft_state *ft; /* handlers_ft.c: files + fine-tuning jobs (NULL until used) */
 };
 
 enum { DRAIN_WAIT = 0, DRAIN_CANCELLED, DRAIN_ABORTED };
@@ -182,6 +183,7 @@ ds_http_server *ds_server_http(ds_server *s) { return &s->http; }
 struct ds_adapter_registry *ds_server_registry(const ds_server *s) { return s->params.registry; }
 ds_metrics *ds_server_metrics(ds_server *s) { return s->metrics; }
 bool ds_server_draining(const ds_server *s) { return s->stopping; }
+struct ds_ft_state **ds_server_ft_state(ds_server *s) { return &s->ft; }
 int64_t ds_server_created(const ds_server *s) { return s->created; }
 
 int32_t ds_server_max_ctx(const ds_server *s) {
@@ -264,6 +266,7 @@ static int register_routes(ds_server *s) {
     rc |= ds_router_add(rt, HTTP_GET, "/metrics", handle_metrics, s, 0);
     rc |= ds_handlers_gen_register(s);
     rc |= ds_handlers_adapters_register(s);
+    rc |= ds_handlers_ft_register(s);
     return rc ? DS_ERANGE : 0;
 }
 
@@ -486,8 +489,10 @@ void ds_server_free(ds_server *s) {
         /* Requests were still pending: the engine may still post to s->http. Leak rather than
          * free memory another thread may touch. */
         DS_LOGW("server: leaking the server state after a forced shutdown");
+        ds_handlers_ft_free(s); /* the training thread reads the model: stop it before the engine goes */
         return;
     }
+    ds_handlers_ft_free(s);
     free_strings(s);
     free(s);
 }
