@@ -11,6 +11,9 @@
 #include <errno.h>
 #include <math.h>
 #include <pthread.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -541,8 +544,17 @@ done:
     return st;
 }
 
+/* Training yields the CPU to serving: this thread (and the OpenMP/BLAS workers it creates, which
+ * inherit the nice value on Linux) runs at the lowest priority, so jobs use the cycles the engine
+ * leaves idle. A stop-gap until micro-steps run on the engine thread under a time budget. */
+static void lower_priority(void) {
+    if (setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), 19) != 0)
+        DS_LOGW("fine-tuning: cannot lower the training thread's priority; serving may slow down while jobs run");
+}
+
 static void *train_thread(void *arg) {
     ds_ft_manager *m = arg;
+    lower_priority();
     pthread_mutex_lock(&m->mu);
     for (;;) {
         ft_job *j = NULL;
