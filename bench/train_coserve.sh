@@ -2,13 +2,15 @@
 # Co-serving benchmark: inference throughput and latency (ds-bench, 8 LoRA adapters, Poisson at
 # --rate) without and then with a LoRA fine-tuning job running in the same server, side by side
 # in one invocation, plus the job's training tokens/s. Results under bench/results/coserve-<date>/.
-#   bench/train_coserve.sh [--rate 2] [--num-prompts 30] [--port 8125]
+#   bench/train_coserve.sh [--rate 2] [--num-prompts 30] [--train-batch 4] [--train-budget 0.25] [--port 8125]
+# Training steps run on the engine thread between inference steps (--train-budget share of its
+# time while requests run), so one optimizer step bounds the worst inter-token gap.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
-rate=2 num=30 port=8125
+rate=2 num=30 port=8125 tbatch=4 budget=0.25
 while [ $# -gt 0 ]; do
-  case "$1" in --rate) rate=$2; shift 2 ;; --num-prompts) num=$2; shift 2 ;; --port) port=$2; shift 2 ;;
+  case "$1" in --rate) rate=$2; shift 2 ;; --train-batch) tbatch=$2; shift 2 ;; --train-budget) budget=$2; shift 2 ;; --num-prompts) num=$2; shift 2 ;; --port) port=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;; esac
 done
 py=python3; [ -x .venv/bin/python ] && py=.venv/bin/python
@@ -29,7 +31,7 @@ with open(root / "train.jsonl", "w") as f:
         f.write(json.dumps({"messages": [{"role": "user", "content": f"Code word number {i}?"},
                                          {"role": "assistant", "content": f"The code word {i} is Zanzibar-{i * 7 % 97}."}]}) + "\n")
 PY
-build/deltaserve serve --port "$port" --adapter-dir "$adir" > "$out/server.log" 2>&1 &
+build/deltaserve serve --port "$port" --adapter-dir "$adir" --train-budget "$budget" > "$out/server.log" 2>&1 &
 srv=$!
 for _ in $(seq 120); do curl -sf "http://127.0.0.1:$port/health" >/dev/null 2>&1 && break; sleep 1; done
 url="http://127.0.0.1:$port"
@@ -41,7 +43,7 @@ file_id=$(curl -s "$url/v1/files" -H 'Content-Type: application/json' \
   -d "$("$py" -c 'import json,sys; print(json.dumps({"filename":"train.jsonl","purpose":"fine-tune","content":open(sys.argv[1]).read()}))' "$adir/train.jsonl")" \
   | "$py" -c 'import json,sys; print(json.load(sys.stdin)["id"])')
 job=$(curl -s "$url/v1/fine_tuning/jobs" -H 'Content-Type: application/json' \
-  -d "{\"model\":\"base\",\"training_file\":\"$file_id\",\"suffix\":\"coserve\",\"method\":{\"type\":\"lora\",\"lora\":{\"hyperparameters\":{\"n_epochs\":50,\"batch_size\":4,\"rank\":8}}}}")
+  -d "{\"model\":\"base\",\"training_file\":\"$file_id\",\"suffix\":\"coserve\",\"method\":{\"type\":\"lora\",\"lora\":{\"hyperparameters\":{\"n_epochs\":50,\"batch_size\":$tbatch,\"rank\":8}}}}")
 job_id=$(echo "$job" | "$py" -c 'import json,sys; print(json.load(sys.stdin)["id"])')
 sleep 3
 echo "== inference while job $job_id trains"
@@ -53,8 +55,8 @@ cat > "$out/meta.json" <<EOF2
 {"commit": "$(git rev-parse HEAD)", "date": "$(date -u +%FT%TZ)", "cpu": "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)",
  "cores": $(nproc), "backend": "cpu", "model": "SmolLM2-135M-Instruct Q4_1 (fp32 at run time)",
  "inference": "8 LoRA r8 q,v adapters, uniform, Poisson rate $rate, $num prompts, in 64 / out 32",
- "training": "LoRA r8 (q,v default targets), batch 4, 48 chat examples, runs on the job worker thread",
- "command": "bench/train_coserve.sh --rate $rate --num-prompts $num"}
+ "training": "LoRA r8 (q,v default targets), batch $tbatch, 48 chat examples, on the engine thread with --train-budget $budget",
+ "command": "bench/train_coserve.sh --rate $rate --num-prompts $num --train-batch $tbatch --train-budget $budget"}
 EOF2
 "$py" - "$out" <<'PY'
 import json, sys

@@ -158,6 +158,15 @@ void ds_engine_adapter_activity(ds_engine *e, char *running, size_t running_cap,
 /* Requests submitted and not yet finished (for draining on shutdown). */
 int32_t ds_engine_in_flight(ds_engine *e);
 
+/* Background work on the engine thread, between inference steps (training micro-steps, so they
+ * share the engine's threads instead of competing with them). run(ud) does one bounded unit of
+ * work and returns true while it has more ready; the engine calls it back to back while no
+ * request runs, and while requests run only as long as it has used at most `budget` (0..1] of the
+ * engine's recent time. One hook per engine; set before use, any thread. */
+void ds_engine_set_background(ds_engine *e, bool (*run)(void *ud), void *ud, float budget);
+/* Tells the engine the hook has work again (any thread). */
+void ds_engine_wake_background(ds_engine *e);
+
 #ifdef __cplusplus
 }
 #endif

@@ -53,6 +53,9 @@ typedef struct ds_server_params {
                                       empty lists); the engine's registry; must outlive the server */
     int32_t max_lora;              /* resident adapter slots (engine max_adapters), reported as
                                       max_lora in vllm:lora_requests_info; default 0 */
+    float train_budget;            /* fine-tuning jobs run on the engine thread between inference
+                                      steps, using at most this share of its time while requests
+                                      run (0..1]; <= 0 → 0.25 */
 } ds_server_params;
 
 ds_server_params ds_server_default_params(void);

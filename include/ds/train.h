@@ -256,7 +256,13 @@ typedef struct ds_ft_manager ds_ft_manager;
 /* base and reg are borrowed and must outlive the manager; reg may be NULL (jobs then fail to
  * submit: no adapter directory). Starts the training thread. */
 ds_ft_manager *ds_ft_manager_create(const ds_model *base, ds_adapter_registry *reg, ds_err *err);
-/* Cancels every job, joins the thread (within one training step). NULL is a no-op. */
+/* Co-serving: every training step and validation pass then runs on the engine's thread as
+ * background work (ds_engine_set_background), within `budget` of the engine's time while requests
+ * run, instead of competing with it from the job thread. The engine must outlive the manager. */
+struct ds_engine;
+void ds_ft_manager_attach_engine(ds_ft_manager *m, struct ds_engine *e, float budget);
+/* Cancels every job, joins the thread (within one training step), detaches from the engine.
+ * NULL is a no-op. */
 void ds_ft_manager_free(ds_ft_manager *m);
 /* Queues a job; its id goes to id_out. DS_EINVAL (bad spec), DS_ENOMEM. Any thread. */
 int ds_ft_submit(ds_ft_manager *m, const ds_ft_job_spec *spec, char id_out[48], ds_err *err);

@@ -53,12 +53,15 @@ static const char *SERVE_HELP =
     "      --max-queue N         waiting requests; more get 429 (default 1024)\n"
     "  -t, --threads N           CPU threads (default 0 = all cores)\n"
     "      --backend NAME        compute backend: cpu (default) or cuda (builds with CUDA, on a GPU)\n"
+    "      --train-budget F      share of the engine's time fine-tuning jobs may take while requests\n"
+    "                            are running, 0 < F <= 1 (default 0.25; idle time is all theirs)\n"
     "\n"
     "      --log-level LEVEL     error | warn | info | debug (default info; also $DS_LOG)\n"
     "  -h, --help                this text\n";
 
 typedef struct serve_opts {
     const char *model, *served_name, *adapter_dir, *host, *api_key, *log_level, *backend;
+    double train_budget;
     long port, max_batch_tokens, max_seqs, kv_mb, max_model_len, max_queue, max_adapters, adapter_mb, threads;
     long max_body_mb, max_connections;
     double shutdown_timeout, header_timeout;
@@ -121,6 +124,7 @@ static int parse_opt(serve_opts *o, int argc, char **argv, int *i) {
     if (!r) r = int_flag(a, "--max-body-mb", v, 1, 4096, &o->max_body_mb);
     if (!r) r = int_flag(a, "--max-connections", v, 1, 1 << 20, &o->max_connections);
     if (!r && !strcmp(a, "--header-timeout")) r = ds_cli_float(a, v, 0.1, 3600, &o->header_timeout) ? 1 : -1;
+    if (!r && !strcmp(a, "--train-budget")) r = ds_cli_float(a, v, 0.01, 1, &o->train_budget) ? 1 : -1;
     if (!r && !strcmp(a, "--shutdown-timeout")) r = ds_cli_float(a, v, 0, 86400, &o->shutdown_timeout) ? 1 : -1;
     if (r == 0) return fprintf(stderr, "deltaserve serve: unknown option '%s' (see --help)\n", a), -1;
     if (r < 0) return -1;
@@ -200,6 +204,7 @@ static ds_server_params server_params_of(const serve_opts *o, const char *name, 
     sp.header_timeout_s = o->header_timeout;
     sp.registry = reg;
     sp.max_lora = (int32_t)o->max_adapters;
+    sp.train_budget = (float)o->train_budget;
     return sp;
 }
 

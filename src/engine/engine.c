@@ -5,6 +5,7 @@
  * preempted (its blocks freed, recomputed later) — never dropped. */
 #include "engine/engine_internal.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -258,18 +259,69 @@ static void take_inbox(ds_engine *e) {
     }
 }
 
+void ds_engine_set_background(ds_engine *e, bool (*run)(void *ud), void *ud, float budget) {
+    pthread_mutex_lock(&e->mu);
+    while (e->bg_busy) pthread_cond_wait(&e->cv, &e->mu); /* never swap the hook mid-call */
+    e->bg_run = run;
+    e->bg_ud = ud;
+    e->bg_budget = budget > 0.0f && budget <= 1.0f ? budget : 0.5f;
+    pthread_mutex_unlock(&e->mu);
+}
+
+void ds_engine_wake_background(ds_engine *e) {
+    pthread_mutex_lock(&e->mu);
+    e->bg_pending = true;
+    e->bg_wakes++;
+    pthread_cond_signal(&e->cv);
+    pthread_mutex_unlock(&e->mu);
+}
+
+/* Runs the background hook when it is within its share of the engine's time (always when no
+ * request runs). The shares decay (half-life ~10 s) so the budget tracks recent load. */
+static void maybe_background(ds_engine *e, bool inference, double dt_inf) {
+    const double decay = dt_inf > 0 ? exp(-dt_inf / 14.4) : 1.0;
+    e->t_inf = e->t_inf * decay + dt_inf;
+    e->t_bg *= decay;
+    const double b = e->bg_budget;
+    if (inference && e->t_bg > b / (1.0 - b + 1e-9) * e->t_inf) return;
+    pthread_mutex_lock(&e->mu);
+    bool (*run)(void *) = e->bg_run;
+    void *ud = e->bg_ud;
+    const uint64_t wakes = e->bg_wakes;
+    e->bg_busy = run != NULL;
+    pthread_mutex_unlock(&e->mu);
+    if (!run) return;
+    const double t0 = ds_time_s();
+    const bool more = run(ud);
+    const double dt = ds_time_s() - t0;
+    e->t_bg += dt;
+    if (!inference) e->t_inf *= exp(-dt / 14.4);
+    pthread_mutex_lock(&e->mu);
+    e->bg_busy = false;
+    if (!more && e->bg_wakes == wakes) e->bg_pending = false; /* a wake during the call keeps it pending */
+    pthread_cond_broadcast(&e->cv);
+    pthread_mutex_unlock(&e->mu);
+}
+
 static void *engine_main(void *arg) {
     ds_engine *e = arg;
     pthread_mutex_lock(&e->mu);
     for (;;) {
         take_inbox(e);
         if (e->stop) break;
-        if (!e->waiting && !e->running) {
+        const bool inference = e->waiting || e->running, bg = e->bg_run && e->bg_pending;
+        if (!inference && !bg) {
             pthread_cond_wait(&e->cv, &e->mu);
             continue;
         }
         pthread_mutex_unlock(&e->mu);
-        ds_engine_step(e);
+        double dt = 0;
+        if (inference) {
+            const double t0 = ds_time_s();
+            ds_engine_step(e);
+            dt = ds_time_s() - t0;
+        }
+        if (bg) maybe_background(e, inference, dt);
         pthread_mutex_lock(&e->mu);
     }
     pthread_mutex_unlock(&e->mu);

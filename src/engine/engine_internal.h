@@ -64,6 +64,13 @@ struct ds_engine {
     uint64_t step_no;
     int32_t in_flight;  /* submitted, not finished (under mu) */
     char act_running[2048], act_waiting[2048]; /* adapter ids, comma-separated (under mu) */
+    /* background hook (ds_engine_set_background); bg_pending under mu, the times engine-only */
+    bool (*bg_run)(void *);
+    void *bg_ud;
+    float bg_budget;
+    bool bg_pending, bg_busy;
+    uint64_t bg_wakes;
+    double t_inf, t_bg; /* exponentially decayed seconds spent in steps / in the hook */
 };
 
 int ds_engine_batch_init(ds_engine *e);

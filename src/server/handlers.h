@@ -17,6 +17,8 @@ struct ds_adapter_registry;
 
 /* The adapter registry given in ds_server_params (may be NULL). */
 struct ds_adapter_registry *ds_server_registry(const ds_server *s);
+/* Share of engine time fine-tuning may use while requests run (ds_server_params.train_budget). */
+float ds_server_train_budget(const ds_server *s);
 ds_metrics *ds_server_metrics(ds_server *s);
 /* True once a stop began: new work is refused with 503 while in-flight requests finish. */
 bool ds_server_draining(const ds_server *s);

@@ -425,6 +425,7 @@ static ds_ft_manager *manager(ds_server *s, ds_err *err) {
         ds_engine *e = ds_server_engine(s);
         if (!e) return ds_err_set(err, DS_EUNSUPPORTED, "no model is loaded"), NULL;
         st->mgr = ds_ft_manager_create(ds_engine_model(e), ds_server_registry(s), err);
+        if (st->mgr) ds_ft_manager_attach_engine(st->mgr, e, ds_server_train_budget(s));
     }
     return st->mgr;
 }

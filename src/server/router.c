@@ -181,6 +181,9 @@ const ds_server_params *ds_server_get_params(const ds_server *s) { return &s->pa
 ds_router *ds_server_router(ds_server *s) { return &s->router; }
 ds_http_server *ds_server_http(ds_server *s) { return &s->http; }
 struct ds_adapter_registry *ds_server_registry(const ds_server *s) { return s->params.registry; }
+float ds_server_train_budget(const ds_server *s) {
+    return s->params.train_budget > 0.0f && s->params.train_budget <= 1.0f ? s->params.train_budget : 0.25f;
+}
 ds_metrics *ds_server_metrics(ds_server *s) { return s->metrics; }
 bool ds_server_draining(const ds_server *s) { return s->stopping; }
 struct ds_ft_state **ds_server_ft_state(ds_server *s) { return &s->ft; }

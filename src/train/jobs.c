@@ -22,6 +22,7 @@
 #include <time.h>
 
 #include "ds/adapter.h"
+#include "ds/engine.h"
 #include "ds/model.h"
 #include "ds/tokenizer.h"
 #include "ds/train.h"
@@ -336,7 +337,61 @@ struct ds_ft_manager {
     ft_job *head, *tail; /* creation order */
     size_t n_jobs;
     uint64_t counter;
+    /* co-serving: trainer calls handed to the engine thread (under mu) */
+    ds_engine *engine;
+    pthread_cond_t ho_cv;
+    struct {
+        ds_trainer *t;
+        const ds_train_example *ex;
+        int32_t n;
+        bool eval, pending, done;
+        ds_train_stats *stats;
+        ds_err *err;
+        int status;
+    } ho;
 };
+
+/* Engine thread: runs the pending trainer call, if any. */
+static bool ft_background(void *ud) {
+    ds_ft_manager *m = ud;
+    pthread_mutex_lock(&m->mu);
+    if (!m->ho.pending) {
+        pthread_mutex_unlock(&m->mu);
+        return false;
+    }
+    m->ho.pending = false;
+    pthread_mutex_unlock(&m->mu);
+    int st = m->ho.eval ? ds_trainer_eval(m->ho.t, m->ho.ex, m->ho.n, m->ho.stats, m->ho.err)
+                        : ds_trainer_step(m->ho.t, m->ho.ex, m->ho.n, m->ho.stats, m->ho.err);
+    pthread_mutex_lock(&m->mu);
+    m->ho.status = st;
+    m->ho.done = true;
+    pthread_cond_broadcast(&m->ho_cv);
+    pthread_mutex_unlock(&m->mu);
+    return false;
+}
+
+/* One trainer call: on the engine thread when attached (co-serving), else right here. */
+static int trainer_call(ds_ft_manager *m, ds_trainer *t, const ds_train_example *ex, int32_t n, bool eval,
+                        ds_train_stats *stats, ds_err *err) {
+    if (!m->engine) return eval ? ds_trainer_eval(t, ex, n, stats, err) : ds_trainer_step(t, ex, n, stats, err);
+    pthread_mutex_lock(&m->mu);
+    m->ho.t = t, m->ho.ex = ex, m->ho.n = n, m->ho.eval = eval, m->ho.stats = stats, m->ho.err = err;
+    m->ho.done = false;
+    m->ho.pending = true;
+    pthread_mutex_unlock(&m->mu);
+    ds_engine_wake_background(m->engine);
+    pthread_mutex_lock(&m->mu);
+    while (!m->ho.done) pthread_cond_wait(&m->ho_cv, &m->mu);
+    int st = m->ho.status;
+    pthread_mutex_unlock(&m->mu);
+    return st;
+}
+
+void ds_ft_manager_attach_engine(ds_ft_manager *m, ds_engine *e, float budget) {
+    m->engine = e;
+    ds_engine_set_background(e, ft_background, m, budget);
+}
 
 static void job_free(ft_job *j) {
     if (!j) return;
@@ -486,7 +541,7 @@ static int run_job(ds_ft_manager *m, ft_job *j, ds_err *err) {
             }
             ds_train_stats s;
             double t0 = ds_time_s();
-            st = ds_trainer_step(t, batch, nb, &s, err);
+            st = trainer_call(m, t, batch, nb, false, &s, err);
             t_train += ds_time_s() - t0;
             if (st) break;
             step++, tokens += btok;
@@ -509,7 +564,7 @@ static int run_job(ds_ft_manager *m, ft_job *j, ds_err *err) {
                                .valid_loss = NAN};
         if (va.n) {
             ds_train_stats vs;
-            if (ds_trainer_eval(t, va.ex, (int32_t)va.n, &vs, err) == 0) ck.valid_loss = vs.loss;
+            if (trainer_call(m, t, va.ex, (int32_t)va.n, true, &vs, err) == 0) ck.valid_loss = vs.loss;
         }
         snprintf(ck.path, sizeof ck.path, "%s/checkpoint-%lld", I->fine_tuned_model, (long long)step);
         char cdir[1400];
@@ -603,6 +658,7 @@ ds_ft_manager *ds_ft_manager_create(const ds_model *base, ds_adapter_registry *r
     m->counter = (uint64_t)time(NULL) ^ ((uint64_t)(uintptr_t)m << 16);
     pthread_mutex_init(&m->mu, NULL);
     pthread_cond_init(&m->cv, NULL);
+    pthread_cond_init(&m->ho_cv, NULL);
     if (pthread_create(&m->thread, NULL, train_thread, m) != 0) {
         pthread_mutex_destroy(&m->mu), pthread_cond_destroy(&m->cv), free(m);
         return ds_err_set(err, DS_ENOMEM, "cannot start the training thread"), NULL;
@@ -618,8 +674,9 @@ void ds_ft_manager_free(ds_ft_manager *m) {
     pthread_cond_broadcast(&m->cv);
     pthread_mutex_unlock(&m->mu);
     if (m->thread_started) pthread_join(m->thread, NULL);
+    if (m->engine) ds_engine_set_background(m->engine, NULL, NULL, 0); /* waits out a call in progress */
     for (ft_job *j = m->head, *n; j; j = n) n = j->next, job_free(j);
-    pthread_mutex_destroy(&m->mu), pthread_cond_destroy(&m->cv);
+    pthread_mutex_destroy(&m->mu), pthread_cond_destroy(&m->cv), pthread_cond_destroy(&m->ho_cv);
     free(m);
 }
 

@@ -252,6 +252,33 @@ static void test_adapters(const ds_model *m, const char *root) {
     cJSON_Delete(ref_all);
 }
 
+/* Background work (training micro-steps) runs on the engine thread when woken, and detaching
+ * waits for a call in progress. */
+static int g_bg_calls;
+static bool bg_hook(void *ud) {
+    (void)ud;
+    __atomic_add_fetch(&g_bg_calls, 1, __ATOMIC_SEQ_CST);
+    return __atomic_load_n(&g_bg_calls, __ATOMIC_SEQ_CST) < 3; /* three units of work, then idle */
+}
+
+static void test_background(const ds_model *m) {
+    ds_engine *e = make_engine(m, (size_t)4 << 20, 4, NULL);
+    ds_engine_set_background(e, bg_hook, NULL, 0.25f);
+    ds_engine_wake_background(e);
+    for (int i = 0; i < 200 && __atomic_load_n(&g_bg_calls, __ATOMIC_SEQ_CST) < 3; i++) {
+        struct timespec ts = {0, 5 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
+    CHECK_EQ_INT(__atomic_load_n(&g_bg_calls, __ATOMIC_SEQ_CST), 3);
+    int32_t p[3] = {1, 2, 3};
+    run r;
+    submit(e, p, 3, 4, NULL, &r, NULL); /* serving still works beside it */
+    wait_all(&r, 1);
+    CHECK_EQ_INT(r.n, 4);
+    ds_engine_set_background(e, NULL, NULL, 0);
+    ds_engine_free(e);
+}
+
 int main(void) {
     const char *dir = DS_TEST_DATA "/models/tiny-llama";
     cJSON *ref = golden_load_json(DS_TEST_DATA "/models/tiny-llama/reference.json");
@@ -266,6 +293,7 @@ int main(void) {
     test_preemption(m);
     test_validation_and_cancel(m);
     test_adapters(m, DS_TEST_DATA "/adapters/tiny-llama");
+    test_background(m);
     cJSON_Delete(ref);
     ds_model_free(m);
     return ds_test_result();
