@@ -180,9 +180,9 @@ int ds_trainer_save(const ds_trainer *t, const char *dir, const char *base_model
  * save it as a PEFT directory under the adapter directory and publish it in the registry (a new
  * version: running requests keep the old one).
  *
- * SIMPLIFICATION (this slice): jobs run one at a time on a dedicated training thread, concurrently
- * with the engine (both on the host CPU). The final design runs micro-steps on the engine thread
- * under --train-budget.
+ * Jobs run one at a time. A job thread prepares data, checkpoints and publishes; with an engine
+ * attached (ds_ft_manager_attach_engine) every optimizer step and validation pass runs on the
+ * engine thread between inference steps, within --train-budget of its time while requests run.
  *
  * Datasets are JSON Lines: chat {"messages":[{"role","content","weight"?}, ...]} (assistant turns
  * are trained, "weight": 0 skips one) or {"prompt","completion"} (the completion is trained). Chat

@@ -51,6 +51,13 @@ int ds_handlers_ft_register(ds_server *s);       /* /v1/files, /v1/fine_tuning/j
 struct ds_ft_state;
 struct ds_ft_state **ds_server_ft_state(ds_server *s);
 void ds_handlers_ft_free(ds_server *s);
+/* The fine-tuning job manager (created on first use), or NULL with a message. Loop thread. */
+struct ds_ft_manager *ds_handlers_ft_manager(ds_server *s, ds_err *err);
+struct ds_ft_job_info;
+/* Appends a job as an OpenAI fine_tuning.job object. */
+void ds_handlers_ft_job_json(ds_sb *b, const struct ds_ft_job_info *j);
+/* POST /v1/adapters/{id}/train: a small synchronous online update (handlers_train.c). */
+void ds_handle_adapter_train(ds_http_req *req, void *ud);
 
 /* Reply helpers: send, END the request, and count it as deltaserve_requests_total{endpoint,status}.
  * `endpoint` is the route pattern. ds_server_reply_json frees *b (500 when it ran out of memory). */

@@ -430,6 +430,9 @@ static ds_ft_manager *manager(ds_server *s, ds_err *err) {
     return st->mgr;
 }
 
+ds_ft_manager *ds_handlers_ft_manager(ds_server *s, ds_err *err) { return manager(s, err); }
+void ds_handlers_ft_job_json(ds_sb *b, const ds_ft_job_info *j) { job_json(b, j); }
+
 static void handle_job_create(ds_http_req *req, void *ud) {
     (void)ud;
     ds_server *s = ds_server_of(req);
@@ -722,5 +725,6 @@ int ds_handlers_ft_register(ds_server *s) {
     rc |= ds_router_add(rt, HTTP_POST, EP_CANCEL, handle_job_cancel, s, 0);
     rc |= ds_router_add(rt, HTTP_GET, EP_EVENTS, handle_job_events, s, 0);
     rc |= ds_router_add(rt, HTTP_GET, EP_CKPTS, handle_job_checkpoints, s, 0);
+    rc |= ds_router_add(rt, HTTP_POST, "/v1/adapters/{id}/train", ds_handle_adapter_train, s, 0);
     return rc ? DS_ERANGE : 0;
 }

@@ -197,6 +197,31 @@ def test_continue_from_adapter(ft_server):
     assert chat(ft_server, "ft-secret", QUESTIONS[0]).startswith("Zanzibar")
 
 
+def test_sync_adapter_train(ft_server):
+    """POST /v1/adapters/{id}/train: a handful of examples, answered when the update is published."""
+    status, raw = ft_server.get("/v1/adapters/ft-secret")
+    if status != 200:
+        pytest.skip("needs the adapter trained by test_lora_job_teaches_the_answer")
+    v = json.loads(raw)["version"]
+    examples = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": ANSWER}]}
+                for q in QUESTIONS[:3]] + [{"prompt": "The secret word is", "completion": " " + ANSWER}]
+    status, raw = ft_server.post("/v1/adapters/ft-secret/train",
+                                 {"examples": examples, "n_epochs": 2, "learning_rate": 1e-3})
+    assert status == 200, raw
+    out = json.loads(raw)
+    assert out["object"] == "adapter.train" and out["id"] == "ft-secret" and out["version"] == v + 1
+    assert out["job"]["status"] == "succeeded" and out["job"]["trained_tokens"] > 0
+    assert json.loads(ft_server.get("/v1/adapters/ft-secret")[1])["version"] == v + 1
+    assert chat(ft_server, "ft-secret", QUESTIONS[0]).startswith("Zanzibar")
+    # errors: unknown adapter, malformed examples (named), empty list
+    status, raw = ft_server.post("/v1/adapters/no-such-adapter/train", {"examples": examples})
+    assert status == 404 and json.loads(raw)["error"]["param"] == "id"
+    status, raw = ft_server.post("/v1/adapters/ft-secret/train", {"examples": [{"foo": 1}]})
+    assert status == 400 and "line 1" in json.loads(raw)["error"]["message"]
+    status, raw = ft_server.post("/v1/adapters/ft-secret/train", {"examples": []})
+    assert status == 400
+
+
 def test_cancel(ft_server):
     status, f = upload(ft_server, TRAIN)
     status, job = create_job(ft_server, f["id"], suffix="cancelme",
