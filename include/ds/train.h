@@ -213,6 +213,7 @@ typedef struct ds_ft_job_spec {
     float lr_multiplier;          /* <= 0: 1 */
     int32_t rank;                 /* LoRA (default 8) */
     float alpha;                  /* LoRA (default 2 * rank) */
+    bool use_rslora;              /* LoRA: scale alpha/sqrt(r) */
     uint32_t targets;             /* DS_TRAIN_TARGET bits (0: q,v) */
     int32_t n_virtual;            /* prompt/prefix tuning (default 20) */
     uint64_t seed;
@@ -230,6 +231,7 @@ typedef struct ds_ft_job_info {
     int32_t n_epochs, batch_size, rank, n_virtual;
     float learning_rate, alpha, lr_multiplier;
     uint32_t targets;
+    bool use_rslora;
     uint64_t seed;
     double tokens_per_s;             /* training throughput of the job (0 until a step ran) */
 } ds_ft_job_info;

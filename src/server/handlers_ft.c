@@ -325,6 +325,7 @@ static void job_json(ds_sb *b, const ds_ft_job_info *j) {
         ds_sb_json_num(&hp, j->alpha);
         ds_sb_puts(&hp, ",\"target_modules\":");
         targets_json(&hp, j->targets);
+        ds_sb_puts(&hp, j->use_rslora ? ",\"use_rslora\":true" : ",\"use_rslora\":false");
     }
     ds_sb_puts(&hp, "}");
     const char *hps = hp.data ? hp.data : "{}";
@@ -558,6 +559,12 @@ static void handle_job_create(ds_http_req *req, void *ud) {
         !hp_int(req, hp, "num_virtual_tokens", 1, 512, &sp.n_virtual))
         goto out;
     if (r && !sp.rank) sp.rank = r;
+    const cJSON *rs = hp ? cJSON_GetObjectItemCaseSensitive(hp, "use_rslora") : NULL;
+    if (rs && !cJSON_IsBool(rs) && !cJSON_IsNull(rs)) {
+        ds_server_reply_errorf(req, EP_JOBS, 400, "use_rslora", NULL, "'use_rslora' must be a boolean");
+        goto out;
+    }
+    sp.use_rslora = cJSON_IsTrue(rs);
     sp.training_file = train->id;
     sp.train_data = train->data, sp.train_len = train->bytes;
     if (valid) sp.validation_file = valid->id, sp.valid_data = valid->data, sp.valid_len = valid->bytes;

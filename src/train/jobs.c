@@ -490,6 +490,7 @@ static int run_job(ds_ft_manager *m, ft_job *j, ds_err *err) {
             sp.r = I->rank;
             sp.lora_alpha = I->alpha;
             sp.targets = I->targets;
+            sp.use_rslora = I->use_rslora;
         } else {
             sp.n_virtual = I->n_virtual;
         }
@@ -715,6 +716,7 @@ int ds_ft_submit(ds_ft_manager *m, const ds_ft_job_spec *sp, char id_out[48], ds
     I->batch_size = sp->batch_size;
     I->rank = sp->rank > 0 ? sp->rank : 8;
     I->alpha = sp->alpha > 0 ? sp->alpha : 2.0f * (float)I->rank;
+    I->use_rslora = sp->use_rslora;
     I->targets = sp->targets ? sp->targets : DS_TRAIN_TARGET(DS_PROJ_Q) | DS_TRAIN_TARGET(DS_PROJ_V);
     I->n_virtual = sp->n_virtual > 0 ? sp->n_virtual : 20;
     I->lr_multiplier = sp->lr_multiplier > 0 ? sp->lr_multiplier : 1.0f;

@@ -233,8 +233,9 @@ def test_cancel(ft_server):
     t0 = time.time()
     # stops within one step: the next job starts right after
     status, job2 = create_job(ft_server, f["id"], suffix="after-cancel",
-                              method={"type": "lora", "lora": {"hyperparameters": {"n_epochs": 1, "batch_size": 8}}})
-    assert status == 200
+                              method={"type": "lora", "lora": {"hyperparameters": {
+                                  "n_epochs": 1, "batch_size": 8, "use_rslora": True, "rank": 4}}})
+    assert status == 200 and job2["hyperparameters"]["use_rslora"] is True
     job2 = wait_job(ft_server, job2["id"], timeout=60)
     assert job2["status"] == "succeeded" and time.time() - t0 < 30
     assert get_job(ft_server, job["id"])["status"] == "cancelled"
