@@ -132,6 +132,22 @@ static bool is_stop_token(const ds_seq *s, const ds_tokenizer *tok, int32_t t) {
     return !s->ignore_eos && tok && ds_tokenizer_is_eog(tok, t);
 }
 
+/* Token → complete UTF-8 text appended to held. The output of one push is at most 3 × the token's
+ * bytes + 12 (U+FFFD for invalid bytes), so a token too long for the stack buffer gets a heap one
+ * rather than losing text. */
+static int detok_append(ds_seq *s, const ds_tokenizer *tok, int32_t token) {
+    char stack[512];
+    size_t len = 0;
+    if (!ds_tokenizer_token_bytes(tok, token, &len)) len = 0;
+    const size_t cap = 3 * len + 16;
+    char *buf = cap <= sizeof stack ? stack : malloc(cap);
+    if (!buf) return DS_ENOMEM;
+    int n = ds_detok_push(tok, &s->detok, token, s->skip_special, buf, cap <= sizeof stack ? sizeof stack : cap);
+    int st = n > 0 ? held_append(s, buf, (size_t)n) : n < 0 ? n : DS_OK;
+    if (buf != stack) free(buf);
+    return st;
+}
+
 ds_finish_reason ds_seq_accept(ds_seq *s, const ds_tokenizer *tok, int32_t token, const float *raw_logits,
                                int32_t n_vocab, int32_t max_ctx) {
     ds_gen_event lp;
@@ -151,9 +167,7 @@ ds_finish_reason ds_seq_accept(ds_seq *s, const ds_tokenizer *tok, int32_t token
         emit_token(s, token, "", 0, &lp);
         return DS_FINISH_STOP;
     }
-    char buf[256];
-    int n = tok ? ds_detok_push(tok, &s->detok, token, s->skip_special, buf, sizeof buf) : 0;
-    if (n > 0 && held_append(s, buf, (size_t)n) != DS_OK) return DS_FINISH_ERROR;
+    if (tok && detok_append(s, tok, token) != DS_OK) return DS_FINISH_ERROR;
     long cut = (may_stop && s->n_stop) ? find_stop(s) : -1;
     if (cut >= 0) {
         emit_token(s, token, s->held ? s->held : "", (size_t)cut, &lp);
