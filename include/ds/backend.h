@@ -13,6 +13,7 @@
 #ifndef DS_BACKEND_H
 #define DS_BACKEND_H
 
+#include "ds/backend_train.h"
 #include "ds/common.h"
 
 #ifdef __cplusplus
@@ -128,6 +129,10 @@ struct ds_backend_iface {
      * shrink is a row gather). Optional: NULL → embedding LoRA unsupported on this backend. */
     int (*lora_expand)(void *ctx, const float *t, int32_t rank, const float *B, float *y, int32_t out, int32_t n,
                        float scale);
+
+    /* Training ops (forward-with-saves, backward, loss, optimizer; ds/backend_train.h). Optional:
+     * NULL → no training on this backend. */
+    const struct ds_backend_train_iface *train;
 };
 
 typedef struct ds_backend {
@@ -136,7 +141,8 @@ typedef struct ds_backend {
 } ds_backend;
 
 typedef struct ds_backend_params {
-    int32_t n_threads; /* CPU: 0 → all cores */
+    int32_t n_threads; /* CPU: 0 → all cores; < 0 → the process's current OpenMP/OpenBLAS setting,
+                        * left as it is (a second backend beside the engine's, e.g. the trainer's) */
     int32_t device;    /* CUDA device index */
 } ds_backend_params;
 

@@ -76,6 +76,9 @@ typedef struct ds_train_params {
     int32_t micro_batch_seqs;  /* sequences per micro-batch; 0 = as many as fit (default) */
     ds_recompute recompute;    /* AUTO: recompute when saved activations would exceed activation_budget */
     size_t activation_budget;  /* bytes (default 1 GiB) */
+    struct ds_backend *backend;/* computes the training ops (its iface.train; host-memory backends
+                                * only for now); borrowed. NULL (default): a CPU backend of the
+                                * trainer's own. No training ops → create fails, DS_EUNSUPPORTED. */
 } ds_train_params;
 
 ds_train_params ds_train_default_params(void);

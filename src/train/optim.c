@@ -26,12 +26,9 @@ float ds_train_lr_at(const ds_train_params *p, int64_t k) {
     return (float)(p->lr * f);
 }
 
-double tr_grad_norm(const ds_trainer *t) {
+double tr_grad_norm(ds_trainer *t) {
     double ss = 0.0;
-    for (int32_t i = 0; i < t->n_params; i++) {
-        const tr_param *p = &t->params[i];
-        for (size_t j = 0; j < p->pub.n; j++) ss += (double)p->grad[j] * p->grad[j];
-    }
+    for (int32_t i = 0; i < t->n_params; i++) TR_OP(t, sumsq, t->params[i].grad, t->params[i].pub.n, &ss);
     return sqrt(ss);
 }
 
@@ -40,32 +37,17 @@ void tr_clip(ds_trainer *t, double norm, float max_norm) {
     if (!(max_norm > 0)) return;
     const double coef = max_norm / (norm + 1e-6);
     if (coef >= 1.0) return;
-    for (int32_t i = 0; i < t->n_params; i++) {
-        tr_param *p = &t->params[i];
-        for (size_t j = 0; j < p->pub.n; j++) p->grad[j] = (float)(p->grad[j] * coef);
-    }
+    for (int32_t i = 0; i < t->n_params; i++) TR_OP(t, scale, t->params[i].grad, t->params[i].pub.n, coef);
 }
 
-/* Loshchilov & Hutter, decoupled weight decay, in torch's order:
- *   θ ← θ·(1 − lr·λ);  m ← m + (1−β₁)(g − m);  v ← β₂v + (1−β₂)g²
- *   θ ← θ − (lr / (1−β₁ᵗ)) · m / (sqrt(v)/sqrt(1−β₂ᵗ) + ε)                       (t = step, 1-based) */
+/* AdamW on every adapter tensor (the update itself: the backend's adamw op), then step + 1. */
 void tr_adamw(ds_trainer *t, float lr) {
     const ds_train_params *o = &t->p;
-    const double step = (double)(t->step + 1);
-    const double bc1 = 1.0 - pow(o->beta1, step), bc2_sqrt = sqrt(1.0 - pow(o->beta2, step));
-    const float step_size = (float)(lr / bc1), decay = (float)(1.0 - (double)lr * o->weight_decay);
-    const float b1c = 1.0f - o->beta1, b2 = o->beta2, b2c = 1.0f - o->beta2, bc2s = (float)bc2_sqrt;
+    const ds_adamw_args a = {.lr = lr, .beta1 = o->beta1, .beta2 = o->beta2, .eps = o->eps,
+                             .weight_decay = o->weight_decay, .step = t->step + 1};
     for (int32_t i = 0; i < t->n_params; i++) {
         tr_param *p = &t->params[i];
-        float *w = p->pub.value;
-        for (size_t j = 0; j < p->pub.n; j++) {
-            const float g = p->grad[j];
-            if (o->weight_decay != 0) w[j] *= decay;
-            p->m[j] += b1c * (g - p->m[j]);
-            p->v[j] = p->v[j] * b2 + b2c * g * g;
-            const float denom = sqrtf(p->v[j]) / bc2s + o->eps;
-            w[j] -= step_size * (p->m[j] / denom);
-        }
+        TR_OP(t, adamw, p->pub.value, p->grad, p->m, p->v, p->pub.n, &a);
     }
     t->step++;
 }

@@ -11,11 +11,12 @@
 static void linear_bwd(ds_trainer *t, int32_t l, int p, const float *w, const float *x, const float *u,
                        const float *dy, float *dx, bool acc) {
     const int32_t n = t->b.n_rows, in = t->ad->proj_in[p], out = t->ad->proj_out[p];
-    if (dx) tr_mm_nn(dy, w, dx, n, out, in, 1.0f, acc ? 1.0f : 0.0f);
+    if (dx) TR_OP(t, mm_nn, dy, w, dx, n, out, in, 1.0f, acc ? 1.0f : 0.0f);
     const ds_lora_module *m = tr_lora(t, l, p);
     if (!m) return;
     const size_t i = (size_t)l * DS_PROJ_COUNT + (size_t)p;
-    tr_lora_bwd(x, u, m->A, m->B, m->scale, dy, dx, t->dA[i], t->dB[i], t->g.lora_tmp, n, in, out, m->rank);
+    TR_OP(t, lora_bwd, x, u, m->A, m->B, m->scale, dy, dx, t->dA[i], t->dB[i], t->g.lora_tmp, n, in, out,
+          m->rank);
 }
 
 /* g.dx: d/d(layer output) on entry, d/d x_mid on exit. */
@@ -25,10 +26,10 @@ static void mlp_bwd(ds_trainer *t, int32_t l, tr_act *a) {
     tr_grad_work *g = &t->g;
     const int32_t n = t->b.n_rows;
     linear_bwd(t, l, DS_PROJ_DOWN, w->w_down, a->act, a->u[DS_PROJ_DOWN], g->dx, g->dact, false);
-    tr_silu_mul_bwd(a->gate, a->up, g->dact, g->dgate, g->dup, (size_t)n * D->ff);
+    TR_OP(t, silu_mul_bwd, a->gate, a->up, g->dact, g->dgate, g->dup, (size_t)n * D->ff);
     linear_bwd(t, l, DS_PROJ_GATE, w->w_gate, a->h2, a->u[DS_PROJ_GATE], g->dgate, g->dh, false);
     linear_bwd(t, l, DS_PROJ_UP, w->w_up, a->h2, a->u[DS_PROJ_UP], g->dup, g->dh, true);
-    tr_rmsnorm_bwd(a->x_mid, w->ffn_norm, a->r2, g->dh, g->dx, n, D->d); /* + the residual path's dx */
+    TR_OP(t, rmsnorm_bwd, a->x_mid, w->ffn_norm, a->r2, g->dh, g->dx, n, D->d); /* + the residual path's dx */
 }
 
 /* g.dx: d/d x_mid on entry, d/d(layer input) on exit when need_dx. */
@@ -46,14 +47,15 @@ static void attention_bwd(ds_trainer *t, int32_t l, tr_act *a, bool need_dx) {
         dpk = t->dprefix + (size_t)l * 2 * D->kvd;
         dpv = dpk + D->kvd;
     }
-    tr_attention_bwd(&args, g->datt, g->dq, g->dk, g->dv, dpk, dpv);
-    tr_rope(g->dq, t->b.pos, t->m->inv_freq, n, D->n_head, D->hd, -1); /* RoPE backward: rotate by −θ */
-    tr_rope(g->dk, t->b.pos, t->m->inv_freq, n, D->n_kv, D->hd, -1);
+    TR_OP(t, attention_bwd, &args, g->datt, g->dq, g->dk, g->dv, dpk, dpv);
+    /* RoPE backward: rotate by −θ */
+    TR_OP(t, rope, g->dq, t->b.pos, t->m->inv_freq, n, D->n_head, D->hd, -1);
+    TR_OP(t, rope, g->dk, t->b.pos, t->m->inv_freq, n, D->n_kv, D->hd, -1);
     float *dh = need_dx ? g->dh : NULL;
     linear_bwd(t, l, DS_PROJ_Q, w->wq, a->h1, a->u[DS_PROJ_Q], g->dq, dh, false);
     linear_bwd(t, l, DS_PROJ_K, w->wk, a->h1, a->u[DS_PROJ_K], g->dk, dh, true);
     linear_bwd(t, l, DS_PROJ_V, w->wv, a->h1, a->u[DS_PROJ_V], g->dv, dh, true);
-    if (need_dx) tr_rmsnorm_bwd(t->ck[l], w->attn_norm, a->r1, g->dh, g->dx, n, D->d);
+    if (need_dx) TR_OP(t, rmsnorm_bwd, t->ck[l], w->attn_norm, a->r1, g->dh, g->dx, n, D->d);
 }
 
 /* Lowest layer holding a trainable tensor (prompt rows / prefixes / embedding LoRA: 0). */
@@ -74,9 +76,9 @@ void tr_backward(ds_trainer *t) {
         mlp_bwd(t, l, a);
         attention_bwd(t, l, a, l > low || input_grad);
     }
-    if (t->ad->prompt) tr_embed_bwd_soft(t->b.src, t->g.dx, t->dprompt, t->b.n_rows, t->dim.d);
+    if (t->ad->prompt) TR_OP(t, embed_bwd_soft, t->b.src, t->g.dx, t->dprompt, t->b.n_rows, t->dim.d);
     const ds_lora_module *e = t->ad->embed;
     if (e)
-        tr_embed_lora_bwd(e->B, e->scale, t->b.src, t->g.emb_u, t->g.dx, t->dA[TR_SLOT_EMBED(t)],
-                          t->dB[TR_SLOT_EMBED(t)], t->g.lora_tmp, t->b.n_rows, t->dim.d, e->rank);
+        TR_OP(t, embed_lora_bwd, e->B, e->scale, t->b.src, t->g.emb_u, t->g.dx, t->dA[TR_SLOT_EMBED(t)],
+              t->dB[TR_SLOT_EMBED(t)], t->g.lora_tmp, t->b.n_rows, t->dim.d, e->rank);
 }

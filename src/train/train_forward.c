@@ -17,10 +17,10 @@ const ds_lora_module *tr_lora(const ds_trainer *t, int32_t layer, int proj) {
 static void linear(ds_trainer *t, int32_t l, int p, const float *w, const float *bias, const float *x, float *y,
                    float *u) {
     const int32_t n = t->b.n_rows, in = t->ad->proj_in[p], out = t->ad->proj_out[p];
-    tr_mm_nt(x, w, y, n, out, in, 1.0f, 0.0f);
-    if (bias) tr_add_bias(y, bias, n, out);
+    TR_OP(t, mm_nt, x, w, y, n, out, in, 1.0f, 0.0f);
+    if (bias) TR_OP(t, add_bias, y, bias, n, out);
     const ds_lora_module *m = tr_lora(t, l, p);
-    if (m) tr_lora_fwd(x, m->A, m->B, m->scale, u, y, n, in, out, m->rank);
+    if (m) TR_OP(t, lora_fwd, x, m->A, m->B, m->scale, u, y, n, in, out, m->rank);
 }
 
 /* Attention arguments of layer l; the prefix of layer l is K at column 2l·kvd, V at (2l+1)·kvd of
@@ -44,17 +44,17 @@ static void attention_block(ds_trainer *t, int32_t l, tr_act *a) {
     const ds_layer_weights *w = &t->m->layers[l];
     const int32_t n = t->b.n_rows;
     const float *x = t->ck[l];
-    tr_rmsnorm_fwd(x, w->attn_norm, a->h1, a->r1, n, D->d, D->eps);
+    TR_OP(t, rmsnorm_fwd, x, w->attn_norm, a->h1, a->r1, n, D->d, D->eps);
     linear(t, l, DS_PROJ_Q, w->wq, w->bq, a->h1, a->q, a->u[DS_PROJ_Q]);
     linear(t, l, DS_PROJ_K, w->wk, w->bk, a->h1, a->k, a->u[DS_PROJ_K]);
     linear(t, l, DS_PROJ_V, w->wv, w->bv, a->h1, a->v, a->u[DS_PROJ_V]);
-    tr_rope(a->q, t->b.pos, t->m->inv_freq, n, D->n_head, D->hd, +1);
-    tr_rope(a->k, t->b.pos, t->m->inv_freq, n, D->n_kv, D->hd, +1);
+    TR_OP(t, rope, a->q, t->b.pos, t->m->inv_freq, n, D->n_head, D->hd, +1);
+    TR_OP(t, rope, a->k, t->b.pos, t->m->inv_freq, n, D->n_kv, D->hd, +1);
     tr_attn_args args = tr_attn_args_of(t, l, a);
-    tr_attention_fwd(&args);
+    TR_OP(t, attention_fwd, &args);
     linear(t, l, DS_PROJ_O, w->wo, NULL, a->att, a->x_mid, a->u[DS_PROJ_O]);
     const size_t nd = (size_t)n * D->d;
-    for (size_t i = 0; i < nd; i++) a->x_mid[i] += x[i]; /* residual */
+    tr_op_note(t, t->be->iface->add(t->be->ctx, a->x_mid, x, nd)); /* residual */
 }
 
 static void mlp_block(ds_trainer *t, int32_t l, tr_act *a) {
@@ -62,13 +62,13 @@ static void mlp_block(ds_trainer *t, int32_t l, tr_act *a) {
     const ds_layer_weights *w = &t->m->layers[l];
     const int32_t n = t->b.n_rows;
     float *out = t->ck[l + 1];
-    tr_rmsnorm_fwd(a->x_mid, w->ffn_norm, a->h2, a->r2, n, D->d, D->eps);
+    TR_OP(t, rmsnorm_fwd, a->x_mid, w->ffn_norm, a->h2, a->r2, n, D->d, D->eps);
     linear(t, l, DS_PROJ_GATE, w->w_gate, NULL, a->h2, a->gate, a->u[DS_PROJ_GATE]);
     linear(t, l, DS_PROJ_UP, w->w_up, NULL, a->h2, a->up, a->u[DS_PROJ_UP]);
-    tr_silu_mul_fwd(a->gate, a->up, a->act, (size_t)n * D->ff); /* down(silu(gate x) ⊙ up x) */
+    TR_OP(t, silu_mul_fwd, a->gate, a->up, a->act, (size_t)n * D->ff); /* down(silu(gate x) ⊙ up x) */
     linear(t, l, DS_PROJ_DOWN, w->w_down, NULL, a->act, out, a->u[DS_PROJ_DOWN]);
     const size_t nd = (size_t)n * D->d;
-    for (size_t i = 0; i < nd; i++) out[i] += a->x_mid[i];
+    tr_op_note(t, t->be->iface->add(t->be->ctx, out, a->x_mid, nd));
 }
 
 void tr_layer_fwd(ds_trainer *t, int32_t l, tr_act *a) {
@@ -77,9 +77,11 @@ void tr_layer_fwd(ds_trainer *t, int32_t l, tr_act *a) {
 }
 
 void tr_forward(ds_trainer *t, bool save) {
-    tr_embed(t->m->tok_embd, t->ad->prompt, t->b.src, t->ck[0], t->b.n_rows, t->dim.d);
+    TR_OP(t, embed, t->m->tok_embd, t->ad->prompt, t->b.src, t->ck[0], t->b.n_rows, t->dim.d);
     const ds_lora_module *e = t->ad->embed;
-    if (e) tr_embed_lora_fwd(e->A, e->B, e->scale, t->b.src, t->g.emb_u, t->ck[0], t->b.n_rows, t->dim.d, e->rank);
+    if (e)
+        TR_OP(t, embed_lora_fwd, e->A, e->B, e->scale, t->b.src, t->g.emb_u, t->ck[0], t->b.n_rows, t->dim.d,
+              e->rank);
     for (int32_t l = 0; l < t->dim.L; l++) tr_layer_fwd(t, l, save ? tr_act_of(t, l) : &t->acts[0]);
 }
 
@@ -91,20 +93,22 @@ static double head_chunk(ds_trainer *t, const int32_t *rows, const int32_t *tgt,
     const float *xL = t->ck[D->L];
     for (int32_t i = 0; i < c; i++)
         memcpy(hw->x + (size_t)i * D->d, xL + (size_t)rows[i] * D->d, (size_t)D->d * sizeof(float));
-    tr_rmsnorm_fwd(hw->x, t->m->output_norm, hw->hn, hw->rinv, c, D->d, D->eps);
-    tr_mm_nt(hw->hn, t->m->output, hw->logits, c, D->V, D->d, 1.0f, 0.0f);
+    TR_OP(t, rmsnorm_fwd, hw->x, t->m->output_norm, hw->hn, hw->rinv, c, D->d, D->eps);
+    TR_OP(t, mm_nt, hw->hn, t->m->output, hw->logits, c, D->V, D->d, 1.0f, 0.0f);
     const ds_lora_module *m = tr_lora(t, -1, DS_PROJ_COUNT);
-    if (m) tr_lora_fwd(hw->hn, m->A, m->B, m->scale, hw->u, hw->logits, c, D->d, D->V, m->rank);
-    const double loss = tr_cross_entropy(hw->logits, tgt, c, D->V, scale, grad);
+    if (m) TR_OP(t, lora_fwd, hw->hn, m->A, m->B, m->scale, hw->u, hw->logits, c, D->d, D->V, m->rank);
+    double loss = 0.0;
+    TR_OP(t, cross_entropy, hw->logits, tgt, c, D->V, scale, grad, &loss);
     if (!grad) return loss;
-    tr_mm_nn(hw->logits, t->m->output, hw->dhn, c, D->V, D->d, 1.0f, 0.0f); /* the output weight is frozen */
+    /* the output weight is frozen: input gradient only */
+    TR_OP(t, mm_nn, hw->logits, t->m->output, hw->dhn, c, D->V, D->d, 1.0f, 0.0f);
     if (m) {
         const size_t head = TR_SLOT_HEAD(t);
-        tr_lora_bwd(hw->hn, hw->u, m->A, m->B, m->scale, hw->logits, hw->dhn, t->dA[head], t->dB[head],
-                    t->g.lora_tmp, c, D->d, D->V, m->rank);
+        TR_OP(t, lora_bwd, hw->hn, hw->u, m->A, m->B, m->scale, hw->logits, hw->dhn, t->dA[head], t->dB[head],
+              t->g.lora_tmp, c, D->d, D->V, m->rank);
     }
     memset(hw->dx, 0, (size_t)c * D->d * sizeof(float));
-    tr_rmsnorm_bwd(hw->x, t->m->output_norm, hw->rinv, hw->dhn, hw->dx, c, D->d);
+    TR_OP(t, rmsnorm_bwd, hw->x, t->m->output_norm, hw->rinv, hw->dhn, hw->dx, c, D->d);
     return loss;
 }
 

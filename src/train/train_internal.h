@@ -3,8 +3,8 @@
 #ifndef DS_TRAIN_INTERNAL_H
 #define DS_TRAIN_INTERNAL_H
 
+#include "ds/backend.h"
 #include "ds/train.h"
-#include "train/train_ops.h"
 
 /* Rows of logits computed at once by the LM head (bounds the [rows][n_vocab] buffer). */
 #define TR_HEAD_CHUNK 32
@@ -13,6 +13,10 @@
 #define TR_SLOT_HEAD(t) ((size_t)(t)->dim.L * DS_PROJ_COUNT)
 #define TR_SLOT_EMBED(t) (TR_SLOT_HEAD(t) + 1)
 #define TR_N_SLOTS(t) (TR_SLOT_HEAD(t) + 2)
+
+/* Training compute runs through the backend's training-op table (ds/backend_train.h). */
+typedef ds_train_attn_seq tr_attn_seq;
+typedef ds_train_attn_args tr_attn_args;
 
 typedef struct tr_dims {
     int32_t d, qd, kvd, ff, V, L, n_head, n_kv, hd;
@@ -67,6 +71,10 @@ typedef struct tr_head_work {
 
 struct ds_trainer {
     const ds_model *m;
+    ds_backend *be;           /* computes every op (a host-memory backend: the buffers are host) */
+    const struct ds_backend_train_iface *op; /* be->iface->train */
+    bool own_be;              /* created by the trainer (ds_train_params.backend NULL) */
+    int op_rc;                /* first failing op's status since the last check, 0 if none */
     tr_dims dim;
     ds_train_params p;
     ds_adapter *ad;           /* owned: the live parameters */
@@ -92,6 +100,20 @@ struct ds_trainer {
     int64_t step;
     double accum_loss;        /* Σ CE of the current compute_grads */
 };
+
+/* Calls training op `name` of the trainer's backend: TR_OP(t, mm_nt, x, w, y, ...). The first
+ * failure is kept in t->op_rc and reported by the step (tr_op_check). */
+#define TR_OP(t, name, ...) tr_op_note((t), (t)->op->name((t)->be->ctx, __VA_ARGS__))
+static inline void tr_op_note(ds_trainer *t, int rc) {
+    if (rc && !t->op_rc) t->op_rc = rc;
+}
+/* 0, or the kept op failure as an error (and clears it). */
+int tr_op_check(ds_trainer *t, ds_err *err);
+
+/* Backend (trainer.c): b, or a CPU backend of the trainer's own when b is NULL; DS_EUNSUPPORTED
+ * when b has no training ops. tr_backend_detach frees an owned one. */
+int tr_backend_attach(ds_trainer *t, ds_backend *b, ds_err *err);
+void tr_backend_detach(ds_trainer *t);
 
 /* Geometry and allocation (trainer.c). */
 float *tr_alloc(ds_trainer *t, size_t n); /* zeroed floats owned by the trainer; NULL on OOM */
@@ -121,7 +143,7 @@ tr_act *tr_act_of(ds_trainer *t, int32_t l);
 tr_attn_args tr_attn_args_of(ds_trainer *t, int32_t l, tr_act *a);
 
 /* AdamW + clipping (optim.c). */
-double tr_grad_norm(const ds_trainer *t);
+double tr_grad_norm(ds_trainer *t);
 void tr_clip(ds_trainer *t, double norm, float max_norm);
 void tr_adamw(ds_trainer *t, float lr);
 

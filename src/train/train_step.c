@@ -87,6 +87,7 @@ static int32_t run_batches(ds_trainer *t, const ds_train_example *ex, int32_t n,
         tr_forward(t, grad);
         *loss_sum += tr_head(t, scale, grad);
         if (grad) tr_backward(t);
+        if (t->op_rc) break; /* reported by run() */
     }
     return n_micro;
 }
@@ -99,7 +100,9 @@ static int run(ds_trainer *t, const ds_train_example *ex, int32_t n, bool grad, 
     if (rc) return rc;
     if (grad) tr_params_zero_grad(t);
     double loss_sum;
+    t->op_rc = 0;
     const int32_t n_micro = run_batches(t, ex, n, n_labels, grad, &loss_sum);
+    if ((rc = tr_op_check(t, err))) return rc;
     if (stats)
         *stats = (ds_train_stats){.loss = loss_sum / (double)n_labels, .n_label_tokens = n_labels,
                                   .n_micro_batches = n_micro, .step = t->step, .recompute = t->recompute,
@@ -117,12 +120,16 @@ int ds_trainer_eval(ds_trainer *t, const ds_train_example *ex, int32_t n, ds_tra
 }
 
 int ds_trainer_apply(ds_trainer *t, ds_train_stats *stats, ds_err *err) {
+    t->op_rc = 0;
     const double norm = tr_grad_norm(t);
+    int rc = tr_op_check(t, err);
+    if (rc) return rc;
     if (norm != norm || norm > 1e30)
         return ds_err_set(err, DS_ERANGE, "gradient norm is not finite: update skipped");
     tr_clip(t, norm, t->p.max_grad_norm);
     const float lr = ds_train_lr_at(&t->p, t->step);
     tr_adamw(t, lr);
+    if ((rc = tr_op_check(t, err))) return rc; /* the update may be partial */
     if (stats) {
         stats->grad_norm = norm;
         stats->lr = lr;

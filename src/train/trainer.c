@@ -18,7 +18,7 @@ ds_train_params ds_train_default_params(void) {
     return (ds_train_params){.lr = 1e-4f, .beta1 = 0.9f, .beta2 = 0.999f, .eps = 1e-8f, .weight_decay = 0.0f,
                              .schedule = DS_LR_LINEAR, .warmup_steps = 0, .total_steps = 0, .max_grad_norm = 1.0f,
                              .micro_batch_tokens = 512, .micro_batch_seqs = 0, .recompute = DS_RECOMPUTE_AUTO,
-                             .activation_budget = (size_t)1 << 30};
+                             .activation_budget = (size_t)1 << 30, .backend = NULL};
 }
 
 static void *alloc_bytes(ds_trainer *t, size_t bytes) {
@@ -88,7 +88,8 @@ static int alloc_work(ds_trainer *t) {
                         C * R};
     for (size_t i = 0; i < sizeof n / sizeof n[0]; i++)
         if (!(*f[i] = tr_alloc(t, n[i]))) return DS_ENOMEM;
-    if (!(t->attn_work = tr_alloc(t, tr_attn_work_floats(t->max_rows, t->n_prefix, D->hd)))) return DS_ENOMEM;
+    const size_t attn_floats = t->op->attn_work_floats(t->be->ctx, t->max_rows, t->n_prefix, D->hd);
+    if (!(t->attn_work = tr_alloc(t, attn_floats))) return DS_ENOMEM;
     tr_batch *b = &t->b;
     b->seqs = alloc_bytes(t, (size_t)t->max_seqs * sizeof *b->seqs);
     b->src = alloc_bytes(t, T * sizeof(int32_t));
@@ -117,6 +118,36 @@ static int alloc_acts(ds_trainer *t) {
     return 0;
 }
 
+int tr_backend_attach(ds_trainer *t, ds_backend *b, ds_err *err) {
+    if (!b) {
+        ds_backend_params bp = ds_backend_default_params();
+        bp.n_threads = -1; /* the engine's thread settings stay as they are */
+        if (!(b = ds_backend_cpu_create(&bp, err))) return DS_ENOMEM; /* its only failure */
+        t->own_be = true;
+    }
+    t->be = b;
+    if (!b->iface->train)
+        return ds_err_set(err, DS_EUNSUPPORTED,
+                          "backend '%s' has no training ops (ds_backend_iface.train): fine-tuning runs on the "
+                          "cpu backend",
+                          b->iface->name);
+    t->op = b->iface->train;
+    return 0;
+}
+
+void tr_backend_detach(ds_trainer *t) {
+    if (t->own_be) ds_backend_free(t->be);
+    t->be = NULL;
+    t->op = NULL;
+    t->own_be = false;
+}
+
+int tr_op_check(ds_trainer *t, ds_err *err) {
+    const int rc = t->op_rc;
+    t->op_rc = 0;
+    return rc ? ds_err_set(err, rc, "training op failed on backend '%s'", t->be->iface->name) : 0;
+}
+
 static ds_trainer *trainer_init(const ds_model *m, ds_adapter *ad, const ds_train_params *p, ds_err *err) {
     ds_trainer *t = calloc(1, sizeof *t);
     if (!t) {
@@ -135,7 +166,8 @@ static ds_trainer *trainer_init(const ds_model *m, ds_adapter *ad, const ds_trai
     t->n_prefix = ad->prefix ? ad->n_virtual : 0;
     t->max_rows = p->micro_batch_tokens;
     t->max_seqs = p->micro_batch_seqs > 0 ? p->micro_batch_seqs : p->micro_batch_tokens;
-    int rc = tr_params_build(t, err);
+    int rc = tr_backend_attach(t, p->backend, err);
+    if (!rc) rc = tr_params_build(t, err);
     if (!rc && (alloc_acts(t) || alloc_work(t)))
         rc = ds_err_set(err, DS_ENOMEM, "out of memory for training buffers (micro_batch_tokens %d)", t->max_rows);
     if (!rc && t->n_virtual >= t->max_rows)
@@ -189,6 +221,7 @@ void ds_trainer_free(ds_trainer *t) {
     for (size_t i = 0; i < t->n_allocs; i++) free(t->allocs[i]);
     free(t->allocs);
     tr_params_free(t);
+    tr_backend_detach(t);
     ds_adapter_free(t->ad);
     free(t);
 }

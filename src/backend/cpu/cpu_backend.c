@@ -2,6 +2,8 @@
  * for the rest. Memory is plain host memory; weights are borrowed from the ds_model (fp32). */
 #include "ds/backend.h"
 
+#include "backend/cpu/cpu_train.h"
+
 #include <cblas.h>
 #include <math.h>
 #include <omp.h>
@@ -272,6 +274,7 @@ static const struct ds_backend_iface cpu_iface = {
     .set_rows = cpu_set_rows,
     .copy = cpu_copy,
     .lora_expand = cpu_lora_expand,
+    .train = &ds_cpu_train_iface,
 };
 
 ds_backend *ds_backend_cpu_create(const ds_backend_params *params, ds_err *err) {
@@ -283,9 +286,13 @@ ds_backend *ds_backend_cpu_create(const ds_backend_params *params, ds_err *err) 
         ds_err_set(err, DS_ENOMEM, "cpu backend: out of memory");
         return NULL;
     }
-    c->n_threads = params && params->n_threads > 0 ? params->n_threads : omp_get_num_procs();
-    omp_set_num_threads(c->n_threads);
-    openblas_set_num_threads(c->n_threads);
+    if (params && params->n_threads < 0) { /* leave the process's thread settings alone */
+        c->n_threads = omp_get_max_threads();
+    } else {
+        c->n_threads = params && params->n_threads > 0 ? params->n_threads : omp_get_num_procs();
+        omp_set_num_threads(c->n_threads);
+        openblas_set_num_threads(c->n_threads);
+    }
     b->iface = &cpu_iface;
     b->ctx = c;
     return b;
