@@ -12,9 +12,29 @@
 
 typedef struct cpu_ctx {
     int n_threads;
+    /* Op scratch (attention scores per thread, LoRA intermediates): grown when a larger step first
+     * needs it, then reused, so the steady-state forward does not allocate. */
+    float *scratch;
+    size_t scratch_cap; /* floats */
 } cpu_ctx;
 
-static void cpu_free(void *ctx) { free(ctx); }
+static void cpu_free(void *ctx) {
+    cpu_ctx *c = ctx;
+    free(c->scratch);
+    free(c);
+}
+
+/* At least n floats of scratch, or NULL on OOM. Engine thread (ops are not reentrant). */
+static float *cpu_scratch(cpu_ctx *c, size_t n) {
+    if (n > c->scratch_cap) {
+        size_t cap = n + n / 2 + 1024;
+        float *p = realloc(c->scratch, cap * sizeof(float));
+        if (!p) return NULL;
+        c->scratch = p;
+        c->scratch_cap = cap;
+    }
+    return c->scratch;
+}
 
 static void *cpu_alloc(void *ctx, size_t bytes) {
     (void)ctx;
@@ -177,21 +197,17 @@ static int cpu_attention(void *ctx, const ds_attn_args *a) {
     int32_t max_kv = 0;
     for (int32_t t = 0; t < a->n_tokens; t++)
         if (a->tok_nkv[t] > max_kv) max_kv = a->tok_nkv[t];
-    int status = DS_OK;
+    const size_t per_thread = (size_t)(max_kv > 0 ? max_kv : 1);
+    float *all = cpu_scratch(ctx, per_thread * (size_t)omp_get_max_threads());
+    if (!all) return DS_ENOMEM;
 #pragma omp parallel
     {
-        float *scores = malloc(sizeof(float) * (size_t)(max_kv > 0 ? max_kv : 1));
-        if (!scores) {
-#pragma omp atomic write
-            status = DS_ENOMEM;
-        }
+        float *scores = all + per_thread * (size_t)omp_get_thread_num();
 #pragma omp for collapse(2) schedule(dynamic, 4)
         for (int32_t t = 0; t < a->n_tokens; t++)
-            for (int32_t h = 0; h < a->n_head; h++)
-                if (scores) attend_one(a, t, h, scores);
-        free(scores);
+            for (int32_t h = 0; h < a->n_head; h++) attend_one(a, t, h, scores);
     }
-    return status;
+    return DS_OK;
 }
 
 /* Segmented LoRA: per segment, tmp[len][r] = X·Aᵀ then Y += scale · tmp·Bᵀ — two GEMMs at the
@@ -203,7 +219,7 @@ static int cpu_lora(void *ctx, const float *x, int32_t in, float *y, int32_t out
         size_t sz = (size_t)segs[i].len * (size_t)segs[i].rank;
         if (sz > need) need = sz;
     }
-    float *tmp = malloc(sizeof(float) * (need ? need : 1));
+    float *tmp = cpu_scratch(ctx, need ? need : 1);
     if (!tmp) return DS_ENOMEM;
     for (int32_t i = 0; i < n_segs; i++) {
         const ds_lora_seg *g = &segs[i];
@@ -215,7 +231,6 @@ static int cpu_lora(void *ctx, const float *x, int32_t in, float *y, int32_t out
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, g->len, out, g->rank, g->scale, tmp, g->rank, g->B,
                     g->rank, 1.0f, ys, out);
     }
-    free(tmp);
     return DS_OK;
 }
 
