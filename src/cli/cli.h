@@ -16,6 +16,11 @@ const char *ds_cli_default_model(const char *argv0);
 /* Loads a model with progress logs; prints the error and returns NULL on failure. */
 ds_model *ds_cli_load_model(const char *path);
 
+/* Whether the argument `a` is an option rather than text: '-' followed by a letter or a second '-'
+ * ("-m", "--model", and "--", which ends the options). "-", "- item" and "-5" are text, so a
+ * positional text may start with '-'; anything after "--" is text too (callers check). */
+bool ds_cli_is_option(const char *a);
+
 /* Parses an integer / float option value; prints an error naming the flag on failure. */
 bool ds_cli_int(const char *flag, const char *v, long lo, long hi, long *out);
 bool ds_cli_float(const char *flag, const char *v, double lo, double hi, double *out);

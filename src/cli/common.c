@@ -1,6 +1,7 @@
 /* Shared bits of the subcommands: default model lookup, loading, option parsing. */
 #include "cli/cli.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <libgen.h>
 #include <limits.h>
@@ -37,6 +38,10 @@ ds_model *ds_cli_load_model(const char *path) {
     ds_model *m = ds_model_load(path, &mp, &err);
     if (!m) fprintf(stderr, "deltaserve: cannot load model: %s\n", err.msg);
     return m;
+}
+
+bool ds_cli_is_option(const char *a) {
+    return a[0] == '-' && (a[1] == '-' || isalpha((unsigned char)a[1]));
 }
 
 bool ds_cli_int(const char *flag, const char *v, long lo, long hi, long *out) {

@@ -13,10 +13,11 @@
 #define MAX_PROMPTS 64
 
 static const char *GEN_HELP =
-    "usage: deltaserve generate [-m MODEL] -p PROMPT [-p PROMPT ...] [options]\n"
+    "usage: deltaserve generate [-m MODEL] -p PROMPT [-p PROMPT ...] [options] [--] [PROMPT ...]\n"
     "\n"
     "Runs the prompts through the engine in one continuous batch and prints each continuation.\n"
-    "With one prompt the text streams as it is generated.\n"
+    "With one prompt the text streams as it is generated. A bare argument is a prompt too, like\n"
+    "-p; it may start with '-' unless it looks like an option, and after \"--\" it always is one.\n"
     "\n"
     "  -m, --model PATH        GGUF file or Hugging Face directory (default: $DS_MODEL, else\n"
     "                          models/SmolLM2-135M-Instruct.Q4_1.gguf from scripts/fetch_model.sh)\n"
@@ -114,6 +115,14 @@ static const char *reason_name(ds_finish_reason r) {
     }
 }
 
+/* Queues a prompt for the adapter selected so far; -1 (with a message) when there are too many. */
+static int add_prompt(gen_opts *o, const char *text) {
+    if (o->n_prompts == MAX_PROMPTS) return fprintf(stderr, "deltaserve: at most %d prompts\n", MAX_PROMPTS), -1;
+    o->adapters[o->n_prompts] = o->cur_adapter;
+    o->prompts[o->n_prompts++] = text;
+    return 0;
+}
+
 /* Parses one option at argv[*i]; returns 0 ok, 1 help shown, -1 error. */
 static int parse_opt(gen_opts *o, int argc, char **argv, int *i) {
     const char *a = argv[*i];
@@ -125,9 +134,7 @@ static int parse_opt(gen_opts *o, int argc, char **argv, int *i) {
     if (!strcmp(a, "-h") || !strcmp(a, "--help")) return fputs(GEN_HELP, stdout), 1;
     if (!strcmp(a, "-m") || !strcmp(a, "--model")) o->model = TAKE;
     else if (!strcmp(a, "-p") || !strcmp(a, "--prompt")) {
-        if (o->n_prompts == MAX_PROMPTS) return fprintf(stderr, "deltaserve: at most %d prompts\n", MAX_PROMPTS), -1;
-        o->adapters[o->n_prompts] = o->cur_adapter;
-        o->prompts[o->n_prompts++] = TAKE;
+        if (add_prompt(o, TAKE)) return -1;
     } else if (!strcmp(a, "-a") || !strcmp(a, "--adapter")) {
         if (!v) return fprintf(stderr, "deltaserve: %s needs a value\n", a), -1;
         o->cur_adapter = strcmp(TAKE, "base") ? v : NULL;
@@ -287,8 +294,12 @@ int ds_cli_generate(int argc, char **argv) {
     o.max_tokens = 64;
     o.req = ds_gen_request_default();
     o.req.sampling.temperature = 0.0f;
+    bool options_ended = false;
     for (int i = 1; i < argc; i++) {
-        int r = parse_opt(&o, argc, argv, &i);
+        int r;
+        if (options_ended || !ds_cli_is_option(argv[i])) r = add_prompt(&o, argv[i]); /* a bare PROMPT */
+        else if (!strcmp(argv[i], "--")) r = 0, options_ended = true;
+        else r = parse_opt(&o, argc, argv, &i);
         if (r) return r > 0 ? 0 : 2;
     }
     if (o.n_prompts == 0) return fprintf(stderr, "deltaserve generate: no prompt (-p TEXT); see --help\n"), 2;

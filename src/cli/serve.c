@@ -13,7 +13,7 @@
 #include <string.h>
 
 static const char *SERVE_HELP =
-    "usage: deltaserve serve [-m MODEL] [--adapter-dir DIR] [--port N] [options]\n"
+    "usage: deltaserve serve [-m MODEL] [--adapter-dir DIR] [--port N] [options] [--]\n"
     "\n"
     "Serves the OpenAI-compatible API (completions, chat, models), runtime adapter loading\n"
     "(vLLM's /v1/load_lora_adapter and /v1/adapters), /health and Prometheus /metrics.\n"
@@ -282,6 +282,11 @@ int ds_cli_serve(int argc, char **argv) {
     serve_opts o;
     opts_default(&o);
     for (int i = 1; i < argc; i++) {
+        /* serve takes no positional arguments; "--" is accepted (and ends the options) so that
+         * every subcommand parses the same way. */
+        const char *extra = !strcmp(argv[i], "--") ? argv[i + 1] : ds_cli_is_option(argv[i]) ? NULL : argv[i];
+        if (extra) return fprintf(stderr, "deltaserve serve: unexpected argument '%s' (see --help)\n", extra), 2;
+        if (!strcmp(argv[i], "--")) break;
         int r = parse_opt(&o, argc, argv, &i);
         if (r) return r > 0 ? 0 : 2;
     }

@@ -6,9 +6,10 @@
 #include <string.h>
 
 static const char *TOK_HELP =
-    "usage: deltaserve tokenize [-m MODEL] [options] TEXT\n"
+    "usage: deltaserve tokenize [-m MODEL] [options] [--] TEXT\n"
     "\n"
-    "Prints the token ids of TEXT, one line, space-separated.\n"
+    "Prints the token ids of TEXT, one line, space-separated. TEXT may start with '-' when it\n"
+    "does not look like an option (\"- item\"); after \"--\" it is always TEXT (\"-- --help\").\n"
     "\n"
     "  -m, --model PATH   GGUF file or Hugging Face directory (default: the default model)\n"
     "      --no-special   do not add BOS/EOS as the model's config says\n"
@@ -18,18 +19,23 @@ static const char *TOK_HELP =
 
 int ds_cli_tokenize(int argc, char **argv) {
     const char *model = NULL, *text = NULL;
-    bool add_special = true, parse_special = false, pieces = false;
+    bool add_special = true, parse_special = false, pieces = false, options_ended = false;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
-        if (!strcmp(a, "-h") || !strcmp(a, "--help")) return fputs(TOK_HELP, stdout), 0;
-        if (!strcmp(a, "-m") || !strcmp(a, "--model")) {
+        if (options_ended || !ds_cli_is_option(a)) {
+            if (text) return fprintf(stderr, "deltaserve tokenize: more than one TEXT (quote it); see --help\n"), 2;
+            text = a;
+            continue;
+        }
+        if (!strcmp(a, "--")) options_ended = true;
+        else if (!strcmp(a, "-h") || !strcmp(a, "--help")) return fputs(TOK_HELP, stdout), 0;
+        else if (!strcmp(a, "-m") || !strcmp(a, "--model")) {
             if (++i >= argc) return fprintf(stderr, "deltaserve: %s needs a value\n", a), 2;
             model = argv[i];
         } else if (!strcmp(a, "--no-special")) add_special = false;
         else if (!strcmp(a, "--parse-special")) parse_special = true;
         else if (!strcmp(a, "--pieces")) pieces = true;
-        else if (a[0] == '-' && a[1]) return fprintf(stderr, "deltaserve tokenize: unknown option '%s'\n", a), 2;
-        else text = a;
+        else return fprintf(stderr, "deltaserve tokenize: unknown option '%s' (see --help)\n", a), 2;
     }
     if (!text) return fprintf(stderr, "deltaserve tokenize: no TEXT; see --help\n"), 2;
     if (!model && !(model = ds_cli_default_model(argv[0]))) return 1;
