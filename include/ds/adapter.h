@@ -24,6 +24,10 @@ typedef enum {
     DS_PROJ_COUNT
 } ds_proj;
 
+/* Sites of bottleneck adapters in a layer: after attention (o_proj output; AdapterHub mh_adapter)
+ * and after the MLP (down_proj output; output_adapter). */
+typedef enum { DS_BN_ATTN = 0, DS_BN_FFN, DS_BN_SITES } ds_bn_site;
+
 /* Returns "q_proj", "k_proj", ... for a projection. */
 const char *ds_proj_name(ds_proj p);
 
@@ -33,6 +37,12 @@ typedef struct ds_adapter_batch ds_adapter_batch;
  * over the step's adapter segments. Engine thread. */
 int ds_adapter_linear(const ds_adapter_batch *ad, ds_backend *b, int32_t layer, ds_proj proj, const ds_mat *w,
                       const float *bias, const float *x, float *y, int32_t n);
+/* Bottleneck adapters at `site` of layer `layer`: o[n][d_model] (the sub-block's output) is rewritten
+ * in place for the tokens of every segment whose adapter has a module there, so that the caller's
+ * x += o yields the adapted residual stream (ds_bn_seg in ds/backend.h); x is the stream entering
+ * the sub-block. Returns 0, DS_EUNSUPPORTED (backend without the op) or the op's status. Engine thread. */
+int ds_adapter_bottleneck(const ds_adapter_batch *ad, ds_backend *b, int32_t layer, ds_bn_site site, const float *x,
+                          float *o, int32_t n);
 /* Input embeddings of the step's tokens (ids are backend pointers), with soft-prompt rows. */
 int ds_adapter_embed(const ds_adapter_batch *ad, ds_backend *b, const ds_mat *tok_embd, const int32_t *ids,
                      float *out, int32_t n);
@@ -51,7 +61,21 @@ typedef enum {
     DS_ADAPTER_IA3,
     DS_ADAPTER_PROMPT,   /* prompt tuning and P-tuning (saved encoder output): soft-prompt rows */
     DS_ADAPTER_PREFIX,   /* prefix tuning: per-layer K/V prefixes */
+    DS_ADAPTER_BOTTLENECK, /* AdapterHub bottleneck adapters: seq_bn, double_seq_bn, par_bn, scaled par_bn */
 } ds_adapter_kind;
+
+/* One bottleneck adapter module (one site of one layer), host fp32; see ds_bn_seg for the math. */
+typedef struct ds_bn_module {
+    int32_t size, d;           /* bottleneck width, d_model */
+    ds_act act;
+    uint32_t flags;            /* DS_BN_* (ds/backend.h) */
+    float scale;
+    float *scale_vec;          /* [d] (scaling "channel") or NULL */
+    float *down, *down_b;      /* [size][d], [size] */
+    float *up, *up_b;          /* [d][size], [d] */
+    float *ln_b_w, *ln_b_b;    /* [d] (ln_before) or NULL */
+    float *ln_a_w, *ln_a_b;    /* [d] (ln_after) or NULL */
+} ds_bn_module;
 
 /* One LoRA-family module on one projection of one layer:
  *   y = base(x) + scale · B(A x) (+ scale · bias_B)
@@ -69,7 +93,7 @@ typedef struct ds_lora_module {
 typedef struct ds_adapter {
     char *name;              /* id it is registered under (owned) */
     char *path;              /* resolved source path (owned) */
-    char peft_type[24];      /* as in adapter_config.json ("LORA", "ADALORA", "IA3", ...), or "GGUF_LORA" */
+    char peft_type[24];      /* as in adapter_config.json ("LORA", "ADALORA", "IA3", ...), "GGUF_LORA", "BOTTLENECK" */
     ds_adapter_kind kind;
     int32_t n_layer, d_model;
     int32_t proj_in[DS_PROJ_COUNT], proj_out[DS_PROJ_COUNT]; /* base widths per projection (from the base cfg) */
@@ -89,6 +113,8 @@ typedef struct ds_adapter {
     /* Prefix tuning: [n_virtual][n_layer][2][n_kv_head*head_dim] (PEFT's layout, K then V per layer) */
     float *prefix;
     int32_t prefix_row;      /* n_kv_head*head_dim */
+    /* Bottleneck adapters: [n_layer][DS_BN_SITES], NULL where a site has none (leave_out, config) */
+    ds_bn_module **bn;
     size_t host_bytes;       /* parameter bytes held (for budgets) */
 } ds_adapter;
 
@@ -99,7 +125,9 @@ typedef struct ds_adapter_load_params {
 
 ds_adapter_load_params ds_adapter_default_load_params(void);
 
-/* Loads a PEFT directory (adapter_config.json + adapter_model.safetensors) or a llama.cpp GGUF
+/* Loads a PEFT directory (adapter_config.json + adapter_model.safetensors), an AdapterHub bottleneck
+ * adapter directory (adapter_config.json + adapter.safetensors, as `adapters`' save_adapter writes
+ * with use_safetensors=True; pytorch_adapter.bin is refused, never unpickled) or a llama.cpp GGUF
  * LoRA file and validates it against the base model (architecture, sizes, layer count, shapes,
  * target names). Adapter files are untrusted: any problem → NULL with a message naming the field
  * or tensor. The model is borrowed (DoRA norms are computed from its weights). Any thread. */
@@ -132,13 +160,15 @@ typedef struct ds_adapter_dev {
     ds_lora_dev embed;         /* A transposed: [n_vocab][rank] */
     float **ia3;               /* [n_layer * DS_PROJ_COUNT] backend vectors or NULL */
     const float **prompt_rows; /* [n_virtual] backend row pointers (prompt tuning / P-tuning) */
+    ds_bn_seg *bn;             /* [n_layer * DS_BN_SITES] bottleneck modules with backend pointers
+                                * (start/len unset); size 0 where a site has none. NULL if no bottleneck */
     size_t dev_bytes;
     void **allocs;
     size_t n_allocs, cap_allocs;
 } ds_adapter_dev;
 
-/* Copies an adapter's tensors to the backend. Returns 0 or DS_EDEVICE/DS_ENOMEM (out is then
- * released). Engine thread. */
+/* Copies an adapter's tensors to the backend. Returns 0 or DS_EDEVICE/DS_ENOMEM, or DS_EUNSUPPORTED
+ * for a bottleneck adapter on a backend without the bottleneck op (out is then released). Engine thread. */
 int ds_adapter_dev_upload(ds_backend *b, const ds_adapter *a, ds_adapter_dev *out, ds_err *err);
 void ds_adapter_dev_release(ds_backend *b, ds_adapter_dev *d);
 

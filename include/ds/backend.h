@@ -74,6 +74,56 @@ static inline int64_t ds_kv_slot(const int32_t *block_table, int32_t n_prefix, i
     return (int64_t)block_table[j / block_size] * block_size + j % block_size;
 }
 
+/* Activations of bottleneck adapters (AdapterHub `non_linearity`, transformers' ACT2FN names). */
+typedef enum {
+    DS_ACT_IDENTITY = 0, /* "linear", null */
+    DS_ACT_RELU,
+    DS_ACT_RELU2,        /* relu(x)² */
+    DS_ACT_RELU6,        /* min(max(x, 0), 6) */
+    DS_ACT_LEAKY_RELU,   /* slope 0.01 */
+    DS_ACT_GELU,         /* x·Φ(x), erf form */
+    DS_ACT_GELU_10,      /* clip(gelu(x), -10, 10) */
+    DS_ACT_GELU_TANH,    /* 0.5x(1 + tanh(√(2/π)(x + 0.044715x³))) */
+    DS_ACT_GELU_FAST,    /* 0.5x(1 + tanh(0.7978845608·x·(1 + 0.044715x²))) */
+    DS_ACT_QUICK_GELU,   /* x·σ(1.702x) */
+    DS_ACT_SILU,         /* x·σ(x) ("swish") */
+    DS_ACT_SIGMOID,
+    DS_ACT_TANH,
+    DS_ACT_MISH,         /* x·tanh(softplus(x)) */
+    DS_ACT_LAPLACE,      /* 0.5(1 + erf((x − 0.707107) / (0.282095·√2))) */
+} ds_act;
+
+/* Residual placement of a bottleneck segment (ds_bn_seg.flags). */
+enum {
+    DS_BN_PARALLEL = 1u << 0,      /* parallel adapter (input x, output beside o), else sequential */
+    DS_BN_IN_PLUS_X = 1u << 1,     /* sequential: adapter input a = o + x (original_ln_before), else a = o */
+    DS_BN_RES_INPUT = 1u << 2,     /* sequential: the adapter's own residual is a (residual_before_ln false), else o */
+    DS_BN_RES_BEFORE_LN = 1u << 3, /* that residual is added inside ln_after (adapter_residual_before_ln) */
+    DS_BN_ADD_X = 1u << 4,         /* the sub-block's residual x is added after the adapter (original_ln_after) */
+};
+
+/* One bottleneck segment: tokens [start, start+len) share one adapter module at one site (attention
+ * or FFN output). With o the sub-block's output and x the residual stream entering the sub-block:
+ *   u(z) = scale ⊙ (up · act(down · LNb(z) + down_b) + up_b)        LNb = ln_before or identity
+ *   sequential: a = o (+ x if IN_PLUS_X);  r = RES_INPUT ? a : o
+ *               v = RES_BEFORE_LN ? LNa(u(a) + r) : LNa(u(a)) + r    LNa = ln_after or identity
+ *               x' = v (+ x if ADD_X)
+ *   parallel:   x' = o + LNa(u(x)) (+ x if ADD_X)
+ * The op stores o ← x' − x, so the caller's usual x += o gives x'. LayerNorms are torch's
+ * (biased variance, eps 1e-5). Pointers are backend pointers. */
+typedef struct ds_bn_seg {
+    int32_t start, len;
+    int32_t size;                  /* bottleneck width (each adapter its own) */
+    ds_act act;
+    uint32_t flags;                /* DS_BN_* */
+    float scale;                   /* scaling (a float, or the learned scalar) */
+    const float *scale_vec;        /* [d] (scaling "channel"), or NULL */
+    const float *down, *down_b;    /* [size][d], [size] */
+    const float *up, *up_b;        /* [d][size], [d] */
+    const float *ln_b_w, *ln_b_b;  /* ln_before [d] each, or NULL */
+    const float *ln_a_w, *ln_a_b;  /* ln_after [d] each, or NULL */
+} ds_bn_seg;
+
 struct ds_backend_iface {
     int version; /* DS_BACKEND_IFACE_VERSION */
     const char *name;
@@ -133,6 +183,11 @@ struct ds_backend_iface {
     /* Training ops (forward-with-saves, backward, loss, optimizer; ds/backend_train.h). Optional:
      * NULL → no training on this backend. */
     const struct ds_backend_train_iface *train;
+
+    /* Segmented bottleneck adapters (AdapterHub): rewrites rows of o[n][d] in place per segment as
+     * ds_bn_seg says, reading x[n][d]; segs is a host array. Optional: NULL → resident copies of
+     * bottleneck adapters are refused on this backend (ds_adapter_dev_upload). */
+    int (*bottleneck)(void *ctx, const float *x, float *o, int32_t d, const ds_bn_seg *segs, int32_t n_segs);
 };
 
 typedef struct ds_backend {

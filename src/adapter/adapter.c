@@ -1,5 +1,5 @@
 /* Host-side adapters: defaults, allocation, freeing, and ds_adapter_load's dispatch between a PEFT
- * directory and a llama.cpp GGUF LoRA file. */
+ * directory, an AdapterHub bottleneck adapter directory and a llama.cpp GGUF LoRA file. */
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -66,6 +66,8 @@ void ds_adapter_free(ds_adapter *a) {
     size_t n = (size_t)a->n_layer * DS_PROJ_COUNT;
     for (size_t i = 0; a->lora && i < n; i++) ds_lora_module_free(a->lora[i]);
     for (size_t i = 0; a->ia3 && i < n; i++) free(a->ia3[i]);
+    for (size_t i = 0; a->bn && i < (size_t)a->n_layer * DS_BN_SITES; i++) ds_bn_module_free(a->bn[i]);
+    free(a->bn);
     free(a->lora);
     free(a->ia3);
     ds_lora_module_free(a->lm_head);
@@ -139,12 +141,14 @@ ds_adapter *ds_adapter_load(const char *path, const ds_model *base, const ds_ada
     }
     bool dir = S_ISDIR(st.st_mode);
     if (!dir && !(S_ISREG(st.st_mode) && is_gguf_file(path))) {
-        ds_err_set(err, DS_EFORMAT, "%s: neither a PEFT adapter directory nor a GGUF LoRA file", path);
+        ds_err_set(err, DS_EFORMAT, "%s: neither an adapter directory (PEFT, AdapterHub) nor a GGUF LoRA file", path);
         return NULL;
     }
     ds_adapter *a = new_adapter(path, base, &p, err);
     if (!a) return NULL;
-    int rc = dir ? ds_peft_load(a, path, base, err) : ds_gguf_lora_load(a, path, base, p.user_scale, err);
+    int rc = !dir                        ? ds_gguf_lora_load(a, path, base, p.user_scale, err)
+             : ds_bottleneck_is_dir(path) ? ds_bottleneck_load(a, path, base, err)
+                                          : ds_peft_load(a, path, base, err);
     if (rc) {
         ds_adapter_free(a);
         return NULL;

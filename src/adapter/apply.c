@@ -1,5 +1,6 @@
 /* Applies the step's adapters inside the forward pass (the hooks of adapter.h), and makes the
- * resident (backend) copies they read.
+ * resident (backend) copies they read. Bottleneck adapters sit at the sub-block outputs instead of
+ * inside a projection: one segmented backend op per site (ds_adapter_bottleneck).
  *
  * Per projection, the order follows PEFT: x' = x ⊙ l (IA³ feed-forward side); y = W x';
  * y += s·B(A x') per LoRA segment (one segmented op covering every segment); y += s·b_B (lora_bias);
@@ -156,6 +157,33 @@ int ds_adapter_lm_head(const ds_adapter_batch *ad, ds_backend *b, const ds_mat *
     return st;
 }
 
+/* ---- bottleneck adapters ---- */
+
+int ds_adapter_bottleneck(const ds_adapter_batch *ad, ds_backend *b, int32_t layer, ds_bn_site site, const float *x,
+                          float *o, int32_t n) {
+    (void)n;
+    if (!ad || ad->n_segs == 0) return DS_OK;
+    ds_bn_seg stack[64], *segs = stack;
+    int32_t k = 0;
+    for (int32_t i = 0; i < ad->n_segs; i++) {
+        const ds_adapter_seg *g = &ad->segs[i];
+        const ds_bn_seg *m = ad->slots[g->slot]->bn;
+        if (!m || !m[(size_t)layer * DS_BN_SITES + site].size) continue;
+        if (k == 64 && segs == stack) { /* more segments than a default engine step has: heap, this step only */
+            if (!(segs = malloc(sizeof *segs * (size_t)ad->n_segs))) return DS_ENOMEM;
+            memcpy(segs, stack, sizeof stack);
+        }
+        segs[k] = m[(size_t)layer * DS_BN_SITES + site];
+        segs[k].start = g->start;
+        segs[k++].len = g->len;
+    }
+    int st = DS_OK;
+    if (k) st = b->iface->bottleneck ? b->iface->bottleneck(b->ctx, x, o, ad->slots[0]->host->d_model, segs, k)
+                                     : DS_EUNSUPPORTED;
+    if (segs != stack) free(segs);
+    return st;
+}
+
 /* ---- resident copies ---- */
 
 static float *dev_copy(ds_backend *b, ds_adapter_dev *d, const float *host, size_t n) {
@@ -185,6 +213,28 @@ static int upload_lora(ds_backend *b, ds_adapter_dev *d, const ds_lora_module *m
     return DS_OK;
 }
 
+static int upload_bn(ds_backend *b, const ds_adapter *a, ds_adapter_dev *d) {
+    const size_t n = (size_t)a->n_layer * DS_BN_SITES;
+    if (!(d->bn = calloc(n, sizeof *d->bn))) return DS_ENOMEM;
+    for (size_t i = 0; i < n; i++) {
+        const ds_bn_module *m = a->bn[i];
+        if (!m) continue;
+        const size_t D = (size_t)m->d, S = (size_t)m->size;
+        ds_bn_seg *g = &d->bn[i];
+        *g = (ds_bn_seg){.size = m->size, .act = m->act, .flags = m->flags, .scale = m->scale};
+        g->down = dev_copy(b, d, m->down, S * D);
+        g->down_b = dev_copy(b, d, m->down_b, S);
+        g->up = dev_copy(b, d, m->up, D * S);
+        g->up_b = dev_copy(b, d, m->up_b, D);
+        if (!g->down || !g->down_b || !g->up || !g->up_b) return DS_EDEVICE;
+        const float *const src[] = {m->scale_vec, m->ln_b_w, m->ln_b_b, m->ln_a_w, m->ln_a_b};
+        const float **dst[] = {&g->scale_vec, &g->ln_b_w, &g->ln_b_b, &g->ln_a_w, &g->ln_a_b};
+        for (size_t j = 0; j < sizeof src / sizeof *src; j++)
+            if (src[j] && !(*dst[j] = dev_copy(b, d, src[j], D))) return DS_EDEVICE;
+    }
+    return DS_OK;
+}
+
 static int upload_all(ds_backend *b, const ds_adapter *a, ds_adapter_dev *d) {
     const size_t n_mod = (size_t)a->n_layer * DS_PROJ_COUNT;
     if (a->lora) {
@@ -192,6 +242,7 @@ static int upload_all(ds_backend *b, const ds_adapter *a, ds_adapter_dev *d) {
         for (size_t i = 0; i < n_mod; i++)
             if (a->lora[i]) TRY(upload_lora(b, d, a->lora[i], &d->lora[i]));
     }
+    if (a->bn) TRY(upload_bn(b, a, d));
     if (a->lm_head) TRY(upload_lora(b, d, a->lm_head, &d->lm_head));
     if (a->embed) TRY(upload_lora(b, d, a->embed, &d->embed)); /* A is [in=n_vocab][rank]: same count */
     if (a->ia3) {
@@ -215,6 +266,9 @@ static int upload_all(ds_backend *b, const ds_adapter *a, ds_adapter_dev *d) {
 int ds_adapter_dev_upload(ds_backend *b, const ds_adapter *a, ds_adapter_dev *out, ds_err *err) {
     memset(out, 0, sizeof *out);
     out->host = a;
+    if (a->bn && !b->iface->bottleneck)
+        return ds_err_set(err, DS_EUNSUPPORTED, "adapter '%s': bottleneck adapters are not supported on the %s backend "
+                          "yet", a->name ? a->name : "?", b->iface->name);
     int st = upload_all(b, a, out);
     if (st) {
         ds_adapter_dev_release(b, out);
@@ -230,5 +284,6 @@ void ds_adapter_dev_release(ds_backend *b, ds_adapter_dev *d) {
     free(d->lora);
     free(d->ia3);
     free(d->prompt_rows);
+    free(d->bn);
     memset(d, 0, sizeof *d);
 }

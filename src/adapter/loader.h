@@ -107,6 +107,12 @@ int peft_read(peft_ctx *c, const ds_st_tensor *t, const int64_t *shape, int ndim
 int ds_peft_load(ds_adapter *a, const char *dir, const ds_model *base, ds_err *err);
 int ds_gguf_lora_load(ds_adapter *a, const char *path, const ds_model *base, float user_scale, ds_err *err);
 
+/* AdapterHub bottleneck adapters (bottleneck.c): a directory with adapter.safetensors or
+ * pytorch_adapter.bin (the `adapters` package's save_adapter) rather than PEFT's files. */
+bool ds_bottleneck_is_dir(const char *dir);
+int ds_bottleneck_load(ds_adapter *a, const char *dir, const ds_model *base, ds_err *err);
+void ds_bn_module_free(ds_bn_module *m);
+
 /* Allocation helpers (adapter.c): zeroed [n_layer][DS_PROJ_COUNT] tables and one module. */
 int ds_adapter_alloc_lora_table(ds_adapter *a, ds_err *err);
 int ds_adapter_alloc_ia3_table(ds_adapter *a, ds_err *err);

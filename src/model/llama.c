@@ -266,6 +266,7 @@ static int attention_block(ds_llama *L, int32_t il, const ds_batch *bt, const ds
                       .n_seqs = bt->n_seqs, .max_blocks = bt->max_blocks, .scale = 1.0f / sqrtf((float)c->head_dim)};
     TRY(f->attention(ctx, &a));
     TRY(ds_adapter_linear(ad, L->b, il, DS_PROJ_O, &l->wo, NULL, w->att, w->h, T));
+    TRY(ds_adapter_bottleneck(ad, L->b, il, DS_BN_ATTN, w->x, w->h, T));
     (void)qd;
     return f->add(ctx, w->x, w->h, (size_t)T * c->d_model);
 }
@@ -282,6 +283,7 @@ static int mlp_block(ds_llama *L, int32_t il, const ds_batch *bt, const ds_adapt
     TRY(ds_adapter_linear(ad, L->b, il, DS_PROJ_UP, &l->w_up, NULL, w->h, w->up, T));
     TRY(f->silu_mul(ctx, w->gate, w->up, w->gate, (size_t)T * c->d_ff));
     TRY(ds_adapter_linear(ad, L->b, il, DS_PROJ_DOWN, &l->w_down, NULL, w->gate, w->h, T));
+    TRY(ds_adapter_bottleneck(ad, L->b, il, DS_BN_FFN, w->x, w->h, T));
     return f->add(ctx, w->x, w->h, (size_t)T * c->d_model);
 }
 

@@ -2,6 +2,7 @@
  * for the rest. Memory is plain host memory; weights are borrowed from the ds_model (fp32). */
 #include "ds/backend.h"
 
+#include "backend/cpu/cpu_bottleneck.h"
 #include "backend/cpu/cpu_train.h"
 
 #include <cblas.h>
@@ -35,6 +36,8 @@ static float *cpu_scratch(cpu_ctx *c, size_t n) {
     }
     return c->scratch;
 }
+
+float *ds_cpu_scratch(void *ctx, size_t n) { return cpu_scratch(ctx, n); }
 
 static void *cpu_alloc(void *ctx, size_t bytes) {
     (void)ctx;
@@ -290,6 +293,7 @@ static const struct ds_backend_iface cpu_iface = {
     .copy = cpu_copy,
     .lora_expand = cpu_lora_expand,
     .train = &ds_cpu_train_iface,
+    .bottleneck = ds_cpu_bottleneck,
 };
 
 ds_backend *ds_backend_cpu_create(const ds_backend_params *params, ds_err *err) {

@@ -1,0 +1,256 @@
+/* Bottleneck adapters (AdapterHub `adapters` package) against the package's own logits (fp32, CPU),
+ * from tests/data/adapters/bottleneck/ (tests/golden/gen_bottleneck.py):
+ *  - every adapter alone: prefill logits at every prompt position and 4 decode steps within
+ *    1e-4 · max(1, max|logit|);
+ *  - the mixed manifest: bottleneck adapters of every kind beside PEFT LoRA, IA³, prompt-tuning and
+ *    prefix adapters and base-only sequences, in ONE forward per step;
+ *  - malformed and unsupported directories refused with a message naming the problem;
+ *  - a backend without the bottleneck op refuses the resident copy. */
+#include "adapter_run.h"
+#include "ds_test.h"
+#include "golden.h"
+
+#include <dirent.h>
+#include <strings.h>
+
+#define REL_TOL 1e-4
+#define MAX_ADAPTERS 24
+
+typedef struct loaded {
+    char name[64];
+    ds_adapter *a;
+    ds_adapter_dev dev;
+    cJSON *ref;
+} loaded;
+
+static double worst_rel; /* max over all rows of max|Δ| / max(1, max|logit|) */
+
+static void check_row(const char *what, const float *logits, const cJSON *ref, int n_vocab) {
+    double scale = fmax(1.0, golden_max_abs(ref)), d = golden_max_diff(logits, ref, n_vocab);
+    if (d / scale > worst_rel) worst_rel = d / scale;
+    CHECK_MSG(d <= REL_TOL * scale, "%s: max|diff| %.3g > tol %.3g", what, d, REL_TOL * scale);
+}
+
+/* One prefill step for every (adapter, case), then the decode steps, all sequences in each step. */
+static void run_group(ds_llama *L, const ds_model *m, loaded **ads, const int *case_idx, int n, const char *label) {
+    const int V = m->cfg.n_vocab;
+    ar_ctx c;
+    ar_init(&c, L, m);
+    int32_t *toks[AR_MAX_SEQS] = {0};
+    int nt[AR_MAX_SEQS] = {0}, total = 0;
+    const cJSON *cases[AR_MAX_SEQS] = {0};
+    for (int i = 0; i < n; i++) {
+        ar_add(&c, ads[i]->a ? &ads[i]->dev : NULL);
+        cases[i] = cJSON_GetArrayItem(cJSON_GetObjectItem(ads[i]->ref, "cases"), case_idx[i]);
+        toks[i] = golden_ids(cJSON_GetObjectItem(cases[i], "prompt"), &nt[i]);
+        total += nt[i];
+    }
+    float *logits = malloc(sizeof(float) * (size_t)total * V);
+    CHECK(ar_step(&c, toks, nt, logits) == 0);
+    char what[256];
+    size_t off = 0;
+    for (int i = 0; i < n; i++)
+        for (int r = 0; r < nt[i]; r++, off += (size_t)V) {
+            snprintf(what, sizeof what, "%.32s %.64s case %d prefill pos %d", label, ads[i]->name, case_idx[i], r);
+            check_row(what, logits + off, cJSON_GetArrayItem(cJSON_GetObjectItem(cases[i], "prefill_logits"), r), V);
+        }
+    int steps = cJSON_GetArraySize(cJSON_GetObjectItem(cases[0], "decode"));
+    for (int k = 0; k < steps; k++) {
+        int32_t dt[AR_MAX_SEQS], *dp[AR_MAX_SEQS];
+        int ones[AR_MAX_SEQS];
+        for (int i = 0; i < n; i++) {
+            const cJSON *st = cJSON_GetArrayItem(cJSON_GetObjectItem(cases[i], "decode"), k);
+            dt[i] = st ? (int32_t)cJSON_GetObjectItem(st, "token")->valuedouble : 0;
+            dp[i] = &dt[i];
+            ones[i] = st ? 1 : 0;
+        }
+        CHECK(ar_step(&c, dp, ones, logits) == 0);
+        for (int i = 0, row = 0; i < n; i++) {
+            if (!ones[i]) continue;
+            const cJSON *st = cJSON_GetArrayItem(cJSON_GetObjectItem(cases[i], "decode"), k);
+            snprintf(what, sizeof what, "%.32s %.64s case %d decode %d", label, ads[i]->name, case_idx[i], k);
+            check_row(what, logits + (size_t)row++ * V, cJSON_GetObjectItem(st, "logits"), V);
+        }
+    }
+    for (int i = 0; i < n; i++) free(toks[i]);
+    free(logits);
+    ar_free(&c);
+}
+
+static bool load_one(const char *dir, const char *name, const ds_model *m, ds_backend *b, loaded *l) {
+    char path[700], ref[760];
+    memset(l, 0, sizeof *l);
+    snprintf(l->name, sizeof l->name, "%s", name);
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    snprintf(ref, sizeof ref, "%s/reference.json", path);
+    ds_err err = {{0}};
+    ds_adapter_load_params lp = ds_adapter_default_load_params();
+    lp.name = l->name;
+    l->a = ds_adapter_load(path, m, &lp, &err);
+    CHECK_MSG(l->a != NULL, "load %s: %s", path, err.msg);
+    l->ref = golden_load_json(ref);
+    CHECK_MSG(l->ref != NULL, "%s", ref);
+    if (!l->a || !l->ref) return false;
+    int st = ds_adapter_dev_upload(b, l->a, &l->dev, &err);
+    CHECK_MSG(st == 0, "upload %s: %s", path, err.msg);
+    return st == 0;
+}
+
+static void unload(ds_backend *b, loaded *l) {
+    if (l->a) ds_adapter_dev_release(b, &l->dev);
+    ds_adapter_free(l->a);
+    cJSON_Delete(l->ref);
+}
+
+/* A backend identical to the CPU one but without the bottleneck op. */
+static void check_no_op_backend(ds_backend *cpu, const ds_adapter *a) {
+    struct ds_backend_iface f = *cpu->iface;
+    f.bottleneck = NULL;
+    ds_backend nb = {.iface = &f, .ctx = cpu->ctx};
+    ds_adapter_dev dev;
+    ds_err err = {{0}};
+    CHECK_EQ_INT(ds_adapter_dev_upload(&nb, a, &dev, &err), DS_EUNSUPPORTED);
+    CHECK_MSG(strstr(err.msg, "bottleneck") != NULL, "message: %s", err.msg);
+}
+
+static void run_mixed(ds_llama *L, const ds_model *m, ds_backend *b, const char *model, loaded *ads, int n) {
+    char man[600], peft_dir[600], base_ref[600];
+    snprintf(man, sizeof man, "%s/adapters/bottleneck/%s/mixed.json", DS_TEST_DATA, model);
+    snprintf(peft_dir, sizeof peft_dir, "%s/adapters/%s", DS_TEST_DATA, model);
+    snprintf(base_ref, sizeof base_ref, "%s/models/%s/reference.json", DS_TEST_DATA, model);
+    cJSON *mix = golden_load_json(man);
+    CHECK_MSG(mix != NULL, "%s", man);
+    if (!mix) return;
+    static loaded base, peft[AR_MAX_SEQS];
+    memset(&base, 0, sizeof base);
+    snprintf(base.name, sizeof base.name, "base");
+    base.ref = golden_load_json(base_ref);
+    loaded *group[AR_MAX_SEQS];
+    int cidx[AR_MAX_SEQS], g = 0, n_peft = 0, n_bn = 0;
+    const cJSON *it;
+    cJSON_ArrayForEach(it, cJSON_GetObjectItem(mix, "entries")) {
+        const cJSON *an = cJSON_GetObjectItem(it, "adapter");
+        loaded *l = cJSON_IsString(an) ? NULL : &base;
+        for (int i = 0; i < n && !l; i++)
+            if (!strcmp(ads[i].name, an->valuestring)) l = &ads[i], n_bn++;
+        for (int i = 0; i < n_peft && !l; i++)
+            if (!strcmp(peft[i].name, an->valuestring)) l = &peft[i];
+        if (!l && load_one(peft_dir, an->valuestring, m, b, &peft[n_peft])) l = &peft[n_peft++];
+        if (!l || g == AR_MAX_SEQS) continue;
+        group[g] = l;
+        cidx[g++] = (int)cJSON_GetObjectItem(it, "case")->valuedouble;
+    }
+    CHECK(g >= 8 && n_bn >= 4 && n_peft >= 4);
+    run_group(L, m, group, cidx, g, "mixed");
+    printf("%s: mixed batch of %d sequences (%d bottleneck, %d PEFT) checked\n", model, g, n_bn, n_peft);
+    for (int i = 0; i < n_peft; i++) unload(b, &peft[i]);
+    cJSON_Delete(base.ref);
+    cJSON_Delete(mix);
+}
+
+static void run_model(const char *model) {
+    char mpath[512], adir[512];
+    snprintf(mpath, sizeof mpath, "%s/models/%s", DS_TEST_DATA, model);
+    snprintf(adir, sizeof adir, "%s/adapters/bottleneck/%s", DS_TEST_DATA, model);
+    if (access(mpath, R_OK) || access(adir, R_OK)) {
+        printf("skip %s: golden model or adapters missing\n", model);
+        return;
+    }
+    ds_err err = {{0}};
+    ds_model_params mp = ds_model_default_params();
+    mp.verbose = false;
+    ds_model *m = ds_model_load(mpath, &mp, &err);
+    CHECK_MSG(m != NULL, "%s", err.msg);
+    if (!m) return;
+    ds_backend *b = ds_backend_create("cpu", NULL, &err);
+    ds_llama_params lp = ds_llama_default_params();
+    lp.kv_bytes = (size_t)32 << 20;
+    lp.max_blocks_per_seq = AR_BLOCKS_PER_SEQ + 4;
+    ds_llama *L = ds_llama_create(m, b, &lp, &err);
+    CHECK_MSG(L != NULL, "%s", err.msg);
+    static loaded ads[MAX_ADAPTERS];
+    int n = 0;
+    DIR *d = opendir(adir);
+    struct dirent *e;
+    while (d && (e = readdir(d)) && n < MAX_ADAPTERS)
+        if (!strncmp(e->d_name, "bn-", 3) && load_one(adir, e->d_name, m, b, &ads[n])) n++;
+    if (d) closedir(d);
+    CHECK(n >= 5);
+    for (int i = 0; i < n; i++) {
+        CHECK_EQ_INT(ads[i].a->kind, DS_ADAPTER_BOTTLENECK);
+        const double before = worst_rel;
+        worst_rel = 0;
+        int nc = cJSON_GetArraySize(cJSON_GetObjectItem(ads[i].ref, "cases"));
+        for (int k = 0; k < nc; k++) {
+            loaded *one[1] = {&ads[i]};
+            run_group(L, m, one, &k, 1, model);
+        }
+        printf("%s/%s: %d cases, max|diff|/max(1,|logit|) %.3g\n", model, ads[i].name, nc, worst_rel);
+        worst_rel = fmax(worst_rel, before);
+    }
+    if (n > 0) check_no_op_backend(b, ads[0].a);
+    run_mixed(L, m, b, model, ads, n);
+    for (int i = 0; i < n; i++) unload(b, &ads[i]);
+    ds_llama_free(L);
+    ds_backend_free(b);
+    ds_model_free(m);
+}
+
+/* Any of the '|'-separated words of `expect` in msg, case-insensitively. */
+static bool msg_matches(const char *msg, const char *expect) {
+    char buf[256];
+    snprintf(buf, sizeof buf, "%s", expect);
+    for (char *save = NULL, *w = strtok_r(buf, "|", &save); w; w = strtok_r(NULL, "|", &save))
+        if (strcasestr(msg, w)) return true;
+    return false;
+}
+
+static void run_bad(void) {
+    char root[512], man[600];
+    snprintf(root, sizeof root, "%s/adapters/bottleneck/bad", DS_TEST_DATA);
+    snprintf(man, sizeof man, "%s/manifest.json", root);
+    cJSON *doc = golden_load_json(man);
+    CHECK_MSG(doc != NULL, "%s", man);
+    if (!doc) return;
+    ds_model *models[2] = {0};
+    const char *names[2] = {"tiny-llama", "tiny-qwen2"};
+    int n = 0;
+    const cJSON *it;
+    cJSON_ArrayForEach(it, cJSON_GetObjectItem(doc, "cases")) {
+        const char *cs = cJSON_GetObjectItem(it, "case")->valuestring;
+        const char *bs = cJSON_GetObjectItem(it, "base")->valuestring;
+        const char *ex = cJSON_GetObjectItem(it, "expect")->valuestring;
+        int mi = strcmp(bs, names[0]) ? 1 : 0;
+        if (!models[mi]) {
+            char mp[600];
+            snprintf(mp, sizeof mp, "%s/models/%s", DS_TEST_DATA, names[mi]);
+            ds_model_params p = ds_model_default_params();
+            p.verbose = false;
+            ds_err err = {{0}};
+            models[mi] = ds_model_load(mp, &p, &err);
+            CHECK_MSG(models[mi] != NULL, "%s", err.msg);
+            if (!models[mi]) continue;
+        }
+        char path[700];
+        snprintf(path, sizeof path, "%s/%s", root, cs);
+        ds_err err = {{0}};
+        ds_adapter *a = ds_adapter_load(path, models[mi], NULL, &err);
+        CHECK_MSG(a == NULL, "bad/%s loaded", cs);
+        CHECK_MSG(msg_matches(err.msg, ex), "bad/%s: message '%s' does not match '%s'", cs, err.msg, ex);
+        ds_adapter_free(a);
+        n++;
+    }
+    printf("bad: %d malformed or unsupported directories refused\n", n);
+    CHECK(n >= 15);
+    for (int i = 0; i < 2; i++) ds_model_free(models[i]);
+    cJSON_Delete(doc);
+}
+
+int main(void) {
+    run_model("tiny-llama");
+    run_model("tiny-qwen2");
+    run_bad();
+    if (ds_test_checks == 0) SKIP("no golden data under %s/adapters/bottleneck (tests/golden/gen_bottleneck.py)", DS_TEST_DATA);
+    printf("worst max|diff|/max(1,|logit|) over every bottleneck row: %.3g\n", worst_rel);
+    return ds_test_result();
+}
