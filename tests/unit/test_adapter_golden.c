@@ -1,10 +1,14 @@
 /* Golden test of every adapter type against HF PEFT (fp32, CPU): for each adapter under
  * tests/data/adapters/<model>/, prefill logits at every real prompt position and 4 decode steps
  * match to max|Δ| <= 1e-4 · max(1, max|logit|); then the mixed manifest runs >= 6 sequences with
- * different adapters (or none) in ONE forward per step, each matching its own reference. */
+ * different adapters (or none) in ONE forward per step, each matching its own reference.
+ * Runs on every available backend: the CPU against PEFT, CUDA against the CPU's rows (parity.h
+ * states the tolerance); an adapter whose ops a backend lacks (DS_EUNSUPPORTED) is reported and
+ * left out of that backend's runs. */
 #include "adapter_run.h"
 #include "ds_test.h"
 #include "golden.h"
+#include "parity.h"
 
 #include <dirent.h>
 
@@ -16,16 +20,22 @@ typedef struct loaded {
     ds_adapter *a;
     ds_adapter_dev dev;
     cJSON *ref;
+    bool unsupported; /* on the current backend */
 } loaded;
 
+static parity P; /* per model: the CPU run records, later backends compare */
+
 static void check_row(const char *what, const float *logits, const cJSON *ref, int n_vocab) {
+    parity_row(&P, what, logits, n_vocab);
+    if (!P.record) return;
     double tol = REL_TOL * fmax(1.0, golden_max_abs(ref));
     double d = golden_max_diff(logits, ref, n_vocab);
     CHECK_MSG(d <= tol, "%s: max|diff| %.3g > tol %.3g", what, d, tol);
 }
 
-/* Runs the given (adapter, case) pairs together: one prefill step, then the decode steps. */
-static void run_group(ds_llama *L, const ds_model *m, loaded **ads, const int *case_idx, int n, const char *label) {
+/* Runs the given (adapter, case) pairs together: one prefill step, then the decode steps. Returns
+ * DS_EUNSUPPORTED when a non-reference backend lacks an op the group needs, else 0. */
+static int run_group(ds_llama *L, const ds_model *m, loaded **ads, const int *case_idx, int n, const char *label) {
     const int V = m->cfg.n_vocab;
     ar_ctx c;
     ar_init(&c, L, m);
@@ -39,7 +49,15 @@ static void run_group(ds_llama *L, const ds_model *m, loaded **ads, const int *c
         total += nt[i];
     }
     float *logits = malloc(sizeof(float) * (size_t)total * V);
-    CHECK(ar_step(&c, toks, nt, logits) == 0);
+    int st = ar_step(&c, toks, nt, logits);
+    if (st == DS_EUNSUPPORTED && !P.record) {
+        printf("%s: %s: an op is unsupported on %s: skipped\n", label, n == 1 ? ads[0]->name : "group", P.backend);
+        for (int i = 0; i < n; i++) free(toks[i]);
+        free(logits);
+        ar_free(&c);
+        return DS_EUNSUPPORTED;
+    }
+    CHECK(st == 0);
     char what[512];
     size_t off = 0;
     for (int i = 0; i < n; i++) {
@@ -71,6 +89,7 @@ static void run_group(ds_llama *L, const ds_model *m, loaded **ads, const int *c
     for (int i = 0; i < n; i++) free(toks[i]);
     free(logits);
     ar_free(&c);
+    return 0;
 }
 
 static int load_all(const char *dir, const ds_model *m, ds_backend *b, loaded *out) {
@@ -100,34 +119,25 @@ static int load_all(const char *dir, const ds_model *m, ds_backend *b, loaded *o
     return n;
 }
 
-static void run_model(const char *model) {
-    char mpath[512], adir[512];
-    snprintf(mpath, sizeof mpath, "%s/models/%s", DS_TEST_DATA, model);
-    snprintf(adir, sizeof adir, "%s/adapters/%s", DS_TEST_DATA, model);
-    if (access(mpath, R_OK) || access(adir, R_OK)) {
-        printf("skip %s: golden model or adapters missing\n", model);
-        return;
-    }
+/* Every adapter alone, case by case, then the mixed manifest in one batch, on backend b. */
+static void run_backend(ds_backend *b, const ds_model *m, const char *model, const char *mpath, const char *adir) {
     ds_err err = {{0}};
-    ds_model_params mp = ds_model_default_params();
-    mp.verbose = false;
-    ds_model *m = ds_model_load(mpath, &mp, &err);
-    CHECK_MSG(m != NULL, "%s", err.msg);
-    if (!m) return;
-    ds_backend *b = ds_backend_create("cpu", NULL, &err);
+    parity_begin(&P, b);
     ds_llama_params lp = ds_llama_default_params();
     lp.kv_bytes = (size_t)32 << 20;
     lp.max_blocks_per_seq = AR_BLOCKS_PER_SEQ + 4;
     ds_llama *L = ds_llama_create(m, b, &lp, &err);
+    CHECK_MSG(L != NULL, "%s: llama_create: %s", b->iface->name, err.msg);
+    if (!L) return;
     static loaded ads[MAX_ADAPTERS];
     int n = load_all(adir, m, b, ads);
     for (int i = 0; i < n; i++) { /* each adapter alone, case by case */
         int nc = cJSON_GetArraySize(cJSON_GetObjectItem(ads[i].ref, "cases"));
-        for (int k = 0; k < nc; k++) {
+        for (int k = 0; k < nc && !ads[i].unsupported; k++) {
             loaded *one[1] = {&ads[i]};
-            run_group(L, m, one, &k, 1, model);
+            ads[i].unsupported = run_group(L, m, one, &k, 1, model) == DS_EUNSUPPORTED;
         }
-        printf("%s/%s: checked %d cases\n", model, ads[i].name, nc);
+        if (!ads[i].unsupported) printf("%s/%s: checked %d cases on %s\n", model, ads[i].name, nc, b->iface->name);
     }
     char man[600];
     snprintf(man, sizeof man, "%s/mixed.json", adir);
@@ -146,8 +156,8 @@ static void run_model(const char *model) {
             loaded *l = cJSON_IsString(an) ? NULL : &base;
             for (int i = 0; i < n && !l; i++)
                 if (!strcmp(ads[i].name, an->valuestring)) l = &ads[i];
-            if (!l) {
-                printf("mixed: skipping '%s' (not loaded)\n", an->valuestring);
+            if (!l || l->unsupported) {
+                printf("mixed: skipping '%s' (%s)\n", an->valuestring, l ? "unsupported on this backend" : "not loaded");
                 continue;
             }
             if (g == AR_MAX_SEQS) continue;
@@ -156,23 +166,44 @@ static void run_model(const char *model) {
         }
         CHECK(g >= 6);
         run_group(L, m, group, cidx, g, "mixed");
-        printf("%s: mixed batch of %d sequences checked\n", model, g);
+        printf("%s: mixed batch of %d sequences checked on %s\n", model, g, b->iface->name);
         cJSON_Delete(base.ref);
     }
     cJSON_Delete(mix);
+    parity_report(&P, model);
     for (int i = 0; i < n; i++) {
         ds_adapter_dev_release(b, &ads[i].dev);
         ds_adapter_free(ads[i].a);
         cJSON_Delete(ads[i].ref);
     }
     ds_llama_free(L);
-    ds_backend_free(b);
+}
+
+static void run_model(ds_backend **backends, int n_backends, const char *model) {
+    char mpath[512], adir[512];
+    snprintf(mpath, sizeof mpath, "%s/models/%s", parity_data_dir(), model);
+    snprintf(adir, sizeof adir, "%s/adapters/%s", parity_data_dir(), model);
+    if (access(mpath, R_OK) || access(adir, R_OK)) {
+        printf("skip %s: golden model or adapters missing\n", model);
+        return;
+    }
+    ds_err err = {{0}};
+    ds_model_params mp = ds_model_default_params();
+    mp.verbose = false;
+    ds_model *m = ds_model_load(mpath, &mp, &err);
+    CHECK_MSG(m != NULL, "%s", err.msg);
+    if (!m) return;
+    for (int i = 0; i < n_backends; i++) run_backend(backends[i], m, model, mpath, adir);
+    parity_free(&P);
     ds_model_free(m);
 }
 
 int main(void) {
-    run_model("tiny-llama");
-    run_model("tiny-qwen2");
-    if (ds_test_checks == 0) SKIP("no golden adapters under %s/adapters (run tests/golden/gen_adapters.py)", DS_TEST_DATA);
+    ds_backend *bs[2];
+    const int nb = parity_backends(bs, 2);
+    run_model(bs, nb, "tiny-llama");
+    run_model(bs, nb, "tiny-qwen2");
+    for (int i = 0; i < nb; i++) ds_backend_free(bs[i]);
+    if (ds_test_checks == 0) SKIP("no golden adapters under %s/adapters (run tests/golden/gen_adapters.py)", parity_data_dir());
     return ds_test_result();
 }

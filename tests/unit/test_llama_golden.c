@@ -1,14 +1,22 @@
 /* Golden test of the forward pass against HF transformers (fp32, CPU): tiny random llama (GQA,
  * untied), qwen2 (qkv bias, tied), llama3 rope scaling — loaded from HF directories and from GGUF
  * — for every prefill position and every decode step, run one sequence at a time and all cases
- * batched together. Tolerance: max |Δ| <= 1e-4 · max(1, max |logit|). */
+ * batched together. Tolerance: max |Δ| <= 1e-4 · max(1, max |logit|). Runs on every available
+ * backend: the CPU against HF, CUDA against the CPU's rows (parity.h states the tolerance). */
 #include "ds_test.h"
 #include "golden.h"
+#include "parity.h"
 
 #define REL_TOL 1e-4
 
+static parity P; /* per model: the CPU run records, later backends compare */
+
 static void check_rows(const char *what, const float *logits, const cJSON *rows, int n_rows, int n_vocab) {
     for (int r = 0; r < n_rows; r++) {
+        char key[512];
+        snprintf(key, sizeof key, "%s row %d", what, r);
+        parity_row(&P, key, logits + (size_t)r * n_vocab, n_vocab);
+        if (!P.record) continue;
         const cJSON *ref = cJSON_GetArrayItem(rows, r);
         double tol = REL_TOL * fmax(1.0, golden_max_abs(ref));
         double d = golden_max_diff(logits + (size_t)r * n_vocab, ref, n_vocab);
@@ -19,6 +27,7 @@ static void check_rows(const char *what, const float *logits, const cJSON *rows,
 /* Case by case: prefill (all positions) then each decode step. */
 static void run_single(ds_llama *L, const cJSON *cases, int n_vocab, const char *label) {
     const cJSON *c;
+    int ci = 0;
     cJSON_ArrayForEach(c, cases) {
         int n;
         int32_t *prompt = golden_ids(cJSON_GetObjectItem(c, "prompt"), &n);
@@ -27,7 +36,7 @@ static void run_single(ds_llama *L, const cJSON *cases, int n_vocab, const char 
         float *logits = malloc(sizeof(float) * (size_t)n * n_vocab);
         CHECK(golden_step(L, &g, &prompt, &n, logits, 1) == 0);
         char what[400];
-        snprintf(what, sizeof what, "%s prefill(n=%d)", label, n);
+        snprintf(what, sizeof what, "%s case %d prefill(n=%d)", label, ci, n);
         check_rows(what, logits, cJSON_GetObjectItem(c, "prefill_logits"), n, n_vocab);
         const cJSON *step;
         int k = 0;
@@ -38,13 +47,14 @@ static void run_single(ds_llama *L, const cJSON *cases, int n_vocab, const char 
             CHECK(golden_step(L, &g, &tp, &one, logits, 1) == 0);
             cJSON *rows = cJSON_CreateArray();
             cJSON_AddItemReferenceToArray(rows, cJSON_GetObjectItem(step, "logits"));
-            snprintf(what, sizeof what, "%s decode step %d", label, k++);
+            snprintf(what, sizeof what, "%s case %d decode step %d", label, ci, k++);
             check_rows(what, logits, rows, 1, n_vocab);
             cJSON_Delete(rows);
         }
         free(logits);
         free(prompt);
         golden_seqs_free(&g);
+        ci++;
     }
 }
 
@@ -99,10 +109,10 @@ static void run_batched(ds_llama *L, const cJSON *cases, int n_vocab, const char
     golden_seqs_free(&g);
 }
 
-static void run_model(const char *name, const char *file, const char *refname) {
+static void run_model(ds_backend **backends, int n_backends, const char *name, const char *file, const char *refname) {
     char path[512], refpath[512];
-    snprintf(path, sizeof path, "%s/models/%s%s%s", DS_TEST_DATA, name, file ? "/" : "", file ? file : "");
-    snprintf(refpath, sizeof refpath, "%s/models/%s/%s", DS_TEST_DATA, name, refname);
+    snprintf(path, sizeof path, "%s/models/%s%s%s", parity_data_dir(), name, file ? "/" : "", file ? file : "");
+    snprintf(refpath, sizeof refpath, "%s/models/%s/%s", parity_data_dir(), name, refname);
     if (access(path, R_OK) != 0 || access(refpath, R_OK) != 0) {
         printf("skip %s (%s): golden files missing\n", name, file ? file : "hf dir");
         return;
@@ -115,34 +125,41 @@ static void run_model(const char *name, const char *file, const char *refname) {
     mp.verbose = false;
     ds_model *m = ds_model_load(path, &mp, &err);
     CHECK_MSG(m != NULL, "load %s: %s", path, err.msg);
-    ds_backend *b = ds_backend_create("cpu", NULL, &err);
-    ds_llama_params lp = ds_llama_default_params();
-    lp.kv_bytes = (size_t)16 << 20;
-    lp.max_blocks_per_seq = 64;
-    ds_llama *L = m ? ds_llama_create(m, b, &lp, &err) : NULL;
-    CHECK_MSG(L != NULL, "llama_create: %s", err.msg);
-    if (L) {
-        char label[256];
-        snprintf(label, sizeof label, "%s/%s", name, file ? file : "hf");
-        int n_vocab = (int)cJSON_GetObjectItem(ref, "n_vocab")->valuedouble;
-        CHECK_EQ_INT(n_vocab, m->cfg.n_vocab);
-        run_single(L, cJSON_GetObjectItem(ref, "cases"), n_vocab, label);
-        run_batched(L, cJSON_GetObjectItem(ref, "cases"), n_vocab, label);
-        printf("%s: checked\n", label);
+    for (int i = 0; i < n_backends && m; i++) {
+        ds_backend *b = backends[i];
+        parity_begin(&P, b);
+        ds_llama_params lp = ds_llama_default_params();
+        lp.kv_bytes = (size_t)16 << 20;
+        lp.max_blocks_per_seq = 64;
+        ds_llama *L = ds_llama_create(m, b, &lp, &err);
+        CHECK_MSG(L != NULL, "%s: llama_create: %s", b->iface->name, err.msg);
+        if (L) {
+            char label[256];
+            snprintf(label, sizeof label, "%s/%s", name, file ? file : "hf");
+            int n_vocab = (int)cJSON_GetObjectItem(ref, "n_vocab")->valuedouble;
+            CHECK_EQ_INT(n_vocab, m->cfg.n_vocab);
+            run_single(L, cJSON_GetObjectItem(ref, "cases"), n_vocab, label);
+            run_batched(L, cJSON_GetObjectItem(ref, "cases"), n_vocab, label);
+            printf("%s: checked on %s\n", label, b->iface->name);
+            parity_report(&P, label);
+        }
+        ds_llama_free(L);
     }
-    ds_llama_free(L);
-    ds_backend_free(b);
+    parity_free(&P);
     ds_model_free(m);
     cJSON_Delete(ref);
 }
 
 int main(void) {
+    ds_backend *bs[2];
+    const int nb = parity_backends(bs, 2);
     const char *models[] = {"tiny-llama", "tiny-qwen2", "tiny-llama3"};
     for (size_t i = 0; i < 3; i++) {
-        run_model(models[i], NULL, "reference.json");
-        run_model(models[i], "model.gguf", "reference.json");
+        run_model(bs, nb, models[i], NULL, "reference.json");
+        run_model(bs, nb, models[i], "model.gguf", "reference.json");
     }
-    run_model("tiny-llama", "model-q8_0.gguf", "reference-q8_0.json");
-    if (ds_test_checks == 0) SKIP("no golden models under %s/models (run tests/golden/gen_models.py)", DS_TEST_DATA);
+    run_model(bs, nb, "tiny-llama", "model-q8_0.gguf", "reference-q8_0.json");
+    for (int i = 0; i < nb; i++) ds_backend_free(bs[i]);
+    if (ds_test_checks == 0) SKIP("no golden models under %s/models (run tests/golden/gen_models.py)", parity_data_dir());
     return ds_test_result();
 }
