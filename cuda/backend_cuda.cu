@@ -257,6 +257,7 @@ static const struct ds_backend_iface cuda_iface = {
     .mat_upload = ds_cuda_mat_upload,
     .mat_free = ds_cuda_mat_free,
     .matmul = ds_cuda_matmul,
+    .matmul_t = nullptr, /* training: CPU only */
     .embed = ds_cuda_embed,
     .rmsnorm = ds_cuda_rmsnorm,
     .rope = ds_cuda_rope,

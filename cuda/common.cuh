@@ -145,7 +145,7 @@ int ds_cuda_meta_push(ds_cuda_ctx *c, const void *host, size_t bytes, void **dev
 /* gemm_cublaslt.cu */
 int ds_cuda_gemm_init(ds_cuda_ctx *c);
 void ds_cuda_gemm_free(ds_cuda_ctx *c);
-int ds_cuda_mat_upload(void *ctx, const float *host, int32_t rows, int32_t cols, ds_mat *out);
+int ds_cuda_mat_upload(void *ctx, const ds_weight *host, ds_mat *out);
 void ds_cuda_mat_free(void *ctx, ds_mat *m);
 int ds_cuda_matmul(void *ctx, const float *x, const ds_mat *w, const float *bias, float *y, int32_t n,
                    bool accumulate);

@@ -23,42 +23,53 @@
 
 /* ---- weights ---- */
 
-int ds_cuda_mat_upload(void *ctx, const float *host, int32_t rows, int32_t cols, ds_mat *out) {
+int ds_cuda_mat_upload(void *ctx, const ds_weight *host, ds_mat *out) {
     ds_cuda_ctx *c = (ds_cuda_ctx *)ctx;
+    const int32_t rows = host->rows, cols = host->cols;
     size_t count, bytes;
-    if (rows <= 0 || cols <= 0 || !ds_mul_ok((size_t)rows, (size_t)cols, &count) ||
-        !ds_mul_ok(count, sizeof(__nv_bfloat16), &bytes))
+    if (!host->data || rows <= 0 || cols <= 0 || !ds_mul_ok((size_t)rows, (size_t)cols, &count) ||
+        !ds_mul_ok(count, sizeof(__nv_bfloat16), &bytes) || !ds_dtype_supported((int)host->dtype))
         return DS_EINVAL;
-    DS_TRY(ds_cuda_enter(c));
-    void *d = NULL;
-    CU_TRY(cudaMalloc(&d, bytes));
-    /* Convert on the host into pinned half-ring chunks so that conversion overlaps the copies.
-     * (Single-threaded: ~1 s per 1e9 weights; parallelise if load time matters.) */
     const size_t chunk_max = c->pin_cap / 2 / sizeof(uint16_t);
-    for (size_t done = 0; done < count;) {
-        const size_t chunk = count - done < chunk_max ? count - done : chunk_max;
+    if ((size_t)cols > chunk_max) return DS_EUNSUPPORTED;
+    /* One row at a time: any dtype → fp32 row (host, cols floats) → bf16 into pinned half-ring
+     * chunks of whole rows, so no whole-tensor (let alone whole-model) fp32 copy exists. */
+    float *row = (float *)malloc((size_t)cols * sizeof(float));
+    if (!row) return DS_ENOMEM;
+    int st = ds_cuda_enter(c);
+    void *d = NULL;
+    if (!st && cudaMalloc(&d, bytes) != cudaSuccess) {
+        (void)cudaGetLastError();
+        st = DS_EDEVICE;
+    }
+    const int32_t rows_per_chunk = (int32_t)(chunk_max / (size_t)cols);
+    for (int32_t r0 = 0; !st && r0 < rows; r0 += rows_per_chunk) {
+        const int32_t nr = rows - r0 < rows_per_chunk ? rows - r0 : rows_per_chunk;
         void *p;
-        int st = ds_cuda_stage(c, chunk * sizeof(uint16_t), &p);
-        if (st) {
-            cudaFree(d);
-            return st;
-        }
+        if ((st = ds_cuda_stage(c, (size_t)nr * cols * sizeof(uint16_t), &p))) break;
         uint16_t *h = (uint16_t *)p;
-        for (size_t i = 0; i < chunk; i++) h[i] = ds_f32_to_bf16(host[done + i]);
-        cudaError_t e = cudaMemcpyAsync((uint16_t *)d + done, h, chunk * sizeof(uint16_t), cudaMemcpyHostToDevice,
-                                        c->stream);
+        for (int32_t i = 0; i < nr; i++) {
+            ds_weight_row(host, r0 + i, row);
+            for (int32_t j = 0; j < cols; j++) h[(size_t)i * cols + j] = ds_f32_to_bf16(row[j]);
+        }
+        cudaError_t e = cudaMemcpyAsync((uint16_t *)d + (size_t)r0 * cols, h, (size_t)nr * cols * sizeof(uint16_t),
+                                        cudaMemcpyHostToDevice, c->stream);
         if (e != cudaSuccess) {
             (void)cudaGetLastError();
-            cudaFree(d);
             DS_LOGE("cuda: weight upload: %s", cudaGetErrorString(e));
-            return DS_EDEVICE;
+            st = DS_EDEVICE;
         }
-        done += chunk;
+    }
+    free(row);
+    if (st) {
+        if (d) cudaFree(d);
+        return st;
     }
     out->data = d;
     out->rows = rows;
     out->cols = cols;
     out->dtype = DS_DTYPE_BF16;
+    out->row_bytes = (size_t)cols * sizeof(uint16_t);
     out->borrowed = false;
     return DS_OK;
 }

@@ -5,8 +5,9 @@
  * from alloc() or mat_upload(); the forward never dereferences them. Small per-step index arrays
  * (ds_batch_dev) are uploaded once per step with upload().
  *
- * Activations are fp32, row-major. Weights are ds_mat handles whose storage format is the
- * backend's business (CPU: the model's fp32 arrays, borrowed; CUDA: bf16 copies).
+ * Activations are fp32, row-major. Weights are ds_mat handles made from typed host weights
+ * (ds/weight.h); their storage format is the backend's business (CPU: the model's own blocks,
+ * borrowed, computed on directly; CUDA: bf16 copies). Every matmul accumulates in fp32.
  *
  * Threading: a backend is used by one thread at a time (the engine thread). Every op returns 0 or
  * a negative DS_E* (DS_EDEVICE for device failures, incl. device OOM) — ops never abort. */
@@ -15,20 +16,22 @@
 
 #include "ds/backend_train.h"
 #include "ds/common.h"
+#include "ds/weight.h"
 
 #ifdef __cplusplus
 extern "C" {
 #endif
 
-#define DS_BACKEND_IFACE_VERSION 1
+#define DS_BACKEND_IFACE_VERSION 2
 
-typedef enum { DS_DTYPE_F32 = 0, DS_DTYPE_F16 = 1, DS_DTYPE_BF16 = 2 } ds_dtype;
-
-/* A weight matrix in backend memory: logical shape [rows][cols] (torch [out][in]). */
+/* A weight matrix in backend memory: logical shape [rows][cols] (torch [out][in]), row r at
+ * data + r·row_bytes, in the backend's storage dtype (CPU: the model's own format, borrowed;
+ * CUDA: bf16). */
 typedef struct ds_mat {
     void *data;
     int32_t rows, cols;
     ds_dtype dtype;
+    size_t row_bytes;
     bool borrowed; /* data belongs to someone else (CPU backend: the ds_model) */
 } ds_mat;
 
@@ -136,14 +139,18 @@ struct ds_backend_iface {
     int (*download)(void *ctx, void *dst, const void *src, size_t bytes);
     int (*synchronize)(void *ctx);
 
-    /* Weights: host fp32 [rows][cols] → backend format. The host array must stay valid for the
-     * lifetime of the mat if the backend borrows it (CPU). */
-    int (*mat_upload)(void *ctx, const float *host, int32_t rows, int32_t cols, ds_mat *out);
+    /* Weights: a typed host matrix (any ds_dtype) → backend format. The host bytes must stay valid
+     * for the lifetime of the mat if the backend borrows them (CPU). DS_EUNSUPPORTED for a dtype
+     * the backend cannot take. */
+    int (*mat_upload)(void *ctx, const ds_weight *host, ds_mat *out);
     void (*mat_free)(void *ctx, ds_mat *m);
 
     /* y[n][rows] = x[n][cols] · Wᵀ (+ bias[rows]); accumulate: y += instead of =. */
     int (*matmul)(void *ctx, const float *x, const ds_mat *w, const float *bias, float *y, int32_t n,
                   bool accumulate);
+    /* dx[n][cols] = dy[n][rows] · W (+= when accumulate): the input gradient through a frozen
+     * weight, for training. Optional: NULL → no training on this backend. */
+    int (*matmul_t)(void *ctx, const float *dy, const ds_mat *w, float *dx, int32_t n, bool accumulate);
     /* out[t] = embd[ids[t]] for each token. */
     int (*embed)(void *ctx, const ds_mat *embd, const int32_t *ids, float *out, int32_t n);
     /* y[t] = x[t] * rsqrt(mean(x[t]^2) + eps) * w  (fp32; HF order). */

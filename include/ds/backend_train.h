@@ -3,7 +3,9 @@
  * Same conventions as the inference ops (ds/backend.h): ctx first, every tensor pointer is a
  * BACKEND pointer, ops never allocate and return 0 or a negative DS_E*. All matrices are fp32,
  * row-major; weights are HF [out][in]. Forward ops save what their backward needs (rinv, u, lse);
- * backward ops take those saves. Every op is deterministic. The CPU backend is the reference
+ * backward ops take those saves. Frozen base weights are not passed here: the trainer multiplies
+ * through them with the inference ops matmul / matmul_t on the model's typed ds_mat handles
+ * (QLoRA-style: quantised bases stay quantised). Every op is deterministic. The CPU backend is the reference
  * (src/backend/cpu/cpu_train.c); a backend whose iface.train is NULL cannot train. */
 #ifndef DS_BACKEND_TRAIN_H
 #define DS_BACKEND_TRAIN_H
@@ -16,7 +18,9 @@
 extern "C" {
 #endif
 
-#define DS_BACKEND_TRAIN_IFACE_VERSION 1
+struct ds_mat;
+
+#define DS_BACKEND_TRAIN_IFACE_VERSION 2
 
 /* Packed sequences for training attention: sequence s owns rows [row0, row0+len). */
 typedef struct ds_train_attn_seq {
@@ -92,8 +96,9 @@ struct ds_backend_train_iface {
                     int32_t r);
 
     /* ---- Embedding with soft rows, and LoRA on the token embedding ---- */
-    /* out[t] = src[t] >= 0 ? embd[src[t]] : soft[-src[t]-1]  (src: backend int32 array) */
-    int (*embed)(void *ctx, const float *embd, const float *soft, const int32_t *src, float *out, int32_t n,
+    /* out[t] = src[t] >= 0 ? embd[src[t]] : soft[-src[t]-1]  (src: backend int32 array; embd: the
+     * frozen typed table as a ds_mat of this backend, rows dequantised to fp32) */
+    int (*embed)(void *ctx, const struct ds_mat *embd, const float *soft, const int32_t *src, float *out, int32_t n,
                  int32_t d);
     /* dsoft[-src[t]-1] += dx[t] for the soft rows (the token table is frozen) */
     int (*embed_bwd_soft)(void *ctx, const int32_t *src, const float *dx, float *dsoft, int32_t n, int32_t d);

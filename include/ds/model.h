@@ -1,13 +1,14 @@
 /* deltaserve — the in-memory base model (Llama family) and its loaders.
  *
- * Both loaders (Hugging Face directory, GGUF file) produce the same ds_model: fp32 host weights in
- * Hugging Face layout and orientation ([out][in], row-major), with the GGUF Q/K row permutation
- * undone. Backends upload from here. A loaded ds_model is immutable: const access is thread-safe. */
+ * Both loaders (Hugging Face directory, GGUF file) produce the same ds_model: typed host weights
+ * (ds/weight.h) in Hugging Face layout and orientation ([out][in], row-major), with the GGUF Q/K
+ * row permutation undone. Backends upload from here. A loaded ds_model is immutable: const access is thread-safe. */
 #ifndef DS_MODEL_H
 #define DS_MODEL_H
 
 #include "ds/common.h"
 #include "ds/tokenizer.h"
+#include "ds/weight.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -42,40 +43,51 @@ typedef struct ds_model_config {
     bool tied_embeddings;
 } ds_model_config;
 
+/* Matrices are typed (ds/weight.h) and stay in their file format: views into the GGUF mapping, or
+ * model-owned copies (safetensors, un-permuted Q/K rows, --quantize). Vectors are fp32. */
 typedef struct ds_layer_weights {
-    float *attn_norm; /* [d_model] */
-    float *wq;        /* [n_head*head_dim][d_model] */
-    float *wk;        /* [n_kv_head*head_dim][d_model] */
-    float *wv;        /* [n_kv_head*head_dim][d_model] */
-    float *bq;        /* [n_head*head_dim] or NULL */
-    float *bk;        /* [n_kv_head*head_dim] or NULL */
-    float *bv;        /* [n_kv_head*head_dim] or NULL */
-    float *wo;        /* [d_model][n_head*head_dim] */
-    float *ffn_norm;  /* [d_model] */
-    float *w_gate;    /* [d_ff][d_model] */
-    float *w_up;      /* [d_ff][d_model] */
-    float *w_down;    /* [d_model][d_ff] */
+    float *attn_norm;  /* [d_model] */
+    ds_weight wq;      /* [n_head*head_dim][d_model] */
+    ds_weight wk;      /* [n_kv_head*head_dim][d_model] */
+    ds_weight wv;      /* [n_kv_head*head_dim][d_model] */
+    float *bq;         /* [n_head*head_dim] or NULL */
+    float *bk;         /* [n_kv_head*head_dim] or NULL */
+    float *bv;         /* [n_kv_head*head_dim] or NULL */
+    ds_weight wo;      /* [d_model][n_head*head_dim] */
+    float *ffn_norm;   /* [d_model] */
+    ds_weight w_gate;  /* [d_ff][d_model] */
+    ds_weight w_up;    /* [d_ff][d_model] */
+    ds_weight w_down;  /* [d_model][d_ff] */
 } ds_layer_weights;
 
 typedef struct ds_model {
     ds_model_config cfg;
-    float *tok_embd;          /* [n_vocab][d_model] */
+    ds_weight tok_embd;       /* [n_vocab][d_model] */
     float *output_norm;       /* [d_model] */
-    float *output;            /* [n_vocab][d_model]; == tok_embd when tied */
+    ds_weight output;         /* [n_vocab][d_model]; same data as tok_embd when tied */
     float *inv_freq;          /* [head_dim/2] final RoPE inverse frequencies (scaling applied) */
     ds_layer_weights *layers; /* [n_layer] */
     ds_tokenizer *tok;        /* owned; NULL only if the source had no tokenizer */
     char *chat_template;      /* owned Jinja text, or NULL */
     char *source_path;        /* owned */
-    /* Ownership of the float buffers: every pointer above points into `blobs`. */
+    /* Ownership: every pointer above points into `blobs` (owned heap buffers) or `maps` (file
+     * mappings kept open for the model's lifetime). */
     void **blobs;
     size_t n_blobs, cap_blobs;
-    size_t n_params;          /* number of weight floats (informational) */
+    ds_file_map *maps;
+    size_t n_maps;
+    size_t n_params;          /* number of weight elements (informational) */
+    size_t weight_bytes[DS_DTYPE_COUNT]; /* bytes of matrix and vector weights per storage dtype */
+    bool weights_loaded;      /* false when loaded with load_weights = false (tokenizer only) */
 } ds_model;
 
 typedef struct ds_model_params {
     bool load_tokenizer;        /* default true */
+    bool load_weights;          /* default true; false: config + tokenizer only (deltaserve tokenize) */
     bool verbose;               /* progress log lines while loading (default true) */
+    ds_dtype quantize;          /* DS_DTYPE_NONE (default): keep the file's formats. DS_DTYPE_Q8_0 or
+                                 * DS_DTYPE_Q4_K: quantise 16/32-bit matrices at load (Q4_K falls back
+                                 * to Q8_0 for rows that are not a multiple of 256) */
 } ds_model_params;
 
 ds_model_params ds_model_default_params(void);
@@ -89,10 +101,22 @@ ds_model *ds_model_load_gguf(const char *path, const ds_model_params *params, ds
 void ds_model_free(ds_model *m);
 
 /* Helpers shared by the loaders (src/model/config.c). */
-/* Allocates a zeroed model; weights are added with ds_model_alloc_floats. */
+/* Allocates a zeroed model; weights are added with ds_model_alloc_floats / ds_model_alloc_bytes. */
 ds_model *ds_model_new(void);
-/* Allocates n floats owned by the model (zeroed). Returns NULL on overflow/OOM. */
+/* Allocates n floats / bytes owned by the model (zeroed). Returns NULL on overflow/OOM. */
 float *ds_model_alloc_floats(ds_model *m, size_t n);
+void *ds_model_alloc_bytes(ds_model *m, size_t bytes);
+/* The model takes *map over (closed by ds_model_free); *map is zeroed. Returns 0 or DS_ENOMEM. */
+int ds_model_keep_map(ds_model *m, ds_file_map *map);
+/* Makes *dst a weight of the model from rows×cols typed source rows (src row r at src + r·src_row_bytes,
+ * dtype st), in the model's storage: the source bytes themselves when `borrow` (they must live as long
+ * as the model, e.g. a kept mapping) and nothing is converted; otherwise a model-owned copy, converted
+ * to `quantize` when that is not DS_DTYPE_NONE and the source is 16/32-bit. perm (may be NULL) gives
+ * the source row of each destination row. Counts bytes in weight_bytes. Returns 0 or DS_E*. */
+int ds_model_set_weight(ds_model *m, ds_weight *dst, const void *src, ds_dtype st, size_t src_row_bytes, int32_t rows,
+                        int32_t cols, const int64_t *perm, bool borrow, ds_dtype quantize);
+/* "92.0 MiB (Q4_1 63.3, Q8_0 28.7)": total weight bytes and the share per dtype. */
+void ds_model_weight_summary(const ds_model *m, char *buf, size_t cap);
 /* Validates cfg (positive sizes, divisibility, GQA grouping) and fills derived fields (head_dim
  * when 0). Returns 0 or DS_EFORMAT/DS_EUNSUPPORTED with a message naming the field. */
 int ds_model_config_validate(ds_model_config *cfg, const char *source, ds_err *err);
@@ -113,6 +137,8 @@ typedef struct ds_llama ds_llama;
 typedef struct ds_llama_params {
     int32_t max_tokens;     /* largest batch (tokens per step); default 512 */
     int32_t max_seqs;       /* largest number of sequences per step; default 64 */
+    int32_t max_out;        /* most logits rows one step returns (sizes the logits buffer);
+                             * 0 (default) → max_tokens. The engine uses max_seqs. */
     int32_t kv_block_size;  /* default 16 */
     int32_t n_kv_blocks;    /* KV pool size in blocks (all layers); default: from kv_bytes */
     size_t kv_bytes;        /* used when n_kv_blocks == 0; default 256 MiB */

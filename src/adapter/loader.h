@@ -93,7 +93,7 @@ int peft_collect_slots(peft_ctx *c);
 void peft_slot_path(const peft_ctx *c, size_t slot, char *buf, size_t cap);
 /* Base dimensions of projection p (DS_PROJ_COUNT = lm_head) and its weight (HF [out][in]). */
 void ds_adapter_base_dims(const ds_model *m, int proj, int32_t *in, int32_t *out);
-const float *ds_adapter_base_weight(const ds_model *m, int32_t layer, int proj);
+const ds_weight *ds_adapter_base_weight(const ds_model *m, int32_t layer, int proj);
 
 /* Per-type loaders over a collected context (peft_lora.c, peft_prompt.c). */
 int peft_load_lora(peft_ctx *c);

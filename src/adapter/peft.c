@@ -30,10 +30,10 @@ void ds_adapter_base_dims(const ds_model *m, int proj, int32_t *in, int32_t *out
     }
 }
 
-const float *ds_adapter_base_weight(const ds_model *m, int32_t layer, int proj) {
-    if (proj == DS_PROJ_COUNT) return m->output;
+const ds_weight *ds_adapter_base_weight(const ds_model *m, int32_t layer, int proj) {
+    if (proj == DS_PROJ_COUNT) return &m->output;
     const ds_layer_weights *l = &m->layers[layer];
-    const float *w[DS_PROJ_COUNT] = {l->wq, l->wk, l->wv, l->wo, l->w_gate, l->w_up, l->w_down};
+    const ds_weight *w[DS_PROJ_COUNT] = {&l->wq, &l->wk, &l->wv, &l->wo, &l->w_gate, &l->w_up, &l->w_down};
     return w[proj];
 }
 
@@ -164,11 +164,11 @@ static float st_elem(const ds_st_tensor *t, size_t i) {
  * and no unrelated matrix (two independent ones differ by ~140%). Returns 1 when `t` is not such a tensor, 0 when it is an accepted copy. */
 static int embedding_copy(peft_ctx *c, const ds_st_tensor *t, const char *key) {
     const ds_model *m = c->base;
-    const float *w;
+    const ds_weight *w;
     if (!strcmp(key, "model.embed_tokens.weight") || !strcmp(key, "model.embed_tokens.base_layer.weight"))
-        w = m->tok_embd;
+        w = &m->tok_embd;
     else if (!strcmp(key, "lm_head.weight") || !strcmp(key, "lm_head.base_layer.weight"))
-        w = m->output;
+        w = &m->output;
     else
         return 1;
     if (t->dtype == DS_ST_UNSUPPORTED || t->n_dims != 2 || t->shape[0] != m->cfg.n_vocab ||
@@ -178,11 +178,16 @@ static int embedding_copy(peft_ctx *c, const ds_st_tensor *t, const char *key) {
                           "(resized vocabulary?): replacing base weights is not supported",
                           c->st_path, t->name, t->dtype_name, m->cfg.n_vocab, m->cfg.d_model);
     double diff = 0, norm = 0;
+    const size_t d = (size_t)m->cfg.d_model;
+    float *row = malloc(d * sizeof *row); /* the base row, dequantised (typed weights) */
+    if (!row) return ds_err_set(c->err, DS_ENOMEM, "%s: out of memory", c->st_path);
     for (size_t i = 0; i < (size_t)t->n_elems; i++) {
-        double a = st_elem(t, i), b = w[i];
+        if (i % d == 0) ds_weight_row(w, (int32_t)(i / d), row);
+        double a = st_elem(t, i), b = row[i % d];
         diff += (a - b) * (a - b);
         norm += b * b;
     }
+    free(row);
     if (!(diff <= 0.0625 * norm)) /* relative L2 error > 25% (also catches NaN) */
         return ds_err_set(c->err, DS_EUNSUPPORTED,
                           "%s: tensor '%s' differs from the base model's weight (relative L2 error %.3g): replacing "

@@ -99,11 +99,13 @@ static int dora_scale(peft_ctx *c, const slot_info *s, ds_lora_module *m) {
     float *mag;
     int rc = peft_read(c, mt, shape, 1, &mag);
     if (rc) return rc;
-    const float *W = ds_adapter_base_weight(c->base, s->layer, s->proj);
+    const ds_weight *W = ds_adapter_base_weight(c->base, s->layer, s->proj);
     double *row = malloc((size_t)s->in * sizeof *row);
-    if (!row) rc = ds_err_set(c->err, DS_ENOMEM, "%s: out of memory", c->st_path);
+    float *w = malloc((size_t)s->in * sizeof *w); /* row o of the base weight, dequantised */
+    if (!row || !w) rc = ds_err_set(c->err, DS_ENOMEM, "%s: out of memory", c->st_path);
     for (int32_t o = 0; !rc && o < s->out; o++) {
-        const float *w = W + (size_t)o * s->in, *b = m->B + (size_t)o * s->rank;
+        const float *b = m->B + (size_t)o * s->rank;
+        ds_weight_row(W, o, w);
         for (int32_t i = 0; i < s->in; i++) row[i] = w[i];
         for (int32_t k = 0; k < s->rank; k++) {
             double f = (double)m->scale * b[k];
@@ -119,6 +121,7 @@ static int dora_scale(peft_ctx *c, const slot_info *s, ds_lora_module *m) {
             m->dora_scale[o] = (float)(mag[o] / sqrt(n2));
     }
     free(row);
+    free(w);
     free(mag);
     return rc;
 }

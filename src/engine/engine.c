@@ -38,6 +38,7 @@ static int engine_init(ds_engine *e, ds_err *err) {
     ds_llama_params lp = ds_llama_default_params();
     lp.max_tokens = e->p.max_batch_tokens;
     lp.max_seqs = e->p.max_seqs;
+    lp.max_out = e->p.max_seqs; /* one sampled row per sequence per step */
     lp.kv_block_size = e->p.kv_block_size;
     lp.kv_bytes = e->p.kv_cache_bytes;
     lp.max_blocks_per_seq = (e->max_ctx + e->p.kv_block_size - 1) / e->p.kv_block_size + 2;

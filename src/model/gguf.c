@@ -2,6 +2,8 @@
  * Spec: ggml docs/gguf.md; block layouts: ggml-common.h / ggml-quants.c dequantize_row_*. */
 #include "model/gguf.h"
 
+#include "ds/weight.h"
+
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -41,13 +43,7 @@ bool ds_ggml_type_size(uint32_t type, size_t *blck, size_t *type_size) {
     return true;
 }
 
-bool ds_ggml_can_dequant(uint32_t type) {
-    switch (type) {
-    case DS_GGML_F32: case DS_GGML_F16: case DS_GGML_BF16: case DS_GGML_Q8_0:
-    case DS_GGML_Q4_0: case DS_GGML_Q4_1: case DS_GGML_Q4_K: case DS_GGML_Q6_K: return true;
-    default: return false;
-    }
-}
+bool ds_ggml_can_dequant(uint32_t type) { return type < DS_DTYPE_COUNT && ds_dtype_supported((int)type); }
 
 /* ---- bounded reader ---- */
 
@@ -605,121 +601,18 @@ int ds_gguf_get_str_array(const ds_gguf *g, const char *key, char ***out, size_t
     return 0;
 }
 
-/* ---- dequantisation (ggml-quants.c dequantize_row_*; products in the same order so results are
- * bit-identical to ggml and gguf-py) ---- */
-
-static float f16_at(const uint8_t *p) { return ds_f16_to_f32((uint16_t)(p[0] | p[1] << 8)); }
-
-/* Q4_0, 18 B / 32: f16 d, qs[16]; low nibbles are elements 0..15, high nibbles 16..31; y = (q-8)*d. */
-static void deq_q4_0(const uint8_t *x, float *y, size_t nb) {
-    for (size_t i = 0; i < nb; i++, x += 18, y += 32) {
-        const float d = f16_at(x);
-        for (int j = 0; j < 16; j++) {
-            y[j] = (float)((x[2 + j] & 0x0F) - 8) * d;
-            y[j + 16] = (float)((x[2 + j] >> 4) - 8) * d;
-        }
-    }
-}
-
-/* Q4_1, 20 B / 32: f16 d, f16 m, qs[16]; same nibble order; y = q*d + m. */
-static void deq_q4_1(const uint8_t *x, float *y, size_t nb) {
-    for (size_t i = 0; i < nb; i++, x += 20, y += 32) {
-        const float d = f16_at(x), m = f16_at(x + 2);
-        for (int j = 0; j < 16; j++) {
-            y[j] = (float)(x[4 + j] & 0x0F) * d + m;
-            y[j + 16] = (float)(x[4 + j] >> 4) * d + m;
-        }
-    }
-}
-
-/* Q8_0, 34 B / 32: f16 d, i8 qs[32]; y = q*d. */
-static void deq_q8_0(const uint8_t *x, float *y, size_t nb) {
-    for (size_t i = 0; i < nb; i++, x += 34, y += 32) {
-        const float d = f16_at(x);
-        for (int j = 0; j < 32; j++) y[j] = (float)(int8_t)x[2 + j] * d;
-    }
-}
-
-/* Q4_K's 12 bytes hold 8 six-bit scales and 8 six-bit mins (ggml get_scale_min_k4). */
-static void scale_min_k4(int j, const uint8_t *q, uint8_t *sc, uint8_t *m) {
-    if (j < 4) {
-        *sc = q[j] & 63;
-        *m = q[j + 4] & 63;
-    } else {
-        *sc = (uint8_t)((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4));
-        *m = (uint8_t)((q[j + 4] >> 4) | ((q[j] >> 6) << 4));
-    }
-}
-
-/* Q4_K, 144 B / 256: f16 d, f16 dmin, scales[12], qs[128]; 4 chunks of 64: low nibbles of 32 bytes with
- * (sc,m)[2k], high nibbles with (sc,m)[2k+1]; y = (d*sc)*q - (dmin*m). */
-static void deq_q4_k(const uint8_t *x, float *y, size_t nb) {
-    for (size_t i = 0; i < nb; i++, x += 144) {
-        const float d = f16_at(x), dmin = f16_at(x + 2);
-        const uint8_t *scales = x + 4, *q = x + 16;
-        for (int is = 0; is < 8; is += 2, q += 32) {
-            uint8_t sc, m;
-            scale_min_k4(is, scales, &sc, &m);
-            const float d1 = d * sc, m1 = dmin * m;
-            scale_min_k4(is + 1, scales, &sc, &m);
-            const float d2 = d * sc, m2 = dmin * m;
-            for (int l = 0; l < 32; l++) *y++ = d1 * (float)(q[l] & 0xF) - m1;
-            for (int l = 0; l < 32; l++) *y++ = d2 * (float)(q[l] >> 4) - m2;
-        }
-    }
-}
-
-/* Q6_K, 210 B / 256: ql[128] (low 4 bits), qh[64] (high 2 bits), i8 scales[16], f16 d LAST.
- * Two halves of 128; y = d * sc * (q - 32), evaluated left to right as in ggml. */
-static void deq_q6_k(const uint8_t *x, float *y, size_t nb) {
-    for (size_t i = 0; i < nb; i++, x += 210) {
-        const float d = f16_at(x + 208);
-        const uint8_t *ql = x, *qh = x + 128;
-        const int8_t *sc = (const int8_t *)(x + 192);
-        for (int n = 0; n < 2; n++, y += 128, ql += 64, qh += 32, sc += 8) {
-            for (int l = 0; l < 32; l++) {
-                const int is = l / 16;
-                const int q1 = (int)((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32;
-                const int q2 = (int)((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32;
-                const int q3 = (int)((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
-                const int q4 = (int)((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
-                y[l] = d * sc[is + 0] * q1;
-                y[l + 32] = d * sc[is + 2] * q2;
-                y[l + 64] = d * sc[is + 4] * q3;
-                y[l + 96] = d * sc[is + 6] * q4;
-            }
-        }
-    }
-}
+/* ---- dequantisation: src/quant/quant.c (ds/weight.h); ds_dtype ids are ggml's type ids ---- */
 
 int ds_ggml_dequant_row(uint32_t type, const void *src, float *dst, size_t n) {
-    size_t blck = 1;
     if (!ds_ggml_can_dequant(type)) return DS_EUNSUPPORTED;
-    ds_ggml_type_size(type, &blck, NULL);
-    if (n % blck) return DS_EINVAL;
-    const uint8_t *x = src;
-    switch (type) {
-    case DS_GGML_F32: memcpy(dst, x, n * 4); break;
-    case DS_GGML_F16:
-        for (size_t i = 0; i < n; i++) dst[i] = f16_at(x + 2 * i);
-        break;
-    case DS_GGML_BF16:
-        for (size_t i = 0; i < n; i++) dst[i] = ds_bf16_to_f32((uint16_t)(x[2 * i] | x[2 * i + 1] << 8));
-        break;
-    case DS_GGML_Q4_0: deq_q4_0(x, dst, n / 32); break;
-    case DS_GGML_Q4_1: deq_q4_1(x, dst, n / 32); break;
-    case DS_GGML_Q8_0: deq_q8_0(x, dst, n / 32); break;
-    case DS_GGML_Q4_K: deq_q4_k(x, dst, n / 256); break;
-    case DS_GGML_Q6_K: deq_q6_k(x, dst, n / 256); break;
-    }
-    return 0;
+    return ds_dequant_row((ds_dtype)type, src, dst, (int64_t)n);
 }
 
 int ds_gguf_dequant_rows(const ds_gguf *g, const ds_gguf_tensor *t, uint64_t row0, uint64_t n_rows, float *out,
                          ds_err *err) {
     if (!ds_ggml_can_dequant(t->type))
         return ds_err_set(err, DS_EUNSUPPORTED, "%s: tensor '%s' has type %s, which deltaserve cannot dequantise "
-                          "(supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K)",
+                          "(supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)",
                           g->path, t->name, ds_ggml_type_name(t->type));
     if (row0 > t->n_rows || n_rows > t->n_rows - row0)
         return ds_err_set(err, DS_ERANGE, "%s: tensor '%s': rows [%llu, +%llu) out of range", g->path, t->name,

@@ -120,7 +120,7 @@ const ds_gguf_tensor *ds_gguf_find_tensor(const ds_gguf *g, const char *name);
 /* ggml type facts. ds_ggml_type_name returns a static string ("Q4_K", or "type#77" style for
  * unknown ids, in a thread-local buffer). ds_ggml_type_size gives the block size in elements and in
  * bytes; false for unknown ids. ds_ggml_can_dequant: whether the type is one deltaserve dequantises
- * (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K). */
+ * (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K: ds/weight.h). */
 const char *ds_ggml_type_name(uint32_t type);
 bool ds_ggml_type_size(uint32_t type, size_t *blck, size_t *type_size);
 bool ds_ggml_can_dequant(uint32_t type);

@@ -68,13 +68,13 @@ static int upload_layer(ds_llama *L, int32_t i, ds_err *err) {
     llama_layer *l = &L->layers[i];
     const int32_t qd = c->n_head * c->head_dim, kvd = c->n_kv_head * c->head_dim;
     void *ctx = L->b->ctx;
-    int st = IFACE(L)->mat_upload(ctx, w->wq, qd, c->d_model, &l->wq);
-    if (!st) st = IFACE(L)->mat_upload(ctx, w->wk, kvd, c->d_model, &l->wk);
-    if (!st) st = IFACE(L)->mat_upload(ctx, w->wv, kvd, c->d_model, &l->wv);
-    if (!st) st = IFACE(L)->mat_upload(ctx, w->wo, c->d_model, qd, &l->wo);
-    if (!st) st = IFACE(L)->mat_upload(ctx, w->w_gate, c->d_ff, c->d_model, &l->w_gate);
-    if (!st) st = IFACE(L)->mat_upload(ctx, w->w_up, c->d_ff, c->d_model, &l->w_up);
-    if (!st) st = IFACE(L)->mat_upload(ctx, w->w_down, c->d_model, c->d_ff, &l->w_down);
+    int st = IFACE(L)->mat_upload(ctx, &w->wq, &l->wq);
+    if (!st) st = IFACE(L)->mat_upload(ctx, &w->wk, &l->wk);
+    if (!st) st = IFACE(L)->mat_upload(ctx, &w->wv, &l->wv);
+    if (!st) st = IFACE(L)->mat_upload(ctx, &w->wo, &l->wo);
+    if (!st) st = IFACE(L)->mat_upload(ctx, &w->w_gate, &l->w_gate);
+    if (!st) st = IFACE(L)->mat_upload(ctx, &w->w_up, &l->w_up);
+    if (!st) st = IFACE(L)->mat_upload(ctx, &w->w_down, &l->w_down);
     if (st) return ds_err_set(err, st, "layer %d: weight upload failed (%s)", i, ds_strerror(st));
     l->attn_norm = upload_vec(L, w->attn_norm, (size_t)c->d_model);
     l->ffn_norm = upload_vec(L, w->ffn_norm, (size_t)c->d_model);
@@ -102,7 +102,7 @@ static int alloc_work(ds_llama *L, ds_err *err) {
     w->gate = balloc(L, T * c->d_ff * 4);
     w->up = balloc(L, T * c->d_ff * 4);
     w->xo = balloc(L, T * c->d_model * 4);
-    w->logits = balloc(L, T * (size_t)c->n_vocab * 4);
+    w->logits = balloc(L, (size_t)L->p.max_out * (size_t)c->n_vocab * 4); /* rows a step returns, not T */
     w->tokens = balloc(L, T * 4);
     w->pos = balloc(L, T * 4);
     w->tok_seq = balloc(L, T * 4);
@@ -143,12 +143,12 @@ static int alloc_kv(ds_llama *L, ds_err *err) {
 static int llama_init(ds_llama *L, ds_err *err) {
     const ds_model *m = L->model;
     const ds_model_config *c = &m->cfg;
-    int st = IFACE(L)->mat_upload(L->b->ctx, m->tok_embd, c->n_vocab, c->d_model, &L->tok_embd);
+    int st = IFACE(L)->mat_upload(L->b->ctx, &m->tok_embd, &L->tok_embd);
     if (st) return ds_err_set(err, st, "token embedding upload failed");
-    if (m->output == m->tok_embd) {
+    if (m->output.data == m->tok_embd.data) {
         L->output = L->tok_embd;
         L->output.borrowed = true; /* freed once, through tok_embd */
-    } else if ((st = IFACE(L)->mat_upload(L->b->ctx, m->output, c->n_vocab, c->d_model, &L->output))) {
+    } else if ((st = IFACE(L)->mat_upload(L->b->ctx, &m->output, &L->output))) {
         return ds_err_set(err, st, "output weight upload failed");
     }
     L->output_norm = upload_vec(L, m->output_norm, (size_t)c->d_model);
@@ -172,6 +172,7 @@ ds_llama *ds_llama_create(const ds_model *model, ds_backend *backend, const ds_l
     L->model = model;
     L->b = backend;
     L->p = params ? *params : ds_llama_default_params();
+    if (L->p.max_out <= 0 || L->p.max_out > L->p.max_tokens) L->p.max_out = L->p.max_tokens;
     if (L->p.max_tokens <= 0 || L->p.max_seqs <= 0 || L->p.kv_block_size <= 0) {
         ds_err_set(err, DS_EINVAL, "llama: max_tokens, max_seqs and kv_block_size must be positive");
         free(L);
@@ -211,9 +212,9 @@ void ds_llama_free(ds_llama *L) {
 static int upload_batch(ds_llama *L, const ds_batch *bt, ds_err *err) {
     const int32_t T = bt->n_tokens, S = bt->n_seqs, bs = L->p.kv_block_size, mb = bt->max_blocks;
     if (T <= 0 || T > L->p.max_tokens || S <= 0 || S > L->p.max_seqs || mb <= 0 || mb > L->p.max_blocks_per_seq ||
-        bt->n_out < 0 || bt->n_out > T)
-        return ds_err_set(err, DS_EINVAL, "batch exceeds limits (tokens %d/%d, seqs %d/%d, blocks %d/%d)", T,
-                          L->p.max_tokens, S, L->p.max_seqs, mb, L->p.max_blocks_per_seq);
+        bt->n_out < 0 || bt->n_out > T || bt->n_out > L->p.max_out)
+        return ds_err_set(err, DS_EINVAL, "batch exceeds limits (tokens %d/%d, seqs %d/%d, blocks %d/%d, outputs %d/%d)",
+                          T, L->p.max_tokens, S, L->p.max_seqs, mb, L->p.max_blocks_per_seq, bt->n_out, L->p.max_out);
     for (int32_t t = 0; t < T; t++) {
         const int32_t s = bt->tok_seq[t];
         if (s < 0 || s >= S || bt->tok_kv[t] < 0 || bt->tokens[t] < 0 || bt->tokens[t] >= L->model->cfg.n_vocab)

@@ -1,5 +1,6 @@
-/* Base model from one GGUF file (llama.cpp layout): config from `<arch>.*` metadata, fp32 weights
- * dequantised at load in Hugging Face orientation, the tokenizer from `tokenizer.ggml.*`. */
+/* Base model from one GGUF file (llama.cpp layout): config from `<arch>.*` metadata, matrices kept
+ * in their file format (views into the mapping; Q/K rows un-permuted into owned copies) in Hugging
+ * Face orientation, fp32 vectors, the tokenizer from `tokenizer.ggml.*`. */
 #include "ds/model.h"
 #include "model/gguf.h"
 
@@ -13,6 +14,7 @@ typedef struct {
     const char *path;
     ds_err *err;
     bool verbose;
+    ds_dtype quantize;      /* --quantize target or DS_DTYPE_NONE */
     bool *used;             /* [g.n_tensors] tensors consumed, to report leftovers */
     size_t n_loaded, n_expected;
     size_t type_count[48];  /* per ggml type, tensors loaded */
@@ -133,46 +135,81 @@ static uint64_t unperm(uint64_t r, uint64_t hd) {
     return h * hd + (w % 2) * (hd / 2) + w / 2;
 }
 
-static int unperm_vector(gctx *c, const ds_gguf_tensor *t, float *p, uint64_t hd) {
-    float *tmp = malloc((size_t)t->n_elems * sizeof *tmp);
-    if (!tmp) return ds_err_set(c->err, DS_ENOMEM, "%s: out of memory", c->path);
-    int rc = ds_gguf_dequant_rows(&c->g, t, 0, 1, tmp, c->err);
-    for (uint64_t i = 0; i < t->n_elems && !rc; i++) p[unperm(i, hd)] = tmp[i];
-    free(tmp);
-    return rc;
+static const ds_gguf_tensor *find_checked(gctx *c, const char *name, int64_t rows, int64_t cols, bool optional,
+                                          int *rc) {
+    const ds_gguf_tensor *t = ds_gguf_find_tensor(&c->g, name);
+    *rc = 0;
+    if (!t) {
+        if (!optional) *rc = ds_err_set(c->err, DS_EFORMAT, "%s: missing tensor '%s'", c->path, name);
+        return NULL;
+    }
+    if (t->ne[0] != (uint64_t)cols || t->ne[1] != (uint64_t)rows || t->ne[2] != 1 || t->ne[3] != 1) {
+        *rc = ds_err_set(c->err, DS_EFORMAT, "%s: tensor '%s' has ne [%llu, %llu, %llu, %llu], expected [%lld, %lld]",
+                         c->path, name, (unsigned long long)t->ne[0], (unsigned long long)t->ne[1],
+                         (unsigned long long)t->ne[2], (unsigned long long)t->ne[3], (long long)cols, (long long)rows);
+        return NULL;
+    }
+    if (!ds_ggml_can_dequant(t->type))
+        *rc = ds_err_set(c->err, DS_EUNSUPPORTED, "%s: tensor '%s' has type %s, which deltaserve does not support "
+                         "(F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)",
+                         c->path, name, ds_ggml_type_name(t->type));
+    return *rc ? NULL : t;
 }
 
-/* Loads tensor `name` of torch shape [rows][cols] (GGUF ne = [cols, rows]; rows == 1 for vectors).
- * perm_heads > 0 undoes the Q/K row permutation for that many heads. Missing + optional → *dst NULL. */
-static int load(gctx *c, const char *name, int64_t rows, int64_t cols, int perm_heads, bool optional, float **dst) {
-    const ds_gguf_tensor *t = ds_gguf_find_tensor(&c->g, name);
-    *dst = NULL;
-    if (!t) return optional ? 0 : ds_err_set(c->err, DS_EFORMAT, "%s: missing tensor '%s'", c->path, name);
-    if (t->ne[0] != (uint64_t)cols || t->ne[1] != (uint64_t)rows || t->ne[2] != 1 || t->ne[3] != 1)
-        return ds_err_set(c->err, DS_EFORMAT, "%s: tensor '%s' has ne [%llu, %llu, %llu, %llu], expected [%lld, %lld]",
-                          c->path, name, (unsigned long long)t->ne[0], (unsigned long long)t->ne[1],
-                          (unsigned long long)t->ne[2], (unsigned long long)t->ne[3], (long long)cols, (long long)rows);
-    float *p = ds_model_alloc_floats(c->m, (size_t)t->n_elems);
-    if (!p) return ds_err_set(c->err, DS_ENOMEM, "%s: out of memory for tensor '%s'", c->path, name);
-    int rc = 0;
-    if (perm_heads > 0 && rows > 1) { /* a weight: whole rows move */
-        const uint64_t hd = (uint64_t)rows / (uint64_t)perm_heads;
-        rc = ds_gguf_dequant_rows(&c->g, t, 0, 0, p, c->err); /* checks the type once */
-        /* single-threaded: see ds_gguf_dequant_rows */
-        for (int64_t r = 0; r < (rc ? 0 : rows); r++)
-            ds_ggml_dequant_row(t->type, t->data + (uint64_t)r * t->row_bytes, p + unperm((uint64_t)r, hd) * (uint64_t)cols,
-                                (size_t)cols);
-    } else if (perm_heads > 0) { /* a bias: its elements move like the weight's rows */
-        rc = unperm_vector(c, t, p, (uint64_t)cols / (uint64_t)perm_heads);
-    } else {
-        rc = ds_gguf_dequant_rows(&c->g, t, 0, t->n_rows, p, c->err);
-    }
-    if (rc) return rc;
+static void mark_used(gctx *c, const ds_gguf_tensor *t) {
     c->used[t - c->g.tensors] = true;
     if (t->type < sizeof c->type_count / sizeof c->type_count[0]) c->type_count[t->type]++;
-    c->m->n_params += (size_t)t->n_elems;
-    *dst = p;
     progress(c);
+}
+
+/* A vector (norm weight, bias) of n elements as fp32; perm_heads > 0 undoes the Q/K permutation
+ * (a bias's elements move like the weight's rows). Missing + optional → *dst NULL. */
+static int load_vec(gctx *c, const char *name, int64_t n, int perm_heads, bool optional, float **dst) {
+    int rc;
+    const ds_gguf_tensor *t = find_checked(c, name, 1, n, optional, &rc);
+    *dst = NULL;
+    if (!t) return rc;
+    float *p = ds_model_alloc_floats(c->m, (size_t)n);
+    if (!p) return ds_err_set(c->err, DS_ENOMEM, "%s: out of memory for tensor '%s'", c->path, name);
+    if (perm_heads > 0) {
+        float *tmp = malloc((size_t)n * sizeof *tmp);
+        if (!tmp) return ds_err_set(c->err, DS_ENOMEM, "%s: out of memory", c->path);
+        rc = ds_gguf_dequant_rows(&c->g, t, 0, 1, tmp, c->err);
+        for (int64_t i = 0; i < n && !rc; i++) p[unperm((uint64_t)i, (uint64_t)n / (uint64_t)perm_heads)] = tmp[i];
+        free(tmp);
+    } else {
+        rc = ds_gguf_dequant_rows(&c->g, t, 0, 1, p, c->err);
+    }
+    if (rc) return rc;
+    c->m->weight_bytes[DS_DTYPE_F32] += (size_t)n * sizeof(float);
+    c->m->n_params += (size_t)n;
+    *dst = p;
+    mark_used(c, t);
+    return 0;
+}
+
+/* A matrix of torch shape [rows][cols] (GGUF ne = [cols, rows]) kept in its file format: a view
+ * into the mapping, or an owned copy when rows move (perm_heads > 0 undoes the Q/K row
+ * permutation; blocks run along a row, so whole rows move) or --quantize converts it. */
+static int load_mat(gctx *c, const char *name, int64_t rows, int64_t cols, int perm_heads, bool optional, ds_weight *dst) {
+    int rc;
+    const ds_gguf_tensor *t = find_checked(c, name, rows, cols, optional, &rc);
+    memset(dst, 0, sizeof *dst);
+    if (!t) return rc;
+    if (rows > INT32_MAX || cols > INT32_MAX)
+        return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: tensor '%s' is too large", c->path, name);
+    int64_t *perm = NULL;
+    if (perm_heads > 0) {
+        if (!(perm = malloc((size_t)rows * sizeof *perm))) return ds_err_set(c->err, DS_ENOMEM, "%s: out of memory", c->path);
+        const uint64_t hd = (uint64_t)rows / (uint64_t)perm_heads;
+        for (int64_t r = 0; r < rows; r++) perm[unperm((uint64_t)r, hd)] = r;
+    }
+    rc = ds_model_set_weight(c->m, dst, t->data, (ds_dtype)t->type, t->row_bytes, (int32_t)rows, (int32_t)cols, perm,
+                             true, c->quantize);
+    free(perm);
+    if (rc) return ds_err_set(c->err, rc, "%s: tensor '%s' (%s): %s", c->path, name, ds_ggml_type_name(t->type),
+                              ds_strerror(rc));
+    mark_used(c, t);
     return 0;
 }
 
@@ -188,18 +225,18 @@ static int load_layer(gctx *c, int i) {
                               "attn_output.weight", "ffn_norm.weight", "ffn_gate.weight", "ffn_up.weight",
                               "ffn_down.weight", "attn_q.bias",     "attn_k.bias",    "attn_v.bias"};
     for (int k = 0; k < 12; k++) snprintf(n[k], sizeof n[k], "blk.%d.%s", i, suffix[k]);
-    int rc = load(c, n[0], 1, d, 0, false, &l->attn_norm);
-    if (!rc) rc = load(c, n[1], q, d, ph, false, &l->wq);
-    if (!rc) rc = load(c, n[2], kv, d, pkv, false, &l->wk);
-    if (!rc) rc = load(c, n[3], kv, d, 0, false, &l->wv);
-    if (!rc) rc = load(c, n[4], d, q, 0, false, &l->wo);
-    if (!rc) rc = load(c, n[5], 1, d, 0, false, &l->ffn_norm);
-    if (!rc) rc = load(c, n[6], cfg->d_ff, d, 0, false, &l->w_gate);
-    if (!rc) rc = load(c, n[7], cfg->d_ff, d, 0, false, &l->w_up);
-    if (!rc) rc = load(c, n[8], d, cfg->d_ff, 0, false, &l->w_down);
-    if (!rc && cfg->qkv_bias) rc = load(c, n[9], 1, q, ph, false, &l->bq);
-    if (!rc && cfg->qkv_bias) rc = load(c, n[10], 1, kv, pkv, false, &l->bk);
-    if (!rc && cfg->qkv_bias) rc = load(c, n[11], 1, kv, 0, false, &l->bv);
+    int rc = load_vec(c, n[0], d, 0, false, &l->attn_norm);
+    if (!rc) rc = load_mat(c, n[1], q, d, ph, false, &l->wq);
+    if (!rc) rc = load_mat(c, n[2], kv, d, pkv, false, &l->wk);
+    if (!rc) rc = load_mat(c, n[3], kv, d, 0, false, &l->wv);
+    if (!rc) rc = load_mat(c, n[4], d, q, 0, false, &l->wo);
+    if (!rc) rc = load_vec(c, n[5], d, 0, false, &l->ffn_norm);
+    if (!rc) rc = load_mat(c, n[6], cfg->d_ff, d, 0, false, &l->w_gate);
+    if (!rc) rc = load_mat(c, n[7], cfg->d_ff, d, 0, false, &l->w_up);
+    if (!rc) rc = load_mat(c, n[8], d, cfg->d_ff, 0, false, &l->w_down);
+    if (!rc && cfg->qkv_bias) rc = load_vec(c, n[9], q, ph, false, &l->bq);
+    if (!rc && cfg->qkv_bias) rc = load_vec(c, n[10], kv, pkv, false, &l->bk);
+    if (!rc && cfg->qkv_bias) rc = load_vec(c, n[11], kv, 0, false, &l->bv);
     return rc;
 }
 
@@ -227,9 +264,10 @@ static int load_rope(gctx *c) {
     if (!(m->inv_freq = ds_model_alloc_floats(m, (size_t)half)))
         return ds_err_set(c->err, DS_ENOMEM, "%s: out of memory", c->path);
     ds_rope_inv_freq(&m->cfg, m->inv_freq);
-    int rc = load(c, "rope_freqs.weight", 1, half, 0, true, &freqs);
+    int rc = load_vec(c, "rope_freqs.weight", half, 0, true, &freqs);
     if (rc || !freqs) return rc;
     m->n_params -= (size_t)half; /* not a weight */
+    m->weight_bytes[DS_DTYPE_F32] -= (size_t)half * sizeof(float);
     for (int i = 0; i < half; i++) {
         if (!(freqs[i] > 0))
             return ds_err_set(c->err, DS_EFORMAT, "%s: rope_freqs.weight[%d] = %g is not positive", c->path, i, freqs[i]);
@@ -246,13 +284,13 @@ static int load_weights(gctx *c) {
     c->n_expected = 2 + (size_t)cfg->n_layer * (cfg->qkv_bias ? 12 : 9) + 1;
     if (!(m->layers = calloc((size_t)cfg->n_layer, sizeof *m->layers)))
         return ds_err_set(c->err, DS_ENOMEM, "%s: out of memory", c->path);
-    if ((rc = load(c, "token_embd.weight", cfg->n_vocab, cfg->d_model, 0, false, &m->tok_embd))) return rc;
+    if ((rc = load_mat(c, "token_embd.weight", cfg->n_vocab, cfg->d_model, 0, false, &m->tok_embd))) return rc;
     for (int i = 0; i < cfg->n_layer && !rc; i++) rc = load_layer(c, i);
-    if (!rc) rc = load(c, "output_norm.weight", 1, cfg->d_model, 0, false, &m->output_norm);
-    if (!rc) rc = load(c, "output.weight", cfg->n_vocab, cfg->d_model, 0, true, &m->output);
+    if (!rc) rc = load_vec(c, "output_norm.weight", cfg->d_model, 0, false, &m->output_norm);
+    if (!rc) rc = load_mat(c, "output.weight", cfg->n_vocab, cfg->d_model, 0, true, &m->output);
     if (rc) return rc;
-    m->cfg.tied_embeddings = m->output == NULL;
-    if (!m->output) m->output = m->tok_embd;
+    m->cfg.tied_embeddings = m->output.data == NULL;
+    if (!m->output.data) m->output = m->tok_embd;
     return load_rope(c);
 }
 
@@ -369,10 +407,12 @@ static void log_summary(gctx *c) {
     for (size_t i = 0; i < c->g.n_tensors; i++)
         if (!c->used[i] && !unused++) first = c->g.tensors[i].name;
     if (unused) DS_LOGW("%s: %zu tensors not used (first: '%s')", c->path, unused, first);
+    char mem[160];
+    ds_model_weight_summary(c->m, mem, sizeof mem);
     if (c->verbose)
-        DS_LOGI("loaded %s: %s, %d layers, %.1fM params (%s), %s embeddings, %.2f s", c->path, c->m->cfg.arch_name,
-                c->m->cfg.n_layer, (double)c->m->n_params / 1e6, mix, c->m->cfg.tied_embeddings ? "tied" : "untied",
-                ds_time_s() - c->t0);
+        DS_LOGI("loaded %s: %s, %d layers, %.1fM params (file: %s), %s embeddings, weights in memory %s, %.2f s",
+                c->path, c->m->cfg.arch_name, c->m->cfg.n_layer, (double)c->m->n_params / 1e6, mix,
+                c->m->cfg.tied_embeddings ? "tied" : "untied", mem, ds_time_s() - c->t0);
 }
 
 static int load_all(gctx *c, const ds_model_params *p) {
@@ -381,10 +421,15 @@ static int load_all(gctx *c, const ds_model_params *p) {
     if (!(c->used = calloc(c->g.n_tensors ? c->g.n_tensors : 1, sizeof *c->used)))
         return ds_err_set(c->err, DS_ENOMEM, "%s: out of memory", c->path);
     if (!(c->m->source_path = strdup(c->path))) return ds_err_set(c->err, DS_ENOMEM, "%s: out of memory", c->path);
-    if ((rc = read_config(c)) || (rc = load_weights(c))) return rc;
+    if ((rc = read_config(c))) return rc;
+    if (p->load_weights && (rc = load_weights(c))) return rc;
     if (p->load_tokenizer && (rc = load_tokenizer(c))) return rc;
     if ((rc = load_chat_template(c))) return rc;
+    if (!p->load_weights) return 0;
     if ((rc = ds_model_check_complete(c->m, c->err))) return rc;
+    c->m->weights_loaded = true;
+    /* matrices are views into the mapping: the model keeps it */
+    if ((rc = ds_model_keep_map(c->m, &c->g.map))) return ds_err_set(c->err, rc, "%s: out of memory", c->path);
     log_summary(c);
     return 0;
 }
@@ -392,7 +437,7 @@ static int load_all(gctx *c, const ds_model_params *p) {
 ds_model *ds_model_load_gguf(const char *path, const ds_model_params *params, ds_err *err) {
     ds_model_params def = ds_model_default_params();
     const ds_model_params *p = params ? params : &def;
-    gctx c = {.path = path, .err = err, .verbose = p->verbose, .t0 = ds_time_s()};
+    gctx c = {.path = path, .err = err, .verbose = p->verbose, .quantize = p->quantize, .t0 = ds_time_s()};
     if (!path) {
         ds_err_set(err, DS_EINVAL, "ds_model_load_gguf: no path");
         return NULL;

@@ -17,6 +17,7 @@ typedef struct {
     char cfg_path[PATH_MAX];
     ds_err *err;
     bool verbose;
+    ds_dtype quantize; /* --quantize target or DS_DTYPE_NONE */
     size_t n_loaded, n_expected;
     size_t dtype_count[3]; /* tensors loaded per DS_ST_F32 / F16 / BF16 */
     double t0;
@@ -170,7 +171,15 @@ static int read_config(hctx *c) {
 
 /* ---- weights ---- */
 
-/* Loads `name` with torch shape [rows][cols] (rows == 0: a vector [cols]). */
+static void progress(hctx *c) {
+    c->n_loaded++;
+    size_t q_prev = (c->n_loaded - 1) * 4 / c->n_expected, q = c->n_loaded * 4 / c->n_expected;
+    if (c->verbose && q != q_prev && q < 4)
+        DS_LOGI("loading %s: %zu%% (%zu/%zu tensors, %.1f s)", c->dir, q * 25, c->n_loaded, c->n_expected,
+                ds_time_s() - c->t0);
+}
+
+/* Loads vector `name` [cols] as fp32. */
 static int load(hctx *c, const char *name, int64_t rows, int64_t cols, bool optional, float **dst) {
     const ds_st_file *f;
     const ds_st_tensor *t = ds_st_set_find(&c->set, name, &f);
@@ -188,11 +197,32 @@ static int load(hctx *c, const char *name, int64_t rows, int64_t cols, bool opti
     *dst = p;
     c->dtype_count[t->dtype]++; /* read_f32 succeeded: one of the three */
     c->m->n_params += n;
-    c->n_loaded++;
-    size_t q_prev = (c->n_loaded - 1) * 4 / c->n_expected, q = c->n_loaded * 4 / c->n_expected;
-    if (c->verbose && q != q_prev && q < 4)
-        DS_LOGI("loading %s: %zu%% (%zu/%zu tensors, %.1f s)", c->dir, q * 25, c->n_loaded, c->n_expected,
-                ds_time_s() - c->t0);
+    c->m->weight_bytes[DS_DTYPE_F32] += n * sizeof(float);
+    progress(c);
+    return 0;
+}
+
+/* Loads matrix `name` [rows][cols] keeping its 16/32-bit format (an owned copy: the safetensors
+ * files are closed after loading), or quantised with --quantize. */
+static int load_mat(hctx *c, const char *name, int64_t rows, int64_t cols, bool optional, ds_weight *dst) {
+    static const ds_dtype DT[3] = {DS_DTYPE_F32, DS_DTYPE_F16, DS_DTYPE_BF16}; /* ds_st_dtype order */
+    const ds_st_file *f;
+    const ds_st_tensor *t = ds_st_set_find(&c->set, name, &f);
+    memset(dst, 0, sizeof *dst);
+    if (!t) return optional ? 0 : ds_err_set(c->err, DS_EFORMAT, "%s: missing tensor '%s'", c->dir, name);
+    const int64_t shape[2] = {rows, cols};
+    int rc = ds_st_check_shape(t, f->path, shape, 2, c->err);
+    if (rc) return rc;
+    if (t->dtype > DS_ST_BF16)
+        return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: tensor '%s' has dtype %s (F32, F16, BF16 are supported)", f->path,
+                          name, t->dtype_name);
+    if (rows > INT32_MAX || cols > INT32_MAX) return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: tensor '%s' is too large", f->path, name);
+    const ds_dtype st = DT[t->dtype];
+    rc = ds_model_set_weight(c->m, dst, t->data, st, ds_dtype_row_bytes(st, cols), (int32_t)rows, (int32_t)cols, NULL,
+                             false, c->quantize);
+    if (rc) return ds_err_set(c->err, rc, "%s: tensor '%s': %s", f->path, name, ds_strerror(rc));
+    c->dtype_count[t->dtype]++;
+    progress(c);
     return 0;
 }
 
@@ -207,14 +237,14 @@ static int load_layer(hctx *c, int i) {
     char n[12][128];
     for (int k = 0; k < 12; k++) snprintf(n[k], sizeof n[k], "model.layers.%d.%s", i, suffix[k]);
     int rc = load(c, n[0], 0, d, false, &l->attn_norm);
-    if (!rc) rc = load(c, n[1], q, d, false, &l->wq);
-    if (!rc) rc = load(c, n[2], kv, d, false, &l->wk);
-    if (!rc) rc = load(c, n[3], kv, d, false, &l->wv);
-    if (!rc) rc = load(c, n[4], d, q, false, &l->wo);
+    if (!rc) rc = load_mat(c, n[1], q, d, false, &l->wq);
+    if (!rc) rc = load_mat(c, n[2], kv, d, false, &l->wk);
+    if (!rc) rc = load_mat(c, n[3], kv, d, false, &l->wv);
+    if (!rc) rc = load_mat(c, n[4], d, q, false, &l->wo);
     if (!rc) rc = load(c, n[5], 0, d, false, &l->ffn_norm);
-    if (!rc) rc = load(c, n[6], cfg->d_ff, d, false, &l->w_gate);
-    if (!rc) rc = load(c, n[7], cfg->d_ff, d, false, &l->w_up);
-    if (!rc) rc = load(c, n[8], d, cfg->d_ff, false, &l->w_down);
+    if (!rc) rc = load_mat(c, n[6], cfg->d_ff, d, false, &l->w_gate);
+    if (!rc) rc = load_mat(c, n[7], cfg->d_ff, d, false, &l->w_up);
+    if (!rc) rc = load_mat(c, n[8], d, cfg->d_ff, false, &l->w_down);
     if (!rc && cfg->qkv_bias) rc = load(c, n[9], 0, q, false, &l->bq);
     if (!rc && cfg->qkv_bias) rc = load(c, n[10], 0, kv, false, &l->bk);
     if (!rc && cfg->qkv_bias) rc = load(c, n[11], 0, kv, false, &l->bv);
@@ -229,10 +259,10 @@ static int load_weights(hctx *c) {
     c->n_expected = 2 + (size_t)cfg->n_layer * (cfg->qkv_bias ? 12 : 9) + !cfg->tied_embeddings;
     if (!(m->layers = calloc((size_t)cfg->n_layer, sizeof *m->layers)))
         return ds_err_set(c->err, DS_ENOMEM, "%s: out of memory", c->dir);
-    rc = load(c, "model.embed_tokens.weight", cfg->n_vocab, cfg->d_model, false, &m->tok_embd);
+    rc = load_mat(c, "model.embed_tokens.weight", cfg->n_vocab, cfg->d_model, false, &m->tok_embd);
     for (int i = 0; i < cfg->n_layer && !rc; i++) rc = load_layer(c, i);
     if (!rc) rc = load(c, "model.norm.weight", 0, cfg->d_model, false, &m->output_norm);
-    if (!rc && !cfg->tied_embeddings) rc = load(c, "lm_head.weight", cfg->n_vocab, cfg->d_model, false, &m->output);
+    if (!rc && !cfg->tied_embeddings) rc = load_mat(c, "lm_head.weight", cfg->n_vocab, cfg->d_model, false, &m->output);
     if (rc) return rc;
     if (cfg->tied_embeddings) m->output = m->tok_embd;
     if (c->n_loaded < c->set.n_entries)
@@ -295,15 +325,19 @@ static int load_tokenizer(hctx *c, bool want_tok) {
 static int load_all(hctx *c, const ds_model_params *p) {
     if (!(c->m->source_path = strdup(c->dir))) return ds_err_set(c->err, DS_ENOMEM, "out of memory");
     int rc = read_config(c);
-    if (!rc) rc = load_weights(c);
+    if (!rc && p->load_weights) rc = load_weights(c);
     if (!rc) rc = load_tokenizer(c, p->load_tokenizer);
-    if (!rc) rc = ds_model_check_complete(c->m, c->err);
-    if (!rc && c->verbose)
+    if (rc || !p->load_weights) return rc;
+    if ((rc = ds_model_check_complete(c->m, c->err))) return rc;
+    c->m->weights_loaded = true;
+    char mem[160];
+    ds_model_weight_summary(c->m, mem, sizeof mem);
+    if (c->verbose)
         DS_LOGI("loaded %s: %s, %d layers, %.1fM params (F32 x%zu, F16 x%zu, BF16 x%zu) from %zu safetensors file(s), "
-                "%s embeddings, %.2f s",
+                "%s embeddings, weights in memory %s, %.2f s",
                 c->dir, c->m->cfg.arch_name, c->m->cfg.n_layer, (double)c->m->n_params / 1e6, c->dtype_count[0],
                 c->dtype_count[1], c->dtype_count[2], c->set.n_files, c->m->cfg.tied_embeddings ? "tied" : "untied",
-                ds_time_s() - c->t0);
+                mem, ds_time_s() - c->t0);
     return rc;
 }
 
@@ -314,7 +348,7 @@ ds_model *ds_model_load_hf_dir(const char *dir, const ds_model_params *params, d
         ds_err_set(err, DS_EINVAL, "ds_model_load_hf_dir: no path");
         return NULL;
     }
-    hctx c = {.dir = dir, .err = err, .verbose = p->verbose, .t0 = ds_time_s()};
+    hctx c = {.dir = dir, .err = err, .verbose = p->verbose, .quantize = p->quantize, .t0 = ds_time_s()};
     if (!(c.m = ds_model_new())) {
         ds_err_set(err, DS_ENOMEM, "%s: out of memory", dir);
         return NULL;

@@ -8,10 +8,10 @@
 
 /* dx (+)= dy·W through projection p of layer l (l = -1, p = DS_PROJ_COUNT: lm_head), plus the
  * LoRA gradients dA, dB when the projection is adapted. dx NULL: input gradient not needed. */
-static void linear_bwd(ds_trainer *t, int32_t l, int p, const float *w, const float *x, const float *u,
-                       const float *dy, float *dx, bool acc) {
+static void linear_bwd(ds_trainer *t, int32_t l, int p, const float *x, const float *u, const float *dy, float *dx,
+                       bool acc) {
     const int32_t n = t->b.n_rows, in = t->ad->proj_in[p], out = t->ad->proj_out[p];
-    if (dx) TR_OP(t, mm_nn, dy, w, dx, n, out, in, 1.0f, acc ? 1.0f : 0.0f);
+    if (dx) TR_MATMUL_T(t, dy, tr_wm(t, l, p), dx, n, acc);
     const ds_lora_module *m = tr_lora(t, l, p);
     if (!m) return;
     const size_t i = (size_t)l * DS_PROJ_COUNT + (size_t)p;
@@ -25,10 +25,10 @@ static void mlp_bwd(ds_trainer *t, int32_t l, tr_act *a) {
     const ds_layer_weights *w = &t->m->layers[l];
     tr_grad_work *g = &t->g;
     const int32_t n = t->b.n_rows;
-    linear_bwd(t, l, DS_PROJ_DOWN, w->w_down, a->act, a->u[DS_PROJ_DOWN], g->dx, g->dact, false);
+    linear_bwd(t, l, DS_PROJ_DOWN, a->act, a->u[DS_PROJ_DOWN], g->dx, g->dact, false);
     TR_OP(t, silu_mul_bwd, a->gate, a->up, g->dact, g->dgate, g->dup, (size_t)n * D->ff);
-    linear_bwd(t, l, DS_PROJ_GATE, w->w_gate, a->h2, a->u[DS_PROJ_GATE], g->dgate, g->dh, false);
-    linear_bwd(t, l, DS_PROJ_UP, w->w_up, a->h2, a->u[DS_PROJ_UP], g->dup, g->dh, true);
+    linear_bwd(t, l, DS_PROJ_GATE, a->h2, a->u[DS_PROJ_GATE], g->dgate, g->dh, false);
+    linear_bwd(t, l, DS_PROJ_UP, a->h2, a->u[DS_PROJ_UP], g->dup, g->dh, true);
     TR_OP(t, rmsnorm_bwd, a->x_mid, w->ffn_norm, a->r2, g->dh, g->dx, n, D->d); /* + the residual path's dx */
 }
 
@@ -38,7 +38,7 @@ static void attention_bwd(ds_trainer *t, int32_t l, tr_act *a, bool need_dx) {
     const ds_layer_weights *w = &t->m->layers[l];
     tr_grad_work *g = &t->g;
     const int32_t n = t->b.n_rows;
-    linear_bwd(t, l, DS_PROJ_O, w->wo, a->att, a->u[DS_PROJ_O], g->dx, g->datt, false);
+    linear_bwd(t, l, DS_PROJ_O, a->att, a->u[DS_PROJ_O], g->dx, g->datt, false);
     memset(g->dk, 0, (size_t)n * D->kvd * sizeof(float));
     memset(g->dv, 0, (size_t)n * D->kvd * sizeof(float));
     tr_attn_args args = tr_attn_args_of(t, l, a);
@@ -52,9 +52,9 @@ static void attention_bwd(ds_trainer *t, int32_t l, tr_act *a, bool need_dx) {
     TR_OP(t, rope, g->dq, t->b.pos, t->m->inv_freq, n, D->n_head, D->hd, -1);
     TR_OP(t, rope, g->dk, t->b.pos, t->m->inv_freq, n, D->n_kv, D->hd, -1);
     float *dh = need_dx ? g->dh : NULL;
-    linear_bwd(t, l, DS_PROJ_Q, w->wq, a->h1, a->u[DS_PROJ_Q], g->dq, dh, false);
-    linear_bwd(t, l, DS_PROJ_K, w->wk, a->h1, a->u[DS_PROJ_K], g->dk, dh, true);
-    linear_bwd(t, l, DS_PROJ_V, w->wv, a->h1, a->u[DS_PROJ_V], g->dv, dh, true);
+    linear_bwd(t, l, DS_PROJ_Q, a->h1, a->u[DS_PROJ_Q], g->dq, dh, false);
+    linear_bwd(t, l, DS_PROJ_K, a->h1, a->u[DS_PROJ_K], g->dk, dh, true);
+    linear_bwd(t, l, DS_PROJ_V, a->h1, a->u[DS_PROJ_V], g->dv, dh, true);
     if (need_dx) TR_OP(t, rmsnorm_bwd, t->ck[l], w->attn_norm, a->r1, g->dh, g->dx, n, D->d);
 }
 

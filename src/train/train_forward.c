@@ -14,10 +14,9 @@ const ds_lora_module *tr_lora(const ds_trainer *t, int32_t layer, int proj) {
 }
 
 /* y = x·Wᵀ (+ bias) (+ s·(x·Aᵀ)·Bᵀ, u = x·Aᵀ saved): PEFT adds the LoRA branch to the base output. */
-static void linear(ds_trainer *t, int32_t l, int p, const float *w, const float *bias, const float *x, float *y,
-                   float *u) {
+static void linear(ds_trainer *t, int32_t l, int p, const float *bias, const float *x, float *y, float *u) {
     const int32_t n = t->b.n_rows, in = t->ad->proj_in[p], out = t->ad->proj_out[p];
-    TR_OP(t, mm_nt, x, w, y, n, out, in, 1.0f, 0.0f);
+    TR_MATMUL(t, x, tr_wm(t, l, p), y, n);
     if (bias) TR_OP(t, add_bias, y, bias, n, out);
     const ds_lora_module *m = tr_lora(t, l, p);
     if (m) TR_OP(t, lora_fwd, x, m->A, m->B, m->scale, u, y, n, in, out, m->rank);
@@ -45,14 +44,14 @@ static void attention_block(ds_trainer *t, int32_t l, tr_act *a) {
     const int32_t n = t->b.n_rows;
     const float *x = t->ck[l];
     TR_OP(t, rmsnorm_fwd, x, w->attn_norm, a->h1, a->r1, n, D->d, D->eps);
-    linear(t, l, DS_PROJ_Q, w->wq, w->bq, a->h1, a->q, a->u[DS_PROJ_Q]);
-    linear(t, l, DS_PROJ_K, w->wk, w->bk, a->h1, a->k, a->u[DS_PROJ_K]);
-    linear(t, l, DS_PROJ_V, w->wv, w->bv, a->h1, a->v, a->u[DS_PROJ_V]);
+    linear(t, l, DS_PROJ_Q, w->bq, a->h1, a->q, a->u[DS_PROJ_Q]);
+    linear(t, l, DS_PROJ_K, w->bk, a->h1, a->k, a->u[DS_PROJ_K]);
+    linear(t, l, DS_PROJ_V, w->bv, a->h1, a->v, a->u[DS_PROJ_V]);
     TR_OP(t, rope, a->q, t->b.pos, t->m->inv_freq, n, D->n_head, D->hd, +1);
     TR_OP(t, rope, a->k, t->b.pos, t->m->inv_freq, n, D->n_kv, D->hd, +1);
     tr_attn_args args = tr_attn_args_of(t, l, a);
     TR_OP(t, attention_fwd, &args);
-    linear(t, l, DS_PROJ_O, w->wo, NULL, a->att, a->x_mid, a->u[DS_PROJ_O]);
+    linear(t, l, DS_PROJ_O, NULL, a->att, a->x_mid, a->u[DS_PROJ_O]);
     const size_t nd = (size_t)n * D->d;
     tr_op_note(t, t->be->iface->add(t->be->ctx, a->x_mid, x, nd)); /* residual */
 }
@@ -63,10 +62,10 @@ static void mlp_block(ds_trainer *t, int32_t l, tr_act *a) {
     const int32_t n = t->b.n_rows;
     float *out = t->ck[l + 1];
     TR_OP(t, rmsnorm_fwd, a->x_mid, w->ffn_norm, a->h2, a->r2, n, D->d, D->eps);
-    linear(t, l, DS_PROJ_GATE, w->w_gate, NULL, a->h2, a->gate, a->u[DS_PROJ_GATE]);
-    linear(t, l, DS_PROJ_UP, w->w_up, NULL, a->h2, a->up, a->u[DS_PROJ_UP]);
+    linear(t, l, DS_PROJ_GATE, NULL, a->h2, a->gate, a->u[DS_PROJ_GATE]);
+    linear(t, l, DS_PROJ_UP, NULL, a->h2, a->up, a->u[DS_PROJ_UP]);
     TR_OP(t, silu_mul_fwd, a->gate, a->up, a->act, (size_t)n * D->ff); /* down(silu(gate x) ⊙ up x) */
-    linear(t, l, DS_PROJ_DOWN, w->w_down, NULL, a->act, out, a->u[DS_PROJ_DOWN]);
+    linear(t, l, DS_PROJ_DOWN, NULL, a->act, out, a->u[DS_PROJ_DOWN]);
     const size_t nd = (size_t)n * D->d;
     tr_op_note(t, t->be->iface->add(t->be->ctx, out, a->x_mid, nd));
 }
@@ -77,7 +76,7 @@ void tr_layer_fwd(ds_trainer *t, int32_t l, tr_act *a) {
 }
 
 void tr_forward(ds_trainer *t, bool save) {
-    TR_OP(t, embed, t->m->tok_embd, t->ad->prompt, t->b.src, t->ck[0], t->b.n_rows, t->dim.d);
+    TR_OP(t, embed, &t->wm_embed, t->ad->prompt, t->b.src, t->ck[0], t->b.n_rows, t->dim.d);
     const ds_lora_module *e = t->ad->embed;
     if (e)
         TR_OP(t, embed_lora_fwd, e->A, e->B, e->scale, t->b.src, t->g.emb_u, t->ck[0], t->b.n_rows, t->dim.d,
@@ -94,14 +93,14 @@ static double head_chunk(ds_trainer *t, const int32_t *rows, const int32_t *tgt,
     for (int32_t i = 0; i < c; i++)
         memcpy(hw->x + (size_t)i * D->d, xL + (size_t)rows[i] * D->d, (size_t)D->d * sizeof(float));
     TR_OP(t, rmsnorm_fwd, hw->x, t->m->output_norm, hw->hn, hw->rinv, c, D->d, D->eps);
-    TR_OP(t, mm_nt, hw->hn, t->m->output, hw->logits, c, D->V, D->d, 1.0f, 0.0f);
+    TR_MATMUL(t, hw->hn, &t->wm_output, hw->logits, c);
     const ds_lora_module *m = tr_lora(t, -1, DS_PROJ_COUNT);
     if (m) TR_OP(t, lora_fwd, hw->hn, m->A, m->B, m->scale, hw->u, hw->logits, c, D->d, D->V, m->rank);
     double loss = 0.0;
     TR_OP(t, cross_entropy, hw->logits, tgt, c, D->V, scale, grad, &loss);
     if (!grad) return loss;
     /* the output weight is frozen: input gradient only */
-    TR_OP(t, mm_nn, hw->logits, t->m->output, hw->dhn, c, D->V, D->d, 1.0f, 0.0f);
+    TR_MATMUL_T(t, hw->logits, &t->wm_output, hw->dhn, c, false);
     if (m) {
         const size_t head = TR_SLOT_HEAD(t);
         TR_OP(t, lora_bwd, hw->hn, hw->u, m->A, m->B, m->scale, hw->logits, hw->dhn, t->dA[head], t->dB[head],

@@ -73,6 +73,10 @@ struct ds_trainer {
     const ds_model *m;
     ds_backend *be;           /* computes every op (a host-memory backend: the buffers are host) */
     const struct ds_backend_train_iface *op; /* be->iface->train */
+    /* The frozen base weights as ds_mat handles of `be`, typed as the model holds them (CPU:
+     * borrowed views, no copy): wm[l·DS_PROJ_COUNT + p], the embedding and the LM head. */
+    ds_mat *wm;
+    ds_mat wm_embed, wm_output;
     bool own_be;              /* created by the trainer (ds_train_params.backend NULL) */
     int op_rc;                /* first failing op's status since the last check, 0 if none */
     tr_dims dim;
@@ -107,6 +111,12 @@ struct ds_trainer {
 static inline void tr_op_note(ds_trainer *t, int rc) {
     if (rc && !t->op_rc) t->op_rc = rc;
 }
+/* y = x·Wᵀ and dx (+)= dy·W through frozen weight w (the inference ops matmul / matmul_t). */
+#define TR_MATMUL(t, x, w, y, n) tr_op_note((t), (t)->be->iface->matmul((t)->be->ctx, (x), (w), NULL, (y), (n), false))
+#define TR_MATMUL_T(t, dy, w, dx, n, acc)                                                                         \
+    tr_op_note((t), (t)->be->iface->matmul_t((t)->be->ctx, (dy), (w), (dx), (n), (acc)))
+/* Handle of layer l's projection p. */
+static inline const ds_mat *tr_wm(const ds_trainer *t, int32_t l, int p) { return &t->wm[(size_t)l * DS_PROJ_COUNT + p]; }
 /* 0, or the kept op failure as an error (and clears it). */
 int tr_op_check(ds_trainer *t, ds_err *err);
 

@@ -143,7 +143,7 @@ static int spec_prompt(ds_adapter *a, const ds_model *m, const ds_train_adapter_
         float *r = w + (size_t)p * row;
         if (!prefix && s->init_std == 0) {
             const size_t tok = (size_t)(uniform01(rng) * c->n_vocab) % (size_t)c->n_vocab;
-            memcpy(r, m->tok_embd + tok * row, row * sizeof(float));
+            ds_weight_row(&m->tok_embd, (int32_t)tok, r); /* a real token's embedding, dequantised */
             continue;
         }
         const double std = s->init_std > 0 ? s->init_std : 1.0;

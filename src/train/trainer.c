@@ -132,10 +132,33 @@ int tr_backend_attach(ds_trainer *t, ds_backend *b, ds_err *err) {
                           "cpu backend",
                           b->iface->name);
     t->op = b->iface->train;
+    if (!b->iface->matmul_t)
+        return ds_err_set(err, DS_EUNSUPPORTED, "backend '%s' has no matmul_t: fine-tuning runs on the cpu backend",
+                          b->iface->name);
+    const ds_model *m = t->m;
+    if (!m) return 0; /* a shell trainer for optimizer-only use (tests): no model weights */
+    const size_t nw = (size_t)m->cfg.n_layer * DS_PROJ_COUNT;
+    if (!(t->wm = calloc(nw, sizeof *t->wm))) return ds_err_set(err, DS_ENOMEM, "out of memory");
+    int rc = b->iface->mat_upload(b->ctx, &m->tok_embd, &t->wm_embed);
+    if (!rc) rc = b->iface->mat_upload(b->ctx, &m->output, &t->wm_output);
+    for (int32_t l = 0; l < m->cfg.n_layer && !rc; l++) {
+        const ds_layer_weights *w = &m->layers[l];
+        const ds_weight *src[DS_PROJ_COUNT] = {&w->wq, &w->wk, &w->wv, &w->wo, &w->w_gate, &w->w_up, &w->w_down};
+        for (int p = 0; p < DS_PROJ_COUNT && !rc; p++) rc = b->iface->mat_upload(b->ctx, src[p], &t->wm[(size_t)l * DS_PROJ_COUNT + p]);
+    }
+    if (rc) return ds_err_set(err, rc, "backend '%s': base weights for training: %s", b->iface->name, ds_strerror(rc));
     return 0;
 }
 
 void tr_backend_detach(ds_trainer *t) {
+    if (t->be && t->wm) {
+        for (size_t i = 0; i < (size_t)t->m->cfg.n_layer * DS_PROJ_COUNT; i++)
+            if (t->wm[i].data) t->be->iface->mat_free(t->be->ctx, &t->wm[i]);
+        if (t->wm_output.data) t->be->iface->mat_free(t->be->ctx, &t->wm_output);
+        if (t->wm_embed.data) t->be->iface->mat_free(t->be->ctx, &t->wm_embed);
+    }
+    free(t->wm);
+    t->wm = NULL;
     if (t->own_be) ds_backend_free(t->be);
     t->be = NULL;
     t->op = NULL;

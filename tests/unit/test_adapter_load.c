@@ -15,6 +15,7 @@
 
 #include "ds/adapter.h"
 #include "ds/model.h"
+#include "test_weights.h"
 #include "ds_test.h"
 #include "model/safetensors.h"
 
@@ -272,7 +273,7 @@ static void check_dora(const char *dir, const ds_model *base, const ds_adapter *
                      p <= DS_PROJ_O ? "self_attn" : "mlp", ds_proj_name(p));
             float *mag = file_tensor(dir, key, &n, NULL);
             const ds_layer_weights *lw = &base->layers[l];
-            const float *W[] = {lw->wq, lw->wk, lw->wv, lw->wo, lw->w_gate, lw->w_up, lw->w_down};
+            const float *W[] = {TW(lw->wq), TW(lw->wk), TW(lw->wv), TW(lw->wo), TW(lw->w_gate), TW(lw->w_up), TW(lw->w_down)};
             CHECK(mag && m->dora_scale && n == (size_t)m->out);
             for (int o = 0; mag && m->dora_scale && o < m->out; o++) {
                 double s2 = 0;
@@ -468,7 +469,7 @@ static void fx_lora_basics(void) {
     }
     ds_adapter_free(a);
     /* lm_head LoRA next to PEFT's saved copy of the base lm_head: the copy is skipped */
-    fx h[3] = {{"base_model.model.lm_head.base_layer.weight", "F32", 2, {320, 64}, g_llama->output},
+    fx h[3] = {{"base_model.model.lm_head.base_layer.weight", "F32", 2, {320, 64}, TW(g_llama->output)},
                {"base_model.model.lm_head.lora_A.weight", "F32", 2, {2, 64}, vals(128, 7)},
                {"base_model.model.lm_head.lora_B.weight", "F32", 2, {320, 2}, vals(640, 8)}};
     if ((a = load_ok(mkfixture("lm-head", lora_cfg(",\"target_modules\":[\"lm_head\"]"), h, 3), g_llama)))
@@ -535,7 +536,7 @@ static void fx_dora_adalora(void) {
     for (int o = 0; m && m->dora_scale && o < 32; o++) {
         double s2 = 0;
         for (int i = 0; i < 64; i++) {
-            double v = g_llama->layers[0].wv[o * 64 + i] + 4.0 * t[1].data[o] * t[0].data[i];
+            double v = TW(g_llama->layers[0].wv)[o * 64 + i] + 4.0 * t[1].data[o] * t[0].data[i];
             s2 += v * v;
         }
         CHECK_NEAR(m->dora_scale[o], t[2].data[o] / sqrt(s2), 1e-6);

@@ -13,9 +13,16 @@
  *                    seg_scale, seg_add)                               CPU 1e-10, CUDA 1e-9
  *   matmul (CUDA: bf16 weights and bf16 inputs, fp32 accumulate)       CPU 1e-10, CUDA 1e-4
  *   embed (CUDA: bf16 table)                                           CPU 0,     CUDA 1e-4
+ * Typed weights (test_typed): every ds_dtype with random blocks, against the dequantised values
+ * from ds_dequant_row in double precision, same matmul/embed tolerances; on the CPU the kernels
+ * of every instruction set this machine has (generic, avx2, avx512) are run as well
+ * (test_cpu_isas), so a machine with AVX-512 checks all three.
  * A bf16 rounding has a relative error ≤ 2^-9, so bf16 NMSE is ~1e-6; an indexing bug gives ~1. */
+#include "backend/cpu/qmatmul.h"
 #include "ds/backend.h"
 #include "ds_test.h"
+
+#include <omp.h>
 
 #include <math.h>
 #include <stdio.h>
@@ -133,9 +140,13 @@ static void matmul_case(tcase *t, int32_t n, int32_t rows, int32_t cols, bool us
     ds_mat m = {0};
     if (f32_mat)
         m = (ds_mat){.data = t_up(t, w, sizeof(float) * (size_t)rows * cols), .rows = rows, .cols = cols,
-                     .dtype = DS_DTYPE_F32, .borrowed = true};
+                     .dtype = DS_DTYPE_F32, .row_bytes = sizeof(float) * (size_t)cols, .borrowed = true};
     else
-        t_ok(t, "mat_upload", t->b->iface->mat_upload(t->b->ctx, w, rows, cols, &m));
+    {
+        ds_weight hw;
+        ds_weight_init(&hw, w, DS_DTYPE_F32, rows, cols);
+        t_ok(t, "mat_upload", t->b->iface->mat_upload(t->b->ctx, &hw, &m));
+    }
     float *dx = t_up(t, x, sizeof(float) * (size_t)n * cols), *dy = t_up(t, y0, sizeof(float) * (size_t)n * rows);
     float *db = t_up(t, bias, sizeof(float) * rows);
     t_ok(t, "matmul", t->b->iface->matmul(t->b->ctx, dx, &m, use_bias ? db : NULL, dy, n, acc));
@@ -161,7 +172,9 @@ static void test_embed(tcase *t) {
     const int32_t vocab = 50, d = 37;
     float *table = rnd_vec((size_t)vocab * d, 1.0f);
     ds_mat m = {0};
-    t_ok(t, "mat_upload", t->b->iface->mat_upload(t->b->ctx, table, vocab, d, &m));
+    ds_weight hw;
+    ds_weight_init(&hw, table, DS_DTYPE_F32, vocab, d);
+    t_ok(t, "mat_upload", t->b->iface->mat_upload(t->b->ctx, &hw, &m));
     for (int32_t n = 1; n <= 300; n += 299) {
         int32_t *ids = malloc(sizeof(int32_t) * n);
         for (int32_t i = 0; i < n; i++) ids[i] = i == 0 ? vocab - 1 : rnd_i(vocab);
@@ -193,6 +206,164 @@ static void test_embed(tcase *t) {
     t_release_all(t);
     t->b->iface->mat_free(t->b->ctx, &m);
     free(table);
+}
+
+/* ---- typed weights: every storage format (ds/weight.h) ---- */
+
+static const ds_dtype ALL_DTYPES[] = {DS_DTYPE_F32,  DS_DTYPE_F16,  DS_DTYPE_BF16, DS_DTYPE_Q4_0,
+                                      DS_DTYPE_Q4_1, DS_DTYPE_Q5_0, DS_DTYPE_Q5_1, DS_DTYPE_Q8_0,
+                                      DS_DTYPE_Q4_K, DS_DTYPE_Q5_K, DS_DTYPE_Q6_K};
+#define N_DTYPES (sizeof ALL_DTYPES / sizeof ALL_DTYPES[0])
+
+static void put16(uint8_t *p, uint16_t h) {
+    p[0] = (uint8_t)h;
+    p[1] = (uint8_t)(h >> 8);
+}
+
+/* rows×cols of dtype t: random quants, scales set to sane finite values (random bytes there could
+ * be f16 inf/NaN). Returns malloc'd bytes. */
+static uint8_t *rnd_typed(ds_dtype t, int32_t rows, int32_t cols) {
+    const size_t rb = ds_dtype_row_bytes(t, cols), bb = ds_dtype_block_bytes(t);
+    uint8_t *w = malloc(rb * (size_t)rows);
+    for (size_t i = 0; i < rb * (size_t)rows; i++) w[i] = (uint8_t)rnd_u64();
+    const size_t nb = rb * (size_t)rows / bb;
+    for (size_t b = 0; b < nb; b++) {
+        uint8_t *x = w + b * bb;
+        switch (t) {
+        case DS_DTYPE_F32: {
+            float v = rnd_f();
+            memcpy(x, &v, 4);
+            break;
+        }
+        case DS_DTYPE_F16: put16(x, ds_f32_to_f16(rnd_f())); break;
+        case DS_DTYPE_BF16: put16(x, ds_f32_to_bf16(rnd_f())); break;
+        case DS_DTYPE_Q4_1: case DS_DTYPE_Q5_1: case DS_DTYPE_Q4_K: case DS_DTYPE_Q5_K:
+            put16(x, ds_f32_to_f16(0.01f + 0.05f * fabsf(rnd_f())));
+            put16(x + 2, ds_f32_to_f16(0.5f * rnd_f()));
+            break;
+        case DS_DTYPE_Q6_K: put16(x + 208, ds_f32_to_f16(0.001f + 0.01f * fabsf(rnd_f()))); break;
+        default: put16(x, ds_f32_to_f16(0.01f + 0.05f * fabsf(rnd_f()))); break; /* Q4_0, Q5_0, Q8_0 */
+        }
+    }
+    return w;
+}
+
+/* The reference: ds_dequant_row (the scalar ggml-order dequantiser), then a double GEMM. */
+static float *dequant_all(ds_dtype t, const uint8_t *w, int32_t rows, int32_t cols) {
+    float *f = malloc(sizeof(float) * (size_t)rows * cols);
+    const size_t rb = ds_dtype_row_bytes(t, cols);
+    for (int32_t r = 0; r < rows; r++) ds_dequant_row(t, w + (size_t)r * rb, f + (size_t)r * cols, cols);
+    return f;
+}
+
+static void typed_case(tcase *t, ds_dtype dt, int32_t n, int32_t rows, int32_t cols, bool bias_acc) {
+    uint8_t *w = rnd_typed(dt, rows, cols);
+    float *wf = dequant_all(dt, w, rows, cols);
+    float *x = rnd_vec((size_t)n * cols, 1.0f), *bias = rnd_vec((size_t)rows, 1.0f), *y0 = rnd_vec((size_t)n * rows, 1.0f);
+    float *dy = rnd_vec((size_t)n * rows, 1.0f), *dx0 = rnd_vec((size_t)n * cols, 1.0f);
+    float *got = malloc(sizeof(float) * (size_t)n * (rows > cols ? rows : cols));
+    double *ref = dvec((size_t)n * (rows > cols ? rows : cols));
+    for (int32_t i = 0; i < n; i++)
+        for (int32_t r = 0; r < rows; r++) {
+            double s = bias_acc ? (double)y0[(size_t)i * rows + r] + bias[r] : 0.0;
+            for (int32_t k = 0; k < cols; k++) s += (double)x[(size_t)i * cols + k] * wf[(size_t)r * cols + k];
+            ref[(size_t)i * rows + r] = s;
+        }
+    ds_weight hw;
+    CHECK_EQ_INT(ds_weight_init(&hw, w, dt, rows, cols), 0);
+    ds_mat m = {0};
+    char what[96];
+    snprintf(what, sizeof what, "%s n=%d %dx%d%s", ds_dtype_name(dt), n, rows, cols, bias_acc ? " bias+acc" : "");
+    int st = t->b->iface->mat_upload(t->b->ctx, &hw, &m);
+    t_ok(t, "mat_upload", st);
+    if (st) goto out;
+    float *dxin = t_up(t, x, sizeof(float) * (size_t)n * cols), *dyout = t_up(t, y0, sizeof(float) * (size_t)n * rows);
+    float *db = t_up(t, bias, sizeof(float) * rows);
+    t_ok(t, "matmul", t->b->iface->matmul(t->b->ctx, dxin, &m, bias_acc ? db : NULL, dyout, n, bias_acc));
+    t_down(t, got, dyout, sizeof(float) * (size_t)n * rows);
+    expect(t, "matmul", what, got, ref, (size_t)n * rows, t->tol_gemm);
+    if (t->b->iface->matmul_t) { /* dx (+)= dy·W */
+        for (int32_t i = 0; i < n; i++)
+            for (int32_t k = 0; k < cols; k++) {
+                double s = bias_acc ? dx0[(size_t)i * cols + k] : 0.0;
+                for (int32_t r = 0; r < rows; r++) s += (double)dy[(size_t)i * rows + r] * wf[(size_t)r * cols + k];
+                ref[(size_t)i * cols + k] = s;
+            }
+        float *ddy = t_up(t, dy, sizeof(float) * (size_t)n * rows), *ddx = t_up(t, dx0, sizeof(float) * (size_t)n * cols);
+        t_ok(t, "matmul_t", t->b->iface->matmul_t(t->b->ctx, ddy, &m, ddx, n, bias_acc));
+        t_down(t, got, ddx, sizeof(float) * (size_t)n * cols);
+        expect(t, "matmul_t", what, got, ref, (size_t)n * cols, t->tol_gemm);
+    }
+    if (n == 3) { /* embed rows of the typed table */
+        int32_t ids[3] = {rows - 1, 0, rnd_i(rows)};
+        for (int32_t i = 0; i < 3; i++)
+            for (int32_t k = 0; k < cols; k++) ref[(size_t)i * cols + k] = wf[(size_t)ids[i] * cols + k];
+        int32_t *dids = t_up(t, ids, sizeof ids);
+        float *dout = t_alloc(t, sizeof(float) * 3 * (size_t)cols);
+        t_ok(t, "embed", t->b->iface->embed(t->b->ctx, &m, dids, dout, 3));
+        t_down(t, got, dout, sizeof(float) * 3 * (size_t)cols);
+        expect(t, "embed", what, got, ref, 3 * (size_t)cols, t->tol_embed);
+    }
+    t->b->iface->mat_free(t->b->ctx, &m);
+out:
+    t_release_all(t);
+    free(w), free(wf), free(x), free(bias), free(y0), free(dy), free(dx0), free(got), free(ref);
+}
+
+/* Awkward shapes: n = 1, odd n, the gemv/tile boundary (8, 9), rows that are not a multiple of any
+ * tile, several column blocks, columns past one K chunk (2304 = 2048 + 256), and for the 16/32-bit
+ * formats columns that are not a multiple of 32. */
+static void test_typed(tcase *t) {
+    for (size_t d = 0; d < N_DTYPES; d++) {
+        const ds_dtype dt = ALL_DTYPES[d];
+        const int32_t B = ds_dtype_block(dt), k1 = B == 256 ? 256 : 96, k2 = B == 256 ? 768 : 160;
+        typed_case(t, dt, 1, 37, k1, false);
+        typed_case(t, dt, 3, 64, k2, true);
+        typed_case(t, dt, 8, 33, k1, true);
+        typed_case(t, dt, 9, 70, k2, false);
+        typed_case(t, dt, 37, 45, k2, true);
+        typed_case(t, dt, 2, 17, 2304, true);
+        typed_case(t, dt, 20, 40, 2304, false);
+        if (B == 1) typed_case(t, dt, 5, 29, 53, true);
+    }
+}
+
+/* The CPU kernels of each instruction set, called directly (the backend uses only the best). */
+static void test_cpu_isas(void) {
+    static const char *isas[] = {"generic", "avx2", "avx512"};
+    const int32_t shapes[][3] = {{1, 37, 768}, {3, 33, 256}, {9, 40, 2304}, {40, 65, 512}};
+    float *scratch = malloc(sizeof(float) * ds_qk_scratch_floats(omp_get_max_threads()));
+    for (size_t i = 0; i < 3; i++) {
+        const ds_qk_ops *k = ds_qk_by_name(isas[i]);
+        if (!k) {
+            printf("cpu   isa %-7s skipped: this CPU lacks it\n", isas[i]);
+            continue;
+        }
+        for (size_t d = 0; d < N_DTYPES; d++)
+            for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+                const ds_dtype dt = ALL_DTYPES[d];
+                const int32_t n = shapes[s][0], rows = shapes[s][1], cols = shapes[s][2];
+                uint8_t *w = rnd_typed(dt, rows, cols);
+                float *wf = dequant_all(dt, w, rows, cols), *x = rnd_vec((size_t)n * cols, 1.0f);
+                float *y = malloc(sizeof(float) * (size_t)n * rows);
+                double *ref = dvec((size_t)n * rows);
+                for (int32_t a = 0; a < n; a++)
+                    for (int32_t r = 0; r < rows; r++) {
+                        double acc = 0;
+                        for (int32_t c = 0; c < cols; c++) acc += (double)x[(size_t)a * cols + c] * wf[(size_t)r * cols + c];
+                        ref[(size_t)a * rows + r] = acc;
+                    }
+                ds_mat m = {.data = w, .rows = rows, .cols = cols, .dtype = dt,
+                            .row_bytes = ds_dtype_row_bytes(dt, cols), .borrowed = true};
+                CHECK_EQ_INT(ds_qk_matmul(k, x, &m, NULL, y, n, false, scratch, NULL), 0);
+                char what[80];
+                snprintf(what, sizeof what, "%s %s n=%d %dx%d", isas[i], ds_dtype_name(dt), n, rows, cols);
+                tcase t = {.name = "cpu"};
+                expect(&t, "qk", what, y, ref, (size_t)n * rows, 1e-10);
+                free(w), free(wf), free(x), free(y), free(ref);
+            }
+    }
+    free(scratch);
 }
 
 /* ---- rmsnorm, rope, silu_mul, add ---- */
@@ -557,6 +728,7 @@ static void run_backend(ds_backend *b) {
     test_memory(&t);
     test_matmul(&t);
     test_embed(&t);
+    test_typed(&t);
     test_rmsnorm(&t);
     test_rope(&t);
     test_silu_add(&t);
@@ -584,6 +756,7 @@ int main(int argc, char **argv) {
         }
         run_backend(b);
         ds_backend_free(b);
+        if (!strcmp(names[i], "cpu")) test_cpu_isas();
     }
     return ds_test_result();
 }

@@ -2,6 +2,7 @@
  * (tests/golden/gen_quant_golden.py), malformed files built here, a tiny synthetic model, and the real
  * SmolLM2 file when present. */
 #include "ds/model.h"
+#include "test_weights.h"
 #include "ds_test.h"
 #include "model/gguf.h"
 
@@ -156,7 +157,7 @@ static void test_golden_blocks(void) {
     cJSON_Delete(j);
     float y[256];
     uint8_t z[256] = {0};
-    CHECK_EQ_INT(ds_ggml_dequant_row(DS_GGML_Q5_K, z, y, 256), DS_EUNSUPPORTED);
+    CHECK_EQ_INT(ds_ggml_dequant_row(10 /* Q2_K */, z, y, 256), DS_EUNSUPPORTED);
     CHECK_EQ_INT(ds_ggml_dequant_row(DS_GGML_Q8_0, z, y, 31), DS_EINVAL);
     CHECK_EQ_INT(ds_ggml_dequant_row(999, z, y, 32), DS_EUNSUPPORTED);
     CHECK(!strcmp(ds_ggml_type_name(12), "Q4_K") && !strcmp(ds_ggml_type_name(77), "type#77"));
@@ -312,13 +313,13 @@ static void test_malformed_tensors(void) {
     b = build(&k, t, 1), expect_fail(&b, DS_EFORMAT, "block size", "row not a block multiple"), free(b.p);
 
     /* A known type we cannot dequantise: opens, fails at dequant naming tensor and type. */
-    static uint8_t q5k[176];
-    t[0] = (tdesc){"blk.0.q5", 1, {256}, DS_GGML_Q5_K, q5k, 176, -1};
+    static uint8_t q2k[84];
+    t[0] = (tdesc){"blk.0.q2", 1, {256}, 10 /* Q2_K */, q2k, 84, -1};
     b = build(&k, t, 1);
-    CHECK_EQ_INT(ds_gguf_open_mem(&g, b.p, b.n, "q5.gguf", &err), 0);
+    CHECK_EQ_INT(ds_gguf_open_mem(&g, b.p, b.n, "q2.gguf", &err), 0);
     float out[256];
-    CHECK_EQ_INT(ds_gguf_dequant(&g, ds_gguf_find_tensor(&g, "blk.0.q5"), out, 256, &err), DS_EUNSUPPORTED);
-    CHECK(strstr(err.msg, "blk.0.q5") && strstr(err.msg, "Q5_K"));
+    CHECK_EQ_INT(ds_gguf_dequant(&g, ds_gguf_find_tensor(&g, "blk.0.q2"), out, 256, &err), DS_EUNSUPPORTED);
+    CHECK(strstr(err.msg, "blk.0.q2") && strstr(err.msg, "Q2_K"));
     ds_gguf_close(&g);
     free(b.p);
     free(k.b.p);
@@ -524,28 +525,30 @@ static void check_tiny_weights(const ds_model *m, bool bias, bool f16_v) {
     for (int l = 0; l < TL; l++) {
         const ds_layer_weights *w = &m->layers[l];
         char n[64];
-#define D(field, s, r, c, f16) (snprintf(n, sizeof n, "blk.%d.%s", l, s), ref_diff(w->field, n, r, c, f16))
+#define D(field, s, r, c, f16) (snprintf(n, sizeof n, "blk.%d.%s", l, s), ref_diff(TW(w->field), n, r, c, f16))
+#define DV(field, s, r, c, f16) (snprintf(n, sizeof n, "blk.%d.%s", l, s), ref_diff(w->field, n, r, c, f16))
         CHECK_MSG(D(wq, "attn_q.weight", q, TD, false) == 0, "layer %d wq (unpermute)", l);
         CHECK_MSG(D(wk, "attn_k.weight", kvd, TD, false) == 0, "layer %d wk (unpermute)", l);
         CHECK_MSG(D(wv, "attn_v.weight", kvd, TD, f16_v) == 0, "layer %d wv", l);
         CHECK(D(wo, "attn_output.weight", TD, q, false) == 0);
-        CHECK(D(attn_norm, "attn_norm.weight", 1, TD, false) == 0);
-        CHECK(D(ffn_norm, "ffn_norm.weight", 1, TD, false) == 0);
+        CHECK(DV(attn_norm, "attn_norm.weight", 1, TD, false) == 0);
+        CHECK(DV(ffn_norm, "ffn_norm.weight", 1, TD, false) == 0);
         CHECK(D(w_gate, "ffn_gate.weight", TFF, TD, false) == 0);
         CHECK(D(w_up, "ffn_up.weight", TFF, TD, false) == 0);
         CHECK(D(w_down, "ffn_down.weight", TD, TFF, false) == 0);
         if (bias) {
-            CHECK_MSG(D(bq, "attn_q.bias", 1, q, false) == 0, "layer %d bq", l);
-            CHECK(D(bk, "attn_k.bias", 1, kvd, false) == 0);
-            CHECK(D(bv, "attn_v.bias", 1, kvd, false) == 0);
+            CHECK_MSG(DV(bq, "attn_q.bias", 1, q, false) == 0, "layer %d bq", l);
+            CHECK(DV(bk, "attn_k.bias", 1, kvd, false) == 0);
+            CHECK(DV(bv, "attn_v.bias", 1, kvd, false) == 0);
         }
 #undef D
+#undef DV
     }
     CHECK(ref_diff(m->output_norm, "output_norm.weight", 1, TD, false) == 0);
     /* token_embd is Q8_0 with random quants, scale 1/64: row r = q/64. */
     uint64_t id = name_id("token_embd.weight");
     int bad = 0;
-    for (int i = 0; i < TV * TD; i++) bad += m->tok_embd[i] != (float)(int8_t)(uint8_t)(rnd(id, i) * 127) / 64;
+    for (int i = 0; i < TV * TD; i++) bad += TW(m->tok_embd)[i] != (float)(int8_t)(uint8_t)(rnd(id, i) * 127) / 64;
     CHECK_EQ_INT(bad, 0);
 }
 
@@ -558,11 +561,11 @@ static void test_tiny_model(void) {
         const ds_model_config *c = &m->cfg;
         CHECK(c->arch == DS_ARCH_LLAMA && c->n_layer == TL && c->d_model == TD && c->n_head == TH);
         CHECK(c->n_kv_head == TKV && c->head_dim == THD && c->d_ff == TFF && c->n_vocab == TV && c->max_ctx == 512);
-        CHECK(!c->tied_embeddings && m->output != m->tok_embd && !c->qkv_bias);
+        CHECK(!c->tied_embeddings && m->output.data != m->tok_embd.data && !c->qkv_bias);
         CHECK_NEAR(c->rms_eps, 1e-5, 1e-12);
         CHECK(m->tok == NULL && m->chat_template == NULL);
         check_tiny_weights(m, false, true);
-        CHECK(ref_diff(m->output, "output.weight", TV, TD, false) == 0);
+        CHECK(ref_diff(TW(m->output), "output.weight", TV, TD, false) == 0);
         /* llama3-style divisors: inv_freq = theta^(-2i/d) / rope_freqs[i]. */
         uint64_t id = name_id("rope_freqs.weight");
         for (int i = 0; i < THD / 2; i++)
@@ -574,7 +577,7 @@ static void test_tiny_model(void) {
     m = load_tiny(&o, &err);
     CHECK_MSG(m, "%s", err.msg);
     if (m) {
-        CHECK(m->cfg.arch == DS_ARCH_QWEN2 && m->cfg.qkv_bias && m->cfg.tied_embeddings && m->output == m->tok_embd);
+        CHECK(m->cfg.arch == DS_ARCH_QWEN2 && m->cfg.qkv_bias && m->cfg.tied_embeddings && m->output.data == m->tok_embd.data);
         check_tiny_weights(m, true, false); /* qwen2: no Q/K permutation */
         CHECK_NEAR(m->inv_freq[1], 1.0 / pow(10000.0, 2.0 / THD), 1e-7);
     }
@@ -640,10 +643,10 @@ static void check_rows(const cJSON *rows, const ds_gguf *g, const ds_model *m) {
         ds_err err;
         CHECK_EQ_INT(ds_gguf_dequant_rows(g, t, (uint64_t)row, 1, raw, &err), 0);
         const float *hf = NULL; /* the same row in the loaded model (HF orientation) */
-        if (!strcmp(name, "token_embd.weight")) hf = m->tok_embd;
-        else if (!strcmp(name, "blk.0.attn_q.weight")) hf = m->layers[0].wq;
-        else if (!strcmp(name, "blk.0.attn_k.weight")) hf = m->layers[0].wk;
-        else if (!strcmp(name, "blk.5.ffn_down.weight")) hf = m->layers[5].w_down;
+        if (!strcmp(name, "token_embd.weight")) hf = TW(m->tok_embd);
+        else if (!strcmp(name, "blk.0.attn_q.weight")) hf = TW(m->layers[0].wq);
+        else if (!strcmp(name, "blk.0.attn_k.weight")) hf = TW(m->layers[0].wk);
+        else if (!strcmp(name, "blk.5.ffn_down.weight")) hf = TW(m->layers[5].w_down);
         else if (!strcmp(name, "output_norm.weight")) hf = m->output_norm;
         else if (!strcmp(name, "blk.29.attn_norm.weight")) hf = m->layers[29].attn_norm;
         int i = 0, bad_raw = 0, bad_hf = 0;
@@ -677,7 +680,7 @@ static void test_smollm2(void) {
         const ds_model_config *c = &m->cfg;
         printf("SmolLM2 loaded in %.2f s\n", ds_time_s() - t0);
         CHECK(c->n_layer == 30 && c->d_model == 576 && c->n_head == 9 && c->n_kv_head == 3 && c->n_vocab == 49152);
-        CHECK(c->tied_embeddings && m->output == m->tok_embd && c->head_dim == 64 && c->d_ff == 1536);
+        CHECK(c->tied_embeddings && m->output.data == m->tok_embd.data && c->head_dim == 64 && c->d_ff == 1536);
         CHECK(c->max_ctx == 8192 && c->rope_theta == 100000.0f && !strcmp(c->arch_name, "llama"));
         CHECK(m->chat_template && strstr(m->chat_template, "<|im_start|>"));
         CHECK(m->tok != NULL && ds_tokenizer_n_vocab(m->tok) == 49152);

@@ -2,6 +2,7 @@
  * Q/K unpermute and tied handling), RoPE frequencies match transformers, and broken HF directories
  * fail by name. */
 #include "ds/model.h"
+#include "test_weights.h"
 #include "ds_test.h"
 
 #include <cjson/cJSON.h>
@@ -42,26 +43,26 @@ static void cmp_models(const ds_model *h, const ds_model *g, double tol) {
     CHECK(a->n_head == b->n_head && a->n_kv_head == b->n_kv_head && a->head_dim == b->head_dim && a->d_ff == b->d_ff);
     CHECK(a->max_ctx == b->max_ctx && a->rms_eps == b->rms_eps && a->rope_theta == b->rope_theta);
     CHECK(a->qkv_bias == b->qkv_bias && a->tied_embeddings == b->tied_embeddings);
-    CHECK((h->output == h->tok_embd) == a->tied_embeddings && (g->output == g->tok_embd) == b->tied_embeddings);
+    CHECK((h->output.data == h->tok_embd.data) == a->tied_embeddings && (g->output.data == g->tok_embd.data) == b->tied_embeddings);
     const size_t d = (size_t)a->d_model, q = (size_t)a->n_head * a->head_dim, kv = (size_t)a->n_kv_head * a->head_dim;
     const size_t ff = (size_t)a->d_ff, v = (size_t)a->n_vocab;
-    cmp("tok_embd", h->tok_embd, g->tok_embd, v * d, tol);
-    cmp("output", h->output, g->output, v * d, tol);
+    cmp("tok_embd", TW(h->tok_embd), TW(g->tok_embd), v * d, tol);
+    cmp("output", TW(h->output), TW(g->output), v * d, tol);
     cmp("output_norm", h->output_norm, g->output_norm, d, 0);
     for (int l = 0; l < a->n_layer; l++) {
         const ds_layer_weights *x = &h->layers[l], *y = &g->layers[l];
         cmp("attn_norm", x->attn_norm, y->attn_norm, d, 0);
-        cmp("wq", x->wq, y->wq, q * d, tol);
-        cmp("wk", x->wk, y->wk, kv * d, tol);
-        cmp("wv", x->wv, y->wv, kv * d, tol);
+        cmp("wq", TW(x->wq), TW(y->wq), q * d, tol);
+        cmp("wk", TW(x->wk), TW(y->wk), kv * d, tol);
+        cmp("wv", TW(x->wv), TW(y->wv), kv * d, tol);
         cmp("bq", x->bq, y->bq, q, 0);
         cmp("bk", x->bk, y->bk, kv, 0);
         cmp("bv", x->bv, y->bv, kv, 0);
-        cmp("wo", x->wo, y->wo, d * q, tol);
+        cmp("wo", TW(x->wo), TW(y->wo), d * q, tol);
         cmp("ffn_norm", x->ffn_norm, y->ffn_norm, d, 0);
-        cmp("w_gate", x->w_gate, y->w_gate, ff * d, tol);
-        cmp("w_up", x->w_up, y->w_up, ff * d, tol);
-        cmp("w_down", x->w_down, y->w_down, d * ff, tol);
+        cmp("w_gate", TW(x->w_gate), TW(y->w_gate), ff * d, tol);
+        cmp("w_up", TW(x->w_up), TW(y->w_up), ff * d, tol);
+        cmp("w_down", TW(x->w_down), TW(y->w_down), d * ff, tol);
     }
     /* GGUF llama3 carries rope_freqs divisors computed in float64 by the converter: ~1 ulp apart. */
     for (int i = 0; i < a->head_dim / 2; i++)
@@ -236,10 +237,10 @@ static void test_hf_dir(void) {
     ds_model *m = ds_model_load(dir, &p, &err);
     CHECK_MSG(m, "%s", err.msg);
     if (m) {
-        CHECK(m->cfg.arch == DS_ARCH_QWEN2 && m->cfg.qkv_bias && m->cfg.tied_embeddings && m->output == m->tok_embd);
+        CHECK(m->cfg.arch == DS_ARCH_QWEN2 && m->cfg.qkv_bias && m->cfg.tied_embeddings && m->output.data == m->tok_embd.data);
         CHECK(m->cfg.head_dim == D / H && m->cfg.n_kv_head == KV && m->cfg.rope_theta == 10000.0f);
         CHECK(m->tok == NULL && m->chat_template && !strcmp(m->chat_template, "{{ messages }}"));
-        CHECK(m->layers[1].bv != NULL && m->layers[0].wq[1] == ds_bf16_to_f32(ds_f32_to_bf16((float)((7 + 3 * 13) % 29) / 29.0f - 0.5f)));
+        CHECK(m->layers[1].bv != NULL && TW(m->layers[0].wq)[1] == ds_bf16_to_f32(ds_f32_to_bf16((float)((7 + 3 * 13) % 29) / 29.0f - 0.5f)));
         CHECK_EQ_INT(ds_model_check_complete(m, &err), 0);
     }
     ds_model_free(m);
@@ -252,7 +253,7 @@ static void test_hf_dir(void) {
     CHECK_MSG(m, "%s", err.msg);
     if (m) {
         CHECK(m->cfg.rope_scaling == DS_ROPE_SCALING_LLAMA3 && m->cfg.rope_theta == 500000.0f && m->cfg.rope_orig_ctx == 64);
-        CHECK(!m->cfg.tied_embeddings && m->output != m->tok_embd && !m->cfg.qkv_bias);
+        CHECK(!m->cfg.tied_embeddings && m->output.data != m->tok_embd.data && !m->cfg.qkv_bias);
         CHECK(m->chat_template && !strcmp(m->chat_template, "J"));
     }
     ds_model_free(m);

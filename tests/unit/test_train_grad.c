@@ -14,6 +14,7 @@
  * coordinates, HF learning-rate schedules and torch clip_grad_norm_ match, and untrainable adapter
  * types / bad examples are refused. */
 #include "ds/train.h"
+#include "test_weights.h"
 #include "ds_test.h"
 #include "golden.h"
 #include "train/train_internal.h"
@@ -106,24 +107,24 @@ static size_t base_visit(const ds_model *m, float *dst) {
         if ((ptr) && dst) memcpy(dst + off, (ptr), (n) * sizeof(float));                               \
         if (ptr) off += (n);                                                                           \
     } while (0)
-    VISIT(m->tok_embd, (size_t)c->n_vocab * d);
-    if (m->output != m->tok_embd) VISIT(m->output, (size_t)c->n_vocab * d);
+    VISIT(TW(m->tok_embd), (size_t)c->n_vocab * d);
+    if (m->output.data != m->tok_embd.data) VISIT(TW(m->output), (size_t)c->n_vocab * d);
     VISIT(m->output_norm, d);
     VISIT(m->inv_freq, (size_t)c->head_dim / 2);
     for (int32_t l = 0; l < c->n_layer; l++) {
         const ds_layer_weights *w = &m->layers[l];
         VISIT(w->attn_norm, d);
-        VISIT(w->wq, qd * d);
-        VISIT(w->wk, kvd * d);
-        VISIT(w->wv, kvd * d);
+        VISIT(TW(w->wq), qd * d);
+        VISIT(TW(w->wk), kvd * d);
+        VISIT(TW(w->wv), kvd * d);
         VISIT(w->bq, qd);
         VISIT(w->bk, kvd);
         VISIT(w->bv, kvd);
-        VISIT(w->wo, d * qd);
+        VISIT(TW(w->wo), d * qd);
         VISIT(w->ffn_norm, d);
-        VISIT(w->w_gate, (size_t)c->d_ff * d);
-        VISIT(w->w_up, (size_t)c->d_ff * d);
-        VISIT(w->w_down, d * c->d_ff);
+        VISIT(TW(w->w_gate), (size_t)c->d_ff * d);
+        VISIT(TW(w->w_up), (size_t)c->d_ff * d);
+        VISIT(TW(w->w_down), d * c->d_ff);
     }
 #undef VISIT
     return off;

@@ -1,9 +1,13 @@
-/* The CPU backend: the reference implementation of ds_backend. OpenBLAS for GEMMs, OpenMP threads
- * for the rest. Memory is plain host memory; weights are borrowed from the ds_model (fp32). */
+/* The CPU backend: the reference implementation of ds_backend. Weights are borrowed from the
+ * ds_model in its own formats (ds/weight.h) and multiplied by the kernels of qmatmul.c, chosen at
+ * run time for this CPU; fp32 weights and adapter GEMMs use OpenBLAS; OpenMP threads for the rest.
+ * Memory is plain host memory. */
 #include "ds/backend.h"
 
 #include "backend/cpu/cpu_bottleneck.h"
 #include "backend/cpu/cpu_train.h"
+#include "backend/cpu/pool.h"
+#include "backend/cpu/qmatmul.h"
 
 #include <cblas.h>
 #include <math.h>
@@ -17,12 +21,29 @@ typedef struct cpu_ctx {
      * needs it, then reused, so the steady-state forward does not allocate. */
     float *scratch;
     size_t scratch_cap; /* floats */
+    float *qscratch;    /* dequantised weight tiles, per thread (qmatmul.c) */
+    size_t qscratch_cap;
+    const ds_qk_ops *qk; /* kernels for this CPU */
+    ds_pool *pool;       /* decode-sized ops (pool.h); prefill-sized ones use OpenMP */
 } cpu_ctx;
 
 static void cpu_free(void *ctx) {
     cpu_ctx *c = ctx;
     free(c->scratch);
+    free(c->qscratch);
+    ds_pool_free(c->pool);
     free(c);
+}
+
+static float *cpu_qscratch(cpu_ctx *c) {
+    size_t n = ds_qk_scratch_floats(omp_get_max_threads());
+    if (n > c->qscratch_cap) {
+        float *p = realloc(c->qscratch, n * sizeof(float));
+        if (!p) return NULL;
+        c->qscratch = p;
+        c->qscratch_cap = n;
+    }
+    return c->qscratch;
 }
 
 /* At least n floats of scratch, or NULL on OOM. Engine thread (ops are not reentrant). */
@@ -58,12 +79,12 @@ static int cpu_copy(void *ctx, void *dst, const void *src, size_t bytes) {
 
 static int cpu_sync(void *ctx) { return DS_OK; }
 
-static int cpu_mat_upload(void *ctx, const float *host, int32_t rows, int32_t cols, ds_mat *out) {
-    out->data = (void *)host;
-    out->rows = rows;
-    out->cols = cols;
-    out->dtype = DS_DTYPE_F32;
-    out->borrowed = true;
+static int cpu_mat_upload(void *ctx, const ds_weight *host, ds_mat *out) {
+    if (!host->data || !ds_dtype_supported((int)host->dtype) ||
+        host->row_bytes != ds_dtype_row_bytes(host->dtype, host->cols))
+        return DS_EUNSUPPORTED;
+    *out = (ds_mat){.data = (void *)host->data, .rows = host->rows, .cols = host->cols, .dtype = host->dtype,
+                    .row_bytes = host->row_bytes, .borrowed = true};
     return DS_OK;
 }
 
@@ -74,7 +95,12 @@ static void cpu_mat_free(void *ctx, ds_mat *m) {
 
 static int cpu_matmul(void *ctx, const float *x, const ds_mat *w, const float *bias, float *y, int32_t n,
                       bool accumulate) {
-    if (w->dtype != DS_DTYPE_F32) return DS_EUNSUPPORTED;
+    cpu_ctx *c = ctx;
+    if (w->dtype != DS_DTYPE_F32) {
+        float *scratch = n > DS_QK_GEMV_MAX ? cpu_qscratch(c) : NULL;
+        if (n > DS_QK_GEMV_MAX && !scratch) return DS_ENOMEM;
+        return ds_qk_matmul(c->qk, x, w, bias, y, n, accumulate, scratch, c->pool);
+    }
     const int32_t m = w->rows, k = w->cols;
     if (n == 1) {
         cblas_sgemv(CblasRowMajor, CblasNoTrans, m, k, 1.0f, (const float *)w->data, k, x, 1,
@@ -92,13 +118,21 @@ static int cpu_matmul(void *ctx, const float *x, const ds_mat *w, const float *b
     return DS_OK;
 }
 
-static int cpu_embed(void *ctx, const ds_mat *embd, const int32_t *ids, float *out, int32_t n) {
-    const int32_t d = embd->cols;
-    for (int32_t t = 0; t < n; t++) {
-        if (ids[t] < 0 || ids[t] >= embd->rows) return DS_EINVAL;
-        memcpy(out + (size_t)t * d, (const float *)embd->data + (size_t)ids[t] * d, sizeof(float) * (size_t)d);
+/* dx = dy·W (training's input gradient through a frozen weight). */
+static int cpu_matmul_t(void *ctx, const float *dy, const ds_mat *w, float *dx, int32_t n, bool accumulate) {
+    cpu_ctx *c = ctx;
+    if (w->dtype == DS_DTYPE_F32) {
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, w->cols, w->rows, 1.0f, dy, w->rows,
+                    (const float *)w->data, w->cols, accumulate ? 1.0f : 0.0f, dx, w->cols);
+        return DS_OK;
     }
-    return DS_OK;
+    float *scratch = cpu_qscratch(c);
+    if (!scratch) return DS_ENOMEM;
+    return ds_qk_matmul_t(c->qk, dy, w, dx, n, accumulate, scratch);
+}
+
+static int cpu_embed(void *ctx, const ds_mat *embd, const int32_t *ids, float *out, int32_t n) {
+    return ds_qk_embed(((cpu_ctx *)ctx)->qk, embd, ids, out, n);
 }
 
 static int cpu_rmsnorm(void *ctx, const float *x, const float *w, float *y, int32_t n, int32_t d, float eps) {
@@ -195,12 +229,31 @@ static void attend_one(const ds_attn_args *a, int32_t t, int32_t h, float *score
     }
 }
 
+typedef struct {
+    const ds_attn_args *a;
+    float *scores;
+    size_t per;
+} attn_job;
+
+static void attn_chunk(void *arg, int64_t i) {
+    const attn_job *j = arg;
+    attend_one(j->a, (int32_t)(i / j->a->n_head), (int32_t)(i % j->a->n_head), j->scores + (size_t)i * j->per);
+}
+
 static int cpu_attention(void *ctx, const ds_attn_args *a) {
     if (a->n_head % a->n_kv_head) return DS_EINVAL;
+    cpu_ctx *c = ctx;
     int32_t max_kv = 0;
     for (int32_t t = 0; t < a->n_tokens; t++)
         if (a->tok_nkv[t] > max_kv) max_kv = a->tok_nkv[t];
     const size_t per_thread = (size_t)(max_kv > 0 ? max_kv : 1);
+    if (a->n_tokens <= DS_QK_GEMV_MAX) { /* decode: one chunk per (token, head) on the pool */
+        const int64_t n = (int64_t)a->n_tokens * a->n_head;
+        attn_job j = {.a = a, .scores = cpu_scratch(c, per_thread * (size_t)n), .per = per_thread};
+        if (!j.scores) return DS_ENOMEM;
+        ds_pool_run(c->pool, n, attn_chunk, &j);
+        return DS_OK;
+    }
     float *all = cpu_scratch(ctx, per_thread * (size_t)omp_get_max_threads());
     if (!all) return DS_ENOMEM;
 #pragma omp parallel
@@ -278,6 +331,7 @@ static const struct ds_backend_iface cpu_iface = {
     .mat_upload = cpu_mat_upload,
     .mat_free = cpu_mat_free,
     .matmul = cpu_matmul,
+    .matmul_t = cpu_matmul_t,
     .embed = cpu_embed,
     .rmsnorm = cpu_rmsnorm,
     .rope = cpu_rope,
@@ -311,6 +365,14 @@ ds_backend *ds_backend_cpu_create(const ds_backend_params *params, ds_err *err) 
         c->n_threads = params && params->n_threads > 0 ? params->n_threads : omp_get_num_procs();
         omp_set_num_threads(c->n_threads);
         openblas_set_num_threads(c->n_threads);
+    }
+    const char *isa;
+    c->qk = ds_qk_best(&isa);
+    if (!(c->pool = ds_pool_create(c->n_threads))) {
+        free(b);
+        free(c);
+        ds_err_set(err, DS_ENOMEM, "cpu backend: cannot start threads");
+        return NULL;
     }
     b->iface = &cpu_iface;
     b->ctx = c;

@@ -8,6 +8,7 @@
  * log-sum-exp, dṼ = Pᵀ·dO, dP = dO·Ṽᵀ, dS = P⊙(dP − rowsum(P⊙dP)), dQ = scale·dS·K̃,
  * dK̃ = scale·dSᵀ·Q; the prefix rows of dK̃/dṼ are the prefix gradients (no RoPE on them). */
 #include "backend/cpu/cpu_train.h"
+#include "backend/cpu/qmatmul.h"
 
 #include <cblas.h>
 #include <math.h>
@@ -129,11 +130,18 @@ static void tr_embed_lora_bwd(const float *B, float s, const int32_t *src, const
     }
 }
 
-static void tr_embed(const float *embd, const float *soft, const int32_t *src, float *out, int32_t n, int32_t d) {
+static int tr_embed(const ds_mat *embd, const float *soft, const int32_t *src, float *out, int32_t n, int32_t d) {
+    if (embd->cols != d) return DS_EINVAL;
     for (int32_t t = 0; t < n; t++) {
-        const float *row = src[t] >= 0 ? embd + (size_t)src[t] * d : soft + (size_t)(-src[t] - 1) * d;
-        memcpy(out + (size_t)t * d, row, (size_t)d * sizeof(float));
+        float *o = out + (size_t)t * d;
+        if (src[t] >= 0) {
+            int rc = ds_qk_embed(ds_qk_best(NULL), embd, &src[t], o, 1);
+            if (rc) return rc;
+        } else {
+            memcpy(o, soft + (size_t)(-src[t] - 1) * d, (size_t)d * sizeof(float));
+        }
     }
+    return 0;
 }
 
 static void tr_embed_bwd_soft(const int32_t *src, const float *dx, float *dsoft, int32_t n, int32_t d) {
@@ -424,11 +432,10 @@ static int cpu_t_lora_bwd(void *ctx, const float *x, const float *u, const float
     return 0;
 }
 
-static int cpu_t_embed(void *ctx, const float *embd, const float *soft, const int32_t *src, float *out, int32_t n,
-                       int32_t d) {
+static int cpu_t_embed(void *ctx, const struct ds_mat *embd, const float *soft, const int32_t *src, float *out,
+                       int32_t n, int32_t d) {
     (void)ctx;
-    tr_embed(embd, soft, src, out, n, d);
-    return 0;
+    return tr_embed(embd, soft, src, out, n, d);
 }
 
 static int cpu_t_embed_bwd_soft(void *ctx, const int32_t *src, const float *dx, float *dsoft, int32_t n, int32_t d) {

@@ -1,0 +1,155 @@
+/* Matmul on typed weights: the run-time choice of kernels and the split over threads.
+ *
+ * Decode-sized steps (n ≤ DS_QK_GEMV_MAX tokens) stream each weight row once through the gemv
+ * kernel, rows split over the threads. Larger steps (prefill chunks, big decode batches)
+ * dequantise a tile of DS_QK_TILE_ROWS rows × up to DS_QK_TILE_K columns once into per-thread
+ * scratch and multiply it with every token of the step by one single-threaded OpenBLAS sgemm, so
+ * the dequantisation is paid once per step, not once per token. */
+#include "backend/cpu/qmatmul.h"
+
+#include "backend/cpu/pool.h"
+
+#include <cblas.h>
+#if defined(__x86_64__)
+#include <cpuid.h>
+#endif
+#include <omp.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* F16C (CPUID.1:ECX bit 29): clang's __builtin_cpu_supports does not know it. */
+static bool has_f16c(void) {
+#if defined(__x86_64__)
+    unsigned a, b, c, d;
+    return __get_cpuid(1, &a, &b, &c, &d) && (c >> 29 & 1);
+#else
+    return false;
+#endif
+}
+
+static bool cpu_has(const char *isa) {
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    if (!strcmp(isa, "avx2"))
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && has_f16c();
+    if (!strcmp(isa, "avx512"))
+        return cpu_has("avx2") && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl");
+#endif
+    return !strcmp(isa, "generic");
+}
+
+const ds_qk_ops *ds_qk_by_name(const char *name) {
+    if (!cpu_has(name)) return NULL;
+#if defined(__x86_64__)
+    if (!strcmp(name, "avx512")) return &ds_qk_avx512;
+    if (!strcmp(name, "avx2")) return &ds_qk_avx2;
+#endif
+    return &ds_qk_generic;
+}
+
+static const ds_qk_ops *best;
+static const char *best_name;
+
+static void choose(void) {
+    static const char *order[] = {"avx512", "avx2", "generic"};
+    const char *cap = getenv("DS_CPU_ISA");
+    size_t i = 0;
+    if (cap)
+        for (size_t j = 0; j < 3; j++)
+            if (!strcmp(cap, order[j])) i = j;
+    for (; i < 3 && !(best = ds_qk_by_name(order[i])); i++) {
+    }
+    best_name = order[i < 3 ? i : 2];
+    if (!best) best = &ds_qk_generic;
+}
+
+const ds_qk_ops *ds_qk_best(const char **name) {
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, choose);
+    if (name) *name = best_name;
+    return best;
+}
+
+size_t ds_qk_scratch_floats(int n_threads) {
+    return (size_t)(n_threads > 0 ? n_threads : 1) * DS_QK_TILE_ROWS * DS_QK_TILE_K;
+}
+
+/* Column chunk: whole row when it fits, else DS_QK_TILE_K (a multiple of every block size). */
+static int32_t k_chunk(const ds_mat *w) { return w->cols <= DS_QK_TILE_K ? w->cols : DS_QK_TILE_K; }
+
+typedef struct {
+    const ds_qk_ops *k;
+    const ds_mat *w;
+    const float *x, *bias;
+    float *y;
+    int32_t n, chunk;
+    bool acc;
+} gemv_job;
+
+static void gemv_chunk(void *arg, int64_t i) {
+    const gemv_job *j = arg;
+    const int32_t r0 = (int32_t)i * j->chunk, r1 = r0 + j->chunk < j->w->rows ? r0 + j->chunk : j->w->rows;
+    j->k->gemv(j->w, r0, r1, j->x, j->n, j->y, j->bias, j->acc);
+}
+
+int ds_qk_matmul(const ds_qk_ops *k, const float *x, const ds_mat *w, const float *bias, float *y, int32_t n,
+                 bool acc, float *scratch, struct ds_pool *pool) {
+    const int32_t M = w->rows, K = w->cols;
+    if (n <= 0) return DS_OK;
+    if (n <= DS_QK_GEMV_MAX) {
+        /* ~8 chunks per thread (at least 16 rows): a thread that a neighbour slows down leaves
+         * its share to the others */
+        const int32_t nt = pool ? ds_pool_threads(pool) : 1;
+        int32_t chunk = (M + 8 * nt - 1) / (8 * nt);
+        if (chunk < 16) chunk = 16;
+        gemv_job j = {.k = k, .w = w, .x = x, .bias = bias, .y = y, .n = n, .chunk = chunk, .acc = acc};
+        const int64_t n_chunks = (M + chunk - 1) / chunk;
+        if (pool) ds_pool_run(pool, n_chunks, gemv_chunk, &j);
+        else
+            for (int64_t i = 0; i < n_chunks; i++) gemv_chunk(&j, i);
+        return DS_OK;
+    }
+    const int32_t kc = k_chunk(w), n_tiles = (M + DS_QK_TILE_ROWS - 1) / DS_QK_TILE_ROWS;
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int32_t tile = 0; tile < n_tiles; tile++) {
+        float *buf = scratch + (size_t)omp_get_thread_num() * DS_QK_TILE_ROWS * DS_QK_TILE_K;
+        const int32_t r0 = tile * DS_QK_TILE_ROWS, nr = M - r0 < DS_QK_TILE_ROWS ? M - r0 : DS_QK_TILE_ROWS;
+        for (int32_t k0 = 0; k0 < K; k0 += kc) {
+            const int32_t kn = K - k0 < kc ? K - k0 : kc;
+            k->deq_tile(w, r0, nr, k0, kn, buf);
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, nr, kn, 1.0f, x + k0, K, buf, kn,
+                        (acc || k0 > 0) ? 1.0f : 0.0f, y + r0, M);
+        }
+        if (bias)
+            for (int32_t t = 0; t < n; t++)
+                for (int32_t i = 0; i < nr; i++) y[(size_t)t * M + r0 + i] += bias[r0 + i];
+    }
+    return DS_OK;
+}
+
+/* dx = dy·W: tiles of rows in order (each adds into all of dx), OpenBLAS threads inside. */
+int ds_qk_matmul_t(const ds_qk_ops *k, const float *dy, const ds_mat *w, float *dx, int32_t n, bool acc,
+                   float *scratch) {
+    const int32_t M = w->rows, K = w->cols, kc = k_chunk(w);
+    if (!acc) memset(dx, 0, (size_t)n * K * sizeof(float));
+    for (int32_t r0 = 0; r0 < M; r0 += DS_QK_TILE_ROWS) {
+        const int32_t nr = M - r0 < DS_QK_TILE_ROWS ? M - r0 : DS_QK_TILE_ROWS;
+        for (int32_t k0 = 0; k0 < K; k0 += kc) {
+            const int32_t kn = K - k0 < kc ? K - k0 : kc;
+            k->deq_tile(w, r0, nr, k0, kn, scratch);
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, kn, nr, 1.0f, dy + r0, M, scratch, kn, 1.0f,
+                        dx + k0, K);
+        }
+    }
+    return DS_OK;
+}
+
+int ds_qk_embed(const ds_qk_ops *k, const ds_mat *w, const int32_t *ids, float *out, int32_t n) {
+    for (int32_t t = 0; t < n; t++) {
+        if (ids[t] < 0 || ids[t] >= w->rows) return DS_EINVAL;
+        k->deq_tile(w, ids[t], 1, 0, w->cols, out + (size_t)t * w->cols);
+    }
+    return DS_OK;
+}

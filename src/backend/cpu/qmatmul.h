@@ -1,0 +1,50 @@
+/* CPU matmul on typed weights (internal to the CPU backend): kernel tables per instruction set
+ * (qkern.h) and the driver that splits a matmul over threads (qmatmul.c). */
+#ifndef DS_CPU_QMATMUL_H
+#define DS_CPU_QMATMUL_H
+
+#include "ds/backend.h"
+
+/* Largest token count that takes the gemv path; more tokens dequantise tiles once per step and
+ * multiply them with OpenBLAS. */
+#define DS_QK_GEMV_MAX 8
+
+typedef struct ds_qk_ops {
+    /* y[t][r] (=|+=) W[r]·x[t] (+ bias[r]), rows [r0, r1), n ≤ DS_QK_GEMV_MAX; y rows are w->rows wide. */
+    void (*gemv)(const ds_mat *w, int32_t r0, int32_t r1, const float *x, int32_t n, float *y, const float *bias,
+                 bool acc);
+    /* dst[nr][kn] = rows [r0, r0+nr), columns [k0, k0+kn) of W as fp32 (k0, kn whole blocks). */
+    void (*deq_tile)(const ds_mat *w, int32_t r0, int32_t nr, int32_t k0, int32_t kn, float *dst);
+    int vw; /* fp32 lanes */
+} ds_qk_ops;
+
+extern const ds_qk_ops ds_qk_generic;
+#if defined(__x86_64__)
+extern const ds_qk_ops ds_qk_avx2;
+extern const ds_qk_ops ds_qk_avx512;
+#endif
+
+/* The kernels this machine runs: the widest the CPU supports (cpuid), capped by $DS_CPU_ISA
+ * (generic | avx2 | avx512). Name in *name. Thread-safe (decided once). */
+const ds_qk_ops *ds_qk_best(const char **name);
+/* Kernels by name ("generic", "avx2", "avx512") if this CPU can run them, else NULL (tests). */
+const ds_qk_ops *ds_qk_by_name(const char *name);
+
+/* Per-thread scratch for the GEMM path: floats per thread. */
+#define DS_QK_TILE_ROWS 32
+#define DS_QK_TILE_K 2048
+size_t ds_qk_scratch_floats(int n_threads);
+
+/* y[n][rows] (=|+=) x[n][cols] · Wᵀ (+ bias) with the given kernels; scratch holds
+ * ds_qk_scratch_floats(omp threads) floats. Decode-sized n runs on `pool` (NULL: the calling
+ * thread alone), larger n on OpenMP threads. */
+struct ds_pool;
+int ds_qk_matmul(const ds_qk_ops *k, const float *x, const ds_mat *w, const float *bias, float *y, int32_t n,
+                 bool acc, float *scratch, struct ds_pool *pool);
+/* dx[n][cols] (=|+=) dy[n][rows] · W. */
+int ds_qk_matmul_t(const ds_qk_ops *k, const float *dy, const ds_mat *w, float *dx, int32_t n, bool acc,
+                   float *scratch);
+/* out[t] = W[ids[t]] as fp32; DS_EINVAL for an id out of range. */
+int ds_qk_embed(const ds_qk_ops *k, const ds_mat *w, const int32_t *ids, float *out, int32_t n);
+
+#endif
