@@ -2,6 +2,8 @@
 #include "cli/cli.h"
 #include "ds/adapter.h"
 #include "ds/engine.h"
+#include "util/mem.h"
+#include "util/sb.h"
 
 #include <limits.h>
 
@@ -44,10 +46,9 @@ static const char *GEN_HELP =
     "  -h, --help              this text\n";
 
 typedef struct gen_out {
-    char *text;
-    size_t len, cap;
+    ds_sb text;
     int32_t *ids;
-    int n_ids, cap_ids;
+    size_t n_ids, cap_ids;
     ds_finish_reason finish;
     int prompt_tokens, completion_tokens;
     bool done, stream;
@@ -57,27 +58,13 @@ typedef struct gen_out {
 static pthread_mutex_t g_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t g_cv = PTHREAD_COND_INITIALIZER;
 
-static void append(gen_out *o, const char *p, size_t n) {
-    if (o->len + n + 1 > o->cap) {
-        o->cap = (o->len + n + 1) * 2;
-        o->text = realloc(o->text, o->cap);
-    }
-    memcpy(o->text + o->len, p, n);
-    o->len += n;
-    o->text[o->len] = 0;
-}
-
 static void on_event(const ds_gen_event *ev) {
     gen_out *o = ev->user;
     pthread_mutex_lock(&g_mu);
     if (ev->type == DS_EV_TOKEN) {
-        append(o, ev->text, ev->text_len);
+        ds_sb_append(&o->text, ev->text, ev->text_len);
         if (ev->token >= 0) {
-            if (o->n_ids == o->cap_ids) {
-                o->cap_ids = o->cap_ids ? o->cap_ids * 2 : 64;
-                o->ids = realloc(o->ids, sizeof(int32_t) * (size_t)o->cap_ids);
-            }
-            o->ids[o->n_ids++] = ev->token;
+            if (!DS_GROW(o->ids, o->cap_ids, o->n_ids + 1)) o->ids[o->n_ids++] = ev->token;
         }
         if (o->stream) {
             fwrite(ev->text, 1, ev->text_len, stdout);
@@ -267,18 +254,18 @@ static int run(const ds_model *m, gen_opts *o) {
         gen_out *g = &outs[i];
         if (o->n_prompts > 1)
             printf("--- [%d]%s%s %s\n%s", i, o->adapters[i] ? " adapter=" : "", o->adapters[i] ? o->adapters[i] : "",
-                   o->prompts[i], g->text ? g->text : "");
+                   o->prompts[i], g->text.data ? g->text.data : "");
         printf("\n");
         if (g->err[0]) { fprintf(stderr, "deltaserve: prompt %d failed: %s\n", i, g->err); rc = 1; }
         if (o->show_ids) {
             printf("ids:");
-            for (int k = 0; k < g->n_ids; k++) printf(" %d", g->ids[k]);
+            for (size_t k = 0; k < g->n_ids; k++) printf(" %d", g->ids[k]);
             printf("\n");
         }
         fprintf(stderr, "[%d] prompt %d tokens, generated %d, finish: %s\n", i, g->prompt_tokens,
                 g->completion_tokens, reason_name(g->finish));
         total += g->completion_tokens;
-        free(g->text);
+        ds_sb_free(&g->text);
         free(g->ids);
     }
     fprintf(stderr, "generated %d tokens in %.2f s (%.1f tokens/s)\n", total, dt, dt > 0 ? total / dt : 0.0);

@@ -14,30 +14,6 @@ ds_sampling_params ds_sampling_default_params(void) {
     return p;
 }
 
-static uint64_t splitmix64(uint64_t *x) {
-    uint64_t z = (*x += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
-
-void ds_rng_seed(uint64_t st[4], uint64_t seed) {
-    for (int i = 0; i < 4; i++) st[i] = splitmix64(&seed);
-}
-
-static inline uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
-
-uint64_t ds_rng_next(uint64_t s[4]) {
-    const uint64_t r = rotl(s[1] * 5, 7) * 9, t = s[1] << 17;
-    s[2] ^= s[0];
-    s[3] ^= s[1];
-    s[1] ^= s[2];
-    s[0] ^= s[3];
-    s[2] ^= t;
-    s[3] = rotl(s[3], 45);
-    return r;
-}
-
 int ds_sampler_init(ds_sampler *s, const ds_sampling_params *p, int32_t n_vocab, uint64_t fallback_seed) {
     memset(s, 0, sizeof *s);
     s->p = *p;

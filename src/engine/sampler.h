@@ -4,6 +4,7 @@
 #define DS_SAMPLER_H
 
 #include "ds/engine.h"
+#include "util/rng.h" /* the sampler's state is an xoshiro256** generator */
 
 typedef struct ds_sampler {
     ds_sampling_params p;
@@ -28,7 +29,4 @@ int32_t ds_sampler_sample(ds_sampler *s, float *logits, const int32_t *history, 
 /* log-softmax value of token `tok` and the top-n alternatives (sorted, descending) from raw
  * logits. Returns the logprob of tok. */
 float ds_logprobs(const float *logits, int32_t n_vocab, int32_t tok, ds_top_logprob *top, int32_t n_top);
-
-uint64_t ds_rng_next(uint64_t st[4]);
-void ds_rng_seed(uint64_t st[4], uint64_t seed);
 #endif

@@ -1,15 +1,9 @@
 /* Sequence bookkeeping and the token → text → event path, incl. stop strings. */
 #include "engine/seq.h"
+#include "util/mem.h"
 
 #include <stdlib.h>
 #include <string.h>
-
-static char *dupstr(const char *s) {
-    size_t n = strlen(s) + 1;
-    char *d = malloc(n);
-    if (d) memcpy(d, s, n);
-    return d;
-}
 
 static int copy_request(ds_seq *s, const ds_gen_request *r) {
     s->n_prompt = (int32_t)r->n_prompt;
@@ -23,7 +17,7 @@ static int copy_request(ds_seq *s, const ds_gen_request *r) {
     s->user = r->user;
     for (int i = 0; i < DS_MAX_STOP && r->stop[i]; i++) {
         if (!r->stop[i][0]) continue;
-        if (!(s->stop[s->n_stop] = dupstr(r->stop[i]))) return DS_ENOMEM;
+        if (!(s->stop[s->n_stop] = ds_strdup(r->stop[i]))) return DS_ENOMEM;
         size_t l = strlen(r->stop[i]);
         if (l > s->max_stop_len) s->max_stop_len = l;
         s->n_stop++;

@@ -3,6 +3,7 @@
  * Stale heap entries are detected on pop by re-checking the pair, so each merge costs O(log n) and a
  * long piece (a CJK sentence, a run of spaces) is never quadratic. */
 #include "model/tok_internal.h"
+#include "util/mem.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -118,17 +119,6 @@ void bpe_scratch_free(bpe_scratch *sc) {
     memset(sc, 0, sizeof *sc);
 }
 
-static int grow(void **p, size_t *cap, size_t need, size_t elem) {
-    if (need <= *cap) return DS_OK;
-    size_t ncap = *cap ? *cap : 64;
-    while (ncap < need) ncap *= 2;
-    void *np = realloc(*p, ncap * elem);
-    if (!np) return DS_ENOMEM;
-    *p = np;
-    *cap = ncap;
-    return DS_OK;
-}
-
 /* ---- min-heap on (rank, pos): HF's Merge ordering ---- */
 
 static bool item_less(const bpe_item *x, const bpe_item *y) {
@@ -205,7 +195,7 @@ static void merge_all(const ds_tokenizer *t, bpe_sym *sym, size_t k, bpe_item *h
 
 /* ignore_merges (Llama-3): a piece whose byte-level spelling is a vocab token is emitted whole. */
 static int whole_piece(const ds_tokenizer *t, const uint8_t *s, size_t n, bpe_scratch *sc, int32_t *id) {
-    if (grow((void **)&sc->text, &sc->text_cap, n * 2, 1)) return DS_ENOMEM;
+    if (ds_grow(&sc->text, &sc->text_cap, n * 2, 1)) return DS_ENOMEM;
     size_t len = 0;
     for (size_t i = 0; i < n; i++) len += tok_utf8_encode(tok_byte_to_cp(s[i]), (uint8_t *)sc->text + len);
     return ds_strmap_get(t->vocab, sc->text, len, id) ? 1 : 0;
@@ -220,8 +210,8 @@ int bpe_encode_piece(const ds_tokenizer *t, const uint8_t *s, size_t n, bpe_scra
         if (rc < 0) return rc;
         if (rc == 1) return tok_ids_push(out, id);
     }
-    if (grow((void **)&sc->sym, &sc->sym_cap, n, sizeof(bpe_sym)) ||
-        grow((void **)&sc->heap, &sc->heap_cap, 3 * n + 2, sizeof(bpe_item)))
+    if (DS_GROW(sc->sym, sc->sym_cap, n) ||
+        DS_GROW(sc->heap, sc->heap_cap, 3 * n + 2))
         return DS_ENOMEM;
     size_t k = init_symbols(t, s, n, sc->sym);
     merge_all(t, sc->sym, k, sc->heap);

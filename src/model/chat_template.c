@@ -8,38 +8,14 @@
 #include <string.h>
 
 #include "model/tok_internal.h"
+#include "util/sb.h"
 
-typedef struct sbuf {
-    char *p;
-    size_t n, cap;
-    bool oom;
-} sbuf;
-
-static void sb_put(sbuf *b, const char *s, size_t n) {
-    if (b->oom) return;
-    if (b->n + n + 1 > b->cap) {
-        size_t ncap = b->cap ? b->cap : 256;
-        while (ncap < b->n + n + 1) ncap *= 2;
-        char *np = realloc(b->p, ncap);
-        if (!np) {
-            b->oom = true;
-            return;
-        }
-        b->p = np;
-        b->cap = ncap;
-    }
-    memcpy(b->p + b->n, s, n);
-    b->n += n;
-    b->p[b->n] = 0;
-}
-
-static void sb_str(sbuf *b, const char *s) { sb_put(b, s, strlen(s)); }
 
 /* Python str.isspace(), which Jinja's `trim` and str.strip() use: White_Space plus U+001C..U+001F. */
 static bool py_space(uint32_t c) { return (c >= 0x1C && c <= 0x1F) || tok_is_white_space(c); }
 
 /* Appends s stripped of leading and trailing Python whitespace. */
-static void sb_strip(sbuf *b, const char *s) {
+static void sb_strip(ds_sb *b, const char *s) {
     const uint8_t *u = (const uint8_t *)s;
     size_t n = strlen(s), lo = 0, hi = n, w;
     uint32_t cp;
@@ -50,7 +26,7 @@ static void sb_strip(sbuf *b, const char *s) {
         if (tok_utf8_decode(u + hi - k, k, &cp) != k || !py_space(cp)) break;
         hi -= k;
     }
-    sb_put(b, s + lo, hi - lo);
+    ds_sb_append(b, s + lo, hi - lo);
 }
 
 static bool role_ok(const char *r) {
@@ -80,37 +56,37 @@ static const ds_chat_msg *conv_at(const conv *c, size_t i) {
 static size_t conv_len(const conv *c) { return c->n + (c->has_sys ? 1 : 0); }
 
 /* SmolLM2 / Qwen2: '<|im_start|>' + role + '\n' + content + '<|im_end|>' + '\n'. */
-static int render_chatml(const conv *c, bool gen, sbuf *b) {
+static int render_chatml(const conv *c, bool gen, ds_sb *b) {
     for (size_t i = 0; i < conv_len(c); i++) {
         const ds_chat_msg *m = conv_at(c, i);
-        sb_str(b, "<|im_start|>");
-        sb_str(b, m->role);
-        sb_str(b, "\n");
-        sb_str(b, m->content);
-        sb_str(b, "<|im_end|>\n");
+        ds_sb_puts(b, "<|im_start|>");
+        ds_sb_puts(b, m->role);
+        ds_sb_puts(b, "\n");
+        ds_sb_puts(b, m->content);
+        ds_sb_puts(b, "<|im_end|>\n");
     }
-    if (gen) sb_str(b, "<|im_start|>assistant\n");
+    if (gen) ds_sb_puts(b, "<|im_start|>assistant\n");
     return DS_OK;
 }
 
 /* Meta-Llama-3-Instruct: bos before the first message, content | trim. */
-static int render_llama3(const conv *c, bool gen, sbuf *b) {
+static int render_llama3(const conv *c, bool gen, ds_sb *b) {
     for (size_t i = 0; i < conv_len(c); i++) {
         const ds_chat_msg *m = conv_at(c, i);
-        if (i == 0) sb_str(b, "<|begin_of_text|>");
-        sb_str(b, "<|start_header_id|>");
-        sb_str(b, m->role);
-        sb_str(b, "<|end_header_id|>\n\n");
+        if (i == 0) ds_sb_puts(b, "<|begin_of_text|>");
+        ds_sb_puts(b, "<|start_header_id|>");
+        ds_sb_puts(b, m->role);
+        ds_sb_puts(b, "<|end_header_id|>\n\n");
         sb_strip(b, m->content);
-        sb_str(b, "<|eot_id|>");
+        ds_sb_puts(b, "<|eot_id|>");
     }
-    if (gen) sb_str(b, "<|start_header_id|>assistant<|end_header_id|>\n\n");
+    if (gen) ds_sb_puts(b, "<|start_header_id|>assistant<|end_header_id|>\n\n");
     return DS_OK;
 }
 
 /* Llama-2-chat: a leading system message folds into the first turn as <<SYS>>; every user turn opens
  * with bos; the whole turn text (system block included) is str.strip()'d. */
-static int render_llama2(const conv *c, sbuf *b) {
+static int render_llama2(const conv *c, ds_sb *b) {
     size_t first = 0;
     const char *sys = NULL;
     if (conv_len(c) && is_role(conv_at(c, 0), "system")) {
@@ -121,41 +97,41 @@ static int render_llama2(const conv *c, sbuf *b) {
         const ds_chat_msg *m = conv_at(c, i);
         bool user = is_role(m, "user");
         if (user != ((i - first) % 2 == 0)) return DS_EINVAL; /* roles must alternate */
-        sbuf turn = {0};
+        ds_sb turn = {0};
         if (i == first && sys) {
-            sb_str(&turn, "<<SYS>>\n");
-            sb_str(&turn, sys);
-            sb_str(&turn, "\n<</SYS>>\n\n");
+            ds_sb_puts(&turn, "<<SYS>>\n");
+            ds_sb_puts(&turn, sys);
+            ds_sb_puts(&turn, "\n<</SYS>>\n\n");
         }
-        sb_str(&turn, m->content);
+        ds_sb_puts(&turn, m->content);
         if (turn.oom) {
-            free(turn.p);
+            ds_sb_free(&turn);
             return DS_ENOMEM;
         }
         if (user || is_role(m, "assistant")) {
-            sb_str(b, user ? "<s>[INST] " : " ");
-            sb_strip(b, turn.p);
-            sb_str(b, user ? " [/INST]" : " </s>");
+            ds_sb_puts(b, user ? "<s>[INST] " : " ");
+            sb_strip(b, turn.data);
+            ds_sb_puts(b, user ? " [/INST]" : " </s>");
         }
-        free(turn.p);
+        ds_sb_free(&turn);
     }
     return DS_OK;
 }
 
 /* Mistral / Mixtral instruct: one bos, no stripping, only alternating user / assistant. */
-static int render_mistral(const conv *c, sbuf *b) {
-    sb_str(b, "<s>");
+static int render_mistral(const conv *c, ds_sb *b) {
+    ds_sb_puts(b, "<s>");
     for (size_t i = 0; i < conv_len(c); i++) {
         const ds_chat_msg *m = conv_at(c, i);
         bool user = is_role(m, "user");
         if (user != (i % 2 == 0)) return DS_EINVAL;
         if (user) {
-            sb_str(b, "[INST] ");
-            sb_str(b, m->content);
-            sb_str(b, " [/INST]");
+            ds_sb_puts(b, "[INST] ");
+            ds_sb_puts(b, m->content);
+            ds_sb_puts(b, " [/INST]");
         } else if (is_role(m, "assistant")) {
-            sb_str(b, m->content);
-            sb_str(b, "</s>");
+            ds_sb_puts(b, m->content);
+            ds_sb_puts(b, "</s>");
         } else {
             return DS_EINVAL;
         }
@@ -184,7 +160,7 @@ int ds_chat_render(ds_chat_format fmt, const ds_chat_msg *msgs, size_t n_msgs, b
         c.sys = (ds_chat_msg){"system", default_system};
         c.has_sys = true;
     }
-    sbuf b = {0};
+    ds_sb b = {0};
     int rc;
     switch (fmt) {
     case DS_CHAT_CHATML: rc = render_chatml(&c, add_generation_prompt, &b); break;
@@ -194,13 +170,13 @@ int ds_chat_render(ds_chat_format fmt, const ds_chat_msg *msgs, size_t n_msgs, b
     default: rc = DS_EINVAL;
     }
     if (!rc && b.oom) rc = DS_ENOMEM;
-    if (!rc && !b.p) sb_put(&b, "", 0); /* a valid empty string, never NULL, on success */
+    if (!rc && !b.data) ds_sb_append(&b, "", 0); /* a valid empty string, never NULL, on success */
     if (!rc && b.oom) rc = DS_ENOMEM;
     if (rc) {
-        free(b.p);
+        free(b.data);
         return rc;
     }
-    *out = b.p;
+    *out = b.data;
     return DS_OK;
 }
 
@@ -208,23 +184,23 @@ int ds_chat_render(ds_chat_format fmt, const ds_chat_msg *msgs, size_t n_msgs, b
  * (NULL) when the literal ends first — then the text was an expression such as
  * '<|im_start|>system\n' + messages[0]['content'], not a fixed prompt. */
 static char *literal_until_im_end(const char *s, char quote) {
-    sbuf b = {0};
+    ds_sb b = {0};
     for (const char *p = s; *p; p++) {
         if (!strncmp(p, "<|im_end|>", 10)) {
-            if (!b.p) sb_put(&b, "", 0);
+            if (!b.data) ds_sb_append(&b, "", 0);
             if (b.oom) break;
-            return b.p;
+            return b.data;
         }
         if (*p == quote) break;
         if (*p == '\\' && p[1]) {
             p++;
             char c = *p == 'n' ? '\n' : *p == 't' ? '\t' : *p == 'r' ? '\r' : *p;
-            sb_put(&b, &c, 1);
+            ds_sb_append(&b, &c, 1);
             continue;
         }
-        sb_put(&b, p, 1);
+        ds_sb_append(&b, p, 1);
     }
-    free(b.p);
+    free(b.data);
     return NULL;
 }
 

@@ -1,6 +1,8 @@
 /* Pre-tokenisation (formats.md §7): NFC, HF Digits(individual_digits), and the family regex applied
  * as HF's Split(Isolated) does — every match and every gap between matches is a piece. */
 #include "model/tok_internal.h"
+#include "util/mem.h"
+#include "util/sb.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -19,62 +21,34 @@ const char *const tok_regex_text[3] = {
 static const char k_white_space[] = "\\t\\n\\x{0B}\\f\\r \\x{85}\\x{A0}\\x{1680}\\x{2000}-\\x{200A}\\x{2028}\\x{2029}"
                                     "\\x{202F}\\x{205F}\\x{3000}";
 
-typedef struct pbuf {
-    char *p;
-    size_t n, cap;
-    bool oom;
-} pbuf;
-
-static void pb_put(pbuf *b, const char *s) {
-    size_t n = strlen(s);
-    if (b->oom) return;
-    if (b->n + n + 1 > b->cap) {
-        size_t ncap = b->cap ? b->cap * 2 : 1024;
-        while (ncap < b->n + n + 1) ncap *= 2;
-        char *np = realloc(b->p, ncap);
-        if (!np) {
-            b->oom = true;
-            return;
-        }
-        b->p = np;
-        b->cap = ncap;
-    }
-    memcpy(b->p + b->n, s, n + 1);
-    b->n += n;
-}
-
-/* "\p{L}" plus the ranges PCRE2's tables lack, for use inside []. */
-static void pb_class(pbuf *b, const char *prop, tok_uni_class extra) {
+/* "\\p{L}" plus the ranges PCRE2's tables lack, for use inside []. */
+static void pb_class(ds_sb *b, const char *prop, tok_uni_class extra) {
     size_t n;
     const tok_range *r = tok_unicode_extra(extra, &n);
-    pb_put(b, prop);
-    for (size_t i = 0; i < n; i++) {
-        char item[48];
-        snprintf(item, sizeof item, "\\x{%X}-\\x{%X}", (unsigned)r[i].lo, (unsigned)r[i].hi);
-        pb_put(b, item);
-    }
+    ds_sb_puts(b, prop);
+    for (size_t i = 0; i < n; i++) ds_sb_printf(b, "\\x{%X}-\\x{%X}", (unsigned)r[i].lo, (unsigned)r[i].hi);
 }
 
 /* Rewrites the four class escapes; everything else is copied. Tracks [...] so an escape inside a class
  * is spliced in and one outside gets its own brackets. */
 char *tok_regex_for_pcre2(const char *s) {
-    pbuf b = {0};
+    ds_sb b = {0};
     bool in_class = false;
     for (; *s; s++) {
         char one[3] = {s[0], 0, 0};
         if (s[0] == '\\' && s[1]) {
             const char *open = in_class ? "" : "[", *close = in_class ? "" : "]";
             if (!strncmp(s, "\\p{L}", 5) || !strncmp(s, "\\p{N}", 5)) {
-                pb_put(&b, open);
+                ds_sb_puts(&b, open);
                 pb_class(&b, s[3] == 'L' ? "\\p{L}" : "\\p{N}", s[3] == 'L' ? TOK_UNI_LETTER : TOK_UNI_NUMBER);
-                pb_put(&b, close);
+                ds_sb_puts(&b, close);
                 s += 4;
                 continue;
             }
             if ((s[1] == 's' || s[1] == 'S') && !(s[1] == 'S' && in_class)) {
-                pb_put(&b, s[1] == 'S' ? "[^" : open);
-                pb_put(&b, k_white_space);
-                pb_put(&b, s[1] == 'S' ? "]" : close);
+                ds_sb_puts(&b, s[1] == 'S' ? "[^" : open);
+                ds_sb_puts(&b, k_white_space);
+                ds_sb_puts(&b, s[1] == 'S' ? "]" : close);
                 s += 1;
                 continue;
             }
@@ -85,13 +59,13 @@ char *tok_regex_for_pcre2(const char *s) {
         } else if (s[0] == ']' && in_class) {
             in_class = false;
         }
-        pb_put(&b, one);
+        ds_sb_puts(&b, one);
     }
     if (b.oom) {
-        free(b.p);
+        ds_sb_free(&b);
         return NULL;
     }
-    return b.p;
+    return b.data;
 }
 
 int tok_pre_init(tok_pre *p, ds_err *err) {
@@ -180,14 +154,7 @@ int tok_pre_split(const tok_pre *p, pcre2_match_data *md, const uint8_t *s, size
 }
 
 static int buf_append(uint8_t **buf, size_t *len, size_t *cap, const uint8_t *src, size_t n) {
-    if (*len + n > *cap) {
-        size_t ncap = *cap ? *cap : 64;
-        while (ncap < *len + n) ncap *= 2;
-        uint8_t *nb = realloc(*buf, ncap);
-        if (!nb) return DS_ENOMEM;
-        *buf = nb;
-        *cap = ncap;
-    }
+    if (ds_grow(buf, cap, *len + n, 1)) return DS_ENOMEM;
     if (n) memcpy(*buf + *len, src, n);
     *len += n;
     return DS_OK;

@@ -2,6 +2,7 @@
  * BPE, wired together. Everything here only reads the tokenizer, so encode is thread-safe; per-call
  * state (match data, BPE scratch) lives in enc_ctx. */
 #include "model/tok_internal.h"
+#include "util/mem.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -9,13 +10,7 @@
 /* ---- trie over added-token contents (leftmost-longest matching, like HF's Aho-Corasick) ---- */
 
 static int32_t trie_new_node(tok_trie *tr, uint8_t byte) {
-    if (tr->n_nodes == tr->cap) {
-        size_t ncap = tr->cap ? tr->cap * 2 : 256;
-        tok_trie_node *nn = realloc(tr->nodes, ncap * sizeof *nn);
-        if (!nn) return -1;
-        tr->nodes = nn;
-        tr->cap = ncap;
-    }
+    if (DS_GROW(tr->nodes, tr->cap, tr->n_nodes + 1)) return -1;
     tr->nodes[tr->n_nodes] = (tok_trie_node){-1, -1, -1, byte};
     return (int32_t)tr->n_nodes++;
 }

@@ -1,5 +1,6 @@
 /* UTF-8 decoding, lossy repair and the character classes HF `tokenizers` uses around added tokens. */
 #include "model/tok_internal.h"
+#include "util/mem.h"
 
 #include <stdlib.h>
 #include <utf8proc.h>
@@ -170,13 +171,7 @@ int tok_cp_to_byte(uint32_t cp) {
 }
 
 int tok_ids_push(tok_ids *ids, int32_t id) {
-    if (ids->n == ids->cap) {
-        size_t ncap = ids->cap ? ids->cap * 2 : 64;
-        int32_t *nv = realloc(ids->v, ncap * sizeof *nv);
-        if (!nv) return DS_ENOMEM;
-        ids->v = nv;
-        ids->cap = ncap;
-    }
+    if (DS_GROW(ids->v, ids->cap, ids->n + 1)) return DS_ENOMEM;
     ids->v[ids->n++] = id;
     return DS_OK;
 }

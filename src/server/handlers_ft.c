@@ -27,6 +27,7 @@
 #include "ds/train.h"
 #include "server/handlers.h"
 #include "server/multipart.h"
+#include "util/rng.h"
 
 #define EP_FILES "/v1/files"
 #define EP_FILE "/v1/files/{id}"
@@ -74,12 +75,7 @@ void ds_handlers_ft_free(ds_server *s) {
     *slot = NULL;
 }
 
-static uint64_t next_rand(struct ds_ft_state *st) {
-    uint64_t z = (st->counter += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
+static uint64_t next_rand(struct ds_ft_state *st) { return ds_splitmix64(&st->counter); }
 
 static ft_file *find_file(struct ds_ft_state *st, const char *id) {
     for (int32_t i = 0; st && i < st->n_files; i++)

@@ -22,6 +22,7 @@
 #include "ds/tokenizer.h"
 #include "server/handlers.h"
 #include "server/openai_req.h"
+#include "util/mem.h"
 
 #define GEN_EP_COMPLETIONS "/v1/completions"
 #define GEN_EP_CHAT "/v1/chat/completions"
@@ -307,12 +308,7 @@ static void observe_token_timing(gen_ctx *x, gen_choice *c, float queue_s) {
 }
 
 static bool push_lp(gen_choice *c, const lp_rec *r) {
-    if (c->n_lp == c->cap_lp) {
-        size_t cap = c->cap_lp ? c->cap_lp * 2 : 16;
-        lp_rec *n = realloc(c->lp, cap * sizeof *n);
-        if (!n) return false;
-        c->lp = n, c->cap_lp = cap;
-    }
+    if (DS_GROW(c->lp, c->cap_lp, c->n_lp + 1)) return false;
     c->lp[c->n_lp++] = *r;
     return true;
 }

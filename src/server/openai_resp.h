@@ -1,7 +1,7 @@
 /* deltaserve — OpenAI-shaped response bodies: errors, completion / chat completion objects,
  * streaming chunks, logprobs, the /v1/models list, and SSE framing.
  *
- * Everything here is plain formatting into a caller-owned growable buffer (ds_sb): no I/O, no
+ * Everything here is plain formatting into a caller-owned growable buffer (ds_sb, util/sb.h): no I/O, no
  * globals except the id generator's random state, so any thread may call it. The HTTP layer
  * (http.c) and the handlers (loop thread) are the callers in practice. */
 #ifndef DS_SERVER_OPENAI_RESP_H
@@ -11,35 +11,11 @@
 
 #include "ds/common.h"
 #include "ds/engine.h"
+#include "util/sb.h"
 
 #ifdef __cplusplus
 extern "C" {
 #endif
-
-/* ---- growable string buffer ---------------------------------------------------------------- */
-
-/* A NUL-terminated growable buffer. On allocation failure `oom` latches, further appends are
- * no-ops, and the caller checks `oom` once at the end (ds_sb_ok). Zero-initialise or ds_sb_init. */
-typedef struct ds_sb {
-    char *data; /* malloc'd, NUL-terminated when non-NULL; owned, freed by ds_sb_free */
-    size_t len;
-    size_t cap;
-    bool oom;
-} ds_sb;
-
-void ds_sb_init(ds_sb *b);
-void ds_sb_free(ds_sb *b);
-void ds_sb_reset(ds_sb *b); /* len = 0, keeps the allocation, clears oom */
-static inline bool ds_sb_ok(const ds_sb *b) { return !b->oom; }
-void ds_sb_append(ds_sb *b, const char *s, size_t n);
-void ds_sb_puts(ds_sb *b, const char *s);
-void ds_sb_printf(ds_sb *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-void ds_sb_vprintf(ds_sb *b, const char *fmt, va_list ap);
-/* Appends `s` (n bytes, may contain NUL) as a quoted JSON string. Invalid UTF-8 bytes become
- * U+FFFD so the output is always valid JSON, whatever a tokenizer hands us. */
-void ds_sb_json_str(ds_sb *b, const char *s, size_t n);
-/* Appends a JSON number; non-finite values become -9999.0 (vLLM's clamp for -inf logprobs). */
-void ds_sb_json_num(ds_sb *b, double v);
 
 /* ---- errors ------------------------------------------------------------------------------- */
 

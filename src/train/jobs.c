@@ -26,6 +26,8 @@
 #include "ds/model.h"
 #include "ds/tokenizer.h"
 #include "ds/train.h"
+#include "util/mem.h"
+#include "util/rng.h"
 
 #define MAX_JOBS 256
 #define MAX_LINE_ERRORS 5
@@ -400,12 +402,7 @@ static void job_free(ft_job *j) {
 
 /* Under m->mu. */
 static void add_event_locked(ft_job *j, const ds_ft_event *e) {
-    if (j->n_ev == j->cap_ev) {
-        size_t cap = j->cap_ev * 2 + 32;
-        ds_ft_event *ev = realloc(j->ev, cap * sizeof *ev);
-        if (!ev) return;
-        j->ev = ev, j->cap_ev = cap;
-    }
+    if (DS_GROW(j->ev, j->cap_ev, j->n_ev + 1)) return;
     j->ev[j->n_ev] = *e;
     j->ev[j->n_ev].seq = (int64_t)j->n_ev + 1;
     j->ev[j->n_ev].created_at = (int64_t)time(NULL);
@@ -429,13 +426,6 @@ static void job_log(ds_ft_manager *m, ft_job *j, const char *level, const char *
 
 static bool cancelled(ds_ft_manager *m, ft_job *j) {
     return __atomic_load_n(&j->cancel, __ATOMIC_ACQUIRE) || __atomic_load_n(&m->stop, __ATOMIC_ACQUIRE);
-}
-
-static uint64_t splitmix(uint64_t *s) {
-    uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
 }
 
 static int mkdir_p1(const char *dir, ds_err *err) {
@@ -526,7 +516,7 @@ static int run_job(ds_ft_manager *m, ft_job *j, ds_err *err) {
     int64_t step = 0, tokens = 0;
     for (int32_t ep = 0; ep < n_epochs && !st; ep++) {
         for (int32_t i = n_ex - 1; i > 0; i--) { /* Fisher-Yates */
-            int32_t k = (int32_t)(splitmix(&rng) % (uint64_t)(i + 1)), x = order[i];
+            int32_t k = (int32_t)(ds_splitmix64(&rng) % (uint64_t)(i + 1)), x = order[i];
             order[i] = order[k], order[k] = x;
         }
         for (int64_t b = 0; b < per_epoch && !st; b++) {
@@ -572,12 +562,7 @@ static int run_job(ds_ft_manager *m, ft_job *j, ds_err *err) {
         snprintf(cdir, sizeof cdir, "%s/%s", root, ck.path);
         if ((st = ds_trainer_save(t, cdir, m->base->cfg.name, err))) break;
         pthread_mutex_lock(&m->mu);
-        if (j->n_ck == j->cap_ck) {
-            size_t cap = j->cap_ck * 2 + 8;
-            ds_ft_checkpoint *c = realloc(j->ck, cap * sizeof *c);
-            if (c) j->ck = c, j->cap_ck = cap;
-        }
-        if (j->n_ck < j->cap_ck) j->ck[j->n_ck++] = ck;
+        if (!DS_GROW(j->ck, j->cap_ck, j->n_ck + 1)) j->ck[j->n_ck++] = ck;
         pthread_mutex_unlock(&m->mu);
         if (va.n)
             job_log(m, j, "info", "Epoch %d/%d done: training loss=%.4f, validation loss=%.4f", (int)ep + 1,
@@ -739,9 +724,9 @@ int ds_ft_submit(ds_ft_manager *m, const ds_ft_job_spec *sp, char id_out[48], ds
         job_free(old);
         m->n_jobs--;
     }
-    uint64_t r = splitmix(&m->counter);
+    uint64_t r = ds_splitmix64(&m->counter);
     snprintf(I->id, sizeof I->id, "ftjob-%016llx%08llx", (unsigned long long)r,
-             (unsigned long long)(splitmix(&m->counter) & 0xffffffffu));
+             (unsigned long long)(ds_splitmix64(&m->counter) & 0xffffffffu));
     if (m->tail) m->tail->next = j;
     else m->head = j;
     m->tail = j;
