@@ -14,7 +14,9 @@ int ds_cli_serve(int argc, char **argv);
 const char *ds_cli_default_model(const char *argv0);
 
 /* Loads a model with progress logs; prints the error and returns NULL on failure. */
-ds_model *ds_cli_load_model(const char *path);
+/* Loads a model for a subcommand; quantize ("q8_0", "q4_k" or NULL) quantises 16/32-bit matrices
+ * at load (--quantize). NULL with the reason on stderr. */
+ds_model *ds_cli_load_model(const char *path, const char *quantize);
 
 /* Whether the argument `a` is an option rather than text: '-' followed by a letter or a second '-'
  * ("-m", "--model", and "--", which ends the options). "-", "- item" and "-5" are text, so a

@@ -32,9 +32,16 @@ const char *ds_cli_default_model(const char *argv0) {
     return NULL;
 }
 
-ds_model *ds_cli_load_model(const char *path) {
+ds_model *ds_cli_load_model(const char *path, const char *quantize) {
     ds_err err = {{0}};
     ds_model_params mp = ds_model_default_params();
+    if (quantize) {
+        mp.quantize = ds_dtype_parse(quantize);
+        if (mp.quantize != DS_DTYPE_Q8_0 && mp.quantize != DS_DTYPE_Q4_K) {
+            fprintf(stderr, "deltaserve: --quantize: '%s' is not one of q8_0, q4_k\n", quantize);
+            return NULL;
+        }
+    }
     ds_model *m = ds_model_load(path, &mp, &err);
     if (!m) fprintf(stderr, "deltaserve: cannot load model: %s\n", err.msg);
     return m;

@@ -42,6 +42,7 @@ static const char *GEN_HELP =
     "      --show-ids          also print the generated token ids\n"
     "  -t, --threads N         CPU threads (default: all cores)\n"
     "      --backend NAME      compute backend: cpu (default) or cuda\n"
+    "      --quantize TYPE     q8_0 | q4_k: quantise 16/32-bit weight matrices at load\n"
     "      --ctx N             context length limit (default: the model's)\n"
     "  -h, --help              this text\n";
 
@@ -82,7 +83,7 @@ static void on_event(const ds_gen_event *ev) {
 }
 
 typedef struct gen_opts {
-    const char *model, *system, *backend;
+    const char *model, *system, *backend, *quantize;
     const char *prompts[MAX_PROMPTS];
     const char *adapters[MAX_PROMPTS]; /* per prompt: path or NULL */
     const char *cur_adapter;
@@ -145,6 +146,7 @@ static int parse_opt(gen_opts *o, int argc, char **argv, int *i) {
     } else if (!strcmp(a, "--ignore-eos")) o->req.ignore_eos = true;
     else if (!strcmp(a, "--show-ids")) o->show_ids = true;
     else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) { if (!ds_cli_int(a, TAKE, 0, 1024, &o->threads)) return -1; }
+    else if (!strcmp(a, "--quantize")) o->quantize = TAKE;
     else if (!strcmp(a, "--ctx")) { if (!ds_cli_int(a, TAKE, 16, 1 << 24, &o->ctx)) return -1; }
     else return fprintf(stderr, "deltaserve generate: unknown option '%s' (see --help)\n", a), -1;
 #undef TAKE
@@ -291,7 +293,7 @@ int ds_cli_generate(int argc, char **argv) {
     }
     if (o.n_prompts == 0) return fprintf(stderr, "deltaserve generate: no prompt (-p TEXT); see --help\n"), 2;
     if (!o.model && !(o.model = ds_cli_default_model(argv[0]))) return 1;
-    ds_model *m = ds_cli_load_model(o.model);
+    ds_model *m = ds_cli_load_model(o.model, o.quantize);
     if (!m) return 1;
     int rc = run(m, &o);
     ds_model_free(m);

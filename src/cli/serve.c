@@ -52,6 +52,8 @@ static const char *SERVE_HELP =
     "      --max-seqs N          sequences running at once (default 64)\n"
     "      --max-queue N         waiting requests; more get 429 (default 1024)\n"
     "  -t, --threads N           CPU threads (default 0 = all cores)\n"
+    "      --quantize TYPE       q8_0 | q4_k: quantise 16/32-bit weight matrices at load (default:\n"
+    "                            keep the file's formats; quantised GGUF tensors stay as they are)\n"
     "      --backend NAME        compute backend: cpu (default) or cuda (builds with CUDA, on a GPU)\n"
     "      --train-budget F      share of the engine's time fine-tuning jobs may take while requests\n"
     "                            are running, 0 < F <= 1 (default 0.25; idle time is all theirs)\n"
@@ -60,7 +62,7 @@ static const char *SERVE_HELP =
     "  -h, --help                this text\n";
 
 typedef struct serve_opts {
-    const char *model, *served_name, *adapter_dir, *host, *api_key, *log_level, *backend;
+    const char *model, *served_name, *adapter_dir, *host, *api_key, *log_level, *backend, *quantize;
     double train_budget;
     long port, max_batch_tokens, max_seqs, kv_mb, max_model_len, max_queue, max_adapters, adapter_mb, threads;
     long max_body_mb, max_connections;
@@ -111,6 +113,7 @@ static int parse_opt(serve_opts *o, int argc, char **argv, int *i) {
     if (!r) r = str_flag(a, "--api-key", NULL, v, &o->api_key);
     if (!r) r = str_flag(a, "--log-level", NULL, v, &o->log_level);
     if (!r) r = str_flag(a, "--backend", NULL, v, &o->backend);
+    if (!r) r = str_flag(a, "--quantize", NULL, v, &o->quantize);
     if (!r) r = int_flag(a, "--port", v, 0, 65535, &o->port);
     if (!r) r = int_flag(a, "--max-batch-tokens", v, 1, 1 << 20, &o->max_batch_tokens);
     if (!r) r = int_flag(a, "--max-seqs", v, 1, 1 << 16, &o->max_seqs);
@@ -292,7 +295,7 @@ int ds_cli_serve(int argc, char **argv) {
     }
     if (o.log_level && !set_log_level(o.log_level)) return 2;
     if (!o.model && !(o.model = ds_cli_default_model(argv[0]))) return 1;
-    ds_model *m = ds_cli_load_model(o.model);
+    ds_model *m = ds_cli_load_model(o.model, o.quantize);
     if (!m) return 1;
     ds_adapter_registry *reg = NULL;
     if (o.adapter_dir) {

@@ -42,6 +42,7 @@ int ds_cli_tokenize(int argc, char **argv) {
     ds_log_set_level(DS_LOG_WARN);
     ds_model_params mp = ds_model_default_params();
     mp.verbose = false;
+    mp.load_weights = false; /* the tokenizer only: no weight is mapped or read */
     ds_err err = {{0}};
     ds_model *m = ds_model_load(model, &mp, &err);
     if (!m) return fprintf(stderr, "deltaserve: %s\n", err.msg), 1;

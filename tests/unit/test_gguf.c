@@ -583,6 +583,30 @@ static void test_tiny_model(void) {
     }
     ds_model_free(m);
 
+    /* --quantize q4_k at load: rows of TD (not a multiple of 256) fall back to Q8_0; values within
+     * about half a Q8_0 step of the fp32 source (|w| < 1: step ≤ 1/127; the f16 scale adds a bit). */
+    o = (tiny_opts){.arch = "llama"};
+    {
+        const char *path = write_tiny(&o);
+        ds_model_params p = ds_model_default_params();
+        p.verbose = false;
+        p.quantize = DS_DTYPE_Q4_K;
+        m = ds_model_load(path, &p, &err);
+        unlink(path);
+    }
+    CHECK_MSG(m, "%s", err.msg);
+    if (m) {
+        CHECK_EQ_INT(m->layers[0].wq.dtype, TD % 256 ? DS_DTYPE_Q8_0 : DS_DTYPE_Q4_K);
+        CHECK_EQ_INT(m->layers[0].wq.row_bytes, ds_dtype_row_bytes(m->layers[0].wq.dtype, TD));
+        CHECK(m->weight_bytes[DS_DTYPE_F32] > 0 && m->weight_bytes[m->layers[0].wq.dtype] > 0);
+        const int l = 1;
+        char n[64];
+        snprintf(n, sizeof n, "blk.%d.attn_v.weight", l);
+        double d = ref_diff(TW(m->layers[l].wv), n, TKV * THD, TD, false);
+        CHECK_MSG(d > 0 && d <= 0.6 / 127, "quantised wv max |diff| %g", d);
+    }
+    ds_model_free(m);
+
     o = (tiny_opts){.arch = "llama", .qkv_bias = true}; /* llama q/k biases are permuted too */
     m = load_tiny(&o, &err);
     CHECK_MSG(m, "%s", err.msg);
@@ -686,6 +710,20 @@ static void test_smollm2(void) {
         CHECK(m->tok != NULL && ds_tokenizer_n_vocab(m->tok) == 49152);
         if (m->tok) CHECK(ds_tokenizer_eos(m->tok) == 2 && ds_tokenizer_bos(m->tok) == 1);
         CHECK_EQ_INT(m->n_params, 134515008);
+        size_t bytes = 0;
+        for (int t = 0; t < DS_DTYPE_COUNT; t++) bytes += m->weight_bytes[t];
+        /* typed weights: no fp32 copy (the file is 92 MiB; fp32 would be 513 MiB) */
+        CHECK_MSG(bytes <= g.size && bytes > g.size / 2, "weights in memory %zu B, file %zu B", bytes, g.size);
+        CHECK(m->weight_bytes[DS_DTYPE_Q4_1] > 0 && m->layers[0].w_up.dtype == DS_DTYPE_Q4_1);
+    }
+    { /* tokenizer only (deltaserve tokenize): no weights */
+        ds_model_params tp = ds_model_default_params();
+        tp.load_weights = false;
+        tp.verbose = false;
+        ds_model *t = ds_model_load_gguf(path, &tp, &err);
+        CHECK_MSG(t && t->tok && !t->layers && !t->tok_embd.data && !t->weights_loaded, "%s", err.msg);
+        for (int i = 0; t && i < DS_DTYPE_COUNT; i++) CHECK(t->weight_bytes[i] == 0);
+        ds_model_free(t);
     }
     if (j && m) {
         double size = cJSON_GetObjectItem(j, "size")->valuedouble;
