@@ -478,6 +478,23 @@ static int load_tensors(bn_ctx *c, const bn_cfg *b, const ds_st_file *st, ds_ada
     return rc;
 }
 
+/* Parses the config and works out every module's expected width (the fuzz target's entry point). */
+int ds_bottleneck_config_check(const char *json, size_t len, const ds_model *base, ds_err *err) {
+    bn_ctx c = {.cfg_path = "adapter_config.json", .base = base, .hooked = base->cfg.arch == DS_ARCH_QWEN2,
+                .err = err};
+    if (len > DS_ADAPTER_CONFIG_MAX) return ds_err_set(err, DS_ERANGE, "adapter_config.json: too large");
+    cJSON *root = cJSON_ParseWithLength(json, len);
+    if (!root) return ds_err_set(err, DS_EFORMAT, "adapter_config.json: not valid JSON");
+    bn_cfg b = {0};
+    int rc = parse_top(&c, root, &b);
+    for (int32_t l = 0; !rc && l < base->cfg.n_layer; l++) {
+        int32_t size;
+        if ((b.mh || b.out) && !left_out(&b, l)) rc = expected_size(&c, &b, l, &size);
+    }
+    cJSON_Delete(root);
+    return rc;
+}
+
 int ds_bottleneck_load(ds_adapter *a, const char *dir, const ds_model *base, ds_err *err) {
     char cfg_path[4200], st_path[4200];
     snprintf(cfg_path, sizeof cfg_path, "%s/adapter_config.json", dir);

@@ -112,6 +112,8 @@ int ds_gguf_lora_load(ds_adapter *a, const char *path, const ds_model *base, flo
 bool ds_bottleneck_is_dir(const char *dir);
 int ds_bottleneck_load(ds_adapter *a, const char *dir, const ds_model *base, ds_err *err);
 void ds_bn_module_free(ds_bn_module *m);
+/* adapter_config.json of an AdapterHub adapter alone, against `base` (fuzz target entry point). */
+int ds_bottleneck_config_check(const char *json, size_t len, const ds_model *base, ds_err *err);
 
 /* Allocation helpers (adapter.c): zeroed [n_layer][DS_PROJ_COUNT] tables and one module. */
 int ds_adapter_alloc_lora_table(ds_adapter *a, ds_err *err);

@@ -5,3 +5,7 @@
 ds_fuzz_target(fuzz_adapter_config ${CMAKE_SOURCE_DIR}/src/adapter/peft_config.c
   ${CMAKE_SOURCE_DIR}/src/util/common.c)
 target_link_libraries(fuzz_adapter_config PRIVATE PkgConfig::PCRE2)
+
+# AdapterHub bottleneck adapter configs (ds_bottleneck_config_check) against tiny Llama / Qwen2 shapes.
+ds_fuzz_target(fuzz_bottleneck_config ${CMAKE_SOURCE_DIR}/src/adapter/bottleneck.c
+  ${CMAKE_SOURCE_DIR}/src/model/safetensors.c ${CMAKE_SOURCE_DIR}/src/util/common.c ${CMAKE_SOURCE_DIR}/src/util/file.c)

@@ -46,6 +46,7 @@ static void bottleneck_rows(const ds_bn_seg *g, const float *xs, float *os, int3
                             float *h) {
     const int32_t n = g->len;
     const bool par = g->flags & DS_BN_PARALLEL;
+#pragma omp parallel for if (n > 16)
     for (int32_t t = 0; t < n; t++) {
         const float *xr = xs + (size_t)t * d, *orow = os + (size_t)t * d;
         float *ar = a + (size_t)t * d;
@@ -56,6 +57,7 @@ static void bottleneck_rows(const ds_bn_seg *g, const float *xs, float *os, int3
     }
     const float *zin = g->ln_b_w ? z : a;
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, g->size, d, 1.0f, zin, d, g->down, d, 0.0f, h, g->size);
+#pragma omp parallel for if (n > 16)
     for (int32_t t = 0; t < n; t++) {
         float *hr = h + (size_t)t * g->size;
         for (int32_t j = 0; j < g->size; j++) hr[j] = act_one(g->act, hr[j] + g->down_b[j]);
@@ -67,6 +69,7 @@ static void bottleneck_rows(const ds_bn_seg *g, const float *xs, float *os, int3
 /* o ← x' − x per row from u (in z), a, o, x (see ds_bn_seg). */
 static void place_rows(const ds_bn_seg *g, const float *xs, float *os, int32_t d, const float *a, float *u) {
     const bool par = g->flags & DS_BN_PARALLEL, add_x = g->flags & DS_BN_ADD_X;
+#pragma omp parallel for if (g->len > 16)
     for (int32_t t = 0; t < g->len; t++) {
         const float *xr = xs + (size_t)t * d, *ar = a + (size_t)t * d;
         float *orow = os + (size_t)t * d, *ur = u + (size_t)t * d;
