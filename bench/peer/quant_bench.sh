@@ -40,10 +40,14 @@ mkdir -p "$peer/bin"
 if [ ! -x "$peer/bin/memstream" ] || [ bench/peer/memstream.c -nt "$peer/bin/memstream" ]; then
   cc -O2 -std=c17 -o "$peer/bin/memstream" bench/peer/memstream.c
 fi
-timer=(); [ -x /usr/bin/time ] && timer=(/usr/bin/time -f '%M kB max RSS, %e s, %U user, %S sys')
+# timed FILE CMD...: the process's peak RSS and times into FILE (GNU time; without it, nothing)
+timed() {
+  local f=$1; shift
+  if [ -x /usr/bin/time ]; then /usr/bin/time -f '%M kB max RSS, %e s, %U user, %S sys' -o "$f" "$@"; else "$@"; fi
+}
 
 mkdir -p "$out"
-cmd="bench/peer/quant_bench.sh -p $p -n $n -t $t -r $r$([ $neighbour = 1 ] && echo ' --neighbour') --models '$models'"
+cmd="bench/peer/quant_bench.sh -p $p -n $n -t $t -r $r$([ $neighbour = 1 ] && echo ' --neighbour' || true) --models '$models'"
 cat > "$out/meta.json" <<EOF
 {"commit": "$(git rev-parse HEAD)", "dirty": $([ -z "$(git status --porcelain -- src include)" ] && echo false || echo true),
  "llamacpp": "$(cat "$peer/VERSION" 2>/dev/null || echo unknown)",
@@ -58,12 +62,10 @@ run_one() { # model cond
   local m=$1 cond=$2 stem
   stem=$(basename "$m" .gguf)
   echo "== $stem ($cond): llama-bench"
-  "${timer[@]}" -o "$out/llamacpp-$stem-$cond.time" \
-    "$peer/bin/llama-bench" -m "$m" -p "$p" -n "$n" -t "$t" -r "$r" -o json \
+  timed "$out/llamacpp-$stem-$cond.time" "$peer/bin/llama-bench" -m "$m" -p "$p" -n "$n" -t "$t" -r "$r" -o json \
     > "$out/llamacpp-$stem-$cond.json" 2> "$out/llamacpp-$stem-$cond.log" || echo "llama-bench failed on $m" >&2
   echo "== $stem ($cond): deltaserve bench_pp_tg"
-  "${timer[@]}" -o "$out/deltaserve-$stem-$cond.time" \
-    "$build/bench_pp_tg" -m "$m" -p "$p" -n "$n" -t "$t" -r "$r" \
+  timed "$out/deltaserve-$stem-$cond.time" "$build/bench_pp_tg" -m "$m" -p "$p" -n "$n" -t "$t" -r "$r" \
     > "$out/deltaserve-$stem-$cond.json" 2> "$out/deltaserve-$stem-$cond.log" || echo "bench_pp_tg failed on $m" >&2
 }
 
