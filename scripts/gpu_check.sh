@@ -154,6 +154,9 @@ for t in test_llama_golden test_adapter_golden test_smollm2; do
   ok="0"
   [ "$t" = test_smollm2 ] && [ ! -f "$DS_MODELS_DIR/SmolLM2-135M-Instruct.Q4_1.gguf" ] && ok="77" &&
     detail="(skipped: the model is not in the kit, see MANIFEST)"
+  # on a GPU machine a run that compared nothing on CUDA has not done its job
+  [ "$ok" = 0 ] && [ "$rc" = 0 ] && ! grep -q '^parity cuda vs cpu' "$kit/step.txt" && rc=1 &&
+    detail="no CUDA parity line: the cuda backend did not run ($(grep -m1 '^cuda: skipped' "$kit/step.txt"))"
   verdict "${t#test_}" "$ok" "$detail"
 done
 

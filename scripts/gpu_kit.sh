@@ -137,6 +137,7 @@ if [ $run_checks = 1 ]; then
   smol=0
   [ -f "$here/models/SmolLM2-135M-Instruct.Q4_1.gguf" ] || smol=77
   cpu_run "SmolLM2" $smol "$tmp/bin/test_smollm2"
+  echo "(benchmark smoke runs: they check that the programs work; on a shared CPU their numbers are noise)"
   cpu_run "bench_sgmv tiny" 0 "$tmp/bin/bench_sgmv" --shape tiny --ranks 8 --adapters 1,4 --batches 1,8 --iters 2 --copy-mb 8
   cpu_run "bench_model tiny" 0 "$tmp/bin/bench_model" --shape tiny --batch 8 --adapters 1,4 --steps 2 --copy-mb 8
 fi
@@ -149,7 +150,7 @@ awk -v k="$kit_b" -v t="$tracked_b" -v l=$limit_mib 'BEGIN {
   printf "kit %.1f MiB + tracked tree %.1f MiB = %.1f MiB of the %d MiB a device call carries\n", k/1048576, t/1048576, (k+t)/1048576, l }'
 [ $((kit_b + tracked_b)) -le $limit_b ] || die "kit + tracked tree over $limit_mib MiB"
 # Untracked files that git does not ignore travel too: name the big ones (not the kit's to fix).
-big=$( (git ls-files -z -o --exclude-standard --directory 2>/dev/null || true) | xargs -0 -r du -sm 2>/dev/null | awk '$1 >= 1' | sort -rn | head)
+big=$( (git ls-files -z -o --exclude-standard --directory 2>/dev/null || true) | xargs -0 -r du -sk 2>/dev/null | awk '$1 >= 1024 {printf "%d\t%s\n", $1 / 1024, $2}' | sort -rn | head)
 if [ -n "$big" ]; then
   echo "WARNING: untracked, not ignored, and travelling with every device call (MiB):"
   echo "$big" | sed 's/^/  /'
@@ -159,18 +160,19 @@ if [ $model_parts = 1 ]; then
   model=$here/models/SmolLM2-135M-Instruct.Q4_1.gguf
   [ -f "$model" ] || model=$(scripts/fetch_model.sh)
   model_b=$(stat -c %s "$model")
-  # part a travels with the tree alone; part b with the tree and the kit (1 MiB margin each)
-  a_b=$((limit_b - tracked_b - 1048576))
-  [ $a_b -lt "$model_b" ] || a_b=$model_b
-  b_b=$((model_b - a_b))
-  [ $((tracked_b + kit_b + b_b + 1048576)) -le $limit_b ] ||
+  # part a travels with the tree alone, part b with the tree and the kit; the slack left over is
+  # shared evenly, for untracked files that travel too
+  slack=$((2 * limit_b - 2 * tracked_b - kit_b - model_b))
+  [ $slack -ge 2097152 ] ||
     die "--model-parts: the model ($((model_b >> 20)) MiB) does not fit in two calls beside the tree and the kit"
+  a_b=$((limit_b - tracked_b - slack / 2))
+  b_b=$((model_b - a_b))
   rm -rf "$here/.gpu-model-a" "$here/.gpu-model-b"
   mkdir -p "$here/.gpu-model-a" "$here/.gpu-model-b"
   head -c "$a_b" "$model" > "$here/.gpu-model-a/part"
   tail -c "$b_b" "$model" > "$here/.gpu-model-b/part"
   echo "$(sha256sum < "$model" | cut -d' ' -f1)  $(basename "$model")" > "$here/.gpu-model-b/SHA256"
-  printf 'model parts: .gpu-model-a %d MiB (call 1), .gpu-model-b %d MiB (call 2, with .gpu-kit)\n' \
-    $((a_b >> 20)) $((b_b >> 20))
+  printf 'model parts: .gpu-model-a %d MiB (call 1), .gpu-model-b %d MiB (call 2, with .gpu-kit); %d MiB to spare in each call\n' \
+    $((a_b >> 20)) $((b_b >> 20)) $((slack >> 21))
 fi
 say "kit ready: $kit (device tool: carry \".gpu-kit\", command \"scripts/gpu_check.sh \$OUT\")"

@@ -383,12 +383,12 @@ int main(int argc, char **argv) {
     int rc = parse(argc, argv, &o);
     if (rc) return rc == 1 ? 0 : rc;
     ds_err err = {{0}};
-    ds_model *m = load_model(&o, &err);
-    if (!m) return fprintf(stderr, "bench_model: %s\n", err.msg), 1;
     ds_backend_params bp = ds_backend_default_params();
     bp.n_threads = o.threads;
-    ds_backend *be = ds_backend_create(o.backend, &bp, &err);
-    if (!be) return fprintf(stderr, "bench_model: %s\n", err.msg), ds_model_free(m), 1;
+    ds_backend *be = ds_backend_create(o.backend, &bp, &err); /* first: no 16 GB model for nothing */
+    if (!be) return fprintf(stderr, "bench_model: %s\n", err.msg), 1;
+    ds_model *m = load_model(&o, &err);
+    if (!m) return fprintf(stderr, "bench_model: %s\n", err.msg), ds_backend_free(be), 1;
     results r = {.bw = bench_copy_bandwidth(be, o.copy_mb ? o.copy_mb : bench_copy_mb_default(o.backend))};
     bench B;
     double t0 = ds_time_s();
