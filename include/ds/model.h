@@ -87,7 +87,8 @@ typedef struct ds_model_params {
     bool verbose;               /* progress log lines while loading (default true) */
     ds_dtype quantize;          /* DS_DTYPE_NONE (default): keep the file's formats. DS_DTYPE_Q8_0 or
                                  * DS_DTYPE_Q4_K: quantise 16/32-bit matrices at load (Q4_K falls back
-                                 * to Q8_0 for rows that are not a multiple of 256) */
+                                 * to Q8_0 for rows that are not a multiple of 256). DS_DTYPE_F32:
+                                 * dequantise every matrix to fp32 (a reference copy for tests) */
 } ds_model_params;
 
 ds_model_params ds_model_default_params(void);

@@ -47,6 +47,7 @@ int ds_model_keep_map(ds_model *m, ds_file_map *map) {
 
 /* Where a converted row goes: Q4_K needs whole 256-blocks, else Q8_0 (32) does. */
 static ds_dtype store_dtype(ds_dtype src, ds_dtype quantize, int32_t cols) {
+    if (quantize == DS_DTYPE_F32) return DS_DTYPE_F32; /* dequantise everything (reference runs) */
     if (quantize == DS_DTYPE_NONE || (src != DS_DTYPE_F32 && src != DS_DTYPE_F16 && src != DS_DTYPE_BF16)) return src;
     if (quantize == DS_DTYPE_Q4_K && cols % 256) quantize = DS_DTYPE_Q8_0;
     return cols % ds_dtype_block(quantize) ? src : quantize;
