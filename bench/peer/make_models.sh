@@ -7,10 +7,10 @@
 #
 #   1b (default, Llama-3.2-1B dims, 1.07 B parameters with vocab 49152):
 #       models/peer/llama-1b-rand-{F16,Q8_0,Q4_K_M}.gguf          (2.1 GB, 1.1 GB, 0.7 GB)
-#   8b (Llama-3-8B dims, 7.6 B parameters with vocab 49152):
+#   8b (Llama-3-8B dims, 7.4 B parameters with vocab 49152):
 #       models/peer/llama-8b-rand-Q4_K_M.gguf                     (~4.5 GB)
 #       The HF checkpoint (15 GB) is deleted as soon as the F16 GGUF exists and the F16 GGUF (15 GB)
-#       as soon as the Q4_K_M exists, so the peak is ~31 GB of disk; RAM stays at one layer.
+#       as soon as the Q4_K_M exists, so the peak is ~30 GB of disk; RAM stays at one layer.
 #
 # Needs bench/peer/build_llamacpp.sh (run here if .peer/bin is missing). The Python environment is
 # .peer/venv (torch, transformers, safetensors, numpy, sentencepiece from PyPI, gguf from the sdist's
