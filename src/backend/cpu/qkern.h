@@ -29,23 +29,50 @@ static inline float vsum(vf v) {
     return s;
 }
 
+#if defined(__F16C__)
+static inline float f16v(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+#else
 static inline float f16v(const uint8_t *p) { return ds_f16_to_f32((uint16_t)(p[0] | p[1] << 8)); }
+#endif
+
+/* Byte vectors of QK_VW lanes, widened to fp32 lanes in one conversion. */
+typedef uint8_t u8v __attribute__((vector_size(QK_VW)));
+typedef int8_t i8v __attribute__((vector_size(QK_VW)));
+
+static inline u8v ld8(const uint8_t *p) {
+    u8v v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+static inline void vstore(float *p, vf v) { memcpy(p, &v, sizeof v); }
+typedef int32_t i32v __attribute__((vector_size(QK_VW * 4)));
+/* Through int32 lanes: GCC lowers u8→i32 to vpmovzxbd and i32→f32 to vcvtdq2ps, but a direct
+ * u8→f32 conversion to one scalar conversion per lane. */
+static inline vf u2f(u8v b) { return __builtin_convertvector(__builtin_convertvector(b, i32v), vf); }
+static inline vf i2f(i8v b) { return __builtin_convertvector(__builtin_convertvector(b, i32v), vf); }
 
 /* ---- one block → fp32 (elements in row order) ---- */
 
+/* Q4_0 / Q4_1: elements 0..15 are the low nibbles of qs[0..15], 16..31 the high nibbles. */
 static void blk_q4_0(const uint8_t *x, float *y) {
     const float d = f16v(x);
-    for (int j = 0; j < 16; j++) {
-        y[j] = (float)((x[2 + j] & 0x0F) - 8) * d;
-        y[j + 16] = (float)((x[2 + j] >> 4) - 8) * d;
+    for (int j = 0; j < 16; j += QK_VW) {
+        const u8v b = ld8(x + 2 + j);
+        vstore(y + j, (u2f(b & 15) - 8.0f) * d);
+        vstore(y + 16 + j, (u2f(b >> 4) - 8.0f) * d);
     }
 }
 
 static void blk_q4_1(const uint8_t *x, float *y) {
     const float d = f16v(x), m = f16v(x + 2);
-    for (int j = 0; j < 16; j++) {
-        y[j] = (float)(x[4 + j] & 0x0F) * d + m;
-        y[j + 16] = (float)(x[4 + j] >> 4) * d + m;
+    for (int j = 0; j < 16; j += QK_VW) {
+        const u8v b = ld8(x + 4 + j);
+        vstore(y + j, u2f(b & 15) * d + m);
+        vstore(y + 16 + j, u2f(b >> 4) * d + m);
     }
 }
 
@@ -73,7 +100,11 @@ static void blk_q5_1(const uint8_t *x, float *y) {
 
 static void blk_q8_0(const uint8_t *x, float *y) {
     const float d = f16v(x);
-    for (int j = 0; j < 32; j++) y[j] = (float)(int8_t)x[2 + j] * d;
+    for (int j = 0; j < 32; j += QK_VW) {
+        i8v b;
+        memcpy(&b, x + 2 + j, sizeof b);
+        vstore(y + j, i2f(b) * d);
+    }
 }
 
 static void scale_min_k4(int j, const uint8_t *q, uint8_t *sc, uint8_t *m) {
@@ -95,8 +126,11 @@ static void blk_q4_k(const uint8_t *x, float *y) {
         const float d1 = d * sc, m1 = dmin * m;
         scale_min_k4(is + 1, scales, &sc, &m);
         const float d2 = d * sc, m2 = dmin * m;
-        for (int l = 0; l < 32; l++) y[l] = d1 * (float)(q[l] & 0xF) - m1;
-        for (int l = 0; l < 32; l++) y[l + 32] = d2 * (float)(q[l] >> 4) - m2;
+        for (int l = 0; l < 32; l += QK_VW) {
+            const u8v b = ld8(q + l);
+            vstore(y + l, d1 * u2f(b & 15) - m1);
+            vstore(y + l + 32, d2 * u2f(b >> 4) - m2);
+        }
     }
 }
 
@@ -120,15 +154,14 @@ static void blk_q6_k(const uint8_t *x, float *y) {
     const uint8_t *ql = x, *qh = x + 128;
     const int8_t *sc = (const int8_t *)(x + 192);
     for (int n = 0; n < 2; n++, y += 128, ql += 64, qh += 32, sc += 8) {
-        for (int half = 0; half < 2; half++) { /* l in [16·half, 16·half+16): one scale each */
-            const int is = half, o = 16 * half;
+        for (int l = 0; l < 32; l += QK_VW) { /* a vector never crosses l = 16: one scale each */
+            const int is = l / 16;
             const float s0 = d * sc[is + 0], s1 = d * sc[is + 2], s2 = d * sc[is + 4], s3 = d * sc[is + 6];
-            for (int l = o; l < o + 16; l++) {
-                y[l] = s0 * (float)((int)((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32);
-                y[l + 32] = s1 * (float)((int)((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32);
-                y[l + 64] = s2 * (float)((int)((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
-                y[l + 96] = s3 * (float)((int)((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
-            }
+            const u8v a = ld8(ql + l), c = ld8(ql + l + 32), h = ld8(qh + l);
+            vstore(y + l, s0 * (u2f((a & 15) | ((h & 3) << 4)) - 32.0f));
+            vstore(y + l + 32, s1 * (u2f((c & 15) | (((h >> 2) & 3) << 4)) - 32.0f));
+            vstore(y + l + 64, s2 * (u2f((a >> 4) | (((h >> 4) & 3) << 4)) - 32.0f));
+            vstore(y + l + 96, s3 * (u2f((c >> 4) | (((h >> 6) & 3) << 4)) - 32.0f));
         }
     }
 }
