@@ -144,8 +144,11 @@ static void blk_q5_k(const uint8_t *x, float *y) {
         const float d1 = d * sc, m1 = dmin * m;
         scale_min_k4(is + 1, scales, &sc, &m);
         const float d2 = d * sc, m2 = dmin * m;
-        for (int l = 0; l < 32; l++) y[l] = d1 * (float)((ql[l] & 0xF) + (((qh[l] >> sh) & 1) << 4)) - m1;
-        for (int l = 0; l < 32; l++) y[l + 32] = d2 * (float)((ql[l] >> 4) + (((qh[l] >> (sh + 1)) & 1) << 4)) - m2;
+        for (int l = 0; l < 32; l += QK_VW) {
+            const u8v b = ld8(ql + l), h = ld8(qh + l);
+            vstore(y + l, d1 * u2f((b & 15) | (((h >> sh) & 1) << 4)) - m1);
+            vstore(y + l + 32, d2 * u2f((b >> 4) | (((h >> (sh + 1)) & 1) << 4)) - m2);
+        }
     }
 }
 
