@@ -1,6 +1,6 @@
-/* deltaserve — what the endpoint handler files (handlers_gen.c, handlers_adapters.c) share with
- * the server facade (router.c): accessors to the server's state and reply helpers that also count
- * the request in /metrics.
+/* deltaserve — what the endpoint handler files (handlers_*.c) share with the server facade
+ * (server.c): their route tables, accessors to the server's state, and the reply path, which counts
+ * every response in /metrics.
  *
  * Threading: LOOP THREAD ONLY, like every handler. */
 #ifndef DS_SERVER_HANDLERS_H
@@ -8,13 +8,27 @@
 
 #include "server/http.h"
 #include "server/metrics.h"
+#include "server/openai_resp.h"
+#include "server/router.h"
 
 #ifdef __cplusplus
 extern "C" {
 #endif
 
 struct ds_adapter_registry;
+typedef struct ds_server ds_server;
+typedef struct ds_server_params ds_server_params;
+typedef struct ds_engine ds_engine;
 
+/* ---- accessors ------------------------------------------------------------------------------ */
+
+/* The server behind a request (the ds_http_server's `user`); NULL for a bare ds_http_server. */
+ds_server *ds_server_of(const ds_http_req *r);
+ds_engine *ds_server_engine(const ds_server *s); /* may be NULL (no model: generation answers 503) */
+/* The parameters given to ds_server_create, with the strings pointing at the server's own copies. */
+const ds_server_params *ds_server_get_params(const ds_server *s);
+/* The HTTP layer (its loop, for uv_queue_work and posts from other threads). */
+ds_http_server *ds_server_http(ds_server *s);
 /* The adapter registry given in ds_server_params (may be NULL). */
 struct ds_adapter_registry *ds_server_registry(const ds_server *s);
 /* Share of engine time fine-tuning may use while requests run (ds_server_params.train_budget). */
@@ -41,34 +55,43 @@ typedef struct ds_server_job {
 void ds_server_job_add(ds_server *s, ds_server_job *j);
 void ds_server_job_remove(ds_server *s, ds_server_job *j);
 
-/* Route registration (called by ds_server_create). Return 0 or DS_ERANGE (table full). */
-int ds_handlers_gen_register(ds_server *s);      /* /v1/completions, /v1/chat/completions */
-int ds_handlers_adapters_register(ds_server *s); /* /v1/models, vLLM load/unload, /v1/adapters */
-int ds_handlers_ft_register(ds_server *s);       /* /v1/files, /v1/fine_tuning/jobs (handlers_ft.c) */
+/* ---- route tables (static, one per handler file; server.c looks them up in this order) -------- */
 
-/* The fine-tuning endpoints' state (files, the training manager): created on first use by
- * handlers_ft.c, freed by ds_handlers_ft_free from ds_server_free (joins the training thread). */
+extern const ds_route_table ds_handlers_gen_routes;      /* /v1/completions, /v1/chat/completions */
+extern const ds_route_table ds_handlers_adapters_routes; /* /v1/models, vLLM load/unload, /v1/adapters */
+extern const ds_route_table ds_handlers_ft_routes;       /* /v1/files, /v1/fine_tuning/jobs */
+extern const ds_route_table ds_handlers_train_routes;    /* POST /v1/adapters/{id}/train */
+
+/* ---- fine-tuning state (handlers_ft.c) -------------------------------------------------------- */
+
+/* The files and the fine-tuning job manager, created with the server by ds_server_create (the
+ * manager only when the server has an engine) and freed by ds_server_free (which joins the
+ * training thread). Create returns NULL with a message. */
 struct ds_ft_state;
-struct ds_ft_state **ds_server_ft_state(ds_server *s);
-void ds_handlers_ft_free(ds_server *s);
-/* The fine-tuning job manager (created on first use), or NULL with a message. Loop thread. */
+struct ds_ft_state *ds_handlers_ft_create(ds_server *s, ds_err *err);
+void ds_handlers_ft_free(struct ds_ft_state *st);
+struct ds_ft_state *ds_server_ft_state(ds_server *s);
+/* The fine-tuning job manager, or NULL with a message when the server has no model. */
 struct ds_ft_manager *ds_handlers_ft_manager(ds_server *s, ds_err *err);
 struct ds_ft_job_info;
 /* Appends a job as an OpenAI fine_tuning.job object. */
 void ds_handlers_ft_job_json(ds_sb *b, const struct ds_ft_job_info *j);
-/* POST /v1/adapters/{id}/train: a small synchronous online update (handlers_train.c). */
-void ds_handle_adapter_train(ds_http_req *req, void *ud);
 
-/* Reply helpers: send, END the request, and count it as deltaserve_requests_total{endpoint,status}.
- * `endpoint` is the route pattern. ds_server_reply_json frees *b (500 when it ran out of memory). */
+/* ---- the reply path (server.c) ------------------------------------------------------------------ */
+
+/* Handlers answer only through these: each sends, counts the request as
+ * deltaserve_requests_total{endpoint,status} (`endpoint` is the route pattern) and, except
+ * ds_server_stream_start, ENDS the request. ds_server_reply_json frees *b (500 when it ran out of
+ * memory). Errors are {"error":{...}} with Retry-After on 429 / 503. */
 int ds_server_reply(ds_http_req *req, const char *endpoint, int status, const char *ctype, const char *body,
                     size_t len);
 int ds_server_reply_json(ds_http_req *req, const char *endpoint, int status, ds_sb *b);
 int ds_server_reply_error(ds_http_req *req, const char *endpoint, const ds_oai_error *e);
 int ds_server_reply_errorf(ds_http_req *req, const char *endpoint, int status, const char *param, const char *code,
                            const char *fmt, ...) __attribute__((format(printf, 6, 7)));
-/* Counts a request that the handler ends itself (streams). */
-void ds_server_count(ds_http_req *req, const char *endpoint, int status);
+/* Starts a streamed response (ds_http_stream_start) and counts it; the handler writes and ends the
+ * stream with ds_http_stream_write / ds_http_stream_end. Returns 0 or DS_ECANCELED. */
+int ds_server_stream_start(ds_http_req *req, const char *endpoint, int status, const char *ctype);
 
 #ifdef __cplusplus
 }

@@ -99,7 +99,8 @@ static int load_status_http(int st, bool vllm) {
 /* ---- /v1/models ---------------------------------------------------------------------------- */
 
 static void handle_models(ds_http_req *req, void *ud) {
-    ds_server *s = ud;
+    (void)ud;
+    ds_server *s = ds_server_of(req);
     const ds_server_params *p = ds_server_get_params(s);
     struct ds_adapter_registry *reg = ds_server_registry(s);
     ds_adapter_info *info = NULL;
@@ -261,7 +262,8 @@ static bool opt_bool(ds_http_req *req, const char *ep, const cJSON *o, const cha
 
 /* POST /v1/load_lora_adapter {"lora_name","lora_path","load_inplace"?} */
 static void handle_vllm_load(ds_http_req *req, void *ud) {
-    ds_server *s = ud;
+    (void)ud;
+    ds_server *s = ds_server_of(req);
     cJSON *o = json_body(req, EP_LOAD);
     if (!o) return;
     bool inplace = false;
@@ -274,7 +276,8 @@ static void handle_vllm_load(ds_http_req *req, void *ud) {
 
 /* POST /v1/adapters {"id","path","replace"?} */
 static void handle_rest_load(ds_http_req *req, void *ud) {
-    ds_server *s = ud;
+    (void)ud;
+    ds_server *s = ds_server_of(req);
     cJSON *o = json_body(req, EP_ADAPTERS);
     if (!o) return;
     bool replace = false;
@@ -295,7 +298,8 @@ static int unload(ds_server *s, const char *name, ds_err *err) {
 }
 
 static void handle_vllm_unload(ds_http_req *req, void *ud) {
-    ds_server *s = ud;
+    (void)ud;
+    ds_server *s = ds_server_of(req);
     cJSON *o = json_body(req, EP_UNLOAD);
     if (!o) return;
     const char *name = req_str(req, EP_UNLOAD, o, "lora_name");
@@ -313,7 +317,8 @@ static void handle_vllm_unload(ds_http_req *req, void *ud) {
 }
 
 static void handle_list(ds_http_req *req, void *ud) {
-    ds_server *s = ud;
+    (void)ud;
+    ds_server *s = ds_server_of(req);
     struct ds_adapter_registry *reg = ds_server_registry(s);
     ds_adapter_info *info = NULL;
     size_t n = 0;
@@ -339,7 +344,8 @@ static bool path_id(ds_http_req *req, char *out, size_t cap) {
 }
 
 static void handle_get(ds_http_req *req, void *ud) {
-    ds_server *s = ud;
+    (void)ud;
+    ds_server *s = ds_server_of(req);
     struct ds_adapter_registry *reg = ds_server_registry(s);
     char id[256];
     if (!path_id(req, id, sizeof id)) return;
@@ -357,7 +363,8 @@ static void handle_get(ds_http_req *req, void *ud) {
 }
 
 static void handle_delete(ds_http_req *req, void *ud) {
-    ds_server *s = ud;
+    (void)ud;
+    ds_server *s = ds_server_of(req);
     char id[256];
     if (!path_id(req, id, sizeof id)) return;
     ds_err err = {{0}};
@@ -373,15 +380,13 @@ static void handle_delete(ds_http_req *req, void *ud) {
     ds_server_reply_json(req, EP_ADAPTER, 200, &b);
 }
 
-int ds_handlers_adapters_register(ds_server *s) {
-    ds_router *rt = ds_server_router(s);
-    int rc = 0;
-    rc |= ds_router_add(rt, HTTP_GET, EP_MODELS, handle_models, s, 0);
-    rc |= ds_router_add(rt, HTTP_POST, EP_LOAD, handle_vllm_load, s, 0);
-    rc |= ds_router_add(rt, HTTP_POST, EP_UNLOAD, handle_vllm_unload, s, 0);
-    rc |= ds_router_add(rt, HTTP_GET, EP_ADAPTERS, handle_list, s, 0);
-    rc |= ds_router_add(rt, HTTP_POST, EP_ADAPTERS, handle_rest_load, s, 0);
-    rc |= ds_router_add(rt, HTTP_GET, EP_ADAPTER, handle_get, s, 0);
-    rc |= ds_router_add(rt, HTTP_DELETE, EP_ADAPTER, handle_delete, s, 0);
-    return rc ? DS_ERANGE : 0;
-}
+static const ds_route routes[] = {
+    {HTTP_GET, EP_MODELS, handle_models, NULL, 0},
+    {HTTP_POST, EP_LOAD, handle_vllm_load, NULL, 0},
+    {HTTP_POST, EP_UNLOAD, handle_vllm_unload, NULL, 0},
+    {HTTP_GET, EP_ADAPTERS, handle_list, NULL, 0},
+    {HTTP_POST, EP_ADAPTERS, handle_rest_load, NULL, 0},
+    {HTTP_GET, EP_ADAPTER, handle_get, NULL, 0},
+    {HTTP_DELETE, EP_ADAPTER, handle_delete, NULL, 0},
+};
+const ds_route_table ds_handlers_adapters_routes = {routes, sizeof routes / sizeof routes[0]};

@@ -1,13 +1,13 @@
-/* The OpenAI files and fine-tuning endpoints (api.md §2):
+/* The OpenAI files and fine-tuning endpoints (README.md, "Fine-tuning"):
  *   POST /v1/files (multipart/form-data: file, purpose=fine-tune; or JSON {"filename","content"}),
  *   GET /v1/files, GET|DELETE /v1/files/{id},
  *   POST|GET /v1/fine_tuning/jobs, GET /v1/fine_tuning/jobs/{id}, POST …/{id}/cancel,
  *   GET …/{id}/events, GET …/{id}/checkpoints.
  *
  * Files live in memory (at most FILES_MAX of FILE_MAX_BYTES each) and are validated line by line
- * at upload (400 naming the lines). Jobs are handed to the training manager (src/train/jobs.c),
- * created on the first job: one dedicated training thread, one job at a time (a simplification of
- * this slice; the final design runs micro-steps on the engine thread under --train-budget).
+ * at upload (400 naming the lines). Jobs are handed to the fine-tuning job manager
+ * (src/train/jobs.c), created with the server: one job at a time, whose training steps run on the
+ * engine thread between inference steps within --train-budget.
  *
  * Threading: loop thread only; the manager is thread-safe. JSONL validation runs on the loop
  * thread (bounded by FILE_MAX_BYTES). */
@@ -56,24 +56,26 @@ struct ds_ft_state {
     ds_ft_manager *mgr;
 };
 
-static struct ds_ft_state *state(ds_server *s) {
-    struct ds_ft_state **slot = ds_server_ft_state(s);
-    if (!*slot) {
-        *slot = calloc(1, sizeof **slot);
-        if (*slot) (*slot)->counter = (uint64_t)time(NULL) * 0x9E3779B97F4A7C15ull ^ (uint64_t)(uintptr_t)*slot;
+struct ds_ft_state *ds_handlers_ft_create(ds_server *s, ds_err *err) {
+    struct ds_ft_state *st = calloc(1, sizeof *st);
+    if (!st) return ds_err_set(err, DS_ENOMEM, "server: out of memory"), NULL;
+    st->counter = (uint64_t)time(NULL) * 0x9E3779B97F4A7C15ull ^ (uint64_t)(uintptr_t)st;
+    ds_engine *e = ds_server_engine(s);
+    if (e) { /* without a model there is nothing to fine-tune: the job endpoints say so */
+        if (!(st->mgr = ds_ft_manager_create(ds_engine_model(e), ds_server_registry(s), err))) return free(st), NULL;
+        ds_ft_manager_attach_engine(st->mgr, e, ds_server_train_budget(s));
     }
-    return *slot;
+    return st;
 }
 
-void ds_handlers_ft_free(ds_server *s) {
-    struct ds_ft_state **slot = ds_server_ft_state(s);
-    struct ds_ft_state *st = *slot;
+void ds_handlers_ft_free(struct ds_ft_state *st) {
     if (!st) return;
     ds_ft_manager_free(st->mgr); /* cancels the running job, joins the training thread */
     for (int32_t i = 0; i < st->n_files; i++) free(st->files[i].data);
     free(st);
-    *slot = NULL;
 }
+
+static struct ds_ft_state *state(ds_server *s) { return ds_server_ft_state(s); }
 
 static uint64_t next_rand(struct ds_ft_state *st) { return ds_splitmix64(&st->counter); }
 
@@ -416,15 +418,9 @@ static bool hp_targets(ds_http_req *req, const cJSON *hp, uint32_t *out) {
 }
 
 static ds_ft_manager *manager(ds_server *s, ds_err *err) {
-    struct ds_ft_state *st = state(s);
-    if (!st) return ds_err_set(err, DS_ENOMEM, "out of memory"), NULL;
-    if (!st->mgr) {
-        ds_engine *e = ds_server_engine(s);
-        if (!e) return ds_err_set(err, DS_EUNSUPPORTED, "no model is loaded"), NULL;
-        st->mgr = ds_ft_manager_create(ds_engine_model(e), ds_server_registry(s), err);
-        if (st->mgr) ds_ft_manager_attach_engine(st->mgr, e, ds_server_train_budget(s));
-    }
-    return st->mgr;
+    ds_ft_manager *m = state(s)->mgr;
+    if (!m) ds_err_set(err, DS_EUNSUPPORTED, "no model is loaded");
+    return m;
 }
 
 ds_ft_manager *ds_handlers_ft_manager(ds_server *s, ds_err *err) { return manager(s, err); }
@@ -715,19 +711,16 @@ static void handle_job_checkpoints(ds_http_req *req, void *ud) {
     ds_server_reply_json(req, EP_CKPTS, 200, &b);
 }
 
-int ds_handlers_ft_register(ds_server *s) {
-    ds_router *rt = ds_server_router(s);
-    int rc = 0;
-    rc |= ds_router_add(rt, HTTP_POST, EP_FILES, handle_file_upload, s, 0);
-    rc |= ds_router_add(rt, HTTP_GET, EP_FILES, handle_file_list, s, 0);
-    rc |= ds_router_add(rt, HTTP_GET, EP_FILE, handle_file_get, s, 0);
-    rc |= ds_router_add(rt, HTTP_DELETE, EP_FILE, handle_file_delete, s, 0);
-    rc |= ds_router_add(rt, HTTP_POST, EP_JOBS, handle_job_create, s, 0);
-    rc |= ds_router_add(rt, HTTP_GET, EP_JOBS, handle_job_list, s, 0);
-    rc |= ds_router_add(rt, HTTP_GET, EP_JOB, handle_job_get, s, 0);
-    rc |= ds_router_add(rt, HTTP_POST, EP_CANCEL, handle_job_cancel, s, 0);
-    rc |= ds_router_add(rt, HTTP_GET, EP_EVENTS, handle_job_events, s, 0);
-    rc |= ds_router_add(rt, HTTP_GET, EP_CKPTS, handle_job_checkpoints, s, 0);
-    rc |= ds_router_add(rt, HTTP_POST, "/v1/adapters/{id}/train", ds_handle_adapter_train, s, 0);
-    return rc ? DS_ERANGE : 0;
-}
+static const ds_route routes[] = {
+    {HTTP_POST, EP_FILES, handle_file_upload, NULL, 0},
+    {HTTP_GET, EP_FILES, handle_file_list, NULL, 0},
+    {HTTP_GET, EP_FILE, handle_file_get, NULL, 0},
+    {HTTP_DELETE, EP_FILE, handle_file_delete, NULL, 0},
+    {HTTP_POST, EP_JOBS, handle_job_create, NULL, 0},
+    {HTTP_GET, EP_JOBS, handle_job_list, NULL, 0},
+    {HTTP_GET, EP_JOB, handle_job_get, NULL, 0},
+    {HTTP_POST, EP_CANCEL, handle_job_cancel, NULL, 0},
+    {HTTP_GET, EP_EVENTS, handle_job_events, NULL, 0},
+    {HTTP_GET, EP_CKPTS, handle_job_checkpoints, NULL, 0},
+};
+const ds_route_table ds_handlers_ft_routes = {routes, sizeof routes / sizeof routes[0]};

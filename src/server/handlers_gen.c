@@ -199,9 +199,8 @@ static void send_chunk(gen_ctx *x, const ds_oai_delta *d) {
 
 /* Headers, then per choice the chat role delta or the echoed prompt. */
 static void gen_stream_begin(gen_ctx *x) {
-    ds_server_count(x->req, x->ep, 200);
     x->streaming = true;
-    if (ds_http_stream_start(x->req, 200, "text/event-stream") != 0) {
+    if (ds_server_stream_start(x->req, x->ep, 200, "text/event-stream") != 0) {
         gen_abort(x);
         return;
     }
@@ -395,8 +394,8 @@ static void finish(gen_ctx *x) {
         }
         ds_http_stream_end(x->req);
     } else if (x->aborted) {
-        ds_server_count(x->req, x->ep, 499); /* nginx's "client closed request" */
-        ds_http_respond(x->req, 499, "application/json", "", 0); /* only frees: nobody is listening */
+        /* nginx's "client closed request"; the send only frees: nobody is listening */
+        ds_server_reply(x->req, x->ep, 499, "application/json", "", 0);
     } else if (x->failed) {
         ds_server_reply_error(x->req, x->ep, &x->err);
     } else {
@@ -628,10 +627,8 @@ static void handle_generate(ds_http_req *req, void *ud) {
     if (st) ds_server_reply_error(req, ep, &e);
 }
 
-int ds_handlers_gen_register(ds_server *s) {
-    ds_router *rt = ds_server_router(s);
-    int rc = 0;
-    rc |= ds_router_add(rt, HTTP_POST, GEN_EP_COMPLETIONS, handle_generate, (void *)(intptr_t)DS_OAI_COMPLETION, 0);
-    rc |= ds_router_add(rt, HTTP_POST, GEN_EP_CHAT, handle_generate, (void *)(intptr_t)DS_OAI_CHAT, 0);
-    return rc ? DS_ERANGE : 0;
-}
+static const ds_route routes[] = {
+    {HTTP_POST, GEN_EP_COMPLETIONS, handle_generate, (void *)(intptr_t)DS_OAI_COMPLETION, 0},
+    {HTTP_POST, GEN_EP_CHAT, handle_generate, (void *)(intptr_t)DS_OAI_CHAT, 0},
+};
+const ds_route_table ds_handlers_gen_routes = {routes, sizeof routes / sizeof routes[0]};

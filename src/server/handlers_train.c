@@ -11,6 +11,7 @@
 #include "ds/train.h"
 
 #include <cjson/cJSON.h>
+#include <llhttp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -155,8 +156,9 @@ static bool start_job(ds_http_req *req, ds_server *s, const char *id, const cJSO
     return true;
 }
 
-void ds_handle_adapter_train(ds_http_req *req, void *ud) {
-    ds_server *s = ud;
+static void handle_adapter_train(ds_http_req *req, void *ud) {
+    (void)ud;
+    ds_server *s = ds_server_of(req);
     if (req->n_params < 1 || strlen(req->params[0]) >= 128) {
         ds_server_reply_errorf(req, EP_TRAIN, 400, "id", NULL, "malformed adapter id in the path");
         return;
@@ -182,3 +184,8 @@ void ds_handle_adapter_train(ds_http_req *req, void *ud) {
     uv_timer_start(&x->timer, poll_job, 50, 50);
     ds_http_req_on_abort(req, on_abort, x);
 }
+
+static const ds_route routes[] = {
+    {HTTP_POST, EP_TRAIN, handle_adapter_train, NULL, 0},
+};
+const ds_route_table ds_handlers_train_routes = {routes, sizeof routes / sizeof routes[0]};

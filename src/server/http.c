@@ -14,6 +14,7 @@
 #include <time.h>
 
 #include "server/http.h"
+#include "server/openai_resp.h" /* error bodies are OpenAI-shaped, even the layer's own */
 
 #define READ_BUF_SIZE (64 * 1024)
 /* Unparsed input kept while a handler runs (pipelined requests); past it we stop reading until
@@ -597,23 +598,16 @@ int ds_http_respond(ds_http_req *r, int status, const char *content_type, const 
     return rc ? DS_ECANCELED : 0;
 }
 
-int ds_http_respond_error(ds_http_req *r, const ds_oai_error *e) {
+/* A handler ended a request without answering (a bug): the client still gets a 500. */
+static int respond_empty_error(ds_http_req *r) {
+    ds_oai_error e;
+    ds_oai_error_set(&e, 500, NULL, NULL, "internal error: empty response");
     ds_sb b;
     ds_sb_init(&b);
-    ds_oai_error_json(&b, e);
-    int rc = ds_http_respond(r, e->status, "application/json", b.data ? b.data : "", b.len);
+    ds_oai_error_json(&b, &e);
+    int rc = ds_http_respond(r, 500, "application/json", b.data ? b.data : "", b.len);
     ds_sb_free(&b);
     return rc;
-}
-
-int ds_http_respond_errorf(ds_http_req *r, int status, const char *param, const char *code, const char *fmt, ...) {
-    ds_oai_error e;
-    ds_oai_error_set(&e, status, param, code, "%s", "");
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(e.message, sizeof e.message, fmt, ap);
-    va_end(ap);
-    return ds_http_respond_error(r, &e);
 }
 
 int ds_http_stream_start(ds_http_req *r, int status, const char *content_type) {
@@ -662,7 +656,7 @@ size_t ds_http_stream_buffered(const ds_http_req *r) {
 
 int ds_http_stream_end(ds_http_req *r) {
     if (r->state_ == RS_NEW) /* ended without a start: a handler bug, but answer something */
-        return ds_http_respond_errorf(r, 500, NULL, NULL, "internal error: empty response");
+        return respond_empty_error(r);
     int rc = 0;
     if (r->conn_ && r->chunked_out_) {
         uv_buf_t b = uv_buf_init("0\r\n\r\n", 5);

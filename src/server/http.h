@@ -1,4 +1,4 @@
-/* deltaserve — internal HTTP/1.1 server on libuv + llhttp, and the router on top of it.
+/* deltaserve — internal HTTP/1.1 server on libuv + llhttp (the route table is router.h).
  *
  * Threading: everything here runs on the loop thread (the thread running uv_run on the loop given
  * to ds_http_server_init), EXCEPT ds_http_server_post, which any thread may call: it is how the
@@ -10,7 +10,7 @@
  * (malformed, then close); idle / header / body / write timeouts.
  *
  * Request life cycle (the one rule a handler must follow):
- *   the handler receives a ds_http_req* and must end it exactly once, with ds_http_respond*() or
+ *   the handler receives a ds_http_req* and must end it exactly once, with ds_http_respond() or
  *   ds_http_stream_start() … ds_http_stream_end(), now or later from a loop callback. The request
  *   stays valid until then, EVEN IF THE CLIENT IS GONE: the layer then calls the abort callback
  *   (ds_http_req_on_abort) once, further writes return DS_ECANCELED and do nothing, and the ending
@@ -23,7 +23,7 @@
 #include <uv.h>
 
 #include "ds/common.h"
-#include "server/openai_resp.h"
+#include "util/sb.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -212,13 +212,6 @@ void ds_http_req_add_header(ds_http_req *r, const char *name, const char *value)
  * the client was already gone (r is freed all the same). `body` is copied. */
 int ds_http_respond(ds_http_req *r, int status, const char *content_type, const char *body, size_t len);
 
-/* Sends {"error":{...}} with e->status and ENDS the request. */
-int ds_http_respond_error(ds_http_req *r, const ds_oai_error *e);
-
-/* Shorthand: builds the error (type from the status) and sends it. ENDS the request. */
-int ds_http_respond_errorf(ds_http_req *r, int status, const char *param, const char *code, const char *fmt, ...)
-    __attribute__((format(printf, 5, 6)));
-
 /* Starts a streamed response: status line and headers now, body in chunks (chunked transfer
  * encoding; HTTP/1.0 clients get close-delimited framing). Does NOT end the request.
  * Returns 0 or DS_ECANCELED (client gone: still end it with ds_http_stream_end). */
@@ -237,48 +230,6 @@ int ds_http_stream_end(ds_http_req *r);
 
 /* "OK", "Not Found", ... ("Unknown" for codes we never send). */
 const char *ds_http_status_text(int status);
-
-/* ---- router (router.c) ------------------------------------------------------------------ */
-
-#define DS_ROUTE_PUBLIC 1u /* no API key needed (/health) */
-
-typedef struct ds_route {
-    int method;              /* llhttp_method_t */
-    char pattern[96];        /* "/v1/models", "/v1/fine_tuning/jobs/{id}/cancel" */
-    ds_http_handler_fn fn;
-    void *ud;
-    unsigned flags;
-} ds_route;
-
-typedef struct ds_router {
-    ds_route routes[64];
-    int32_t n_routes;
-    char api_key[256];       /* "" → no authentication */
-} ds_router;
-
-/* `api_key` NULL or "" disables authentication. */
-void ds_router_init(ds_router *r, const char *api_key);
-
-/* Adds a route; "{name}" in the pattern matches one non-empty path segment (up to 4 per route,
- * delivered in req->params). Returns 0 or DS_ERANGE when the table or the pattern is too long. */
-int ds_router_add(ds_router *r, int method, const char *pattern, ds_http_handler_fn fn, void *ud, unsigned flags);
-
-/* A ds_http_handler_fn (ud = the ds_router): checks the API key (401), finds the route (404 for an
- * unknown path, 405 with Allow for a known path with another method) and calls its handler. */
-void ds_router_dispatch(ds_http_req *req, void *router);
-
-/* ---- ds_server internals for handler files (router.c) ------------------------------------ */
-
-typedef struct ds_server ds_server;
-typedef struct ds_server_params ds_server_params;
-typedef struct ds_engine ds_engine;
-
-/* The server behind a request (the ds_http_server's `user`). Loop thread. */
-ds_server *ds_server_of(const ds_http_req *r);
-ds_engine *ds_server_engine(const ds_server *s);   /* may be NULL */
-const ds_server_params *ds_server_get_params(const ds_server *s);
-ds_router *ds_server_router(ds_server *s);
-ds_http_server *ds_server_http(ds_server *s);
 
 #ifdef __cplusplus
 }

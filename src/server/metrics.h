@@ -11,7 +11,7 @@
 #define DS_SERVER_METRICS_H
 
 #include "ds/engine.h"
-#include "server/openai_resp.h"
+#include "util/sb.h"
 
 #ifdef __cplusplus
 extern "C" {
