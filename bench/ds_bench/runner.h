@@ -2,7 +2,7 @@
  * arrival times, capped by --max-concurrency; closed loop when the rate is infinite and the
  * concurrency is capped) and records per-request timings.
  *
- * Timings follow vLLM's `bench serve` (see api.md §5), with one difference noted:
+ * Timings follow vLLM's `bench serve` (vllm/benchmarks/serve.py), with one difference noted:
  *   start    uv_hrtime() just before the request is handed to the client (connect included
  *            when no keep-alive connection is idle);
  *   TTFT     first SSE chunk whose choices[0].text (completions) or choices[0].delta.content

@@ -14,8 +14,10 @@
  * (the last virtual row predicts real token 0 when labels[0] counts), prefix tuning prepends P
  * K/V slots per layer and real tokens take positions P.., exactly as PEFT does.
  *
- * This slice computes on the host in fp32 (OpenBLAS). Threading: a trainer is used by one thread
- * at a time; several trainers may share one ds_model. */
+ * Every op runs through a backend's training table (ds/backend_train.h): the params' backend, else
+ * a CPU backend of the trainer's own; fp32 activations and gradients over the model's weights in
+ * their stored type. Threading: a trainer is used by one thread at a time; several trainers may
+ * share one ds_model. */
 #ifndef DS_TRAIN_H
 #define DS_TRAIN_H
 

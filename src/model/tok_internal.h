@@ -41,7 +41,7 @@ typedef enum { TOK_UNI_LETTER = 0, TOK_UNI_NUMBER, TOK_UNI_NUMERIC, TOK_UNI_WORD
 const tok_range *tok_unicode_extra(tok_uni_class which, size_t *n);
 bool tok_unicode_extra_has(tok_uni_class which, uint32_t cp);
 
-/* GPT-2 byte <-> code point map (formats.md §7): printable bytes map to themselves, the other 68 to
+/* GPT-2 byte <-> code point map (bytes_to_unicode in HF tokenizers' ByteLevel): printable bytes map to themselves, the other 68 to
  * U+0100.. in byte order. tok_cp_to_byte returns -1 for code points outside the map. */
 uint32_t tok_byte_to_cp(uint8_t b);
 int tok_cp_to_byte(uint32_t cp);

@@ -1,4 +1,4 @@
-/* Hugging Face tokenizer.json (+ tokenizer_config.json) → tok_spec → ds_tokenizer (formats.md §7).
+/* Hugging Face tokenizer.json (+ tokenizer_config.json) → tok_spec → ds_tokenizer.
  *
  * Input is untrusted: every field is type- and range-checked, and anything outside the byte-level BPE
  * shapes deltaserve reproduces exactly is refused by name rather than silently tokenised differently. */

@@ -3,7 +3,7 @@
  * large adapters, so they run on a libuv worker thread (uv_queue_work) and the loop keeps
  * serving; the registry is thread-safe and confines every path to --adapter-dir.
  *
- * Status codes (api.md §2, vLLM's where it has one): missing/mistyped field 400; name already
+ * Status codes (README.md "Adapters at run time"; vLLM's where it has one): missing/mistyped field 400; name already
  * loaded 400 (vLLM) / 409 (REST); adapter path missing 404; path outside --adapter-dir 403;
  * malformed or incompatible adapter 400; unknown name on unload / GET / DELETE 404. */
 #include <cjson/cJSON.h>

@@ -1,5 +1,5 @@
 /* deltaserve — /metrics: the server's counters and histograms, rendered as Prometheus text 0.0.4
- * together with a snapshot of the engine's gauges (api.md §3–4).
+ * together with a snapshot of the engine's gauges (the list: README.md "Health and metrics").
  *
  * Names follow vLLM where a router (Gateway API Inference Extension) or a dashboard expects them
  * (vllm:num_requests_waiting, vllm:kv_cache_usage_perc, vllm:lora_requests_info, ...); what only

@@ -1,4 +1,4 @@
-/* Request-body validation. The ranges are OpenAI's (api.md §1); vLLM's extras get vLLM's ranges.
+/* Request-body validation. The ranges are OpenAI's (its API reference); vLLM's extras get vLLM's ranges.
  * Every check names its field in `param`, because that is what clients show their users. */
 #include "server/openai_req.h"
 

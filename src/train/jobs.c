@@ -1,9 +1,11 @@
-/* Fine-tuning jobs: JSONL datasets → (tokens, labels) examples, a FIFO of jobs run one at a time on
- * a dedicated training thread, PEFT checkpoints under the adapter directory, and publication in the
- * registry (include/ds/train.h, "Fine-tuning jobs").
+/* Fine-tuning jobs: JSONL datasets → (tokens, labels) examples, a FIFO of jobs run one at a time by
+ * a training thread, PEFT checkpoints under the adapter directory, and publication in the registry
+ * (include/ds/train.h, "Fine-tuning jobs").
  *
- * SIMPLIFICATION (this slice): a dedicated thread trains whole steps concurrently with the engine;
- * the final design runs micro-steps on the engine thread under --train-budget.
+ * The training thread drives a job (datasets, epochs, checkpoints, events); each trainer step and
+ * evaluation is handed to the engine thread when an engine is attached (ds_engine_set_background:
+ * training takes at most --train-budget of the engine's time while requests run), and computed on
+ * the training thread itself when none is (tests, tools).
  *
  * Locking: m->mu guards the job list and every job's info / events / checkpoints; the training
  * thread holds it only to publish progress, never while computing. */
@@ -586,8 +588,9 @@ done:
 }
 
 /* Training yields the CPU to serving: this thread (and the OpenMP/BLAS workers it creates, which
- * inherit the nice value on Linux) runs at the lowest priority, so jobs use the cycles the engine
- * leaves idle. A stop-gap until micro-steps run on the engine thread under a time budget. */
+ * inherit the nice value on Linux) runs at the lowest priority, so what runs here — tokenising
+ * datasets, saving checkpoints, and the steps themselves when no engine is attached — uses the
+ * cycles the engine leaves idle. */
 static void lower_priority(void) {
     if (setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), 19) != 0)
         DS_LOGW("fine-tuning: cannot lower the training thread's priority; serving may slow down while jobs run");

@@ -1,6 +1,6 @@
 /* Publishing: writes a ds_adapter as a PEFT directory that HF PEFT (PeftModel.from_pretrained) and
  * ds_adapter_load read back: adapter_config.json + adapter_model.safetensors, F32, PEFT keys
- * (formats.md §1–2). */
+ * (the key names PEFT's save_pretrained writes; src/adapter/peft*.c reads the same). */
 #include "train/train_internal.h"
 
 #include <cjson/cJSON.h>
@@ -239,7 +239,7 @@ static cJSON *lora_config(const ds_adapter *a, const ds_peft_save_params *p) {
 }
 
 /* Prompt tuning: token_dim = hidden size. Prefix tuning on GQA (PEFT >= 0.12): token_dim =
- * head_dim·n_kv_head and num_attention_heads = n_kv_head (formats.md §1). */
+ * head_dim·n_kv_head and num_attention_heads = n_kv_head (PEFT's own GQA handling). */
 static cJSON *prompt_config(const ds_adapter *a, const ds_model *m, const ds_peft_save_params *p) {
     const bool prefix = a->kind == DS_ADAPTER_PREFIX;
     cJSON *c = common_config(a, prefix ? "PREFIX_TUNING" : "PROMPT_TUNING", p);

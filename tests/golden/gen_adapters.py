@@ -582,7 +582,7 @@ def gen_adapter(model_name: str, adapter: str, written: list[Path], report: dict
 
 @torch.no_grad()
 def extra_checks(model_name, adapter, pm, pm2, cfg_json, st, base_model, report) -> None:
-    """Re-derive the forward math of formats.md §3 from the saved tensors where cheap."""
+    """Re-derive the forward math (as PEFT's layers compute it) from the saved tensors where cheap."""
     cfg = base_model.config
     pt = cfg_json["peft_type"]
     if pt == "PREFIX_TUNING":
@@ -604,7 +604,7 @@ def extra_checks(model_name, adapter, pm, pm2, cfg_json, st, base_model, report)
         out = enc(torch.arange(cfg_json["num_virtual_tokens"]).unsqueeze(0))[0]
         assert torch.allclose(out, st["prompt_embeddings"], atol=1e-6)
     if pt == "PROMPT_TUNING" or pt == "P_TUNING":
-        # formats.md: [virtual rows ; token embeddings] with positions 0..P+n-1 through the plain model
+        # PEFT: [virtual rows ; token embeddings] with positions 0..P+n-1 through the plain model
         ids = [5, 17, 33]
         P = cfg_json["num_virtual_tokens"]
         emb = torch.cat([st["prompt_embeddings"].float(),
@@ -613,7 +613,7 @@ def extra_checks(model_name, adapter, pm, pm2, cfg_json, st, base_model, report)
         want = full_logits(pm2, ids, P)
         assert np.max(np.abs(lg.numpy() - want)) < 1e-4, "prompt tuning layout mismatch"
     if pt == "PREFIX_TUNING":
-        # formats.md: view [P, 2L, H_kv, D]; layer l K = t 0, V = t 1; real tokens at positions P..
+        # PEFT: view [P, 2L, H_kv, D]; layer l K = t 0, V = t 1; real tokens at positions P..
         from transformers import DynamicCache
         P = cfg_json["num_virtual_tokens"]
         L = cfg.num_hidden_layers
@@ -644,7 +644,7 @@ def extra_checks(model_name, adapter, pm, pm2, cfg_json, st, base_model, report)
             else:
                 assert tuple(v.shape) == (lin.out_features, 1), (k, v.shape)
     if pt == "LORA" and cfg_json.get("use_dora"):
-        # formats.md DoRA: y = (m / ||W + sBA||_row) * (W x + s B A x) + b, bias unscaled
+        # PEFT DoRA: y = (m / ||W + sBA||_row) * (W x + s B A x) + b, bias unscaled
         for k, m in st.items():
             if not k.endswith(".lora_magnitude_vector"):
                 continue
@@ -661,7 +661,7 @@ def extra_checks(model_name, adapter, pm, pm2, cfg_json, st, base_model, report)
             got = pm2.base_model.model.get_submodule(mod)(x)
             assert torch.allclose(got, y, atol=1e-5), (k, float((got - y).abs().max()))
     if pt == "LORA" and not cfg_json.get("use_dora"):
-        # formats.md LoRA: y = base(x) + s * (B (A x) + b_B), s from expected_lora_scales;
+        # PEFT LoRA: y = base(x) + s * (B (A x) + b_B), s from expected_lora_scales;
         # embedding: y = E[tok] + s * (B A[:, tok])
         sc = expected_lora_scales(cfg_json, st)
         gen = torch.Generator().manual_seed(4)

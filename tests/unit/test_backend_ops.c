@@ -1,5 +1,5 @@
 /* Every backend op on every available backend against a naive double-precision reference written
- * here (llama.cpp test-backend-ops style; STYLE.md "The backend interface").
+ * here (llama.cpp test-backend-ops style).
  *
  *   test_backend_ops           cpu, then cuda when ds_backend_create("cuda") succeeds (else it
  *                              prints "cuda: skipped: <reason>" and still passes)

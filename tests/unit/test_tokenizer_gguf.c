@@ -12,7 +12,7 @@
 #define SMOL_JSON DS_MODELS_DIR "/SmolLM2-135M-Instruct.tokenizer.json"
 #define SMOL_CFG DS_MODELS_DIR "/SmolLM2-135M-Instruct.tokenizer_config.json"
 
-/* ---- a bounds-checked reader for the GGUF header's key/value pairs (formats.md §6) ---- */
+/* ---- a bounds-checked reader for the GGUF header's key/value pairs (ggml docs/gguf.md) ---- */
 
 typedef struct rd {
     const uint8_t *p;
