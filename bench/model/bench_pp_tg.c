@@ -132,6 +132,7 @@ int main(int argc, char **argv) {
     const int32_t longest = n_prompt > n_gen ? n_prompt : n_gen;
     lp.max_tokens = n_prompt > 1 ? n_prompt : 1;
     lp.max_seqs = 1;
+    lp.max_out = 1; /* one logits row per step: the logits buffer is one vocabulary row */
     lp.max_blocks_per_seq = (longest + lp.kv_block_size - 1) / lp.kv_block_size + 1; /* + 1: the pool's minimum is 2 */
     lp.n_kv_blocks = lp.max_blocks_per_seq;
     run R = {.n_vocab = m->cfg.n_vocab, .n_blocks = lp.max_blocks_per_seq};
