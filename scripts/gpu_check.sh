@@ -34,6 +34,7 @@ exec > >(tee -a "$out/log.txt") 2>&1
 : > "$out/summary.txt"
 failed=0
 
+stdbuf=$(command -v stdbuf || true)
 say() { printf '\n== %s\n' "$*"; }
 note() { printf '%-9s %s\n' "$1" "$2" | tee -a "$out/summary.txt" >/dev/null; printf '>> %s: %s\n' "$1" "$2"; }
 left() { echo $(( deadline - $(date +%s) )); }
@@ -44,10 +45,11 @@ run() {
   shift 2
   t=$(left)
   [ "$budget" -lt "$t" ] && t=$budget
-  if [ "$t" -lt 10 ]; then rc=124; note "$name" "SKIPPED: out of time (deadline)"; return; fi
+  if [ "$t" -lt 10 ]; then rc=125; echo "-- $name: not started, the deadline is near"; return; fi
   printf -- '-- %s (timeout %ss): %s\n' "$name" "$t" "$*"
   local t0=$(date +%s)
-  timeout -k 5 "$t" "$@" 2>&1 | tee "$kit/step.txt"
+  # line-buffered stdout (stdbuf), so that a step killed at its timeout still shows how far it got
+  timeout -k 5 "$t" ${stdbuf:+$stdbuf -oL -eL} "$@" 2>&1 | tee "$kit/step.txt"
   rc=${PIPESTATUS[0]}
   printf -- '-- %s: exit %s after %ss\n' "$name" "$rc" "$(( $(date +%s) - t0 ))"
 }
@@ -57,6 +59,7 @@ verdict() { # NAME OK-CONDITION-RC-LIST DETAIL
   else
     failed=1
     [ "$rc" = 124 ] && detail="TIMED OUT $detail"
+    [ "$rc" = 125 ] && detail="NOT RUN: out of time (DS_GPU_CHECK_SECONDS) $detail"
     note "$name" "FAILED (exit $rc) $detail"
   fi
 }
@@ -85,7 +88,11 @@ cat "$out/info.txt"
 # ---- kit -------------------------------------------------------------------------------------
 say "kit"
 [ -f "$kit_pack" ] || { note kit "FAILED: $kit_pack missing (scripts/gpu_kit.sh, then carry .gpu-kit)"; exit 2; }
-rm -rf "$kit" && mkdir -p "$kit" && tar -C "$kit" -xJf "$kit_pack" || { note kit "FAILED: cannot unpack $kit_pack"; exit 2; }
+unpack() { # tar needs xz for -J; Python's tarfile (lzma) does without it
+  if command -v xz >/dev/null; then tar -C "$kit" -xJf "$kit_pack"
+  else python3 -c 'import sys, tarfile as t; t.open(sys.argv[1]).extractall(sys.argv[2], **({"filter": "data"} if hasattr(t, "data_filter") else {}))' "$kit_pack" "$kit"; fi
+}
+rm -rf "$kit" && mkdir -p "$kit" && unpack || { note kit "FAILED: cannot unpack $kit_pack"; exit 2; }
 # libcublasLt.so.13 is too large to carry: the CUDA 13 toolkit or PyTorch's wheels have it.
 find_cublaslt() {
   local d
@@ -125,7 +132,11 @@ echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 missing=$(ldd "$kit"/bin/* | grep 'not found' | sort -u)
 if [ -n "$missing" ]; then echo "$missing"; note kit "FAILED: libraries not found: $(echo "$missing" | awk '{print $1}' | sort -u | xargs)"; exit 2; fi
 [ -d "$DS_TEST_DATA/models" ] || { note kit "FAILED: $DS_TEST_DATA/models missing (the tree travels with the call)"; exit 2; }
-"$kit/bin/deltaserve" --help > /dev/null 2>&1 || { note kit "FAILED: deltaserve does not start"; exit 2; }
+if ! "$kit/bin/deltaserve" --help > "$kit/start.txt" 2>&1; then
+  head -n 5 "$kit/start.txt"
+  note kit "FAILED: deltaserve does not start (glibc older than the kit's MANIFEST asks?)"
+  exit 2
+fi
 note kit "ok: $(ls "$kit/bin" | wc -l) binaries, $(ls "$kit/lib" | wc -l) libraries, cublasLt from ${lt:-?}"
 
 # ---- gpu -------------------------------------------------------------------------------------

@@ -95,7 +95,8 @@ dirty=$( (git status --porcelain --untracked-files=no 2>/dev/null || true) | wc 
   echo "cmake:    -DCMAKE_BUILD_TYPE=Release -DDS_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90"
   echo "nvcc:     $("$nvcc" --version | tail -n1)"
   echo "src root: $here (compiled-in data paths; gpu_check.sh overrides them with DS_TEST_DATA/DS_MODELS_DIR)"
-  echo "host libs expected on the GPU machine: glibc, libstdc++, libgcc_s, the NVIDIA driver (libcuda),"
+  echo "host libs expected on the GPU machine: glibc >= $(for f in "$stage"/bin/* "$stage"/lib/*; do objdump -T "$f" 2>/dev/null |
+    grep -oE 'GLIBC_[0-9.]+'; done | sort -uV | tail -n1 | cut -d_ -f2), libstdc++, libgcc_s, the NVIDIA driver (libcuda),"
   echo "          libcublasLt.so.13 (CUDA 13 toolkit or PyTorch's nvidia-cublas wheel)"
   echo "model:    not in the kit ($(du -m models/*.gguf 2>/dev/null | awk '{print $1" MiB"}' | head -n1); a call carries 64 MiB in all; see --model-parts)"
   echo "files (bytes, sha256):"

@@ -202,6 +202,7 @@ static int run_proj(ds_backend *b, const opts *o, const proj *p, double bw, ds_l
 }
 
 int main(int argc, char **argv) {
+    setvbuf(stdout, NULL, _IOLBF, 0); /* progress survives a timeout kill under a pipe */
     opts o;
     int rc = parse(argc, argv, &o);
     if (rc) return rc == 1 ? 0 : rc;

@@ -240,6 +240,7 @@ static int bench_init(bench *B, const ds_model *m, ds_backend *be, int batch, in
     ds_llama_params lp = ds_llama_default_params();
     lp.max_tokens = B->max_tokens;
     lp.max_seqs = B->max_seqs;
+    lp.max_out = B->max_seqs; /* one logits row per sequence: 128 × 128256 floats, not 2048 × */
     B->blocks = (per_seq + lp.kv_block_size - 1) / lp.kv_block_size + 1;
     lp.n_kv_blocks = B->max_seqs * B->blocks;
     lp.max_blocks_per_seq = B->blocks;
@@ -379,6 +380,7 @@ static void write_json(const opts *o, const results *r) {
 }
 
 int main(int argc, char **argv) {
+    setvbuf(stdout, NULL, _IOLBF, 0); /* progress survives a timeout kill under a pipe */
     opts o;
     int rc = parse(argc, argv, &o);
     if (rc) return rc == 1 ? 0 : rc;
