@@ -65,6 +65,7 @@ command -v ninja >/dev/null && gen=(-G Ninja)
   -DDS_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_CUDA_COMPILER="$nvcc" >/dev/null
 targets=()
 for b in "${BINS[@]}"; do targets+=(--target "$(basename "$b")"); done
+targets+=(--target ds_cuda) # the CUDA backend is a module the binaries dlopen (src/backend/backend.c)
 nice -n 10 cmake --build "$build" -j "$(nproc)" "${targets[@]}"
 grep -q 'DS_CUDA:STRING=ON' "$build/CMakeCache.txt" || die "$build is not a DS_CUDA=ON build"
 
@@ -84,6 +85,13 @@ for b in "${BINS[@]}"; do
     cp -L "$path" "$stage/lib/$name"
   done < <(ldd "$build/$b" | awk '$2 == "=>" && $3 ~ /^\// {print $1, $3}')
 done
+# libds_cuda.so goes beside the binaries (where backend.c looks first), with the CUDA libraries it links.
+cp "$build/libds_cuda.so" "$stage/bin/"
+while read -r name path; do
+  [[ $name =~ $HOST_LIBS || $name =~ $HOST_CUDA_LIBS || -n ${seen[$name]:-} ]] && continue
+  seen[$name]=1
+  cp -L "$path" "$stage/lib/$name"
+done < <(ldd "$build/libds_cuda.so" | awk '$2 == "=>" && $3 ~ /^\// {print $1, $3}')
 chmod u+w "$stage"/lib/*
 strip --strip-unneeded "$stage"/lib/* 2>/dev/null || true
 commit=$(git rev-parse HEAD 2>/dev/null || echo "unknown (no git)")
