@@ -237,13 +237,21 @@ static void gemv(const ds_mat *w, int32_t r0, int32_t r1, const float *x, int32_
             const float *src = buf;
             if (w->dtype == DS_DTYPE_F32) src = (const float *)row + k0;
             else deq_span(w->dtype, row, k0, len, buf);
-            const int32_t lv = len / QK_VW * QK_VW;
+            const int32_t l4 = len / (4 * QK_VW) * (4 * QK_VW), lv = len / QK_VW * QK_VW;
             for (int32_t t = 0; t < n; t++) {
                 const float *xt = x + (size_t)t * K + k0;
-                vf s = a[t];
-                for (int32_t j = 0; j < lv; j += QK_VW) s += vload(src + j) * vload(xt + j);
-                a[t] = s;
-                for (int32_t j = lv; j < len; j++) tail[t] += src[j] * xt[j];
+                /* four independent sums: one chain of dependent FMAs would wait on its latency */
+                vf s0 = a[t], s1 = {0}, s2 = {0}, s3 = {0};
+                int32_t j = 0;
+                for (; j < l4; j += 4 * QK_VW) {
+                    s0 += vload(src + j) * vload(xt + j);
+                    s1 += vload(src + j + QK_VW) * vload(xt + j + QK_VW);
+                    s2 += vload(src + j + 2 * QK_VW) * vload(xt + j + 2 * QK_VW);
+                    s3 += vload(src + j + 3 * QK_VW) * vload(xt + j + 3 * QK_VW);
+                }
+                for (; j < lv; j += QK_VW) s0 += vload(src + j) * vload(xt + j);
+                a[t] = (s0 + s1) + (s2 + s3);
+                for (; j < len; j++) tail[t] += src[j] * xt[j];
             }
         }
         for (int32_t t = 0; t < n; t++) {
