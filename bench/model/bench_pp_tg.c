@@ -7,8 +7,8 @@
  * (tokens/s = N / time); tgN is N single-token decode steps starting from an empty cache
  * (tokens/s = N / time). One warm-up run of each first, then REPS runs; the mean and standard
  * deviation of the per-run tokens/s are reported (llama-bench's avg_ts / stddev_ts). Memory: VmRSS
- * and VmHWM from /proc/self/status after loading (model + ds_llama with its KV pool and activations)
- * and at the end. One JSON object on stdout; progress on stderr. Uses the public API only. */
+ * and VmHWM from /proc/self/status after loading (ds_llama with its KV pool and activations, and the
+ * pages of the mapped GGUF touched so far) and at the end (every weight page touched). One JSON object on stdout; progress on stderr. Uses the public API only. */
 #include "ds/model.h"
 
 #include <math.h>
