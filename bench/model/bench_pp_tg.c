@@ -8,7 +8,8 @@
  * (tokens/s = N / time). One warm-up run of each first, then REPS runs; the mean and standard
  * deviation of the per-run tokens/s are reported (llama-bench's avg_ts / stddev_ts). Memory: VmRSS
  * and VmHWM from /proc/self/status after loading (ds_llama with its KV pool and activations, and the
- * pages of the mapped GGUF touched so far) and at the end (every weight page touched). One JSON object on stdout; progress on stderr. Uses the public API only. */
+ * pages of the mapped GGUF touched so far) and at the end (every weight page touched). One JSON
+ * object on stdout; progress on stderr. Uses the public API only. */
 #include "ds/model.h"
 
 #include <math.h>
@@ -182,8 +183,8 @@ int main(int argc, char **argv) {
     printf("  \"tg_tps\": %.3f, \"tg_tps_sd\": %.3f,\n", tg_mean, tg_sd);
     print_samples("pp_samples", pp, n_prompt > 0 ? reps : 0);
     print_samples("tg_samples", tg, n_gen > 0 ? reps : 0);
-    printf("  \"rss_start_kb\": %ld, \"rss_load_kb\": %ld, \"hwm_load_kb\": %ld, \"rss_end_kb\": %ld, \"hwm_end_kb\": %ld\n",
-           rss0, rss_load, hwm_load, rss_end, hwm_end);
+    printf("  \"rss_start_kb\": %ld, \"rss_load_kb\": %ld, \"hwm_load_kb\": %ld,\n", rss0, rss_load, hwm_load);
+    printf("  \"rss_end_kb\": %ld, \"hwm_end_kb\": %ld\n", rss_end, hwm_end);
     printf("}\n");
 
     free(pp);
