@@ -269,4 +269,142 @@ static void deq_tile(const ds_mat *w, int32_t r0, int32_t nr, int32_t k0, int32_
         deq_span(w->dtype, (const uint8_t *)w->data + (size_t)(r0 + i) * w->row_bytes, k0, kn, dst + (size_t)i * kn);
 }
 
-const ds_qk_ops QK_NAME = {.gemv = gemv, .deq_tile = deq_tile, .vw = QK_VW};
+/* ---- fused gemv for the block formats: Σ w·x = Σ_groups ds·(Σ q·x) + mo·(Σ x) ----
+ * A weight value is ds·q + mo within a group of 16 or 32 elements (ds, mo from the block's scales
+ * and mins), so the dot product needs the integer codes as fp32 and the group sums of x (xs[t][k/16],
+ * computed once per matmul by the caller) — the dequantised values are never materialised. */
+
+#define QMAXV (32 / QK_VW) /* vectors in a 32-element group */
+
+static inline void dot_group(const vf *q, int nv, float ds, float mo, int32_t k, const float *x, int32_t K,
+                             const float *xs, int32_t K16, int32_t n, vf *a, float *tail) {
+    for (int32_t t = 0; t < n; t++) {
+        const float *xt = x + (size_t)t * K + k;
+        vf p = q[0] * vload(xt);
+        for (int i = 1; i < nv; i++) p += q[i] * vload(xt + i * QK_VW);
+        a[t] += p * ds;
+        if (mo != 0.0f) {
+            const float *g = xs + (size_t)t * K16 + k / 16;
+            tail[t] += mo * (nv * QK_VW == 32 ? g[0] + g[1] : g[0]);
+        }
+    }
+}
+
+/* 16 bytes of 4-bit codes → the 16 low nibbles (elements 0..15) and 16 high ones (16..31). */
+static inline void nib16(const uint8_t *qs, vf *lo, vf *hi) {
+    for (int v = 0; v < 16 / QK_VW; v++) {
+        const u8v b = ld8(qs + v * QK_VW);
+        lo[v] = u2f(b & 15);
+        hi[v] = u2f(b >> 4);
+    }
+}
+
+/* a and b: two accumulator sets, alternated between groups so consecutive FMAs do not wait on
+ * each other. */
+static void row_fused(const ds_mat *w, const uint8_t *row, const float *x, const float *xs, int32_t n, vf *a, vf *b,
+                      float *tail) {
+    const int32_t K = w->cols, K16 = K / 16;
+    vf q[QMAXV], h[QMAXV];
+    switch (w->dtype) {
+    case DS_DTYPE_Q4_0:
+    case DS_DTYPE_Q4_1: {
+        const bool q41 = w->dtype == DS_DTYPE_Q4_1;
+        const int32_t bb = q41 ? 20 : 18;
+        for (int32_t k = 0; k < K; k += 32, row += bb) {
+            const float d = f16v(row), mo = q41 ? f16v(row + 2) : -8.0f * d; /* Q4_0: (q − 8)·d */
+            nib16(row + (q41 ? 4 : 2), q, q + 16 / QK_VW);
+            dot_group(q, QMAXV, d, mo, k, x, K, xs, K16, n, (k & 32) ? b : a, tail);
+        }
+        return;
+    }
+    case DS_DTYPE_Q8_0:
+        for (int32_t k = 0; k < K; k += 32, row += 34) {
+            for (int v = 0; v < QMAXV; v++) {
+                i8v b;
+                memcpy(&b, row + 2 + v * QK_VW, sizeof b);
+                q[v] = i2f(b);
+            }
+            dot_group(q, QMAXV, f16v(row), 0.0f, k, x, K, xs, K16, n, (k & 32) ? b : a, tail);
+        }
+        return;
+    case DS_DTYPE_Q4_K:
+    case DS_DTYPE_Q5_K: {
+        const bool q5 = w->dtype == DS_DTYPE_Q5_K;
+        const int32_t bb = q5 ? 176 : 144;
+        for (int32_t k = 0; k < K; k += 256, row += bb) {
+            const float d = f16v(row), dmin = f16v(row + 2);
+            const uint8_t *scales = row + 4, *qh = row + 16, *qs = row + (q5 ? 48 : 16);
+            for (int c = 0; c < 4; c++, qs += 32) { /* 64 elements: sub-blocks 2c (low nibbles), 2c+1 */
+                uint8_t sc0, m0, sc1, m1;
+                scale_min_k4(2 * c, scales, &sc0, &m0);
+                scale_min_k4(2 * c + 1, scales, &sc1, &m1);
+                for (int v = 0; v < QMAXV; v++) {
+                    const u8v b = ld8(qs + v * QK_VW);
+                    u8v lo = b & 15, hi = b >> 4;
+                    if (q5) {
+                        const u8v hb = ld8(qh + v * QK_VW);
+                        lo |= ((hb >> (2 * c)) & 1) << 4;
+                        hi |= ((hb >> (2 * c + 1)) & 1) << 4;
+                    }
+                    q[v] = u2f(lo);
+                    h[v] = u2f(hi);
+                }
+                const int32_t kk = k + 64 * c;
+                dot_group(q, QMAXV, d * sc0, -(dmin * m0), kk, x, K, xs, K16, n, a, tail);
+                dot_group(h, QMAXV, d * sc1, -(dmin * m1), kk + 32, x, K, xs, K16, n, b, tail);
+            }
+        }
+        return;
+    }
+    case DS_DTYPE_Q6_K:
+        for (int32_t k = 0; k < K; k += 256, row += 210) {
+            const float d = f16v(row + 208);
+            const uint8_t *ql = row, *qh = row + 128;
+            const int8_t *sc = (const int8_t *)(row + 192);
+            for (int half = 0; half < 2; half++, ql += 64, qh += 32, sc += 8) {
+                for (int lb = 0; lb < 32; lb += 16) { /* 16 lanes l share one scale per quarter */
+                    vf g0[QMAXV], g1[QMAXV], g2[QMAXV], g3[QMAXV];
+                    for (int v = 0; v < 16 / QK_VW; v++) {
+                        const int l = lb + v * QK_VW;
+                        const u8v a0 = ld8(ql + l), c0 = ld8(ql + l + 32), hh = ld8(qh + l);
+                        /* q − 32 in the byte lanes (as signed), so the groups need no x sums */
+                        g0[v] = i2f((i8v)((a0 & 15) | ((hh & 3) << 4)) - 32);
+                        g1[v] = i2f((i8v)((c0 & 15) | (((hh >> 2) & 3) << 4)) - 32);
+                        g2[v] = i2f((i8v)((a0 >> 4) | (((hh >> 4) & 3) << 4)) - 32);
+                        g3[v] = i2f((i8v)((c0 >> 4) | (((hh >> 6) & 3) << 4)) - 32);
+                    }
+                    const int is = lb / 16, nv = 16 / QK_VW;
+                    const int32_t kk = k + 128 * half + lb;
+                    const float s0 = d * sc[is], s1 = d * sc[is + 2], s2 = d * sc[is + 4], s3 = d * sc[is + 6];
+                    dot_group(g0, nv, s0, 0.0f, kk, x, K, xs, K16, n, a, tail);
+                    dot_group(g1, nv, s1, 0.0f, kk + 32, x, K, xs, K16, n, b, tail);
+                    dot_group(g2, nv, s2, 0.0f, kk + 64, x, K, xs, K16, n, a, tail);
+                    dot_group(g3, nv, s3, 0.0f, kk + 96, x, K, xs, K16, n, b, tail);
+                }
+            }
+        }
+        return;
+    default: return;
+    }
+}
+
+static void gemv_fused(const ds_mat *w, int32_t r0, int32_t r1, const float *x, const float *xs, int32_t n, float *y,
+                       const float *bias, bool acc) {
+    for (int32_t r = r0; r < r1; r++) {
+        vf a[DS_QK_GEMV_MAX], b[DS_QK_GEMV_MAX];
+        float tail[DS_QK_GEMV_MAX];
+        for (int32_t t = 0; t < n; t++) {
+            a[t] = b[t] = (vf){0};
+            tail[t] = 0.0f;
+        }
+        row_fused(w, (const uint8_t *)w->data + (size_t)r * w->row_bytes, x, xs, n, a, b, tail);
+        for (int32_t t = 0; t < n; t++) {
+            float v = vsum(a[t] + b[t]) + tail[t];
+            if (bias) v += bias[r];
+            float *yr = y + (size_t)t * w->rows + r;
+            *yr = acc ? *yr + v : v;
+        }
+    }
+}
+
+const ds_qk_ops QK_NAME = {.gemv = gemv, .gemv_fused = gemv_fused, .deq_tile = deq_tile, .vw = QK_VW};
