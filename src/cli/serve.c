@@ -172,9 +172,11 @@ static int32_t pick_context(const ds_model *m, const serve_opts *o, const ds_eng
                 (long long)kv_tokens, o->kv_mb);
         ctx = kv_tokens;
     }
-    DS_LOGI("serve: memory: model weights %.1f MiB (fp32), KV cache %lld blocks x %d tokens = %.1f MiB, "
+    char wsum[160];
+    ds_model_weight_summary(m, wsum, sizeof wsum);
+    DS_LOGI("serve: memory: model weights %s, KV cache %lld blocks x %d tokens = %.1f MiB, "
             "adapters up to %d resident in %.0f MiB",
-            (double)m->n_params * 4 / (1 << 20), (long long)blocks, ep->kv_block_size,
+            wsum, (long long)blocks, ep->kv_block_size,
             (double)(blocks * (int64_t)block_bytes) / (1 << 20), ep->max_adapters,
             (double)ep->adapter_budget_bytes / (1 << 20));
     return (int32_t)ctx;
