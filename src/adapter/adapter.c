@@ -91,10 +91,11 @@ static char *default_name(const char *path) {
 }
 
 static bool is_gguf_file(const char *path) {
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK); /* a FIFO must not block (issue 14) */
     if (fd < 0) return false;
+    struct stat st;
     char magic[4];
-    bool ok = read(fd, magic, 4) == 4 && !memcmp(magic, "GGUF", 4);
+    bool ok = fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && read(fd, magic, 4) == 4 && !memcmp(magic, "GGUF", 4);
     close(fd);
     return ok;
 }

@@ -1,4 +1,9 @@
-/* File mapping and whole-file reads with clear errors. */
+/* File mapping and whole-file reads with clear errors.
+ *
+ * Files are opened with O_NONBLOCK and judged by fstat() before a byte is read: opening a FIFO for
+ * reading blocks until a writer appears, and a FIFO (or a device) dropped into an adapter directory
+ * must fail the load, not hang a worker thread or the start-up scan (issue 14). Only regular files
+ * are read or mapped. */
 #include "ds/common.h"
 
 #include <errno.h>
@@ -12,7 +17,7 @@
 int ds_file_map_open(ds_file_map *m, const char *path, ds_err *err) {
     memset(m, 0, sizeof *m);
     m->fd = -1;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) return ds_err_set(err, DS_EIO, "%s: cannot open: %s", path, strerror(errno));
     struct stat st;
     if (fstat(fd, &st) != 0) {
@@ -49,7 +54,7 @@ void ds_file_map_close(ds_file_map *m) {
 int ds_file_read_all(const char *path, size_t max_bytes, char **out, size_t *out_len, ds_err *err) {
     *out = NULL;
     if (out_len) *out_len = 0;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) return ds_err_set(err, DS_EIO, "%s: cannot open: %s", path, strerror(errno));
     struct stat st;
     if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {

@@ -1,0 +1,65 @@
+"""Hardening (issue 14): what a hostile client or a booby-trapped adapter directory must not achieve.
+Each test reproduces one reported problem and is bounded in time (a hang fails by timeout, it does
+not stall the suite)."""
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import BINARY, MODEL, start_server, wait_healthy
+
+
+def load(server, name, path, timeout=20):
+    status, raw = server.post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": path}, timeout=timeout)
+    return status, raw.decode()
+
+
+def release_fifo(path):
+    """Gives a reader blocked on the FIFO its end of file (only matters when the server hangs)."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:
+        pass
+
+
+# ---- adapter files: FIFOs (item 4) ------------------------------------------------
+
+def test_fifo_in_adapter_dir_is_refused(server):
+    d = server.adapter_dir / "fifo-cfg"
+    d.mkdir()
+    shutil.copy(server.adapter_dir / "lora0" / "adapter_model.safetensors", d)
+    os.mkfifo(d / "adapter_config.json")
+    w = server.adapter_dir / "fifo-weights"
+    w.mkdir()
+    shutil.copy(server.adapter_dir / "lora0" / "adapter_config.json", w)
+    os.mkfifo(w / "adapter_model.safetensors")
+    os.mkfifo(server.adapter_dir / "fifo.gguf")
+    try:
+        for name, path in (("fifo-cfg", "fifo-cfg"), ("fifo-weights", "fifo-weights"), ("fifo-gguf", "fifo.gguf")):
+            status, text = load(server, name, path)
+            assert status == 400, text
+            assert name == "fifo-gguf" or "regular file" in json.loads(text)["error"]["message"], text
+        assert server.get("/health", timeout=5)[0] == 200
+    finally:
+        for p in (d / "adapter_config.json", w / "adapter_model.safetensors", server.adapter_dir / "fifo.gguf"):
+            release_fifo(p)
+            p.unlink()
+
+
+def test_fifo_does_not_block_the_startup_scan(tmp_path):
+    adir = tmp_path / "adapters"
+    (adir / "trap").mkdir(parents=True)
+    os.mkfifo(adir / "trap" / "adapter_config.json")
+    os.mkfifo(adir / "trap.gguf")
+    srv = start_server(tmp_path, adir, wait=False)
+    try:
+        wait_healthy(srv, timeout=60)
+        assert "adapter 'trap' skipped" in srv.log()
+    finally:
+        release_fifo(adir / "trap" / "adapter_config.json")
+        release_fifo(adir / "trap.gguf")
+        if srv.proc.poll() is None:
+            srv.proc.kill()
+            srv.proc.wait()
