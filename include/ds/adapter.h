@@ -140,8 +140,9 @@ void ds_adapter_free(ds_adapter *a);
 int ds_adapter_config_check(const char *json, size_t len, ds_err *err);
 
 /* Resolves `rel` inside the directory `root` (realpath both; the result must stay inside root,
- * symlinks included). Absolute paths are accepted only when inside root. *out is malloc'd.
- * Returns 0, DS_EPERM (outside), DS_ENOTFOUND. */
+ * symlinks included). When it is a directory, every link directly inside it must lead inside root
+ * too (the loaders open its files by name). Absolute paths are accepted only when inside root.
+ * *out is malloc'd. Returns 0, DS_EPERM (outside), DS_ENOTFOUND. */
 int ds_adapter_resolve_path(const char *root, const char *rel, char **out, ds_err *err);
 
 

@@ -3,12 +3,17 @@
  *
  * `..` components are refused lexically, before the file system is consulted, so a client cannot
  * probe which paths exist outside the root; everything else is decided on realpath()s, so symlinks
- * are followed and judged by where they really lead. */
+ * are followed and judged by where they really lead. That holds for the files inside an adapter
+ * directory too (the loaders open them by name): a link there that leads out of the root refuses
+ * the whole path. The check runs before the loaders open anything; whoever can rewrite links inside
+ * --adapter-dir between the two steps is the operator, not a client. */
+#include <dirent.h>
 #include <errno.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "ds/adapter.h"
 
@@ -43,6 +48,32 @@ static int classify_missing(const char *root, char *cand, const char *rel, ds_er
     return ds_err_set(err, DS_EPERM, "adapter path '%s' is outside the adapter directory", rel);
 }
 
+/* Every entry of the directory `dir` (a realpath inside root) that is a symlink must lead inside
+ * root; dangling links are left to the loaders (opening them fails). Sub-directories are not
+ * entered: no loader reads below an adapter directory. */
+static int check_entries(const char *root, const char *dir, const char *rel, ds_err *err) {
+    DIR *d = opendir(dir);
+    if (!d) return ds_err_set(err, DS_EIO, "adapter path '%s': cannot list: %s", rel, strerror(errno));
+    int rc = 0;
+    size_t dl = strlen(dir);
+    char *p = malloc(dl + 258);
+    if (!p) rc = ds_err_set(err, DS_ENOMEM, "out of memory");
+    for (struct dirent *de; !rc && (de = readdir(d));) {
+        if (de->d_type != DT_LNK && de->d_type != DT_UNKNOWN) continue;
+        snprintf(p, dl + 258, "%s/%s", dir, de->d_name);
+        struct stat st;
+        if (lstat(p, &st) != 0 || !S_ISLNK(st.st_mode)) continue;
+        char *real = realpath(p, NULL);
+        if (real && !inside(root, real))
+            rc = ds_err_set(err, DS_EPERM, "adapter path '%s': '%.100s' is a link that leads outside the adapter "
+                            "directory", rel, de->d_name);
+        free(real);
+    }
+    free(p);
+    closedir(d);
+    return rc;
+}
+
 static int resolve(const char *root, const char *rel, char **out, ds_err *err) {
     size_t n = strlen(root) + strlen(rel) + 2;
     char *cand = malloc(n);
@@ -55,6 +86,10 @@ static int resolve(const char *root, const char *rel, char **out, ds_err *err) {
     else if (!real && errno == ELOOP) rc = ds_err_set(err, DS_EPERM, "adapter path '%s': too many symlinks", rel);
     else if (!real) rc = ds_err_set(err, DS_EIO, "adapter path '%s': %s", rel, strerror(errno));
     else if (!inside(root, real)) rc = ds_err_set(err, DS_EPERM, "adapter path '%s' is outside the adapter directory", rel);
+    else {
+        struct stat st;
+        if (stat(real, &st) == 0 && S_ISDIR(st.st_mode)) rc = check_entries(root, real, rel, err);
+    }
     free(cand);
     if (rc) free(real);
     else *out = real;

@@ -24,7 +24,7 @@ def release_fifo(path):
         pass
 
 
-# ---- adapter files: FIFOs (item 4) ------------------------------------------------
+# ---- adapter files: FIFOs and links (items 4 and 5) ------------------------------------------------
 
 def test_fifo_in_adapter_dir_is_refused(server):
     d = server.adapter_dir / "fifo-cfg"
@@ -63,3 +63,26 @@ def test_fifo_does_not_block_the_startup_scan(tmp_path):
         if srv.proc.poll() is None:
             srv.proc.kill()
             srv.proc.wait()
+
+
+def test_link_inside_adapter_dir_leading_outside_is_refused(server, tmp_path):
+    outside = tmp_path / "outside_config.json"
+    shutil.copy(server.adapter_dir / "lora0" / "adapter_config.json", outside)
+    d = server.adapter_dir / "sub" / "link"
+    d.mkdir(parents=True)
+    shutil.copy(server.adapter_dir / "lora0" / "adapter_model.safetensors", d)
+    os.symlink(outside, d / "adapter_config.json")
+    status, text = load(server, "linked-out", "sub/link")
+    assert status == 403, text
+    msg = json.loads(text)["error"]["message"]
+    assert "outside the adapter directory" in msg and "adapter_config.json" in msg
+    assert str(tmp_path) not in msg and str(server.adapter_dir) not in msg
+    assert server.get("/v1/adapters/linked-out")[0] == 404
+    # Links that stay inside the adapter directory are judged by where they lead: accepted.
+    ok = server.adapter_dir / "sub" / "inside"
+    ok.mkdir()
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        os.symlink(server.adapter_dir / "lora0" / f, ok / f)
+    status, text = load(server, "linked-in", "sub/inside")
+    assert status == 200, text
+    assert server.post("/v1/unload_lora_adapter", {"lora_name": "linked-in"})[0] == 200
