@@ -27,11 +27,15 @@ extern "C" {
 
 typedef struct ds_server ds_server;
 
+/* The longest API key accepted (bytes); the router keeps it in a fixed buffer one byte longer. */
+#define DS_API_KEY_MAX 255
+
 typedef struct ds_server_params {
     const char *host;              /* listen address (name or IP); default "127.0.0.1" */
     int port;                      /* default 8000; 0 → an ephemeral port (see ds_server_port) */
     const char *api_key;           /* NULL or "" → no auth; else every endpoint but /health needs
-                                      "Authorization: Bearer <api_key>" (401 otherwise) */
+                                      "Authorization: Bearer <api_key>" (401 otherwise); at most
+                                      DS_API_KEY_MAX bytes (ds_server_create fails otherwise) */
     const char *served_model_name; /* the base model's id in /v1/models and responses; default
                                       "default" */
     int32_t max_model_len;         /* context length reported by /v1/models; <= 0 → omitted */

@@ -36,7 +36,8 @@ static const char *SERVE_HELP =
     "      --host ADDR           listen address (default 127.0.0.1; 0.0.0.0 for all interfaces)\n"
     "      --port N              listen port (default 8000)\n"
     "      --api-key KEY         require \"Authorization: Bearer KEY\" on every endpoint but\n"
-    "                            /health (default: $DS_API_KEY, else no authentication)\n"
+    "                            /health (default: $DS_API_KEY, else no authentication);\n"
+    "                            at most 255 bytes (a longer key is refused at start, exit 2)\n"
     "      --max-connections N   open connections; more get 503 (default 1024)\n"
     "      --max-body-mb N       request body limit; larger bodies get 413 (default 32)\n"
     "      --header-timeout S    seconds a client may take to send a request's headers (slower\n"
@@ -296,6 +297,9 @@ int ds_cli_serve(int argc, char **argv) {
         if (r) return r > 0 ? 0 : 2;
     }
     if (o.log_level && !set_log_level(o.log_level)) return 2;
+    if (o.api_key && strlen(o.api_key) > DS_API_KEY_MAX) /* refused, never truncated: a prefix must not authenticate */
+        return fprintf(stderr, "deltaserve: the API key (--api-key or $DS_API_KEY) is %zu bytes; at most %d are "
+                       "accepted\n", strlen(o.api_key), DS_API_KEY_MAX), 2;
     if (!o.model && !(o.model = ds_cli_default_model(argv[0]))) return 1;
     ds_model *m = ds_cli_load_model(o.model, o.quantize);
     if (!m) return 1;

@@ -86,3 +86,25 @@ def test_link_inside_adapter_dir_leading_outside_is_refused(server, tmp_path):
     status, text = load(server, "linked-in", "sub/inside")
     assert status == 200, text
     assert server.post("/v1/unload_lora_adapter", {"lora_name": "linked-in"})[0] == 200
+
+
+# ---- the API key (item 6) --------------------------------------------------------------------------
+
+def test_api_key_longer_than_the_limit_is_refused_at_start():
+    if not BINARY.is_file():
+        pytest.skip(f"deltaserve binary not found at {BINARY}")
+    long_key = "k" * 256
+    env = {k: v for k, v in os.environ.items() if k != "DS_API_KEY"}
+    for args, extra_env in (([ "--api-key", long_key], {}), ([], {"DS_API_KEY": long_key})):
+        out = subprocess.run([str(BINARY), "serve", "-m", str(MODEL), "--port", "1", *args],
+                             capture_output=True, text=True, timeout=60, env={**env, **extra_env})
+        assert out.returncode == 2, out.stderr[-2000:]
+        assert "API key" in out.stderr and "255" in out.stderr and long_key not in out.stderr
+
+
+def test_api_key_of_255_bytes_is_enforced_in_full(fresh_server):
+    key = "k" * 254 + "z"
+    srv = fresh_server(api_key=key)
+    assert srv.get("/v1/models")[0] == 200
+    assert srv.get("/v1/models", headers={"Authorization": "Bearer " + "k" * 254 + "y"})[0] == 401
+    assert srv.get("/v1/models", headers={"Authorization": "Bearer " + "k" * 254})[0] == 401
