@@ -32,15 +32,20 @@ static int get_str(const cJSON *o, const char *key, const char **out, ds_oai_err
     return 0;
 }
 
-/* A number in [lo, hi] (lo excluded when lo_open). */
-static int get_num(const cJSON *o, const char *key, double lo, double hi, bool lo_open, float *out,
+/* A finite number in [lo, hi] (lo excluded when lo_open). Non-zero values nearer to 0 than `tiny`
+ * are refused too: they pass the range yet divide logits into inf/NaN (temperature=1e-45,
+ * repetition_penalty=1e-38) or vanish in the float conversion. */
+static int get_num(const cJSON *o, const char *key, double lo, double hi, bool lo_open, double tiny, float *out,
                    ds_oai_error *e) {
     const cJSON *v = field(o, key);
     if (!v) return 0;
-    if (!cJSON_IsNumber(v) || !isfinite(v->valuedouble)) return BAD(e, key, "'%s' must be a number", key);
+    if (!cJSON_IsNumber(v) || !isfinite(v->valuedouble)) return BAD(e, key, "'%s' must be a finite number", key);
     double d = v->valuedouble;
     if (d > hi || d < lo || (lo_open && d == lo))
         return BAD(e, key, "'%s' must be %s %g and <= %g, got %g", key, lo_open ? ">" : ">=", lo, hi, d);
+    if (d != 0 && fabs(d) < tiny)
+        return BAD(e, key, "'%s' must be %sat least %g in magnitude, got %g", key, lo < 0 || !lo_open ? "0 or " : "",
+                   tiny, d);
     *out = (float)d;
     return 0;
 }
@@ -276,13 +281,15 @@ static int parse_seed(ds_oai_request *r, const cJSON *root, ds_oai_error *e) {
 static int parse_sampling(ds_oai_request *r, const cJSON *o, ds_oai_error *e) {
     ds_sampling_params *s = &r->sampling;
     int st;
-    if ((st = get_num(o, "temperature", 0, 2, false, &s->temperature, e))) return st;
-    if ((st = get_num(o, "top_p", 0, 1, true, &s->top_p, e))) return st;
+    if ((st = get_num(o, "temperature", 0, 2, false, DS_OAI_MIN_TEMPERATURE, &s->temperature, e))) return st;
+    if ((st = get_num(o, "top_p", 0, 1, true, DS_OAI_MIN_TOP_P, &s->top_p, e))) return st;
     if ((st = get_i32(o, "top_k", -1, INT32_MAX, &s->top_k, NULL, e))) return st;
-    if ((st = get_num(o, "min_p", 0, 1, false, &s->min_p, e))) return st;
-    if ((st = get_num(o, "repetition_penalty", 0, HUGE_VAL, true, &s->repetition_penalty, e))) return st;
-    if ((st = get_num(o, "presence_penalty", -2, 2, false, &s->presence_penalty, e))) return st;
-    if ((st = get_num(o, "frequency_penalty", -2, 2, false, &s->frequency_penalty, e))) return st;
+    if ((st = get_num(o, "min_p", 0, 1, false, DS_OAI_MIN_TOP_P, &s->min_p, e))) return st;
+    if ((st = get_num(o, "repetition_penalty", DS_OAI_MIN_REP_PENALTY, DS_OAI_MAX_REP_PENALTY, false, 0,
+                      &s->repetition_penalty, e)))
+        return st;
+    if ((st = get_num(o, "presence_penalty", -2, 2, false, DS_OAI_MIN_TOP_P, &s->presence_penalty, e))) return st;
+    if ((st = get_num(o, "frequency_penalty", -2, 2, false, DS_OAI_MIN_TOP_P, &s->frequency_penalty, e))) return st;
     if ((st = parse_seed(r, o, e))) return st;
     return parse_logit_bias(r, o, e);
 }

@@ -108,3 +108,30 @@ def test_api_key_of_255_bytes_is_enforced_in_full(fresh_server):
     assert srv.get("/v1/models")[0] == 200
     assert srv.get("/v1/models", headers={"Authorization": "Bearer " + "k" * 254 + "y"})[0] == 401
     assert srv.get("/v1/models", headers={"Authorization": "Bearer " + "k" * 254})[0] == 401
+
+
+# ---- sampling floats (item 8) ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("param,value", [
+    ("temperature", 1e-45), ("temperature", 5e-4), ("top_p", 1e-300), ("min_p", 1e-40),
+    ("repetition_penalty", 1e-38), ("repetition_penalty", 1e6), ("presence_penalty", 1e-30),
+])
+def test_absurd_sampling_floats_are_400(server, param, value):
+    for path, body in (("/v1/completions", {"prompt": "Hi"}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]})):
+        status, raw = server.post(path, {"model": "smollm2", "max_tokens": 2, param: value, **body}, timeout=30)
+        assert status == 400, raw
+        err = json.loads(raw)["error"]
+        assert err["param"] == param and err["type"] == "invalid_request_error"
+
+
+def test_non_finite_sampling_float_is_400(server):
+    raw_body = b'{"model":"smollm2","prompt":"Hi","max_tokens":2,"temperature":1e999}'
+    status, raw = server.post("/v1/completions", raw_body)
+    assert status == 400 and json.loads(raw)["error"]["param"] == "temperature"
+
+
+def test_small_but_sane_sampling_floats_are_served(server):
+    status, raw = server.post("/v1/completions", {"model": "smollm2", "prompt": "Hi", "max_tokens": 2,
+                                                  "temperature": 0.001, "repetition_penalty": 100, "seed": 1})
+    assert status == 200, raw
