@@ -55,26 +55,24 @@ typedef struct ds_server_job {
 void ds_server_job_add(ds_server *s, ds_server_job *j);
 void ds_server_job_remove(ds_server *s, ds_server_job *j);
 
+/* The uploaded files (/v1/files), created with the server. */
+struct ds_file_store *ds_server_files(ds_server *s);
+/* The fine-tuning job manager, created with the server when it has an engine (NULL otherwise: no
+ * model, nothing to fine-tune); freed by ds_server_free, which joins its training thread. */
+struct ds_ft_manager *ds_server_ft_manager(ds_server *s);
+/* 64 random bits for names and seeds (splitmix64 over a per-server seed; not cryptographic). */
+uint64_t ds_server_random(ds_server *s);
+
 /* ---- route tables (static, one per handler file; server.c looks them up in this order) -------- */
 
 extern const ds_route_table ds_handlers_gen_routes;      /* /v1/completions, /v1/chat/completions */
 extern const ds_route_table ds_handlers_adapters_routes; /* /v1/models, vLLM load/unload, /v1/adapters */
-extern const ds_route_table ds_handlers_ft_routes;       /* /v1/files, /v1/fine_tuning/jobs */
+extern const ds_route_table ds_handlers_files_routes;    /* /v1/files */
+extern const ds_route_table ds_handlers_ft_routes;       /* /v1/fine_tuning/jobs */
 extern const ds_route_table ds_handlers_train_routes;    /* POST /v1/adapters/{id}/train */
 
-/* ---- fine-tuning state (handlers_ft.c) -------------------------------------------------------- */
-
-/* The files and the fine-tuning job manager, created with the server by ds_server_create (the
- * manager only when the server has an engine) and freed by ds_server_free (which joins the
- * training thread). Create returns NULL with a message. */
-struct ds_ft_state;
-struct ds_ft_state *ds_handlers_ft_create(ds_server *s, ds_err *err);
-void ds_handlers_ft_free(struct ds_ft_state *st);
-struct ds_ft_state *ds_server_ft_state(ds_server *s);
-/* The fine-tuning job manager, or NULL with a message when the server has no model. */
-struct ds_ft_manager *ds_handlers_ft_manager(ds_server *s, ds_err *err);
 struct ds_ft_job_info;
-/* Appends a job as an OpenAI fine_tuning.job object. */
+/* Appends a job as an OpenAI fine_tuning.job object (handlers_ft.c). */
 void ds_handlers_ft_job_json(ds_sb *b, const struct ds_ft_job_info *j);
 
 /* ---- the reply path (server.c) ------------------------------------------------------------------ */
@@ -89,6 +87,10 @@ int ds_server_reply_json(ds_http_req *req, const char *endpoint, int status, ds_
 int ds_server_reply_error(ds_http_req *req, const char *endpoint, const ds_oai_error *e);
 int ds_server_reply_errorf(ds_http_req *req, const char *endpoint, int status, const char *param, const char *code,
                            const char *fmt, ...) __attribute__((format(printf, 6, 7)));
+/* Copies the route's first {param} into out[cap] (ids are plain ASCII: no percent-decoding). False
+ * after answering 400 "malformed id in the path" when it is too long or percent-encoded. */
+bool ds_server_path_id(ds_http_req *req, const char *endpoint, char *out, size_t cap);
+
 /* Starts a streamed response (ds_http_stream_start) and counts it; the handler writes and ends the
  * stream with ds_http_stream_write / ds_http_stream_end. Returns 0 or DS_ECANCELED. */
 int ds_server_stream_start(ds_http_req *req, const char *endpoint, int status, const char *ctype);

@@ -1,16 +1,12 @@
-/* The OpenAI files and fine-tuning endpoints (README.md, "Fine-tuning"):
- *   POST /v1/files (multipart/form-data: file, purpose=fine-tune; or JSON {"filename","content"}),
- *   GET /v1/files, GET|DELETE /v1/files/{id},
+/* The OpenAI fine-tuning job endpoints (README.md, "Fine-tuning"):
  *   POST|GET /v1/fine_tuning/jobs, GET /v1/fine_tuning/jobs/{id}, POST …/{id}/cancel,
  *   GET …/{id}/events, GET …/{id}/checkpoints.
  *
- * Files live in memory (at most FILES_MAX of FILE_MAX_BYTES each) and are validated line by line
- * at upload (400 naming the lines). Jobs are handed to the fine-tuning job manager
- * (src/train/jobs.c), created with the server: one job at a time, whose training steps run on the
- * engine thread between inference steps within --train-budget.
+ * A job names uploaded files (handlers_files.c) and is handed to the server's fine-tuning job
+ * manager (src/train/jobs.c), created with the server: one job at a time, whose training steps run
+ * on the engine thread between inference steps within --train-budget.
  *
- * Threading: loop thread only; the manager is thread-safe. JSONL validation runs on the loop
- * thread (bounded by FILE_MAX_BYTES). */
+ * Threading: loop thread only; the manager is thread-safe. */
 #include <cjson/cJSON.h>
 #include <ctype.h>
 #include <llhttp.h>
@@ -18,241 +14,19 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
-#include <time.h>
 
 #include "ds/adapter.h"
 #include "ds/engine.h"
 #include "ds/server.h"
 #include "ds/train.h"
+#include "server/file_store.h"
 #include "server/handlers.h"
-#include "server/multipart.h"
-#include "util/rng.h"
 
-#define EP_FILES "/v1/files"
-#define EP_FILE "/v1/files/{id}"
 #define EP_JOBS "/v1/fine_tuning/jobs"
 #define EP_JOB "/v1/fine_tuning/jobs/{id}"
 #define EP_CANCEL "/v1/fine_tuning/jobs/{id}/cancel"
 #define EP_EVENTS "/v1/fine_tuning/jobs/{id}/events"
 #define EP_CKPTS "/v1/fine_tuning/jobs/{id}/checkpoints"
-
-#define FILES_MAX 64
-#define FILE_MAX_BYTES (16u << 20)
-
-typedef struct ft_file {
-    char id[40];
-    char filename[256];
-    char purpose[32];
-    int64_t created_at;
-    char *data;
-    size_t bytes;
-} ft_file;
-
-struct ds_ft_state {
-    ft_file files[FILES_MAX];
-    int32_t n_files;
-    uint64_t counter;
-    ds_ft_manager *mgr;
-};
-
-struct ds_ft_state *ds_handlers_ft_create(ds_server *s, ds_err *err) {
-    struct ds_ft_state *st = calloc(1, sizeof *st);
-    if (!st) return ds_err_set(err, DS_ENOMEM, "server: out of memory"), NULL;
-    st->counter = (uint64_t)time(NULL) * 0x9E3779B97F4A7C15ull ^ (uint64_t)(uintptr_t)st;
-    ds_engine *e = ds_server_engine(s);
-    if (e) { /* without a model there is nothing to fine-tune: the job endpoints say so */
-        if (!(st->mgr = ds_ft_manager_create(ds_engine_model(e), ds_server_registry(s), err))) return free(st), NULL;
-        ds_ft_manager_attach_engine(st->mgr, e, ds_server_train_budget(s));
-    }
-    return st;
-}
-
-void ds_handlers_ft_free(struct ds_ft_state *st) {
-    if (!st) return;
-    ds_ft_manager_free(st->mgr); /* cancels the running job, joins the training thread */
-    for (int32_t i = 0; i < st->n_files; i++) free(st->files[i].data);
-    free(st);
-}
-
-static struct ds_ft_state *state(ds_server *s) { return ds_server_ft_state(s); }
-
-static uint64_t next_rand(struct ds_ft_state *st) { return ds_splitmix64(&st->counter); }
-
-static ft_file *find_file(struct ds_ft_state *st, const char *id) {
-    for (int32_t i = 0; st && i < st->n_files; i++)
-        if (!strcmp(st->files[i].id, id)) return &st->files[i];
-    return NULL;
-}
-
-static void file_json(ds_sb *b, const ft_file *f) {
-    ds_sb_puts(b, "{\"id\":");
-    ds_sb_json_str(b, f->id, strlen(f->id));
-    ds_sb_printf(b, ",\"object\":\"file\",\"bytes\":%zu,\"created_at\":%lld,\"filename\":", f->bytes,
-                 (long long)f->created_at);
-    ds_sb_json_str(b, f->filename, strlen(f->filename));
-    ds_sb_puts(b, ",\"purpose\":");
-    ds_sb_json_str(b, f->purpose, strlen(f->purpose));
-    ds_sb_puts(b, ",\"status\":\"processed\",\"status_details\":null}");
-}
-
-/* The {id} segment (ids are plain ASCII: no decoding needed); 400 when unusable. */
-static bool path_id(ds_http_req *req, const char *ep, char *out, size_t cap) {
-    if (req->n_params >= 1 && strlen(req->params[0]) < cap && !strchr(req->params[0], '%')) {
-        snprintf(out, cap, "%s", req->params[0]);
-        return true;
-    }
-    ds_server_reply_errorf(req, ep, 400, "id", NULL, "malformed id in the path");
-    return false;
-}
-
-/* ---- files --------------------------------------------------------------------------------- */
-
-static void handle_file_upload(ds_http_req *req, void *ud) {
-    (void)ud;
-    ds_server *s = ds_server_of(req);
-    struct ds_ft_state *st = state(s);
-    if (!st) {
-        ds_server_reply_errorf(req, EP_FILES, 500, NULL, NULL, "out of memory");
-        return;
-    }
-    const char *ct = ds_http_req_header(req, "content-type");
-    char boundary[96], filename[256] = "", purpose[32] = "";
-    const char *data = NULL;
-    size_t len = 0;
-    cJSON *json = NULL;
-    if (ct && ds_multipart_boundary(ct, boundary, sizeof boundary)) {
-        ds_multipart_part parts[DS_MULTIPART_MAX_PARTS];
-        char why[160];
-        int n = ds_multipart_parse(req->body, req->body_len, boundary, parts, DS_MULTIPART_MAX_PARTS, why, sizeof why);
-        if (n < 0) {
-            ds_server_reply_errorf(req, EP_FILES, 400, NULL, NULL, "%s", why);
-            return;
-        }
-        const ds_multipart_part *f = ds_multipart_find(parts, n, "file");
-        const ds_multipart_part *p = ds_multipart_find(parts, n, "purpose");
-        if (!f) {
-            ds_server_reply_errorf(req, EP_FILES, 400, "file", NULL, "'file' is required");
-            return;
-        }
-        if (p) snprintf(purpose, sizeof purpose, "%.*s", (int)(p->len < 31 ? p->len : 31), p->data);
-        snprintf(filename, sizeof filename, "%s", f->has_filename && f->filename[0] ? f->filename : "upload.jsonl");
-        data = f->data, len = f->len;
-    } else if (ct && !strncasecmp(ct, "application/json", 16)) {
-        json = cJSON_ParseWithLength(req->body, req->body_len);
-        const cJSON *c = json ? cJSON_GetObjectItemCaseSensitive(json, "content") : NULL;
-        const cJSON *fn = json ? cJSON_GetObjectItemCaseSensitive(json, "filename") : NULL;
-        const cJSON *p = json ? cJSON_GetObjectItemCaseSensitive(json, "purpose") : NULL;
-        if (!cJSON_IsObject(json) || !cJSON_IsString(c)) {
-            cJSON_Delete(json);
-            ds_server_reply_errorf(req, EP_FILES, 400, "content", NULL,
-                                   "send multipart/form-data with 'file' and 'purpose', or a JSON object "
-                                   "{\"filename\",\"content\",\"purpose\"?}");
-            return;
-        }
-        snprintf(filename, sizeof filename, "%s", cJSON_IsString(fn) ? fn->valuestring : "upload.jsonl");
-        snprintf(purpose, sizeof purpose, "%s", cJSON_IsString(p) ? p->valuestring : "fine-tune");
-        data = c->valuestring, len = strlen(c->valuestring);
-    } else {
-        ds_server_reply_errorf(req, EP_FILES, 400, NULL, NULL,
-                               "Content-Type must be multipart/form-data (file, purpose) or application/json");
-        return;
-    }
-    int status = 0;
-    const char *param = NULL;
-    char msg[600];
-    ds_err err = {{0}};
-    if (!purpose[0]) status = 400, param = "purpose", snprintf(msg, sizeof msg, "'purpose' is required");
-    else if (strcmp(purpose, "fine-tune"))
-        status = 400, param = "purpose",
-        snprintf(msg, sizeof msg, "purpose '%s' is not supported (only 'fine-tune')", purpose);
-    else if (len > FILE_MAX_BYTES)
-        status = 413, param = "file", snprintf(msg, sizeof msg, "the file is larger than %u MiB", FILE_MAX_BYTES >> 20);
-    else if (st->n_files >= FILES_MAX)
-        status = 409, snprintf(msg, sizeof msg, "too many files (at most %d): delete some first", FILES_MAX);
-    else if (ds_ft_data_check(data, len, &err) < 0)
-        status = 400, param = "file", snprintf(msg, sizeof msg, "%s", err.msg);
-    if (status) {
-        cJSON_Delete(json);
-        ds_server_reply_errorf(req, EP_FILES, status, param, status == 400 && param && !strcmp(param, "file")
-                                                               ? "invalid_file_format" : NULL, "%s", msg);
-        return;
-    }
-    ft_file *f = &st->files[st->n_files];
-    memset(f, 0, sizeof *f);
-    f->data = malloc(len + 1);
-    if (!f->data) {
-        cJSON_Delete(json);
-        ds_server_reply_errorf(req, EP_FILES, 500, NULL, NULL, "out of memory");
-        return;
-    }
-    memcpy(f->data, data, len);
-    f->data[len] = '\0';
-    f->bytes = len;
-    cJSON_Delete(json);
-    snprintf(f->id, sizeof f->id, "file-%016llx", (unsigned long long)next_rand(st));
-    snprintf(f->filename, sizeof f->filename, "%s", filename);
-    snprintf(f->purpose, sizeof f->purpose, "%s", purpose);
-    f->created_at = (int64_t)time(NULL);
-    st->n_files++;
-    ds_sb b;
-    ds_sb_init(&b);
-    file_json(&b, f);
-    ds_server_reply_json(req, EP_FILES, 200, &b);
-}
-
-static void handle_file_list(ds_http_req *req, void *ud) {
-    (void)ud;
-    struct ds_ft_state *st = state(ds_server_of(req));
-    ds_sb b;
-    ds_sb_init(&b);
-    ds_sb_puts(&b, "{\"object\":\"list\",\"data\":[");
-    for (int32_t i = 0; st && i < st->n_files; i++) {
-        if (i) ds_sb_puts(&b, ",");
-        file_json(&b, &st->files[i]);
-    }
-    ds_sb_puts(&b, "],\"has_more\":false}");
-    ds_server_reply_json(req, EP_FILES, 200, &b);
-}
-
-static void handle_file_get(ds_http_req *req, void *ud) {
-    (void)ud;
-    char id[64];
-    if (!path_id(req, EP_FILE, id, sizeof id)) return;
-    ft_file *f = find_file(state(ds_server_of(req)), id);
-    if (!f) {
-        ds_server_reply_errorf(req, EP_FILE, 404, "id", "file_not_found", "No such File object: %s", id);
-        return;
-    }
-    ds_sb b;
-    ds_sb_init(&b);
-    file_json(&b, f);
-    ds_server_reply_json(req, EP_FILE, 200, &b);
-}
-
-static void handle_file_delete(ds_http_req *req, void *ud) {
-    (void)ud;
-    char id[64];
-    if (!path_id(req, EP_FILE, id, sizeof id)) return;
-    struct ds_ft_state *st = state(ds_server_of(req));
-    ft_file *f = find_file(st, id);
-    if (!f) {
-        ds_server_reply_errorf(req, EP_FILE, 404, "id", "file_not_found", "No such File object: %s", id);
-        return;
-    }
-    free(f->data); /* jobs copied what they need */
-    int32_t i = (int32_t)(f - st->files);
-    memmove(&st->files[i], &st->files[i + 1], (size_t)(st->n_files - i - 1) * sizeof *f);
-    st->n_files--;
-    ds_sb b;
-    ds_sb_init(&b);
-    ds_sb_puts(&b, "{\"id\":");
-    ds_sb_json_str(&b, id, strlen(id));
-    ds_sb_puts(&b, ",\"object\":\"file\",\"deleted\":true}");
-    ds_server_reply_json(req, EP_FILE, 200, &b);
-}
-
-/* ---- jobs ---------------------------------------------------------------------------------- */
 
 static void num_or_null(ds_sb *b, double v) {
     if (isfinite(v)) ds_sb_json_num(b, v);
@@ -417,15 +191,146 @@ static bool hp_targets(ds_http_req *req, const cJSON *hp, uint32_t *out) {
     return true;
 }
 
-static ds_ft_manager *manager(ds_server *s, ds_err *err) {
-    ds_ft_manager *m = state(s)->mgr;
-    if (!m) ds_err_set(err, DS_EUNSUPPORTED, "no model is loaded");
-    return m;
-}
-
-ds_ft_manager *ds_handlers_ft_manager(ds_server *s, ds_err *err) { return manager(s, err); }
 void ds_handlers_ft_job_json(ds_sb *b, const ds_ft_job_info *j) { job_json(b, j); }
 
+/* 'model' is a non-empty string (checked before the files, the rest of it after them). */
+static bool model_given(ds_http_req *req, const cJSON *o) {
+    const cJSON *model = cJSON_GetObjectItemCaseSensitive(o, "model");
+    if (cJSON_IsString(model) && model->valuestring[0]) return true;
+    ds_server_reply_errorf(req, EP_JOBS, 400, "model", NULL, "'model' is required (a string)");
+    return false;
+}
+
+/* training_file (required) and validation_file (optional) as stored files. False after answering. */
+static bool parse_files(ds_http_req *req, ds_file_store *fs, const cJSON *o, const ds_file **train,
+                        const ds_file **valid) {
+    const cJSON *tf = cJSON_GetObjectItemCaseSensitive(o, "training_file");
+    const cJSON *vf = cJSON_GetObjectItemCaseSensitive(o, "validation_file");
+    if (!cJSON_IsString(tf) || !tf->valuestring[0]) {
+        ds_server_reply_errorf(req, EP_JOBS, 400, "training_file", NULL, "'training_file' is required (a file id)");
+        return false;
+    }
+    if (!(*train = ds_file_store_find(fs, tf->valuestring))) {
+        ds_server_reply_errorf(req, EP_JOBS, 404, "training_file", "file_not_found", "No such File object: %s",
+                               tf->valuestring);
+        return false;
+    }
+    *valid = NULL;
+    if (vf && !cJSON_IsNull(vf) && (!cJSON_IsString(vf) || !(*valid = ds_file_store_find(fs, vf->valuestring)))) {
+        ds_server_reply_errorf(req, EP_JOBS, 404, "validation_file", "file_not_found", "No such File object: %s",
+                               cJSON_IsString(vf) ? vf->valuestring : "(not a string)");
+        return false;
+    }
+    return true;
+}
+
+/* model (the base, or a loaded adapter to continue), the new adapter's name (ft-<suffix>, or a random
+ * one: written to name[128]) and the seed. False after answering. */
+static bool parse_model(ds_http_req *req, ds_server *s, const cJSON *o, ds_ft_job_spec *sp, char name[128]) {
+    const cJSON *model = cJSON_GetObjectItemCaseSensitive(o, "model");
+    const cJSON *suffix = cJSON_GetObjectItemCaseSensitive(o, "suffix");
+    const cJSON *seed = cJSON_GetObjectItemCaseSensitive(o, "seed");
+    if (!model_given(req, o)) return false;
+    sp->model = model->valuestring;
+    if (!ds_server_is_base_name(s, model->valuestring)) {
+        ds_adapter_info info;
+        if (ds_registry_info(ds_server_registry(s), model->valuestring, &info) != DS_OK) {
+            ds_server_reply_errorf(req, EP_JOBS, 404, "model", "model_not_found",
+                                   "The model `%s` does not exist (give the base model or a loaded adapter).",
+                                   model->valuestring);
+            return false;
+        }
+        sp->from_adapter = true;
+    }
+    if (suffix && !cJSON_IsNull(suffix)) {
+        if (!cJSON_IsString(suffix) || !valid_suffix(suffix->valuestring)) {
+            ds_server_reply_errorf(req, EP_JOBS, 400, "suffix", NULL,
+                                   "'suffix' must be 1-64 characters of [A-Za-z0-9._-]");
+            return false;
+        }
+        snprintf(name, 128, "ft-%s", suffix->valuestring);
+    } else {
+        snprintf(name, 128, "ft-%08llx", (unsigned long long)(ds_server_random(s) & 0xffffffffu));
+    }
+    if (ds_server_is_base_name(s, name)) {
+        ds_server_reply_errorf(req, EP_JOBS, 400, "suffix", NULL, "'%s' is the base model's name", name);
+        return false;
+    }
+    sp->fine_tuned_model = name;
+    if (seed && !cJSON_IsNull(seed)) {
+        if (!cJSON_IsNumber(seed) || seed->valuedouble < 0 || seed->valuedouble != floor(seed->valuedouble)) {
+            ds_server_reply_errorf(req, EP_JOBS, 400, "seed", NULL, "'seed' must be a non-negative integer");
+            return false;
+        }
+        sp->seed = (uint64_t)seed->valuedouble;
+    } else {
+        sp->seed = ds_server_random(s) & 0x7fffffffu;
+    }
+    return true;
+}
+
+/* method {type, <type>: {hyperparameters}}: the adapter kind, and the hyperparameters object to
+ * read (*hp: the method's, else the legacy top-level one). False after answering. */
+static bool parse_method(ds_http_req *req, const cJSON *o, ds_ft_job_spec *sp, const cJSON **hp) {
+    const cJSON *method = cJSON_GetObjectItemCaseSensitive(o, "method");
+    *hp = cJSON_GetObjectItemCaseSensitive(o, "hyperparameters"); /* legacy, top level */
+    sp->method = "supervised";
+    sp->kind = DS_ADAPTER_LORA;
+    if (method && !cJSON_IsNull(method)) {
+        const cJSON *type = cJSON_GetObjectItemCaseSensitive(method, "type");
+        if (!cJSON_IsObject(method) || !cJSON_IsString(type)) {
+            ds_server_reply_errorf(req, EP_JOBS, 400, "method", NULL, "'method' must be an object with a 'type'");
+            return false;
+        }
+        const char *t = type->valuestring;
+        ds_err err = {{0}};
+        if (!strcmp(t, "supervised")) {
+            sp->method = "supervised";
+        } else if (!strcmp(t, "dpo") || !strcmp(t, "reinforcement")) {
+            ds_server_reply_errorf(req, EP_JOBS, 400, "method.type", "unsupported",
+                                   "method '%s' is not supported: supervised, lora, prompt_tuning or prefix_tuning", t);
+            return false;
+        } else if (ds_train_kind_parse(t, &sp->kind, &err) != DS_OK) {
+            ds_server_reply_errorf(req, EP_JOBS, 400, "method.type", NULL, "%s", err.msg);
+            return false;
+        } else {
+            sp->method = sp->kind == DS_ADAPTER_LORA ? "lora" : sp->kind == DS_ADAPTER_PROMPT ? "prompt_tuning"
+                                                                                              : "prefix_tuning";
+        }
+        const cJSON *sub = cJSON_GetObjectItemCaseSensitive(method, t);
+        const cJSON *mhp = cJSON_IsObject(sub) ? cJSON_GetObjectItemCaseSensitive(sub, "hyperparameters") : NULL;
+        if (mhp) *hp = mhp;
+    }
+    if (*hp && !cJSON_IsObject(*hp)) {
+        ds_server_reply_errorf(req, EP_JOBS, 400, "hyperparameters", NULL, "'hyperparameters' must be an object");
+        return false;
+    }
+    return true;
+}
+
+/* The hyperparameters (OpenAI's names plus PEFT's: r, lora_alpha, target_modules, use_rslora,
+ * num_virtual_tokens). False after answering. */
+static bool parse_hyperparameters(ds_http_req *req, const cJSON *hp, ds_ft_job_spec *sp) {
+    int32_t r = 0;
+    if (!hp_int(req, hp, "n_epochs", 1, 1000, &sp->n_epochs) || !hp_int(req, hp, "batch_size", 1, 256, &sp->batch_size) ||
+        !hp_float(req, hp, "learning_rate_multiplier", 0, 1000, &sp->lr_multiplier) ||
+        !hp_float(req, hp, "learning_rate", 0, 10, &sp->learning_rate) || !hp_int(req, hp, "rank", 1, 1024, &sp->rank) ||
+        !hp_int(req, hp, "r", 1, 1024, &r) || !hp_float(req, hp, "alpha", 0, 1e6, &sp->alpha) ||
+        !hp_float(req, hp, "lora_alpha", 0, 1e6, &sp->alpha) || !hp_targets(req, hp, &sp->targets) ||
+        !hp_int(req, hp, "num_virtual_tokens", 1, 512, &sp->n_virtual))
+        return false;
+    if (r && !sp->rank) sp->rank = r;
+    const cJSON *rs = hp ? cJSON_GetObjectItemCaseSensitive(hp, "use_rslora") : NULL;
+    if (rs && !cJSON_IsBool(rs) && !cJSON_IsNull(rs)) {
+        ds_server_reply_errorf(req, EP_JOBS, 400, "use_rslora", NULL, "'use_rslora' must be a boolean");
+        return false;
+    }
+    sp->use_rslora = cJSON_IsTrue(rs);
+    return true;
+}
+
+/* A request with several problems hears about the first in this order: model given, files, model
+ * known, suffix, seed, method, hyperparameters. */
 static void handle_job_create(ds_http_req *req, void *ud) {
     (void)ud;
     ds_server *s = ds_server_of(req);
@@ -436,152 +341,48 @@ static void handle_job_create(ds_http_req *req, void *ud) {
                                "are saved there)");
         return;
     }
-    struct ds_ft_state *st = state(s);
     cJSON *o = cJSON_ParseWithLength(req->body, req->body_len);
-    if (!st || !cJSON_IsObject(o)) {
+    if (!cJSON_IsObject(o)) {
         cJSON_Delete(o);
         ds_server_reply_errorf(req, EP_JOBS, 400, NULL, NULL, "request body must be a JSON object");
         return;
     }
     ds_ft_job_spec sp = {0};
-    const cJSON *model = cJSON_GetObjectItemCaseSensitive(o, "model");
-    const cJSON *tf = cJSON_GetObjectItemCaseSensitive(o, "training_file");
-    const cJSON *vf = cJSON_GetObjectItemCaseSensitive(o, "validation_file");
-    const cJSON *suffix = cJSON_GetObjectItemCaseSensitive(o, "suffix");
-    const cJSON *seed = cJSON_GetObjectItemCaseSensitive(o, "seed");
-    const cJSON *method = cJSON_GetObjectItemCaseSensitive(o, "method");
-    const cJSON *hp = cJSON_GetObjectItemCaseSensitive(o, "hyperparameters"); /* legacy, top level */
     char name[128];
-    ds_err err = {{0}};
-    ft_file *train = NULL, *valid = NULL;
-    if (!cJSON_IsString(model) || !model->valuestring[0]) {
-        ds_server_reply_errorf(req, EP_JOBS, 400, "model", NULL, "'model' is required (a string)");
-        goto out;
+    const ds_file *train, *valid;
+    const cJSON *hp;
+    if (!model_given(req, o) || !parse_files(req, ds_server_files(s), o, &train, &valid) ||
+        !parse_model(req, s, o, &sp, name) || !parse_method(req, o, &sp, &hp) || !parse_hyperparameters(req, hp, &sp)) {
+        cJSON_Delete(o);
+        return;
     }
-    if (!cJSON_IsString(tf) || !tf->valuestring[0]) {
-        ds_server_reply_errorf(req, EP_JOBS, 400, "training_file", NULL, "'training_file' is required (a file id)");
-        goto out;
-    }
-    if (!(train = find_file(st, tf->valuestring))) {
-        ds_server_reply_errorf(req, EP_JOBS, 404, "training_file", "file_not_found", "No such File object: %s",
-                               tf->valuestring);
-        goto out;
-    }
-    if (vf && !cJSON_IsNull(vf)) {
-        if (!cJSON_IsString(vf) || !(valid = find_file(st, vf->valuestring))) {
-            ds_server_reply_errorf(req, EP_JOBS, 404, "validation_file", "file_not_found", "No such File object: %s",
-                                   cJSON_IsString(vf) ? vf->valuestring : "(not a string)");
-            goto out;
-        }
-    }
-    sp.model = model->valuestring;
-    if (!ds_server_is_base_name(s, model->valuestring)) {
-        ds_adapter_info info;
-        if (ds_registry_info(reg, model->valuestring, &info) != DS_OK) {
-            ds_server_reply_errorf(req, EP_JOBS, 404, "model", "model_not_found",
-                                   "The model `%s` does not exist (give the base model or a loaded adapter).",
-                                   model->valuestring);
-            goto out;
-        }
-        sp.from_adapter = true;
-    }
-    if (suffix && !cJSON_IsNull(suffix)) {
-        if (!cJSON_IsString(suffix) || !valid_suffix(suffix->valuestring)) {
-            ds_server_reply_errorf(req, EP_JOBS, 400, "suffix", NULL,
-                                   "'suffix' must be 1-64 characters of [A-Za-z0-9._-]");
-            goto out;
-        }
-        snprintf(name, sizeof name, "ft-%s", suffix->valuestring);
-    } else {
-        snprintf(name, sizeof name, "ft-%08llx", (unsigned long long)(next_rand(st) & 0xffffffffu));
-    }
-    if (ds_server_is_base_name(s, name)) {
-        ds_server_reply_errorf(req, EP_JOBS, 400, "suffix", NULL, "'%s' is the base model's name", name);
-        goto out;
-    }
-    sp.fine_tuned_model = name;
-    if (seed && !cJSON_IsNull(seed)) {
-        if (!cJSON_IsNumber(seed) || seed->valuedouble < 0 || seed->valuedouble != floor(seed->valuedouble)) {
-            ds_server_reply_errorf(req, EP_JOBS, 400, "seed", NULL, "'seed' must be a non-negative integer");
-            goto out;
-        }
-        sp.seed = (uint64_t)seed->valuedouble;
-    } else {
-        sp.seed = next_rand(st) & 0x7fffffffu;
-    }
-    /* method */
-    sp.method = "supervised";
-    sp.kind = DS_ADAPTER_LORA;
-    if (method && !cJSON_IsNull(method)) {
-        const cJSON *type = cJSON_GetObjectItemCaseSensitive(method, "type");
-        if (!cJSON_IsObject(method) || !cJSON_IsString(type)) {
-            ds_server_reply_errorf(req, EP_JOBS, 400, "method", NULL, "'method' must be an object with a 'type'");
-            goto out;
-        }
-        const char *t = type->valuestring;
-        if (!strcmp(t, "supervised")) {
-            sp.method = "supervised";
-        } else if (!strcmp(t, "dpo") || !strcmp(t, "reinforcement")) {
-            ds_server_reply_errorf(req, EP_JOBS, 400, "method.type", "unsupported",
-                                   "method '%s' is not supported: supervised, lora, prompt_tuning or prefix_tuning", t);
-            goto out;
-        } else {
-            int rc = ds_train_kind_parse(t, &sp.kind, &err);
-            if (rc != DS_OK) {
-                ds_server_reply_errorf(req, EP_JOBS, 400, "method.type", NULL, "%s", err.msg);
-                goto out;
-            }
-            sp.method = sp.kind == DS_ADAPTER_LORA ? "lora" : sp.kind == DS_ADAPTER_PROMPT ? "prompt_tuning"
-                                                                                            : "prefix_tuning";
-        }
-        const cJSON *sub = cJSON_GetObjectItemCaseSensitive(method, t);
-        const cJSON *mhp = cJSON_IsObject(sub) ? cJSON_GetObjectItemCaseSensitive(sub, "hyperparameters") : NULL;
-        if (mhp) hp = mhp;
-    }
-    if (hp && !cJSON_IsObject(hp)) {
-        ds_server_reply_errorf(req, EP_JOBS, 400, "hyperparameters", NULL, "'hyperparameters' must be an object");
-        goto out;
-    }
-    int32_t r = 0;
-    if (!hp_int(req, hp, "n_epochs", 1, 1000, &sp.n_epochs) || !hp_int(req, hp, "batch_size", 1, 256, &sp.batch_size) ||
-        !hp_float(req, hp, "learning_rate_multiplier", 0, 1000, &sp.lr_multiplier) ||
-        !hp_float(req, hp, "learning_rate", 0, 10, &sp.learning_rate) || !hp_int(req, hp, "rank", 1, 1024, &sp.rank) ||
-        !hp_int(req, hp, "r", 1, 1024, &r) || !hp_float(req, hp, "alpha", 0, 1e6, &sp.alpha) ||
-        !hp_float(req, hp, "lora_alpha", 0, 1e6, &sp.alpha) || !hp_targets(req, hp, &sp.targets) ||
-        !hp_int(req, hp, "num_virtual_tokens", 1, 512, &sp.n_virtual))
-        goto out;
-    if (r && !sp.rank) sp.rank = r;
-    const cJSON *rs = hp ? cJSON_GetObjectItemCaseSensitive(hp, "use_rslora") : NULL;
-    if (rs && !cJSON_IsBool(rs) && !cJSON_IsNull(rs)) {
-        ds_server_reply_errorf(req, EP_JOBS, 400, "use_rslora", NULL, "'use_rslora' must be a boolean");
-        goto out;
-    }
-    sp.use_rslora = cJSON_IsTrue(rs);
     sp.training_file = train->id;
     sp.train_data = train->data, sp.train_len = train->bytes;
     if (valid) sp.validation_file = valid->id, sp.valid_data = valid->data, sp.valid_len = valid->bytes;
-    ds_ft_manager *mgr = manager(s, &err);
+    ds_ft_manager *mgr = ds_server_ft_manager(s);
+    ds_err err = {{0}};
+    if (!mgr) ds_err_set(&err, DS_EUNSUPPORTED, "no model is loaded");
     char id[48];
     if (!mgr || ds_ft_submit(mgr, &sp, id, &err) != DS_OK) {
         ds_server_reply_errorf(req, EP_JOBS, mgr ? 400 : 503, NULL, NULL, "%s", err.msg);
-        goto out;
+        cJSON_Delete(o);
+        return;
     }
+    cJSON_Delete(o);
     ds_ft_job_info info;
     ds_ft_get(mgr, id, &info);
     ds_sb b;
     ds_sb_init(&b);
     job_json(&b, &info);
     ds_server_reply_json(req, EP_JOBS, 200, &b);
-out:
-    cJSON_Delete(o);
 }
 
 static void handle_job_list(ds_http_req *req, void *ud) {
     (void)ud;
-    struct ds_ft_state *st = state(ds_server_of(req));
+    ds_ft_manager *mgr = ds_server_ft_manager(ds_server_of(req));
     ds_ft_job_info *jobs = NULL;
     size_t n = 0;
-    if (st && st->mgr && ds_ft_list(st->mgr, &jobs, &n) != DS_OK) n = 0;
+    if (mgr && ds_ft_list(mgr, &jobs, &n) != DS_OK) n = 0;
     ds_sb b;
     ds_sb_init(&b);
     ds_sb_puts(&b, "{\"object\":\"list\",\"data\":[");
@@ -596,14 +397,14 @@ static void handle_job_list(ds_http_req *req, void *ud) {
 
 /* The job named in the path, or NULL after answering 404. */
 static ds_ft_manager *job_of(ds_http_req *req, const char *ep, char *id, size_t cap, ds_ft_job_info *info) {
-    if (!path_id(req, ep, id, cap)) return NULL;
-    struct ds_ft_state *st = state(ds_server_of(req));
-    if (!st || !st->mgr || ds_ft_get(st->mgr, id, info) != DS_OK) {
+    if (!ds_server_path_id(req, ep, id, cap)) return NULL;
+    ds_ft_manager *mgr = ds_server_ft_manager(ds_server_of(req));
+    if (!mgr || ds_ft_get(mgr, id, info) != DS_OK) {
         ds_server_reply_errorf(req, ep, 404, "fine_tuning_job_id", "fine_tuning_job_not_found",
                                "Could not find fine tune job: %s", id);
         return NULL;
     }
-    return st->mgr;
+    return mgr;
 }
 
 static void handle_job_get(ds_http_req *req, void *ud) {
@@ -712,10 +513,6 @@ static void handle_job_checkpoints(ds_http_req *req, void *ud) {
 }
 
 static const ds_route routes[] = {
-    {HTTP_POST, EP_FILES, handle_file_upload, NULL, 0},
-    {HTTP_GET, EP_FILES, handle_file_list, NULL, 0},
-    {HTTP_GET, EP_FILE, handle_file_get, NULL, 0},
-    {HTTP_DELETE, EP_FILE, handle_file_delete, NULL, 0},
     {HTTP_POST, EP_JOBS, handle_job_create, NULL, 0},
     {HTTP_GET, EP_JOBS, handle_job_list, NULL, 0},
     {HTTP_GET, EP_JOB, handle_job_get, NULL, 0},

@@ -145,7 +145,8 @@ static bool start_job(ds_http_req *req, ds_server *s, const char *id, const cJSO
     sp.train_data = data, sp.train_len = len;
     sp.n_epochs = (int32_t)epochs, sp.learning_rate = (float)lr, sp.batch_size = (int32_t)bs;
     ds_err err = {{0}};
-    ds_ft_manager *mgr = ds_handlers_ft_manager(s, &err);
+    ds_ft_manager *mgr = ds_server_ft_manager(s);
+    if (!mgr) ds_err_set(&err, DS_EUNSUPPORTED, "no model is loaded");
     int st = mgr ? ds_ft_submit(mgr, &sp, x->job, &err) : DS_EUNSUPPORTED;
     free(data); /* the job copied it */
     if (st != DS_OK) {

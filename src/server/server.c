@@ -13,8 +13,10 @@
 #include "ds/server.h"
 #include "ds/train.h"
 #include "server/handlers.h"
+#include "server/file_store.h"
 #include "server/router.h"
 #include "util/mem.h"
+#include "util/rng.h"
 
 /* ---- the server facade -------------------------------------------------------------------- */
 
@@ -41,7 +43,9 @@ struct ds_server {
     bool http_closing;     /* ds_http_server_close was called */
     double deadline;       /* ds_time_s() at which the current drain phase gives up */
     ds_server_job *jobs;   /* generations in flight (cancelled when the drain time is up) */
-    struct ds_ft_state *ft; /* handlers_ft.c: files + the fine-tuning job manager, created with the server */
+    ds_file_store *files;  /* /v1/files */
+    ds_ft_manager *ft;     /* fine-tuning jobs; NULL without an engine */
+    uint64_t rand_state;   /* ds_server_random */
 };
 
 enum { DRAIN_WAIT = 0, DRAIN_CANCELLED, DRAIN_ABORTED };
@@ -77,7 +81,9 @@ float ds_server_train_budget(const ds_server *s) {
 }
 ds_metrics *ds_server_metrics(ds_server *s) { return s->metrics; }
 bool ds_server_draining(const ds_server *s) { return s->stopping; }
-struct ds_ft_state *ds_server_ft_state(ds_server *s) { return s->ft; }
+ds_file_store *ds_server_files(ds_server *s) { return s->files; }
+ds_ft_manager *ds_server_ft_manager(ds_server *s) { return s->ft; }
+uint64_t ds_server_random(ds_server *s) { return ds_splitmix64(&s->rand_state); }
 int64_t ds_server_created(const ds_server *s) { return s->created; }
 
 int32_t ds_server_max_ctx(const ds_server *s) {
@@ -136,6 +142,15 @@ int ds_server_reply_errorf(ds_http_req *req, const char *endpoint, int status, c
     return ds_server_reply_error(req, endpoint, &e);
 }
 
+bool ds_server_path_id(ds_http_req *req, const char *endpoint, char *out, size_t cap) {
+    if (req->n_params >= 1 && strlen(req->params[0]) < cap && !strchr(req->params[0], '%')) {
+        snprintf(out, cap, "%s", req->params[0]);
+        return true;
+    }
+    ds_server_reply_errorf(req, endpoint, 400, "id", NULL, "malformed id in the path");
+    return false;
+}
+
 int ds_server_stream_start(ds_http_req *req, const char *endpoint, int status, const char *ctype) {
     count(req, endpoint, status);
     return ds_http_stream_start(req, status, ctype);
@@ -175,7 +190,11 @@ static const ds_route_table builtin_table = {builtin_routes, sizeof builtin_rout
 
 /* Looked up in this order; the first route that matches method and path wins. */
 static const ds_route_table *const route_tables[] = {
-    &builtin_table, &ds_handlers_gen_routes, &ds_handlers_adapters_routes, &ds_handlers_ft_routes,
+    &builtin_table,
+    &ds_handlers_gen_routes,
+    &ds_handlers_adapters_routes,
+    &ds_handlers_files_routes,
+    &ds_handlers_ft_routes,
     &ds_handlers_train_routes,
 };
 
@@ -353,6 +372,7 @@ static bool init_state(ds_server *s, ds_engine *engine, const ds_server_params *
     s->params.served_model_name = s->model_name;
     s->engine = engine;
     s->created = (int64_t)time(NULL);
+    s->rand_state = (uint64_t)s->created * 0x9E3779B97F4A7C15ull ^ (uint64_t)(uintptr_t)s;
     s->metrics = s->model_name ? ds_metrics_create(s->model_name) : NULL;
     return s->host && s->model_name && s->metrics && (!s->params.api_key || s->api_key);
 }
@@ -381,9 +401,17 @@ ds_server *ds_server_create(ds_engine *engine, const ds_server_params *params, d
         ds_server_free(s);
         return NULL;
     }
-    if (!(s->ft = ds_handlers_ft_create(s, err))) {
+    if (!(s->files = ds_file_store_create())) {
+        ds_err_set(err, DS_ENOMEM, "server: out of memory");
         ds_server_free(s);
         return NULL;
+    }
+    if (s->engine) { /* without a model there is nothing to fine-tune: the job endpoints say so */
+        if (!(s->ft = ds_ft_manager_create(ds_engine_model(s->engine), s->params.registry, err))) {
+            ds_server_free(s);
+            return NULL;
+        }
+        ds_ft_manager_attach_engine(s->ft, s->engine, ds_server_train_budget(s));
     }
     if (ds_http_server_listen(&s->http, s->host, s->params.port, err) != 0) {
         ds_server_free(s);
@@ -419,10 +447,11 @@ void ds_server_free(ds_server *s) {
         /* Requests were still pending: the engine may still post to s->http. Leak rather than
          * free memory another thread may touch. */
         DS_LOGW("server: leaking the server state after a forced shutdown");
-        ds_handlers_ft_free(s->ft); /* the training thread reads the model: stop it before the engine goes */
+        ds_ft_manager_free(s->ft); /* the training thread reads the model: stop it before the engine goes */
         return;
     }
-    ds_handlers_ft_free(s->ft);
+    ds_ft_manager_free(s->ft); /* cancels the running job, joins the training thread */
+    ds_file_store_free(s->files);
     free_strings(s);
     free(s);
 }
