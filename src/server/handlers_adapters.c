@@ -16,6 +16,7 @@
 #include "ds/adapter.h"
 #include "ds/server.h"
 #include "server/handlers.h"
+#include "server/openai_req.h"
 
 #define EP_LOAD "/v1/load_lora_adapter"
 #define EP_UNLOAD "/v1/unload_lora_adapter"
@@ -227,10 +228,16 @@ static bool load_allowed(ds_http_req *req, ds_server *s, const char *ep, const c
     return true;
 }
 
-/* Parses a JSON object body; answers 400 and returns NULL when it is not one. */
+/* Parses a JSON object body strictly (ds_oai_json_parse: nothing after the value, no NUL, so a path
+ * or name is never cut short); answers 400 and returns NULL when it is not one. */
 static cJSON *json_body(ds_http_req *req, const char *ep) {
-    cJSON *o = cJSON_ParseWithLength(req->body, req->body_len);
-    if (!o || !cJSON_IsObject(o)) {
+    ds_oai_error e;
+    cJSON *o = ds_oai_json_parse(req->body, req->body_len, &e);
+    if (!o) {
+        ds_server_reply_errorf(req, ep, e.status, NULL, NULL, "%s", e.message);
+        return NULL;
+    }
+    if (!cJSON_IsObject(o)) {
         cJSON_Delete(o);
         ds_server_reply_errorf(req, ep, 400, NULL, NULL, "request body must be a JSON object");
         return NULL;

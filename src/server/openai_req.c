@@ -372,10 +372,36 @@ static void set_defaults(ds_oai_request *r, ds_oai_kind kind) {
     r->sampling.repetition_penalty = 1.0f;
 }
 
+/* Whether the JSON text holds a NUL: a raw byte, or "\u0000" (a backslash only occurs inside
+ * strings, and "\\u0000" is an escaped backslash followed by text, so escapes are skipped pairwise). */
+static bool has_nul(const char *s, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        if (s[i] == 0) return true;
+        if (s[i] != '\\' || i + 1 >= n) continue;
+        if (s[i + 1] == 'u' && i + 5 < n && !memcmp(s + i + 2, "0000", 4)) return true;
+        i++;
+    }
+    return false;
+}
+
+cJSON *ds_oai_json_parse(const char *body, size_t len, ds_oai_error *e) {
+    if (has_nul(body, len))
+        return BAD(e, NULL, "request body contains a NUL character (\\u0000), which no field accepts"), NULL;
+    const char *end = NULL;
+    cJSON *root = cJSON_ParseWithLengthOpts(body, len, &end, false);
+    if (!root) return BAD(e, NULL, "request body is not valid JSON"), NULL;
+    for (const char *p = end; p < body + len; p++)
+        if (*p != ' ' && *p != '\t' && *p != '\n' && *p != '\r') {
+            cJSON_Delete(root);
+            return BAD(e, NULL, "request body has data after the JSON value (at byte %zu)", (size_t)(p - body)), NULL;
+        }
+    return root;
+}
+
 int ds_oai_request_parse(ds_oai_request *r, ds_oai_kind kind, const char *body, size_t len, ds_oai_error *e) {
     set_defaults(r, kind);
-    cJSON *root = cJSON_ParseWithLength(body, len);
-    if (!root) return BAD(e, NULL, "request body is not valid JSON");
+    cJSON *root = ds_oai_json_parse(body, len, e);
+    if (!root) return e->status;
     r->json_ = root;
     int st = 0;
     if (!cJSON_IsObject(root)) st = BAD(e, NULL, "request body must be a JSON object");

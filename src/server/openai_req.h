@@ -87,6 +87,12 @@ typedef struct ds_oai_request {
     ds_logit_bias *logit_bias_;
 } ds_oai_request;
 
+/* Parses a request body strictly: exactly one JSON value with nothing but JSON whitespace after it,
+ * and no NUL anywhere (a raw 0 byte or the escape \u0000, which cJSON would turn into a silently
+ * truncated string: prompts, names and paths). Returns the tree (the caller cJSON_Deletes it), or
+ * NULL with *err set to a 400 (500 when out of memory). Any thread. */
+struct cJSON *ds_oai_json_parse(const char *body, size_t len, ds_oai_error *err);
+
 /* Parses `body` (len bytes, need not be NUL-terminated) as a request of `kind`.
  * Returns 0 with *r filled (free with ds_oai_request_free), or an HTTP status (400; 500 when out of
  * memory) with *err filled and *r left empty (ds_oai_request_free is then a harmless no-op). */

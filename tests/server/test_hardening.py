@@ -135,3 +135,35 @@ def test_small_but_sane_sampling_floats_are_served(server):
     status, raw = server.post("/v1/completions", {"model": "smollm2", "prompt": "Hi", "max_tokens": 2,
                                                   "temperature": 0.001, "repetition_penalty": 100, "seed": 1})
     assert status == 200, raw
+
+
+# ---- strict JSON bodies (item 9, part) -------------------------------------------------------------
+
+@pytest.mark.parametrize("tail", [b" x", b"{}", b"\n]", b"\x00"])
+def test_trailing_bytes_after_the_json_body_are_400(server, tail):
+    body = b'{"model":"smollm2","prompt":"Hi","max_tokens":1}' + tail
+    status, raw = server.post("/v1/completions", body)
+    assert status == 400, raw
+    assert json.loads(raw)["error"]["type"] == "invalid_request_error"
+    status, raw = server.post("/v1/load_lora_adapter", b'{"lora_name":"tb","lora_path":"lora0"}' + tail)
+    assert status == 400, raw
+    assert server.get("/v1/adapters/tb")[0] == 404
+
+
+def test_trailing_whitespace_is_fine(server):
+    status, raw = server.post("/v1/completions", b'{"model":"smollm2","prompt":"Hi","max_tokens":1} \r\n\t')
+    assert status == 200, raw
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/completions", b'{"model":"smollm2","prompt":"Hi\\u0000 there","max_tokens":1}'),
+    ("/v1/completions", b'{"model":"smollm2\\u0000junk","prompt":"Hi","max_tokens":1}'),
+    ("/v1/chat/completions", b'{"model":"smollm2","messages":[{"role":"user","content":"a\\u0000b"}],"max_tokens":1}'),
+    ("/v1/load_lora_adapter", b'{"lora_name":"nul","lora_path":"lora0\\u0000/../x"}'),
+    ("/v1/load_lora_adapter", b'{"lora_name":"nul\\u0000x","lora_path":"lora0"}'),
+])
+def test_nul_in_strings_is_400(server, path, body):
+    status, raw = server.post(path, body)
+    assert status == 400, raw
+    assert "NUL" in json.loads(raw)["error"]["message"]
+    assert server.get("/v1/adapters/nul")[0] == 404

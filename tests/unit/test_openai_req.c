@@ -75,6 +75,14 @@ static const tcase k_cases[] = {
     {C, "{\"model\":\"m\",\"prompt\":\"x\",\"top_k\":-2}", 400, "top_k"},
     {C, "{\"model\":\"m\",\"prompt\":\"x\",\"min_p\":1.5}", 400, "min_p"},
     {C, "{\"model\":\"m\",\"prompt\":\"x\",\"repetition_penalty\":0}", 400, "repetition_penalty"},
+    /* issue 14: nothing after the JSON value, no NUL in any string */
+    {C, "{\"model\":\"m\",\"prompt\":\"hi\"} \r\n\t", 0, NULL},
+    {C, "{\"model\":\"m\",\"prompt\":\"hi\"} x", 400, ""},
+    {C, "{\"model\":\"m\",\"prompt\":\"hi\"}{}", 400, ""},
+    {C, "{\"model\":\"m\",\"prompt\":\"a\\u0000b\"}", 400, ""},
+    {C, "{\"model\":\"m\\u0000x\",\"prompt\":\"a\"}", 400, ""},
+    {C, "{\"model\":\"m\",\"prompt\":\"a\\\\u0000b\"}", 0, NULL}, /* an escaped backslash, then text */
+    {CH, "{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"x\\u0000y\"}]}", 400, ""},
     /* issue 14: inside the old ranges but inf/NaN logits (or a 0 after the float conversion) */
     {C, "{\"model\":\"m\",\"prompt\":\"x\",\"temperature\":1e-45}", 400, "temperature"},
     {C, "{\"model\":\"m\",\"prompt\":\"x\",\"temperature\":0.0009}", 400, "temperature"},
