@@ -63,6 +63,15 @@ static int32_t free_slot(ds_engine *e) {
 
 static size_t adapter_dev_estimate(const ds_adapter *a) { return a->host_bytes; }
 
+int ds_engine_adapter_fits(const ds_engine *e, const ds_adapter_entry *entry, ds_err *err) {
+    const size_t need = adapter_dev_estimate(entry->adapter);
+    if (need <= e->p.adapter_budget_bytes) return DS_OK;
+    return ds_err_set(err, DS_EUNSUPPORTED,
+                      "adapter '%s' needs %.1f MiB of adapter memory, more than the whole adapter budget "
+                      "(--adapter-budget-mb %.0f MiB): it can never be scheduled", entry->name,
+                      (double)need / (1 << 20), (double)e->p.adapter_budget_bytes / (1 << 20));
+}
+
 static int pin_prefix(ds_engine *e, engine_slot *sl, ds_err *err) {
     const ds_adapter *a = sl->entry->adapter;
     const int32_t bs = e->p.kv_block_size, nb = (a->n_virtual + bs - 1) / bs;
@@ -77,6 +86,8 @@ static int pin_prefix(ds_engine *e, engine_slot *sl, ds_err *err) {
 /* Uploads entry into a free (or freshly evicted) slot. */
 static int make_resident(ds_engine *e, ds_adapter_entry *entry, ds_err *err) {
     const size_t need = adapter_dev_estimate(entry->adapter);
+    int fits = ds_engine_adapter_fits(e, entry, err); /* else evicting everything would not help: fail */
+    if (fits) return fits;
     while (e->slot_bytes + need > e->p.adapter_budget_bytes)
         if (evict_lru(e) < 0) return DS_EBUSY;
     int32_t i = free_slot(e);

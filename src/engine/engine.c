@@ -131,6 +131,8 @@ static int resolve_adapter(ds_engine *e, const ds_gen_request *r, ds_adapter_ent
     if (!r->adapter || !r->adapter[0]) return DS_OK;
     if (!e->reg || !(*entry = ds_registry_acquire(e->reg, r->adapter)))
         return ds_err_set(err, DS_ENOTFOUND, "The model `%s` does not exist.", r->adapter);
+    int st = ds_engine_adapter_fits(e, *entry, err);
+    if (st) return st; /* the caller releases *entry */
     const ds_adapter *a = (*entry)->adapter;
     if (a->kind == DS_ADAPTER_PROMPT) *n_virt = a->n_virtual;
     if (a->kind == DS_ADAPTER_PREFIX) *n_prefix = a->n_virtual;

@@ -86,6 +86,9 @@ void ds_engine_cancel_all(ds_engine *e);
  * Returns 0, DS_EBUSY (no slot or budget free right now: try next step), or another status
  * (the sequence must fail; message in err). */
 int ds_engine_slot_attach(ds_engine *e, ds_seq *s, ds_err *err);
+/* Whether entry's adapter can ever fit the adapter budget: 0, or DS_EUNSUPPORTED with a message
+ * (the request fails at once instead of waiting for room that eviction can never make). */
+int ds_engine_adapter_fits(const ds_engine *e, const ds_adapter_entry *entry, ds_err *err);
 /* Drops a sequence's prefix references (its own blocks are released by the caller). */
 void ds_engine_slot_detach(ds_engine *e, ds_seq *s);
 /* Frees slots whose adapter version was retired and that no running sequence uses. */

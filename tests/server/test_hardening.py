@@ -167,3 +167,23 @@ def test_nul_in_strings_is_400(server, path, body):
     assert status == 400, raw
     assert "NUL" in json.loads(raw)["error"]["message"]
     assert server.get("/v1/adapters/nul")[0] == 404
+
+
+# ---- an adapter larger than the adapter budget (item 3) --------------------------------------------
+
+def test_adapter_over_the_budget_is_refused_at_once(fresh_server):
+    from peft_gen import make_lora
+    from conftest import wait_idle
+    srv = fresh_server(args=["--adapter-budget-mb", "1"])
+    make_lora(srv.adapter_dir / "big", seed=7, rank=64)  # ~14 MiB of LoRA weights
+    status, text = load(srv, "big", "big")
+    assert status == 200, text
+    for stream in (False, True):
+        status, raw = srv.post("/v1/completions", {"model": "big", "prompt": "Hi", "max_tokens": 2, "stream": stream},
+                               timeout=20)
+        assert status == 400, raw
+        msg = json.loads(raw)["error"]["message"]
+        assert "adapter budget" in msg and "big" in msg
+    status, raw = srv.post("/v1/completions", {"model": "lora0", "prompt": "Hi", "max_tokens": 2}, timeout=30)
+    assert status == 200, raw
+    wait_idle(srv, timeout=10)
