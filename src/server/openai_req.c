@@ -219,21 +219,28 @@ static int parse_messages(ds_oai_request *r, const cJSON *root, ds_oai_error *e)
     return 0;
 }
 
+/* One stop string: bounded, because every choice of the request holds its own copy. */
+static int add_stop(ds_oai_request *r, const char *str, ds_oai_error *e) {
+    size_t n = strlen(str);
+    if (n > DS_OAI_MAX_STOP_BYTES)
+        return BAD(e, "stop", "'stop' strings may be at most %d bytes, got %zu", DS_OAI_MAX_STOP_BYTES, n);
+    if (n) r->stop[r->n_stop++] = str;
+    return 0;
+}
+
 /* stop: string | [string] (<= 4); empty strings are dropped (they would match everywhere). */
 static int parse_stop(ds_oai_request *r, const cJSON *root, ds_oai_error *e) {
     const cJSON *s = field(root, "stop");
     if (!s) return 0;
-    if (cJSON_IsString(s)) {
-        if (s->valuestring[0]) r->stop[r->n_stop++] = s->valuestring;
-        return 0;
-    }
+    if (cJSON_IsString(s)) return add_stop(r, s->valuestring, e);
     if (!cJSON_IsArray(s)) return BAD(e, "stop", "'stop' must be a string or an array of strings");
     if (cJSON_GetArraySize(s) > DS_OAI_MAX_STOP_STRS)
         return BAD(e, "stop", "'stop' may hold at most %d strings", DS_OAI_MAX_STOP_STRS);
     const cJSON *v;
     cJSON_ArrayForEach(v, s) {
         if (!cJSON_IsString(v)) return BAD(e, "stop", "'stop' entries must be strings");
-        if (v->valuestring[0]) r->stop[r->n_stop++] = v->valuestring;
+        int st = add_stop(r, v->valuestring, e);
+        if (st) return st;
     }
     return 0;
 }

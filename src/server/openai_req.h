@@ -25,6 +25,7 @@ struct cJSON;
 #define DS_OAI_MAX_LOGIT_BIAS 1024  /* entries in `logit_bias` */
 #define DS_OAI_MAX_STOP_IDS 1024    /* entries in `stop_token_ids` */
 #define DS_OAI_MAX_STOP_STRS 4      /* entries in `stop` (OpenAI's limit; < DS_MAX_STOP) */
+#define DS_OAI_MAX_STOP_BYTES 1024  /* bytes in one `stop` string (each choice holds a copy) */
 /* Sampling floats: finite, and no non-zero value so small that it turns logits into inf/NaN. */
 #define DS_OAI_MIN_TEMPERATURE 1e-3 /* `temperature`: 0 (greedy) or 0.001..2 */
 #define DS_OAI_MIN_TOP_P 1e-6       /* `top_p` 1e-6..1; `min_p` and the penalties: 0 or |x| >= 1e-6 */

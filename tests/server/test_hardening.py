@@ -187,3 +187,41 @@ def test_adapter_over_the_budget_is_refused_at_once(fresh_server):
     status, raw = srv.post("/v1/completions", {"model": "lora0", "prompt": "Hi", "max_tokens": 2}, timeout=30)
     assert status == 200, raw
     wait_idle(srv, timeout=10)
+
+
+# ---- amplification through stop strings and n x prompts (item 1, part) -----------------------------
+
+def rss_kib(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_stop_string_over_1_kib_is_400(server):
+    for stop in ("s" * 1025, ["a", "s" * 1025]):
+        status, raw = server.post("/v1/completions", {"model": "smollm2", "prompt": "Hi", "max_tokens": 1,
+                                                      "stop": stop})
+        assert status == 400, raw
+        assert json.loads(raw)["error"]["param"] == "stop"
+    status, raw = server.post("/v1/completions", {"model": "smollm2", "prompt": "Hi", "max_tokens": 1,
+                                                  "stop": ["s" * 1024]})
+    assert status == 200, raw
+
+
+def test_n_times_prompts_is_capped(server):
+    """Already refused before issue 14 (handlers_gen.c GEN_MAX_CHOICES); kept beside the stop limit."""
+    status, raw = server.post("/v1/completions", {"model": "smollm2", "prompt": ["Hi"] * 9, "n": 128,
+                                                  "max_tokens": 1}, timeout=60)
+    assert status == 400, raw
+    assert json.loads(raw)["error"]["param"] == "n"
+
+
+def test_amplifying_request_is_refused_without_growth(server):
+    """The reported shape (4 big stop strings x 8 prompts x n=128), scaled to the 1 MiB body limit."""
+    before = rss_kib(server.proc.pid)
+    body = {"model": "smollm2", "prompt": ["Hi"] * 8, "n": 128, "max_tokens": 1,
+            "stop": [c * (200 << 10) for c in "abcd"]}
+    status, raw = server.post("/v1/completions", body, timeout=60)
+    assert status == 400, raw[:200]
+    assert rss_kib(server.proc.pid) - before < 64 << 10  # KiB: under 64 MiB

@@ -147,6 +147,35 @@ static void test_table(void) {
     }
 }
 
+/* Parses body, returns the status; *param gets the error's param. */
+static int parse_status(ds_oai_kind kind, const char *body, char *param, size_t cap) {
+    ds_oai_request r;
+    ds_oai_error e;
+    memset(&e, 0, sizeof e);
+    int st = ds_oai_request_parse(&r, kind, body, strlen(body), &e);
+    snprintf(param, cap, "%s", st ? e.param : "");
+    ds_oai_request_free(&r);
+    return st;
+}
+
+/* issue 14: what one small body can make every choice hold is bounded (stop bytes; n x prompts is
+ * capped by the handler, GEN_MAX_CHOICES). */
+static void test_amplification_limits(void) {
+    char stop[DS_OAI_MAX_STOP_BYTES + 2], body[8192], param[96];
+    memset(stop, 's', sizeof stop - 1);
+    stop[DS_OAI_MAX_STOP_BYTES] = 0; /* exactly the limit: fine */
+    snprintf(body, sizeof body, "{\"model\":\"m\",\"prompt\":\"x\",\"stop\":[\"a\",\"%s\"]}", stop);
+    CHECK_EQ_INT(parse_status(C, body, param, sizeof param), 0);
+    stop[DS_OAI_MAX_STOP_BYTES] = 's', stop[DS_OAI_MAX_STOP_BYTES + 1] = 0;
+    snprintf(body, sizeof body, "{\"model\":\"m\",\"prompt\":\"x\",\"stop\":[\"a\",\"%s\"]}", stop);
+    CHECK_EQ_INT(parse_status(C, body, param, sizeof param), 400);
+    CHECK(!strcmp(param, "stop"));
+    snprintf(body, sizeof body, "{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"stop\":\"%s\"}",
+             stop);
+    CHECK_EQ_INT(parse_status(CH, body, param, sizeof param), 400);
+    CHECK(!strcmp(param, "stop"));
+}
+
 static void test_values_completion(void) {
     const char *body = "{\"model\":\"sql-lora\",\"prompt\":[[5,6,7],[8]],\"max_tokens\":64,\"temperature\":0.5,"
                        "\"top_p\":0.9,\"n\":3,\"stream\":true,\"stream_options\":{\"include_usage\":true},"
@@ -407,6 +436,7 @@ static void test_models(void) {
 
 int main(void) {
     test_table();
+    test_amplification_limits();
     test_values_completion();
     test_values_defaults();
     test_error_json();
