@@ -2,10 +2,9 @@
 #   include(${CMAKE_CURRENT_SOURCE_DIR}/adapter.cmake)
 #   ./fuzz_adapter_config tests/fuzz/corpus/fuzz_adapter_config -max_total_time=60
 # peft_config.c is compiled into the target so that it carries the fuzzer's instrumentation.
-ds_fuzz_target(fuzz_adapter_config ${CMAKE_SOURCE_DIR}/src/adapter/peft_config.c
-  ${CMAKE_SOURCE_DIR}/src/util/common.c)
+ds_fuzz_target(fuzz_adapter_config ${CMAKE_SOURCE_DIR}/src/adapter/peft_config.c ${DS_FUZZ_UTIL})
 target_link_libraries(fuzz_adapter_config PRIVATE PkgConfig::PCRE2)
 
 # AdapterHub bottleneck adapter configs (ds_bottleneck_config_check) against tiny Llama / Qwen2 shapes.
 ds_fuzz_target(fuzz_bottleneck_config ${CMAKE_SOURCE_DIR}/src/adapter/bottleneck.c
-  ${CMAKE_SOURCE_DIR}/src/model/safetensors.c ${CMAKE_SOURCE_DIR}/src/util/common.c ${CMAKE_SOURCE_DIR}/src/util/file.c)
+  ${CMAKE_SOURCE_DIR}/src/model/safetensors.c ${DS_FUZZ_UTIL})
