@@ -13,6 +13,8 @@ Writes, under tests/data/adapters/bottleneck/:
                                       LoRA / IA³ / prompt / prefix adapters of gen_adapters.py
                                       (tests/data/adapters/<model>/<name>) and base-only sequences
   bad/<case>/ + manifest.json         malformed or unsupported AdapterHub directories
+  smollm2/bn-*/                       adapters for models/SmolLM2-135M-Instruct.Q4_1.gguf (bf16) with the
+                                      package's greedy continuations (needs `gguf` and `accelerate` too)
 for <model> in tiny-llama, tiny-qwen2 (tests/data/models/, made by gen_models.py). reference.json has
 the schema of gen_adapters.py's (cases → prompt, prefill_logits, decode[{token, logits}]).
 
@@ -164,8 +166,9 @@ def configs() -> dict:
     }
 
 
-def randomize(model, name: str, seed: int) -> None:
-    """Non-zero random values in every adapter parameter (the package's inits zero the up-projection)."""
+def randomize(model, name: str, seed: int, amp: float = 1.0) -> None:
+    """Non-zero random values in every adapter parameter (the package's inits zero the up-projection);
+    amp scales the projection weights."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -180,7 +183,7 @@ def randomize(model, name: str, seed: int) -> None:
             elif n.endswith("bias") or len(shape) < 2:
                 v = 0.1 * torch.randn(shape, generator=g)
             else:  # Linear weight [out, in]
-                v = torch.randn(shape, generator=g) * (0.8 / math.sqrt(shape[-1]))
+                v = torch.randn(shape, generator=g) * (amp * 0.8 / math.sqrt(shape[-1]))
             p.copy_(v)
 
 
@@ -344,6 +347,130 @@ def gen_mixed(model_name: str, written: list) -> None:
     written.append(p)
 
 
+# ---- SmolLM2-135M-Instruct (the default model): greedy continuations ----
+SMOLLM2_GGUF = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOL_NEW_TOKENS = 16
+SMOL_MIN_MARGIN = 0.05
+
+
+def smol_configs(n_layer: int) -> dict:
+    def only(*keep):
+        return [i for i in range(n_layer) if i not in keep]
+    # a few layers each, to keep the files small (bf16, bottleneck 18 = 576 / 32)
+    # name → (config, amplitude of the random projection weights: weak enough that the continuation
+    # stays language, strong enough to change it)
+    return {
+        "bn-seq": (SeqBnConfig(reduction_factor=32, leave_out=only(0, 10, 20, 29)), 0.6),
+        "bn-double-seq": (DoubleSeqBnConfig(reduction_factor=32, leave_out=only(5, 15, 25)), 1.0),
+        "bn-par-scaled": (ParBnConfig(reduction_factor=32, scaling=4.0, mh_adapter=True,
+                                      leave_out=only(2, 12, 22)), 0.3),
+    }
+
+
+def gen_smollm2(written: list) -> None:
+    if not SMOLLM2_GGUF.is_file():
+        print(f"smollm2: skipped ({SMOLLM2_GGUF.relative_to(ROOT)} absent; run scripts/fetch_model.sh)")
+        return
+    gdir, gname = str(SMOLLM2_GGUF.parent), SMOLLM2_GGUF.name
+
+    def load():
+        m = AutoModelForCausalLM.from_pretrained(gdir, gguf_file=gname, dtype=torch.float32,
+                                                 attn_implementation="eager")
+        m.eval()
+        return m
+
+    # the prompts (ids) and base greedy tokens of tests/data/models/smollm2/reference.json
+    mref = json.loads((MODELS / "smollm2" / "reference.json").read_text())
+    prompts = [(c["kind"], c["prompt"]) for c in mref["cases"] if c["kind"] in ("plain", "chat")]
+    base = load()
+    eos = base.config.eos_token_id
+
+    @torch.no_grad()
+    def greedy(model, ids):
+        x = torch.tensor([ids])
+        # use_cache=False: in adapters 1.3.0 + transformers 4.57.6 the Llama decoder layer with adapters
+        # takes `past_key_value` while LlamaModel passes `past_key_values`, so a cached decode step
+        # attends to itself only (logits off by ~3.5 on tiny-llama, any adapter type). Without the
+        # cache every step is a full forward: the adapter math as the package defines it.
+        gen = model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False,
+                             max_new_tokens=SMOL_NEW_TOKENS, pad_token_id=eos, use_cache=False)
+        return [int(t) for t in gen[0, len(ids):].tolist()]
+
+    @torch.no_grad()
+    def margins_of(model, ids, new):
+        out, seq = [], list(ids)
+        for t in new:
+            x = torch.tensor([seq])
+            last = model(input_ids=x, attention_mask=torch.ones_like(x)).logits[0, -1].float().numpy()
+            s = np.sort(last)
+            out.append(float(s[-1] - s[-2]) if int(np.argmax(last)) == t else -1.0)  # -1: generate disagrees
+            seq.append(t)
+        return out
+
+    base_greedy = {k: greedy(base, ids) for k, ids in prompts}
+    for c in mref["cases"]:
+        if c["kind"] in base_greedy:
+            assert base_greedy[c["kind"]] == c["greedy"]["tokens"][:SMOL_NEW_TOKENS], c["kind"]
+    for name, (cfg, amp) in smol_configs(base.config.num_hidden_layers).items():
+        d = OUT / "smollm2" / name
+        if d.exists():
+            shutil.rmtree(d)
+        chosen = None
+        for attempt in range(12):
+            m = load()
+            adapters.init(m)
+            m.add_adapter(name, config=cfg)
+            randomize(m, name, seed_of("smollm2", name, attempt), amp=amp)
+            with torch.no_grad():  # stored as bf16: round first so that the reference is exact
+                for n, p in m.named_parameters():
+                    if f".adapters.{name}." in n:
+                        p.copy_(p.to(torch.bfloat16).float())
+            m.set_active_adapters(name)
+            m.eval()
+            outs = {k: greedy(m, ids) for k, ids in prompts}
+            if all(outs[k] != base_greedy[k] for k in outs):
+                mm = min(min(margins_of(m, ids, outs[k])) for k, ids in prompts)
+                print(f"  smollm2/{name} attempt {attempt}: min margin {mm:.3g}")
+                if mm >= SMOL_MIN_MARGIN:
+                    chosen = m
+                    break
+        if chosen is None:
+            raise RuntimeError(f"smollm2/{name}: no seed changed the output with clear margins")
+        d.mkdir(parents=True)
+        chosen.save_adapter(str(d), name, with_head=False, use_safetensors=True)
+        sd = load_file(d / "adapter.safetensors")
+        save_file({k: v.to(torch.bfloat16).contiguous() for k, v in sd.items()}, d / "adapter.safetensors")
+        cfg_json = json.loads((d / "adapter_config.json").read_text())
+        cfg_json["model_name"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
+        write_text(d / "adapter_config.json", json.dumps(cfg_json, indent=2, sort_keys=True) + "\n")
+        m2 = load()
+        adapters.init(m2)
+        m2.set_active_adapters(m2.load_adapter(str(d), use_safetensors=True))
+        m2.eval()
+        cases = []
+        for kind, ids in prompts:
+            new = greedy(m2, ids)
+            cases.append({"kind": kind, "prompt": ids,
+                          "greedy": {"max_new_tokens": SMOL_NEW_TOKENS, "tokens": new,
+                                     "stopped_at_eos": bool(new and new[-1] == eos),
+                                     "margins": margins_of(m2, ids, new)},
+                          "base_greedy_tokens": base_greedy[kind]})
+            assert min(cases[-1]["greedy"]["margins"]) >= SMOL_MIN_MARGIN, (name, kind)
+        ref = {"adapter": name, "base": "smollm2", "base_file": f"models/{SMOLLM2_GGUF.name}",
+               "peft_type": "BOTTLENECK", "adapters_version": adapters.__version__,
+               "transformers_version": transformers.__version__, "torch_version": torch.__version__,
+               "storage_dtype": "bfloat16", "tensors": tensor_summary(d / "adapter.safetensors"),
+               "tolerance_note": ("greedy.tokens from generate(do_sample=False) with the adapter reloaded from "
+                                  "this directory (bf16 tensors upcast to fp32) on transformers' dequantisation "
+                                  "of the Q4_1 GGUF, fp32 CPU, eager attention; checked equal to the argmax of a "
+                                  "full forward at every step; margins = top1 - top2 at each step."),
+               "cases": cases}
+        write_text(d / "reference.json", dump_json(ref) + "\n")
+        written += sorted(p for p in d.rglob("*") if p.is_file())
+        print(f"  smollm2/{name}: " + "; ".join(f"{c['kind']} {c['greedy']['tokens'][:6]}... (base "
+                                               f"{c['base_greedy_tokens'][:6]}...)" for c in cases))
+
+
 # ---- malformed / unsupported directories ----
 def gen_bad(written: list) -> None:
     root = OUT / "bad"
@@ -467,6 +594,8 @@ def main() -> int:
             gen_mixed(m, written)
     if not only or "bad" in only or "all" in only:
         gen_bad(written)
+    if not only or "smollm2" in only or "all" in only:
+        gen_smollm2(written)
     total = sum(p.stat().st_size for p in written)
     print(f"wrote {len(written)} files, {total / 1e6:.2f} MB")
     return 0

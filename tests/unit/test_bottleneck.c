@@ -5,6 +5,8 @@
  *  - the mixed manifest: bottleneck adapters of every kind beside PEFT LoRA, IA³, prompt-tuning and
  *    prefix adapters and base-only sequences, in ONE forward per step;
  *  - malformed and unsupported directories refused with a message naming the problem;
+ *  - on SmolLM2-135M-Instruct (when models/ has it), greedy continuations equal to the package's for
+ *    a sequential, a Houlsby and a scaled parallel adapter, all in one batch;
  *  - a backend without the bottleneck op refuses the resident copy. */
 #include "adapter_run.h"
 #include "ds_test.h"
@@ -196,6 +198,101 @@ static void run_model(const char *model) {
     ds_model_free(m);
 }
 
+static int argmax(const float *v, int n) {
+    int best = 0;
+    for (int i = 1; i < n; i++)
+        if (v[i] > v[best]) best = i;
+    return best;
+}
+
+/* Every (adapter, prompt) of tests/data/adapters/bottleneck/smollm2 as one sequence of one batch,
+ * fed its reference tokens; at each step the argmax must be the package's greedy token. */
+static void run_smollm2(void) {
+    char model_file[600], adir[512];
+    const char *mdir = getenv("DS_MODELS_DIR");
+    snprintf(model_file, sizeof model_file, "%s/SmolLM2-135M-Instruct.Q4_1.gguf", mdir && *mdir ? mdir : DS_MODELS_DIR);
+    snprintf(adir, sizeof adir, "%s/adapters/bottleneck/smollm2", DS_TEST_DATA);
+    if (access(model_file, R_OK) || access(adir, R_OK)) {
+        printf("skip smollm2: %s or %s missing\n", model_file, adir);
+        return;
+    }
+    ds_err err = {{0}};
+    ds_model_params mp = ds_model_default_params();
+    mp.verbose = false;
+    ds_model *m = ds_model_load(model_file, &mp, &err);
+    CHECK_MSG(m != NULL, "%s", err.msg);
+    if (!m) return;
+    ds_backend *b = ds_backend_create("cpu", NULL, &err);
+    ds_llama_params lp = ds_llama_default_params();
+    lp.kv_bytes = (size_t)192 << 20; /* ar_ctx gives every sequence its own 36 blocks */
+    lp.max_blocks_per_seq = AR_BLOCKS_PER_SEQ + 4;
+    ds_llama *L = ds_llama_create(m, b, &lp, &err);
+    CHECK_MSG(L != NULL, "%s", err.msg);
+    static const char *const names[] = {"bn-seq", "bn-double-seq", "bn-par-scaled"};
+    static loaded ads[3];
+    int n = 0;
+    for (int i = 0; i < 3; i++)
+        if (load_one(adir, names[i], m, b, &ads[n])) n++;
+    ar_ctx c;
+    ar_init(&c, L, m);
+    const cJSON *cases[AR_MAX_SEQS];
+    const char *who[AR_MAX_SEQS];
+    int32_t *toks[AR_MAX_SEQS];
+    int nt[AR_MAX_SEQS], ns = 0, total = 0, steps = 0;
+    for (int i = 0; i < n; i++) {
+        const cJSON *it;
+        cJSON_ArrayForEach(it, cJSON_GetObjectItem(ads[i].ref, "cases")) {
+            ar_add(&c, &ads[i].dev);
+            cases[ns] = it;
+            who[ns] = ads[i].name;
+            toks[ns] = golden_ids(cJSON_GetObjectItem(it, "prompt"), &nt[ns]);
+            total += nt[ns];
+            int g = cJSON_GetArraySize(cJSON_GetObjectItem(cJSON_GetObjectItem(it, "greedy"), "tokens"));
+            if (g > steps) steps = g;
+            ns++;
+        }
+    }
+    const int V = m->cfg.n_vocab;
+    float *logits = malloc(sizeof(float) * (size_t)total * V);
+    CHECK(ar_step(&c, toks, nt, logits) == 0);
+    int32_t last_row[AR_MAX_SEQS], off = 0, matched = 0, want_total = 0;
+    for (int i = 0; i < ns; i++) last_row[i] = (off += nt[i]) - 1;
+    bool live[AR_MAX_SEQS];
+    for (int k = 0; k < steps; k++) {
+        int32_t dt[AR_MAX_SEQS], *dp[AR_MAX_SEQS];
+        int ones[AR_MAX_SEQS];
+        for (int i = 0; i < ns; i++) {
+            const cJSON *g = cJSON_GetObjectItem(cJSON_GetObjectItem(cases[i], "greedy"), "tokens");
+            live[i] = k < cJSON_GetArraySize(g);
+            ones[i] = live[i] && k + 1 < cJSON_GetArraySize(g);
+            dt[i] = live[i] ? (int32_t)cJSON_GetArrayItem(g, k)->valuedouble : 0;
+            dp[i] = &dt[i];
+            if (!live[i]) continue;
+            want_total++;
+            const int got = argmax(logits + (size_t)last_row[i] * V, V);
+            CHECK_MSG(got == dt[i], "smollm2 %s %s step %d: token %d, the package's %d", who[i],
+                      cJSON_GetObjectItem(cases[i], "kind")->valuestring, k, got, dt[i]);
+            matched += got == dt[i];
+        }
+        bool any = false;
+        for (int i = 0, row = 0; i < ns; i++) {
+            last_row[i] = ones[i] ? row++ : -1;
+            any |= ones[i];
+        }
+        if (any) CHECK(ar_step(&c, dp, ones, logits) == 0);
+    }
+    printf("smollm2: %d/%d greedy tokens equal to the package's (%d adapters x %d prompts, one batch)\n", matched,
+           want_total, n, n ? ns / n : 0);
+    CHECK(n == 3 && matched == want_total && want_total >= 6 * 8);
+    for (int i = 0; i < ns; i++) free(toks[i]);
+    free(logits);
+    ar_free(&c);
+    for (int i = 0; i < n; i++) unload(b, &ads[i]);
+    ds_llama_free(L);
+    ds_backend_free(b);
+    ds_model_free(m);
+}
+
 /* Any of the '|'-separated words of `expect` in msg, case-insensitively. */
 static bool msg_matches(const char *msg, const char *expect) {
     char buf[256];
@@ -250,6 +347,7 @@ int main(void) {
     run_model("tiny-llama");
     run_model("tiny-qwen2");
     run_bad();
+    run_smollm2();
     if (ds_test_checks == 0) SKIP("no golden data under %s/adapters/bottleneck (tests/golden/gen_bottleneck.py)", DS_TEST_DATA);
     printf("worst max|diff|/max(1,|logit|) over every bottleneck row: %.3g\n", worst_rel);
     return ds_test_result();
