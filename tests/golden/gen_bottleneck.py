@@ -13,6 +13,7 @@ Writes, under tests/data/adapters/bottleneck/:
                                       LoRA / IA³ / prompt / prefix adapters of gen_adapters.py
                                       (tests/data/adapters/<model>/<name>) and base-only sequences
   bad/<case>/ + manifest.json         malformed or unsupported AdapterHub directories
+  activations.json                    every accepted non_linearity on a grid of inputs
   smollm2/bn-*/                       adapters for models/SmolLM2-135M-Instruct.Q4_1.gguf (bf16) with the
                                       package's greedy continuations (needs `gguf` and `accelerate` too)
 for <model> in tiny-llama, tiny-qwen2 (tests/data/models/, made by gen_models.py). reference.json has
@@ -347,6 +348,27 @@ def gen_mixed(model_name: str, written: list) -> None:
     written.append(p)
 
 
+# ---- activations: every non_linearity name the package accepts (but the learned ones) ----
+ACT_NAMES = ["relu", "ReLU", "relu2", "relu6", "leaky_relu", "leakyrelu", "gelu", "gelu_python", "gelu_10",
+             "gelu_new", "gelu_pytorch_tanh", "gelu_python_tanh", "gelu_accurate", "gelu_fast", "quick_gelu",
+             "silu", "swish", "sigmoid", "tanh", "mish", "laplace", "linear", None]
+
+
+def gen_activations(written: list) -> None:
+    from adapters.methods.modeling import Activation_Function_Class
+    x = torch.tensor([-30.0, -12.0] + [float(v) for v in np.linspace(-8, 8, 33)] + [12.0, 30.0, 1e-3, -1e-3])
+    out = {"note": ("y = the package's Activation_Function_Class(non_linearity)(x), fp32; non_linearity null "
+                    "is the identity (key \"null\"); names are lower-cased by the package"),
+           "x": [float(v) for v in x], "y": {}}
+    for name in ACT_NAMES:
+        with torch.no_grad():
+            y = Activation_Function_Class(name.lower() if name else None)(x)
+        out["y"][name if name else "null"] = [float(v) for v in y.float()]
+    p = OUT / "activations.json"
+    write_text(p, dump_json(out) + "\n")
+    written.append(p)
+
+
 # ---- SmolLM2-135M-Instruct (the default model): greedy continuations ----
 SMOLLM2_GGUF = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOL_NEW_TOKENS = 16
@@ -594,6 +616,8 @@ def main() -> int:
             gen_mixed(m, written)
     if not only or "bad" in only or "all" in only:
         gen_bad(written)
+    if not only or "activations" in only or "all" in only:
+        gen_activations(written)
     if not only or "smollm2" in only or "all" in only:
         gen_smollm2(written)
     total = sum(p.stat().st_size for p in written)

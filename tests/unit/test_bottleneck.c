@@ -7,12 +7,15 @@
  *  - malformed and unsupported directories refused with a message naming the problem;
  *  - on SmolLM2-135M-Instruct (when models/ has it), greedy continuations equal to the package's for
  *    a sequential, a Houlsby and a scaled parallel adapter, all in one batch;
+ *  - every non_linearity name the package accepts, loaded from a config and run through the CPU op,
+ *    against the package's own activation values;
  *  - a backend without the bottleneck op refuses the resident copy. */
 #include "adapter_run.h"
 #include "ds_test.h"
 #include "golden.h"
 
 #include <dirent.h>
+#include <stdlib.h>
 #include <strings.h>
 
 #define REL_TOL 1e-4
@@ -293,6 +296,69 @@ static void run_smollm2(void) {
     ds_model_free(m);
 }
 
+/* Loads tiny-llama/bn-par with its non_linearity replaced by each name of activations.json, then
+ * runs the CPU op as a 1-wide identity parallel adapter (o' = act(x)) over the grid. */
+static void run_activations(void) {
+    char act_file[600], src[600], model_dir[600], cfg_in[700];
+    snprintf(act_file, sizeof act_file, "%s/adapters/bottleneck/activations.json", DS_TEST_DATA);
+    snprintf(src, sizeof src, "%s/adapters/bottleneck/tiny-llama/bn-par", DS_TEST_DATA);
+    snprintf(model_dir, sizeof model_dir, "%s/models/tiny-llama", DS_TEST_DATA);
+    snprintf(cfg_in, sizeof cfg_in, "%s/adapter_config.json", src);
+    cJSON *acts = golden_load_json(act_file), *cfg = golden_load_json(cfg_in);
+    CHECK_MSG(acts && cfg, "%s / %s", act_file, cfg_in);
+    ds_err err = {{0}};
+    ds_model_params mp = ds_model_default_params();
+    mp.verbose = false;
+    ds_model *m = acts && cfg ? ds_model_load(model_dir, &mp, &err) : NULL;
+    ds_backend *b = m ? ds_backend_create("cpu", NULL, &err) : NULL;
+    char dir[] = "/tmp/ds-bn-act-XXXXXX", st_link[64], st_src[700], cfg_out[64];
+    if (!b || !mkdtemp(dir)) goto out;
+    snprintf(st_link, sizeof st_link, "%s/adapter.safetensors", dir);
+    snprintf(cfg_out, sizeof cfg_out, "%s/adapter_config.json", dir);
+    snprintf(st_src, sizeof st_src, "%s/adapter.safetensors", src);
+    CHECK(symlink(st_src, st_link) == 0);
+    const cJSON *xs = cJSON_GetObjectItem(acts, "x"), *it;
+    const int n = cJSON_GetArraySize(xs);
+    float x[64], o[64], one = 1.0f, zero = 0.0f;
+    for (int i = 0; i < n && i < 64; i++) x[i] = (float)cJSON_GetArrayItem(xs, i)->valuedouble;
+    int n_names = 0;
+    cJSON_ArrayForEach(it, cJSON_GetObjectItem(acts, "y")) {
+        cJSON *c = cJSON_GetObjectItem(cfg, "config");
+        cJSON_ReplaceItemInObject(c, "non_linearity",
+                                  strcmp(it->string, "null") ? cJSON_CreateString(it->string) : cJSON_CreateNull());
+        char *txt = cJSON_Print(cfg);
+        FILE *f = fopen(cfg_out, "w");
+        if (f) fputs(txt, f), fclose(f);
+        free(txt);
+        ds_adapter *a = ds_adapter_load(dir, m, NULL, &err);
+        CHECK_MSG(a != NULL, "non_linearity %s: %s", it->string, err.msg);
+        if (!a) continue;
+        ds_bn_seg g = {.start = 0, .len = n, .size = 1, .act = a->bn[DS_BN_FFN]->act,
+                       .flags = DS_BN_PARALLEL | DS_BN_ADD_X, .scale = 1.0f, .down = &one, .down_b = &zero,
+                       .up = &one, .up_b = &zero};
+        memset(o, 0, sizeof o);
+        CHECK(b->iface->bottleneck(b->ctx, x, o, 1, &g, 1) == 0);
+        double worst = 0;
+        for (int i = 0; i < n; i++) {
+            const double want = cJSON_GetArrayItem(it, i)->valuedouble;
+            worst = fmax(worst, fabs(o[i] - want) / fmax(1.0, fabs(want)));
+        }
+        CHECK_MSG(worst <= 2e-6, "non_linearity %s: max relative error %.3g", it->string, worst);
+        ds_adapter_free(a);
+        n_names++;
+    }
+    printf("activations: %d non_linearity names equal to the package's (grid of %d inputs)\n", n_names, n);
+    CHECK(n_names >= 20);
+    unlink(st_link);
+    unlink(cfg_out);
+    rmdir(dir);
+out:
+    ds_backend_free(b);
+    ds_model_free(m);
+    cJSON_Delete(acts);
+    cJSON_Delete(cfg);
+}
+
 /* Any of the '|'-separated words of `expect` in msg, case-insensitively. */
 static bool msg_matches(const char *msg, const char *expect) {
     char buf[256];
@@ -347,6 +413,7 @@ int main(void) {
     run_model("tiny-llama");
     run_model("tiny-qwen2");
     run_bad();
+    run_activations();
     run_smollm2();
     if (ds_test_checks == 0) SKIP("no golden data under %s/adapters/bottleneck (tests/golden/gen_bottleneck.py)", DS_TEST_DATA);
     printf("worst max|diff|/max(1,|logit|) over every bottleneck row: %.3g\n", worst_rel);
