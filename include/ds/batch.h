@@ -2,7 +2,8 @@
  *
  * A step's batch is a flat list of tokens from many sequences. Each sequence's tokens are
  * contiguous and in order; sequences are grouped by adapter so that every LoRA-family delta is one
- * segmented op per projection (SGMV, Punica / S-LoRA).
+ * segmented op per projection (SGMV, Punica / S-LoRA; docs/ARCHITECTURE.md, "A step: the batch and
+ * the adapter plan").
  * All arrays are host memory, borrowed for the duration of ds_llama_forward. */
 #ifndef DS_BATCH_H
 #define DS_BATCH_H

@@ -1,6 +1,6 @@
 /* Adapter residency on the engine thread: slots, LRU eviction of idle adapters under a budget,
- * and prefix-tuning blocks pinned per resident version (a version stays loaded while sequences use
- * it, see ds_registry in ds/adapter.h). */
+ * and prefix-tuning blocks pinned per resident version (docs/ARCHITECTURE.md, "Adapter life
+ * cycle", step 3). */
 #include "engine/engine_internal.h"
 
 #include <stdlib.h>

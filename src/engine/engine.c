@@ -1,5 +1,5 @@
-/* The engine thread: continuous batching over the paged KV cache (requests arrive from the
- * server's loop thread through ds_engine_submit; events go back through each request's callback).
+/* The engine thread: continuous batching over the paged KV cache (docs/ARCHITECTURE.md, "The data
+ * path of one request": requests arrive through ds_engine_submit, events leave through callbacks).
  * Each step takes every running sequence's pending tokens (a decode is 1 token, a prefill a chunk)
  * up to the token budget, admits waiting requests while blocks and slots allow, runs one forward,
  * samples, and emits events. When blocks run out, the most recently admitted sequence is

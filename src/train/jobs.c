@@ -1,6 +1,6 @@
 /* Fine-tuning jobs: JSONL datasets → (tokens, labels) examples, a FIFO of jobs run one at a time by
  * a training thread, PEFT checkpoints under the adapter directory, and publication in the registry
- * (include/ds/train.h, "Fine-tuning jobs").
+ * (include/ds/train.h, "Fine-tuning jobs"; docs/ARCHITECTURE.md, "Training beside serving").
  *
  * The training thread drives a job (datasets, epochs, checkpoints, events); each trainer step and
  * evaluation is handed to the engine thread when an engine is attached (ds_engine_set_background:

@@ -1,5 +1,6 @@
 /* Every backend op on every available backend against a naive double-precision reference written
- * here (llama.cpp test-backend-ops style).
+ * here (llama.cpp test-backend-ops style; docs/ARCHITECTURE.md, "The backend interface and how to
+ * extend it").
  *
  *   test_backend_ops           cpu, then cuda when ds_backend_create("cuda") succeeds (else it
  *                              prints "cuda: skipped: <reason>" and still passes)
