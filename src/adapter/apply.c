@@ -263,12 +263,33 @@ static int upload_all(ds_backend *b, const ds_adapter *a, ds_adapter_dev *d) {
     return DS_OK;
 }
 
+/* The optional backend op an adapter needs and the backend lacks, or NULL: checked before the
+ * adapter becomes resident, so a backend without an op refuses the adapter's requests with a clear
+ * error instead of failing a forward pass shared with other requests. */
+static const char *missing_op(const struct ds_backend_iface *f, const ds_adapter *a) {
+    bool lora = a->lm_head != NULL, dora = false, bias = false, ia3 = a->ia3 != NULL;
+    for (size_t i = 0; a->lora && i < (size_t)a->n_layer * DS_PROJ_COUNT; i++)
+        if (a->lora[i]) {
+            lora = true;
+            dora |= a->lora[i]->dora_scale != NULL;
+            bias |= a->lora[i]->bias_B != NULL;
+        }
+    if (lora && !f->lora) return "lora (segmented LoRA)";
+    if (a->embed && !f->lora_expand) return "lora_expand (LoRA on embed_tokens)";
+    if ((dora || ia3) && !f->seg_scale) return "seg_scale (DoRA / IA3)";
+    if (bias && !f->seg_add) return "seg_add (lora_bias)";
+    if (a->prompt && !f->set_rows) return "set_rows (prompt tuning)";
+    if (a->bn && !f->bottleneck) return "bottleneck (bottleneck adapters)";
+    return NULL;
+}
+
 int ds_adapter_dev_upload(ds_backend *b, const ds_adapter *a, ds_adapter_dev *out, ds_err *err) {
     memset(out, 0, sizeof *out);
     out->host = a;
-    if (a->bn && !b->iface->bottleneck)
-        return ds_err_set(err, DS_EUNSUPPORTED, "adapter '%s': bottleneck adapters are not supported on the %s backend "
-                          "yet", a->name ? a->name : "?", b->iface->name);
+    const char *op = missing_op(b->iface, a);
+    if (op)
+        return ds_err_set(err, DS_EUNSUPPORTED, "adapter '%s' needs the %s op, which the %s backend does not have yet",
+                          a->name ? a->name : "?", op, b->iface->name);
     int st = upload_all(b, a, out);
     if (st) {
         ds_adapter_dev_release(b, out);
