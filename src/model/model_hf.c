@@ -127,13 +127,21 @@ static int parse_rope(hctx *c, const cJSON *root, ds_model_config *cfg) {
     return rc;
 }
 
-/* Sliding-window attention only changes the math past the window; warn rather than refuse. */
-static void warn_sliding(hctx *c, const cJSON *root, const ds_model_config *cfg) {
+/* Sliding-window attention (Mistral; Qwen2 with use_sliding_window) is not implemented. Within
+ * `sliding_window` tokens it is identical to full attention, so the context is limited to the
+ * window: results stay exact instead of silently computing full attention past it. */
+static int cap_sliding(hctx *c, const cJSON *root, ds_model_config *cfg) {
     const cJSON *sw = field(root, "sliding_window");
     bool use = cfg->arch == DS_ARCH_MISTRAL;
     if (cfg->arch == DS_ARCH_QWEN2) get_bool(c, root, "use_sliding_window", &use);
-    if (use && cJSON_IsNumber(sw) && sw->valuedouble < cfg->max_ctx)
-        DS_LOGW("%s: sliding_window %g is ignored: attention is full-context", c->cfg_path, sw->valuedouble);
+    if (!use || !cJSON_IsNumber(sw) || sw->valuedouble >= cfg->max_ctx) return 0;
+    if (!(sw->valuedouble >= 16))
+        return ds_err_set(c->err, DS_EFORMAT, "%s: sliding_window %g is not a usable window", c->cfg_path, sw->valuedouble);
+    DS_LOGW("%s: sliding-window attention is not implemented: context limited to the window, %d tokens (the model's "
+            "max_position_embeddings is %d); within it the results are exact",
+            c->cfg_path, (int)sw->valuedouble, cfg->max_ctx);
+    cfg->max_ctx = (int32_t)sw->valuedouble;
+    return 0;
 }
 
 static int parse_config(hctx *c, const cJSON *root) {
@@ -153,7 +161,7 @@ static int parse_config(hctx *c, const cJSON *root) {
     if (!rc) rc = get_bool(c, root, "tie_word_embeddings", &cfg->tied_embeddings);
     if (!rc) rc = parse_rope(c, root, cfg);
     if (!rc) rc = ds_model_config_validate(cfg, c->cfg_path, c->err);
-    if (!rc) warn_sliding(c, root, cfg);
+    if (!rc) rc = cap_sliding(c, root, cfg);
     return rc;
 }
 
