@@ -14,6 +14,7 @@ typedef struct {
     const char *path;
     ds_err *err;
     bool verbose;
+    bool weights;           /* load_weights: false reads only what the tokenizer needs */
     ds_dtype quantize;      /* --quantize target or DS_DTYPE_NONE */
     bool *used;             /* [g.n_tensors] tensors consumed, to report leftovers */
     size_t n_loaded, n_expected;
@@ -61,9 +62,10 @@ static int read_arch(gctx *c, ds_model_config *cfg) {
     if (!strcmp(arch, "llama")) cfg->arch = DS_ARCH_LLAMA;
     else if (!strcmp(arch, "mistral")) cfg->arch = DS_ARCH_MISTRAL;
     else if (!strcmp(arch, "qwen2")) cfg->arch = DS_ARCH_QWEN2;
-    else
+    else if (c->weights)
         return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: architecture '%s' is not supported (llama, mistral, qwen2)",
                           c->path, arch);
+    /* else: tokenizer only (deltaserve tokenize) — the architecture does not matter */
     snprintf(cfg->arch_name, sizeof cfg->arch_name, "%s", arch);
     if (!ds_gguf_get_str(&c->g, "general.name", &name, NULL)) snprintf(cfg->name, sizeof cfg->name, "%s", name);
     cfg->qkv_bias = cfg->arch == DS_ARCH_QWEN2;
@@ -90,6 +92,11 @@ static int read_config(gctx *c) {
     ds_model_config *cfg = &c->m->cfg;
     int rc = read_arch(c, cfg);
     int32_t rope_dim = 0, v_len = 0;
+    if (!rc && !c->weights) { /* tokenizer only: the vocabulary size is all it checks against */
+        const ds_gguf_tensor *emb = ds_gguf_find_tensor(&c->g, "token_embd.weight");
+        cfg->n_vocab = emb && emb->ne[1] <= INT32_MAX ? (int32_t)emb->ne[1] : INT32_MAX;
+        return 0;
+    }
     cfg->max_ctx = 2048;
     cfg->rope_theta = 10000.0f;
     if (!rc) rc = get_int(c, "block_count", &cfg->n_layer, true);
@@ -444,7 +451,8 @@ static int load_all(gctx *c, const ds_model_params *p) {
 ds_model *ds_model_load_gguf(const char *path, const ds_model_params *params, ds_err *err) {
     ds_model_params def = ds_model_default_params();
     const ds_model_params *p = params ? params : &def;
-    gctx c = {.path = path, .err = err, .verbose = p->verbose, .quantize = p->quantize, .t0 = ds_time_s()};
+    gctx c = {.path = path, .err = err, .verbose = p->verbose, .weights = p->load_weights, .quantize = p->quantize,
+              .t0 = ds_time_s()};
     if (!path) {
         ds_err_set(err, DS_EINVAL, "ds_model_load_gguf: no path");
         return NULL;

@@ -607,6 +607,22 @@ static void test_tiny_model(void) {
     }
     ds_model_free(m);
 
+    /* An architecture deltaserve cannot run still gives its tokenizer (deltaserve tokenize). */
+    o = (tiny_opts){.arch = "qwen3"};
+    {
+        const char *path = write_tiny(&o);
+        ds_model_params p = ds_model_default_params();
+        p.verbose = false;
+        m = ds_model_load(path, &p, &err);
+        CHECK_MSG(!m && strstr(err.msg, "qwen3"), "qwen3 with weights: %s", m ? "loaded" : err.msg);
+        ds_model_free(m);
+        p.load_weights = false;
+        m = ds_model_load(path, &p, &err);
+        CHECK_MSG(m && !m->weights_loaded && !m->layers, "qwen3 tokenizer only: %s", m ? "ok" : err.msg);
+        ds_model_free(m);
+        unlink(path);
+    }
+
     o = (tiny_opts){.arch = "llama", .qkv_bias = true}; /* llama q/k biases are permuted too */
     m = load_tiny(&o, &err);
     CHECK_MSG(m, "%s", err.msg);
