@@ -164,11 +164,12 @@ int ds_adapter_bottleneck(const ds_adapter_batch *ad, ds_backend *b, int32_t lay
     (void)n;
     if (!ad || ad->n_segs == 0) return DS_OK;
     ds_bn_seg stack[64], *segs = stack;
-    int32_t k = 0;
+    int32_t k = 0, d = 0;
     for (int32_t i = 0; i < ad->n_segs; i++) {
         const ds_adapter_seg *g = &ad->segs[i];
         const ds_bn_seg *m = ad->slots[g->slot]->bn;
         if (!m || !m[(size_t)layer * DS_BN_SITES + site].size) continue;
+        d = ad->slots[g->slot]->host->d_model;
         if (k == 64 && segs == stack) { /* more segments than a default engine step has: heap, this step only */
             if (!(segs = malloc(sizeof *segs * (size_t)ad->n_segs))) return DS_ENOMEM;
             memcpy(segs, stack, sizeof stack);
@@ -178,8 +179,7 @@ int ds_adapter_bottleneck(const ds_adapter_batch *ad, ds_backend *b, int32_t lay
         segs[k++].len = g->len;
     }
     int st = DS_OK;
-    if (k) st = b->iface->bottleneck ? b->iface->bottleneck(b->ctx, x, o, ad->slots[0]->host->d_model, segs, k)
-                                     : DS_EUNSUPPORTED;
+    if (k) st = b->iface->bottleneck ? b->iface->bottleneck(b->ctx, x, o, d, segs, k) : DS_EUNSUPPORTED;
     if (segs != stack) free(segs);
     return st;
 }
