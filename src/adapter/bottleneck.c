@@ -26,7 +26,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
 #include <sys/stat.h>
 
 #include "adapter/loader.h"
@@ -282,8 +281,9 @@ static int place(bn_ctx *c, const bn_cfg *b, const ds_st_tensor *t, bn_slots *sl
     if (strncmp(s, "model.layers.", 13)) return refuse_tensor(c, t->name);
     char *end;
     errno = 0;
+    if (s[13] < '0' || s[13] > '9') return refuse_tensor(c, t->name); /* strtol would take " +1" */
     long layer = strtol(s + 13, &end, 10);
-    if (end == s + 13 || *end != '.' || errno || layer < 0) return refuse_tensor(c, t->name);
+    if (*end != '.' || errno || layer < 0) return refuse_tensor(c, t->name);
     if (layer >= c->base->cfg.n_layer)
         return ds_err_set(c->err, DS_EFORMAT, "%s: tensor '%s': layer %ld, but the base model has %d layers",
                           c->st_path, t->name, layer, c->base->cfg.n_layer);
