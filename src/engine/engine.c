@@ -5,6 +5,7 @@
  * samples, and emits events. When blocks run out, the most recently admitted sequence is
  * preempted (its blocks freed, recomputed later) — never dropped. */
 #include "engine/engine_internal.h"
+#include "util/mem.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -205,15 +206,7 @@ uint64_t ds_engine_submit(ds_engine *e, const ds_gen_request *req, int *status, 
 
 void ds_engine_cancel(ds_engine *e, uint64_t id) {
     pthread_mutex_lock(&e->mu);
-    if (e->n_cancels == e->cap_cancels) {
-        size_t cap = e->cap_cancels ? e->cap_cancels * 2 : 64;
-        uint64_t *nc = realloc(e->cancels, cap * sizeof *nc);
-        if (nc) {
-            e->cancels = nc;
-            e->cap_cancels = cap;
-        }
-    }
-    if (e->n_cancels < e->cap_cancels) e->cancels[e->n_cancels++] = id;
+    if (!DS_GROW(e->cancels, e->cap_cancels, e->n_cancels + 1)) e->cancels[e->n_cancels++] = id;
     pthread_cond_signal(&e->cv);
     pthread_mutex_unlock(&e->mu);
 }

@@ -78,13 +78,7 @@ static void emit_token(ds_seq *s, int32_t token, const char *text, size_t len, c
 }
 
 static int held_append(ds_seq *s, const char *p, size_t n) {
-    if (s->held_len + n + 1 > s->held_cap) {
-        size_t cap = (s->held_len + n + 1) * 2;
-        char *nh = realloc(s->held, cap);
-        if (!nh) return DS_ENOMEM;
-        s->held = nh;
-        s->held_cap = cap;
-    }
+    if (ds_grow(&s->held, &s->held_cap, s->held_len + n + 1, 1)) return DS_ENOMEM;
     memcpy(s->held + s->held_len, p, n);
     s->held_len += n;
     s->held[s->held_len] = 0;
