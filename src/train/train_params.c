@@ -238,8 +238,8 @@ int tr_check_trainable(const ds_adapter *a, const ds_model *m, ds_err *err) {
         return 0;
     default:
         return ds_err_set(err, DS_EUNSUPPORTED,
-                          "%s: IA3 adapters cannot be trained (deltaserve trains LoRA, prompt tuning, prefix tuning)",
-                          a->name);
+                          "%s: %s adapters cannot be trained (deltaserve trains LoRA, prompt tuning, prefix tuning)",
+                          a->name, a->peft_type);
     }
 }
 
