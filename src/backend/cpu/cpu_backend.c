@@ -22,6 +22,8 @@ typedef struct cpu_ctx {
     float *scratch;
     size_t scratch_cap; /* floats */
     float *qscratch;    /* dequantised weight tiles, per thread (qmatmul.c) */
+    float *tscratch;    /* dequantised row blocks for matmul_t (training) */
+    size_t tscratch_cap;
     size_t qscratch_cap;
     const ds_qk_ops *qk; /* kernels for this CPU */
     ds_pool *pool;       /* decode-sized ops (pool.h); prefill-sized ones use OpenMP */
@@ -31,6 +33,7 @@ static void cpu_free(void *ctx) {
     cpu_ctx *c = ctx;
     free(c->scratch);
     free(c->qscratch);
+    free(c->tscratch);
     ds_pool_free(c->pool);
     free(c);
 }
@@ -126,9 +129,15 @@ static int cpu_matmul_t(void *ctx, const float *dy, const ds_mat *w, float *dx, 
                     (const float *)w->data, w->cols, accumulate ? 1.0f : 0.0f, dx, w->cols);
         return DS_OK;
     }
-    float *scratch = cpu_qscratch(c);
-    if (!scratch) return DS_ENOMEM;
-    return ds_qk_matmul_t(c->qk, dy, w, dx, n, accumulate, scratch);
+    /* training only: a block of dequantised rows (16 MiB), allocated on first use */
+    size_t cap = DS_QK_T_SCRATCH > (size_t)w->cols ? DS_QK_T_SCRATCH : (size_t)w->cols;
+    if (cap > c->tscratch_cap) {
+        float *p = realloc(c->tscratch, cap * sizeof(float));
+        if (!p) return DS_ENOMEM;
+        c->tscratch = p;
+        c->tscratch_cap = cap;
+    }
+    return ds_qk_matmul_t(c->qk, dy, w, dx, n, accumulate, c->tscratch, c->tscratch_cap);
 }
 
 static int cpu_embed(void *ctx, const ds_mat *embd, const int32_t *ids, float *out, int32_t n) {

@@ -145,19 +145,21 @@ int ds_qk_matmul(const ds_qk_ops *k, const float *x, const ds_mat *w, const floa
     return DS_OK;
 }
 
-/* dx = dy·W: tiles of rows in order (each adds into all of dx), OpenBLAS threads inside. */
+/* dx = dy·W: blocks of rows (as many as `cap` floats hold, so the GEMM's inner dimension is large)
+ * dequantised by OpenMP threads, then one multithreaded OpenBLAS sgemm per block adds into dx. */
 int ds_qk_matmul_t(const ds_qk_ops *k, const float *dy, const ds_mat *w, float *dx, int32_t n, bool acc,
-                   float *scratch) {
-    const int32_t M = w->rows, K = w->cols, kc = k_chunk(w);
+                   float *scratch, size_t cap) {
+    const int32_t M = w->rows, K = w->cols;
+    int32_t R = (int32_t)(cap / (size_t)K);
+    if (R > M) R = M;
+    if (R < 1) return DS_EINVAL;
     if (!acc) memset(dx, 0, (size_t)n * K * sizeof(float));
-    for (int32_t r0 = 0; r0 < M; r0 += DS_QK_TILE_ROWS) {
-        const int32_t nr = M - r0 < DS_QK_TILE_ROWS ? M - r0 : DS_QK_TILE_ROWS;
-        for (int32_t k0 = 0; k0 < K; k0 += kc) {
-            const int32_t kn = K - k0 < kc ? K - k0 : kc;
-            k->deq_tile(w, r0, nr, k0, kn, scratch);
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, kn, nr, 1.0f, dy + r0, M, scratch, kn, 1.0f,
-                        dx + k0, K);
-        }
+    for (int32_t r0 = 0; r0 < M; r0 += R) {
+        const int32_t nr = M - r0 < R ? M - r0 : R;
+#pragma omp parallel for schedule(static) if (nr >= 64)
+        for (int32_t i = 0; i < nr; i += 16)
+            k->deq_tile(w, r0 + i, nr - i < 16 ? nr - i : 16, 0, K, scratch + (size_t)i * K);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, K, nr, 1.0f, dy + r0, M, scratch, K, 1.0f, dx, K);
     }
     return DS_OK;
 }

@@ -50,9 +50,11 @@ size_t ds_qk_scratch_floats(int n_threads);
 struct ds_pool;
 int ds_qk_matmul(const ds_qk_ops *k, const float *x, const ds_mat *w, const float *bias, float *y, int32_t n,
                  bool acc, float *scratch, struct ds_pool *pool);
-/* dx[n][cols] (=|+=) dy[n][rows] · W. */
+/* dx[n][cols] (=|+=) dy[n][rows] · W; scratch holds cap floats (at least cols; more rows per
+ * block make the GEMM efficient: DS_QK_T_SCRATCH). */
+#define DS_QK_T_SCRATCH ((size_t)1 << 22)
 int ds_qk_matmul_t(const ds_qk_ops *k, const float *dy, const ds_mat *w, float *dx, int32_t n, bool acc,
-                   float *scratch);
+                   float *scratch, size_t cap);
 /* out[t] = W[ids[t]] as fp32; DS_EINVAL for an id out of range. */
 int ds_qk_embed(const ds_qk_ops *k, const ds_mat *w, const int32_t *ids, float *out, int32_t n);
 
