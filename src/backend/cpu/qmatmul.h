@@ -40,7 +40,7 @@ const ds_qk_ops *ds_qk_best(const char **name);
 const ds_qk_ops *ds_qk_by_name(const char *name);
 
 /* Per-thread scratch for the GEMM path: floats per thread. */
-#define DS_QK_TILE_ROWS 32
+#define DS_QK_TILE_ROWS 128
 #define DS_QK_TILE_K 2048
 size_t ds_qk_scratch_floats(int n_threads);
 
