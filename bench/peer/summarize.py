@@ -87,9 +87,10 @@ def quant(d):
               f"| {pm(ltg, ltg_sd)} | {pm(dtg, ds.get('tg_tps_sd'))} | {ratio(dtg, ltg)} "
               f"| {num(l_rss, '{:.0f}')} | {num(d_load, '{:.0f}')} | {num(d_rss, '{:.0f}')} | {ratio(d_rss, l_rss)} |")
     print()
-    print("Ratios are deltaserve / llama.cpp. Peak RSS is the whole process's (GNU time %M): llama.cpp "
-          "maps the GGUF (file pages count once touched); deltaserve's after-load RSS is VmRSS once the "
-          "model and its KV pool are ready.")
+    print("Ratios are deltaserve / llama.cpp. Peak RSS is the whole process's (GNU time %M); both map the "
+          "GGUF, whose pages count once touched (llama.cpp also repacks some types into its own buffers). "
+          "deltaserve's after-load RSS is VmRSS once ds_llama (KV pool, activations) is ready, before the "
+          "first forward pass touches most weight pages.")
 
 
 def serving(d):
