@@ -53,7 +53,9 @@ typedef int32_t i32v __attribute__((vector_size(QK_VW * 4)));
 /* Through int32 lanes: GCC lowers u8→i32 to vpmovzxbd and i32→f32 to vcvtdq2ps, but a direct
  * u8→f32 conversion to one scalar conversion per lane. */
 static inline vf u2f(u8v b) { return __builtin_convertvector(__builtin_convertvector(b, i32v), vf); }
-static inline vf i2f(i8v b) { return __builtin_convertvector(__builtin_convertvector(b, i32v), vf); }
+/* Signed bytes through the unsigned path (GCC scalarises a signed i8→i32 conversion): b + 128 as
+ * u8, widened, minus 128. */
+static inline vf i2f(i8v b) { return u2f((u8v)b ^ 0x80) - 128.0f; }
 
 /* ---- one block → fp32 (elements in row order) ---- */
 
@@ -276,7 +278,7 @@ static void deq_tile(const ds_mat *w, int32_t r0, int32_t nr, int32_t k0, int32_
 
 #define QMAXV (32 / QK_VW) /* vectors in a 32-element group */
 
-static inline void dot_group(const vf *q, int nv, float ds, float mo, int32_t k, const float *x, int32_t K,
+static inline __attribute__((always_inline)) void dot_group(const vf *q, int nv, float ds, float mo, int32_t k, const float *x, int32_t K,
                              const float *xs, int32_t K16, int32_t n, vf *a, float *tail) {
     for (int32_t t = 0; t < n; t++) {
         const float *xt = x + (size_t)t * K + k;
@@ -301,7 +303,7 @@ static inline void nib16(const uint8_t *qs, vf *lo, vf *hi) {
 
 /* a and b: two accumulator sets, alternated between groups so consecutive FMAs do not wait on
  * each other. */
-static void row_fused(const ds_mat *w, const uint8_t *row, const float *x, const float *xs, int32_t n, vf *a, vf *b,
+static inline __attribute__((always_inline)) void row_fused(const ds_mat *w, const uint8_t *row, const float *x, const float *xs, int32_t n, vf *a, vf *b,
                       float *tail) {
     const int32_t K = w->cols, K16 = K / 16;
     vf q[QMAXV], h[QMAXV];
@@ -367,11 +369,11 @@ static void row_fused(const ds_mat *w, const uint8_t *row, const float *x, const
                     for (int v = 0; v < 16 / QK_VW; v++) {
                         const int l = lb + v * QK_VW;
                         const u8v a0 = ld8(ql + l), c0 = ld8(ql + l + 32), hh = ld8(qh + l);
-                        /* q − 32 in the byte lanes (as signed), so the groups need no x sums */
-                        g0[v] = i2f((i8v)((a0 & 15) | ((hh & 3) << 4)) - 32);
-                        g1[v] = i2f((i8v)((c0 & 15) | (((hh >> 2) & 3) << 4)) - 32);
-                        g2[v] = i2f((i8v)((a0 >> 4) | (((hh >> 4) & 3) << 4)) - 32);
-                        g3[v] = i2f((i8v)((c0 >> 4) | (((hh >> 6) & 3) << 4)) - 32);
+                        /* q − 32 on the codes, so the groups need no x sums */
+                        g0[v] = u2f((a0 & 15) | ((hh & 3) << 4)) - 32.0f;
+                        g1[v] = u2f((c0 & 15) | (((hh >> 2) & 3) << 4)) - 32.0f;
+                        g2[v] = u2f((a0 >> 4) | (((hh >> 4) & 3) << 4)) - 32.0f;
+                        g3[v] = u2f((c0 >> 4) | (((hh >> 6) & 3) << 4)) - 32.0f;
                     }
                     const int is = lb / 16, nv = 16 / QK_VW;
                     const int32_t kk = k + 128 * half + lb;
@@ -393,11 +395,19 @@ static void gemv_fused(const ds_mat *w, int32_t r0, int32_t r1, const float *x, 
     for (int32_t r = r0; r < r1; r++) {
         vf a[DS_QK_GEMV_MAX], b[DS_QK_GEMV_MAX];
         float tail[DS_QK_GEMV_MAX];
-        for (int32_t t = 0; t < n; t++) {
-            a[t] = b[t] = (vf){0};
-            tail[t] = 0.0f;
+        const uint8_t *row = (const uint8_t *)w->data + (size_t)r * w->row_bytes;
+        if (n == 1) { /* single stream: constant n lets the accumulators live in registers */
+            vf a1[1] = {{0}}, b1[1] = {{0}};
+            float t1[1] = {0};
+            row_fused(w, row, x, xs, 1, a1, b1, t1);
+            a[0] = a1[0], b[0] = b1[0], tail[0] = t1[0];
+        } else {
+            for (int32_t t = 0; t < n; t++) {
+                a[t] = b[t] = (vf){0};
+                tail[t] = 0.0f;
+            }
+            row_fused(w, row, x, xs, n, a, b, tail);
         }
-        row_fused(w, (const uint8_t *)w->data + (size_t)r * w->row_bytes, x, xs, n, a, b, tail);
         for (int32_t t = 0; t < n; t++) {
             float v = vsum(a[t] + b[t]) + tail[t];
             if (bias) v += bias[r];
