@@ -145,7 +145,7 @@ static int cpu_embed(void *ctx, const ds_mat *embd, const int32_t *ids, float *o
 }
 
 static int cpu_rmsnorm(void *ctx, const float *x, const float *w, float *y, int32_t n, int32_t d, float eps) {
-#pragma omp parallel for if (n > 4)
+#pragma omp parallel for if (n > DS_QK_GEMV_MAX) /* decode steps: no OpenMP region (see pool.h) */
     for (int32_t t = 0; t < n; t++) {
         const float *xr = x + (size_t)t * d;
         float *yr = y + (size_t)t * d;
@@ -162,7 +162,7 @@ static int cpu_rmsnorm(void *ctx, const float *x, const float *w, float *y, int3
 static int cpu_rope(void *ctx, float *x, const int32_t *pos, const float *inv_freq, int32_t n, int32_t n_head,
                     int32_t head_dim) {
     const int32_t half = head_dim / 2;
-#pragma omp parallel for if (n > 4)
+#pragma omp parallel for if (n > DS_QK_GEMV_MAX) /* decode steps: no OpenMP region (see pool.h) */
     for (int32_t t = 0; t < n; t++) {
         for (int32_t i = 0; i < half; i++) {
             const float f = (float)pos[t] * inv_freq[i];
@@ -179,7 +179,7 @@ static int cpu_rope(void *ctx, float *x, const int32_t *pos, const float *inv_fr
 }
 
 static int cpu_silu_mul(void *ctx, const float *gate, const float *up, float *out, size_t n) {
-#pragma omp parallel for if (n > 65536)
+#pragma omp parallel for if (n > 262144) /* decode steps stay serial: no OpenMP region */
     for (size_t i = 0; i < n; i++) {
         const float g = gate[i];
         out[i] = g / (1.0f + expf(-g)) * up[i];
