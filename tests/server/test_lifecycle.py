@@ -13,7 +13,7 @@ from test_adapters import Stream
 
 def test_sigterm_lets_running_stream_finish(fresh_server):
     srv = fresh_server()
-    s = Stream(srv, "lora1", 40)
+    s = Stream(srv, "lora1", 400)  # long enough to outlast the checks below (decode is ~7 ms/token)
     s.start()
     assert s.started.wait(60)
     srv.proc.send_signal(signal.SIGTERM)
@@ -25,7 +25,7 @@ def test_sigterm_lets_running_stream_finish(fresh_server):
     assert status == 503 and json.loads(body)["error"]["type"] == "server_error"
     s.join(120)
     assert s.error is None, s.error
-    assert s.result[1:] == ("length", 40)
+    assert s.result[1:] == ("length", 400)
     assert srv.proc.wait(30) == 0
     assert "all requests finished" in srv.log()
 
@@ -101,7 +101,7 @@ def test_help_and_bad_flags():
 
 def test_queue_full_429(fresh_server):
     srv = fresh_server(["--max-seqs", "1", "--max-queue", "1"])
-    running = Stream(srv, "smollm2", 30)  # occupies the only sequence slot
+    running = Stream(srv, "smollm2", 1000)  # occupies the only sequence slot for seconds
     running.start()
     assert running.started.wait(60)
     waiting = Stream(srv, "smollm2", 2)   # fills the queue
