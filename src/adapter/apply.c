@@ -6,6 +6,7 @@
  * y += s·B(A x') per LoRA segment (one segmented op covering every segment); y += s·b_B (lora_bias);
  * DoRA: y = (m/‖W + sBA‖) ⊙ y; + bias; IA³ attention side: y = y ⊙ l. */
 #include "ds/adapter.h"
+#include "util/status.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -15,12 +16,6 @@ const char *ds_proj_name(ds_proj p) {
                                                "gate_proj", "up_proj", "down_proj"};
     return (unsigned)p < DS_PROJ_COUNT ? names[p] : "?";
 }
-
-#define TRY(expr)                                                                                  \
-    do {                                                                                           \
-        int st_ = (expr);                                                                          \
-        if (st_) return st_;                                                                       \
-    } while (0)
 
 static const ds_lora_dev *lora_of(const ds_adapter_batch *ad, int32_t slot, int32_t layer, ds_proj proj) {
     const ds_adapter_dev *d = ad->slots[slot];
@@ -81,26 +76,26 @@ static int adapted_linear(const ds_adapter_batch *ad, ds_backend *b, int32_t lay
     void *ctx = b->ctx;
     int32_t k = gather_vecs(ad, layer, proj, pick_ia3_in);
     if (k) { /* IA³ feed-forward side scales the projection's input: work on a copy */
-        TRY(f->copy(ctx, ad->scratch, x, sizeof(float) * (size_t)n * w->cols));
-        TRY(f->seg_scale(ctx, ad->scratch, w->cols, ad->vec_tmp, k));
+        DS_TRY(f->copy(ctx, ad->scratch, x, sizeof(float) * (size_t)n * w->cols));
+        DS_TRY(f->seg_scale(ctx, ad->scratch, w->cols, ad->vec_tmp, k));
         x = ad->scratch;
     }
     const int32_t n_dora = gather_vecs(ad, layer, proj, pick_dora);
-    TRY(f->matmul(ctx, x, w, n_dora ? NULL : bias, y, n, false));
+    DS_TRY(f->matmul(ctx, x, w, n_dora ? NULL : bias, y, n, false));
     if ((k = gather_lora(ad, layer, proj))) {
         if (!f->lora) return DS_EUNSUPPORTED;
-        TRY(f->lora(ctx, x, w->cols, y, w->rows, ad->lora_tmp, k));
+        DS_TRY(f->lora(ctx, x, w->cols, y, w->rows, ad->lora_tmp, k));
     }
-    if ((k = gather_vecs(ad, layer, proj, pick_lbias))) TRY(f->seg_add(ctx, y, w->rows, ad->vec_tmp, k));
+    if ((k = gather_vecs(ad, layer, proj, pick_lbias))) DS_TRY(f->seg_add(ctx, y, w->rows, ad->vec_tmp, k));
     if (n_dora) {
         k = gather_vecs(ad, layer, proj, pick_dora);
-        TRY(f->seg_scale(ctx, y, w->rows, ad->vec_tmp, k));
+        DS_TRY(f->seg_scale(ctx, y, w->rows, ad->vec_tmp, k));
         if (bias) {
             ds_vec_seg all = {.start = 0, .len = n, .v = bias, .alpha = 1.0f};
-            TRY(f->seg_add(ctx, y, w->rows, &all, 1));
+            DS_TRY(f->seg_add(ctx, y, w->rows, &all, 1));
         }
     }
-    if ((k = gather_vecs(ad, layer, proj, pick_ia3_out))) TRY(f->seg_scale(ctx, y, w->rows, ad->vec_tmp, k));
+    if ((k = gather_vecs(ad, layer, proj, pick_ia3_out))) DS_TRY(f->seg_scale(ctx, y, w->rows, ad->vec_tmp, k));
     return DS_OK;
 }
 
@@ -120,17 +115,17 @@ static int embed_lora(const ds_adapter_batch *ad, ds_backend *b, const int32_t *
         const ds_lora_dev *m = &ad->slots[g->slot]->embed;
         if (!m->rank) continue;
         if (!f->lora_expand) return DS_EUNSUPPORTED;
-        TRY(f->get_rows(b->ctx, m->A, ids + g->start, ad->scratch, g->len, m->rank));
-        TRY(f->lora_expand(b->ctx, ad->scratch, m->rank, m->B, out + (size_t)g->start * d, d, g->len, m->scale));
+        DS_TRY(f->get_rows(b->ctx, m->A, ids + g->start, ad->scratch, g->len, m->rank));
+        DS_TRY(f->lora_expand(b->ctx, ad->scratch, m->rank, m->B, out + (size_t)g->start * d, d, g->len, m->scale));
     }
     return DS_OK;
 }
 
 int ds_adapter_embed(const ds_adapter_batch *ad, ds_backend *b, const ds_mat *tok_embd, const int32_t *ids,
                      float *out, int32_t n) {
-    TRY(b->iface->embed(b->ctx, tok_embd, ids, out, n));
-    if (ad && ad->n_segs > 0) TRY(embed_lora(ad, b, ids, out, tok_embd->cols));
-    if (ad && ad->n_soft > 0) TRY(b->iface->set_rows(b->ctx, out, tok_embd->cols, ad->soft_rows, ad->soft_src, ad->n_soft));
+    DS_TRY(b->iface->embed(b->ctx, tok_embd, ids, out, n));
+    if (ad && ad->n_segs > 0) DS_TRY(embed_lora(ad, b, ids, out, tok_embd->cols));
+    if (ad && ad->n_soft > 0) DS_TRY(b->iface->set_rows(b->ctx, out, tok_embd->cols, ad->soft_rows, ad->soft_src, ad->n_soft));
     return DS_OK;
 }
 
@@ -240,11 +235,11 @@ static int upload_all(ds_backend *b, const ds_adapter *a, ds_adapter_dev *d) {
     if (a->lora) {
         if (!(d->lora = calloc(n_mod, sizeof *d->lora))) return DS_ENOMEM;
         for (size_t i = 0; i < n_mod; i++)
-            if (a->lora[i]) TRY(upload_lora(b, d, a->lora[i], &d->lora[i]));
+            if (a->lora[i]) DS_TRY(upload_lora(b, d, a->lora[i], &d->lora[i]));
     }
-    if (a->bn) TRY(upload_bn(b, a, d));
-    if (a->lm_head) TRY(upload_lora(b, d, a->lm_head, &d->lm_head));
-    if (a->embed) TRY(upload_lora(b, d, a->embed, &d->embed)); /* A is [in=n_vocab][rank]: same count */
+    if (a->bn) DS_TRY(upload_bn(b, a, d));
+    if (a->lm_head) DS_TRY(upload_lora(b, d, a->lm_head, &d->lm_head));
+    if (a->embed) DS_TRY(upload_lora(b, d, a->embed, &d->embed)); /* A is [in=n_vocab][rank]: same count */
     if (a->ia3) {
         if (!(d->ia3 = calloc(n_mod, sizeof *d->ia3))) return DS_ENOMEM;
         for (size_t i = 0; i < n_mod; i++) {

@@ -1,6 +1,7 @@
 /* The adapter registry: name → current version, with refcounted versions so hot swaps never
  * disturb running sequences (DESIGN.md "Adapter life cycle"). */
 #include "ds/adapter.h"
+#include "util/mem.h"
 #include "ds/model.h"
 
 #include <dirent.h>
@@ -20,13 +21,6 @@ struct ds_adapter_registry {
     size_t bytes;               /* host bytes of every live version */
 };
 
-static char *dupstr(const char *s) {
-    size_t n = strlen(s) + 1;
-    char *d = malloc(n);
-    if (d) memcpy(d, s, n);
-    return d;
-}
-
 ds_adapter_registry *ds_registry_create(const ds_model *base, const char *root, ds_err *err) {
     ds_adapter_registry *r = calloc(1, sizeof *r);
     if (!r) return ds_err_set(err, DS_ENOMEM, "out of memory"), NULL;
@@ -38,7 +32,7 @@ ds_adapter_registry *ds_registry_create(const ds_model *base, const char *root, 
             free(r);
             return NULL;
         }
-        r->root = dupstr(root);
+        r->root = ds_strdup(root);
     }
     pthread_mutex_init(&r->mu, NULL);
     return r;
@@ -116,7 +110,7 @@ int ds_registry_load(ds_adapter_registry *r, const char *name, const char *path,
     free(resolved);
     if (!a) return DS_EFORMAT;
     ds_adapter_entry *e = calloc(1, sizeof *e);
-    if (!e || !(e->name = dupstr(name))) {
+    if (!e || !(e->name = ds_strdup(name))) {
         free(e);
         ds_adapter_free(a);
         return ds_err_set(err, DS_ENOMEM, "out of memory");

@@ -1,6 +1,7 @@
 /* The Llama-family forward pass, written once over ds_backend ops (DESIGN.md "The backend
  * interface"). Numerics follow HF transformers' LlamaModel / Qwen2Model in fp32. */
 #include "ds/adapter.h"
+#include "util/status.h"
 #include "ds/model.h"
 
 #include <math.h>
@@ -240,12 +241,6 @@ static int upload_batch(ds_llama *L, const ds_batch *bt, ds_err *err) {
     return st ? ds_err_set(err, st, "batch upload failed") : DS_OK;
 }
 
-#define TRY(expr)                                                                                  \
-    do {                                                                                           \
-        int st_ = (expr);                                                                          \
-        if (st_) return st_;                                                                       \
-    } while (0)
-
 static int attention_block(ds_llama *L, int32_t il, const ds_batch *bt, const ds_adapter_batch *ad) {
     const ds_model_config *c = &L->model->cfg;
     const struct ds_backend_iface *f = IFACE(L);
@@ -253,21 +248,21 @@ static int attention_block(ds_llama *L, int32_t il, const ds_batch *bt, const ds
     llama_layer *l = &L->layers[il];
     llama_work *w = &L->w;
     const int32_t T = bt->n_tokens, qd = c->n_head * c->head_dim, kvd = c->n_kv_head * c->head_dim;
-    TRY(f->rmsnorm(ctx, w->x, l->attn_norm, w->h, T, c->d_model, c->rms_eps));
-    TRY(ds_adapter_linear(ad, L->b, il, DS_PROJ_Q, &l->wq, l->bq, w->h, w->q, T));
-    TRY(ds_adapter_linear(ad, L->b, il, DS_PROJ_K, &l->wk, l->bk, w->h, w->k, T));
-    TRY(ds_adapter_linear(ad, L->b, il, DS_PROJ_V, &l->wv, l->bv, w->h, w->v, T));
-    TRY(f->rope(ctx, w->q, w->pos, L->inv_freq, T, c->n_head, c->head_dim));
-    TRY(f->rope(ctx, w->k, w->pos, L->inv_freq, T, c->n_kv_head, c->head_dim));
-    TRY(f->kv_store(ctx, l->k_pool, l->v_pool, w->k, w->v, w->slots, T, kvd));
+    DS_TRY(f->rmsnorm(ctx, w->x, l->attn_norm, w->h, T, c->d_model, c->rms_eps));
+    DS_TRY(ds_adapter_linear(ad, L->b, il, DS_PROJ_Q, &l->wq, l->bq, w->h, w->q, T));
+    DS_TRY(ds_adapter_linear(ad, L->b, il, DS_PROJ_K, &l->wk, l->bk, w->h, w->k, T));
+    DS_TRY(ds_adapter_linear(ad, L->b, il, DS_PROJ_V, &l->wv, l->bv, w->h, w->v, T));
+    DS_TRY(f->rope(ctx, w->q, w->pos, L->inv_freq, T, c->n_head, c->head_dim));
+    DS_TRY(f->rope(ctx, w->k, w->pos, L->inv_freq, T, c->n_kv_head, c->head_dim));
+    DS_TRY(f->kv_store(ctx, l->k_pool, l->v_pool, w->k, w->v, w->slots, T, kvd));
     ds_attn_args a = {.q = w->q, .out = w->att, .k_cache = l->k_pool, .v_cache = l->v_pool, .n_tokens = T,
                       .n_head = c->n_head, .n_kv_head = c->n_kv_head, .head_dim = c->head_dim,
                       .block_size = L->p.kv_block_size, .tok_seq = w->tok_seq, .tok_nkv = w->tok_nkv,
                       .block_tables = w->block_tables, .seq_prefix = bt->seq_prefix ? w->seq_prefix : NULL,
                       .n_seqs = bt->n_seqs, .max_blocks = bt->max_blocks, .scale = 1.0f / sqrtf((float)c->head_dim)};
-    TRY(f->attention(ctx, &a));
-    TRY(ds_adapter_linear(ad, L->b, il, DS_PROJ_O, &l->wo, NULL, w->att, w->h, T));
-    TRY(ds_adapter_bottleneck(ad, L->b, il, DS_BN_ATTN, w->x, w->h, T));
+    DS_TRY(f->attention(ctx, &a));
+    DS_TRY(ds_adapter_linear(ad, L->b, il, DS_PROJ_O, &l->wo, NULL, w->att, w->h, T));
+    DS_TRY(ds_adapter_bottleneck(ad, L->b, il, DS_BN_ATTN, w->x, w->h, T));
     (void)qd;
     return f->add(ctx, w->x, w->h, (size_t)T * c->d_model);
 }
@@ -279,12 +274,12 @@ static int mlp_block(ds_llama *L, int32_t il, const ds_batch *bt, const ds_adapt
     llama_layer *l = &L->layers[il];
     llama_work *w = &L->w;
     const int32_t T = bt->n_tokens;
-    TRY(f->rmsnorm(ctx, w->x, l->ffn_norm, w->h, T, c->d_model, c->rms_eps));
-    TRY(ds_adapter_linear(ad, L->b, il, DS_PROJ_GATE, &l->w_gate, NULL, w->h, w->gate, T));
-    TRY(ds_adapter_linear(ad, L->b, il, DS_PROJ_UP, &l->w_up, NULL, w->h, w->up, T));
-    TRY(f->silu_mul(ctx, w->gate, w->up, w->gate, (size_t)T * c->d_ff));
-    TRY(ds_adapter_linear(ad, L->b, il, DS_PROJ_DOWN, &l->w_down, NULL, w->gate, w->h, T));
-    TRY(ds_adapter_bottleneck(ad, L->b, il, DS_BN_FFN, w->x, w->h, T));
+    DS_TRY(f->rmsnorm(ctx, w->x, l->ffn_norm, w->h, T, c->d_model, c->rms_eps));
+    DS_TRY(ds_adapter_linear(ad, L->b, il, DS_PROJ_GATE, &l->w_gate, NULL, w->h, w->gate, T));
+    DS_TRY(ds_adapter_linear(ad, L->b, il, DS_PROJ_UP, &l->w_up, NULL, w->h, w->up, T));
+    DS_TRY(f->silu_mul(ctx, w->gate, w->up, w->gate, (size_t)T * c->d_ff));
+    DS_TRY(ds_adapter_linear(ad, L->b, il, DS_PROJ_DOWN, &l->w_down, NULL, w->gate, w->h, T));
+    DS_TRY(ds_adapter_bottleneck(ad, L->b, il, DS_BN_FFN, w->x, w->h, T));
     return f->add(ctx, w->x, w->h, (size_t)T * c->d_model);
 }
 

@@ -1,6 +1,7 @@
 /* Trainable adapters: a fresh adapter from a spec (PEFT's initialisations), the checks on an
  * adapter to continue from, deep copies, and the parameter table (PEFT names, grads, moments). */
 #include "adapter/loader.h"
+#include "util/rng.h"
 #include "train/train_internal.h"
 
 #include <math.h>
@@ -9,16 +10,9 @@
 #include <string.h>
 #include <strings.h>
 
-/* ---- deterministic random numbers (splitmix64) ---- */
+/* ---- deterministic random numbers (splitmix64, util/rng.h) ---- */
 
-static uint64_t next_u64(uint64_t *s) {
-    uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
-static double uniform01(uint64_t *s) { return (double)(next_u64(s) >> 11) * (1.0 / 9007199254740992.0); }
+static double uniform01(uint64_t *s) { return (double)(ds_splitmix64(s) >> 11) * (1.0 / 9007199254740992.0); }
 
 static double normal(uint64_t *s) { /* Box–Muller */
     double u1 = uniform01(s), u2 = uniform01(s);
