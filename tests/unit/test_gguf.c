@@ -511,14 +511,17 @@ static double ref_diff(const float *w, const char *name, int rows, int cols, boo
     return mx;
 }
 
-static ds_model *load_tiny(const tiny_opts *o, ds_err *err) {
+/* Writes the tiny model, loads it with p (NULL: quiet defaults) through the dispatcher (GGUF magic). */
+static ds_model *load_tiny_with(const tiny_opts *o, const ds_model_params *p, ds_err *err) {
     const char *path = write_tiny(o);
-    ds_model_params p = ds_model_default_params();
-    p.verbose = false;
-    ds_model *m = ds_model_load(path, &p, err); /* through the dispatcher: GGUF magic */
+    ds_model_params def = ds_model_default_params();
+    def.verbose = false;
+    ds_model *m = ds_model_load(path, p ? p : &def, err);
     unlink(path);
     return m;
 }
+
+static ds_model *load_tiny(const tiny_opts *o, ds_err *err) { return load_tiny_with(o, NULL, err); }
 
 static void check_tiny_weights(const ds_model *m, bool bias, bool f16_v) {
     const int q = TH * THD, kvd = TKV * THD;
@@ -586,14 +589,10 @@ static void test_tiny_model(void) {
     /* --quantize q4_k at load: rows of TD (not a multiple of 256) fall back to Q8_0; values within
      * about half a Q8_0 step of the fp32 source (|w| < 1: step ≤ 1/127; the f16 scale adds a bit). */
     o = (tiny_opts){.arch = "llama"};
-    {
-        const char *path = write_tiny(&o);
-        ds_model_params p = ds_model_default_params();
-        p.verbose = false;
-        p.quantize = DS_DTYPE_Q4_K;
-        m = ds_model_load(path, &p, &err);
-        unlink(path);
-    }
+    ds_model_params qp = ds_model_default_params();
+    qp.verbose = false;
+    qp.quantize = DS_DTYPE_Q4_K;
+    m = load_tiny_with(&o, &qp, &err);
     CHECK_MSG(m, "%s", err.msg);
     if (m) {
         CHECK_EQ_INT(m->layers[0].wq.dtype, TD % 256 ? DS_DTYPE_Q8_0 : DS_DTYPE_Q4_K);
@@ -609,19 +608,15 @@ static void test_tiny_model(void) {
 
     /* An architecture deltaserve cannot run still gives its tokenizer (deltaserve tokenize). */
     o = (tiny_opts){.arch = "qwen3"};
-    {
-        const char *path = write_tiny(&o);
-        ds_model_params p = ds_model_default_params();
-        p.verbose = false;
-        m = ds_model_load(path, &p, &err);
-        CHECK_MSG(!m && strstr(err.msg, "qwen3"), "qwen3 with weights: %s", m ? "loaded" : err.msg);
-        ds_model_free(m);
-        p.load_weights = false;
-        m = ds_model_load(path, &p, &err);
-        CHECK_MSG(m && !m->weights_loaded && !m->layers, "qwen3 tokenizer only: %s", m ? "ok" : err.msg);
-        ds_model_free(m);
-        unlink(path);
-    }
+    m = load_tiny(&o, &err);
+    CHECK_MSG(!m && strstr(err.msg, "qwen3"), "qwen3 with weights: %s", m ? "loaded" : err.msg);
+    ds_model_free(m);
+    ds_model_params tp = ds_model_default_params();
+    tp.verbose = false;
+    tp.load_weights = false;
+    m = load_tiny_with(&o, &tp, &err);
+    CHECK_MSG(m && !m->weights_loaded && !m->layers, "qwen3 tokenizer only: %s", m ? "ok" : err.msg);
+    ds_model_free(m);
 
     o = (tiny_opts){.arch = "llama", .qkv_bias = true}; /* llama q/k biases are permuted too */
     m = load_tiny(&o, &err);

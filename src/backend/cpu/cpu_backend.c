@@ -8,6 +8,7 @@
 #include "backend/cpu/cpu_train.h"
 #include "backend/cpu/pool.h"
 #include "backend/cpu/qmatmul.h"
+#include "util/mem.h"
 
 #include <cblas.h>
 #include <math.h>
@@ -39,27 +40,11 @@ static void cpu_free(void *ctx) {
 }
 
 static float *cpu_qscratch(cpu_ctx *c) {
-    size_t n = ds_qk_scratch_floats(omp_get_max_threads());
-    if (n > c->qscratch_cap) {
-        float *p = realloc(c->qscratch, n * sizeof(float));
-        if (!p) return NULL;
-        c->qscratch = p;
-        c->qscratch_cap = n;
-    }
-    return c->qscratch;
+    return DS_GROW(c->qscratch, c->qscratch_cap, ds_qk_scratch_floats(omp_get_max_threads())) ? NULL : c->qscratch;
 }
 
 /* At least n floats of scratch, or NULL on OOM. Engine thread (ops are not reentrant). */
-static float *cpu_scratch(cpu_ctx *c, size_t n) {
-    if (n > c->scratch_cap) {
-        size_t cap = n + n / 2 + 1024;
-        float *p = realloc(c->scratch, cap * sizeof(float));
-        if (!p) return NULL;
-        c->scratch = p;
-        c->scratch_cap = cap;
-    }
-    return c->scratch;
-}
+static float *cpu_scratch(cpu_ctx *c, size_t n) { return DS_GROW(c->scratch, c->scratch_cap, n) ? NULL : c->scratch; }
 
 float *ds_cpu_scratch(void *ctx, size_t n) { return cpu_scratch(ctx, n); }
 
@@ -130,13 +115,8 @@ static int cpu_matmul_t(void *ctx, const float *dy, const ds_mat *w, float *dx, 
         return DS_OK;
     }
     /* training only: a block of dequantised rows (16 MiB), allocated on first use */
-    size_t cap = DS_QK_T_SCRATCH > (size_t)w->cols ? DS_QK_T_SCRATCH : (size_t)w->cols;
-    if (cap > c->tscratch_cap) {
-        float *p = realloc(c->tscratch, cap * sizeof(float));
-        if (!p) return DS_ENOMEM;
-        c->tscratch = p;
-        c->tscratch_cap = cap;
-    }
+    if (DS_GROW(c->tscratch, c->tscratch_cap, DS_QK_T_SCRATCH > (size_t)w->cols ? DS_QK_T_SCRATCH : (size_t)w->cols))
+        return DS_ENOMEM;
     return ds_qk_matmul_t(c->qk, dy, w, dx, n, accumulate, c->tscratch, c->tscratch_cap);
 }
 
