@@ -93,16 +93,22 @@ static void json_str(const char *key, const char *s) {
 
 static int usage(int rc) {
     fprintf(rc ? stderr : stdout,
-            "usage: bench_pp_tg [-m MODEL] [-p N_PROMPT] [-n N_GEN] [-t THREADS] [-r REPS] [--backend cpu|cuda]\n");
+            "usage: bench_pp_tg [-m MODEL] [-p N_PROMPT] [-n N_GEN] [-t THREADS] [-r REPS] [--backend cpu|cuda]\n"
+            "                   [--int8-activations]\n");
     return rc;
 }
 
 int main(int argc, char **argv) {
     const char *model = "models/SmolLM2-135M-Instruct.Q4_1.gguf", *backend = "cpu";
     int n_prompt = 512, n_gen = 128, threads = 0, reps = 5;
+    bool int8_act = false;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) return usage(0);
+        if (!strcmp(a, "--int8-activations")) {
+            int8_act = true;
+            continue;
+        }
         if (!v) return usage(2);
         if (!strcmp(a, "-m")) model = v;
         else if (!strcmp(a, "-p")) n_prompt = atoi(v);
@@ -125,6 +131,7 @@ int main(int argc, char **argv) {
     if (!m) return fprintf(stderr, "bench_pp_tg: %s\n", err.msg), 1;
     ds_backend_params bp = ds_backend_default_params();
     bp.n_threads = threads;
+    bp.int8_activations = int8_act;
     ds_backend *be = ds_backend_create(backend, &bp, &err);
     if (!be) return fprintf(stderr, "bench_pp_tg: %s\n", err.msg), 1;
 

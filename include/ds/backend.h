@@ -206,6 +206,9 @@ typedef struct ds_backend_params {
     int32_t n_threads; /* CPU: 0 → all cores; < 0 → the process's current OpenMP/OpenBLAS setting,
                         * left as it is (a second backend beside the engine's, e.g. the trainer's) */
     int32_t device;    /* CUDA device index */
+    /* CPU: quantised weights (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K) multiply int8-quantised
+     * activations (llama.cpp's numerics, faster) instead of the exact fp32 ones (the default). */
+    bool int8_activations;
 } ds_backend_params;
 
 ds_backend_params ds_backend_default_params(void);

@@ -112,6 +112,7 @@ typedef struct ds_engine_params {
     int32_t max_ctx;            /* 0 → the model's max_ctx */
     int32_t max_queue;          /* waiting requests before submit says DS_EBUSY; default 1024 */
     int32_t n_threads;          /* CPU backend threads; 0 → all cores */
+    bool int8_activations;      /* CPU: ds_backend_params.int8_activations; default false */
     const char *backend;        /* "cpu" (default) or "cuda" (ds_backend_create) */
     struct ds_adapter_registry *registry; /* borrowed; NULL → base model only */
     size_t adapter_budget_bytes;/* resident adapter memory on the backend; default 512 MiB */

@@ -43,6 +43,8 @@ static const char *GEN_HELP =
     "  -t, --threads N         CPU threads (default: all cores)\n"
     "      --backend NAME      compute backend: cpu (default) or cuda\n"
     "      --quantize TYPE     q8_0 | q4_k: quantise 16/32-bit weight matrices at load\n"
+    "      --int8-activations  CPU: int8-quantised activations for quantised weights, as llama.cpp\n"
+    "                          (faster; not the exact fp32 numerics of the default)\n"
     "      --ctx N             context length limit (default: the model's)\n"
     "  -h, --help              this text\n";
 
@@ -89,7 +91,7 @@ typedef struct gen_opts {
     const char *cur_adapter;
     int n_prompts;
     long max_tokens, threads, ctx;
-    bool chat, show_ids;
+    bool chat, show_ids, int8_act;
     ds_gen_request req;
 } gen_opts;
 
@@ -147,6 +149,7 @@ static int parse_opt(gen_opts *o, int argc, char **argv, int *i) {
     else if (!strcmp(a, "--show-ids")) o->show_ids = true;
     else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) { if (!ds_cli_int(a, TAKE, 0, 1024, &o->threads)) return -1; }
     else if (!strcmp(a, "--quantize")) o->quantize = TAKE;
+    else if (!strcmp(a, "--int8-activations")) o->int8_act = true;
     else if (!strcmp(a, "--ctx")) { if (!ds_cli_int(a, TAKE, 16, 1 << 24, &o->ctx)) return -1; }
     else return fprintf(stderr, "deltaserve generate: unknown option '%s' (see --help)\n", a), -1;
 #undef TAKE
@@ -217,6 +220,7 @@ static int run(const ds_model *m, gen_opts *o) {
     ds_engine_params ep = ds_engine_default_params();
     ep.registry = reg;
     ep.n_threads = (int32_t)o->threads;
+    ep.int8_activations = o->int8_act;
     ep.backend = o->backend;
     ep.max_ctx = (int32_t)o->ctx;
     if (ep.max_ctx == 0 && m->cfg.max_ctx > 4096) ep.max_ctx = 4096;

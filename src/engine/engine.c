@@ -35,6 +35,7 @@ static void *engine_main(void *arg);
 static int engine_init(ds_engine *e, ds_err *err) {
     ds_backend_params bp = ds_backend_default_params();
     bp.n_threads = e->p.n_threads;
+    bp.int8_activations = e->p.int8_activations;
     e->backend = ds_backend_create(e->p.backend ? e->p.backend : "cpu", &bp, err);
     if (!e->backend) return DS_EDEVICE;
     ds_llama_params lp = ds_llama_default_params();
@@ -87,9 +88,10 @@ ds_engine *ds_engine_create(const ds_model *model, const ds_engine_params *param
         return NULL;
     }
     e->thread_started = true;
-    DS_LOGI("engine: %d KV blocks of %d tokens (%.1f MiB), batch %d tokens, %d sequences, context %d",
+    DS_LOGI("engine: %d KV blocks of %d tokens (%.1f MiB), batch %d tokens, %d sequences, context %d%s",
             e->kv.n_blocks, e->p.kv_block_size, (double)e->p.kv_cache_bytes / (1 << 20), e->p.max_batch_tokens,
-            e->p.max_seqs, e->max_ctx);
+            e->p.max_seqs, e->max_ctx,
+            e->p.int8_activations ? ", int8 activations for quantised weights" : "");
     return e;
 }
 

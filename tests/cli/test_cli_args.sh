@@ -48,6 +48,10 @@ expect_rc 2 tokenize -m "$model" -- "- item" --no-special
 expect_rc 2 serve -- stray
 expect_rc 2 serve stray
 expect_rc 0 generate -m "$model" -n 1 -t 1 -- "- item"
+# a switch (no value) among options with values: what follows it is still parsed
+expect_rc 0 generate -m "$model" --int8-activations -n 1 -t 1 "Hi"
+expect_rc 2 serve -m "$model" --int8-activations --port
+"$bin" serve --help | grep -q -- "--int8-activations" || { echo "FAIL: serve --help lacks --int8-activations"; fails=$((fails + 1)); }
 
 if [ "$fails" -ne 0 ]; then
     echo "$fails check(s) failed"

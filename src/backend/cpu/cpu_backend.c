@@ -27,6 +27,9 @@ typedef struct cpu_ctx {
     size_t tscratch_cap;
     size_t qscratch_cap;
     const ds_qk_ops *qk; /* kernels for this CPU */
+    const ds_q8_ops *q8; /* int8-activation kernels, or NULL (exact fp32 activations) */
+    uint8_t *q8buf;      /* a step's int8 activations */
+    size_t q8buf_cap;
     ds_pool *pool;       /* decode-sized ops (pool.h); prefill-sized ones use OpenMP */
 } cpu_ctx;
 
@@ -35,6 +38,7 @@ static void cpu_free(void *ctx) {
     free(c->scratch);
     free(c->qscratch);
     free(c->tscratch);
+    free(c->q8buf);
     ds_pool_free(c->pool);
     free(c);
 }
@@ -84,6 +88,10 @@ static void cpu_mat_free(void *ctx, ds_mat *m) {
 static int cpu_matmul(void *ctx, const float *x, const ds_mat *w, const float *bias, float *y, int32_t n,
                       bool accumulate) {
     cpu_ctx *c = ctx;
+    if (c->q8 && ds_q8_dtype(w->dtype)) {
+        if (DS_GROW(c->q8buf, c->q8buf_cap, ds_q8_act_bytes(n, w->cols))) return DS_ENOMEM;
+        return ds_q8_matmul(c->q8, x, w, bias, y, n, accumulate, c->q8buf, c->pool);
+    }
     if (w->dtype != DS_DTYPE_F32) {
         float *scratch = n > DS_QK_GEMV_MAX ? cpu_qscratch(c) : NULL;
         if (n > DS_QK_GEMV_MAX && !scratch) return DS_ENOMEM;
@@ -357,6 +365,7 @@ ds_backend *ds_backend_cpu_create(const ds_backend_params *params, ds_err *err) 
     }
     const char *isa;
     c->qk = ds_qk_best(&isa);
+    if (params && params->int8_activations) c->q8 = ds_q8_best(NULL);
     if (!(c->pool = ds_pool_create(c->n_threads))) {
         free(b);
         free(c);

@@ -13,6 +13,7 @@
 #if defined(__x86_64__)
 #include <cpuid.h>
 #endif
+#include <math.h>
 #include <omp.h>
 #include <pthread.h>
 #include <stdlib.h>
@@ -169,5 +170,111 @@ int ds_qk_embed(const ds_qk_ops *k, const ds_mat *w, const int32_t *ids, float *
         if (ids[t] < 0 || ids[t] >= w->rows) return DS_EINVAL;
         k->deq_tile(w, ids[t], 1, 0, w->cols, out + (size_t)t * w->cols);
     }
+    return DS_OK;
+}
+
+/* ---- int8 activations ---- */
+
+static bool cpu_has_vnni(void) {
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    return cpu_has("avx512") && __builtin_cpu_supports("avx512vnni");
+#else
+    return false;
+#endif
+}
+
+const ds_q8_ops *ds_q8_by_name(const char *name) {
+#if defined(__x86_64__)
+    if (!strcmp(name, "vnni")) return cpu_has_vnni() ? &ds_q8_vnni : NULL;
+    if (!strcmp(name, "avx2")) return cpu_has("avx2") ? &ds_q8_avx2 : NULL;
+#endif
+    return !strcmp(name, "generic") ? &ds_q8_generic : NULL;
+}
+
+const ds_q8_ops *ds_q8_best(const char **name) {
+    const char *isa;
+    ds_qk_best(&isa); /* the same $DS_CPU_ISA cap */
+    const char *q8 = !strcmp(isa, "avx512") && cpu_has_vnni() ? "vnni" : !strcmp(isa, "generic") ? "generic" : "avx2";
+    const ds_q8_ops *k = ds_q8_by_name(q8);
+    if (!k) q8 = "generic", k = &ds_q8_generic;
+    if (name) *name = q8;
+    return k;
+}
+
+size_t ds_q8_act_bytes(int32_t n, int32_t K) {
+    /* codes, one scale per 32 columns at most, one 16-bit sum per 32; 64-byte aligned parts */
+    const size_t q = ((size_t)n * K + 63) & ~(size_t)63, d = ((size_t)n * (K / 32) * 4 + 63) & ~(size_t)63;
+    return q + d + (size_t)n * (K / 32) * 2;
+}
+
+void ds_q8_quantize(const float *x, int32_t n, int32_t K, int32_t blk, void *buf, ds_q8_act *a) {
+    int8_t *q = buf;
+    float *d = (float *)((uint8_t *)buf + (((size_t)n * K + 63) & ~(size_t)63));
+    int16_t *bs = (int16_t *)((uint8_t *)d + (((size_t)n * (K / 32) * 4 + 63) & ~(size_t)63));
+    const size_t nblk = (size_t)n * (K / blk);
+    for (size_t b = 0; b < nblk; b++) {
+        const float *xb = x + b * blk;
+        float amax = 0.0f;
+        for (int32_t i = 0; i < blk; i++) amax = fmaxf(amax, fabsf(xb[i]));
+        const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+        d[b] = amax / 127.0f;
+        int8_t *qb = q + b * blk;
+        for (int32_t i = 0; i < blk; i++) qb[i] = (int8_t)nearbyintf(xb[i] * id);
+        for (int32_t g = 0; g < blk / 32; g++) {
+            int32_t s = 0;
+            for (int i = 0; i < 32; i++) s += qb[32 * g + i];
+            bs[b * (blk / 32) + g] = (int16_t)s;
+        }
+    }
+    *a = (ds_q8_act){.q = q, .d = d, .bs = bs, .blk = blk};
+}
+
+typedef struct {
+    const ds_q8_ops *k;
+    const ds_mat *w;
+    const ds_q8_act *a;
+    const float *bias;
+    float *y;
+    int32_t n, chunk;
+    bool acc;
+} q8_job;
+
+/* Rows of one chunk against every token, DS_QK_GEMV_MAX tokens at a time (the chunk's rows stay
+ * in cache between the token groups). */
+static void q8_chunk(void *arg, int64_t i) {
+    const q8_job *j = arg;
+    const int32_t M = j->w->rows, K = j->w->cols, blk = j->a->blk;
+    const int32_t r0 = (int32_t)i * j->chunk, r1 = r0 + j->chunk < M ? r0 + j->chunk : M;
+    for (int32_t t0 = 0; t0 < j->n; t0 += DS_QK_GEMV_MAX) {
+        const int32_t nt = j->n - t0 < DS_QK_GEMV_MAX ? j->n - t0 : DS_QK_GEMV_MAX;
+        const ds_q8_act sub = {.q = j->a->q + (size_t)t0 * K, .d = j->a->d + (size_t)t0 * (K / blk),
+                               .bs = j->a->bs + (size_t)t0 * (K / 32), .blk = blk};
+        j->k->gemv(j->w, r0, r1, &sub, nt, j->y + (size_t)t0 * M, j->bias, j->acc);
+    }
+}
+
+int ds_q8_matmul(const ds_q8_ops *k, const float *x, const ds_mat *w, const float *bias, float *y, int32_t n,
+                 bool acc, void *buf, struct ds_pool *pool) {
+    const int32_t M = w->rows, K = w->cols, blk = ds_q8_blk(w->dtype);
+    if (n <= 0) return DS_OK;
+    if (!ds_q8_dtype(w->dtype) || K % blk) return DS_EINVAL;
+    ds_q8_act a;
+    ds_q8_quantize(x, n, K, blk, buf, &a);
+    q8_job j = {.k = k, .w = w, .a = &a, .bias = bias, .y = y, .n = n, .acc = acc};
+    if (n <= DS_QK_GEMV_MAX) {
+        const int32_t nt = pool ? ds_pool_threads(pool) : 1;
+        j.chunk = (M + 8 * nt - 1) / (8 * nt);
+        if (j.chunk < 16) j.chunk = 16;
+        const int64_t n_chunks = (M + j.chunk - 1) / j.chunk;
+        if (pool) ds_pool_run(pool, n_chunks, q8_chunk, &j);
+        else
+            for (int64_t i = 0; i < n_chunks; i++) q8_chunk(&j, i);
+        return DS_OK;
+    }
+    j.chunk = 32;
+    const int32_t n_chunks = (M + j.chunk - 1) / j.chunk;
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int32_t i = 0; i < n_chunks; i++) q8_chunk(&j, i);
     return DS_OK;
 }

@@ -58,4 +58,47 @@ int ds_qk_matmul_t(const ds_qk_ops *k, const float *dy, const ds_mat *w, float *
 /* out[t] = W[ids[t]] as fp32; DS_EINVAL for an id out of range. */
 int ds_qk_embed(const ds_qk_ops *k, const ds_mat *w, const int32_t *ids, float *out, int32_t n);
 
+/* ---- int8 activations (opt-in: ds_backend_params.int8_activations, `--int8-activations`) ----
+ * x is quantised per block (32 columns for Q4_0/Q4_1/Q8_0 weights, 256 for the K-quants) to int8
+ * with one fp32 scale (amax/127, round to nearest even), as llama.cpp does; the dot products are
+ * then integer (maddubs / VNNI) with one fp32 scale multiply per block. Not the fp32-dequantised
+ * model's numerics: the README states the measured difference. */
+typedef struct ds_q8_act {
+    const int8_t *q;   /* [n][K] */
+    const float *d;    /* [n][K / blk]: scale of each block */
+    const int16_t *bs; /* [n][K / 32]: Σq over each 32 columns (for weight formats with an offset) */
+    int32_t blk;       /* 32 or 256 */
+} ds_q8_act;
+
+typedef struct ds_q8_ops {
+    /* y[t][r] (=|+=) W[r]·x̂[t] (+ bias[r]) for rows [r0, r1), n ≤ DS_QK_GEMV_MAX tokens, x̂ = the
+     * int8 activations; W one of ds_q8_dtype's formats. */
+    void (*gemv)(const ds_mat *w, int32_t r0, int32_t r1, const ds_q8_act *a, int32_t n, float *y,
+                 const float *bias, bool acc);
+} ds_q8_ops;
+
+/* The formats the int8 path covers; others take the exact path. Their rows are whole blocks. */
+static inline bool ds_q8_dtype(ds_dtype t) { return ds_qk_fused_dtype(t); }
+/* Activation block for weights of type t: 256 for the K-quants, else 32. */
+static inline int32_t ds_q8_blk(ds_dtype t) { return ds_dtype_block(t) == 256 ? 256 : 32; }
+
+extern const ds_q8_ops ds_q8_generic;
+#if defined(__x86_64__)
+extern const ds_q8_ops ds_q8_avx2;
+extern const ds_q8_ops ds_q8_vnni;
+#endif
+/* Int8 kernels: the widest this CPU runs ("vnni" needs AVX-512 VNNI + VL, "avx2" AVX2 + FMA +
+ * F16C), capped by $DS_CPU_ISA as for ds_qk_best ("avx512" allows vnni). */
+const ds_q8_ops *ds_q8_best(const char **name);
+const ds_q8_ops *ds_q8_by_name(const char *name); /* "generic", "avx2", "vnni"; NULL if unsupported */
+
+/* Bytes of activation buffer for n tokens of K columns. */
+size_t ds_q8_act_bytes(int32_t n, int32_t K);
+/* Quantises x[n][K] (K a multiple of blk) into buf (ds_q8_act_bytes) and describes it in *a. */
+void ds_q8_quantize(const float *x, int32_t n, int32_t K, int32_t blk, void *buf, ds_q8_act *a);
+/* y[n][rows] (=|+=) x̂·Wᵀ (+ bias) for a ds_q8_dtype weight: buf holds ds_q8_act_bytes(n, cols).
+ * Decode-sized n runs on `pool` (NULL: this thread), larger n on OpenMP threads. */
+int ds_q8_matmul(const ds_q8_ops *k, const float *x, const ds_mat *w, const float *bias, float *y, int32_t n,
+                 bool acc, void *buf, struct ds_pool *pool);
+
 #endif
