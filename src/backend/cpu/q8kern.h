@@ -4,7 +4,7 @@
  *
  * A weight block is unpacked once to unsigned or signed 8-bit codes and multiplied with the int8
  * activations of every token of the step:
- *   Q4_0  d·(q − 8):  d·dx·Σ q·x̂ − 8·d·dx·Σx̂          (Σx̂ of the activation block: bs)
+ *   Q4_0  d·(q − 8):  d·dx·Σ q·x̂ − 8·d·dx·Σx̂          (dx·Σx̂ of the activation block: s8)
  *   Q4_1  d·q + m:    d·dx·Σ q·x̂ + m·dx·Σx̂
  *   Q8_0  d·q:        d·dx·Σ |q|·sign(x̂, q)            (vpmaddubsw wants one unsigned operand)
  *   Q4_K/Q5_K  d·sc_j·q − dmin·m_j per 32:  d·dx·Σ_j sc_j·Σ q·x̂ − dmin·dx·Σ_j m_j·Σ_j x̂
@@ -59,27 +59,34 @@ static inline __attribute__((always_inline)) void row_q8(ds_dtype dt, int32_t K,
     case DS_DTYPE_Q4_1: {
         const bool q41 = dt == DS_DTYPE_Q4_1;
         const int32_t bb = q41 ? 20 : 18;
+        __m256 tv = _mm256_setzero_ps();
         for (int32_t b = 0; b < K32; b++, row += bb) {
             const float d = h2f(row), mo = q41 ? h2f(row + 2) : -8.0f * d;
             const __m128i v = _mm_loadu_si128((const __m128i *)(row + (q41 ? 4 : 2)));
             const __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), m4);
+            const __m256 dw = _mm256_set1_ps(d);
             for (int32_t t = 0; t < n; t++) {
-                const float dx = a->d[(size_t)t * nb + b];
-                const __m256i p = dot_us(q, ld256(a->q + (size_t)t * K + 32 * b));
-                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * dx), acc[t]);
-                tail[t] += mo * dx * (float)a->bs[(size_t)t * K32 + b];
+                const size_t i = (size_t)t * K32 + b;
+                const __m256 p = _mm256_cvtepi32_ps(dot_us(q, ld256(a->q + (size_t)t * K + 32 * b)));
+                acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(p, _mm256_broadcast_ss(a->d + i)), dw, acc[t]);
             }
+            /* the offset term of all (≤ 8) tokens in one vector: lane t is token t */
+            tv = _mm256_fmadd_ps(_mm256_set1_ps(mo), _mm256_loadu_ps(a->s8 + 8 * (size_t)b), tv);
         }
+        float lanes[8];
+        _mm256_storeu_ps(lanes, tv);
+        for (int32_t t = 0; t < n; t++) tail[t] += lanes[t];
         return;
     }
     case DS_DTYPE_Q8_0:
         for (int32_t b = 0; b < K32; b++, row += 34) {
             const float d = h2f(row);
             const __m256i w = ld256(row + 2), u = _mm256_sign_epi8(w, w);
+            const __m256 dw = _mm256_set1_ps(d);
             for (int32_t t = 0; t < n; t++) {
-                const float dx = a->d[(size_t)t * nb + b];
                 const __m256i p = dot_us(u, _mm256_sign_epi8(ld256(a->q + (size_t)t * K + 32 * b), w));
-                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * dx), acc[t]);
+                const __m256 pf = _mm256_mul_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(a->d + (size_t)t * K32 + b));
+                acc[t] = _mm256_fmadd_ps(pf, dw, acc[t]);
             }
         }
         return;

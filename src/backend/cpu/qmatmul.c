@@ -175,6 +175,8 @@ int ds_qk_embed(const ds_qk_ops *k, const ds_mat *w, const int32_t *ids, float *
 
 /* ---- int8 activations ---- */
 
+_Static_assert(DS_QK_GEMV_MAX == 8, "ds_q8_act.s8 groups tokens by 8, the gemv step");
+
 static bool cpu_has_vnni(void) {
 #if defined(__x86_64__)
     __builtin_cpu_init();
@@ -203,15 +205,20 @@ const ds_q8_ops *ds_q8_best(const char **name) {
 }
 
 size_t ds_q8_act_bytes(int32_t n, int32_t K) {
-    /* codes, one scale per 32 columns at most, one 16-bit sum per 32; 64-byte aligned parts */
+    /* codes, one scale and one scaled sum per 32 columns at most, one 16-bit sum per 32;
+     * 64-byte aligned parts */
     const size_t q = ((size_t)n * K + 63) & ~(size_t)63, d = ((size_t)n * (K / 32) * 4 + 63) & ~(size_t)63;
-    return q + d + (size_t)n * (K / 32) * 2;
+    const size_t s8 = (((size_t)n + 7) / 8 * 8 * (K / 32) * 4 + 63) & ~(size_t)63;
+    return q + d + s8 + (size_t)n * (K / 32) * 2;
 }
 
 void ds_q8_quantize(const float *x, int32_t n, int32_t K, int32_t blk, void *buf, ds_q8_act *a) {
     int8_t *q = buf;
     float *d = (float *)((uint8_t *)buf + (((size_t)n * K + 63) & ~(size_t)63));
-    int16_t *bs = (int16_t *)((uint8_t *)d + (((size_t)n * (K / 32) * 4 + 63) & ~(size_t)63));
+    const int32_t K32 = K / 32;
+    float *s8 = (float *)((uint8_t *)d + ((((size_t)n * K32 * 4) + 63) & ~(size_t)63));
+    int16_t *bs = (int16_t *)((uint8_t *)s8 + ((((size_t)n + 7) / 8 * 8 * K32 * 4 + 63) & ~(size_t)63));
+    if (n % 8) memset(s8 + (size_t)(n / 8) * 8 * K32, 0, sizeof(float) * 8 * (size_t)K32);
     const size_t nblk = (size_t)n * (K / blk);
     for (size_t b = 0; b < nblk; b++) {
         const float *xb = x + b * blk;
@@ -225,9 +232,11 @@ void ds_q8_quantize(const float *x, int32_t n, int32_t K, int32_t blk, void *buf
             int32_t s = 0;
             for (int i = 0; i < 32; i++) s += qb[32 * g + i];
             bs[b * (blk / 32) + g] = (int16_t)s;
+            const size_t t = b / (size_t)(K / blk), c = b % (size_t)(K / blk) * (blk / 32) + g;
+            s8[(t / 8 * K32 + c) * 8 + t % 8] = d[b] * (float)s;
         }
     }
-    *a = (ds_q8_act){.q = q, .d = d, .bs = bs, .blk = blk};
+    *a = (ds_q8_act){.q = q, .d = d, .bs = bs, .s8 = s8, .blk = blk};
 }
 
 typedef struct {
@@ -249,7 +258,8 @@ static void q8_chunk(void *arg, int64_t i) {
     for (int32_t t0 = 0; t0 < j->n; t0 += DS_QK_GEMV_MAX) {
         const int32_t nt = j->n - t0 < DS_QK_GEMV_MAX ? j->n - t0 : DS_QK_GEMV_MAX;
         const ds_q8_act sub = {.q = j->a->q + (size_t)t0 * K, .d = j->a->d + (size_t)t0 * (K / blk),
-                               .bs = j->a->bs + (size_t)t0 * (K / 32), .blk = blk};
+                               .bs = j->a->bs + (size_t)t0 * (K / 32), .s8 = j->a->s8 + (size_t)t0 * (K / 32),
+                               .blk = blk};
         j->k->gemv(j->w, r0, r1, &sub, nt, j->y + (size_t)t0 * M, j->bias, j->acc);
     }
 }

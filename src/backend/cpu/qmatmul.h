@@ -67,6 +67,9 @@ typedef struct ds_q8_act {
     const int8_t *q;   /* [n][K] */
     const float *d;    /* [n][K / blk]: scale of each block */
     const int16_t *bs; /* [n][K / 32]: Σq over each 32 columns (for weight formats with an offset) */
+    /* [ceil(n / 8)][K / 32][8]: d·Σq over each 32 columns (blk 32 only), the 8 tokens of a group
+     * side by side so that one vector holds a block's sums for all of them (0 past n) */
+    const float *s8;
     int32_t blk;       /* 32 or 256 */
 } ds_q8_act;
 
@@ -79,6 +82,13 @@ typedef struct ds_q8_ops {
 
 /* The formats the int8 path covers; others take the exact path. Their rows are whole blocks. */
 static inline bool ds_q8_dtype(ds_dtype t) { return ds_qk_fused_dtype(t); }
+/* Whether a step of n tokens on weights of type t takes the int8 path in int8 mode: every covered
+ * format for decode-sized steps; for larger ones only where int8 beats the dequantise-tile + fp32
+ * GEMM path (K-quants and Q8_0; Q4_0/Q4_1 pay a per-block fp32 rescale per token there — figures
+ * from bench/kernels/bench_qmatmul.c in docs/ARCHITECTURE.md). */
+static inline bool ds_q8_use(ds_dtype t, int32_t n) {
+    return ds_q8_dtype(t) && (n <= DS_QK_GEMV_MAX || (t != DS_DTYPE_Q4_0 && t != DS_DTYPE_Q4_1));
+}
 /* Activation block for weights of type t: 256 for the K-quants, else 32. */
 static inline int32_t ds_q8_blk(ds_dtype t) { return ds_dtype_block(t) == 256 ? 256 : 32; }
 
