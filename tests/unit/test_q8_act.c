@@ -6,8 +6,8 @@
  *    reference on the same int8 activations (x̂ = code·scale) and the dequantised weights:
  *    NMSE ≤ 1e-10 — the kernels are exact up to fp32 summation order. The error int8 activations
  *    add against the fp32 ones is printed and must stay below 1e-3 NMSE on these random data.
- * 3. The CPU backend with int8_activations takes this path where ds_q8_use says (Q4_K at any n,
- *    Q4_1 for decode-sized steps) and the exact one elsewhere (F16; Q4_1 for 20 tokens).
+ * 3. The CPU backend with int8_activations routes covered formats through this path and others
+ *    (F16) through the exact one.
  * 4. Accuracy on the real default model (skipped without models/SmolLM2-135M-Instruct.Q4_1.gguf):
  *    logits at every prompt position of tests/data/models/smollm2/reference.json (transformers,
  *    fp32) with exact and with int8 activations; prints the worst difference relative to the
@@ -147,7 +147,7 @@ static void test_backend_routing(void) {
             CHECK_EQ_INT(b->iface->matmul(b->ctx, x, &m, NULL, y, n, false), 0);
             void *buf = malloc(ds_q8_act_bytes(n, cols));
             float *scratch = malloc(sizeof(float) * ds_qk_scratch_floats(omp_get_max_threads()));
-            if (!ds_q8_use(dts[di], n)) CHECK_EQ_INT(ds_qk_matmul(ds_qk_best(NULL), x, &m, NULL, want, n, false, scratch, NULL), 0);
+            if (!ds_q8_dtype(dts[di])) CHECK_EQ_INT(ds_qk_matmul(ds_qk_best(NULL), x, &m, NULL, want, n, false, scratch, NULL), 0);
             else CHECK_EQ_INT(ds_q8_matmul(ds_q8_best(NULL), x, &m, NULL, want, n, false, buf, NULL), 0);
             CHECK_MSG(!memcmp(y, want, sizeof(float) * n * rows), "backend %s n=%d: not the expected path",
                       ds_dtype_name(dts[di]), n);

@@ -88,7 +88,7 @@ static void cpu_mat_free(void *ctx, ds_mat *m) {
 static int cpu_matmul(void *ctx, const float *x, const ds_mat *w, const float *bias, float *y, int32_t n,
                       bool accumulate) {
     cpu_ctx *c = ctx;
-    if (c->q8 && ds_q8_use(w->dtype, n)) {
+    if (c->q8 && ds_q8_dtype(w->dtype)) {
         if (DS_GROW(c->q8buf, c->q8buf_cap, ds_q8_act_bytes(n, w->cols))) return DS_ENOMEM;
         return ds_q8_matmul(c->q8, x, w, bias, y, n, accumulate, c->q8buf, c->pool);
     }

@@ -185,7 +185,10 @@ static void gemv(const ds_mat *w, int32_t r0, int32_t r1, const ds_q8_act *a, in
             s[0] = s1[0], ms[0] = m1[0], tail[0] = t1[0];
         } else {
             for (int32_t t = 0; t < n; t++) s[t] = _mm256_setzero_ps(), ms[t] = _mm_setzero_ps(), tail[t] = 0.0f;
-            row_q8(w->dtype, w->cols, row, a, n, s, ms, tail);
+            if (n == DS_QK_GEMV_MAX) /* full groups of a prefill: unrolled over the tokens */
+                row_q8(w->dtype, w->cols, row, a, DS_QK_GEMV_MAX, s, ms, tail);
+            else
+                row_q8(w->dtype, w->cols, row, a, n, s, ms, tail);
         }
         for (int32_t t = 0; t < n; t++) {
             float v = hsum(_mm256_add_ps(s[t], _mm256_set_m128(_mm_setzero_ps(), ms[t]))) + tail[t];

@@ -406,7 +406,8 @@ static void gemv_fused(const ds_mat *w, int32_t r0, int32_t r1, const float *x, 
                 a[t] = b[t] = (vf){0};
                 tail[t] = 0.0f;
             }
-            row_fused(w, row, x, xs, n, a, b, tail);
+            if (n == DS_QK_GEMV_MAX) row_fused(w, row, x, xs, DS_QK_GEMV_MAX, a, b, tail); /* unrolled */
+            else row_fused(w, row, x, xs, n, a, b, tail);
         }
         for (int32_t t = 0; t < n; t++) {
             float v = vsum(a[t] + b[t]) + tail[t];

@@ -82,13 +82,6 @@ typedef struct ds_q8_ops {
 
 /* The formats the int8 path covers; others take the exact path. Their rows are whole blocks. */
 static inline bool ds_q8_dtype(ds_dtype t) { return ds_qk_fused_dtype(t); }
-/* Whether a step of n tokens on weights of type t takes the int8 path in int8 mode: every covered
- * format for decode-sized steps; for larger ones only where int8 beats the dequantise-tile + fp32
- * GEMM path (K-quants and Q8_0; Q4_0/Q4_1 pay a per-block fp32 rescale per token there — figures
- * from bench/kernels/bench_qmatmul.c in docs/ARCHITECTURE.md). */
-static inline bool ds_q8_use(ds_dtype t, int32_t n) {
-    return ds_q8_dtype(t) && (n <= DS_QK_GEMV_MAX || (t != DS_DTYPE_Q4_0 && t != DS_DTYPE_Q4_1));
-}
 /* Activation block for weights of type t: 256 for the K-quants, else 32. */
 static inline int32_t ds_q8_blk(ds_dtype t) { return ds_dtype_block(t) == 256 ? 256 : 32; }
 
