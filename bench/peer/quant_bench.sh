@@ -5,7 +5,7 @@
 # which measures what llama-bench measures (see bench/model/bench_pp_tg.c).
 #
 #   bench/peer/quant_bench.sh [-p 512] [-n 128] [-t 2] [-r 2] [--neighbour] [--models "A.gguf B.gguf"]
-#                             [--build DIR] [--out DIR]
+#                             [--build DIR] [--out DIR] [--int8]
 #
 #   --neighbour   also run everything again while bench/peer/memstream.c (one thread copying 1 GiB)
 #                 runs beside it, and report both conditions
@@ -13,6 +13,8 @@
 #                 {Q4_K_M,Q8_0}.gguf (bench/peer/make_models.sh); missing files are skipped
 #   --build       deltaserve's CMake build directory (default build); bench_pp_tg is built there
 #   --out         result directory (default bench/results/quant-<UTC stamp>)
+#   --int8        also run deltaserve with --int8-activations (int8-quantised activations, the
+#                 numerics llama.cpp uses) right after its exact run: deltaserve8-*.json
 #
 # Raw outputs: llamacpp-<model>-<cond>.json (llama-bench -o json), deltaserve-<model>-<cond>.json
 # (bench_pp_tg), *.time (GNU time: peak RSS of the whole process), memstream-*.txt, meta.json.
@@ -20,13 +22,13 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
-p=512 n=128 t=2 r=2 neighbour=0 build=build out="" models=""
+p=512 n=128 t=2 r=2 neighbour=0 int8=0 build=build out="" models=""
 while [ $# -gt 0 ]; do
   case "$1" in
     -p) p=$2; shift 2 ;; -n) n=$2; shift 2 ;; -t) t=$2; shift 2 ;; -r) r=$2; shift 2 ;;
     --neighbour|--neighbor) neighbour=1; shift ;; --models) models=$2; shift 2 ;;
-    --build) build=$2; shift 2 ;; --out) out=$2; shift 2 ;;
-    -h|--help) sed -n 2,20p "$0"; exit 0 ;; *) echo "unknown option $1" >&2; exit 2 ;;
+    --build) build=$2; shift 2 ;; --out) out=$2; shift 2 ;; --int8) int8=1; shift ;;
+    -h|--help) sed -n 2,23p "$0"; exit 0 ;; *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
 [ -n "$models" ] || models="models/SmolLM2-135M-Instruct.Q4_1.gguf models/peer/llama-1b-rand-Q4_K_M.gguf models/peer/llama-1b-rand-Q8_0.gguf"
@@ -47,7 +49,7 @@ timed() {
 }
 
 mkdir -p "$out"
-cmd="bench/peer/quant_bench.sh -p $p -n $n -t $t -r $r$([ $neighbour = 1 ] && echo ' --neighbour' || true) --models '$models'"
+cmd="bench/peer/quant_bench.sh -p $p -n $n -t $t -r $r$([ $neighbour = 1 ] && echo ' --neighbour' || true)$([ $int8 = 1 ] && echo ' --int8' || true) --models '$models'"
 cat > "$out/meta.json" <<EOF
 {"commit": "$(git rev-parse HEAD)", "dirty": $([ -z "$(git status --porcelain -- src include)" ] && echo false || echo true),
  "llamacpp": "$(cat "$peer/VERSION" 2>/dev/null || echo unknown)",
@@ -67,6 +69,12 @@ run_one() { # model cond
   echo "== $stem ($cond): deltaserve bench_pp_tg"
   timed "$out/deltaserve-$stem-$cond.time" "$build/bench_pp_tg" -m "$m" -p "$p" -n "$n" -t "$t" -r "$r" \
     > "$out/deltaserve-$stem-$cond.json" 2> "$out/deltaserve-$stem-$cond.log" || echo "bench_pp_tg failed on $m" >&2
+  if [ $int8 = 1 ]; then
+    echo "== $stem ($cond): deltaserve bench_pp_tg --int8-activations"
+    timed "$out/deltaserve8-$stem-$cond.time" "$build/bench_pp_tg" -m "$m" -p "$p" -n "$n" -t "$t" -r "$r" \
+      --int8-activations > "$out/deltaserve8-$stem-$cond.json" 2> "$out/deltaserve8-$stem-$cond.log" ||
+      echo "bench_pp_tg --int8-activations failed on $m" >&2
+  fi
 }
 
 run_all() { # cond

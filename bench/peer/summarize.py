@@ -58,34 +58,39 @@ def quant(d):
           f"pp{meta.get('n_prompt', '?')} / tg{meta.get('n_gen', '?')}, {meta.get('reps', '?')} reps; "
           f"deltaserve {str(meta.get('commit', '?'))[:10]}{' (dirty)' if meta.get('dirty') else ''}; "
           f"llama.cpp: {meta.get('llamacpp', '?')}\n")
-    print("| model | neighbour | file MB | pp llama.cpp t/s | pp deltaserve t/s | pp ratio | tg llama.cpp t/s "
+    print("| model | neighbour | deltaserve activations | file MB | pp llama.cpp t/s | pp deltaserve t/s | pp ratio | tg llama.cpp t/s "
           "| tg deltaserve t/s | tg ratio | peak RSS llama.cpp MB | RSS after load deltaserve MB "
           "| peak RSS deltaserve MB | RSS ratio |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     runs = set()
-    for path in glob.glob(os.path.join(d, "deltaserve-*.json")) + glob.glob(os.path.join(d, "llamacpp-*.json")):
-        m = re.match(r"(deltaserve|llamacpp)-(.*)-(quiet|neighbour)\.json$", os.path.basename(path))
+    for path in glob.glob(os.path.join(d, "deltaserve*-*.json")) + glob.glob(os.path.join(d, "llamacpp-*.json")):
+        m = re.match(r"(deltaserve8?|llamacpp)-(.*)-(quiet|neighbour)\.json$", os.path.basename(path))
         if m:
             runs.add((m.group(2), m.group(3)))
     order = {"quiet": 0, "neighbour": 1}
     for stem, cond in sorted(runs, key=lambda k: (k[0], order[k[1]])):
         lc = load(os.path.join(d, f"llamacpp-{stem}-{cond}.json"))
-        ds = load(os.path.join(d, f"deltaserve-{stem}-{cond}.json")) or {}
         (lpp, lpp_sd), (ltg, ltg_sd), size = llama_bench(lc)
-        dpp, dtg = ds.get("pp_tps"), ds.get("tg_tps")
         l_rss = time_rss_mb(os.path.join(d, f"llamacpp-{stem}-{cond}.time"))
-        d_rss = time_rss_mb(os.path.join(d, f"deltaserve-{stem}-{cond}.time"))
-        if d_rss is None and ds.get("hwm_end_kb"):
-            d_rss = ds["hwm_end_kb"] / 1024
-        d_load = ds["rss_load_kb"] / 1024 if ds.get("rss_load_kb") else None
+        for prefix, mode in (("deltaserve", "fp32 (exact)"), ("deltaserve8", "int8")):
+            ds = load(os.path.join(d, f"{prefix}-{stem}-{cond}.json"))
+            if ds is None and prefix == "deltaserve8":
+                continue
+            ds = ds or {}
+            dpp, dtg = ds.get("pp_tps"), ds.get("tg_tps")
+            d_rss = time_rss_mb(os.path.join(d, f"{prefix}-{stem}-{cond}.time"))
+            if d_rss is None and ds.get("hwm_end_kb"):
+                d_rss = ds["hwm_end_kb"] / 1024
+            d_load = ds["rss_load_kb"] / 1024 if ds.get("rss_load_kb") else None
 
-        def pm(v, sd):
-            return f"{v:.1f} ± {sd:.1f}" if v is not None and sd is not None else num(v)
+            def pm(v, sd):
+                return f"{v:.1f} ± {sd:.1f}" if v is not None and sd is not None else num(v)
 
-        print(f"| {stem} | {'yes' if cond == 'neighbour' else 'no'} | {num(size / 2**20 if size else None, '{:.0f}')} "
-              f"| {pm(lpp, lpp_sd)} | {pm(dpp, ds.get('pp_tps_sd'))} | {ratio(dpp, lpp)} "
-              f"| {pm(ltg, ltg_sd)} | {pm(dtg, ds.get('tg_tps_sd'))} | {ratio(dtg, ltg)} "
-              f"| {num(l_rss, '{:.0f}')} | {num(d_load, '{:.0f}')} | {num(d_rss, '{:.0f}')} | {ratio(d_rss, l_rss)} |")
+            print(f"| {stem} | {'yes' if cond == 'neighbour' else 'no'} | {mode} "
+                  f"| {num(size / 2**20 if size else None, '{:.0f}')} "
+                  f"| {pm(lpp, lpp_sd)} | {pm(dpp, ds.get('pp_tps_sd'))} | {ratio(dpp, lpp)} "
+                  f"| {pm(ltg, ltg_sd)} | {pm(dtg, ds.get('tg_tps_sd'))} | {ratio(dtg, ltg)} "
+                  f"| {num(l_rss, '{:.0f}')} | {num(d_load, '{:.0f}')} | {num(d_rss, '{:.0f}')} | {ratio(d_rss, l_rss)} |")
     print()
     print("Ratios are deltaserve / llama.cpp. Peak RSS is the whole process's (GNU time %M); both map the "
           "GGUF, whose pages count once touched (llama.cpp also repacks some types into its own buffers). "

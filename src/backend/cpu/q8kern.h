@@ -109,6 +109,8 @@ static inline __attribute__((always_inline)) void row_q8(ds_dtype dt, int32_t K,
             uint8_t sm[16];
             memcpy(sm, u, 16);
             const __m128i mins = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)(sm + 8)));
+            /* the 8 scales as 16-bit lanes in both halves; sub-block j's is broadcast by a byte shuffle */
+            const __m256i scl = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)sm)));
             __m256i ai[DS_QK_GEMV_MAX];
             for (int32_t t = 0; t < n; t++) ai[t] = _mm256_setzero_si256();
             const __m256i hb = q5 ? ld256(qh) : _mm256_setzero_si256();
@@ -119,7 +121,8 @@ static inline __attribute__((always_inline)) void row_q8(ds_dtype dt, int32_t K,
                     lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2 * c), one), 4));
                     hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2 * c + 1), one), 4));
                 }
-                const __m256i s0 = _mm256_set1_epi16(sm[2 * c]), s1 = _mm256_set1_epi16(sm[2 * c + 1]);
+                const __m256i s0 = _mm256_shuffle_epi8(scl, _mm256_set1_epi16((short)((4 * c + 1) << 8 | 4 * c)));
+                const __m256i s1 = _mm256_shuffle_epi8(scl, _mm256_set1_epi16((short)((4 * c + 3) << 8 | (4 * c + 2))));
                 for (int32_t t = 0; t < n; t++) {
                     const int8_t *xq = a->q + (size_t)t * K + 256 * b + 64 * c;
                     ai[t] = dot_us_sc(ai[t], lo, ld256(xq), s0);
@@ -143,8 +146,11 @@ static inline __attribute__((always_inline)) void row_q8(ds_dtype dt, int32_t K,
             const int8_t *scb = (const int8_t *)(row + 192);
             __m256i ai[DS_QK_GEMV_MAX];
             for (int32_t t = 0; t < n; t++) ai[t] = _mm256_setzero_si256();
+            /* the 16 scales as 16-bit lanes: 0..7 in the low half, 8..15 in the high one */
+            const __m256i s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)scb));
             for (int h = 0; h < 2; h++) { /* 128 columns: ql[64 h..], qh[32 h..], scales sc[8 h..] */
                 const uint8_t *ql = row + 64 * h, *qhp = row + 128 + 32 * h;
+                const __m256i sh = h ? _mm256_permute2x128_si256(s16, s16, 0x11) : _mm256_permute2x128_si256(s16, s16, 0x00);
                 const __m256i x0 = ld256(ql), x1 = ld256(ql + 32), hh = ld256(qhp);
                 for (int i = 0; i < 4; i++) {
                     const __m256i lo4 = _mm256_and_si256(i & 2 ? _mm256_srli_epi16(i & 1 ? x1 : x0, 4) : (i & 1 ? x1 : x0), m4);
@@ -152,7 +158,9 @@ static inline __attribute__((always_inline)) void row_q8(ds_dtype dt, int32_t K,
                     const __m256i g = _mm256_sub_epi8(_mm256_or_si256(lo4, _mm256_slli_epi16(h2, 4)), k32);
                     const __m256i ug = _mm256_sign_epi8(g, g);
                     /* columns 0..15 of the group use sc[8h + 2i], 16..31 sc[8h + 2i + 1] */
-                    const __m256i sc = _mm256_set_m128i(_mm_set1_epi16(scb[8 * h + 2 * i + 1]), _mm_set1_epi16(scb[8 * h + 2 * i]));
+                    const __m256i sc = _mm256_shuffle_epi8(
+                        sh, _mm256_set_m128i(_mm_set1_epi16((short)((4 * i + 3) << 8 | (4 * i + 2))),
+                                             _mm_set1_epi16((short)((4 * i + 1) << 8 | 4 * i))));
                     for (int32_t t = 0; t < n; t++) {
                         const int8_t *xq = a->q + (size_t)t * K + 256 * b + 128 * h + 32 * i;
                         ai[t] = dot_us_sc(ai[t], ug, _mm256_sign_epi8(ld256(xq), g), sc);
