@@ -10,10 +10,12 @@
 #   bench/peer/serving_peer.sh [--model models/peer/llama-1b-rand-Q4_K_M.gguf] [--lora-base DIR]
 #       [--rounds 2] [--single-prompts 8] [--num-prompts 32] [--input-len 128] [--output-len 64]
 #       [-t 2] [--port 8131] [--build build] [--out DIR] [--no-lora] [--only llamacpp|deltaserve]
+#       [--ds-args "ARGS"]
 #
 #   --lora-base   Hugging Face config directory of the base (config.json), for the adapters' shapes
 #                 and convert_lora_to_gguf.py; default .peer/work/hf-1b-config (make_models.sh)
 #   --out         default bench/results/serving-peer-<UTC stamp>
+#   --ds-args     extra arguments for `deltaserve serve`, e.g. "--int8-activations --kv-cache-mb 64"
 #
 # Adapters: bench/peer/make_models.py lora writes 8 PEFT directories, llama.cpp's
 # convert_lora_to_gguf.py turns them into GGUF LoRA files; both servers load the same GGUF files
@@ -24,15 +26,15 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
 model=models/peer/llama-1b-rand-Q4_K_M.gguf lora_base=.peer/work/hf-1b-config rounds=2 single=8 num=32
-in_len=128 out_len=64 t=2 port=8131 build=build out="" lora=1 only=""
+in_len=128 out_len=64 t=2 port=8131 build=build out="" lora=1 only="" ds_args=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --model|-m) model=$2; shift 2 ;; --lora-base) lora_base=$2; shift 2 ;; --rounds) rounds=$2; shift 2 ;;
     --single-prompts) single=$2; shift 2 ;; --num-prompts) num=$2; shift 2 ;;
     --input-len) in_len=$2; shift 2 ;; --output-len) out_len=$2; shift 2 ;; -t) t=$2; shift 2 ;;
     --port) port=$2; shift 2 ;; --build) build=$2; shift 2 ;; --out) out=$2; shift 2 ;;
-    --no-lora) lora=0; shift ;; --only) only=$2; shift 2 ;;
-    -h|--help) sed -n 2,25p "$0"; exit 0 ;; *) echo "unknown option $1" >&2; exit 2 ;;
+    --no-lora) lora=0; shift ;; --only) only=$2; shift 2 ;; --ds-args) ds_args=$2; shift 2 ;;
+    -h|--help) sed -n 2,27p "$0"; exit 0 ;; *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
 peer=$root/.peer
@@ -67,7 +69,7 @@ cat > "$out/meta.json" <<EOF
  "date": "$(date -u +%FT%TZ)", "cpu": "$(lscpu | sed -n 's/^Model name: *//p' | head -1)", "cores": $(nproc),
  "threads": $t, "model": "$model", "lora": $lora, "rounds": $rounds, "single_prompts": $single, "num_prompts": $num,
  "input_len": $in_len, "output_len": $out_len,
- "command": "bench/peer/serving_peer.sh --model $model --rounds $rounds --single-prompts $single --num-prompts $num --input-len $in_len --output-len $out_len -t $t$([ $lora = 0 ] && echo ' --no-lora')"}
+ "command": "bench/peer/serving_peer.sh --model $model --rounds $rounds --single-prompts $single --num-prompts $num --input-len $in_len --output-len $out_len -t $t$([ $lora = 0 ] && echo ' --no-lora')${ds_args:+ --ds-args '$ds_args'}"}
 EOF
 
 srv=""
@@ -80,7 +82,7 @@ start() { # server round
   local which=$1 log=$out/$1-r$2.server.log
   if [ "$which" = deltaserve ]; then
     "$build/deltaserve" serve -m "$model" --port "$port" -t "$t" ${ldir:+--adapter-dir "$ldir" --max-adapters 8} \
-      --max-seqs 8 > "$log" 2>&1 &
+      --max-seqs 8 $ds_args > "$log" 2>&1 &
   else
     # All 8 in one comma-separated list (a repeated --lora keeps only the last file), ids 0..7 =
     # lora-0..7, each at scale 0: a request without a "lora" field runs on the slot's default
