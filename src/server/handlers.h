@@ -87,6 +87,10 @@ int ds_server_reply_json(ds_http_req *req, const char *endpoint, int status, ds_
 int ds_server_reply_error(ds_http_req *req, const char *endpoint, const ds_oai_error *e);
 int ds_server_reply_errorf(ds_http_req *req, const char *endpoint, int status, const char *param, const char *code,
                            const char *fmt, ...) __attribute__((format(printf, 6, 7)));
+/* The request body as a JSON object, parsed strictly (ds_oai_json_parse: nothing after the value,
+ * no NUL, so a path or name is never cut short); NULL after answering 400 when it is not one. The
+ * caller cJSON_Deletes the tree. */
+struct cJSON *ds_server_json_object(ds_http_req *req, const char *endpoint);
 /* Copies the route's first {param} into out[cap] (ids are plain ASCII: no percent-decoding). False
  * after answering 400 "malformed id in the path" when it is too long or percent-encoded. */
 bool ds_server_path_id(ds_http_req *req, const char *endpoint, char *out, size_t cap);

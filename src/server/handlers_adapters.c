@@ -228,23 +228,6 @@ static bool load_allowed(ds_http_req *req, ds_server *s, const char *ep, const c
     return true;
 }
 
-/* Parses a JSON object body strictly (ds_oai_json_parse: nothing after the value, no NUL, so a path
- * or name is never cut short); answers 400 and returns NULL when it is not one. */
-static cJSON *json_body(ds_http_req *req, const char *ep) {
-    ds_oai_error e;
-    cJSON *o = ds_oai_json_parse(req->body, req->body_len, &e);
-    if (!o) {
-        ds_server_reply_errorf(req, ep, e.status, NULL, NULL, "%s", e.message);
-        return NULL;
-    }
-    if (!cJSON_IsObject(o)) {
-        cJSON_Delete(o);
-        ds_server_reply_errorf(req, ep, 400, NULL, NULL, "request body must be a JSON object");
-        return NULL;
-    }
-    return o;
-}
-
 /* A required string field (non-empty). Answers 400 naming it and returns NULL otherwise. */
 static const char *req_str(ds_http_req *req, const char *ep, const cJSON *o, const char *key) {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
@@ -271,7 +254,7 @@ static bool opt_bool(ds_http_req *req, const char *ep, const cJSON *o, const cha
 static void handle_vllm_load(ds_http_req *req, void *ud) {
     (void)ud;
     ds_server *s = ds_server_of(req);
-    cJSON *o = json_body(req, EP_LOAD);
+    cJSON *o = ds_server_json_object(req, EP_LOAD);
     if (!o) return;
     bool inplace = false;
     const char *name = req_str(req, EP_LOAD, o, "lora_name");
@@ -285,7 +268,7 @@ static void handle_vllm_load(ds_http_req *req, void *ud) {
 static void handle_rest_load(ds_http_req *req, void *ud) {
     (void)ud;
     ds_server *s = ds_server_of(req);
-    cJSON *o = json_body(req, EP_ADAPTERS);
+    cJSON *o = ds_server_json_object(req, EP_ADAPTERS);
     if (!o) return;
     bool replace = false;
     const char *name = req_str(req, EP_ADAPTERS, o, "id");
@@ -307,7 +290,7 @@ static int unload(ds_server *s, const char *name, ds_err *err) {
 static void handle_vllm_unload(ds_http_req *req, void *ud) {
     (void)ud;
     ds_server *s = ds_server_of(req);
-    cJSON *o = json_body(req, EP_UNLOAD);
+    cJSON *o = ds_server_json_object(req, EP_UNLOAD);
     if (!o) return;
     const char *name = req_str(req, EP_UNLOAD, o, "lora_name");
     ds_err err = {{0}};

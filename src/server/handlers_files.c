@@ -58,7 +58,8 @@ static bool parse_upload(ds_http_req *req, upload *u) {
         return true;
     }
     if (ct && !strncasecmp(ct, "application/json", 16)) {
-        cJSON *json = cJSON_ParseWithLength(req->body, req->body_len);
+        cJSON *json = ds_server_json_object(req, EP_FILES);
+        if (!json) return false;
         const cJSON *c = json ? cJSON_GetObjectItemCaseSensitive(json, "content") : NULL;
         const cJSON *fn = json ? cJSON_GetObjectItemCaseSensitive(json, "filename") : NULL;
         const cJSON *p = json ? cJSON_GetObjectItemCaseSensitive(json, "purpose") : NULL;

@@ -341,12 +341,8 @@ static void handle_job_create(ds_http_req *req, void *ud) {
                                "are saved there)");
         return;
     }
-    cJSON *o = cJSON_ParseWithLength(req->body, req->body_len);
-    if (!cJSON_IsObject(o)) {
-        cJSON_Delete(o);
-        ds_server_reply_errorf(req, EP_JOBS, 400, NULL, NULL, "request body must be a JSON object");
-        return;
-    }
+    cJSON *o = ds_server_json_object(req, EP_JOBS);
+    if (!o) return;
     ds_ft_job_spec sp = {0};
     char name[128];
     const ds_file *train, *valid;

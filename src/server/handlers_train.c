@@ -166,11 +166,12 @@ static void handle_adapter_train(ds_http_req *req, void *ud) {
         ds_server_reply_errorf(req, EP_TRAIN, 400, "id", NULL, "malformed adapter id in the path");
         return;
     }
-    cJSON *o = cJSON_ParseWithLength(req->body, req->body_len);
+    cJSON *o = ds_server_json_object(req, EP_TRAIN);
+    if (!o) return;
     sync_train *x = calloc(1, sizeof *x);
-    if (!cJSON_IsObject(o) || !x) {
-        ds_server_reply_errorf(req, EP_TRAIN, 400, NULL, NULL, "the body must be a JSON object");
-        cJSON_Delete(o), free(x);
+    if (!x) {
+        ds_server_reply_errorf(req, EP_TRAIN, 503, NULL, NULL, "out of memory");
+        cJSON_Delete(o);
         return;
     }
     snprintf(x->adapter, sizeof x->adapter, "%s", req->params[0]);

@@ -94,6 +94,9 @@ typedef struct ds_http_parser {
     const char *err_reason;   /* static text for logs */
     bool started;             /* bytes of the current request have been seen */
     bool paused;
+    /* The header section's line ends, scanned ahead of llhttp (which accepts obs-fold): 0 inside
+     * a line, 1 after CR, 2 after CRLF, 3 after CRLF CR, 4 past the header section. */
+    uint8_t hscan;
 } ds_http_parser;
 
 /* `lim` is borrowed for the parser's life. */

@@ -63,9 +63,16 @@ static int on_url_complete(llhttp_t *lp) {
     return r->hbuf_.oom ? fail(lp, 503, "out of memory") : 0;
 }
 
+/* RFC 9110 token characters: what a header name may hold (llhttp 8 lets spaces through). */
+static bool is_tchar(unsigned char c) {
+    return isalnum(c) || (c && strchr("!#$%&'*+-.^_`|~", c));
+}
+
 static int on_header_field(llhttp_t *lp, const char *at, size_t len) {
     ds_http_parser *p = parser_of(lp);
     if (!count_header_bytes(p, len)) return fail(lp, 431, "request headers too large");
+    for (size_t i = 0; i < len; i++)
+        if (!is_tchar((unsigned char)at[i])) return fail(lp, 400, "invalid character in a header name");
     if (p->req->headers_done_) return 0; /* trailer: counted, not kept */
     ds_sb_append(&p->req->hbuf_, at, len);
     return p->req->hbuf_.oom ? fail(lp, 503, "out of memory") : 0;
@@ -131,6 +138,7 @@ static int finish_headers(llhttp_t *lp, ds_http_req *r) {
 static int on_headers_complete(llhttp_t *lp) {
     ds_http_parser *p = parser_of(lp);
     ds_http_req *r = p->req;
+    if (lp->http_major != 1) return fail(lp, 505, "only HTTP/1.0 and HTTP/1.1 are served");
     int st = finish_headers(lp, r);
     if (st) return st;
     r->headers_done_ = true;
@@ -210,6 +218,25 @@ void ds_http_parser_free(ds_http_parser *p) {
     p->req = NULL;
 }
 
+/* Scans the header section for a line that starts with a space or tab: obs-fold (a continued
+ * header value, RFC 9112 §5.2, which a server must reject or unfold) or whitespace before the first
+ * header. llhttp 8 joins folded values silently. Stops at the blank line ending the section. */
+static bool scan_obs_fold(ds_http_parser *p, const char *data, size_t len) {
+    for (size_t i = 0; i < len && p->hscan < 4; i++) {
+        const char c = data[i];
+        switch (p->hscan) {
+        case 0: p->hscan = c == '\r' ? 1 : 0; break;
+        case 1: p->hscan = c == '\n' ? 2 : c == '\r' ? 1 : 0; break;
+        case 2:
+            if (c == ' ' || c == '\t') return false;
+            p->hscan = c == '\r' ? 3 : 0;
+            break;
+        case 3: p->hscan = c == '\n' ? 4 : c == '\r' ? 1 : 0; break;
+        }
+    }
+    return true;
+}
+
 ds_http_parse_result ds_http_parser_feed(ds_http_parser *p, const char *data, size_t len, size_t *consumed) {
     llhttp_t *lp = LL(p);
     *consumed = len;
@@ -217,6 +244,11 @@ ds_http_parse_result ds_http_parser_feed(ds_http_parser *p, const char *data, si
     if (p->paused) { /* the caller has not taken the finished request */
         *consumed = 0;
         return DS_HTTP_PARSE_REQUEST;
+    }
+    if (!scan_obs_fold(p, data, len)) {
+        p->err_status = 400;
+        p->err_reason = "folded header line (obs-fold) or a header line starting with whitespace";
+        return DS_HTTP_PARSE_ERROR;
     }
     llhttp_errno_t rc = llhttp_execute(lp, data, len);
     if (rc == HPE_OK) return DS_HTTP_PARSE_MORE;
@@ -238,6 +270,7 @@ ds_http_req *ds_http_parser_take(ds_http_parser *p) {
     ds_http_req *r = p->req;
     p->req = NULL;
     p->started = false;
+    p->hscan = 0;
     p->paused = false;
     if (r && r->upgrade_) {
         /* After an upgrade llhttp treats the rest as another protocol; the connection closes

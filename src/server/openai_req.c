@@ -1,6 +1,7 @@
 /* Request-body validation. The ranges are OpenAI's (its API reference); vLLM's extras get vLLM's ranges.
  * Every check names its field in `param`, because that is what clients show their users. */
 #include "server/openai_req.h"
+#include "util/json.h"
 
 #include <cjson/cJSON.h>
 #include <math.h>
@@ -379,29 +380,10 @@ static void set_defaults(ds_oai_request *r, ds_oai_kind kind) {
     r->sampling.repetition_penalty = 1.0f;
 }
 
-/* Whether the JSON text holds a NUL: a raw byte, or "\u0000" (a backslash only occurs inside
- * strings, and "\\u0000" is an escaped backslash followed by text, so escapes are skipped pairwise). */
-static bool has_nul(const char *s, size_t n) {
-    for (size_t i = 0; i < n; i++) {
-        if (s[i] == 0) return true;
-        if (s[i] != '\\' || i + 1 >= n) continue;
-        if (s[i + 1] == 'u' && i + 5 < n && !memcmp(s + i + 2, "0000", 4)) return true;
-        i++;
-    }
-    return false;
-}
-
 cJSON *ds_oai_json_parse(const char *body, size_t len, ds_oai_error *e) {
-    if (has_nul(body, len))
-        return BAD(e, NULL, "request body contains a NUL character (\\u0000), which no field accepts"), NULL;
-    const char *end = NULL;
-    cJSON *root = cJSON_ParseWithLengthOpts(body, len, &end, false);
-    if (!root) return BAD(e, NULL, "request body is not valid JSON"), NULL;
-    for (const char *p = end; p < body + len; p++)
-        if (*p != ' ' && *p != '\t' && *p != '\n' && *p != '\r') {
-            cJSON_Delete(root);
-            return BAD(e, NULL, "request body has data after the JSON value (at byte %zu)", (size_t)(p - body)), NULL;
-        }
+    char why[96];
+    cJSON *root = ds_json_parse_strict(body, len, why, sizeof why);
+    if (!root) BAD(e, NULL, "request body %s", why);
     return root;
 }
 

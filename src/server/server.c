@@ -1,6 +1,7 @@
 /* The ds_server facade (ds/server.h): the loop and the HTTP layer, routing through the tables of
  * the handler files, the one reply path (every response is counted in /metrics), the built-in
  * endpoints (/health, /metrics), signals and the shutdown sequence (drain, cancel, abort). */
+#include <cjson/cJSON.h>
 #include <llhttp.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -14,6 +15,7 @@
 #include "ds/train.h"
 #include "server/handlers.h"
 #include "server/file_store.h"
+#include "server/openai_req.h"
 #include "server/router.h"
 #include "util/mem.h"
 #include "util/rng.h"
@@ -140,6 +142,21 @@ int ds_server_reply_errorf(ds_http_req *req, const char *endpoint, int status, c
     vsnprintf(e.message, sizeof e.message, fmt, ap);
     va_end(ap);
     return ds_server_reply_error(req, endpoint, &e);
+}
+
+cJSON *ds_server_json_object(ds_http_req *req, const char *endpoint) {
+    ds_oai_error e;
+    cJSON *o = ds_oai_json_parse(req->body, req->body_len, &e);
+    if (!o) {
+        ds_server_reply_error(req, endpoint, &e);
+        return NULL;
+    }
+    if (!cJSON_IsObject(o)) {
+        cJSON_Delete(o);
+        ds_server_reply_errorf(req, endpoint, 400, NULL, NULL, "request body must be a JSON object");
+        return NULL;
+    }
+    return o;
 }
 
 bool ds_server_path_id(ds_http_req *req, const char *endpoint, char *out, size_t cap) {

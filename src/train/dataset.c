@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "ds/tokenizer.h"
+#include "util/json.h"
 
 #define MAX_LINE_ERRORS 5
 
@@ -81,9 +82,10 @@ static int walk_lines(const char *text, size_t len, line_fn fn, void *ud, ds_err
         pos = end + 1;
         if (a == b) continue;
         char why[200] = "";
-        cJSON *o = cJSON_ParseWithLength(text + a, b - a);
+        char jwhy[96];
+        cJSON *o = ds_json_parse_strict(text + a, b - a, jwhy, sizeof jwhy);
         ft_line l;
-        if (!o) snprintf(why, sizeof why, "invalid JSON");
+        if (!o) snprintf(why, sizeof why, "the line %s", jwhy);
         if (o && parse_line(o, &l, why, sizeof why)) {
             n_ok++;
             if (fn && !n_bad) fn(ud, line_no, &l);

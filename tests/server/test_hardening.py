@@ -150,6 +150,21 @@ def test_trailing_bytes_after_the_json_body_are_400(server, tail):
     assert server.get("/v1/adapters/tb")[0] == 404
 
 
+@pytest.mark.parametrize("path", ["/v1/fine_tuning/jobs", "/v1/files", "/v1/adapters/lora0/train"])
+@pytest.mark.parametrize("tail", [b" x", b"{}"])
+def test_trailing_bytes_are_400_on_every_json_endpoint(server, path, tail):
+    body = b'{"model":"smollm2","training_file":"file-x","filename":"a.jsonl","content":"{}"}' + tail
+    status, raw = server.post(path, body)
+    assert status == 400, raw
+    assert "after the JSON value" in json.loads(raw)["error"]["message"]
+
+
+def test_nul_in_an_uploaded_json_file_is_400(server):
+    status, raw = server.post("/v1/files", b'{"filename":"a.jsonl","content":"{\\"text\\":\\"a\\"}\\u0000"}')
+    assert status == 400, raw
+    assert "NUL" in json.loads(raw)["error"]["message"]
+
+
 def test_trailing_whitespace_is_fine(server):
     status, raw = server.post("/v1/completions", b'{"model":"smollm2","prompt":"Hi","max_tokens":1} \r\n\t')
     assert status == 200, raw
@@ -167,6 +182,45 @@ def test_nul_in_strings_is_400(server, path, body):
     assert status == 400, raw
     assert "NUL" in json.loads(raw)["error"]["message"]
     assert server.get("/v1/adapters/nul")[0] == 404
+
+
+# ---- strict HTTP (item 9): what llhttp 8 lets through ----------------------------------------------
+
+def raw_status(server, raw):
+    import socket
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(raw)
+        line = b""
+        while b"\r\n" not in line:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            line += chunk
+    return int(line.split(b" ")[1]) if line.startswith(b"HTTP/") else None
+
+
+@pytest.mark.parametrize("raw,want", [
+    (b"GET /health HTTP/1.1\r\nHost: t\r\nX-A: a\r\n b\r\n\r\n", 400),                 # obs-fold
+    (b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nTransfer-Encoding:\r\n chunked\r\n\r\n0\r\n\r\n", 400),
+    (b"GET /health HTTP/1.1\r\n Host: t\r\n\r\n", 400),                                 # leading whitespace
+    (b"GET /health HTTP/1.1\r\nHost: t\r\nX A: b\r\n\r\n", 400),                        # space in a name
+    (b"GET /health HTTP/1.1\r\nHost : t\r\n\r\n", 400),                                  # space before ':'
+    (b"GET /health\r\n\r\n", 505),                                                       # HTTP/0.9
+    (b"POST /v1/completions HTTP/1.0\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+])
+def test_lenient_http_is_refused(server, raw, want):
+    assert raw_status(server, raw) == want
+    assert raw_status(server, b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n") == 200
+
+
+def test_header_values_split_across_reads_are_not_folds(server):
+    import socket
+    import time
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        for part in (b"GET /health HTTP/1.1\r", b"\nHost: t\r\nX-A: a", b" b\r\n", b"\r\n"):
+            s.sendall(part)
+            time.sleep(0.05)
+        assert s.recv(4096).startswith(b"HTTP/1.1 200")
 
 
 # ---- an adapter larger than the adapter budget (item 3) --------------------------------------------
