@@ -11,6 +11,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <time.h>
+#include <utf8proc.h>
 
 struct ds_adapter_registry {
     const ds_model *base;
@@ -80,12 +81,17 @@ static void retire(ds_adapter_registry *r, ds_adapter_entry **pp) {
     r->draining = e;
 }
 
+/* 1-120 bytes of valid UTF-8 (names reach JSON, logs and the /metrics exposition, which must be
+ * UTF-8) without control characters, spaces, quotes, backslashes or commas. */
 static bool valid_name(const char *name) {
-    size_t n = strlen(name);
+    const size_t n = strlen(name);
     if (n == 0 || n > 120) return false;
-    for (size_t i = 0; i < n; i++) {
-        unsigned char c = (unsigned char)name[i];
-        if (c < 0x20 || c == 0x7f || c == '"' || c == '\\' || c == ',' || c == ' ') return false;
+    for (size_t i = 0; i < n;) {
+        utf8proc_int32_t cp;
+        const utf8proc_ssize_t w = utf8proc_iterate((const utf8proc_uint8_t *)name + i, (utf8proc_ssize_t)(n - i), &cp);
+        if (w <= 0 || cp < 0x20 || (cp >= 0x7f && cp < 0xa0) || cp == '"' || cp == '\\' || cp == ',' || cp == ' ')
+            return false;
+        i += (size_t)w;
     }
     return true;
 }
@@ -93,7 +99,7 @@ static bool valid_name(const char *name) {
 int ds_registry_load(ds_adapter_registry *r, const char *name, const char *path, bool replace, ds_err *err) {
     if (!r->root) return ds_err_set(err, DS_EPERM, "adapters are disabled: the server was started without --adapter-dir");
     if (!name || !valid_name(name))
-        return ds_err_set(err, DS_EINVAL, "invalid adapter name (1-120 printable characters, no spaces, quotes or commas)");
+        return ds_err_set(err, DS_EINVAL, "invalid adapter name (1-120 bytes of printable UTF-8, no spaces, quotes, backslashes or commas)");
     if (r->base && !strcmp(name, r->base->cfg.name))
         return ds_err_set(err, DS_EINVAL, "adapter name '%s' is the base model's name", name);
     pthread_mutex_lock(&r->mu);

@@ -184,6 +184,21 @@ def test_nul_in_strings_is_400(server, path, body):
     assert server.get("/v1/adapters/nul")[0] == 404
 
 
+# ---- adapter names reach /metrics: valid UTF-8 only (item 10) --------------------------------------
+
+def test_adapter_names_must_be_valid_utf8(server):
+    for bad in (b"bad\xffname", b"over\xc0\xaflong", b"ctl\xc2\x85x"):
+        status, raw = server.post("/v1/load_lora_adapter", b'{"lora_name":"' + bad + b'","lora_path":"lora0"}')
+        assert status == 400, raw
+        assert "UTF-8" in json.loads(raw)["error"]["message"]
+    status, raw = load(server, "caf\u00e9-\u6f22\u5b57", "lora0")
+    assert status == 200, raw
+    status, raw = server.get("/metrics")
+    assert status == 200
+    raw.decode("utf-8")  # the exposition stays valid UTF-8
+    assert server.post("/v1/unload_lora_adapter", {"lora_name": "caf\u00e9-\u6f22\u5b57"})[0] == 200
+
+
 # ---- strict HTTP (item 9): what llhttp 8 lets through ----------------------------------------------
 
 def raw_status(server, raw):
