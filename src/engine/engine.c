@@ -53,11 +53,8 @@ static int engine_init(ds_engine *e, ds_err *err) {
     if (e->p.max_adapters < 1) e->p.max_adapters = 1;
     e->slots = calloc((size_t)e->p.max_adapters, sizeof *e->slots);
     if (!e->slots) return ds_err_set(err, DS_ENOMEM, "out of memory");
-    const ds_model_config *c = &e->model->cfg;
-    const size_t w = (size_t)(c->d_ff > c->d_model ? c->d_ff : c->d_model);
-    e->b.scratch = e->backend->iface->alloc(e->backend->ctx, sizeof(float) * w * (size_t)e->p.max_batch_tokens);
-    if (!e->b.scratch) return ds_err_set(err, DS_EDEVICE, "out of backend memory for adapter scratch");
-    return DS_OK;
+    e->b.plan = ds_adapter_plan_create(e->llama, e->p.max_seqs, e->p.max_batch_tokens, err);
+    return e->b.plan ? DS_OK : DS_ENOMEM;
 }
 
 ds_engine *ds_engine_create(const ds_model *model, const ds_engine_params *params, ds_err *err) {
@@ -113,7 +110,7 @@ void ds_engine_free(ds_engine *e) {
     for (ds_seq *s = e->incoming; s; s = s->next) ds_engine_seq_release(e, s);
     free_list(e->incoming);
     ds_engine_slots_free(e);
-    if (e->b.scratch) e->backend->iface->release(e->backend->ctx, e->b.scratch);
+    ds_adapter_plan_free(e->b.plan);
     ds_engine_batch_free(e);
     ds_kv_alloc_free(&e->kv);
     ds_llama_free(e->llama);
