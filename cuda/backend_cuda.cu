@@ -170,11 +170,13 @@ static void ctx_destroy(ds_cuda_ctx *c) {
         cudaFree(c->xbf.ptr);
         cudaFree(c->meta.ptr);
         cudaFree(c->lora_tmp.ptr);
+        cudaFree(c->plan.ptr);
         if (c->pin) cudaFreeHost(c->pin);
         if (c->err_flag_host) cudaFreeHost(c->err_flag_host);
         if (c->stream) cudaStreamDestroy(c->stream);
         (void)cudaGetLastError();
     }
+    free(c->plan_lora);
     free(c);
 }
 
@@ -266,6 +268,7 @@ static const struct ds_backend_iface cuda_iface = {
     .get_rows = ds_cuda_get_rows,
     .kv_store = ds_cuda_kv_store,
     .attention = ds_cuda_attention,
+    .plan_upload = ds_cuda_plan_upload,
     .lora = ds_cuda_lora,
     .seg_scale = ds_cuda_seg_scale,
     .seg_add = ds_cuda_seg_add,

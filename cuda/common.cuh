@@ -100,7 +100,7 @@ typedef struct ds_cuda_ctx {
     unsigned char *pin;
     size_t pin_cap, pin_off;
 
-    /* Device mirror of per-call op metadata (LoRA segments, vec segments, set_rows lists). One
+    /* Device mirror of per-call op metadata (set_rows lists; segment tables go through plan). One
      * buffer suffices: each op's metadata copy is stream-ordered after the previous op's kernels. */
     ds_cuda_ws meta;
 
@@ -115,8 +115,19 @@ typedef struct ds_cuda_ctx {
     ds_cuda_gemm_plan *plans;
     int32_t n_plans;
 
-    /* SGMV: the shrink output, packed per segment at its own rank (sum of len·rank floats). */
+    /* SGMV: the shrink output of one call, packed per segment at its own rank (Σ len·rank floats). */
     ds_cuda_ws lora_tmp;
+
+    /* The step's segment plan (ds_cuda_plan_upload, sgmv.cu), copied to the device once per step:
+     * the packed LoRA table (plan_n_lora entries + a sentinel of totals) followed by the vec table.
+     * plan_lora is the host mirror the launches read their sizes from (grows once, like a ws);
+     * plan_vec is the caller's host vec table, borrowed until the next plan_upload. */
+    ds_cuda_ws plan;
+    struct sgmv_seg *plan_lora;
+    size_t plan_lora_cap; /* entries */
+    int32_t plan_n_lora, plan_n_vec;
+    const ds_vec_seg *plan_vec;
+    const ds_vec_seg *plan_vec_dev;
 } ds_cuda_ctx;
 
 /* Makes the context's device current for the calling thread (cudaSetDevice is per thread, and the
@@ -160,8 +171,8 @@ int ds_cuda_add(void *ctx, float *y, const float *x, size_t n);
 int ds_cuda_get_rows(void *ctx, const float *src, const int32_t *idx, float *dst, int32_t n, int32_t d);
 int ds_cuda_kv_store(void *ctx, float *k_cache, float *v_cache, const float *k, const float *v,
                      const int64_t *slot, int32_t n, int32_t row);
-int ds_cuda_seg_scale(void *ctx, float *y, int32_t width, const ds_vec_seg *segs, int32_t n_segs);
-int ds_cuda_seg_add(void *ctx, float *y, int32_t width, const ds_vec_seg *segs, int32_t n_segs);
+int ds_cuda_seg_scale(void *ctx, float *y, int32_t width, ds_seg_range r);
+int ds_cuda_seg_add(void *ctx, float *y, int32_t width, ds_seg_range r);
 int ds_cuda_set_rows(void *ctx, float *dst, int32_t width, const int32_t *rows, const float *const *src,
                      int32_t n);
 
@@ -169,8 +180,8 @@ int ds_cuda_set_rows(void *ctx, float *dst, int32_t width, const int32_t *rows, 
 int ds_cuda_attention(void *ctx, const ds_attn_args *a);
 
 /* sgmv.cu */
-int ds_cuda_lora(void *ctx, const float *x, int32_t in, float *y, int32_t out, const ds_lora_seg *segs,
-                 int32_t n_segs);
+int ds_cuda_plan_upload(void *ctx, const ds_seg_tables *t);
+int ds_cuda_lora(void *ctx, const float *x, int32_t in, float *y, int32_t out, ds_seg_range r);
 
 /* ---- device helpers ---- */
 

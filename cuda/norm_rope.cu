@@ -193,7 +193,7 @@ int ds_cuda_kv_store(void *ctx, float *k_cache, float *v_cache, const float *k, 
     return DS_OK;
 }
 
-/* ---- segment ops (host segment arrays, staged per call) ---- */
+/* ---- segment ops (ranges of the step's planned vec table, sgmv.cu's ds_cuda_plan_upload) ---- */
 
 /* grid.y walks segments, grid.x the tokens of a segment: a 1-token segment costs one block, a
  * 300-token one up to gridDim.x blocks, with no inter-block dependency. */
@@ -213,34 +213,29 @@ static __global__ void seg_vec_kernel(float *y, int32_t width, const ds_vec_seg 
     }
 }
 
+/* Runs entries r of the planned vec table (ds_cuda_plan_upload copied it to the device once per
+ * step); the grid's x extent comes from the caller's host table, borrowed until the next plan. */
 template <bool SCALE>
-static int seg_vec(ds_cuda_ctx *c, float *y, int32_t width, const ds_vec_seg *segs, int32_t n_segs) {
-    if (n_segs < 0 || width < 0) return DS_EINVAL;
-    if (n_segs == 0 || width == 0) return DS_OK;
+static int seg_vec(ds_cuda_ctx *c, float *y, int32_t width, ds_seg_range r) {
+    if (width < 0 || r.first < 0 || r.n < 0 || r.first > c->plan_n_vec - r.n) return DS_EINVAL;
+    if (r.n == 0 || width == 0) return DS_OK;
     int32_t max_len = 0;
-    for (int32_t i = 0; i < n_segs; i++) {
-        if (segs[i].start < 0 || segs[i].len < 0) return DS_EINVAL;
-        if (segs[i].len > max_len) max_len = segs[i].len;
-    }
+    for (int32_t i = r.first; i < r.first + r.n; i++)
+        if (c->plan_vec[i].len > max_len) max_len = c->plan_vec[i].len;
     if (max_len == 0) return DS_OK;
     DS_TRY(ds_cuda_enter(c));
-    const size_t bytes = (size_t)n_segs * sizeof(ds_vec_seg);
-    void *h, *d;
-    DS_TRY(ds_cuda_meta_alloc(c, bytes, &h));
-    memcpy(h, segs, bytes); /* ds_vec_seg has the same layout in C and C++ */
-    DS_TRY(ds_cuda_meta_push(c, h, bytes, &d));
-    dim3 grid((unsigned)(max_len < 1024 ? max_len : 1024), (unsigned)(n_segs < 65535 ? n_segs : 65535));
-    seg_vec_kernel<SCALE><<<grid, THREADS, 0, c->stream>>>(y, width, (const ds_vec_seg *)d, n_segs);
+    dim3 grid((unsigned)(max_len < 1024 ? max_len : 1024), (unsigned)(r.n < 65535 ? r.n : 65535));
+    seg_vec_kernel<SCALE><<<grid, THREADS, 0, c->stream>>>(y, width, c->plan_vec_dev + r.first, r.n);
     CU_CHECK_LAUNCH("seg_vec_kernel");
     return DS_OK;
 }
 
-int ds_cuda_seg_scale(void *ctx, float *y, int32_t width, const ds_vec_seg *segs, int32_t n_segs) {
-    return seg_vec<true>((ds_cuda_ctx *)ctx, y, width, segs, n_segs);
+int ds_cuda_seg_scale(void *ctx, float *y, int32_t width, ds_seg_range r) {
+    return seg_vec<true>((ds_cuda_ctx *)ctx, y, width, r);
 }
 
-int ds_cuda_seg_add(void *ctx, float *y, int32_t width, const ds_vec_seg *segs, int32_t n_segs) {
-    return seg_vec<false>((ds_cuda_ctx *)ctx, y, width, segs, n_segs);
+int ds_cuda_seg_add(void *ctx, float *y, int32_t width, ds_seg_range r) {
+    return seg_vec<false>((ds_cuda_ctx *)ctx, y, width, r);
 }
 
 typedef struct set_row {

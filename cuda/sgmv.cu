@@ -4,12 +4,17 @@
  * for t in each segment [start, start+len). Segments must not overlap (the engine groups tokens
  * by adapter, so they never do); tokens outside every segment are untouched.
  *
- * One shrink launch and one expand launch per call, whatever the number of segments. The host
- * cuts every segment into tiles and packs, per segment, its pointers, rank, scale, the offset of
- * its packed tmp rows (Σ len·rank: no padding to a maximum rank) and the index of its first tile.
- * Block b finds its segment by binary search over those first-tile indices, so a 300-token
- * segment gets many blocks and a 1-token segment one, with no grid-wide synchronisation and no
- * atomics (each output element has exactly one writer: results are deterministic).
+ * Plan/run (include/ds/plan.h): ds_cuda_plan_upload packs the step's whole LoRA table once — per
+ * entry its pointers, rank, scale and three running totals over the table (Σ len·rank: the
+ * offset of its packed tmp rows, no padding to a maximum rank; shrink tiles; expand token
+ * tiles) — and copies it to the device with the vec table in one transfer. A call then names a
+ * range of entries: its launch sizes are differences of the totals of the host mirror, and the
+ * kernels read the device copy, offset by the range's first totals. No per-call packing or copy.
+ *
+ * One shrink launch and one expand launch per call, whatever the number of segments. Block b
+ * finds its segment by binary search over the running tile totals, so a 300-token segment gets
+ * many blocks and a 1-token segment one, with no grid-wide synchronisation and no atomics (each
+ * output element has exactly one writer: results are deterministic).
  *
  * Performance notes (for the GPU session):
  * - Decode shrink is memory-bound on A (rank × in); with few segments there are few blocks
@@ -30,24 +35,29 @@
 #define EXPAND_OUT SGMV_THREADS /* outputs per expand tile: one per thread */
 #define EXPAND_R 16    /* ranks staged in shared memory at a time */
 
-/* One segment as the kernels see it (packed on the host, copied per call). */
+/* One entry of the planned LoRA table as the kernels see it. The running totals count every
+ * entry before this one in the whole table; entry n_lora is a sentinel holding the table's totals. */
 typedef struct sgmv_seg {
-    const float *A;    /* [rank][in] */
-    const float *B;    /* [out][rank] */
-    int64_t tmp_off;   /* first float of this segment's [len][rank] block of tmp */
+    const float *A;      /* [rank][in] */
+    const float *B;      /* [out][rank] */
+    int64_t tmp_off;     /* Σ len·rank: first float of this entry's [len][rank] block of tmp */
     int32_t start, len, rank;
     float scale;
-    int32_t shrink_first, expand_first; /* index of the segment's first tile in each launch */
+    int32_t shrink_first; /* Σ shrink tiles */
+    int32_t ttile_first;  /* Σ expand token tiles; × the call's output tiles = its first expand block */
 } sgmv_seg;
 
-/* The segment owning tile b: the last one whose first tile is ≤ b (segments without tiles are
- * never packed, so first-tile indices are strictly increasing). */
+/* The entry owning block b of a call over segs[0, n_segs): the last one whose first block is ≤ b.
+ * Entries without work have no tiles, share their first block with the next entry and are never
+ * chosen (the last of equal firsts wins, and a trailing one's first is past every block). */
 template <bool SHRINK>
-static __device__ __forceinline__ int32_t find_seg(const sgmv_seg *segs, int32_t n_segs, int32_t b) {
+static __device__ __forceinline__ int32_t find_seg(const sgmv_seg *segs, int32_t n_segs, int64_t b, int32_t tbase,
+                                                   int32_t n_otiles) {
     int32_t lo = 0, hi = n_segs - 1;
     while (lo < hi) {
         const int32_t mid = (lo + hi + 1) / 2;
-        const int32_t first = SHRINK ? segs[mid].shrink_first : segs[mid].expand_first;
+        const int64_t first = SHRINK ? (int64_t)segs[mid].shrink_first
+                                     : (int64_t)(segs[mid].ttile_first - tbase) * n_otiles;
         if (first <= b)
             lo = mid;
         else
@@ -64,9 +74,10 @@ sgmv_shrink_kernel(const float *__restrict__ x, int32_t in, float *__restrict__ 
                    int32_t n_segs) {
     __shared__ float xs[SHRINK_TOK][SHRINK_K];
     const int lane = threadIdx.x % DS_CUDA_WARP, warp = threadIdx.x / DS_CUDA_WARP;
-    const int32_t si = find_seg<true>(segs, n_segs, blockIdx.x);
+    const int32_t b = segs[0].shrink_first + (int32_t)blockIdx.x; /* tile number in the whole table */
+    const int32_t si = find_seg<true>(segs, n_segs, b, 0, 0);
     const sgmv_seg g = segs[si];
-    const int32_t local = blockIdx.x - g.shrink_first;
+    const int32_t local = b - g.shrink_first;
     const int32_t n_groups = (g.rank + SGMV_WARPS - 1) / SGMV_WARPS;
     const int32_t t0 = (local / n_groups) * SHRINK_TOK; /* relative to the segment */
     const int32_t nt = min(SHRINK_TOK, g.len - t0);
@@ -93,7 +104,7 @@ sgmv_shrink_kernel(const float *__restrict__ x, int32_t in, float *__restrict__ 
         __syncthreads();
     }
     if (r >= g.rank) return; /* after the last barrier */
-    float *out = tmp + g.tmp_off + (size_t)t0 * g.rank + r;
+    float *out = tmp + (g.tmp_off - segs[0].tmp_off) + (size_t)t0 * g.rank + r; /* tmp holds this call only */
 #pragma unroll
     for (int tt = 0; tt < SHRINK_TOK; tt++) {
         const float v = ds_warp_sum(acc[tt]);
@@ -108,14 +119,15 @@ sgmv_expand_kernel(const float *__restrict__ tmp, float *__restrict__ y, int32_t
                    int32_t n_segs) {
     __shared__ float bs[EXPAND_OUT][EXPAND_R + 1]; /* +1: conflict-free column reads */
     __shared__ float ts[EXPAND_TOK][EXPAND_R];
-    const int32_t si = find_seg<false>(segs, n_segs, blockIdx.x);
-    const sgmv_seg g = segs[si];
-    const int32_t local = blockIdx.x - g.expand_first;
     const int32_t n_otiles = (out + EXPAND_OUT - 1) / EXPAND_OUT;
+    const int32_t tbase = segs[0].ttile_first;
+    const int32_t si = find_seg<false>(segs, n_segs, blockIdx.x, tbase, n_otiles);
+    const sgmv_seg g = segs[si];
+    const int32_t local = (int32_t)(blockIdx.x - (int64_t)(g.ttile_first - tbase) * n_otiles);
     const int32_t t0 = (local / n_otiles) * EXPAND_TOK;
     const int32_t nt = min(EXPAND_TOK, g.len - t0);
     const int32_t o0 = (local % n_otiles) * EXPAND_OUT;
-    const float *tt0 = tmp + g.tmp_off + (size_t)t0 * g.rank;
+    const float *tt0 = tmp + (g.tmp_off - segs[0].tmp_off) + (size_t)t0 * g.rank;
 
     float acc[EXPAND_TOK];
 #pragma unroll
@@ -146,49 +158,79 @@ sgmv_expand_kernel(const float *__restrict__ tmp, float *__restrict__ y, int32_t
         if (tt < nt) yo[(size_t)tt * out] += g.scale * acc[tt];
 }
 
-int ds_cuda_lora(void *ctx, const float *x, int32_t in, float *y, int32_t out, const ds_lora_seg *segs,
-                 int32_t n_segs) {
-    ds_cuda_ctx *c = (ds_cuda_ctx *)ctx;
-    if (in <= 0 || out <= 0 || n_segs < 0) return DS_EINVAL;
-    /* Pass 1 (host): validate, count the segments that do work and the packed tmp size. */
-    int32_t n_work = 0;
-    size_t tmp_floats = 0;
-    for (int32_t i = 0; i < n_segs; i++) {
+/* Tiles of one entry in each launch; 0 for an entry without work. */
+static int64_t shrink_tiles(const ds_lora_seg *s) {
+    if (s->len == 0 || s->rank == 0) return 0;
+    return (int64_t)((s->len + SHRINK_TOK - 1) / SHRINK_TOK) * ((s->rank + SGMV_WARPS - 1) / SGMV_WARPS);
+}
+static int64_t token_tiles(const ds_lora_seg *s) {
+    return s->len == 0 || s->rank == 0 ? 0 : (s->len + EXPAND_TOK - 1) / EXPAND_TOK;
+}
+
+/* Packs the LoRA table into the host mirror c->plan_lora (n + 1 entries, the last the totals). */
+static int pack_lora(ds_cuda_ctx *c, const ds_lora_seg *segs, int32_t n) {
+    if ((size_t)n + 1 > c->plan_lora_cap) {
+        size_t cap = c->plan_lora_cap ? c->plan_lora_cap : 256;
+        while (cap < (size_t)n + 1) cap *= 2;
+        sgmv_seg *p = (sgmv_seg *)realloc(c->plan_lora, cap * sizeof *p);
+        if (!p) return DS_ENOMEM;
+        c->plan_lora = p;
+        c->plan_lora_cap = cap;
+    }
+    int64_t off = 0, n_shrink = 0, n_ttiles = 0;
+    for (int32_t i = 0; i < n; i++) {
         const ds_lora_seg *s = &segs[i];
         if (s->start < 0 || s->len < 0 || s->rank < 0) return DS_EINVAL;
-        if (s->len == 0 || s->rank == 0) continue;
-        if (!s->A || !s->B) return DS_EINVAL;
-        tmp_floats += (size_t)s->len * (size_t)s->rank;
-        n_work++;
-    }
-    if (n_work == 0) return DS_OK;
-    DS_TRY(ds_cuda_enter(c));
-    /* Reserve before staging: growing synchronizes and recycles the staging ring. */
-    DS_TRY(ds_cuda_ws_reserve(c, &c->lora_tmp, tmp_floats * sizeof(float)));
-
-    /* Pass 2: pack straight into pinned memory, numbering each launch's tiles. */
-    const size_t bytes = (size_t)n_work * sizeof(sgmv_seg);
-    void *h, *d;
-    DS_TRY(ds_cuda_meta_alloc(c, bytes, &h));
-    sgmv_seg *p = (sgmv_seg *)h;
-    int64_t n_shrink = 0, n_expand = 0, off = 0;
-    const int64_t n_otiles = (out + EXPAND_OUT - 1) / EXPAND_OUT;
-    for (int32_t i = 0, k = 0; i < n_segs; i++) {
-        const ds_lora_seg *s = &segs[i];
-        if (s->len == 0 || s->rank == 0) continue;
-        const sgmv_seg e = {s->A, s->B, off, s->start, s->len, s->rank, s->scale, (int32_t)n_shrink, (int32_t)n_expand};
-        p[k] = e;
+        if (s->len && s->rank && (!s->A || !s->B)) return DS_EINVAL;
+        c->plan_lora[i] = sgmv_seg{s->A, s->B, off, s->start, s->len, s->rank, s->scale, (int32_t)n_shrink,
+                                   (int32_t)n_ttiles};
         off += (int64_t)s->len * s->rank;
-        n_shrink += (int64_t)((s->len + SHRINK_TOK - 1) / SHRINK_TOK) * ((s->rank + SGMV_WARPS - 1) / SGMV_WARPS);
-        n_expand += (int64_t)((s->len + EXPAND_TOK - 1) / EXPAND_TOK) * n_otiles;
-        if (n_shrink > INT32_MAX || n_expand > INT32_MAX) return DS_EUNSUPPORTED;
-        k++;
+        n_shrink += shrink_tiles(s);
+        n_ttiles += token_tiles(s);
+        if (n_shrink > INT32_MAX || n_ttiles > INT32_MAX) return DS_EUNSUPPORTED;
     }
-    DS_TRY(ds_cuda_meta_push(c, h, bytes, &d));
+    c->plan_lora[n] = sgmv_seg{nullptr, nullptr, off, 0, 0, 0, 0.0f, (int32_t)n_shrink, (int32_t)n_ttiles};
+    return DS_OK;
+}
+
+int ds_cuda_plan_upload(void *ctx, const ds_seg_tables *t) {
+    ds_cuda_ctx *c = (ds_cuda_ctx *)ctx;
+    c->plan_n_lora = c->plan_n_vec = 0; /* a failed upload leaves no plan to run */
+    if (t->n_lora < 0 || t->n_vec < 0 || t->n_bn < 0) return DS_EINVAL;
+    for (int32_t i = 0; i < t->n_vec; i++)
+        if (t->vec[i].start < 0 || t->vec[i].len < 0) return DS_EINVAL;
+    DS_TRY(pack_lora(c, t->lora, t->n_lora));
+    const size_t lora_bytes = ((size_t)t->n_lora + 1) * sizeof(sgmv_seg);
+    const size_t vec_off = (lora_bytes + 63) & ~(size_t)63, vec_bytes = (size_t)t->n_vec * sizeof(ds_vec_seg);
+    DS_TRY(ds_cuda_enter(c));
+    DS_TRY(ds_cuda_ws_reserve(c, &c->plan, vec_off + vec_bytes)); /* before staging: growing syncs */
+    unsigned char *dev = (unsigned char *)c->plan.ptr;
+    DS_TRY(ds_cuda_h2d(c, dev, c->plan_lora, lora_bytes));
+    if (vec_bytes) DS_TRY(ds_cuda_h2d(c, dev + vec_off, t->vec, vec_bytes)); /* same layout in C and C++ */
+    c->plan_n_lora = t->n_lora;
+    c->plan_n_vec = t->n_vec;
+    c->plan_vec = t->vec;
+    c->plan_vec_dev = (const ds_vec_seg *)(dev + vec_off);
+    return DS_OK;
+}
+
+int ds_cuda_lora(void *ctx, const float *x, int32_t in, float *y, int32_t out, ds_seg_range r) {
+    ds_cuda_ctx *c = (ds_cuda_ctx *)ctx;
+    if (in <= 0 || out <= 0 || r.first < 0 || r.n < 0 || r.first > c->plan_n_lora - r.n) return DS_EINVAL;
+    if (r.n == 0) return DS_OK;
+    const sgmv_seg *h0 = &c->plan_lora[r.first], *h1 = &c->plan_lora[r.first + r.n];
+    const int64_t n_otiles = (out + EXPAND_OUT - 1) / EXPAND_OUT;
+    const int64_t n_shrink = h1->shrink_first - h0->shrink_first;
+    const int64_t n_expand = (int64_t)(h1->ttile_first - h0->ttile_first) * n_otiles;
+    if (n_shrink == 0) return DS_OK; /* no entry of the range has work */
+    if (n_expand > INT32_MAX) return DS_EUNSUPPORTED;
+    DS_TRY(ds_cuda_enter(c));
+    DS_TRY(ds_cuda_ws_reserve(c, &c->lora_tmp, (size_t)(h1->tmp_off - h0->tmp_off) * sizeof(float)));
+    const sgmv_seg *d = (const sgmv_seg *)c->plan.ptr + r.first;
     float *tmp = (float *)c->lora_tmp.ptr;
-    sgmv_shrink_kernel<<<(unsigned)n_shrink, SGMV_THREADS, 0, c->stream>>>(x, in, tmp, (const sgmv_seg *)d, n_work);
+    sgmv_shrink_kernel<<<(unsigned)n_shrink, SGMV_THREADS, 0, c->stream>>>(x, in, tmp, d, r.n);
     CU_CHECK_LAUNCH("sgmv_shrink_kernel");
-    sgmv_expand_kernel<<<(unsigned)n_expand, SGMV_THREADS, 0, c->stream>>>(tmp, y, out, (const sgmv_seg *)d, n_work);
+    sgmv_expand_kernel<<<(unsigned)n_expand, SGMV_THREADS, 0, c->stream>>>(tmp, y, out, d, r.n);
     CU_CHECK_LAUNCH("sgmv_expand_kernel");
     return DS_OK;
 }

@@ -12,7 +12,8 @@
  * bytes read + written by the backend's own copy op (cudaMemcpyAsync device→device on CUDA).
  * Tokens are split into `adapters` equal contiguous segments, as the engine batches them; a
  * configuration with more adapters than tokens is skipped. Timing: `iters` calls after 3 warm-up
- * calls, closed by the backend's synchronize. */
+ * calls, closed by the backend's synchronize; the segments are planned (plan_upload) once before,
+ * as an engine step plans once for every layer. */
 #include "../bench_bw.h"
 #include "ds/backend.h"
 
@@ -129,12 +130,16 @@ static double time_config(ds_backend *b, const bufs *bf, const proj *p, int rank
         int32_t s0 = (int32_t)((int64_t)n_tok * i / n_ad), s1 = (int32_t)((int64_t)n_tok * (i + 1) / n_ad);
         segs[i] = (ds_lora_seg){.start = s0, .len = s1 - s0, .rank = rank, .scale = 2.0f, .A = bf->A[i], .B = bf->B[i]};
     }
+    /* Planned once, as a step plans once for all its layers (include/ds/plan.h). */
+    const ds_seg_tables tab = {.lora = segs, .n_lora = n_ad};
+    const ds_seg_range all = {0, n_ad};
+    if (b->iface->plan_upload(b->ctx, &tab)) return -1;
     for (int w = 0; w < 3; w++)
-        if (b->iface->lora(b->ctx, bf->x, p->in, bf->y, p->out, segs, n_ad)) return -1;
+        if (b->iface->lora(b->ctx, bf->x, p->in, bf->y, p->out, all)) return -1;
     if (b->iface->synchronize(b->ctx)) return -1;
     double t0 = ds_time_s();
     for (int it = 0; it < iters; it++)
-        if (b->iface->lora(b->ctx, bf->x, p->in, bf->y, p->out, segs, n_ad)) return -1;
+        if (b->iface->lora(b->ctx, bf->x, p->in, bf->y, p->out, all)) return -1;
     if (b->iface->synchronize(b->ctx)) return -1;
     return (ds_time_s() - t0) / iters;
 }

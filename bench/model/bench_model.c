@@ -30,11 +30,10 @@ typedef struct bench {
     ds_llama *L;
     const ds_model *m;
     ds_backend *b;
-    float *logits, *scratch;
+    float *logits;
     int32_t *tables, *n_past, *tok; /* tok: 5 arrays of max_tokens */
     ds_adapter_seg *segs;
-    ds_lora_seg *lora_tmp;
-    ds_vec_seg *vec_tmp;
+    ds_plan *plan; /* built once per step, as the engine does */
     int max_seqs, blocks, max_tokens;
 } bench;
 
@@ -140,12 +139,12 @@ static int step(bench *B, int n_seqs, int n_tok, const ds_adapter_dev **devs) {
         if (prev && devs[prev->slot] == devs[s] && prev->start + prev->len == start) prev->len += t - start;
         else B->segs[n_segs++] = (ds_adapter_seg){start, t - start, s};
     }
-    ds_adapter_batch ad = {.slots = devs, .segs = B->segs, .n_segs = n_segs, .scratch = B->scratch,
-                           .lora_tmp = B->lora_tmp, .vec_tmp = B->vec_tmp};
+    ds_adapter_batch ad = {.slots = devs, .segs = B->segs, .n_segs = n_segs};
     ds_batch b = {.n_tokens = t, .tokens = tokens, .pos = pos, .tok_seq = seq, .tok_kv = kv, .n_seqs = n_seqs,
                   .block_tables = B->tables, .max_blocks = B->blocks, .n_out = n_seqs, .out_rows = out};
     ds_err err = {{0}};
-    int st = ds_llama_forward(B->L, &b, devs ? &ad : NULL, B->logits, &err);
+    int st = devs ? ds_adapter_plan_build(B->plan, &ad, &b) : DS_OK;
+    if (!st) st = ds_llama_forward(B->L, &b, devs ? B->plan : NULL, B->logits, &err);
     if (st) fprintf(stderr, "forward failed: %s\n", err.msg);
     return st;
 }
@@ -250,20 +249,17 @@ static int bench_init(bench *B, const ds_model *m, ds_backend *be, int batch, in
     B->n_past = calloc((size_t)B->max_seqs, sizeof(int32_t));
     B->tok = malloc(sizeof(int32_t) * 5 * (size_t)B->max_tokens);
     B->segs = calloc((size_t)B->max_seqs, sizeof *B->segs);
-    B->lora_tmp = calloc((size_t)B->max_seqs, sizeof *B->lora_tmp);
-    B->vec_tmp = calloc((size_t)B->max_seqs + 1, sizeof *B->vec_tmp);
     B->logits = malloc(sizeof(float) * (size_t)B->max_seqs * (size_t)c->n_vocab);
-    const size_t w = (size_t)(c->d_ff > c->d_model ? c->d_ff : c->d_model);
-    B->scratch = be->iface->alloc(be->ctx, sizeof(float) * (size_t)B->max_tokens * w);
-    if (!B->tables || !B->n_past || !B->tok || !B->segs || !B->lora_tmp || !B->vec_tmp || !B->logits || !B->scratch)
+    if (!(B->plan = ds_adapter_plan_create(B->L, B->max_seqs, B->max_tokens, err))) return -1;
+    if (!B->tables || !B->n_past || !B->tok || !B->segs || !B->logits)
         return ds_err_set(err, DS_ENOMEM, "out of memory for the benchmark's buffers"), -1;
     for (int i = 0; i < lp.n_kv_blocks; i++) B->tables[i] = i;
     return 0;
 }
 
 static void bench_free(bench *B) {
-    if (B->scratch) B->b->iface->release(B->b->ctx, B->scratch);
-    free(B->tables), free(B->n_past), free(B->tok), free(B->segs), free(B->lora_tmp), free(B->vec_tmp);
+    ds_adapter_plan_free(B->plan);
+    free(B->tables), free(B->n_past), free(B->tok), free(B->segs);
     free(B->logits);
     ds_llama_free(B->L);
 }

@@ -1,56 +1,17 @@
-/* deltaserve — adapters (PEFT LoRA family, IA³, prompt/prefix tuning) and how a step applies them.
- *
- * This header's first part is the per-step view the forward pass consumes (ds_adapter_batch) and
- * the projection hooks it calls; with a NULL view every hook is exactly the base computation, so
- * the base-only path pays nothing for adapters. */
+/* deltaserve — adapters (PEFT LoRA family, IA³, prompt/prefix tuning, bottleneck): host copies as
+ * loaded, resident (backend) copies, the per-step plan builder, prefix K/V, and the registry.
+ * The forward pass never calls into this layer: it runs the plan (ds/plan.h) this layer builds. */
 #ifndef DS_ADAPTER_H
 #define DS_ADAPTER_H
 
 #include "ds/backend.h"
+#include "ds/batch.h"
 #include "ds/common.h"
+#include "ds/plan.h"
 
 #ifdef __cplusplus
 extern "C" {
 #endif
-
-typedef enum {
-    DS_PROJ_Q = 0,
-    DS_PROJ_K,
-    DS_PROJ_V,
-    DS_PROJ_O,
-    DS_PROJ_GATE,
-    DS_PROJ_UP,
-    DS_PROJ_DOWN,
-    DS_PROJ_COUNT
-} ds_proj;
-
-/* Sites of bottleneck adapters in a layer: after attention (o_proj output; AdapterHub mh_adapter)
- * and after the MLP (down_proj output; output_adapter). */
-typedef enum { DS_BN_ATTN = 0, DS_BN_FFN, DS_BN_SITES } ds_bn_site;
-
-/* Returns "q_proj", "k_proj", ... for a projection. */
-const char *ds_proj_name(ds_proj p);
-
-typedef struct ds_adapter_batch ds_adapter_batch;
-
-/* y[n][w.rows] = x·Wᵀ + bias, plus every adapter delta for projection `proj` of layer `layer`
- * over the step's adapter segments. Engine thread. */
-int ds_adapter_linear(const ds_adapter_batch *ad, ds_backend *b, int32_t layer, ds_proj proj, const ds_mat *w,
-                      const float *bias, const float *x, float *y, int32_t n);
-/* Bottleneck adapters at `site` of layer `layer`: o[n][d_model] (the sub-block's output) is rewritten
- * in place for the tokens of every segment whose adapter has a module there, so that the caller's
- * x += o yields the adapted residual stream (ds_bn_seg in ds/backend.h); x is the stream entering
- * the sub-block. Returns 0, DS_EUNSUPPORTED (backend without the op) or the op's status. Engine thread. */
-int ds_adapter_bottleneck(const ds_adapter_batch *ad, ds_backend *b, int32_t layer, ds_bn_site site, const float *x,
-                          float *o, int32_t n);
-/* Input embeddings of the step's tokens (ids are backend pointers), with soft-prompt rows. */
-int ds_adapter_embed(const ds_adapter_batch *ad, ds_backend *b, const ds_mat *tok_embd, const int32_t *ids,
-                     float *out, int32_t n);
-/* logits[n][vocab] = x · outputᵀ (+ lm_head LoRA). Row r of x is batch token out_rows[r] (host
- * array, ascending), which tells each row's adapter segment. */
-int ds_adapter_lm_head(const ds_adapter_batch *ad, ds_backend *b, const ds_mat *output, const float *x,
-                       float *logits, int32_t n, const int32_t *out_rows);
-
 
 /* ---- Host-side adapters as loaded from disk (src/adapter/peft.c, gguf_lora.c). ---- */
 
@@ -146,7 +107,7 @@ int ds_adapter_config_check(const char *json, size_t len, ds_err *err);
 int ds_adapter_resolve_path(const char *root, const char *rel, char **out, ds_err *err);
 
 
-/* ---- Resident adapters: backend copies of a ds_adapter (src/adapter/apply.c). ---- */
+/* ---- Resident adapters: backend copies of a ds_adapter (src/adapter/resident.c). ---- */
 
 typedef struct ds_lora_dev {
     int32_t rank; /* 0 = projection not adapted */
@@ -178,25 +139,37 @@ typedef struct ds_adapter_seg {
     int32_t start, len, slot;
 } ds_adapter_seg;
 
-/* The per-step view the forward pass consumes. Built by the engine (or a test); all arrays are
- * host memory valid for the step. */
-struct ds_adapter_batch {
+/* The step's adapters as the engine (or a test) groups them: what a plan is built from. All arrays
+ * are host memory, read only during ds_adapter_plan_build. */
+typedef struct ds_adapter_batch {
     const ds_adapter_dev *const *slots; /* slot → resident adapter */
     const ds_adapter_seg *segs;         /* ascending, non-overlapping; only tokens with an adapter */
     int32_t n_segs;
     const int32_t *soft_rows;           /* [n_soft] batch rows whose embedding is a soft-prompt row */
     const float *const *soft_src;       /* [n_soft] backend row pointers */
     int32_t n_soft;
-    float *scratch;                     /* backend buffer >= n_tokens * max(d_model, d_ff) floats */
-    ds_lora_seg *lora_tmp;              /* host scratch, n_segs entries */
-    ds_vec_seg *vec_tmp;                /* host scratch, n_segs + 1 entries */
-};
+} ds_adapter_batch;
 
+/* ---- The per-step plan (src/adapter/plan.c): built here, run by the forward (ds/plan.h). ---- */
 
 struct ds_llama;
+
+/* A plan with room for steps of up to max_segs adapter segments and max_tokens tokens over the
+ * model L runs (its layer count, projection widths and base biases); its tables and the backend
+ * scratch the ops need are allocated here, once. L is borrowed and must outlive the plan.
+ * Returns NULL with a message. Engine thread. */
+ds_plan *ds_adapter_plan_create(const struct ds_llama *L, int32_t max_segs, int32_t max_tokens, ds_err *err);
+void ds_adapter_plan_free(ds_plan *p);
+
+/* Builds the plan of one step: for every (layer, projection), lm_head and bottleneck site, the
+ * segment tables of the adapters of ad over the tokens of bt (out_rows for lm_head). Called once
+ * per step, before ds_llama_forward; the plan is valid until the next build. Returns 0, or
+ * DS_EINVAL (more segments or tokens than the plan was created for, a slot without an adapter). */
+int ds_adapter_plan_build(ds_plan *p, const ds_adapter_batch *ad, const ds_batch *bt);
+
 /* Prefix tuning: writes the adapter's per-layer K/V prefixes (no RoPE, no norm — PEFT feeds them
- * as past key/values) into the KV pool blocks `blocks` (ceil(n_virtual / block_size) of them):
- * prefix slot p goes to block blocks[p / bs], offset p % bs. Engine thread. */
+ * as past key/values) into the KV blocks `blocks` (ceil(n_virtual / block_size) of them) through
+ * ds_llama_kv_write: prefix slot p goes to block blocks[p / bs], offset p % bs. Engine thread. */
 int ds_adapter_write_prefix(struct ds_llama *L, const ds_adapter *a, const int32_t *blocks, int32_t n_blocks,
                             ds_err *err);
 

@@ -3,7 +3,8 @@
  * The forward pass (src/model/llama.c) is written once over these ops. All tensor pointers given
  * to ops are BACKEND pointers (host memory for the CPU backend, device memory for CUDA) obtained
  * from alloc() or mat_upload(); the forward never dereferences them. Small per-step index arrays
- * (ds_batch_dev) are uploaded once per step with upload().
+ * are uploaded once per step with upload(), and the step's adapter segment tables once with
+ * plan_upload() (the plan/run split of FlashInfer: the segmented ops then only take ranges of them).
  *
  * Activations are fp32, row-major. Weights are ds_mat handles made from typed host weights
  * (ds/weight.h); their storage format is the backend's business (CPU: the model's own blocks,
@@ -22,7 +23,7 @@
 extern "C" {
 #endif
 
-#define DS_BACKEND_IFACE_VERSION 2
+#define DS_BACKEND_IFACE_VERSION 3
 
 /* A weight matrix in backend memory: logical shape [rows][cols] (torch [out][in]), row r at
  * data + r·row_bytes, in the backend's storage dtype (CPU: the model's own format, borrowed;
@@ -127,6 +128,23 @@ typedef struct ds_bn_seg {
     const float *ln_a_w, *ln_a_b;  /* ln_after [d] each, or NULL */
 } ds_bn_seg;
 
+/* The segment tables of one step (include/ds/plan.h builds them), host arrays. plan_upload()
+ * takes them once per step; the segmented ops (lora, seg_scale, seg_add, bottleneck) then name a
+ * range of one table instead of passing segments. */
+typedef struct ds_seg_tables {
+    const ds_lora_seg *lora;
+    int32_t n_lora;
+    const ds_vec_seg *vec;
+    int32_t n_vec;
+    const ds_bn_seg *bn;
+    int32_t n_bn;
+} ds_seg_tables;
+
+/* Entries [first, first + n) of one table of the last plan_upload(). */
+typedef struct ds_seg_range {
+    int32_t first, n;
+} ds_seg_range;
+
 struct ds_backend_iface {
     int version; /* DS_BACKEND_IFACE_VERSION */
     const char *name;
@@ -169,14 +187,18 @@ struct ds_backend_iface {
                     const int64_t *slot, int32_t n, int32_t row);
     int (*attention)(void *ctx, const ds_attn_args *a);
 
-    /* Segmented LoRA (SGMV): y[t][out] += scale·B·(A·x[t]) per segment; x [n][in]. May be NULL
-     * (backend without adapter support). */
-    int (*lora)(void *ctx, const float *x, int32_t in, float *y, int32_t out, const ds_lora_seg *segs,
-                int32_t n_segs);
-    /* y[t][j] *= v[j] for t in each segment (DoRA magnitude, IA³). segs is a host array. */
-    int (*seg_scale)(void *ctx, float *y, int32_t width, const ds_vec_seg *segs, int32_t n_segs);
-    /* y[t][j] += alpha * v[j] for t in each segment (biases). segs is a host array. */
-    int (*seg_add)(void *ctx, float *y, int32_t width, const ds_vec_seg *segs, int32_t n_segs);
+    /* Plan/run: takes the step's segment tables before the first segmented op of the step. The
+     * arrays are borrowed until the next plan_upload() (the CPU backend reads them in place; CUDA
+     * packs its kernel metadata and copies it to the device here, once per step). Required when any
+     * of lora, seg_scale, seg_add, bottleneck is set. Returns 0, DS_EINVAL (bad segment), DS_EDEVICE. */
+    int (*plan_upload)(void *ctx, const ds_seg_tables *t);
+    /* Segmented LoRA (SGMV): y[t][out] += scale·B·(A·x[t]) for the lora segments of r; x [n][in].
+     * May be NULL (backend without adapter support). DS_EINVAL when r is outside the plan. */
+    int (*lora)(void *ctx, const float *x, int32_t in, float *y, int32_t out, ds_seg_range r);
+    /* y[t][j] *= v[j] for t in each vec segment of r (DoRA magnitude, IA³). */
+    int (*seg_scale)(void *ctx, float *y, int32_t width, ds_seg_range r);
+    /* y[t][j] += alpha * v[j] for t in each vec segment of r (biases). */
+    int (*seg_add)(void *ctx, float *y, int32_t width, ds_seg_range r);
     /* dst[rows[i]] = src[i] (width floats each): soft-prompt rows. rows and src are host arrays of
      * row indices and backend row pointers. */
     int (*set_rows)(void *ctx, float *dst, int32_t width, const int32_t *rows, const float *const *src, int32_t n);
@@ -191,10 +213,10 @@ struct ds_backend_iface {
      * NULL → no training on this backend. */
     const struct ds_backend_train_iface *train;
 
-    /* Segmented bottleneck adapters (AdapterHub): rewrites rows of o[n][d] in place per segment as
-     * ds_bn_seg says, reading x[n][d]; segs is a host array. Optional: NULL → resident copies of
-     * bottleneck adapters are refused on this backend (ds_adapter_dev_upload). */
-    int (*bottleneck)(void *ctx, const float *x, float *o, int32_t d, const ds_bn_seg *segs, int32_t n_segs);
+    /* Segmented bottleneck adapters (AdapterHub): rewrites rows of o[n][d] in place per bn segment of
+     * r as ds_bn_seg says, reading x[n][d]. Optional: NULL → resident copies of bottleneck adapters
+     * are refused on this backend (ds_adapter_dev_upload). */
+    int (*bottleneck)(void *ctx, const float *x, float *o, int32_t d, ds_seg_range r);
 };
 
 typedef struct ds_backend {

@@ -88,7 +88,12 @@ typedef struct ds_gen_request {
     const int32_t *prompt;   /* copied by submit */
     size_t n_prompt;
     const char *adapter;     /* adapter id, or NULL / "" for the base model */
-    int32_t max_tokens;      /* >= 1 (the server fills defaults); capped by the context */
+    const char *adapter_fallback; /* used when `adapter` is not registered (SGLang's "base:adapter"
+                              * names both the whole string and the part after the colon): an
+                              * adapter id, or "" for the base model. NULL: no fallback */
+    int32_t max_tokens;      /* tokens to generate, >= 1; 0 → the rest of the context: what the
+                              * context length and the KV cache leave after the prompt and the
+                              * adapter's virtual tokens */
     int32_t min_tokens;      /* EOS/stop ignored before this many tokens */
     bool ignore_eos;
     const char *stop[DS_MAX_STOP]; /* stop strings (copied), NULL-terminated list */
@@ -128,10 +133,20 @@ ds_engine *ds_engine_create(const ds_model *model, const ds_engine_params *param
 /* Stops the thread: running requests get DS_EV_DONE with DS_FINISH_CANCEL; waits for the thread. */
 void ds_engine_free(ds_engine *e);
 
-/* Queues a request. Returns a request id (> 0), or 0 with err set and *status one of:
- * DS_EINVAL (bad params, prompt too long: message says why), DS_ENOTFOUND (unknown adapter),
- * DS_EBUSY (queue full). No event is delivered for a refused request. */
-uint64_t ds_engine_submit(ds_engine *e, const ds_gen_request *req, int *status, ds_err *err);
+/* What submit decided for an accepted request. */
+typedef struct ds_submit_info {
+    char adapter[128];         /* the adapter id it runs with ("" = the base model) */
+    uint32_t adapter_version;  /* that adapter's registry version (0 for the base model) */
+    int32_t max_tokens;        /* the request's max_tokens, or what 0 resolved to */
+} ds_submit_info;
+
+/* Queues a request: resolves its adapter (once; the request holds that version until it ends)
+ * and its max_tokens. Returns a request id (> 0) and, when info is not NULL, fills *info; or 0
+ * with err set and *status one of: DS_EINVAL (bad params: message says why), DS_ERANGE (the
+ * prompt does not fit the context or the KV cache), DS_ENOTFOUND (unknown adapter),
+ * DS_EUNSUPPORTED (an adapter that can never fit the adapter budget), DS_EBUSY (queue full).
+ * No event is delivered for a refused request. */
+uint64_t ds_engine_submit(ds_engine *e, const ds_gen_request *req, ds_submit_info *info, int *status, ds_err *err);
 
 /* Cancels a request (no-op if finished). Its final event is DS_EV_DONE with DS_FINISH_CANCEL,
  * unless it already finished. */

@@ -130,8 +130,7 @@ int ds_model_check_complete(const ds_model *m, ds_err *err);
 /* ---- The forward pass (src/model/llama.c), written once over ds_backend ops. ---- */
 #include "ds/backend.h"
 #include "ds/batch.h"
-
-struct ds_adapter_batch; /* adapter.h: per-step adapter view; NULL for base-only steps */
+#include "ds/plan.h"
 
 typedef struct ds_llama ds_llama;
 
@@ -156,20 +155,24 @@ ds_llama *ds_llama_create(const ds_model *model, ds_backend *backend, const ds_l
 void ds_llama_free(ds_llama *L);
 
 /* Runs one step: embeds the batch's tokens, writes their K/V into the paged pool, and writes the
- * logits of batch->out_rows into logits_out (host, [n_out][n_vocab]). adapters may be NULL.
- * Returns 0 or DS_EINVAL (batch inconsistent with the limits) / DS_EDEVICE. Engine thread only. */
-int ds_llama_forward(ds_llama *L, const ds_batch *batch, const struct ds_adapter_batch *adapters,
-                     float *logits_out, ds_err *err);
+ * logits of batch->out_rows into logits_out (host, [n_out][n_vocab]). plan is the step's adapter
+ * plan (ds/plan.h; built for this batch), uploaded here once before the first layer; NULL for a
+ * base-only step. Returns 0 or DS_EINVAL (batch inconsistent with the limits) / DS_EDEVICE /
+ * DS_EUNSUPPORTED (an adapter op the backend lacks). Engine thread only. */
+int ds_llama_forward(ds_llama *L, const ds_batch *batch, const ds_plan *plan, float *logits_out, ds_err *err);
 
 int32_t ds_llama_n_kv_blocks(const ds_llama *L);
 int32_t ds_llama_kv_block_size(const ds_llama *L);
 int32_t ds_llama_max_blocks_per_seq(const ds_llama *L);
 ds_backend *ds_llama_backend(const ds_llama *L);
 const ds_model *ds_llama_model(const ds_llama *L);
-/* Backend pointers to layer l's K and V pools ([n_blocks][block][n_kv_head*head_dim]), e.g. for
- * writing prefix-tuning K/V. */
-float *ds_llama_k_pool(ds_llama *L, int32_t layer);
-float *ds_llama_v_pool(ds_llama *L, int32_t layer);
+/* The base bias of projection `proj` of `layer` (backend pointer, [rows]), or NULL when it has none
+ * (only q, k, v may: Qwen2). The adapter plan adds it after a DoRA scaling. */
+const float *ds_llama_proj_bias(const ds_llama *L, int32_t layer, ds_proj proj);
+/* Writes one KV slot of layer `layer` from host rows k and v ([n_kv_head*head_dim] each), e.g. an
+ * adapter's prefix-tuning K/V; slot is physical (block * kv_block_size + offset). Returns 0,
+ * DS_EINVAL (layer or slot out of range) or the backend's upload status. Engine thread only. */
+int ds_llama_kv_write(ds_llama *L, int32_t layer, int64_t slot, const float *k, const float *v);
 
 #ifdef __cplusplus
 }

@@ -1,4 +1,5 @@
-/* Prefix tuning K/V into shared KV-cache blocks (DESIGN.md "The batch that carries adapters"). */
+/* Prefix tuning K/V into shared KV-cache blocks (docs/ARCHITECTURE.md, "A step: the batch and the
+ * adapter plan"), written through the model's ds_llama_kv_write: the model owns its KV pools. */
 #include "ds/adapter.h"
 #include "ds/model.h"
 
@@ -9,16 +10,14 @@ int ds_adapter_write_prefix(ds_llama *L, const ds_adapter *a, const int32_t *blo
         return ds_err_set(err, DS_EINVAL, "adapter '%s' is not a prefix-tuning adapter", a->name ? a->name : "?");
     if (a->prefix_row != row || a->n_layer != c->n_layer || n_blocks * bs < a->n_virtual)
         return ds_err_set(err, DS_EINVAL, "adapter '%s': prefix shape does not fit the KV cache", a->name ? a->name : "?");
-    ds_backend *b = ds_llama_backend(L);
     for (int32_t l = 0; l < c->n_layer; l++) {
-        float *kp = ds_llama_k_pool(L, l), *vp = ds_llama_v_pool(L, l);
         for (int32_t p = 0; p < a->n_virtual; p++) {
-            const size_t slot = (size_t)blocks[p / bs] * bs + (size_t)(p % bs);
+            const int64_t slot = (int64_t)blocks[p / bs] * bs + p % bs;
             /* PEFT layout: row p holds [2L][row]; K of layer l at 2l, V at 2l+1 */
             const float *src = a->prefix + ((size_t)p * c->n_layer * 2 + (size_t)l * 2) * row;
-            int st = b->iface->upload(b->ctx, kp + slot * row, src, sizeof(float) * (size_t)row);
-            if (!st) st = b->iface->upload(b->ctx, vp + slot * row, src + row, sizeof(float) * (size_t)row);
-            if (st) return ds_err_set(err, st, "adapter '%s': prefix upload failed", a->name ? a->name : "?");
+            int st = ds_llama_kv_write(L, l, slot, src, src + row);
+            if (st) return ds_err_set(err, st, "adapter '%s': prefix upload failed (%s)", a->name ? a->name : "?",
+                                      ds_strerror(st));
         }
     }
     return DS_OK;

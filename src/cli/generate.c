@@ -242,7 +242,7 @@ static int run(const ds_model *m, gen_opts *o) {
         r.user = &outs[i];
         outs[i].stream = o->n_prompts == 1;
         int st;
-        if (!ds_engine_submit(e, &r, &st, &err)) {
+        if (!ds_engine_submit(e, &r, NULL, &st, &err)) {
             fprintf(stderr, "deltaserve: prompt %d: %s\n", i, err.msg);
             outs[i].done = true;
             rc = 1;

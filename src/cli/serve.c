@@ -252,7 +252,7 @@ static bool warm_up(ds_engine *e, const ds_model *m) {
     ds_err err = {{0}};
     int st;
     double t0 = ds_time_s();
-    if (!ds_engine_submit(e, &r, &st, &err)) return fprintf(stderr, "deltaserve: warm-up: %s\n", err.msg), false;
+    if (!ds_engine_submit(e, &r, NULL, &st, &err)) return fprintf(stderr, "deltaserve: warm-up: %s\n", err.msg), false;
     pthread_mutex_lock(&w.mu);
     while (!w.done) pthread_cond_wait(&w.cv, &w.mu);
     pthread_mutex_unlock(&w.mu);

@@ -54,11 +54,8 @@ static int engine_init(ds_engine *e, ds_err *err) {
     if (e->p.max_adapters < 1) e->p.max_adapters = 1;
     e->slots = calloc((size_t)e->p.max_adapters, sizeof *e->slots);
     if (!e->slots) return ds_err_set(err, DS_ENOMEM, "out of memory");
-    const ds_model_config *c = &e->model->cfg;
-    const size_t w = (size_t)(c->d_ff > c->d_model ? c->d_ff : c->d_model);
-    e->b.scratch = e->backend->iface->alloc(e->backend->ctx, sizeof(float) * w * (size_t)e->p.max_batch_tokens);
-    if (!e->b.scratch) return ds_err_set(err, DS_EDEVICE, "out of backend memory for adapter scratch");
-    return DS_OK;
+    e->b.plan = ds_adapter_plan_create(e->llama, e->p.max_seqs, e->p.max_batch_tokens, err);
+    return e->b.plan ? DS_OK : DS_ENOMEM;
 }
 
 ds_engine *ds_engine_create(const ds_model *model, const ds_engine_params *params, ds_err *err) {
@@ -115,7 +112,7 @@ void ds_engine_free(ds_engine *e) {
     for (ds_seq *s = e->incoming; s; s = s->next) ds_engine_seq_release(e, s);
     free_list(e->incoming);
     ds_engine_slots_free(e);
-    if (e->b.scratch) e->backend->iface->release(e->backend->ctx, e->b.scratch);
+    ds_adapter_plan_free(e->b.plan);
     ds_engine_batch_free(e);
     ds_kv_alloc_free(&e->kv);
     ds_llama_free(e->llama);
@@ -126,20 +123,38 @@ void ds_engine_free(ds_engine *e) {
     free(e);
 }
 
-/* Resolves the adapter (taking a reference) and returns the extra context it occupies. */
+/* The registered version `name` stands for ("" or NULL: the base model, *entry NULL), with a
+ * reference taken. Returns 0 or DS_ENOTFOUND. */
+static int acquire_adapter(ds_engine *e, const char *name, ds_adapter_entry **entry) {
+    *entry = NULL;
+    if (!name || !name[0]) return DS_OK;
+    return e->reg && (*entry = ds_registry_acquire(e->reg, name)) ? DS_OK : DS_ENOTFOUND;
+}
+
+/* Resolves the adapter once (taking a reference) and returns the extra context it occupies. */
 static int resolve_adapter(ds_engine *e, const ds_gen_request *r, ds_adapter_entry **entry, int32_t *n_virt,
                            int32_t *n_prefix, ds_err *err) {
-    *entry = NULL;
     *n_virt = *n_prefix = 0;
-    if (!r->adapter || !r->adapter[0]) return DS_OK;
-    if (!e->reg || !(*entry = ds_registry_acquire(e->reg, r->adapter)))
-        return ds_err_set(err, DS_ENOTFOUND, "The model `%s` does not exist.", r->adapter);
-    int st = ds_engine_adapter_fits(e, *entry, err);
-    if (st) return st; /* the caller releases *entry */
+    int st = acquire_adapter(e, r->adapter, entry);
+    if (st && r->adapter_fallback) st = acquire_adapter(e, r->adapter_fallback, entry);
+    if (st) return ds_err_set(err, DS_ENOTFOUND, "The model `%s` does not exist.", r->adapter);
+    if (!*entry) return DS_OK;
+    if ((st = ds_engine_adapter_fits(e, *entry, err))) return st; /* the caller releases *entry */
     const ds_adapter *a = (*entry)->adapter;
     if (a->kind == DS_ADAPTER_PROMPT) *n_virt = a->n_virtual;
     if (a->kind == DS_ADAPTER_PREFIX) *n_prefix = a->n_virtual;
     return DS_OK;
+}
+
+/* max_tokens 0: the rest of the context — the context length and the KV cache (one block spare,
+ * as validate_request reserves it) less the prompt and the adapter's virtual tokens; at least 1,
+ * so that a prompt that fills the context is refused by validate_request with its message. */
+static int32_t resolve_max_tokens(const ds_engine *e, const ds_gen_request *r, int32_t extra) {
+    if (r->max_tokens != 0) return r->max_tokens;
+    int64_t room = (int64_t)e->max_ctx - (int64_t)r->n_prompt - extra;
+    const int64_t kv_room = (int64_t)(e->kv.n_blocks - 1) * e->p.kv_block_size - (int64_t)r->n_prompt - extra;
+    if (kv_room < room) room = kv_room;
+    return room > INT32_MAX ? INT32_MAX : room < 1 ? 1 : (int32_t)room;
 }
 
 static int validate_request(ds_engine *e, const ds_gen_request *r, int32_t extra, ds_err *err) {
@@ -163,35 +178,42 @@ static int validate_request(ds_engine *e, const ds_gen_request *r, int32_t extra
     return DS_OK;
 }
 
-uint64_t ds_engine_submit(ds_engine *e, const ds_gen_request *req, int *status, ds_err *err) {
-    ds_adapter_entry *entry;
+/* Refuses a request after its adapter was resolved. Returns 0 for submit. */
+static uint64_t refuse(ds_engine *e, ds_adapter_entry *entry, int st, int *status) {
+    if (entry) ds_registry_release(e->reg, entry);
+    if (status) *status = st;
+    return 0;
+}
+
+uint64_t ds_engine_submit(ds_engine *e, const ds_gen_request *req, ds_submit_info *info, int *status, ds_err *err) {
+    ds_adapter_entry *entry = NULL;
     int32_t n_virt, n_prefix;
     int st = resolve_adapter(e, req, &entry, &n_virt, &n_prefix, err);
-    if (!st) st = validate_request(e, req, n_virt + n_prefix, err);
-    if (st) {
-        if (entry) ds_registry_release(e->reg, entry);
-        if (status) *status = st;
-        return 0;
+    ds_gen_request r = *req;
+    if (!st) {
+        r.max_tokens = resolve_max_tokens(e, req, n_virt + n_prefix);
+        st = validate_request(e, &r, n_virt + n_prefix, err);
     }
+    if (st) return refuse(e, entry, st, status);
     pthread_mutex_lock(&e->mu);
     if ((int64_t)e->n_incoming + e->stats.n_waiting >= e->p.max_queue || e->stop) {
         pthread_mutex_unlock(&e->mu);
-        if (entry) ds_registry_release(e->reg, entry);
-        if (status) *status = DS_EBUSY;
         ds_err_set(err, DS_EBUSY, "the server is overloaded: %d requests are waiting", e->p.max_queue);
-        return 0;
+        return refuse(e, entry, DS_EBUSY, status);
     }
     uint64_t id = e->next_id++;
     pthread_mutex_unlock(&e->mu);
-    ds_seq *s = ds_seq_create(id, req, e->model->cfg.n_vocab, n_virt);
-    if (s) {
-        s->entry = entry;
-        s->n_prefix = n_prefix;
-    } else {
-        if (entry) ds_registry_release(e->reg, entry);
-        if (status) *status = DS_ENOMEM;
+    ds_seq *s = ds_seq_create(id, &r, e->model->cfg.n_vocab, n_virt);
+    if (!s) {
         ds_err_set(err, DS_ENOMEM, "out of memory");
-        return 0;
+        return refuse(e, entry, DS_ENOMEM, status);
+    }
+    s->entry = entry;
+    s->n_prefix = n_prefix;
+    if (info) { /* before the sequence is queued: once it is, it may end and drop the entry */
+        snprintf(info->adapter, sizeof info->adapter, "%s", entry ? entry->name : "");
+        info->adapter_version = entry ? entry->version : 0;
+        info->max_tokens = r.max_tokens;
     }
     pthread_mutex_lock(&e->mu);
     s->next = NULL;

@@ -16,14 +16,12 @@ typedef struct engine_batch {
     int32_t *n_sched; /* [max_seqs] tokens scheduled per sequence */
     float *logits;    /* [max_seqs][n_vocab] */
     float *raw_logits; /* [n_vocab] copy for logprobs */
-    /* adapter view of the step */
+    /* the step's adapters, and the plan built from them once per step (src/adapter/plan.c) */
     ds_adapter_seg *segs;       /* [max_seqs] */
-    ds_lora_seg *lora_tmp;      /* [max_seqs] */
-    ds_vec_seg *vec_tmp;        /* [max_seqs + 1] */
     int32_t *soft_rows;         /* [max_batch_tokens] */
     const float **soft_src;     /* [max_batch_tokens] */
     const ds_adapter_dev **slot_devs; /* [max_adapters] */
-    float *scratch;             /* backend buffer [max_batch_tokens][max(d_model, d_ff)] */
+    ds_plan *plan;              /* sized for max_seqs segments, max_batch_tokens tokens */
 } engine_batch;
 
 /* A resident adapter slot (engine thread only). */

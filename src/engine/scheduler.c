@@ -22,14 +22,12 @@ int ds_engine_batch_init(ds_engine *e) {
     b->logits = malloc(S * (size_t)e->model->cfg.n_vocab * 4);
     b->raw_logits = malloc((size_t)e->model->cfg.n_vocab * 4);
     b->segs = malloc(S * sizeof *b->segs);
-    b->lora_tmp = malloc(S * sizeof *b->lora_tmp);
-    b->vec_tmp = malloc((S + 1) * sizeof *b->vec_tmp);
     b->soft_rows = malloc(T * 4);
     b->soft_src = malloc(T * sizeof *b->soft_src);
     b->slot_devs = calloc((size_t)(e->p.max_adapters > 0 ? e->p.max_adapters : 1), sizeof *b->slot_devs);
     if (!b->tokens || !b->pos || !b->tok_seq || !b->tok_kv || !b->out_rows || !b->seq_adapter || !b->seq_prefix ||
-        !b->block_tables || !b->seqs || !b->n_sched || !b->logits || !b->raw_logits || !b->segs || !b->lora_tmp ||
-        !b->vec_tmp || !b->soft_rows || !b->soft_src || !b->slot_devs)
+        !b->block_tables || !b->seqs || !b->n_sched || !b->logits || !b->raw_logits || !b->segs ||
+        !b->soft_rows || !b->soft_src || !b->slot_devs)
         return DS_ENOMEM;
     return DS_OK;
 }
@@ -37,12 +35,11 @@ int ds_engine_batch_init(ds_engine *e) {
 void ds_engine_batch_free(ds_engine *e) {
     engine_batch *b = &e->b;
     void *ptrs[] = {b->tokens, b->pos, b->tok_seq, b->tok_kv, b->out_rows, b->seq_adapter, b->seq_prefix,
-                    b->block_tables, b->seqs, b->n_sched, b->logits, b->raw_logits, b->segs, b->lora_tmp,
-                    b->vec_tmp, b->soft_rows, (void *)b->soft_src, (void *)b->slot_devs};
+                    b->block_tables, b->seqs, b->n_sched, b->logits, b->raw_logits, b->segs, b->soft_rows, (void *)b->soft_src, (void *)b->slot_devs};
     for (size_t i = 0; i < sizeof ptrs / sizeof ptrs[0]; i++) free(ptrs[i]);
-    float *scratch = b->scratch;
+    ds_plan *plan = b->plan;
     memset(b, 0, sizeof *b);
-    b->scratch = scratch;
+    b->plan = plan;
 }
 
 void ds_engine_queue_waiting(ds_engine *e, ds_seq *s, bool front) {
@@ -255,7 +252,7 @@ static void add_seq_tokens(ds_engine *e, int32_t i, int32_t *t, int32_t *n_soft)
     }
 }
 
-/* Fills the flat batch and the adapter view; returns the number of tokens. */
+/* Fills the flat batch and the step's adapter segments; returns the number of tokens. */
 static int32_t build_batch(ds_engine *e, int32_t n_seqs, ds_batch *out, ds_adapter_batch *ad) {
     engine_batch *b = &e->b;
     const int32_t mb = ds_llama_max_blocks_per_seq(e->llama);
@@ -275,8 +272,7 @@ static int32_t build_batch(ds_engine *e, int32_t n_seqs, ds_batch *out, ds_adapt
     }
     for (int32_t i = 0; i < e->p.max_adapters; i++) b->slot_devs[i] = e->slots[i].entry ? &e->slots[i].dev : NULL;
     *ad = (ds_adapter_batch){.slots = b->slot_devs, .segs = b->segs, .n_segs = n_segs, .soft_rows = b->soft_rows,
-                             .soft_src = b->soft_src, .n_soft = n_soft, .scratch = b->scratch,
-                             .lora_tmp = b->lora_tmp, .vec_tmp = b->vec_tmp};
+                             .soft_src = b->soft_src, .n_soft = n_soft};
     *out = (ds_batch){.n_tokens = t, .tokens = b->tokens, .pos = b->pos, .tok_seq = b->tok_seq,
                       .tok_kv = b->tok_kv, .n_seqs = n_seqs, .block_tables = b->block_tables,
                       .max_blocks = mb, .seq_prefix = b->seq_prefix, .n_out = n_out, .out_rows = b->out_rows,
@@ -377,7 +373,9 @@ void ds_engine_step(ds_engine *e) {
         n_prompt_tok = count_prompt_tokens(e, n_seqs);
         ds_err err = {{0}};
         const double t0 = ds_time_s();
-        const int fst = ds_llama_forward(e->llama, &batch, &ad, e->b.logits, &err);
+        int fst = ds_adapter_plan_build(e->b.plan, &ad, &batch); /* once per step, for every layer */
+        if (fst) ds_err_set(&err, fst, "adapter plan: step exceeds its limits (%d segments)", ad.n_segs);
+        else fst = ds_llama_forward(e->llama, &batch, e->b.plan, e->b.logits, &err);
         const double t1 = ds_time_s();
         if (ds_log_get_level() >= DS_LOG_DEBUG)
             DS_LOGD("engine: step %llu: %d seqs, %d tokens, forward %.2f ms", (unsigned long long)e->step_no, n_seqs,

@@ -1,8 +1,8 @@
-/* The Llama-family forward pass, written once over ds_backend ops (DESIGN.md "The backend
- * interface"). Numerics follow HF transformers' LlamaModel / Qwen2Model in fp32. */
-#include "ds/adapter.h"
-#include "util/status.h"
+/* The Llama-family forward pass, written once over ds_backend ops (docs/ARCHITECTURE.md, "The
+ * backend interface and how to extend it"); adapters enter only as the step's plan (ds/plan.h).
+ * Numerics follow HF transformers' LlamaModel / Qwen2Model in fp32. */
 #include "ds/model.h"
+#include "util/status.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -241,7 +241,7 @@ static int upload_batch(ds_llama *L, const ds_batch *bt, ds_err *err) {
     return st ? ds_err_set(err, st, "batch upload failed") : DS_OK;
 }
 
-static int attention_block(ds_llama *L, int32_t il, const ds_batch *bt, const ds_adapter_batch *ad) {
+static int attention_block(ds_llama *L, int32_t il, const ds_batch *bt, const ds_plan *plan) {
     const ds_model_config *c = &L->model->cfg;
     const struct ds_backend_iface *f = IFACE(L);
     void *ctx = L->b->ctx;
@@ -249,9 +249,9 @@ static int attention_block(ds_llama *L, int32_t il, const ds_batch *bt, const ds
     llama_work *w = &L->w;
     const int32_t T = bt->n_tokens, qd = c->n_head * c->head_dim, kvd = c->n_kv_head * c->head_dim;
     DS_TRY(f->rmsnorm(ctx, w->x, l->attn_norm, w->h, T, c->d_model, c->rms_eps));
-    DS_TRY(ds_adapter_linear(ad, L->b, il, DS_PROJ_Q, &l->wq, l->bq, w->h, w->q, T));
-    DS_TRY(ds_adapter_linear(ad, L->b, il, DS_PROJ_K, &l->wk, l->bk, w->h, w->k, T));
-    DS_TRY(ds_adapter_linear(ad, L->b, il, DS_PROJ_V, &l->wv, l->bv, w->h, w->v, T));
+    DS_TRY(ds_plan_linear(plan, L->b, il, DS_PROJ_Q, &l->wq, l->bq, w->h, w->q, T));
+    DS_TRY(ds_plan_linear(plan, L->b, il, DS_PROJ_K, &l->wk, l->bk, w->h, w->k, T));
+    DS_TRY(ds_plan_linear(plan, L->b, il, DS_PROJ_V, &l->wv, l->bv, w->h, w->v, T));
     DS_TRY(f->rope(ctx, w->q, w->pos, L->inv_freq, T, c->n_head, c->head_dim));
     DS_TRY(f->rope(ctx, w->k, w->pos, L->inv_freq, T, c->n_kv_head, c->head_dim));
     DS_TRY(f->kv_store(ctx, l->k_pool, l->v_pool, w->k, w->v, w->slots, T, kvd));
@@ -261,13 +261,13 @@ static int attention_block(ds_llama *L, int32_t il, const ds_batch *bt, const ds
                       .block_tables = w->block_tables, .seq_prefix = bt->seq_prefix ? w->seq_prefix : NULL,
                       .n_seqs = bt->n_seqs, .max_blocks = bt->max_blocks, .scale = 1.0f / sqrtf((float)c->head_dim)};
     DS_TRY(f->attention(ctx, &a));
-    DS_TRY(ds_adapter_linear(ad, L->b, il, DS_PROJ_O, &l->wo, NULL, w->att, w->h, T));
-    DS_TRY(ds_adapter_bottleneck(ad, L->b, il, DS_BN_ATTN, w->x, w->h, T));
+    DS_TRY(ds_plan_linear(plan, L->b, il, DS_PROJ_O, &l->wo, NULL, w->att, w->h, T));
+    DS_TRY(ds_plan_bottleneck(plan, L->b, il, DS_BN_ATTN, w->x, w->h, c->d_model));
     (void)qd;
     return f->add(ctx, w->x, w->h, (size_t)T * c->d_model);
 }
 
-static int mlp_block(ds_llama *L, int32_t il, const ds_batch *bt, const ds_adapter_batch *ad) {
+static int mlp_block(ds_llama *L, int32_t il, const ds_batch *bt, const ds_plan *plan) {
     const ds_model_config *c = &L->model->cfg;
     const struct ds_backend_iface *f = IFACE(L);
     void *ctx = L->b->ctx;
@@ -275,30 +275,31 @@ static int mlp_block(ds_llama *L, int32_t il, const ds_batch *bt, const ds_adapt
     llama_work *w = &L->w;
     const int32_t T = bt->n_tokens;
     DS_TRY(f->rmsnorm(ctx, w->x, l->ffn_norm, w->h, T, c->d_model, c->rms_eps));
-    DS_TRY(ds_adapter_linear(ad, L->b, il, DS_PROJ_GATE, &l->w_gate, NULL, w->h, w->gate, T));
-    DS_TRY(ds_adapter_linear(ad, L->b, il, DS_PROJ_UP, &l->w_up, NULL, w->h, w->up, T));
+    DS_TRY(ds_plan_linear(plan, L->b, il, DS_PROJ_GATE, &l->w_gate, NULL, w->h, w->gate, T));
+    DS_TRY(ds_plan_linear(plan, L->b, il, DS_PROJ_UP, &l->w_up, NULL, w->h, w->up, T));
     DS_TRY(f->silu_mul(ctx, w->gate, w->up, w->gate, (size_t)T * c->d_ff));
-    DS_TRY(ds_adapter_linear(ad, L->b, il, DS_PROJ_DOWN, &l->w_down, NULL, w->gate, w->h, T));
-    DS_TRY(ds_adapter_bottleneck(ad, L->b, il, DS_BN_FFN, w->x, w->h, T));
+    DS_TRY(ds_plan_linear(plan, L->b, il, DS_PROJ_DOWN, &l->w_down, NULL, w->gate, w->h, T));
+    DS_TRY(ds_plan_bottleneck(plan, L->b, il, DS_BN_FFN, w->x, w->h, c->d_model));
     return f->add(ctx, w->x, w->h, (size_t)T * c->d_model);
 }
 
-int ds_llama_forward(ds_llama *L, const ds_batch *bt, const ds_adapter_batch *ad, float *logits_out, ds_err *err) {
+int ds_llama_forward(ds_llama *L, const ds_batch *bt, const ds_plan *plan, float *logits_out, ds_err *err) {
     const ds_model_config *c = &L->model->cfg;
     const struct ds_backend_iface *f = IFACE(L);
     void *ctx = L->b->ctx;
     llama_work *w = &L->w;
     int st = upload_batch(L, bt, err);
     if (st) return st;
-    st = ds_adapter_embed(ad, L->b, &L->tok_embd, w->tokens, w->x, bt->n_tokens);
+    st = ds_plan_upload(plan, L->b); /* the step's adapter segment tables, once for every layer */
+    if (!st) st = ds_plan_embed(plan, L->b, &L->tok_embd, w->tokens, w->x, bt->n_tokens);
     for (int32_t il = 0; !st && il < c->n_layer; il++) {
-        st = attention_block(L, il, bt, ad);
-        if (!st) st = mlp_block(L, il, bt, ad);
+        st = attention_block(L, il, bt, plan);
+        if (!st) st = mlp_block(L, il, bt, plan);
     }
     if (!st && bt->n_out > 0) {
         st = f->get_rows(ctx, w->x, w->out_rows, w->xo, bt->n_out, c->d_model);
         if (!st) st = f->rmsnorm(ctx, w->xo, L->output_norm, w->h, bt->n_out, c->d_model, c->rms_eps);
-        if (!st) st = ds_adapter_lm_head(ad, L->b, &L->output, w->h, w->logits, bt->n_out, bt->out_rows);
+        if (!st) st = ds_plan_lm_head(plan, L->b, &L->output, w->h, w->logits, bt->n_out);
         if (!st) st = f->download(ctx, logits_out, w->logits, (size_t)bt->n_out * c->n_vocab * sizeof(float));
     }
     if (!st) st = f->synchronize(ctx);
@@ -311,5 +312,19 @@ int32_t ds_llama_kv_block_size(const ds_llama *L) { return L->p.kv_block_size; }
 int32_t ds_llama_max_blocks_per_seq(const ds_llama *L) { return L->p.max_blocks_per_seq; }
 ds_backend *ds_llama_backend(const ds_llama *L) { return L->b; }
 const ds_model *ds_llama_model(const ds_llama *L) { return L->model; }
-float *ds_llama_k_pool(ds_llama *L, int32_t layer) { return L->layers[layer].k_pool; }
-float *ds_llama_v_pool(ds_llama *L, int32_t layer) { return L->layers[layer].v_pool; }
+
+const float *ds_llama_proj_bias(const ds_llama *L, int32_t layer, ds_proj proj) {
+    if (layer < 0 || layer >= L->model->cfg.n_layer) return NULL;
+    const llama_layer *l = &L->layers[layer];
+    return proj == DS_PROJ_Q ? l->bq : proj == DS_PROJ_K ? l->bk : proj == DS_PROJ_V ? l->bv : NULL;
+}
+
+int ds_llama_kv_write(ds_llama *L, int32_t layer, int64_t slot, const float *k, const float *v) {
+    const ds_model_config *c = &L->model->cfg;
+    const size_t row = (size_t)c->n_kv_head * c->head_dim;
+    if (layer < 0 || layer >= c->n_layer || slot < 0 || slot >= (int64_t)L->p.n_kv_blocks * L->p.kv_block_size)
+        return DS_EINVAL;
+    const llama_layer *l = &L->layers[layer];
+    int st = IFACE(L)->upload(L->b->ctx, l->k_pool + (size_t)slot * row, k, sizeof(float) * row);
+    return st ? st : IFACE(L)->upload(L->b->ctx, l->v_pool + (size_t)slot * row, v, sizeof(float) * row);
+}

@@ -17,7 +17,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "ds/adapter.h"
 #include "ds/server.h"
 #include "ds/tokenizer.h"
 #include "server/handlers.h"
@@ -82,6 +81,7 @@ struct gen_ctx {
     const char *ep;         /* route pattern, for metrics */
     ds_oai_meta meta;       /* meta.model points at `model` */
     char *model, *adapter;  /* owned; adapter NULL for the base model */
+    const char *fallback;   /* inside `adapter` ("base:adapter": the part after the colon), or NULL */
     bool stream, include_usage, echo;
     bool streaming;         /* the SSE response has started */
     bool aborted;           /* client gone (or too slow): engine requests cancelled */
@@ -121,7 +121,8 @@ static void gen_ctx_free(gen_ctx *x) {
     free(x);
 }
 
-static gen_ctx *gen_ctx_create(ds_http_req *req, ds_server *s, const ds_oai_request *r, const char *adapter) {
+static gen_ctx *gen_ctx_create(ds_http_req *req, ds_server *s, const ds_oai_request *r, const char *adapter,
+                               ptrdiff_t fallback) {
     size_t n_prompts = r->kind == DS_OAI_CHAT ? 1 : r->n_prompts, n_choices = n_prompts * (size_t)r->n;
     gen_ctx *x = calloc(1, sizeof *x + n_choices * sizeof(gen_choice));
     if (!x) return NULL;
@@ -133,6 +134,7 @@ static gen_ctx *gen_ctx_create(ds_http_req *req, ds_server *s, const ds_oai_requ
     x->t_arrival = ds_time_s();
     x->model = strdup(r->model);
     x->adapter = adapter ? strdup(adapter) : NULL;
+    if (x->adapter && fallback >= 0) x->fallback = x->adapter + fallback;
     x->ids = calloc(n_prompts, sizeof *x->ids);
     x->n_ids = calloc(n_prompts, sizeof *x->n_ids);
     if (x->echo) x->echo_text = calloc(n_prompts, sizeof *x->echo_text), x->echo_len = calloc(n_prompts, sizeof(size_t));
@@ -434,30 +436,21 @@ static void gen_on_final(gen_ctx *x, gen_choice *c, const gen_msg *m) {
 /* ---- model → adapter ------------------------------------------------------------------------- */
 
 /* The adapter a request names, or NULL for the base model: `adapter_id` (LoRAX) wins; else
- * `model` is a base name, "base:adapter" (SGLang), or an adapter id (vLLM). */
-static const char *pick_adapter(ds_server *s, const ds_oai_request *r, char *buf, size_t cap) {
+ * `model` is a base name, an adapter id (vLLM) or "base:adapter" (SGLang). For the last, which
+ * could also be an adapter id with a colon, *fallback is the offset of the part after the colon:
+ * the engine tries the whole name first (ds_gen_request.adapter_fallback); else -1. */
+static const char *pick_adapter(ds_server *s, const ds_oai_request *r, char *buf, size_t cap, ptrdiff_t *fallback) {
+    *fallback = -1;
     if (r->adapter_id && r->adapter_id[0]) return ds_server_is_base_name(s, r->adapter_id) ? NULL : r->adapter_id;
     const char *name = r->model;
     if (ds_server_is_base_name(s, name)) return NULL;
     const char *colon = strchr(name, ':');
-    struct ds_adapter_registry *reg = ds_server_registry(s);
-    ds_adapter_info info;
-    if (colon && (size_t)(colon - name) < cap && !(reg && ds_registry_info(reg, name, &info) == DS_OK)) {
+    if (colon && (size_t)(colon - name) < cap) {
         memcpy(buf, name, (size_t)(colon - name));
         buf[colon - name] = '\0';
-        if (ds_server_is_base_name(s, buf)) return colon[1] ? colon + 1 : NULL;
+        if (ds_server_is_base_name(s, buf)) *fallback = colon + 1 - name;
     }
     return name;
-}
-
-/* Virtual tokens (prompt / prefix tuning) the adapter adds to the context. */
-static int32_t adapter_extra_ctx(ds_server *s, const char *adapter) {
-    struct ds_adapter_registry *reg = ds_server_registry(s);
-    ds_adapter_entry *e = adapter && reg ? ds_registry_acquire(reg, adapter) : NULL;
-    if (!e) return 0;
-    int32_t n = e->adapter->kind == DS_ADAPTER_PROMPT || e->adapter->kind == DS_ADAPTER_PREFIX ? e->adapter->n_virtual : 0;
-    ds_registry_release(reg, e);
-    return n;
 }
 
 /* ---- tokenization -------------------------------------------------------------------------- */
@@ -508,19 +501,6 @@ static int tokenize(gen_ctx *x, const ds_model *m, const ds_oai_request *r, ds_o
 
 /* ---- submit ---------------------------------------------------------------------------------- */
 
-/* max_tokens for one prompt: the request's, or for chat without one, the rest of the context. */
-static int32_t choice_max_tokens(gen_ctx *x, const ds_oai_request *r, size_t n_prompt, int32_t extra) {
-    if (r->max_tokens > 0) return r->max_tokens;
-    int64_t room = (int64_t)ds_server_max_ctx(x->srv) - (int64_t)n_prompt - extra;
-    ds_engine_stats st;
-    ds_engine_stats_get(x->engine, &st);
-    if (st.kv_blocks_total > 0) { /* the engine also needs the blocks (one spare, as it reserves) */
-        int64_t kv_room = (int64_t)(st.kv_blocks_total - 1) * st.kv_block_size - (int64_t)n_prompt - extra;
-        if (kv_room < room) room = kv_room;
-    }
-    return room > INT32_MAX ? INT32_MAX : room < 1 ? 1 : (int32_t)room; /* < 1: the engine says why */
-}
-
 static int submit_error(ds_oai_error *e, int st, const ds_oai_request *r, const char *msg) {
     const char *param = r->kind == DS_OAI_CHAT ? "messages" : "prompt";
     switch (st) {
@@ -538,14 +518,13 @@ static int submit_all(gen_ctx *x, const ds_oai_request *r, ds_oai_error *e) {
     ds_gen_request g = ds_gen_request_default();
     ds_oai_request_to_gen(r, &g);
     g.adapter = x->adapter;
+    g.adapter_fallback = x->fallback;
     g.on_event = on_engine_event;
-    int32_t extra = r->max_tokens > 0 ? 0 : adapter_extra_ctx(x->srv, x->adapter);
     for (size_t i = 0; i < x->n_choices; i++) {
         gen_choice *c = &x->choices[i];
         size_t p = i / (size_t)x->n;
         g.prompt = x->ids[p];
         g.n_prompt = x->n_ids[p];
-        g.max_tokens = choice_max_tokens(x, r, g.n_prompt, extra);
         g.user = c;
         if (x->echo && !x->stream) ds_sb_append(&c->text, x->echo_text[p], x->echo_len[p]);
         /* Same seed for every choice would give n identical answers: offset it per choice. */
@@ -554,14 +533,15 @@ static int submit_all(gen_ctx *x, const ds_oai_request *r, ds_oai_error *e) {
             return ds_oai_error_set(e, 500, NULL, NULL, "out of memory");
         int st = DS_OK;
         ds_err err = {{0}};
-        c->id = ds_engine_submit(x->engine, &g, &st, &err);
+        ds_submit_info info;
+        c->id = ds_engine_submit(x->engine, &g, &info, &st, &err);
         if (!c->id) {
             free(c->final_msg);
             c->final_msg = NULL;
             return submit_error(e, st, r, err.msg);
         }
         x->n_submitted++;
-        ds_metrics_adapter_request(ds_server_metrics(x->srv), x->adapter);
+        ds_metrics_adapter_request(ds_server_metrics(x->srv), info.adapter); /* as resolved: "" is the base */
     }
     return 0;
 }
@@ -618,10 +598,12 @@ static void handle_generate(ds_http_req *req, void *ud) {
         return;
     }
     char buf[256];
-    const char *adapter = pick_adapter(s, &r, buf, sizeof buf);
+    ptrdiff_t fallback;
+    const char *adapter = pick_adapter(s, &r, buf, sizeof buf, &fallback);
     gen_ctx *x = NULL;
     int st = precheck(s, &r, adapter, &e);
-    if (!st && !(x = gen_ctx_create(req, s, &r, adapter))) st = ds_oai_error_set(&e, 500, NULL, NULL, "out of memory");
+    if (!st && !(x = gen_ctx_create(req, s, &r, adapter, fallback)))
+        st = ds_oai_error_set(&e, 500, NULL, NULL, "out of memory");
     if (!st && (st = start(x, &r, &e)) != 0) gen_ctx_free(x);
     ds_oai_request_free(&r);
     if (st) ds_server_reply_error(req, ep, &e);

@@ -421,7 +421,7 @@ void ds_oai_request_free(ds_oai_request *r) {
 }
 
 void ds_oai_request_to_gen(const ds_oai_request *r, ds_gen_request *g) {
-    g->max_tokens = r->max_tokens > 0 ? r->max_tokens : INT32_MAX;
+    g->max_tokens = r->max_tokens > 0 ? r->max_tokens : 0; /* 0: the engine gives the rest of the context */
     g->min_tokens = r->min_tokens;
     g->ignore_eos = r->ignore_eos;
     for (int i = 0; i < DS_MAX_STOP; i++) g->stop[i] = i < r->n_stop ? r->stop[i] : NULL;

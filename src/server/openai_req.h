@@ -102,8 +102,8 @@ int ds_oai_request_parse(ds_oai_request *r, ds_oai_kind kind, const char *body, 
 /* Frees what the request owns; safe on a zeroed or failed-to-parse request. */
 void ds_oai_request_free(ds_oai_request *r);
 
-/* Fills the fields of *g that the body controls: max_tokens (0 → INT32_MAX, the engine caps it by
- * the context), min_tokens, ignore_eos, stop, stop_token_ids, include_stop_str, skip_special,
+/* Fills the fields of *g that the body controls: max_tokens (absent from a chat request: 0, which
+ * ds_engine_submit resolves to the rest of the context), min_tokens, ignore_eos, stop, stop_token_ids, include_stop_str, skip_special,
  * top_logprobs, sampling. Leaves prompt, adapter, on_event and user to the handler. The pointers
  * copied into *g borrow from *r: valid until ds_oai_request_free (ds_engine_submit copies them). */
 void ds_oai_request_to_gen(const ds_oai_request *r, ds_gen_request *g);

@@ -1,5 +1,6 @@
 /* Test harness: runs sequences, each with its own adapter (or none), through ds_llama in shared
- * batches — soft prompts, prefix blocks and LoRA-family segments included. */
+ * batches — soft prompts, prefix blocks and LoRA-family segments included — building the step's
+ * adapter plan once per step as the engine does (src/engine/scheduler.c). */
 #ifndef DS_TEST_ADAPTER_RUN_H
 #define DS_TEST_ADAPTER_RUN_H
 
@@ -26,18 +27,18 @@ typedef struct ar_ctx {
     ar_seq seqs[AR_MAX_SEQS];
     int n_seqs;
     int32_t next_block;
-    float *scratch;
+    ds_plan *plan;
 } ar_ctx;
 
 static void ar_init(ar_ctx *c, ds_llama *L, const ds_model *m) {
     memset(c, 0, sizeof *c);
     c->L = L;
     c->m = m;
-    int32_t w = m->cfg.d_ff > m->cfg.d_model ? m->cfg.d_ff : m->cfg.d_model;
-    c->scratch = ds_llama_backend(L)->iface->alloc(ds_llama_backend(L)->ctx, sizeof(float) * 512 * (size_t)w);
+    ds_err err = {{0}};
+    if (!(c->plan = ds_adapter_plan_create(L, AR_MAX_SEQS, 512, &err))) fprintf(stderr, "plan: %s\n", err.msg);
 }
 
-static void ar_free(ar_ctx *c) { ds_llama_backend(c->L)->iface->release(ds_llama_backend(c->L)->ctx, c->scratch); }
+static void ar_free(ar_ctx *c) { ds_adapter_plan_free(c->plan); }
 
 /* Adds a sequence; prefix adapters get their K/V written into fresh blocks. Returns its index. */
 static int ar_add(ar_ctx *c, const ds_adapter_dev *dev) {
@@ -65,8 +66,6 @@ static int ar_step(ar_ctx *c, int32_t *const *toks, const int *n_tok, float *log
     const float *soft_src[512];
     const ds_adapter_dev *slots[AR_MAX_SEQS];
     ds_adapter_seg segs[AR_MAX_SEQS];
-    ds_lora_seg lora_tmp[AR_MAX_SEQS];
-    ds_vec_seg vec_tmp[AR_MAX_SEQS + 1];
     int32_t tables[AR_MAX_SEQS * (AR_BLOCKS_PER_SEQ + 4)], prefix[AR_MAX_SEQS];
     int t = 0, n_out = 0, n_soft = 0, n_segs = 0, n_slots = 0;
     for (int i = 0; i < c->n_seqs; i++) {
@@ -95,14 +94,14 @@ static int ar_step(ar_ctx *c, int32_t *const *toks, const int *n_tok, float *log
     }
     (void)slots_of;
     ds_adapter_batch ad = {.slots = slots, .segs = segs, .n_segs = n_segs, .soft_rows = soft_rows,
-                           .soft_src = soft_src, .n_soft = n_soft, .scratch = c->scratch,
-                           .lora_tmp = lora_tmp, .vec_tmp = vec_tmp};
+                           .soft_src = soft_src, .n_soft = n_soft};
     ds_batch b = {.n_tokens = t, .tokens = tokens, .pos = pos, .tok_seq = seq, .tok_kv = kv, .n_seqs = c->n_seqs,
                   .block_tables = tables, .max_blocks = AR_BLOCKS_PER_SEQ + 4, .seq_prefix = prefix,
                   .n_out = n_out, .out_rows = out, .seq_adapter = NULL};
     ds_err err = {{0}};
-    int st = ds_llama_forward(c->L, &b, &ad, logits, &err);
-    if (st) fprintf(stderr, "forward: %s\n", err.msg);
+    int st = c->plan ? ds_adapter_plan_build(c->plan, &ad, &b) : DS_ENOMEM;
+    if (st) fprintf(stderr, "plan: %s\n", ds_strerror(st));
+    else if ((st = ds_llama_forward(c->L, &b, c->plan, logits, &err))) fprintf(stderr, "forward: %s\n", err.msg);
     return st;
 }
 #endif

@@ -480,13 +480,16 @@ static void test_seg_vec(tcase *t) {
         float *y = rnd_vec(total, 1.0f), *got = malloc(sizeof(float) * total);
         double *ref = dvec(total);
         float *dy = t_up(t, y, sizeof(float) * total);
-        ds_vec_seg segs[3];
+        /* segs[0] is a decoy outside the range the op is given (tokens 1-2 belong to no segment):
+         * the op must run exactly entries [1, 4) of the planned table. */
+        ds_vec_seg segs[4];
+        segs[0] = (ds_vec_seg){.start = 1, .len = 2, .v = NULL, .alpha = 1.0f};
         for (size_t i = 0; i < total; i++) ref[i] = y[i];
         for (int s = 0; s < 3; s++) {
             float *v = rnd_vec((size_t)width, 2.0f);
             const float alpha = 0.5f + (float)s;
-            segs[s] = (ds_vec_seg){.start = seg_start[s], .len = seg_len[s], .v = t_up(t, v, sizeof(float) * width),
-                                   .alpha = alpha};
+            segs[s + 1] = (ds_vec_seg){.start = seg_start[s], .len = seg_len[s], .v = t_up(t, v, sizeof(float) * width),
+                                       .alpha = alpha};
             for (int32_t tk = seg_start[s]; tk < seg_start[s] + seg_len[s]; tk++)
                 for (int32_t j = 0; j < width; j++) {
                     double *r = &ref[(size_t)tk * width + j];
@@ -495,7 +498,13 @@ static void test_seg_vec(tcase *t) {
             free(v);
         }
         const char *name = op == 0 ? "seg_scale" : "seg_add";
-        t_ok(t, name, (op == 0 ? t->b->iface->seg_scale : t->b->iface->seg_add)(t->b->ctx, dy, width, segs, 3));
+        segs[0].v = segs[1].v;
+        const ds_seg_tables tab = {.vec = segs, .n_vec = 4};
+        t_ok(t, "plan_upload", t->b->iface->plan_upload(t->b->ctx, &tab));
+        int (*op_fn)(void *, float *, int32_t, ds_seg_range) = op == 0 ? t->b->iface->seg_scale : t->b->iface->seg_add;
+        CHECK_MSG(op_fn(t->b->ctx, dy, width, (ds_seg_range){2, 3}) == DS_EINVAL, "%s %s: a range past the plan ran",
+                  t->name, name);
+        t_ok(t, name, op_fn(t->b->ctx, dy, width, (ds_seg_range){1, 3}));
         t_down(t, got, dy, sizeof(float) * total);
         expect(t, name, "segs len 1/7/300, width 75", got, ref, total, t->tol_f32);
         t_release_all(t);
@@ -509,7 +518,7 @@ static void lora_case(tcase *t, int32_t in, int32_t out, const int32_t seg_rank[
     const size_t ny = (size_t)SEG_TOKENS * out;
     float *x = rnd_vec((size_t)SEG_TOKENS * in, 1.0f), *y = rnd_vec(ny, 1.0f), *got = malloc(sizeof(float) * ny);
     double *ref = dvec(ny);
-    ds_lora_seg segs[4];
+    ds_lora_seg segs[5]; /* segs[0]: a decoy before the range the op is given */
     for (size_t i = 0; i < ny; i++) ref[i] = y[i];
     for (int s = 0; s < 3; s++) {
         const int32_t r = seg_rank[s];
@@ -527,14 +536,19 @@ static void lora_case(tcase *t, int32_t in, int32_t out, const int32_t seg_rank[
                 ref[(size_t)tk * out + o] += scale * acc;
             }
         }
-        segs[s] = (ds_lora_seg){.start = seg_start[s], .len = seg_len[s], .rank = r, .scale = scale,
-                                .A = t_up(t, A, sizeof(float) * (size_t)r * in),
-                                .B = t_up(t, B, sizeof(float) * (size_t)out * r)};
+        segs[s + 1] = (ds_lora_seg){.start = seg_start[s], .len = seg_len[s], .rank = r, .scale = scale,
+                                    .A = t_up(t, A, sizeof(float) * (size_t)r * in),
+                                    .B = t_up(t, B, sizeof(float) * (size_t)out * r)};
         free(A), free(B);
     }
-    segs[3] = (ds_lora_seg){.start = SEG_TOKENS, .len = 0, .rank = 8, .scale = 1.0f, .A = segs[0].A, .B = segs[0].B};
+    segs[4] = (ds_lora_seg){.start = SEG_TOKENS, .len = 0, .rank = 8, .scale = 1.0f, .A = segs[1].A, .B = segs[1].B};
+    segs[0] = (ds_lora_seg){.start = 1, .len = 2, .rank = seg_rank[0], .scale = 1.0f, .A = segs[1].A, .B = segs[1].B};
     float *dx = t_up(t, x, sizeof(float) * (size_t)SEG_TOKENS * in), *dy = t_up(t, y, sizeof(float) * ny);
-    t_ok(t, "lora", t->b->iface->lora(t->b->ctx, dx, in, dy, out, segs, 4));
+    const ds_seg_tables tab = {.lora = segs, .n_lora = 5};
+    t_ok(t, "plan_upload", t->b->iface->plan_upload(t->b->ctx, &tab));
+    CHECK_MSG(t->b->iface->lora(t->b->ctx, dx, in, dy, out, (ds_seg_range){2, 4}) == DS_EINVAL,
+              "%s lora: a range past the plan ran", t->name);
+    t_ok(t, "lora", t->b->iface->lora(t->b->ctx, dx, in, dy, out, (ds_seg_range){1, 4}));
     t_down(t, got, dy, sizeof(float) * ny);
     char what[80];
     snprintf(what, sizeof what, "in=%d out=%d ranks %d/%d/%d len 1/7/300", in, out, seg_rank[0], seg_rank[1],

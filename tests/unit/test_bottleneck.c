@@ -118,17 +118,27 @@ static void check_no_op_backend(ds_backend *cpu, const ds_adapter *a) {
     CHECK_MSG(strstr(err.msg, "bottleneck") != NULL, "message: %s", err.msg);
 }
 
-/* The engine's slot table has holes (evicted slots are NULL): the hook must not read slot 0. */
-static void check_sparse_slots(ds_backend *b, const loaded *l, int32_t d) {
+/* The engine's slot table has holes (evicted slots are NULL): the plan must not read slot 0. */
+static void check_sparse_slots(ds_llama *L, const loaded *l, int32_t d) {
     enum { N = 3 };
+    ds_backend *b = ds_llama_backend(L);
     float *x = malloc(sizeof(float) * N * d), *o1 = malloc(sizeof(float) * N * d), *o2 = malloc(sizeof(float) * N * d);
     for (int32_t i = 0; i < N * d; i++) x[i] = 0.01f * (float)(i % 97) - 0.4f, o1[i] = o2[i] = 0.02f * (float)(i % 31) - 0.3f;
     const ds_adapter_dev *sparse[2] = {NULL, &l->dev}, *dense[1] = {&l->dev};
     ds_adapter_seg s1 = {.start = 0, .len = N, .slot = 1}, s0 = {.start = 0, .len = N, .slot = 0};
     ds_adapter_batch a1 = {.slots = sparse, .segs = &s1, .n_segs = 1}, a0 = {.slots = dense, .segs = &s0, .n_segs = 1};
-    CHECK(ds_adapter_bottleneck(&a1, b, 0, DS_BN_FFN, x, o1, N) == 0);
-    CHECK(ds_adapter_bottleneck(&a0, b, 0, DS_BN_FFN, x, o2, N) == 0);
-    CHECK(memcmp(o1, o2, sizeof(float) * N * d) == 0);
+    ds_batch bt = {.n_tokens = N};
+    ds_err err = {{0}};
+    ds_plan *p = ds_adapter_plan_create(L, 2, N, &err);
+    CHECK_MSG(p != NULL, "%s", err.msg);
+    if (p) {
+        CHECK(ds_adapter_plan_build(p, &a1, &bt) == 0 && ds_plan_upload(p, b) == 0);
+        CHECK(ds_plan_bottleneck(p, b, 0, DS_BN_FFN, x, o1, d) == 0);
+        CHECK(ds_adapter_plan_build(p, &a0, &bt) == 0 && ds_plan_upload(p, b) == 0);
+        CHECK(ds_plan_bottleneck(p, b, 0, DS_BN_FFN, x, o2, d) == 0);
+        CHECK(memcmp(o1, o2, sizeof(float) * N * d) == 0);
+    }
+    ds_adapter_plan_free(p);
     free(x), free(o1), free(o2);
 }
 
@@ -209,7 +219,7 @@ static void run_model(const char *model) {
     }
     if (n > 0) check_no_op_backend(b, ads[0].a);
     for (int i = 0; i < n; i++)
-        if (!strcmp(ads[i].name, "bn-seq")) check_sparse_slots(b, &ads[i], m->cfg.d_model);
+        if (!strcmp(ads[i].name, "bn-seq")) check_sparse_slots(L, &ads[i], m->cfg.d_model);
     run_mixed(L, m, b, model, ads, n);
     for (int i = 0; i < n; i++) unload(b, &ads[i]);
     ds_llama_free(L);
@@ -353,7 +363,9 @@ static void run_activations(void) {
                        .flags = DS_BN_PARALLEL | DS_BN_ADD_X, .scale = 1.0f, .down = &one, .down_b = &zero,
                        .up = &one, .up_b = &zero};
         memset(o, 0, sizeof o);
-        CHECK(b->iface->bottleneck(b->ctx, x, o, 1, &g, 1) == 0);
+        const ds_seg_tables tab = {.bn = &g, .n_bn = 1};
+        CHECK(b->iface->plan_upload(b->ctx, &tab) == 0);
+        CHECK(b->iface->bottleneck(b->ctx, x, o, 1, (ds_seg_range){0, 1}) == 0);
         double worst = 0;
         for (int i = 0; i < n; i++) {
             const double want = cJSON_GetArrayItem(it, i)->valuedouble;

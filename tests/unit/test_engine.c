@@ -2,7 +2,8 @@
  * (a KV cache too small for the load), cancellation, request validation, and adapters through the
  * registry — hot swap (running sequences keep the old version, new ones see the new one), unload
  * while running (drain; new requests get DS_ENOTFOUND), LRU eviction under a slot limit, and
- * memory back to its baseline afterwards. */
+ * memory back to its baseline afterwards; the policies submit owns (max_tokens 0, the adapter it
+ * resolved and its version). */
 #include "ds/adapter.h"
 #include "ds/engine.h"
 #include "ds_test.h"
@@ -49,7 +50,7 @@ static uint64_t submit(ds_engine *e, const int32_t *prompt, int n, int max_token
     q.user = r;
     ds_err err = {{0}};
     int st = 0;
-    r->id = ds_engine_submit(e, &q, &st, &err);
+    r->id = ds_engine_submit(e, &q, NULL, &st, &err);
     if (status) *status = st;
     return r->id;
 }
@@ -252,6 +253,79 @@ static void test_adapters(const ds_model *m, const char *root) {
     cJSON_Delete(ref_all);
 }
 
+/* Submit owns the request's policies: it resolves the adapter once (a fallback name for SGLang's
+ * "base:adapter") and reports the id and version it runs with, and max_tokens 0 becomes the rest
+ * of the context — by the context length, or by the KV cache when that holds less, less the
+ * prompt and an adapter's virtual tokens. */
+static uint64_t submit_info(ds_engine *e, const char *adapter, const char *fallback, int max_tokens, run *r,
+                            ds_submit_info *info, int *st) {
+    static const int32_t p[4] = {1, 2, 3, 4};
+    memset(r, 0, sizeof *r);
+    memset(info, 0x5a, sizeof *info);
+    ds_gen_request q = ds_gen_request_default();
+    q.prompt = p, q.n_prompt = 4, q.max_tokens = max_tokens, q.ignore_eos = true;
+    q.adapter = adapter, q.adapter_fallback = fallback;
+    q.sampling.temperature = 0, q.on_event = on_ev, q.user = r;
+    ds_err err = {{0}};
+    return r->id = ds_engine_submit(e, &q, info, st, &err);
+}
+
+static void test_submit_policies(const ds_model *m, const char *root) {
+    ds_err err = {{0}};
+    ds_adapter_registry *reg = ds_registry_create(m, root, &err);
+    CHECK_MSG(reg != NULL, "%s", err.msg);
+    if (!reg) return;
+    CHECK(ds_registry_load(reg, "lora-qv", "lora-qv", false, &err) == 0 && ds_registry_load(reg, "prefix", "prefix", false, &err) == 0);
+    ds_engine_params ep = ds_engine_default_params();
+    ep.max_ctx = 40;
+    ep.kv_cache_bytes = (size_t)4 << 20;
+    ep.registry = reg;
+    ds_engine *e = ds_engine_create(m, &ep, &err);
+    CHECK_MSG(e != NULL, "%s", err.msg);
+    run r;
+    ds_submit_info info;
+    int st;
+    if (e) {
+        CHECK(submit_info(e, NULL, NULL, 0, &r, &info, &st) > 0); /* the rest of a 40-token context */
+        CHECK(info.max_tokens == 36 && info.adapter[0] == 0 && info.adapter_version == 0);
+        wait_all(&r, 1);
+        CHECK_MSG(r.n == 36 && r.finish == DS_FINISH_LENGTH, "generated %d tokens", r.n);
+        CHECK(submit_info(e, "lora-qv", NULL, 3, &r, &info, &st) > 0 && info.max_tokens == 3);
+        CHECK(!strcmp(info.adapter, "lora-qv") && info.adapter_version == 1);
+        wait_all(&r, 1);
+        CHECK(ds_registry_load(reg, "lora-qv", "lora-qv", true, &err) == 0); /* version 2 */
+        CHECK(submit_info(e, "base:lora-qv", "lora-qv", 2, &r, &info, &st) > 0); /* resolved by the fallback */
+        CHECK(!strcmp(info.adapter, "lora-qv") && info.adapter_version == 2);
+        wait_all(&r, 1);
+        CHECK(submit_info(e, "base:", "", 2, &r, &info, &st) > 0 && info.adapter[0] == 0); /* "" falls back to base */
+        wait_all(&r, 1);
+        CHECK(submit_info(e, "base:nope", "nope", 2, &r, &info, &st) == 0 && st == DS_ENOTFOUND);
+        ds_adapter_entry *pe = ds_registry_acquire(reg, "prefix");
+        const int32_t n_virt = pe ? pe->adapter->n_virtual : -1;
+        ds_registry_release(reg, pe);
+        CHECK(submit_info(e, "prefix", NULL, 0, &r, &info, &st) > 0); /* its virtual tokens take context too */
+        CHECK_MSG(info.max_tokens == 36 - n_virt, "prefix: max_tokens %d, want %d", info.max_tokens, 36 - n_virt);
+        wait_all(&r, 1);
+        CHECK(submit_info(e, NULL, NULL, -1, &r, &info, &st) == 0 && st == DS_EINVAL);
+        ds_engine_free(e);
+    }
+    /* a KV cache smaller than the context: 6 blocks of 16 tokens bound "the rest" (one block spare) */
+    ep.max_ctx = 0;
+    ep.kv_block_size = 16;
+    ep.kv_cache_bytes = (size_t)2 * 16 * m->cfg.n_layer * m->cfg.n_kv_head * m->cfg.head_dim * sizeof(float) * 6;
+    if ((e = ds_engine_create(m, &ep, &err))) {
+        CHECK(submit_info(e, NULL, NULL, 0, &r, &info, &st) > 0);
+        CHECK_MSG(info.max_tokens == 5 * 16 - 4 && info.max_tokens < m->cfg.max_ctx - 4, "KV-bound max_tokens %d",
+                  info.max_tokens);
+        wait_all(&r, 1);
+        CHECK_EQ_INT(r.n, info.max_tokens);
+        ds_engine_free(e);
+    } else {
+        CHECK_MSG(0, "%s", err.msg);
+    }
+    ds_registry_free(reg);
+}
+
 /* Background work (training micro-steps) runs on the engine thread when woken, and detaching
  * waits for a call in progress. */
 static int g_bg_calls;
@@ -292,6 +366,7 @@ int main(void) {
     test_batching(m, ref);
     test_preemption(m);
     test_validation_and_cancel(m);
+    test_submit_policies(m, DS_TEST_DATA "/adapters/tiny-llama");
     test_adapters(m, DS_TEST_DATA "/adapters/tiny-llama");
     test_background(m);
     cJSON_Delete(ref);

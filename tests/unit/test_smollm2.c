@@ -130,7 +130,7 @@ static void engine_greedy(ds_engine *e, const int32_t *prompt, int n, const char
     q.user = r;
     ds_err err = {{0}};
     int st;
-    if (!ds_engine_submit(e, &q, &st, &err)) {
+    if (!ds_engine_submit(e, &q, NULL, &st, &err)) {
         CHECK_MSG(0, "submit: %s", err.msg);
         return;
     }

@@ -31,6 +31,7 @@ typedef struct cpu_ctx {
     uint8_t *q8buf;      /* a step's int8 activations */
     size_t q8buf_cap;
     ds_pool *pool;       /* decode-sized ops (pool.h); prefill-sized ones use OpenMP */
+    ds_seg_tables plan;  /* the step's segment tables (plan_upload), borrowed host arrays */
 } cpu_ctx;
 
 static void cpu_free(void *ctx) {
@@ -263,18 +264,31 @@ static int cpu_attention(void *ctx, const ds_attn_args *a) {
     return DS_OK;
 }
 
+/* Plan/run: the CPU reads the caller's host tables in place, so planning is only remembering them. */
+static int cpu_plan_upload(void *ctx, const ds_seg_tables *t) {
+    if (t->n_lora < 0 || t->n_vec < 0 || t->n_bn < 0) return DS_EINVAL;
+    ((cpu_ctx *)ctx)->plan = *t;
+    return DS_OK;
+}
+
+/* Whether r lies inside a plan table of n entries. */
+static bool in_plan(int32_t n, ds_seg_range r) { return r.first >= 0 && r.n >= 0 && r.first <= n - r.n; }
+
 /* Segmented LoRA: per segment, tmp[len][r] = X·Aᵀ then Y += scale · tmp·Bᵀ — two GEMMs at the
  * adapter's own rank (no padding). */
-static int cpu_lora(void *ctx, const float *x, int32_t in, float *y, int32_t out, const ds_lora_seg *segs,
-                    int32_t n_segs) {
+static int cpu_lora(void *ctx, const float *x, int32_t in, float *y, int32_t out, ds_seg_range r) {
+    const cpu_ctx *c = ctx;
+    if (!in_plan(c->plan.n_lora, r)) return DS_EINVAL;
+    if (r.n == 0) return DS_OK;
+    const ds_lora_seg *segs = c->plan.lora + r.first;
     size_t need = 0;
-    for (int32_t i = 0; i < n_segs; i++) {
+    for (int32_t i = 0; i < r.n; i++) {
         size_t sz = (size_t)segs[i].len * (size_t)segs[i].rank;
         if (sz > need) need = sz;
     }
     float *tmp = cpu_scratch(ctx, need ? need : 1);
     if (!tmp) return DS_ENOMEM;
-    for (int32_t i = 0; i < n_segs; i++) {
+    for (int32_t i = 0; i < r.n; i++) {
         const ds_lora_seg *g = &segs[i];
         if (g->len <= 0 || g->rank <= 0) continue;
         const float *xs = x + (size_t)g->start * in;
@@ -287,8 +301,12 @@ static int cpu_lora(void *ctx, const float *x, int32_t in, float *y, int32_t out
     return DS_OK;
 }
 
-static int cpu_seg_scale(void *ctx, float *y, int32_t width, const ds_vec_seg *segs, int32_t n_segs) {
-    for (int32_t i = 0; i < n_segs; i++)
+static int cpu_seg_scale(void *ctx, float *y, int32_t width, ds_seg_range r) {
+    const cpu_ctx *c = ctx;
+    if (!in_plan(c->plan.n_vec, r)) return DS_EINVAL;
+    if (r.n == 0) return DS_OK;
+    const ds_vec_seg *segs = c->plan.vec + r.first;
+    for (int32_t i = 0; i < r.n; i++)
         for (int32_t t = segs[i].start; t < segs[i].start + segs[i].len; t++) {
             float *yr = y + (size_t)t * width;
             for (int32_t j = 0; j < width; j++) yr[j] *= segs[i].v[j];
@@ -296,13 +314,23 @@ static int cpu_seg_scale(void *ctx, float *y, int32_t width, const ds_vec_seg *s
     return DS_OK;
 }
 
-static int cpu_seg_add(void *ctx, float *y, int32_t width, const ds_vec_seg *segs, int32_t n_segs) {
-    for (int32_t i = 0; i < n_segs; i++)
+static int cpu_seg_add(void *ctx, float *y, int32_t width, ds_seg_range r) {
+    const cpu_ctx *c = ctx;
+    if (!in_plan(c->plan.n_vec, r)) return DS_EINVAL;
+    if (r.n == 0) return DS_OK;
+    const ds_vec_seg *segs = c->plan.vec + r.first;
+    for (int32_t i = 0; i < r.n; i++)
         for (int32_t t = segs[i].start; t < segs[i].start + segs[i].len; t++) {
             float *yr = y + (size_t)t * width;
             for (int32_t j = 0; j < width; j++) yr[j] += segs[i].alpha * segs[i].v[j];
         }
     return DS_OK;
+}
+
+static int cpu_bottleneck(void *ctx, const float *x, float *o, int32_t d, ds_seg_range r) {
+    const cpu_ctx *c = ctx;
+    if (!in_plan(c->plan.n_bn, r)) return DS_EINVAL;
+    return r.n ? ds_cpu_bottleneck(ctx, x, o, d, c->plan.bn + r.first, r.n) : DS_OK;
 }
 
 static int cpu_set_rows(void *ctx, float *dst, int32_t width, const int32_t *rows, const float *const *src, int32_t n) {
@@ -337,6 +365,7 @@ static const struct ds_backend_iface cpu_iface = {
     .get_rows = cpu_get_rows,
     .kv_store = cpu_kv_store,
     .attention = cpu_attention,
+    .plan_upload = cpu_plan_upload,
     .lora = cpu_lora,
     .seg_scale = cpu_seg_scale,
     .seg_add = cpu_seg_add,
@@ -344,7 +373,7 @@ static const struct ds_backend_iface cpu_iface = {
     .copy = cpu_copy,
     .lora_expand = cpu_lora_expand,
     .train = &ds_cpu_train_iface,
-    .bottleneck = ds_cpu_bottleneck,
+    .bottleneck = cpu_bottleneck,
 };
 
 ds_backend *ds_backend_cpu_create(const ds_backend_params *params, ds_err *err) {

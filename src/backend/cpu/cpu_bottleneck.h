@@ -5,7 +5,8 @@
 
 #include "ds/backend.h"
 
-/* ds_backend_iface.bottleneck on the CPU (see ds_bn_seg). */
+/* The bottleneck op on the CPU over n_segs host segments (see ds_bn_seg); cpu_backend.c's
+ * bottleneck slot resolves its plan range to them. */
 int ds_cpu_bottleneck(void *ctx, const float *x, float *o, int32_t d, const ds_bn_seg *segs, int32_t n_segs);
 /* At least n floats of the backend's grow-once op scratch, or NULL on OOM. Valid until the next op. */
 float *ds_cpu_scratch(void *ctx, size_t n);
