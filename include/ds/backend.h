@@ -172,7 +172,7 @@ struct ds_backend_iface {
     /* out[t] = embd[ids[t]] for each token. */
     int (*embed)(void *ctx, const ds_mat *embd, const int32_t *ids, float *out, int32_t n);
     /* y[t] = x[t] * rsqrt(mean(x[t]^2) + eps) * w  (fp32; HF order). */
-    int (*rmsnorm)(void *ctx, const float *x, const float *w, float *y, int32_t n, int32_t d, float eps);
+    int (*rmsnorm)(void *ctx, const float *x, const float *w, float *y, int32_t n, int32_t d, float eps); /* x == y allowed */
     /* In place NeoX/rotate_half RoPE on x[n][n_head][head_dim] at positions pos[n]. */
     int (*rope)(void *ctx, float *x, const int32_t *pos, const float *inv_freq, int32_t n, int32_t n_head,
                 int32_t head_dim);

@@ -18,13 +18,14 @@ typedef enum {
     DS_ARCH_LLAMA = 0, /* Llama 2/3.x, SmolLM2, TinyLlama */
     DS_ARCH_MISTRAL,   /* same math as llama */
     DS_ARCH_QWEN2,     /* q/k/v bias */
+    DS_ARCH_QWEN3,     /* per-head RMSNorm of q and k before RoPE (q_norm / k_norm), no biases */
 } ds_arch;
 
 typedef enum { DS_ROPE_SCALING_NONE = 0, DS_ROPE_SCALING_LLAMA3 = 1 } ds_rope_scaling;
 
 typedef struct ds_model_config {
     ds_arch arch;
-    char arch_name[32];      /* "llama", "qwen2", "mistral" */
+    char arch_name[32];      /* "llama", "qwen2", "qwen3", "mistral" */
     char name[128];          /* general.name / _name_or_path, informational */
     int32_t n_vocab;
     int32_t d_model;         /* hidden_size */
@@ -40,6 +41,7 @@ typedef struct ds_model_config {
     float rope_factor, rope_low_freq_factor, rope_high_freq_factor;
     int32_t rope_orig_ctx;   /* original_max_position_embeddings */
     bool qkv_bias;
+    bool qk_norm;            /* Qwen3: q_norm / k_norm over each head's head_dim values */
     bool tied_embeddings;
 } ds_model_config;
 
@@ -53,6 +55,8 @@ typedef struct ds_layer_weights {
     float *bq;         /* [n_head*head_dim] or NULL */
     float *bk;         /* [n_kv_head*head_dim] or NULL */
     float *bv;         /* [n_kv_head*head_dim] or NULL */
+    float *q_norm;     /* [head_dim] or NULL (cfg.qk_norm) */
+    float *k_norm;     /* [head_dim] or NULL */
     ds_weight wo;      /* [d_model][n_head*head_dim] */
     float *ffn_norm;   /* [d_model] */
     ds_weight w_gate;  /* [d_ff][d_model] */

@@ -11,6 +11,7 @@
 typedef struct llama_layer {
     ds_mat wq, wk, wv, wo, w_gate, w_up, w_down;
     float *attn_norm, *ffn_norm, *bq, *bk, *bv; /* backend pointers */
+    float *q_norm, *k_norm;                     /* Qwen3 per-head norms, or NULL */
     float *k_pool, *v_pool;                     /* [n_blocks][block][n_kv*hd] */
 } llama_layer;
 
@@ -85,6 +86,11 @@ static int upload_layer(ds_llama *L, int32_t i, ds_err *err) {
         l->bk = upload_vec(L, w->bk, (size_t)kvd);
         l->bv = upload_vec(L, w->bv, (size_t)kvd);
         if (!l->bq || !l->bk || !l->bv) return ds_err_set(err, DS_EDEVICE, "layer %d: out of backend memory", i);
+    }
+    if (w->q_norm) {
+        l->q_norm = upload_vec(L, w->q_norm, (size_t)c->head_dim);
+        l->k_norm = upload_vec(L, w->k_norm, (size_t)c->head_dim);
+        if (!l->q_norm || !l->k_norm) return ds_err_set(err, DS_EDEVICE, "layer %d: out of backend memory", i);
     }
     return DS_OK;
 }
@@ -252,6 +258,10 @@ static int attention_block(ds_llama *L, int32_t il, const ds_batch *bt, const ds
     DS_TRY(ds_plan_linear(plan, L->b, il, DS_PROJ_Q, &l->wq, l->bq, w->h, w->q, T));
     DS_TRY(ds_plan_linear(plan, L->b, il, DS_PROJ_K, &l->wk, l->bk, w->h, w->k, T));
     DS_TRY(ds_plan_linear(plan, L->b, il, DS_PROJ_V, &l->wv, l->bv, w->h, w->v, T));
+    if (l->q_norm) { /* Qwen3: RMSNorm over each head's values (after adapters: they are part of q_proj) */
+        DS_TRY(f->rmsnorm(ctx, w->q, l->q_norm, w->q, T * c->n_head, c->head_dim, c->rms_eps));
+        DS_TRY(f->rmsnorm(ctx, w->k, l->k_norm, w->k, T * c->n_kv_head, c->head_dim, c->rms_eps));
+    }
     DS_TRY(f->rope(ctx, w->q, w->pos, L->inv_freq, T, c->n_head, c->head_dim));
     DS_TRY(f->rope(ctx, w->k, w->pos, L->inv_freq, T, c->n_kv_head, c->head_dim));
     DS_TRY(f->kv_store(ctx, l->k_pool, l->v_pool, w->k, w->v, w->slots, T, kvd));

@@ -62,13 +62,15 @@ static int read_arch(gctx *c, ds_model_config *cfg) {
     if (!strcmp(arch, "llama")) cfg->arch = DS_ARCH_LLAMA;
     else if (!strcmp(arch, "mistral")) cfg->arch = DS_ARCH_MISTRAL;
     else if (!strcmp(arch, "qwen2")) cfg->arch = DS_ARCH_QWEN2;
+    else if (!strcmp(arch, "qwen3")) cfg->arch = DS_ARCH_QWEN3;
     else if (c->weights)
-        return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: architecture '%s' is not supported (llama, mistral, qwen2)",
+        return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: architecture '%s' is not supported (llama, mistral, qwen2, qwen3)",
                           c->path, arch);
     /* else: tokenizer only (deltaserve tokenize) — the architecture does not matter */
     snprintf(cfg->arch_name, sizeof cfg->arch_name, "%s", arch);
     if (!ds_gguf_get_str(&c->g, "general.name", &name, NULL)) snprintf(cfg->name, sizeof cfg->name, "%s", name);
     cfg->qkv_bias = cfg->arch == DS_ARCH_QWEN2;
+    cfg->qk_norm = cfg->arch == DS_ARCH_QWEN3;
     return 0;
 }
 
@@ -231,8 +233,8 @@ static int load_layer(gctx *c, int i) {
     const ds_model_config *cfg = &c->m->cfg;
     ds_layer_weights *l = &c->m->layers[i];
     const int64_t d = cfg->d_model, q = (int64_t)cfg->n_head * cfg->head_dim, kv = (int64_t)cfg->n_kv_head * cfg->head_dim;
-    /* Only the llama converter permutes Q/K (formats.md §6); qwen2 keeps HF order. */
-    const bool perm = cfg->arch != DS_ARCH_QWEN2;
+    /* Only the llama converter permutes Q/K; the Qwen converters keep HF order. */
+    const bool perm = cfg->arch != DS_ARCH_QWEN2 && cfg->arch != DS_ARCH_QWEN3;
     const int ph = perm ? cfg->n_head : 0, pkv = perm ? cfg->n_kv_head : 0;
     char n[12][96];
     const char *suffix[12] = {"attn_norm.weight", "attn_q.weight",  "attn_k.weight",  "attn_v.weight",
@@ -251,6 +253,13 @@ static int load_layer(gctx *c, int i) {
     if (!rc && cfg->qkv_bias) rc = load_vec(c, n[9], q, ph, false, &l->bq);
     if (!rc && cfg->qkv_bias) rc = load_vec(c, n[10], kv, pkv, false, &l->bk);
     if (!rc && cfg->qkv_bias) rc = load_vec(c, n[11], kv, 0, false, &l->bv);
+    if (cfg->qk_norm) {
+        char qn[96], kn[96];
+        snprintf(qn, sizeof qn, "blk.%d.attn_q_norm.weight", i);
+        snprintf(kn, sizeof kn, "blk.%d.attn_k_norm.weight", i);
+        if (!rc) rc = load_vec(c, qn, cfg->head_dim, 0, false, &l->q_norm);
+        if (!rc) rc = load_vec(c, kn, cfg->head_dim, 0, false, &l->k_norm);
+    }
     return rc;
 }
 
@@ -295,7 +304,7 @@ static int load_weights(gctx *c) {
     const ds_model_config *cfg = &m->cfg;
     int rc = check_biases(c);
     if (rc) return rc;
-    c->n_expected = 2 + (size_t)cfg->n_layer * (cfg->qkv_bias ? 12 : 9) + 1;
+    c->n_expected = 2 + (size_t)cfg->n_layer * ((cfg->qkv_bias ? 12 : 9) + (cfg->qk_norm ? 2 : 0)) + 1;
     if (!(m->layers = calloc((size_t)cfg->n_layer, sizeof *m->layers)))
         return ds_err_set(c->err, DS_ENOMEM, "%s: out of memory", c->path);
     if ((rc = load_mat(c, "token_embd.weight", cfg->n_vocab, cfg->d_model, 0, false, &m->tok_embd))) return rc;

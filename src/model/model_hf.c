@@ -78,8 +78,9 @@ static int parse_arch(hctx *c, const cJSON *root, ds_model_config *cfg) {
     if (!strcmp(mt, "llama")) cfg->arch = DS_ARCH_LLAMA, cfg->max_ctx = 2048;
     else if (!strcmp(mt, "mistral")) cfg->arch = DS_ARCH_MISTRAL, cfg->max_ctx = 131072;
     else if (!strcmp(mt, "qwen2")) cfg->arch = DS_ARCH_QWEN2, cfg->max_ctx = 32768;
+    else if (!strcmp(mt, "qwen3")) cfg->arch = DS_ARCH_QWEN3, cfg->max_ctx = 40960;
     else
-        return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: model_type '%s' is not supported (llama, mistral, qwen2)",
+        return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: model_type '%s' is not supported (llama, mistral, qwen2, qwen3)",
                           c->cfg_path, mt);
     snprintf(cfg->arch_name, sizeof cfg->arch_name, "%s", mt);
     if ((name = get_str(root, "_name_or_path"))) snprintf(cfg->name, sizeof cfg->name, "%s", name);
@@ -89,11 +90,13 @@ static int parse_arch(hctx *c, const cJSON *root, ds_model_config *cfg) {
     int rc = get_bool(c, root, "attention_bias", &attn_bias);
     if (!rc) rc = get_bool(c, root, "mlp_bias", &mlp_bias);
     if (rc) return rc;
-    /* Llama's attention_bias also puts a bias on o_proj, which ds_layer_weights has no slot for. */
+    /* Llama's and Qwen3's attention_bias also put a bias on o_proj, which ds_layer_weights has no
+     * slot for. */
     if ((attn_bias && cfg->arch != DS_ARCH_QWEN2) || mlp_bias)
         return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: %s = true is not supported", c->cfg_path,
                           mlp_bias ? "mlp_bias" : "attention_bias");
     cfg->qkv_bias = cfg->arch == DS_ARCH_QWEN2; /* Qwen2 always has q/k/v bias, never o_proj bias */
+    cfg->qk_norm = cfg->arch == DS_ARCH_QWEN3;
     return 0;
 }
 
@@ -127,13 +130,13 @@ static int parse_rope(hctx *c, const cJSON *root, ds_model_config *cfg) {
     return rc;
 }
 
-/* Sliding-window attention (Mistral; Qwen2 with use_sliding_window) is not implemented. Within
+/* Sliding-window attention (Mistral; Qwen2/Qwen3 with use_sliding_window) is not implemented. Within
  * `sliding_window` tokens it is identical to full attention, so the context is limited to the
  * window: results stay exact instead of silently computing full attention past it. */
 static int cap_sliding(hctx *c, const cJSON *root, ds_model_config *cfg) {
     const cJSON *sw = field(root, "sliding_window");
     bool use = cfg->arch == DS_ARCH_MISTRAL;
-    if (cfg->arch == DS_ARCH_QWEN2) get_bool(c, root, "use_sliding_window", &use);
+    if (cfg->arch == DS_ARCH_QWEN2 || cfg->arch == DS_ARCH_QWEN3) get_bool(c, root, "use_sliding_window", &use);
     if (!use || !cJSON_IsNumber(sw) || sw->valuedouble >= cfg->max_ctx) return 0;
     if (!(sw->valuedouble >= 16))
         return ds_err_set(c->err, DS_EFORMAT, "%s: sliding_window %g is not a usable window", c->cfg_path, sw->valuedouble);
@@ -256,6 +259,13 @@ static int load_layer(hctx *c, int i) {
     if (!rc && cfg->qkv_bias) rc = load(c, n[9], 0, q, false, &l->bq);
     if (!rc && cfg->qkv_bias) rc = load(c, n[10], 0, kv, false, &l->bk);
     if (!rc && cfg->qkv_bias) rc = load(c, n[11], 0, kv, false, &l->bv);
+    if (cfg->qk_norm) {
+        char qn[128], kn[128];
+        snprintf(qn, sizeof qn, "model.layers.%d.self_attn.q_norm.weight", i);
+        snprintf(kn, sizeof kn, "model.layers.%d.self_attn.k_norm.weight", i);
+        if (!rc) rc = load(c, qn, 0, cfg->head_dim, false, &l->q_norm);
+        if (!rc) rc = load(c, kn, 0, cfg->head_dim, false, &l->k_norm);
+    }
     return rc;
 }
 
@@ -264,7 +274,7 @@ static int load_weights(hctx *c) {
     const ds_model_config *cfg = &m->cfg;
     int rc = ds_st_set_open_dir(&c->set, c->dir, c->err);
     if (rc) return rc;
-    c->n_expected = 2 + (size_t)cfg->n_layer * (cfg->qkv_bias ? 12 : 9) + !cfg->tied_embeddings;
+    c->n_expected = 2 + (size_t)cfg->n_layer * ((cfg->qkv_bias ? 12 : 9) + (cfg->qk_norm ? 2 : 0)) + !cfg->tied_embeddings;
     if (!(m->layers = calloc((size_t)cfg->n_layer, sizeof *m->layers)))
         return ds_err_set(c->err, DS_ENOMEM, "%s: out of memory", c->dir);
     rc = load_mat(c, "model.embed_tokens.weight", cfg->n_vocab, cfg->d_model, false, &m->tok_embd);

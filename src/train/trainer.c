@@ -137,6 +137,10 @@ int tr_backend_attach(ds_trainer *t, ds_backend *b, ds_err *err) {
                           b->iface->name);
     const ds_model *m = t->m;
     if (!m) return 0; /* a shell trainer for optimizer-only use (tests): no model weights */
+    if (m->cfg.qk_norm) /* train_forward.c / train_backward.c have no q_norm / k_norm step yet */
+        return ds_err_set(err, DS_EUNSUPPORTED,
+                          "fine-tuning a %s base (per-head q/k norms) is not supported yet; serving its adapters is",
+                          m->cfg.arch_name);
     const size_t nw = (size_t)m->cfg.n_layer * DS_PROJ_COUNT;
     if (!(t->wm = calloc(nw, sizeof *t->wm))) return ds_err_set(err, DS_ENOMEM, "out of memory");
     int rc = b->iface->mat_upload(b->ctx, &m->tok_embd, &t->wm_embed);

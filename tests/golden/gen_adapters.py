@@ -72,7 +72,7 @@ torch.use_deterministic_algorithms(True)
 
 N_DECODE = 4
 PROMPT_LENS = (6, 9, 1)
-TINY = ("tiny-llama", "tiny-qwen2")
+TINY = ("tiny-llama", "tiny-qwen2", "tiny-qwen3")
 ADAPTER_NAMES = ("lora-qv", "lora-qk", "lora-all", "lora-bias", "dora", "adalora", "adalora-full",
                  "ia3", "prompt-tuning", "p-tuning", "prefix", "prefix-proj", "lora-embed-head", "lora-head")
 PROMPT_LEARNING = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
@@ -193,7 +193,7 @@ def round_params_to(model, dtype: torch.dtype) -> None:
 # Adapter definitions
 # --------------------------------------------------------------------------------------------
 def peft_config_for(adapter: str, model_name: str, cfg) -> object | None:
-    qwen = model_name == "tiny-qwen2"
+    qwen = model_name in ("tiny-qwen2", "tiny-qwen3")  # tied embeddings
     L = cfg.num_hidden_layers
     common = dict(task_type=TaskType.CAUSAL_LM)
     if adapter == "lora-qv":
@@ -224,7 +224,7 @@ def peft_config_for(adapter: str, model_name: str, cfg) -> object | None:
         return AdaLoraConfig(init_r=6, target_r=3, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"],
                              total_step=100, tinit=10, tfinal=20, lora_dropout=0.0, **common)
     if adapter == "ia3":
-        if qwen:  # PEFT defaults for qwen2: q_proj, v_proj, down_proj (down is feed-forward)
+        if model_name == "tiny-qwen2":  # PEFT defaults for qwen2: q_proj, v_proj, down_proj
             return IA3Config(**common)
         return IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
                          **common)
@@ -250,9 +250,11 @@ def peft_config_for(adapter: str, model_name: str, cfg) -> object | None:
 # which adapters each tiny model gets (lora-qk only on llama: exercises the K permutation of GGUF LoRA)
 def adapters_for(model_name: str) -> list[str]:
     names = [a for a in ADAPTER_NAMES if not (a == "lora-qk" and model_name != "tiny-llama")]
-    if model_name == "tiny-qwen2":
+    if model_name in ("tiny-qwen2", "tiny-qwen3"):  # tied embeddings
         names.remove("lora-embed-head")
         names.remove("lora-head")
+    if model_name == "tiny-qwen3":  # the PEFT types people train on Qwen3; LoRA on q/k runs before q/k_norm
+        names = [a for a in names if a in ("lora-qv", "lora-all", "dora", "ia3", "prompt-tuning", "prefix")]
     return names
 
 
@@ -267,7 +269,7 @@ def randomize(pm, adapter: str, model_name: str, base_model) -> dict:
     """Overwrite every trainable parameter with seeded random values. Returns notes for the JSON."""
     g = torch.Generator().manual_seed(seed_of(model_name, adapter))
     notes = {}
-    qwen = model_name == "tiny-qwen2"
+    qwen = model_name in ("tiny-qwen2", "tiny-qwen3")
 
     def rn(shape, std):
         return std * torch.randn(tuple(shape), generator=g)
@@ -721,6 +723,8 @@ MIXED = {
     "tiny-qwen2": [("prefix", 0), ("lora-all", 0), (None, 1), ("dora", 1), ("adalora-full", 0),
                    ("ia3", 2), ("prompt-tuning", 1), ("p-tuning", 0), ("lora-bias", 0), ("lora-qv", 2),
                    ("prefix-proj", 1), ("adalora", 1), ("lora-qv", 0)],
+    "tiny-qwen3": [("lora-all", 0), (None, 1), ("prefix", 2), ("dora", 0), ("ia3", 1), ("lora-qv", 2),
+                   ("prompt-tuning", 0), ("lora-qv", 1)],
 }
 
 
@@ -1359,7 +1363,7 @@ def gen_bad(written: list[Path]) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", action="append",
-                    help="a model (tiny-llama, tiny-qwen2, smollm2), 'bad', or an adapter name "
+                    help="a model (tiny-llama, tiny-qwen2, tiny-qwen3, smollm2), 'bad', or an adapter name "
                          f"({', '.join(ADAPTER_NAMES)}); repeatable")
     ap.add_argument("--report", type=Path, help="also write a JSON summary of keys/shapes/scales here")
     args = ap.parse_args()

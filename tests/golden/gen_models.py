@@ -50,6 +50,8 @@ from transformers import (  # noqa: E402
     LlamaForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 transformers.logging.set_verbosity_error()
@@ -112,6 +114,23 @@ SPECS = {
             rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
                               high_freq_factor=4.0, original_max_position_embeddings=64),
             bos_token_id=1, eos_token_id=2,
+        ),
+    ),
+    "tiny-qwen3": dict(
+        arch="qwen3",
+        cls=Qwen3ForCausalLM,
+        seed=4004,
+        resid_std=0.3,
+        # Qwen3: per-head RMSNorm of q and k (q_norm / k_norm) before RoPE, no biases, and a
+        # head_dim (32) that is not hidden/heads (16) — as real Qwen3 checkpoints (128 vs 64..)
+        legacy_config=True,
+        q8=True,
+        config=dict(
+            vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=32, intermediate_size=96,
+            rms_norm_eps=1e-6, max_position_embeddings=256, tie_word_embeddings=True,
+            rope_theta=1000000.0, attention_bias=False, use_sliding_window=False,
+            max_window_layers=2, bos_token_id=1, eos_token_id=2,
         ),
     ),
 }
@@ -198,6 +217,8 @@ def make_config(spec):
     cfg = dict(spec["config"])
     if spec["cls"] is LlamaForCausalLM:
         config = LlamaConfig(**cfg)
+    elif spec["cls"] is Qwen3ForCausalLM:
+        config = Qwen3Config(**cfg)
     else:
         config = Qwen2Config(**cfg)
     config.architectures = [spec["cls"].__name__]
@@ -292,6 +313,8 @@ def hf_to_gguf_name(name: str) -> str | None:
             "self_attn.q_proj.bias": "attn_q.bias",
             "self_attn.k_proj.bias": "attn_k.bias",
             "self_attn.v_proj.bias": "attn_v.bias",
+            "self_attn.q_norm.weight": "attn_q_norm.weight",
+            "self_attn.k_norm.weight": "attn_k_norm.weight",
             "mlp.gate_proj.weight": "ffn_gate.weight",
             "mlp.up_proj.weight": "ffn_up.weight",
             "mlp.down_proj.weight": "ffn_down.weight",
@@ -309,6 +332,7 @@ def gguf_tensor_order(config) -> list[str]:
                   p + "self_attn.q_proj.weight", p + "self_attn.q_proj.bias",
                   p + "self_attn.k_proj.weight", p + "self_attn.k_proj.bias",
                   p + "self_attn.v_proj.weight", p + "self_attn.v_proj.bias",
+                  p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight",
                   p + "self_attn.o_proj.weight",
                   p + "post_attention_layernorm.weight",
                   p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight",
@@ -536,6 +560,7 @@ def hparams_json(config, arch: str) -> dict:
         "rms_norm_eps": float(config.rms_norm_eps),
         "tie_word_embeddings": bool(config.tie_word_embeddings),
         "qkv_bias": arch == "qwen2",
+        "qk_norm": arch == "qwen3",
     }
     if rp.get("rope_type", "default") != "default":
         d["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
@@ -715,8 +740,12 @@ def verify_tiny(name: str) -> None:
         # Independent check: transformers' own GGUF loader (which undoes the Q/K permutation
         # itself) reproduces the reference logits from this file. transformers ignores
         # rope_freqs.weight, so for llama3 we patch its inv_freq with base_inv_freq / rope_freqs.
+        # transformers' GGUF config mapping for qwen3 drops attention.key_length (head_dim falls
+        # back to 128), so that family gets the directory's config; the weights still come from
+        # the GGUF file through transformers' own loader.
+        extra_kw = {"config": config} if arch == "qwen3" else {}
         gm = AutoModelForCausalLM.from_pretrained(d, gguf_file=fname, dtype=torch.float32,
-                                                  attn_implementation="eager").eval()
+                                                  attn_implementation="eager", **extra_kw).eval()
         if "rope_freqs.weight" in tensors:
             rf = torch.from_numpy(reader_tensor_f32(tensors["rope_freqs.weight"]))
             hd = head_dim_of(config)

@@ -209,6 +209,7 @@ int main(void) {
     const int nb = parity_backends(bs, 2);
     run_model(bs, nb, "tiny-llama");
     run_model(bs, nb, "tiny-qwen2");
+    run_model(bs, nb, "tiny-qwen3");
     for (int i = 0; i < nb; i++) ds_backend_free(bs[i]);
     if (ds_test_checks == 0) SKIP("no golden adapters under %s/adapters (run tests/golden/gen_adapters.py)", parity_data_dir());
     return ds_test_result();

@@ -153,12 +153,13 @@ static void run_model(ds_backend **backends, int n_backends, const char *name, c
 int main(void) {
     ds_backend *bs[2];
     const int nb = parity_backends(bs, 2);
-    const char *models[] = {"tiny-llama", "tiny-qwen2", "tiny-llama3"};
-    for (size_t i = 0; i < 3; i++) {
+    const char *models[] = {"tiny-llama", "tiny-qwen2", "tiny-llama3", "tiny-qwen3"};
+    for (size_t i = 0; i < 4; i++) {
         run_model(bs, nb, models[i], NULL, "reference.json");
         run_model(bs, nb, models[i], "model.gguf", "reference.json");
     }
     run_model(bs, nb, "tiny-llama", "model-q8_0.gguf", "reference-q8_0.json");
+    run_model(bs, nb, "tiny-qwen3", "model-q8_0.gguf", "reference-q8_0.json");
     for (int i = 0; i < nb; i++) ds_backend_free(bs[i]);
     if (ds_test_checks == 0) SKIP("no golden models under %s/models (run tests/golden/gen_models.py)", parity_data_dir());
     return ds_test_result();
