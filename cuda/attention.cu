@@ -3,7 +3,8 @@
  * Logical KV slot i of sequence s is found exactly as ds_kv_slot() says (include/ds/backend.h):
  * the first seq_prefix[s] slots are the adapter's prefix (shared blocks at the head of the block
  * table, last one possibly partial); the sequence's own tokens start on the next block boundary.
- * Token t attends to logical slots [0, tok_nkv[t]) — causality is the engine's business.
+ * Token t attends to logical slots [0, tok_nkv[t]) — causality is the engine's business — or, with a
+ * sliding window, to the last `window` of them.
  *
  * Numerics: fp32 throughout, scores = (q·k)·scale as on the CPU, softmax by the online
  * (running max / running sum) recurrence of Milakov & Gimelshein 2018 / FlashAttention, which
@@ -57,7 +58,8 @@ attention_kernel(const ds_attn_args a) {
             acc[j] = 0.0f;
         }
         float m = -INFINITY, l = 0.0f;
-        for (int32_t i = warp; i < nkv; i += ATTN_WARPS) {
+        const int32_t lo = a.window > 0 && nkv > a.window ? nkv - a.window : 0; /* sliding window */
+        for (int32_t i = lo + warp; i < nkv; i += ATTN_WARPS) {
             const int64_t off = kv_slot(bt, pre, pre_pad, bs, i) * row + (int64_t)kvh * hd;
             const float *k = a.k_cache + off, *v = a.v_cache + off;
             float dot = 0.0f;

@@ -280,7 +280,7 @@ static const struct ds_backend_iface cuda_iface = {
 };
 
 extern "C" ds_backend *ds_backend_cuda_create(const ds_backend_params *params, ds_err *err) {
-    ds_backend_params def = {0, 0}; /* ds_backend_default_params, which lives outside this module */
+    ds_backend_params def = {0, 0, false}; /* ds_backend_default_params, which lives outside this module */
     if (!params) params = &def;
     ds_backend *b = (ds_backend *)calloc(1, sizeof *b);
     ds_cuda_ctx *c = (ds_cuda_ctx *)calloc(1, sizeof *c);

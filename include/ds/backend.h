@@ -69,6 +69,9 @@ typedef struct ds_attn_args {
     const int32_t *seq_prefix;   /* [n_seqs] prefix slots per sequence (backend ptr) */
     int32_t n_seqs, max_blocks;
     float scale;                 /* 1/sqrt(head_dim) */
+    int32_t window;              /* sliding window: a token attends to its last `window` logical slots
+                                  * (itself included, prefix slots counted as earlier positions, as HF
+                                  * masks past_key_values); 0 = all of [0, tok_nkv) */
 } ds_attn_args;
 
 /* Physical slot index (block*block_size + offset) of logical KV slot i. */

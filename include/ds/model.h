@@ -42,6 +42,10 @@ typedef struct ds_model_config {
     int32_t rope_orig_ctx;   /* original_max_position_embeddings */
     bool qkv_bias;
     bool qk_norm;            /* Qwen3: q_norm / k_norm over each head's head_dim values */
+    /* Sliding-window attention: layers swa_first_layer.. attend to their last sliding_window
+     * positions (ds_model_layer_window); sliding_window 0 = none. */
+    int32_t sliding_window;
+    int32_t swa_first_layer;
     bool tied_embeddings;
 } ds_model_config;
 
@@ -84,6 +88,11 @@ typedef struct ds_model {
     size_t weight_bytes[DS_DTYPE_COUNT]; /* bytes of matrix and vector weights per storage dtype */
     bool weights_loaded;      /* false when loaded with load_weights = false (tokenizer only) */
 } ds_model;
+
+/* Positions layer il attends to (sliding-window attention), or 0 for all of them. */
+static inline int32_t ds_model_layer_window(const ds_model_config *c, int32_t il) {
+    return c->sliding_window > 0 && il >= c->swa_first_layer ? c->sliding_window : 0;
+}
 
 typedef struct ds_model_params {
     bool load_tokenizer;        /* default true */

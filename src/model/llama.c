@@ -269,7 +269,8 @@ static int attention_block(ds_llama *L, int32_t il, const ds_batch *bt, const ds
                       .n_head = c->n_head, .n_kv_head = c->n_kv_head, .head_dim = c->head_dim,
                       .block_size = L->p.kv_block_size, .tok_seq = w->tok_seq, .tok_nkv = w->tok_nkv,
                       .block_tables = w->block_tables, .seq_prefix = bt->seq_prefix ? w->seq_prefix : NULL,
-                      .n_seqs = bt->n_seqs, .max_blocks = bt->max_blocks, .scale = 1.0f / sqrtf((float)c->head_dim)};
+                      .n_seqs = bt->n_seqs, .max_blocks = bt->max_blocks, .scale = 1.0f / sqrtf((float)c->head_dim),
+                      .window = ds_model_layer_window(c, il)};
     DS_TRY(f->attention(ctx, &a));
     DS_TRY(ds_plan_linear(plan, L->b, il, DS_PROJ_O, &l->wo, NULL, w->att, w->h, T));
     DS_TRY(ds_plan_bottleneck(plan, L->b, il, DS_BN_ATTN, w->x, w->h, c->d_model));

@@ -113,14 +113,11 @@ static int read_config(gctx *c) {
     if (!rc) rc = get_float(c, "rope.freq_base", &cfg->rope_theta, false);
     if (!rc) rc = get_float(c, "attention.layer_norm_rms_epsilon", &cfg->rms_eps, true);
     if (!rc) rc = read_rope_scaling(c);
-    int32_t window = 0; /* sliding-window attention is not implemented: exact within the window */
+    int32_t window = 0; /* sliding-window attention on every layer (llama.cpp writes one window) */
     if (!rc) rc = get_int(c, "attention.sliding_window", &window, false);
     if (rc) return rc;
-    if (window > 0 && window < cfg->max_ctx) {
-        DS_LOGW("%s: sliding-window attention is not implemented: context limited to the window, %d tokens "
-                "(context_length %d); within it the results are exact", c->path, window, cfg->max_ctx);
-        cfg->max_ctx = window;
-    }
+    if (window < 0) return ds_err_set(c->err, DS_EFORMAT, "%s: attention.sliding_window %d is negative", c->path, window);
+    if (window > 0 && window < cfg->max_ctx) cfg->sliding_window = window, cfg->swa_first_layer = 0;
     const ds_gguf_tensor *emb = ds_gguf_find_tensor(&c->g, "token_embd.weight");
     if (!emb) return ds_err_set(c->err, DS_EFORMAT, "%s: missing tensor 'token_embd.weight'", c->path);
     cfg->n_vocab = emb->ne[1] <= INT32_MAX ? (int32_t)emb->ne[1] : -1;

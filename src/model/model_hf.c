@@ -130,20 +130,48 @@ static int parse_rope(hctx *c, const cJSON *root, ds_model_config *cfg) {
     return rc;
 }
 
-/* Sliding-window attention (Mistral; Qwen2/Qwen3 with use_sliding_window) is not implemented. Within
- * `sliding_window` tokens it is identical to full attention, so the context is limited to the
- * window: results stay exact instead of silently computing full attention past it. */
-static int cap_sliding(hctx *c, const cJSON *root, ds_model_config *cfg) {
-    const cJSON *sw = field(root, "sliding_window");
+/* Sliding-window attention, as transformers decides it: Mistral on every layer when sliding_window
+ * is set (its "layer_types", if any, is ignored there too); Qwen2/Qwen3 only with
+ * use_sliding_window, on the layers "layer_types" marks sliding_attention, or else on layers
+ * max_window_layers.. . Those layers must come after the full ones: an interleaving (Gemma 3's
+ * kind) is refused rather than computed another way. */
+static int parse_sliding(hctx *c, const cJSON *root, ds_model_config *cfg) {
+    const cJSON *sw = field(root, "sliding_window"), *types = field(root, "layer_types");
     bool use = cfg->arch == DS_ARCH_MISTRAL;
-    if (cfg->arch == DS_ARCH_QWEN2 || cfg->arch == DS_ARCH_QWEN3) get_bool(c, root, "use_sliding_window", &use);
-    if (!use || !cJSON_IsNumber(sw) || sw->valuedouble >= cfg->max_ctx) return 0;
-    if (!(sw->valuedouble >= 16))
+    int32_t first = 0;
+    if (cfg->arch == DS_ARCH_QWEN2 || cfg->arch == DS_ARCH_QWEN3) {
+        first = 28; /* transformers' Qwen2Config / Qwen3Config default max_window_layers */
+        int rc = get_bool(c, root, "use_sliding_window", &use);
+        if (!rc) rc = get_int(c, root, "max_window_layers", &first, false);
+        if (rc) return rc;
+        if (use && cJSON_IsArray(types)) {
+            if (cJSON_GetArraySize(types) != cfg->n_layer)
+                return ds_err_set(c->err, DS_EFORMAT, "%s: layer_types has %d entries for %d layers", c->cfg_path,
+                                  cJSON_GetArraySize(types), cfg->n_layer);
+            int32_t i = 0;
+            first = cfg->n_layer;
+            const cJSON *t;
+            cJSON_ArrayForEach(t, types) {
+                const bool sl = cJSON_IsString(t) && !strcmp(t->valuestring, "sliding_attention");
+                if (!sl && !(cJSON_IsString(t) && !strcmp(t->valuestring, "full_attention")))
+                    return ds_err_set(c->err, DS_EUNSUPPORTED,
+                                      "%s: layer_types[%d] is not full_attention or sliding_attention", c->cfg_path, i);
+                if (sl && first == cfg->n_layer) first = i;
+                if (!sl && first < i)
+                    return ds_err_set(c->err, DS_EUNSUPPORTED,
+                                      "%s: layer_types interleaves full and sliding-window layers (layer %d), which "
+                                      "is not supported",
+                                      c->cfg_path, i);
+                i++;
+            }
+        }
+    }
+    if (!use || !cJSON_IsNumber(sw) || first >= cfg->n_layer) return 0;
+    if (!(sw->valuedouble >= 1 && sw->valuedouble <= INT32_MAX))
         return ds_err_set(c->err, DS_EFORMAT, "%s: sliding_window %g is not a usable window", c->cfg_path, sw->valuedouble);
-    DS_LOGW("%s: sliding-window attention is not implemented: context limited to the window, %d tokens (the model's "
-            "max_position_embeddings is %d); within it the results are exact",
-            c->cfg_path, (int)sw->valuedouble, cfg->max_ctx);
-    cfg->max_ctx = (int32_t)sw->valuedouble;
+    if (sw->valuedouble >= cfg->max_ctx) return 0; /* never reached: full attention */
+    cfg->sliding_window = (int32_t)sw->valuedouble;
+    cfg->swa_first_layer = first;
     return 0;
 }
 
@@ -164,7 +192,7 @@ static int parse_config(hctx *c, const cJSON *root) {
     if (!rc) rc = get_bool(c, root, "tie_word_embeddings", &cfg->tied_embeddings);
     if (!rc) rc = parse_rope(c, root, cfg);
     if (!rc) rc = ds_model_config_validate(cfg, c->cfg_path, c->err);
-    if (!rc) rc = cap_sliding(c, root, cfg);
+    if (!rc) rc = parse_sliding(c, root, cfg);
     return rc;
 }
 

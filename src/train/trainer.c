@@ -137,6 +137,11 @@ int tr_backend_attach(ds_trainer *t, ds_backend *b, ds_err *err) {
                           b->iface->name);
     const ds_model *m = t->m;
     if (!m) return 0; /* a shell trainer for optimizer-only use (tests): no model weights */
+    if (m->cfg.sliding_window > 0) /* the training attention (cpu_train.c) is full causal */
+        return ds_err_set(err, DS_EUNSUPPORTED,
+                          "fine-tuning a base with sliding-window attention (%d positions) is not supported yet; "
+                          "serving its adapters is",
+                          m->cfg.sliding_window);
     if (m->cfg.qk_norm) /* train_forward.c / train_backward.c have no q_norm / k_norm step yet */
         return ds_err_set(err, DS_EUNSUPPORTED,
                           "fine-tuning a %s base (per-head q/k norms) is not supported yet; serving its adapters is",

@@ -52,6 +52,8 @@ from transformers import (  # noqa: E402
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
 )
 
 transformers.logging.set_verbosity_error()
@@ -131,6 +133,22 @@ SPECS = {
             rms_norm_eps=1e-6, max_position_embeddings=256, tie_word_embeddings=True,
             rope_theta=1000000.0, attention_bias=False, use_sliding_window=False,
             max_window_layers=2, bos_token_id=1, eos_token_id=2,
+        ),
+    ),
+    "tiny-mistral": dict(
+        arch="llama",  # llama.cpp converts Mistral checkpoints as llama
+        cls=MistralForCausalLM,
+        seed=5005,
+        resid_std=0.3,
+        # sliding_window 4 < the 7- and 12-token prompts: every later position attends to its last
+        # 4 positions only (the GGUF carries llama.attention.sliding_window)
+        legacy_config=True,
+        q8=False,
+        config=dict(
+            vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, intermediate_size=128,
+            rms_norm_eps=1e-5, max_position_embeddings=256, tie_word_embeddings=False,
+            rope_theta=10000.0, sliding_window=4, bos_token_id=1, eos_token_id=2,
         ),
     ),
 }
@@ -219,6 +237,8 @@ def make_config(spec):
         config = LlamaConfig(**cfg)
     elif spec["cls"] is Qwen3ForCausalLM:
         config = Qwen3Config(**cfg)
+    elif spec["cls"] is MistralForCausalLM:
+        config = MistralConfig(**cfg)
     else:
         config = Qwen2Config(**cfg)
     config.architectures = [spec["cls"].__name__]
@@ -414,6 +434,8 @@ def write_gguf(path: Path, name: str, arch: str, config, sd: dict[str, np.ndarra
     w.add_file_type(gguf.LlamaFileType.ALL_F32 if qtype is None else gguf.LlamaFileType.MOSTLY_Q8_0)
     w.add_vocab_size(config.vocab_size)
     w.add_rope_dimension_count(head_dim)
+    if getattr(config, "sliding_window", None) and getattr(config, "model_type", "") == "mistral":
+        w.add_sliding_window(int(config.sliding_window))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
     stored: dict[str, np.ndarray] = {}
@@ -634,6 +656,18 @@ def gen_tiny(name: str, written: list[Path]) -> None:
         assert np.array_equal(back[k].numpy(), v), k
 
     prompts = pick_prompts(model, config.vocab_size, spec["seed"])
+    if getattr(config, "sliding_window", None) and config.model_type == "mistral":
+        # the window matters for these prompts: full attention gives other logits
+        full = spec["cls"](config.__class__(**{**config.to_dict(), "sliding_window": None}))
+        full.load_state_dict(model.state_dict())
+        full.to(torch.float32).eval()
+        longest = max(prompts, key=len)
+        with torch.no_grad():
+            a = model(input_ids=torch.tensor([longest])).logits[0]
+            b = full(input_ids=torch.tensor([longest])).logits[0]
+        diff = float((a - b).abs().max())
+        assert len(longest) > config.sliding_window and diff > 1e-2, diff
+        extra["sliding_window_vs_full_max_abs_diff"] = Exact(diff)
     ref = build_reference(name, model, config, arch, prompts, extra)
     write_text(d / "reference.json", dump_json(ref) + "\n")
 
@@ -746,6 +780,12 @@ def verify_tiny(name: str) -> None:
         extra_kw = {"config": config} if arch == "qwen3" else {}
         gm = AutoModelForCausalLM.from_pretrained(d, gguf_file=fname, dtype=torch.float32,
                                                   attn_implementation="eager", **extra_kw).eval()
+        if config.model_type == "mistral":
+            # the file is a llama GGUF; transformers reads it as Llama (full attention): its
+            # weights go into the Mistral model of the directory's config (sliding window)
+            mm = spec["cls"](config)
+            mm.load_state_dict(gm.state_dict())
+            gm = mm.to(torch.float32).eval()
         if "rope_freqs.weight" in tensors:
             rf = torch.from_numpy(reader_tensor_f32(tensors["rope_freqs.weight"]))
             hd = head_dim_of(config)

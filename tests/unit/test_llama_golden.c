@@ -150,16 +150,60 @@ static void run_model(ds_backend **backends, int n_backends, const char *name, c
     cJSON_Delete(ref);
 }
 
+/* The sliding window is what makes tiny-mistral's reference: the same weights with full attention
+ * (window switched off) miss it on the positions past the window. */
+static void check_window_matters(ds_backend *b) {
+    char path[512], refpath[600];
+    snprintf(path, sizeof path, "%s/models/tiny-mistral", parity_data_dir());
+    snprintf(refpath, sizeof refpath, "%s/reference.json", path);
+    cJSON *ref = golden_load_json(refpath);
+    ds_err err = {{0}};
+    ds_model_params mp = ds_model_default_params();
+    mp.verbose = false;
+    ds_model *m = ref ? ds_model_load(path, &mp, &err) : NULL;
+    if (!m) {
+        cJSON_Delete(ref);
+        return;
+    }
+    CHECK(m->cfg.sliding_window == 4 && ds_model_layer_window(&m->cfg, 1) == 4);
+    m->cfg.sliding_window = 0;
+    ds_llama_params lp = ds_llama_default_params();
+    lp.kv_bytes = (size_t)16 << 20;
+    lp.max_blocks_per_seq = 64;
+    ds_llama *L = ds_llama_create(m, b, &lp, &err);
+    const cJSON *c = cJSON_GetArrayItem(cJSON_GetObjectItem(ref, "cases"), 1); /* the 12-token prompt */
+    int n, V = m->cfg.n_vocab;
+    int32_t *prompt = golden_ids(cJSON_GetObjectItem(c, "prompt"), &n);
+    float *logits = malloc(sizeof(float) * (size_t)n * V);
+    golden_seqs g;
+    golden_seqs_init(&g, 1, 64);
+    CHECK(L && golden_step(L, &g, &prompt, &n, logits, 1) == 0);
+    double worst = 0;
+    for (int r = 4; r < n; r++) {
+        const cJSON *row = cJSON_GetArrayItem(cJSON_GetObjectItem(c, "prefill_logits"), r);
+        worst = fmax(worst, golden_max_diff(logits + (size_t)r * V, row, V) / (REL_TOL * fmax(1.0, golden_max_abs(row))));
+    }
+    printf("tiny-mistral with full attention instead of its window: worst diff %.0fx the tolerance\n", worst);
+    CHECK_MSG(worst > 10, "full attention matches the sliding-window reference (%.2f x tol)", worst);
+    golden_seqs_free(&g);
+    free(logits);
+    free(prompt);
+    ds_llama_free(L);
+    ds_model_free(m);
+    cJSON_Delete(ref);
+}
+
 int main(void) {
     ds_backend *bs[2];
     const int nb = parity_backends(bs, 2);
-    const char *models[] = {"tiny-llama", "tiny-qwen2", "tiny-llama3", "tiny-qwen3"};
-    for (size_t i = 0; i < 4; i++) {
+    const char *models[] = {"tiny-llama", "tiny-qwen2", "tiny-llama3", "tiny-qwen3", "tiny-mistral"};
+    for (size_t i = 0; i < 5; i++) {
         run_model(bs, nb, models[i], NULL, "reference.json");
         run_model(bs, nb, models[i], "model.gguf", "reference.json");
     }
     run_model(bs, nb, "tiny-llama", "model-q8_0.gguf", "reference-q8_0.json");
     run_model(bs, nb, "tiny-qwen3", "model-q8_0.gguf", "reference-q8_0.json");
+    if (nb > 0) check_window_matters(bs[0]);
     for (int i = 0; i < nb; i++) ds_backend_free(bs[i]);
     if (ds_test_checks == 0) SKIP("no golden models under %s/models (run tests/golden/gen_models.py)", parity_data_dir());
     return ds_test_result();

@@ -258,16 +258,44 @@ static void test_hf_dir(void) {
     }
     ds_model_free(m);
 
-    /* Mistral with a sliding window shorter than the context: the context is capped to the window
-     * (sliding-window attention is not implemented; within the window it equals full attention). */
+    /* Sliding-window attention: Mistral on every layer; Qwen2 (with use_sliding_window) from
+     * max_window_layers, or where layer_types says; a window at least the context is full attention; an interleaving of
+     * full and sliding layers (Gemma 3) is refused rather than computed another way. */
     write_hf(dir, "mistral", ",\"max_position_embeddings\":128,\"sliding_window\":32", NULL, false);
     m = ds_model_load(dir, &p, &err);
     CHECK_MSG(m, "%s", err.msg);
-    if (m) CHECK_EQ_INT(m->cfg.max_ctx, 32);
+    if (m) {
+        CHECK_EQ_INT(m->cfg.max_ctx, 128);
+        CHECK(ds_model_layer_window(&m->cfg, 0) == 32 && ds_model_layer_window(&m->cfg, 1) == 32);
+    }
     ds_model_free(m);
     write_hf(dir, "mistral", ",\"max_position_embeddings\":128,\"sliding_window\":null", NULL, false);
     m = ds_model_load(dir, &p, &err);
-    if (m) CHECK_EQ_INT(m->cfg.max_ctx, 128);
+    if (m) CHECK(m->cfg.max_ctx == 128 && ds_model_layer_window(&m->cfg, 0) == 0);
+    ds_model_free(m);
+    write_hf(dir, "mistral", ",\"max_position_embeddings\":128,\"sliding_window\":128", NULL, false);
+    m = ds_model_load(dir, &p, &err);
+    if (m) CHECK(ds_model_layer_window(&m->cfg, 1) == 0);
+    ds_model_free(m);
+    write_hf(dir, "qwen2", ",\"max_position_embeddings\":128,\"sliding_window\":16,\"use_sliding_window\":true,"
+             "\"max_window_layers\":1", NULL, false);
+    m = ds_model_load(dir, &p, &err);
+    CHECK_MSG(m, "%s", err.msg);
+    if (m) CHECK(ds_model_layer_window(&m->cfg, 0) == 0 && ds_model_layer_window(&m->cfg, 1) == 16);
+    ds_model_free(m);
+    write_hf(dir, "qwen2", ",\"max_position_embeddings\":128,\"sliding_window\":16,\"use_sliding_window\":false",
+             NULL, false);
+    m = ds_model_load(dir, &p, &err);
+    if (m) CHECK(ds_model_layer_window(&m->cfg, 1) == 0);
+    ds_model_free(m);
+    write_hf(dir, "qwen2", ",\"max_position_embeddings\":128,\"sliding_window\":8,\"use_sliding_window\":true,"
+             "\"layer_types\":[\"full_attention\",\"sliding_attention\"]", NULL, false);
+    m = ds_model_load(dir, &p, &err);
+    if (m) CHECK(ds_model_layer_window(&m->cfg, 0) == 0 && ds_model_layer_window(&m->cfg, 1) == 8);
+    ds_model_free(m);
+    write_hf(dir, "qwen2", ",\"max_position_embeddings\":128,\"sliding_window\":8,\"use_sliding_window\":true,"
+             "\"layer_types\":[\"sliding_attention\",\"full_attention\"]", NULL, false);
+    CHECK(!(m = ds_model_load(dir, &p, &err)) && strstr(err.msg, "interleaves"));
     ds_model_free(m);
 
     char cmd[PATH_MAX + 16];

@@ -535,6 +535,14 @@ int main(void) {
         ds_trainer_free(t);
     }
     ds_model_free(m);
+    if ((m = load_model("tiny-mistral"))) { /* likewise sliding-window attention */
+        ds_err err = {{0}};
+        ds_train_adapter_spec sp = ds_train_default_spec(DS_ADAPTER_LORA);
+        ds_trainer *t = ds_trainer_create(m, &sp, NULL, &err);
+        CHECK_MSG(!t && strstr(err.msg, "sliding-window"), "mistral trainer: %s", t ? "created" : err.msg);
+        ds_trainer_free(t);
+    }
+    ds_model_free(m);
     printf("worst |Δloss|/|loss| %.3g; AdamW on torch's gradients: worst max|Δ|/scale %.3g; %d ill-conditioned "
            "elements held to 2·lr·k\n",
            worst_loss, worst_opt, ill_total);

@@ -204,25 +204,26 @@ static void attend_one(const ds_attn_args *a, int32_t t, int32_t h, float *score
     const int32_t *bt = a->block_tables + (size_t)s * a->max_blocks;
     const int32_t pre = a->seq_prefix ? a->seq_prefix[s] : 0;
     const float *q = a->q + ((size_t)t * a->n_head + h) * hd;
+    const int32_t lo = a->window > 0 && nkv > a->window ? nkv - a->window : 0; /* sliding window */
     float mx = -INFINITY;
-    for (int32_t i = 0; i < nkv; i++) {
+    for (int32_t i = lo; i < nkv; i++) {
         const float *k = a->k_cache + ds_kv_slot(bt, pre, a->block_size, i) * row + (size_t)kvh * hd;
         float dot = 0.0f;
         for (int32_t d = 0; d < hd; d++) dot += q[d] * k[d];
-        scores[i] = dot * a->scale;
-        if (scores[i] > mx) mx = scores[i];
+        scores[i - lo] = dot * a->scale;
+        if (scores[i - lo] > mx) mx = scores[i - lo];
     }
     float sum = 0.0f;
-    for (int32_t i = 0; i < nkv; i++) {
-        scores[i] = expf(scores[i] - mx);
-        sum += scores[i];
+    for (int32_t i = lo; i < nkv; i++) {
+        scores[i - lo] = expf(scores[i - lo] - mx);
+        sum += scores[i - lo];
     }
     float *o = a->out + ((size_t)t * a->n_head + h) * hd;
     memset(o, 0, sizeof(float) * (size_t)hd);
     const float inv = 1.0f / sum;
-    for (int32_t i = 0; i < nkv; i++) {
+    for (int32_t i = lo; i < nkv; i++) {
         const float *v = a->v_cache + ds_kv_slot(bt, pre, a->block_size, i) * row + (size_t)kvh * hd;
-        const float p = scores[i] * inv;
+        const float p = scores[i - lo] * inv;
         for (int32_t d = 0; d < hd; d++) o[d] += p * v[d];
     }
 }
