@@ -75,6 +75,16 @@ const char *ds_tokenizer_chat_template(const ds_tokenizer *t);
 int ds_tokenizer_encode(const ds_tokenizer *t, const char *text, size_t len, bool add_special,
                         bool parse_special, int32_t **ids, size_t *n_ids);
 
+/* A byte range [start, end) of a text. */
+typedef struct ds_text_span {
+    size_t start, end;
+} ds_text_span;
+
+/* ds_tokenizer_encode with parse_special, except that special tokens overlapping one of the
+ * `plain` ranges (sorted, not overlapping) are encoded as the text they are. */
+int ds_tokenizer_encode_plain(const ds_tokenizer *t, const char *text, size_t len, bool add_special,
+                              const ds_text_span *plain, size_t n_plain, int32_t **ids, size_t *n_ids);
+
 /* Decodes ids to UTF-8 bytes (caller frees *out, NUL-terminated). skip_special drops control
  * tokens. Returns 0 or DS_EINVAL for an id out of range. */
 int ds_tokenizer_decode(const ds_tokenizer *t, const int32_t *ids, size_t n_ids, bool skip_special,
@@ -138,6 +148,12 @@ char *ds_chat_default_system(const char *template_text);
  * roles not alternating user/assistant; Mistral: a role other than user / assistant). */
 int ds_chat_render(ds_chat_format fmt, const ds_chat_msg *msgs, size_t n_msgs, bool add_generation_prompt,
                    const char *default_system, char **out);
+/* The same, also returning where the messages' contents landed in *out (byte ranges, in order;
+ * the template's own default system prompt is not one): *content is malloc'd (caller frees; NULL
+ * when there are none). For ds_tokenizer_encode_plain: client text there stays text, so a
+ * "<|im_end|>" typed into a message cannot close it (role injection). */
+int ds_chat_render_spans(ds_chat_format fmt, const ds_chat_msg *msgs, size_t n_msgs, bool add_generation_prompt,
+                         const char *default_system, char **out, ds_text_span **content, size_t *n_content);
 
 #ifdef __cplusplus
 }

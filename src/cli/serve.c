@@ -43,6 +43,9 @@ static const char *SERVE_HELP =
     "      --max-body-mb N       request body limit; larger bodies get 413 (default 32)\n"
     "      --header-timeout S    seconds a client may take to send a request's headers (slower\n"
     "                            ones get 408; default 10)\n"
+    "      --content-special-tokens  chat: parse special tokens (\"<|im_end|>\", ...) typed inside\n"
+    "                            message contents (default: they stay text, so a client cannot\n"
+    "                            end its own turn; a request's \"content_special_tokens\" overrides)\n"
     "      --shutdown-timeout S  seconds running requests may take to finish on SIGTERM before\n"
     "                            they are cancelled (default 30)\n"
     "\n"
@@ -71,7 +74,7 @@ typedef struct serve_opts {
     double train_budget;
     long port, max_batch_tokens, max_seqs, kv_mb, max_model_len, max_queue, max_adapters, adapter_mb, threads;
     long max_body_mb, max_connections;
-    bool int8_act;
+    bool int8_act, content_special;
     double shutdown_timeout, header_timeout;
 } serve_opts;
 
@@ -121,6 +124,7 @@ static int parse_opt(serve_opts *o, int argc, char **argv, int *i) {
     if (!r) r = str_flag(a, "--backend", NULL, v, &o->backend);
     if (!r) r = str_flag(a, "--quantize", NULL, v, &o->quantize);
     if (!r && !strcmp(a, "--int8-activations")) o->int8_act = true, r = 2;
+    if (!r && !strcmp(a, "--content-special-tokens")) o->content_special = true, r = 2;
     if (!r) r = int_flag(a, "--port", v, 0, 65535, &o->port);
     if (!r) r = int_flag(a, "--max-batch-tokens", v, 1, 1 << 20, &o->max_batch_tokens);
     if (!r) r = int_flag(a, "--max-seqs", v, 1, 1 << 16, &o->max_seqs);
@@ -218,6 +222,7 @@ static ds_server_params server_params_of(const serve_opts *o, const char *name, 
     sp.registry = reg;
     sp.max_lora = (int32_t)o->max_adapters;
     sp.train_budget = (float)o->train_budget;
+    sp.content_special_tokens = o->content_special;
     return sp;
 }
 

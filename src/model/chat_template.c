@@ -8,14 +8,16 @@
 #include <string.h>
 
 #include "model/tok_internal.h"
+#include "util/mem.h"
 #include "util/sb.h"
 
 
 /* Python str.isspace(), which Jinja's `trim` and str.strip() use: White_Space plus U+001C..U+001F. */
 static bool py_space(uint32_t c) { return (c >= 0x1C && c <= 0x1F) || tok_is_white_space(c); }
 
-/* Appends s stripped of leading and trailing Python whitespace. */
-static void sb_strip(ds_sb *b, const char *s) {
+/* Appends s stripped of leading and trailing Python whitespace; *lo_out / *hi_out (may be NULL):
+ * the byte range of s that was kept. */
+static void sb_strip_range(ds_sb *b, const char *s, size_t *lo_out, size_t *hi_out) {
     const uint8_t *u = (const uint8_t *)s;
     size_t n = strlen(s), lo = 0, hi = n, w;
     uint32_t cp;
@@ -27,6 +29,34 @@ static void sb_strip(ds_sb *b, const char *s) {
         hi -= k;
     }
     ds_sb_append(b, s + lo, hi - lo);
+    if (lo_out) *lo_out = lo;
+    if (hi_out) *hi_out = hi;
+}
+
+static void sb_strip(ds_sb *b, const char *s) { sb_strip_range(b, s, NULL, NULL); }
+
+/* Where the client's message contents landed in the rendered text (for encoding them with
+ * special-token parsing off): a growable list, or NULL when the caller does not ask. */
+typedef struct spans {
+    ds_text_span *v;
+    size_t n, cap;
+    bool oom;
+} spans;
+
+static void span_add(spans *sv, size_t start, size_t end) {
+    if (!sv || start >= end) return;
+    if (DS_GROW(sv->v, sv->cap, sv->n + 1)) {
+        sv->oom = true;
+        return;
+    }
+    sv->v[sv->n++] = (ds_text_span){start, end};
+}
+
+/* Appends a message's content (client text unless it is the template's default system prompt). */
+static void put_content(ds_sb *b, const char *s, bool client, spans *sv) {
+    const size_t a = b->len;
+    ds_sb_puts(b, s);
+    if (client) span_add(sv, a, b->len);
 }
 
 static bool role_ok(const char *r) {
@@ -53,16 +83,18 @@ static const ds_chat_msg *conv_at(const conv *c, size_t i) {
     return &c->msgs[i];
 }
 
+static bool from_client(const conv *c, size_t i) { return !(c->has_sys && i == 0); }
+
 static size_t conv_len(const conv *c) { return c->n + (c->has_sys ? 1 : 0); }
 
 /* SmolLM2 / Qwen2: '<|im_start|>' + role + '\n' + content + '<|im_end|>' + '\n'. */
-static int render_chatml(const conv *c, bool gen, ds_sb *b) {
+static int render_chatml(const conv *c, bool gen, ds_sb *b, spans *sv) {
     for (size_t i = 0; i < conv_len(c); i++) {
         const ds_chat_msg *m = conv_at(c, i);
         ds_sb_puts(b, "<|im_start|>");
         ds_sb_puts(b, m->role);
         ds_sb_puts(b, "\n");
-        ds_sb_puts(b, m->content);
+        put_content(b, m->content, from_client(c, i), sv);
         ds_sb_puts(b, "<|im_end|>\n");
     }
     if (gen) ds_sb_puts(b, "<|im_start|>assistant\n");
@@ -70,14 +102,16 @@ static int render_chatml(const conv *c, bool gen, ds_sb *b) {
 }
 
 /* Meta-Llama-3-Instruct: bos before the first message, content | trim. */
-static int render_llama3(const conv *c, bool gen, ds_sb *b) {
+static int render_llama3(const conv *c, bool gen, ds_sb *b, spans *sv) {
     for (size_t i = 0; i < conv_len(c); i++) {
         const ds_chat_msg *m = conv_at(c, i);
         if (i == 0) ds_sb_puts(b, "<|begin_of_text|>");
         ds_sb_puts(b, "<|start_header_id|>");
         ds_sb_puts(b, m->role);
         ds_sb_puts(b, "<|end_header_id|>\n\n");
+        const size_t a = b->len;
         sb_strip(b, m->content);
+        if (from_client(c, i)) span_add(sv, a, b->len);
         ds_sb_puts(b, "<|eot_id|>");
     }
     if (gen) ds_sb_puts(b, "<|start_header_id|>assistant<|end_header_id|>\n\n");
@@ -86,7 +120,7 @@ static int render_llama3(const conv *c, bool gen, ds_sb *b) {
 
 /* Llama-2-chat: a leading system message folds into the first turn as <<SYS>>; every user turn opens
  * with bos; the whole turn text (system block included) is str.strip()'d. */
-static int render_llama2(const conv *c, ds_sb *b) {
+static int render_llama2(const conv *c, ds_sb *b, spans *sv) {
     size_t first = 0;
     const char *sys = NULL;
     if (conv_len(c) && is_role(conv_at(c, 0), "system")) {
@@ -98,19 +132,30 @@ static int render_llama2(const conv *c, ds_sb *b) {
         bool user = is_role(m, "user");
         if (user != ((i - first) % 2 == 0)) return DS_EINVAL; /* roles must alternate */
         ds_sb turn = {0};
+        size_t cs[2][2] = {{0, 0}, {0, 0}}; /* client text in the turn: system, then message */
         if (i == first && sys) {
             ds_sb_puts(&turn, "<<SYS>>\n");
+            cs[0][0] = turn.len;
             ds_sb_puts(&turn, sys);
+            cs[0][1] = from_client(c, 0) ? turn.len : cs[0][0];
             ds_sb_puts(&turn, "\n<</SYS>>\n\n");
         }
+        cs[1][0] = turn.len;
         ds_sb_puts(&turn, m->content);
+        cs[1][1] = turn.len;
         if (turn.oom) {
             ds_sb_free(&turn);
             return DS_ENOMEM;
         }
         if (user || is_role(m, "assistant")) {
             ds_sb_puts(b, user ? "<s>[INST] " : " ");
-            sb_strip(b, turn.data);
+            const size_t a = b->len;
+            size_t lo, hi;
+            sb_strip_range(b, turn.data, &lo, &hi);
+            for (int k = 0; k < 2; k++) { /* the kept part [lo, hi) of the turn starts at a */
+                const size_t s0 = cs[k][0] > lo ? cs[k][0] : lo, s1 = cs[k][1] < hi ? cs[k][1] : hi;
+                if (s1 > s0) span_add(sv, a + s0 - lo, a + s1 - lo);
+            }
             ds_sb_puts(b, user ? " [/INST]" : " </s>");
         }
         ds_sb_free(&turn);
@@ -119,7 +164,7 @@ static int render_llama2(const conv *c, ds_sb *b) {
 }
 
 /* Mistral / Mixtral instruct: one bos, no stripping, only alternating user / assistant. */
-static int render_mistral(const conv *c, ds_sb *b) {
+static int render_mistral(const conv *c, ds_sb *b, spans *sv) {
     ds_sb_puts(b, "<s>");
     for (size_t i = 0; i < conv_len(c); i++) {
         const ds_chat_msg *m = conv_at(c, i);
@@ -127,10 +172,10 @@ static int render_mistral(const conv *c, ds_sb *b) {
         if (user != (i % 2 == 0)) return DS_EINVAL;
         if (user) {
             ds_sb_puts(b, "[INST] ");
-            ds_sb_puts(b, m->content);
+            put_content(b, m->content, true, sv);
             ds_sb_puts(b, " [/INST]");
         } else if (is_role(m, "assistant")) {
-            ds_sb_puts(b, m->content);
+            put_content(b, m->content, true, sv);
             ds_sb_puts(b, "</s>");
         } else {
             return DS_EINVAL;
@@ -149,8 +194,16 @@ ds_chat_format ds_chat_detect(const char *t) {
 
 int ds_chat_render(ds_chat_format fmt, const ds_chat_msg *msgs, size_t n_msgs, bool add_generation_prompt,
                    const char *default_system, char **out) {
+    return ds_chat_render_spans(fmt, msgs, n_msgs, add_generation_prompt, default_system, out, NULL, NULL);
+}
+
+int ds_chat_render_spans(ds_chat_format fmt, const ds_chat_msg *msgs, size_t n_msgs, bool add_generation_prompt,
+                         const char *default_system, char **out, ds_text_span **content, size_t *n_content) {
     if (!out) return DS_EINVAL;
     *out = NULL;
+    if (content) *content = NULL;
+    if (n_content) *n_content = 0;
+    spans sv = {0}, *svp = content && n_content ? &sv : NULL;
     /* transformers refuses an empty conversation before the template runs. */
     if (!msgs || !n_msgs) return DS_EINVAL;
     for (size_t i = 0; i < n_msgs; i++)
@@ -163,20 +216,22 @@ int ds_chat_render(ds_chat_format fmt, const ds_chat_msg *msgs, size_t n_msgs, b
     ds_sb b = {0};
     int rc;
     switch (fmt) {
-    case DS_CHAT_CHATML: rc = render_chatml(&c, add_generation_prompt, &b); break;
-    case DS_CHAT_LLAMA3: rc = render_llama3(&c, add_generation_prompt, &b); break;
-    case DS_CHAT_LLAMA2: rc = render_llama2(&c, &b); break;
-    case DS_CHAT_MISTRAL: rc = render_mistral(&c, &b); break;
+    case DS_CHAT_CHATML: rc = render_chatml(&c, add_generation_prompt, &b, svp); break;
+    case DS_CHAT_LLAMA3: rc = render_llama3(&c, add_generation_prompt, &b, svp); break;
+    case DS_CHAT_LLAMA2: rc = render_llama2(&c, &b, svp); break;
+    case DS_CHAT_MISTRAL: rc = render_mistral(&c, &b, svp); break;
     default: rc = DS_EINVAL;
     }
-    if (!rc && b.oom) rc = DS_ENOMEM;
+    if (!rc && (b.oom || sv.oom)) rc = DS_ENOMEM;
     if (!rc && !b.data) ds_sb_append(&b, "", 0); /* a valid empty string, never NULL, on success */
     if (!rc && b.oom) rc = DS_ENOMEM;
     if (rc) {
         free(b.data);
+        free(sv.v);
         return rc;
     }
     *out = b.data;
+    if (svp) *content = sv.v, *n_content = sv.n;
     return DS_OK;
 }
 

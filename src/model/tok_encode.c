@@ -118,12 +118,29 @@ static bool single_word_ok(const uint8_t *s, size_t n, size_t start, size_t stop
 typedef struct enc_ctx {
     const ds_tokenizer *t;
     bool parse_special;
+    /* ranges of the original text where special tokens stay text (ds_tokenizer_encode_plain) */
+    const ds_text_span *plain;
+    size_t n_plain;
+    const uint8_t *text;   /* the original text, to place a match in it */
+    int copy;              /* matching in a normalised copy (positions are not the text's): 0 no,
+                            * 1 of a gap clear of plain ranges, 2 of a gap touching one */
     tok_ids ids;
     bpe_scratch sc;
     pcre2_match_data *md;
 } enc_ctx;
 
 typedef int (*gap_fn)(enc_ctx *c, const uint8_t *s, size_t n);
+
+/* Whether special tokens are plain text at s[start, stop): inside a plain range of the original text,
+ * or anywhere in a normalised copy of a gap that touches one (its positions no longer map). */
+static bool plain_at(const enc_ctx *c, const uint8_t *s, size_t start, size_t stop) {
+    if (!c->n_plain) return false;
+    if (c->copy) return c->copy == 2;
+    const size_t a = (size_t)(s - c->text) + start, b = (size_t)(s - c->text) + stop;
+    for (size_t i = 0; i < c->n_plain; i++)
+        if (c->plain[i].start < b && a < c->plain[i].end) return true;
+    return false;
+}
 
 /* HF AddedVocabulary::find_matches: non-overlapping leftmost-longest matches; a match that fails its
  * single_word test or is a special token while special parsing is off stays plain text (and still
@@ -143,7 +160,7 @@ static int split_added(enc_ctx *c, const tok_trie *tr, const uint8_t *s, size_t 
         size_t start = pos, stop = pos + len;
         pos = stop;
         const tok_added *a = &c->t->added[which];
-        if (stop <= done || (a->special && !c->parse_special)) continue;
+        if (stop <= done || (a->special && (!c->parse_special || plain_at(c, s, start, stop)))) continue;
         if (a->single_word && !single_word_ok(s, n, start, stop)) continue;
         if (a->lstrip) start = ws_start_before(s, start);
         if (start < done) start = done;
@@ -172,17 +189,24 @@ static int gap_normalize(enc_ctx *c, const uint8_t *s, size_t n) {
     uint8_t *buf = NULL;
     size_t len = 0;
     int rc = tok_nfc(s, n, &buf, &len);
+    /* In the copy, special tokens stay text if the gap touches a plain range at all. */
+    bool touches = false;
+    for (size_t i = 0; i < c->n_plain && c->text; i++)
+        touches |= c->plain[i].start < (size_t)(s - c->text) + n && (size_t)(s - c->text) < c->plain[i].end;
+    c->copy = touches ? 2 : 1;
     if (!rc) rc = split_added(c, &c->t->trie_norm, buf, len, gap_pretokenize);
+    c->copy = 0;
     free(buf);
     return rc;
 }
 
-int ds_tokenizer_encode(const ds_tokenizer *t, const char *text, size_t len, bool add_special, bool parse_special,
-                        int32_t **ids, size_t *n_ids) {
-    if (!t || !ids || !n_ids || (!text && len)) return DS_EINVAL;
+static int encode(const ds_tokenizer *t, const char *text, size_t len, bool add_special, bool parse_special,
+                  const ds_text_span *plain, size_t n_plain, int32_t **ids, size_t *n_ids) {
+    if (!t || !ids || !n_ids || (!text && len) || (n_plain && !plain)) return DS_EINVAL;
     *ids = NULL;
     *n_ids = 0;
-    enc_ctx c = {.t = t, .parse_special = parse_special};
+    enc_ctx c = {.t = t, .parse_special = parse_special, .plain = plain, .n_plain = n_plain,
+                 .text = (const uint8_t *)text};
     c.md = pcre2_match_data_create(1, NULL);
     /* Allocated up front so success never hands back NULL, even for no ids. */
     c.ids.cap = 16 + (len < ((size_t)1 << 22) ? len / 2 : ((size_t)1 << 21));
@@ -205,4 +229,14 @@ int ds_tokenizer_encode(const ds_tokenizer *t, const char *text, size_t len, boo
     *ids = c.ids.v;
     *n_ids = c.ids.n;
     return DS_OK;
+}
+
+int ds_tokenizer_encode(const ds_tokenizer *t, const char *text, size_t len, bool add_special, bool parse_special,
+                        int32_t **ids, size_t *n_ids) {
+    return encode(t, text, len, add_special, parse_special, NULL, 0, ids, n_ids);
+}
+
+int ds_tokenizer_encode_plain(const ds_tokenizer *t, const char *text, size_t len, bool add_special,
+                              const ds_text_span *plain, size_t n_plain, int32_t **ids, size_t *n_ids) {
+    return encode(t, text, len, add_special, true, plain, n_plain, ids, n_ids);
 }

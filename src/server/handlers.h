@@ -40,6 +40,8 @@ bool ds_server_draining(const ds_server *s);
 int64_t ds_server_created(const ds_server *s);
 /* The context length requests must fit in: max_model_len, else the engine model's max_ctx. */
 int32_t ds_server_max_ctx(const ds_server *s);
+/* ds_server_params.content_special_tokens */
+bool ds_server_content_special_tokens(const ds_server *s);
 /* True when `name` means the base model: the served name, the model's own (general.name) name,
  * or "base". */
 bool ds_server_is_base_name(const ds_server *s, const char *name);

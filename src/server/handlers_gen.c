@@ -455,12 +455,15 @@ static const char *pick_adapter(ds_server *s, const ds_oai_request *r, char *buf
 
 /* ---- tokenization -------------------------------------------------------------------------- */
 
-static int render_chat(const ds_model *m, const ds_oai_request *r, char **out, ds_oai_error *e) {
+/* Renders the conversation; *spans (when not NULL) receives where the message contents are. */
+static int render_chat(const ds_model *m, const ds_oai_request *r, char **out, ds_text_span **spans, size_t *n_spans,
+                       ds_oai_error *e) {
     ds_chat_msg *msgs = calloc(r->n_messages, sizeof *msgs);
     if (!msgs) return ds_oai_error_set(e, 500, NULL, NULL, "out of memory");
     for (size_t i = 0; i < r->n_messages; i++) msgs[i] = (ds_chat_msg){r->messages[i].role, r->messages[i].content};
     char *def_sys = ds_chat_default_system(m->chat_template);
-    int st = ds_chat_render(ds_chat_detect(m->chat_template), msgs, r->n_messages, true, def_sys, out);
+    int st = ds_chat_render_spans(ds_chat_detect(m->chat_template), msgs, r->n_messages, true, def_sys, out, spans,
+                                  n_spans);
     free(def_sys);
     free(msgs);
     if (st != DS_OK)
@@ -477,10 +480,13 @@ static int tokenize(gen_ctx *x, const ds_model *m, const ds_oai_request *r, ds_o
     for (size_t i = 0; i < x->n_prompts; i++) {
         char *chat = NULL;
         const char *text = NULL;
-        size_t len = 0;
+        size_t len = 0, n_spans = 0;
+        ds_text_span *spans = NULL; /* message contents, encoded without special tokens */
         if (r->kind == DS_OAI_CHAT) {
             if (!m->tok) return ds_oai_error_set(e, 400, param, NULL, "this model has no tokenizer");
-            int st = render_chat(m, r, &chat, e);
+            const bool special = r->content_special_tokens < 0 ? ds_server_content_special_tokens(x->srv)
+                                                               : r->content_special_tokens > 0;
+            int st = render_chat(m, r, &chat, special ? NULL : &spans, special ? NULL : &n_spans, e);
             if (st) return st;
             text = chat, len = strlen(chat);
         } else if (r->prompts[i].text) {
@@ -488,10 +494,14 @@ static int tokenize(gen_ctx *x, const ds_model *m, const ds_oai_request *r, ds_o
             text = r->prompts[i].text, len = r->prompts[i].text_len;
         }
         int st = 0;
-        if (text) st = ds_tokenizer_encode(m->tok, text, len, r->add_special_tokens, true, &x->ids[i], &x->n_ids[i]);
+        if (text && n_spans)
+            st = ds_tokenizer_encode_plain(m->tok, text, len, r->add_special_tokens, spans, n_spans, &x->ids[i],
+                                           &x->n_ids[i]);
+        else if (text) st = ds_tokenizer_encode(m->tok, text, len, r->add_special_tokens, true, &x->ids[i], &x->n_ids[i]);
         else if (!(x->ids[i] = malloc(sizeof(int32_t) * r->prompts[i].n_tokens))) st = DS_ENOMEM;
         else memcpy(x->ids[i], r->prompts[i].tokens, sizeof(int32_t) * (x->n_ids[i] = r->prompts[i].n_tokens));
         free(chat);
+        free(spans);
         if (st) return ds_oai_error_set(e, st == DS_ENOMEM ? 500 : 400, param, NULL, "cannot tokenize the prompt");
         if (r->echo && gen_set_echo(x, i, r->prompts[i].text, r->prompts[i].text_len) != 0)
             return ds_oai_error_set(e, 500, NULL, NULL, "out of memory");

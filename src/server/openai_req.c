@@ -336,6 +336,9 @@ static int parse_common(ds_oai_request *r, const cJSON *o, ds_oai_error *e) {
         (st = get_bool(o, "skip_special_tokens", &r->skip_special_tokens, e)) ||
         (st = get_bool(o, "add_special_tokens", &r->add_special_tokens, e)))
         return st;
+    const cJSON *cst = field(o, "content_special_tokens");
+    if (cst && !cJSON_IsBool(cst)) return BAD(e, "content_special_tokens", "'content_special_tokens' must be a boolean");
+    if (cst) r->content_special_tokens = cJSON_IsTrue(cst) ? 1 : 0;
     return parse_sampling(r, o, e);
 }
 
@@ -373,6 +376,7 @@ static void set_defaults(ds_oai_request *r, ds_oai_kind kind) {
     r->logprobs = -1;
     r->skip_special_tokens = true;
     r->add_special_tokens = kind == DS_OAI_COMPLETION;
+    r->content_special_tokens = -1;
     /* Same values as ds_sampling_default_params(); spelled out so this file does not need the
      * engine library to link (the parser is fuzzed on its own). */
     r->sampling.temperature = 1.0f;

@@ -81,6 +81,7 @@ typedef struct ds_oai_request {
     bool skip_special_tokens; /* default true */
     bool add_special_tokens;  /* default: true for completions, false for chat (vLLM: the chat
                                  template already adds BOS) */
+    int8_t content_special_tokens; /* chat: -1 = the server's default, else 0 / 1 */
     ds_sampling_params sampling; /* logit_bias points at an owned array */
 
     /* private */

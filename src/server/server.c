@@ -88,6 +88,8 @@ ds_ft_manager *ds_server_ft_manager(ds_server *s) { return s->ft; }
 uint64_t ds_server_random(ds_server *s) { return ds_splitmix64(&s->rand_state); }
 int64_t ds_server_created(const ds_server *s) { return s->created; }
 
+bool ds_server_content_special_tokens(const ds_server *s) { return s->params.content_special_tokens; }
+
 int32_t ds_server_max_ctx(const ds_server *s) {
     if (s->params.max_model_len > 0) return s->params.max_model_len;
     return s->engine ? ds_engine_model(s->engine)->cfg.max_ctx : 0;
