@@ -569,12 +569,10 @@ static void on_abort(ds_http_req *req, void *ud) {
     gen_abort(ud);
 }
 
-/* Everything between a parsed request and a running one. Returns 0 (the context now belongs to
- * the engine events) or an HTTP status with *e set (nothing running). */
-static int start(gen_ctx *x, const ds_oai_request *r, ds_oai_error *e) {
-    int st = tokenize(x, ds_engine_model(x->engine), r, e);
-    if (st) return st;
-    st = submit_all(x, r, e);
+/* From tokenized prompts to running ones (loop thread). Returns 0 (the context now belongs to the
+ * engine events) or an HTTP status with *e set (nothing running). */
+static int start_running(gen_ctx *x, const ds_oai_request *r, ds_oai_error *e) {
+    int st = submit_all(x, r, e);
     if (st) {
         gen_fail_submitted(x, e); /* the ones already running end first; the error follows */
         return x->n_submitted ? 0 : st;
@@ -597,26 +595,79 @@ static int precheck(ds_server *s, const ds_oai_request *r, const char *adapter, 
     return 0;
 }
 
+/* Parsing, the checks that need no engine state, the context and tokenization: the costly part of
+ * a large request, safe on any thread. Returns the context (prompts tokenized; *r parsed, the
+ * caller frees it) or NULL with an HTTP status in *st and *e set. */
+static gen_ctx *prepare(ds_http_req *req, ds_server *s, ds_oai_kind kind, ds_oai_request *r, int *st, ds_oai_error *e) {
+    if ((*st = ds_oai_request_parse(r, kind, req->body, req->body_len, e)) != 0) return NULL;
+    char buf[256];
+    ptrdiff_t fallback;
+    const char *adapter = pick_adapter(s, r, buf, sizeof buf, &fallback);
+    gen_ctx *x = NULL;
+    *st = precheck(s, r, adapter, e);
+    if (!*st && !(x = gen_ctx_create(req, s, r, adapter, fallback)))
+        *st = ds_oai_error_set(e, 500, NULL, NULL, "out of memory");
+    if (!*st) *st = tokenize(x, ds_engine_model(x->engine), r, e);
+    if (*st && x) gen_ctx_free(x), x = NULL;
+    return x;
+}
+
+static void finish_start(ds_http_req *req, gen_ctx *x, ds_oai_request *r, int st, ds_oai_error *e, const char *ep) {
+    if (!st && (st = start_running(x, r, e)) != 0) gen_ctx_free(x);
+    else if (st && x) gen_ctx_free(x);
+    if (st) ds_server_reply_error(req, ep, e);
+}
+
+/* Bodies above this size are parsed and tokenized on a libuv worker thread, so that a 30 MiB
+ * prompt does not stall every other connection of the loop. */
+#define GEN_INLINE_BODY ((size_t)64 << 10)
+
+typedef struct gen_prep {
+    uv_work_t work;
+    ds_http_req *req;
+    ds_server *srv;
+    ds_oai_kind kind;
+    double t_arrival;
+    ds_oai_request r;
+    gen_ctx *x;
+    ds_oai_error e;
+    int st;
+} gen_prep;
+
+static void prep_work(uv_work_t *w) {
+    gen_prep *p = w->data;
+    p->x = prepare(p->req, p->srv, p->kind, &p->r, &p->st, &p->e);
+}
+
+static void prep_done(uv_work_t *w, int status) {
+    gen_prep *p = w->data;
+    const char *ep = p->kind == DS_OAI_CHAT ? GEN_EP_CHAT : GEN_EP_COMPLETIONS;
+    if (status && !p->st) p->st = ds_oai_error_set(&p->e, 503, NULL, NULL, "the server is shutting down");
+    if (!p->st && ds_http_req_aborted(p->req)) /* the client left while its prompt was tokenized */
+        p->st = ds_oai_error_set(&p->e, 499, NULL, NULL, "client closed the request");
+    if (p->x) p->x->t_arrival = p->t_arrival;
+    finish_start(p->req, p->x, &p->r, p->st, &p->e, ep);
+    ds_oai_request_free(&p->r);
+    free(p);
+}
+
 static void handle_generate(ds_http_req *req, void *ud) {
     ds_oai_kind kind = (ds_oai_kind)(intptr_t)ud;
     const char *ep = kind == DS_OAI_CHAT ? GEN_EP_CHAT : GEN_EP_COMPLETIONS;
     ds_server *s = ds_server_of(req);
+    gen_prep *p = req->body_len > GEN_INLINE_BODY ? calloc(1, sizeof *p) : NULL;
+    if (p) {
+        *p = (gen_prep){.req = req, .srv = s, .kind = kind, .t_arrival = ds_time_s()};
+        p->work.data = p;
+        if (uv_queue_work(ds_server_http(s)->loop, &p->work, prep_work, prep_done) == 0) return;
+        free(p); /* no worker: do it here */
+    }
     ds_oai_request r;
     ds_oai_error e;
-    if (ds_oai_request_parse(&r, kind, req->body, req->body_len, &e) != 0) {
-        ds_server_reply_error(req, ep, &e);
-        return;
-    }
-    char buf[256];
-    ptrdiff_t fallback;
-    const char *adapter = pick_adapter(s, &r, buf, sizeof buf, &fallback);
-    gen_ctx *x = NULL;
-    int st = precheck(s, &r, adapter, &e);
-    if (!st && !(x = gen_ctx_create(req, s, &r, adapter, fallback)))
-        st = ds_oai_error_set(&e, 500, NULL, NULL, "out of memory");
-    if (!st && (st = start(x, &r, &e)) != 0) gen_ctx_free(x);
-    ds_oai_request_free(&r);
-    if (st) ds_server_reply_error(req, ep, &e);
+    int st;
+    gen_ctx *x = prepare(req, s, kind, &r, &st, &e);
+    finish_start(req, x, &r, st, &e, ep);
+    ds_oai_request_free(&r); /* parsed or left at its defaults */
 }
 
 static const ds_route routes[] = {

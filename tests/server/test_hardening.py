@@ -222,6 +222,38 @@ def test_special_tokens_in_content_stay_text_by_default(server):
     assert status == 400 and json.loads(raw)["error"]["param"] == "content_special_tokens"
 
 
+# ---- a huge prompt is tokenized off the event loop (item 7) -----------------------------------------
+
+def test_huge_prompt_does_not_stall_health(fresh_server):
+    import threading
+    import time
+    import urllib.request
+    server = fresh_server()  # the default 32 MiB body limit
+    body = json.dumps({"model": "smollm2", "prompt": "hello world " * 2_500_000, "max_tokens": 1}).encode()  # 30 MB
+    result = {}
+
+    def big():
+        result["status"], result["raw"] = server.post("/v1/completions", body, timeout=120)
+
+    t = threading.Thread(target=big)
+    t.start()
+    lat = []
+    time.sleep(0.3)  # the body is on its way / being parsed
+    while t.is_alive() and len(lat) < 2000:
+        t0 = time.perf_counter()
+        with urllib.request.urlopen(server.url + "/health", timeout=10) as r:
+            assert r.status == 200
+        lat.append(time.perf_counter() - t0)
+        time.sleep(0.005)
+    t.join(120)
+    assert result["status"] == 400, result.get("raw", b"")[:300]  # longer than the context
+    assert "context" in json.loads(result["raw"])["error"]["message"]
+    assert len(lat) >= 5, "the big request finished before /health could be probed beside it"
+    lat.sort()
+    p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+    assert p99 < 0.05, f"/health p99 {p99 * 1000:.0f} ms beside a 30 MB prompt ({len(lat)} probes)"
+
+
 # ---- strict HTTP (item 9): what llhttp 8 lets through ----------------------------------------------
 
 def raw_status(server, raw):
