@@ -13,6 +13,7 @@
 #include "backend/cpu/qmatmul.h"
 
 #include <immintrin.h>
+#include <stdlib.h>
 #include <string.h>
 
 static inline float h2f(const uint8_t *p) {
@@ -207,4 +208,339 @@ static void gemv(const ds_mat *w, int32_t r0, int32_t r1, const ds_q8_act *a, in
     }
 }
 
-const ds_q8_ops QK8_NAME = {.gemv = gemv};
+/* ---- 8-row interleaved tiles (ds_q8_ops.tile8) ---- */
+
+/* Per super-block of an 8-row tile: codes W[j][g] (sub-block j, 4-column group g; lane r = row r),
+ * scales and min pairs per row lane, d and dmin per row. */
+typedef struct tile_sb {
+    __m256i w[8][8];
+    __m256i sc[8];  /* i32 lanes: sub-block j's 6-bit scale of each row */
+    __m256i mp[4];  /* i32 lanes: (m[2p], m[2p+1]) as two i16 of each row */
+    __m256 d, dmin;
+} tile_sb;
+
+/* 8×8 transpose of 32-bit lanes: out[g] lane r = in[r] lane g. */
+static inline void transpose8(const __m256i in[8], __m256i out[8]) {
+    __m256i t[8], u[8];
+    for (int i = 0; i < 4; i++) {
+        t[2 * i] = _mm256_unpacklo_epi32(in[2 * i], in[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_epi32(in[2 * i], in[2 * i + 1]);
+    }
+    for (int i = 0; i < 2; i++) {
+        u[4 * i + 0] = _mm256_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 1] = _mm256_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 2] = _mm256_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        u[4 * i + 3] = _mm256_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for (int g = 0; g < 4; g++) {
+        out[g] = _mm256_permute2x128_si256(u[g], u[4 + g], 0x20);
+        out[g + 4] = _mm256_permute2x128_si256(u[g], u[4 + g], 0x31);
+    }
+}
+
+static void tile_build(const ds_mat *w, int32_t r0, int32_t nb, tile_sb *t) {
+    const bool q5 = w->dtype == DS_DTYPE_Q5_K;
+    const int32_t bb = q5 ? 176 : 144;
+    const __m256i m4 = _mm256_set1_epi8(15), one = _mm256_set1_epi8(1);
+    for (int32_t b = 0; b < nb; b++) {
+        __m256i q[8][8]; /* [row][sub-block] */
+        uint8_t sc[8][8], mn[8][8];
+        float d[8], dmin[8];
+        for (int r = 0; r < 8; r++) {
+            const uint8_t *row = (const uint8_t *)w->data + (size_t)(r0 + r) * w->row_bytes + (size_t)b * bb;
+            d[r] = h2f(row), dmin[r] = h2f(row + 2);
+            uint32_t u[4];
+            memcpy(u, row + 4, 12);
+            u[3] = ((u[2] >> 4) & 0x0f0f0f0fu) | (((u[1] >> 6) & 0x03030303u) << 4);
+            const uint32_t m1 = u[1] & 0x3f3f3f3fu;
+            u[1] = (u[2] & 0x0f0f0f0fu) | (((u[0] >> 6) & 0x03030303u) << 4);
+            u[2] = m1;
+            u[0] &= 0x3f3f3f3fu;
+            memcpy(sc[r], u, 8);
+            memcpy(mn[r], (const uint8_t *)u + 8, 8);
+            const uint8_t *qs = row + (q5 ? 48 : 16);
+            const __m256i hb = q5 ? ld256(row + 16) : _mm256_setzero_si256();
+            for (int c = 0; c < 4; c++) {
+                const __m256i v = ld256(qs + 32 * c);
+                __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                if (q5) {
+                    lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2 * c), one), 4));
+                    hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2 * c + 1), one), 4));
+                }
+                q[r][2 * c] = lo, q[r][2 * c + 1] = hi;
+            }
+        }
+        tile_sb *s = &t[b];
+        for (int j = 0; j < 8; j++) {
+            __m256i in[8];
+            for (int r = 0; r < 8; r++) in[r] = q[r][j];
+            transpose8(in, s->w[j]);
+            int32_t v[8];
+            for (int r = 0; r < 8; r++) v[r] = sc[r][j];
+            s->sc[j] = _mm256_loadu_si256((const __m256i *)v);
+        }
+        for (int p = 0; p < 4; p++) {
+            int32_t v[8];
+            for (int r = 0; r < 8; r++) v[r] = (int32_t)((uint32_t)mn[r][2 * p] | (uint32_t)mn[r][2 * p + 1] << 16);
+            s->mp[p] = _mm256_loadu_si256((const __m256i *)v);
+        }
+        s->d = _mm256_loadu_ps(d), s->dmin = _mm256_loadu_ps(dmin);
+    }
+}
+
+static inline __m256i dpbusd(__m256i acc, __m256i u, __m256i s) {
+#ifdef QK8_VNNI
+    return _mm256_dpbusd_epi32(acc, u, s);
+#else
+    return _mm256_add_epi32(acc, dot_us(u, s));
+#endif
+}
+
+static inline __m256i dpwssd(__m256i acc, __m256i a, __m256i b) {
+#ifdef QK8_VNNI
+    return _mm256_dpwssd_epi32(acc, a, b);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
+#endif
+}
+
+static inline int32_t ld32(const void *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* NT tokens (from t0) against one tile: out[k] = the 8 rows' dot products of token t0 + k. */
+static inline __attribute__((always_inline)) void tile_tokens(const tile_sb *t, int32_t nb, const ds_q8_act *a,
+                                                              int32_t K, int32_t t0, int NT, __m256 *out) {
+    const int32_t K32 = K / 32;
+    for (int k = 0; k < NT; k++) out[k] = _mm256_setzero_ps();
+    for (int32_t b = 0; b < nb; b++) {
+        const tile_sb *s = &t[b];
+        __m256i isum[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                           _mm256_setzero_si256()};
+        for (int j = 0; j < 8; j++) {
+            __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                              _mm256_setzero_si256()};
+            for (int g = 0; g < 8; g++) {
+                const __m256i wv = s->w[j][g];
+                for (int k = 0; k < NT; k++)
+                    acc[k] = dpbusd(acc[k], wv,
+                                    _mm256_set1_epi32(ld32(a->q + (size_t)(t0 + k) * K + 256 * b + 32 * j + 4 * g)));
+            }
+            for (int k = 0; k < NT; k++) isum[k] = _mm256_add_epi32(isum[k], _mm256_mullo_epi32(acc[k], s->sc[j]));
+        }
+        for (int k = 0; k < NT; k++) {
+            const __m256 dx = _mm256_set1_ps(a->d[(size_t)(t0 + k) * (K / 256) + b]);
+            __m256i ms = _mm256_setzero_si256();
+            for (int p = 0; p < 4; p++)
+                ms = dpwssd(ms, s->mp[p], _mm256_set1_epi32(ld32(a->bs + (size_t)(t0 + k) * K32 + 8 * b + 2 * p)));
+            out[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[k]), _mm256_mul_ps(s->d, dx), out[k]);
+            out[k] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(ms), _mm256_mul_ps(s->dmin, dx), out[k]);
+        }
+    }
+}
+
+/* Q6_K: codes q (0..63, the format's offset 32 taken out afterwards) and 16 scale groups of 16
+ * columns per super-block; scp[p] holds the scale pairs (2p, 2p+1) as two i16 of each row lane. */
+typedef struct tile6_sb {
+    __m256i w[8][8];
+    __m256i sc[16];
+    __m256i scp[8];
+    __m256 d;
+} tile6_sb;
+
+static void tile6_build(const ds_mat *w, int32_t r0, int32_t nb, tile6_sb *t) {
+    const __m256i m4 = _mm256_set1_epi8(15), m3 = _mm256_set1_epi8(3);
+    for (int32_t b = 0; b < nb; b++) {
+        __m256i q[8][8]; /* [row][32-column block] */
+        int8_t sc[8][16];
+        float d[8];
+        for (int r = 0; r < 8; r++) {
+            const uint8_t *row = (const uint8_t *)w->data + (size_t)(r0 + r) * w->row_bytes + (size_t)b * 210;
+            d[r] = h2f(row + 208);
+            memcpy(sc[r], row + 192, 16);
+            for (int h = 0; h < 2; h++) {
+                const uint8_t *ql = row + 64 * h, *qhp = row + 128 + 32 * h;
+                const __m256i x0 = ld256(ql), x1 = ld256(ql + 32), hh = ld256(qhp);
+                for (int i = 0; i < 4; i++) {
+                    const __m256i lo4 =
+                        _mm256_and_si256(i & 2 ? _mm256_srli_epi16(i & 1 ? x1 : x0, 4) : (i & 1 ? x1 : x0), m4);
+                    const __m256i h2 = _mm256_and_si256(_mm256_srli_epi16(hh, 2 * i), m3);
+                    q[r][4 * h + i] = _mm256_or_si256(lo4, _mm256_slli_epi16(h2, 4));
+                }
+            }
+        }
+        tile6_sb *s = &t[b];
+        for (int j = 0; j < 8; j++) {
+            __m256i in[8];
+            for (int r = 0; r < 8; r++) in[r] = q[r][j];
+            transpose8(in, s->w[j]);
+        }
+        for (int g = 0; g < 16; g++) {
+            int32_t v[8];
+            for (int r = 0; r < 8; r++) v[r] = sc[r][g];
+            s->sc[g] = _mm256_loadu_si256((const __m256i *)v);
+        }
+        for (int p = 0; p < 8; p++) {
+            int32_t v[8];
+            for (int r = 0; r < 8; r++)
+                v[r] = (int32_t)((uint32_t)(uint16_t)(int16_t)sc[r][2 * p] | (uint32_t)(uint16_t)(int16_t)sc[r][2 * p + 1] << 16);
+            s->scp[p] = _mm256_loadu_si256((const __m256i *)v);
+        }
+        s->d = _mm256_loadu_ps(d);
+    }
+}
+
+static inline __attribute__((always_inline)) void tile6_tokens(const tile6_sb *t, int32_t nb, const ds_q8_act *a,
+                                                               int32_t K, int32_t t0, int NT, __m256 *out) {
+    const int32_t K16 = K / 16;
+    for (int k = 0; k < NT; k++) out[k] = _mm256_setzero_ps();
+    for (int32_t b = 0; b < nb; b++) {
+        const tile6_sb *s = &t[b];
+        __m256i isum[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                           _mm256_setzero_si256()};
+        for (int j = 0; j < 8; j++)
+            for (int h = 0; h < 2; h++) { /* 16 columns: groups 4h..4h+3, scale group 2j + h */
+                __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                                  _mm256_setzero_si256()};
+                for (int g = 4 * h; g < 4 * h + 4; g++) {
+                    const __m256i wv = s->w[j][g];
+                    for (int k = 0; k < NT; k++)
+                        acc[k] = dpbusd(acc[k], wv,
+                                        _mm256_set1_epi32(ld32(a->q + (size_t)(t0 + k) * K + 256 * b + 32 * j + 4 * g)));
+                }
+                for (int k = 0; k < NT; k++)
+                    isum[k] = _mm256_add_epi32(isum[k], _mm256_mullo_epi32(acc[k], s->sc[2 * j + h]));
+            }
+        for (int k = 0; k < NT; k++) {
+            __m256i off = _mm256_setzero_si256(); /* Σ_g sc_g·Σ_g x̂: the codes' offset of 32 */
+            for (int p = 0; p < 8; p++)
+                off = dpwssd(off, s->scp[p], _mm256_set1_epi32(ld32(a->bs16 + (size_t)(t0 + k) * K16 + 16 * b + 2 * p)));
+            isum[k] = _mm256_sub_epi32(isum[k], _mm256_slli_epi32(off, 5));
+            const __m256 dx = _mm256_set1_ps(a->d[(size_t)(t0 + k) * (K / 256) + b]);
+            out[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[k]), _mm256_mul_ps(s->d, dx), out[k]);
+        }
+    }
+}
+
+/* Q4_0 / Q4_1 / Q8_0: per 32-column block, 8 interleaved 4-column groups and per row d, the offset
+ * (Q4_1 m, Q4_0 −8·d) and for Q8_0 the correction 128·Σq of its unsigned activations. */
+typedef struct tile32_sb {
+    __m256i w[8];
+    __m256 d, mo;
+    __m256i corr;
+} tile32_sb;
+
+static void tile32_build(const ds_mat *w, int32_t r0, int32_t nb, tile32_sb *t) {
+    const ds_dtype dt = w->dtype;
+    const int32_t bb = dt == DS_DTYPE_Q4_1 ? 20 : dt == DS_DTYPE_Q8_0 ? 34 : 18;
+    const __m256i m4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    for (int32_t b = 0; b < nb; b++) {
+        __m256i in[8];
+        float d[8], mo[8];
+        int32_t corr[8];
+        for (int r = 0; r < 8; r++) {
+            const uint8_t *x = (const uint8_t *)w->data + (size_t)(r0 + r) * w->row_bytes + (size_t)b * bb;
+            d[r] = h2f(x);
+            if (dt == DS_DTYPE_Q8_0) {
+                in[r] = ld256(x + 2);
+                mo[r] = 0.0f;
+                /* Σq over the block: |q| summed by maddubs against the sign, then pairs */
+                const __m256i s16 = _mm256_maddubs_epi16(_mm256_set1_epi8(1), in[r]);
+                const __m256i s32 = _mm256_madd_epi16(s16, ones);
+                __m128i h = _mm_add_epi32(_mm256_castsi256_si128(s32), _mm256_extracti128_si256(s32, 1));
+                h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
+                h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xb1));
+                corr[r] = 128 * _mm_cvtsi128_si32(h);
+            } else {
+                const bool q41 = dt == DS_DTYPE_Q4_1;
+                const __m128i v = _mm_loadu_si128((const __m128i *)(x + (q41 ? 4 : 2)));
+                in[r] = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), m4);
+                mo[r] = q41 ? h2f(x + 2) : -8.0f * d[r];
+                corr[r] = 0;
+            }
+        }
+        transpose8(in, t[b].w);
+        t[b].d = _mm256_loadu_ps(d), t[b].mo = _mm256_loadu_ps(mo);
+        t[b].corr = _mm256_loadu_si256((const __m256i *)corr);
+    }
+}
+
+static inline __attribute__((always_inline)) void tile32_tokens(const tile32_sb *t, int32_t nb, bool q8,
+                                                                const ds_q8_act *a, int32_t K, int32_t t0, int NT,
+                                                                __m256 *out) {
+    const int32_t K32 = K / 32;
+    for (int k = 0; k < NT; k++) out[k] = _mm256_setzero_ps();
+    for (int32_t b = 0; b < nb; b++) {
+        const tile32_sb *s = &t[b];
+        __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                          _mm256_setzero_si256()};
+        for (int g = 0; g < 8; g++)
+            for (int k = 0; k < NT; k++) {
+                const size_t o = (size_t)(t0 + k) * K + 32 * (size_t)b + 4 * g;
+                acc[k] = q8 ? dpbusd(acc[k], _mm256_set1_epi32(ld32(a->qu + o)), s->w[g]) /* (q̂+128)·q */
+                            : dpbusd(acc[k], s->w[g], _mm256_set1_epi32(ld32(a->q + o)));
+            }
+        for (int k = 0; k < NT; k++) {
+            const int32_t t = t0 + k;
+            const __m256i v = q8 ? _mm256_sub_epi32(acc[k], s->corr) : acc[k];
+            out[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_mul_ps(s->d, _mm256_set1_ps(a->d[(size_t)t * K32 + b])),
+                                     out[k]);
+            if (!q8) /* the block's d·Σq̂ sits in the 8-token-grouped sums */
+                out[k] = _mm256_fmadd_ps(s->mo, _mm256_set1_ps(a->s8[((size_t)(t / 8) * K32 + b) * 8 + t % 8]), out[k]);
+        }
+    }
+}
+
+/* NT tokens against the tile of the row's format. */
+static inline __attribute__((always_inline)) void tile_run(ds_dtype dt, const void *t, int32_t nb, const ds_q8_act *a,
+                                                           int32_t K, int32_t t0, int NT, __m256 *out) {
+    if (dt == DS_DTYPE_Q6_K) tile6_tokens(t, nb, a, K, t0, NT, out);
+    else if (dt == DS_DTYPE_Q4_K || dt == DS_DTYPE_Q5_K) tile_tokens(t, nb, a, K, t0, NT, out);
+    else tile32_tokens(t, nb, dt == DS_DTYPE_Q8_0, a, K, t0, NT, out);
+}
+
+static void tile8(const ds_mat *w, int32_t r0, int32_t r1, const ds_q8_act *a, int32_t n, float *y, const float *bias,
+                  bool acc) {
+    const ds_dtype dt = w->dtype;
+    const bool kq = ds_dtype_block(dt) == 256;
+    const int32_t K = w->cols, nb = K / (kq ? 256 : 32), M = w->rows;
+    const size_t per = dt == DS_DTYPE_Q6_K ? sizeof(tile6_sb) : kq ? sizeof(tile_sb) : sizeof(tile32_sb);
+    void *t = NULL;
+    if (posix_memalign(&t, 64, per * (size_t)nb)) { /* no memory: the gemv path, 8 tokens at a time */
+        for (int32_t t0 = 0; t0 < n; t0 += DS_QK_GEMV_MAX) {
+            const ds_q8_act sub = {.q = a->q + (size_t)t0 * K, .d = a->d + (size_t)t0 * (K / a->blk),
+                                   .bs = a->bs + (size_t)t0 * (K / 32), .s8 = a->s8 + (size_t)t0 * (K / 32),
+                                   .blk = a->blk};
+            gemv(w, r0, r1, &sub, n - t0 < DS_QK_GEMV_MAX ? n - t0 : DS_QK_GEMV_MAX, y + (size_t)t0 * M, bias, acc);
+        }
+        return;
+    }
+    for (int32_t r = r0; r < r1; r += 8) {
+        if (dt == DS_DTYPE_Q6_K) tile6_build(w, r, nb, t);
+        else if (kq) tile_build(w, r, nb, t);
+        else tile32_build(w, r, nb, t);
+        const __m256 bv = bias ? _mm256_loadu_ps(bias + r) : _mm256_setzero_ps();
+        for (int32_t t0 = 0; t0 < n; t0 += 4) {
+            __m256 out[4];
+            const int nt = n - t0 < 4 ? n - t0 : 4;
+            if (nt == 4) tile_run(dt, t, nb, a, K, t0, 4, out);
+            else
+                for (int k = 0; k < nt; k++) tile_run(dt, t, nb, a, K, t0 + k, 1, out + k);
+            for (int k = 0; k < nt; k++) {
+                float *yr = y + (size_t)(t0 + k) * M + r;
+                __m256 v = _mm256_add_ps(out[k], bv);
+                if (acc) v = _mm256_add_ps(v, _mm256_loadu_ps(yr));
+                _mm256_storeu_ps(yr, v);
+            }
+        }
+    }
+    free(t);
+}
+
+#ifdef QK8_VNNI
+const ds_q8_ops QK8_NAME = {.gemv = gemv, .tile8 = tile8, .tile_q8_0 = true};
+#else
+const ds_q8_ops QK8_NAME = {.gemv = gemv, .tile8 = tile8, .tile_q8_0 = false};
+#endif

@@ -209,7 +209,9 @@ size_t ds_q8_act_bytes(int32_t n, int32_t K) {
      * 64-byte aligned parts */
     const size_t q = ((size_t)n * K + 63) & ~(size_t)63, d = ((size_t)n * (K / 32) * 4 + 63) & ~(size_t)63;
     const size_t s8 = (((size_t)n + 7) / 8 * 8 * (K / 32) * 4 + 63) & ~(size_t)63;
-    return q + d + s8 + (size_t)n * (K / 32) * 2;
+    const size_t bs = ((size_t)n * (K / 32) * 2 + 63) & ~(size_t)63;
+    const size_t bs16 = ((size_t)n * (K / 16) * 2 + 63) & ~(size_t)63;
+    return q + d + s8 + bs + bs16 + (size_t)n * K;
 }
 
 void ds_q8_quantize(const float *x, int32_t n, int32_t K, int32_t blk, void *buf, ds_q8_act *a) {
@@ -218,6 +220,8 @@ void ds_q8_quantize(const float *x, int32_t n, int32_t K, int32_t blk, void *buf
     const int32_t K32 = K / 32;
     float *s8 = (float *)((uint8_t *)d + ((((size_t)n * K32 * 4) + 63) & ~(size_t)63));
     int16_t *bs = (int16_t *)((uint8_t *)s8 + ((((size_t)n + 7) / 8 * 8 * K32 * 4 + 63) & ~(size_t)63));
+    int16_t *bs16 = (int16_t *)((uint8_t *)bs + (((size_t)n * K32 * 2 + 63) & ~(size_t)63));
+    uint8_t *qu = (uint8_t *)bs16 + (((size_t)n * (K / 16) * 2 + 63) & ~(size_t)63);
     if (n % 8) memset(s8 + (size_t)(n / 8) * 8 * K32, 0, sizeof(float) * 8 * (size_t)K32);
     const size_t nblk = (size_t)n * (K / blk);
     for (size_t b = 0; b < nblk; b++) {
@@ -228,6 +232,12 @@ void ds_q8_quantize(const float *x, int32_t n, int32_t K, int32_t blk, void *buf
         d[b] = amax / 127.0f;
         int8_t *qb = q + b * blk;
         for (int32_t i = 0; i < blk; i++) qb[i] = (int8_t)nearbyintf(xb[i] * id);
+        for (int32_t i = 0; i < blk; i++) qu[b * blk + i] = (uint8_t)(qb[i] + 128);
+        for (int32_t g = 0; g < blk / 16; g++) {
+            int32_t s = 0;
+            for (int i = 0; i < 16; i++) s += qb[16 * g + i];
+            bs16[b * (blk / 16) + g] = (int16_t)s;
+        }
         for (int32_t g = 0; g < blk / 32; g++) {
             int32_t s = 0;
             for (int i = 0; i < 32; i++) s += qb[32 * g + i];
@@ -236,7 +246,7 @@ void ds_q8_quantize(const float *x, int32_t n, int32_t K, int32_t blk, void *buf
             s8[(t / 8 * K32 + c) * 8 + t % 8] = d[b] * (float)s;
         }
     }
-    *a = (ds_q8_act){.q = q, .d = d, .bs = bs, .s8 = s8, .blk = blk};
+    *a = (ds_q8_act){.q = q, .d = d, .bs = bs, .bs16 = bs16, .qu = qu, .s8 = s8, .blk = blk};
 }
 
 typedef struct {
@@ -246,7 +256,7 @@ typedef struct {
     const float *bias;
     float *y;
     int32_t n, chunk;
-    bool acc;
+    bool acc, tile; /* prefill of Q4_K / Q5_K: 8-row tiles (ds_q8_ops.tile8) */
 } q8_job;
 
 /* Rows of one chunk against every token, DS_QK_GEMV_MAX tokens at a time (the chunk's rows stay
@@ -254,11 +264,19 @@ typedef struct {
 static void q8_chunk(void *arg, int64_t i) {
     const q8_job *j = arg;
     const int32_t M = j->w->rows, K = j->w->cols, blk = j->a->blk;
-    const int32_t r0 = (int32_t)i * j->chunk, r1 = r0 + j->chunk < M ? r0 + j->chunk : M;
+    int32_t r0 = (int32_t)i * j->chunk;
+    const int32_t r1 = r0 + j->chunk < M ? r0 + j->chunk : M;
+    if (j->tile) { /* whole 8-row tiles; a tail of fewer rows takes gemv below */
+        const int32_t rt = r0 + (r1 - r0) / 8 * 8;
+        if (rt > r0) j->k->tile8(j->w, r0, rt, j->a, j->n, j->y, j->bias, j->acc);
+        r0 = rt;
+        if (r0 == r1) return;
+    }
     for (int32_t t0 = 0; t0 < j->n; t0 += DS_QK_GEMV_MAX) {
         const int32_t nt = j->n - t0 < DS_QK_GEMV_MAX ? j->n - t0 : DS_QK_GEMV_MAX;
         const ds_q8_act sub = {.q = j->a->q + (size_t)t0 * K, .d = j->a->d + (size_t)t0 * (K / blk),
                                .bs = j->a->bs + (size_t)t0 * (K / 32), .s8 = j->a->s8 + (size_t)t0 * (K / 32),
+                               .bs16 = j->a->bs16 + (size_t)t0 * (K / 16),
                                .blk = blk};
         j->k->gemv(j->w, r0, r1, &sub, nt, j->y + (size_t)t0 * M, j->bias, j->acc);
     }
@@ -283,6 +301,7 @@ int ds_q8_matmul(const ds_q8_ops *k, const float *x, const ds_mat *w, const floa
         return DS_OK;
     }
     j.chunk = 32;
+    j.tile = k->tile8 && (w->dtype != DS_DTYPE_Q8_0 || k->tile_q8_0);
     const int32_t n_chunks = (M + j.chunk - 1) / j.chunk;
 #pragma omp parallel for schedule(dynamic, 1)
     for (int32_t i = 0; i < n_chunks; i++) q8_chunk(&j, i);

@@ -67,6 +67,8 @@ typedef struct ds_q8_act {
     const int8_t *q;   /* [n][K] */
     const float *d;    /* [n][K / blk]: scale of each block */
     const int16_t *bs; /* [n][K / 32]: Σq over each 32 columns (for weight formats with an offset) */
+    const int16_t *bs16; /* [n][K / 16]: Σq over each 16 columns (Q6_K tiles) */
+    const uint8_t *qu;   /* [n][K]: q + 128 (Q8_0 tiles: vpdpbusd wants one unsigned operand) */
     /* [ceil(n / 8)][K / 32][8]: d·Σq over each 32 columns (blk 32 only), the 8 tokens of a group
      * side by side so that one vector holds a block's sums for all of them (0 past n) */
     const float *s8;
@@ -78,6 +80,15 @@ typedef struct ds_q8_ops {
      * int8 activations; W one of ds_q8_dtype's formats. */
     void (*gemv)(const ds_mat *w, int32_t r0, int32_t r1, const ds_q8_act *a, int32_t n, float *y,
                  const float *bias, bool acc);
+    /* The same for any n and (r1 - r0) a multiple of 8 (NULL: not available): 8
+     * rows at a time are unpacked once and interleaved (each 32-bit lane of a vector = 4 columns of
+     * one row), so one vpdpbusd multiplies 8 rows by 4 broadcast columns of a token, and the
+     * sub-block scales apply per row lane — half the multiply µops of gemv. For prefill. */
+    void (*tile8)(const ds_mat *w, int32_t r0, int32_t r1, const ds_q8_act *a, int32_t n, float *y,
+                  const float *bias, bool acc);
+    /* tile8 takes Q8_0 too (VNNI: unsigned activations × signed codes in 32-bit sums; AVX2's 16-bit
+     * pair sums of 255·127 would saturate) */
+    bool tile_q8_0;
 } ds_q8_ops;
 
 /* The formats the int8 path covers; others take the exact path. Their rows are whole blocks. */
