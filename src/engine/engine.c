@@ -136,7 +136,7 @@ static int resolve_adapter(ds_engine *e, const ds_gen_request *r, ds_adapter_ent
     if (st) return st; /* the caller releases *entry */
     const ds_adapter *a = (*entry)->adapter;
     if (a->kind == DS_ADAPTER_PROMPT) *n_virt = a->n_virtual;
-    if (a->kind == DS_ADAPTER_PREFIX) *n_prefix = a->n_virtual;
+    if (a->prefix) *n_prefix = a->n_virtual; /* prefix tuning, alone or in a MAM union */
     return DS_OK;
 }
 
@@ -185,6 +185,7 @@ uint64_t ds_engine_submit(ds_engine *e, const ds_gen_request *req, int *status, 
     if (s) {
         s->entry = entry;
         s->n_prefix = n_prefix;
+        s->pos_base = entry && entry->adapter->prefix_pos0 ? 0 : n_prefix;
     } else {
         if (entry) ds_registry_release(e->reg, entry);
         if (status) *status = DS_ENOMEM;

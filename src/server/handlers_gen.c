@@ -455,7 +455,7 @@ static int32_t adapter_extra_ctx(ds_server *s, const char *adapter) {
     struct ds_adapter_registry *reg = ds_server_registry(s);
     ds_adapter_entry *e = adapter && reg ? ds_registry_acquire(reg, adapter) : NULL;
     if (!e) return 0;
-    int32_t n = e->adapter->kind == DS_ADAPTER_PROMPT || e->adapter->kind == DS_ADAPTER_PREFIX ? e->adapter->n_virtual : 0;
+    int32_t n = e->adapter->kind == DS_ADAPTER_PROMPT || e->adapter->prefix ? e->adapter->n_virtual : 0;
     ds_registry_release(reg, e);
     return n;
 }
