@@ -236,6 +236,8 @@ def test_adapterhub_mam_and_refused_unions(server):
     assert status == 200, ad
     assert ad["usage"]["completion_tokens"] == 6 and ad["usage"]["prompt_tokens"] == len(ref["prompt"])
     assert ad["choices"][0]["text"] != base["choices"][0]["text"], "the adapter changed nothing"
+    status, raw = server.post("/v1/adapters/ah-mam/train", {"examples": [{"prompt": "a", "completion": " b"}]})
+    assert status == 400 and "not trainable" in json.loads(raw)["error"]["message"], raw
     assert unload(server, "ah-mam")[0] == 200
 
     cfg = json.loads((dst / "mam" / "adapter_config.json").read_text())
