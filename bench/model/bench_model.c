@@ -1,17 +1,19 @@
 /* bench_model: prefill and decode throughput of the forward pass, and decode throughput of a batch
  * of sequences with 0 (base only) and N distinct LoRA adapters on q,k,v,o and/or on all seven
- * projections — all measured in one run, side by side. Batch-1 decode is printed beside its
+ * projections, and N distinct bottleneck adapters (Houlsby: both sites, swish, width
+ * d_model / --bn-rf) — all measured in one run, side by side. Batch-1 decode is printed beside its
  * memory floor: the bytes of every weight matrix in the backend's storage (bf16 on CUDA) plus the
  * KV cache read, at the bandwidth of the backend's own measured copy. Prints a table and (with
  * --json FILE) raw results.
  *
  *   build/bench_model [-m MODEL | --shape llama3-8b|tiny] [--backend cpu|cuda] [--threads N]
  *                     [--batch N] [--adapters 1,4,16] [--targets qkvo|all|both] [--rank R]
- *                     [--steps N] [--f32] [--copy-mb N] [--json FILE]
+ *                     [--steps N] [--bn-rf RF] [--f32] [--copy-mb N] [--json FILE]
  *
  * --shape builds a model with random weights in memory (bf16 unless --f32; bench/model/random_model.c)
  * instead of loading one; defaults then become --batch 128 --adapters 1,10,100 --targets both.
- * Adapters are synthetic (random rank-R LoRA): only their shapes matter for speed. Their host
+ * --bn-rf 0 skips the bottleneck rows (default 16; skipped too on a backend without the op).
+ * Adapters are synthetic (random rank-R LoRA, random bottlenecks): only their shapes matter for speed. Their host
  * arrays are shared, their backend copies are not. */
 #include "../bench_bw.h"
 #include "ds/adapter.h"
@@ -39,7 +41,7 @@ typedef struct bench {
 
 typedef struct opts {
     const char *model, *shape, *backend, *json, *targets;
-    int threads, rank, steps, batch, copy_mb;
+    int threads, rank, steps, batch, copy_mb, bn_rf;
     int adapters[MAX_LIST], n_adapters;
     bool f32;
 } opts;
@@ -109,6 +111,54 @@ static ds_adapter *make_lora(const ds_model *m, const lora_pool *pl, int32_t r, 
             a->lora[(size_t)l * DS_PROJ_COUNT + p] = mod;
         }
     return a;
+}
+
+/* Host arrays shared by every synthetic bottleneck adapter, width `size`. */
+typedef struct bn_pool {
+    float *down, *down_b, *up, *up_b; /* [size][d], [size], [d][size], [d] */
+    int32_t size;
+} bn_pool;
+
+static int bn_pool_init(bn_pool *bp, const ds_model_config *c, int32_t size) {
+    const size_t d = (size_t)c->d_model, s = (size_t)size;
+    *bp = (bn_pool){.down = rand_vec(s * d), .down_b = rand_vec(s), .up = rand_vec(d * s), .up_b = rand_vec(d),
+                    .size = size};
+    return bp->down && bp->down_b && bp->up && bp->up_b ? 0 : DS_ENOMEM;
+}
+
+static void bn_pool_free(bn_pool *bp) { free(bp->down), free(bp->down_b), free(bp->up), free(bp->up_b); }
+
+/* A synthetic Houlsby adapter (double_seq_bn: after attention and after the MLP of every layer,
+ * swish, the residual added after it: DS_BN_ADD_X). */
+static ds_adapter *make_bn(const ds_model *m, const bn_pool *bp, int idx) {
+    const ds_model_config *c = &m->cfg;
+    const size_t n = (size_t)c->n_layer * DS_BN_SITES;
+    ds_adapter *a = calloc(1, sizeof *a);
+    if (!a) return NULL;
+    char name[32];
+    snprintf(name, sizeof name, "bench-bn-%d", idx);
+    a->name = strdup(name);
+    a->kind = DS_ADAPTER_BOTTLENECK;
+    a->n_layer = c->n_layer;
+    a->d_model = c->d_model;
+    a->bn = calloc(n, sizeof *a->bn);
+    ds_bn_module *mods = calloc(n, sizeof *mods);
+    if (!a->name || !a->bn || !mods) return free(a->name), free(a->bn), free(mods), free(a), NULL;
+    for (size_t i = 0; i < n; i++) {
+        mods[i] = (ds_bn_module){.size = bp->size, .d = c->d_model, .act = DS_ACT_SILU, .flags = DS_BN_ADD_X,
+                                 .scale = 1.0f, .down = bp->down, .down_b = bp->down_b, .up = bp->up,
+                                 .up_b = bp->up_b};
+        a->bn[i] = &mods[i];
+    }
+    return a;
+}
+
+static void free_bn(ds_adapter *a) {
+    if (!a) return;
+    free(a->bn[0]); /* the module block */
+    free(a->bn);
+    free(a->name);
+    free(a);
 }
 
 static void free_lora(ds_adapter *a) {
@@ -188,11 +238,12 @@ static int parse_list(const char *s, int *out) {
 static void usage(FILE *f) {
     fprintf(f, "usage: bench_model [-m MODEL | --shape llama3-8b|tiny] [--backend cpu|cuda] [--threads N] [--batch N]\n"
                "                   [--adapters 1,4,16] [--targets qkvo|all|both] [--rank R] [--steps N] [--f32]\n"
-               "                   [--copy-mb N] [--json FILE]\n");
+               "                   [--bn-rf RF] [--copy-mb N] [--json FILE]\n");
 }
 
 static int parse(int argc, char **argv, opts *o) {
-    *o = (opts){.model = "models/SmolLM2-135M-Instruct.Q4_1.gguf", .backend = "cpu", .rank = 16, .steps = 32};
+    *o = (opts){.model = "models/SmolLM2-135M-Instruct.Q4_1.gguf", .backend = "cpu", .rank = 16, .steps = 32,
+                .bn_rf = 16};
     const char *ads = NULL;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -210,6 +261,7 @@ static int parse(int argc, char **argv, opts *o) {
         else if (!strcmp(a, "--steps")) o->steps = atoi(v);
         else if (!strcmp(a, "--batch")) o->batch = atoi(v);
         else if (!strcmp(a, "--copy-mb")) o->copy_mb = atoi(v);
+        else if (!strcmp(a, "--bn-rf")) o->bn_rf = atoi(v);
         else if (!strcmp(a, "--adapters")) ads = v;
         else if (!strcmp(a, "--targets")) o->targets = v;
         else if (!strcmp(a, "--json")) o->json = v;
@@ -220,8 +272,8 @@ static int parse(int argc, char **argv, opts *o) {
     if (!o->targets) o->targets = o->shape ? "both" : "qkvo";
     if (!ads) ads = o->shape ? "1,10,100" : "1,4,16";
     o->n_adapters = parse_list(ads, o->adapters);
-    if (o->n_adapters <= 0 || o->batch <= 0 || o->rank <= 0 || o->steps <= 0)
-        return fprintf(stderr, "bench_model: bad --adapters/--batch/--rank/--steps\n"), 2;
+    if (o->n_adapters <= 0 || o->batch <= 0 || o->rank <= 0 || o->steps <= 0 || o->bn_rf < 0)
+        return fprintf(stderr, "bench_model: bad --adapters/--batch/--rank/--steps/--bn-rf\n"), 2;
     if (strcmp(o->targets, "qkvo") && strcmp(o->targets, "all") && strcmp(o->targets, "both"))
         return fprintf(stderr, "bench_model: --targets is qkvo, all or both\n"), 2;
     return 0;
@@ -264,24 +316,34 @@ static void bench_free(bench *B) {
     ds_llama_free(B->L);
 }
 
-/* Decode tokens/s of the batch with each adapter count of o->adapters, adapters on n_proj
- * projections; tps[k] per count (0 where it failed). Adapters are uploaded for this run only. */
-static int lora_runs(bench *B, const opts *o, int n_proj, double *tps) {
+/* Decode tokens/s of the batch with each adapter count of o->adapters: LoRA adapters on n_proj
+ * projections, or (n_proj 0) bottleneck adapters; tps[k] per count (0 where it failed). Adapters
+ * are uploaded for this run only. */
+static int adapter_runs(bench *B, const opts *o, int n_proj, double *tps) {
     int max_ad = 0;
     for (int k = 0; k < o->n_adapters; k++) max_ad = o->adapters[k] > max_ad ? o->adapters[k] : max_ad;
     if (max_ad > o->batch) max_ad = o->batch;
     lora_pool pl;
+    bn_pool bp;
     memset(&pl, 0, sizeof pl);
+    memset(&bp, 0, sizeof bp);
     ds_adapter **ads = calloc((size_t)max_ad + 1, sizeof *ads);
     ds_adapter_dev *devs = calloc((size_t)max_ad + 1, sizeof *devs);
     const ds_adapter_dev **per_seq = calloc((size_t)o->batch, sizeof *per_seq);
-    int st = !ads || !devs || !per_seq ? DS_ENOMEM : pool_init(&pl, &B->m->cfg, o->rank);
+    int32_t bn_size = o->bn_rf > 0 ? B->m->cfg.d_model / o->bn_rf : 0;
+    int st = !ads || !devs || !per_seq ? DS_ENOMEM
+             : n_proj ? pool_init(&pl, &B->m->cfg, o->rank) : bn_pool_init(&bp, &B->m->cfg, bn_size > 0 ? bn_size : 1);
     int n_up = 0;
     ds_err err = {{0}};
     for (; !st && n_up < max_ad; n_up++) {
-        if (!(ads[n_up] = make_lora(B->m, &pl, o->rank, n_proj, n_up))) st = DS_ENOMEM;
+        ads[n_up] = n_proj ? make_lora(B->m, &pl, o->rank, n_proj, n_up) : make_bn(B->m, &bp, n_up);
+        if (!ads[n_up]) st = DS_ENOMEM;
         else if ((st = ds_adapter_dev_upload(B->b, ads[n_up], &devs[n_up], &err))) fprintf(stderr, "%s\n", err.msg);
-        if (st) free_lora(ads[n_up]), ads[n_up] = NULL;
+        if (st) {
+            if (n_proj) free_lora(ads[n_up]);
+            else free_bn(ads[n_up]);
+            ads[n_up] = NULL;
+        }
     }
     for (int k = 0; k < o->n_adapters && !st; k++) {
         const int n = o->adapters[k] < o->batch ? o->adapters[k] : o->batch;
@@ -292,9 +354,11 @@ static int lora_runs(bench *B, const opts *o, int n_proj, double *tps) {
     }
     for (int i = 0; i < n_up; i++) {
         ds_adapter_dev_release(B->b, &devs[i]);
-        free_lora(ads[i]);
+        if (n_proj) free_lora(ads[i]);
+        else free_bn(ads[i]);
     }
     pool_free(&pl);
+    bn_pool_free(&bp);
     free(ads), free(devs), free(per_seq);
     return st;
 }
@@ -302,7 +366,8 @@ static int lora_runs(bench *B, const opts *o, int n_proj, double *tps) {
 typedef struct results {
     double bw, pf1, pf4, dec1, floor_bytes, floor_tps, base;
     double tq[MAX_LIST], ta[MAX_LIST]; /* per adapter count: on q,k,v,o / on all seven */
-    bool qkvo, all, failed;
+    double tb[MAX_LIST];               /* per adapter count: bottleneck adapters */
+    bool qkvo, all, bn, failed;
 } results;
 
 static ds_model *load_model(opts *o, ds_err *err) {
@@ -333,9 +398,11 @@ static void measure(bench *B, const opts *o, results *r) {
     r->base = decode_tps(B, o->batch, o->steps, NULL);
     r->qkvo = strcmp(o->targets, "all") != 0;
     r->all = strcmp(o->targets, "qkvo") != 0;
-    if (r->qkvo && lora_runs(B, o, 4, r->tq)) fprintf(stderr, "bench_model: adapters on q,k,v,o failed\n"), r->failed = true;
-    if (r->all && lora_runs(B, o, DS_PROJ_COUNT, r->ta))
+    r->bn = o->bn_rf > 0 && B->b->iface->bottleneck; /* optional op: CUDA has none yet */
+    if (r->qkvo && adapter_runs(B, o, 4, r->tq)) fprintf(stderr, "bench_model: adapters on q,k,v,o failed\n"), r->failed = true;
+    if (r->all && adapter_runs(B, o, DS_PROJ_COUNT, r->ta))
         fprintf(stderr, "bench_model: adapters on all projections failed\n"), r->failed = true;
+    if (r->bn && adapter_runs(B, o, 0, r->tb)) fprintf(stderr, "bench_model: bottleneck adapters failed\n"), r->failed = true;
     r->failed |= !(r->pf1 > 0 && r->pf4 > 0 && r->dec1 > 0 && r->base > 0);
 }
 
@@ -356,6 +423,10 @@ static void print_report(const opts *o, const ds_model *m, const results *r) {
             printf("decode   batch %3d, %3d LoRA r%-2d %-4s: %8.1f tokens/s (%.2fx base)\n", o->batch, o->adapters[k],
                    o->rank, t ? "all" : "qkvo", v, r->base > 0 ? v / r->base : 0);
         }
+    if (o->bn_rf > 0 && !r->bn) printf("bottleneck adapters: the %s backend has no bottleneck op\n", o->backend);
+    for (int k = 0; k < o->n_adapters && r->bn; k++)
+        printf("decode   batch %3d, %3d Houlsby bn %-4d: %8.1f tokens/s (%.2fx base)\n", o->batch, o->adapters[k],
+               m->cfg.d_model / o->bn_rf, r->tb[k], r->base > 0 ? r->tb[k] / r->base : 0);
 }
 
 static void write_json(const opts *o, const results *r) {
@@ -371,6 +442,9 @@ static void write_json(const opts *o, const results *r) {
         for (int k = 0; k < o->n_adapters && (t ? r->all : r->qkvo); k++, first = 0)
             fprintf(f, "%s{\"targets\":\"%s\",\"adapters\":%d,\"tps\":%.2f}", first ? "" : ",", t ? "all" : "qkvo",
                     o->adapters[k], t ? r->ta[k] : r->tq[k]);
+    fprintf(f, "],\"bottleneck_rf\":%d,\"bottleneck\":[", o->bn_rf);
+    for (int k = 0; k < o->n_adapters && r->bn; k++)
+        fprintf(f, "%s{\"kind\":\"double_seq_bn\",\"adapters\":%d,\"tps\":%.2f}", k ? "," : "", o->adapters[k], r->tb[k]);
     fprintf(f, "]}\n");
     fclose(f);
 }

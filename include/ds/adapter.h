@@ -21,8 +21,9 @@ typedef enum {
     DS_ADAPTER_LORA = 0, /* LoRA, rsLoRA, DoRA, AdaLoRA (SVD form folded into A) */
     DS_ADAPTER_IA3,
     DS_ADAPTER_PROMPT,   /* prompt tuning and P-tuning (saved encoder output): soft-prompt rows */
-    DS_ADAPTER_PREFIX,   /* prefix tuning: per-layer K/V prefixes */
-    DS_ADAPTER_BOTTLENECK, /* AdapterHub bottleneck adapters: seq_bn, double_seq_bn, par_bn, scaled par_bn */
+    DS_ADAPTER_PREFIX,   /* prefix tuning (PEFT, or AdapterHub's: prefix_pos0): per-layer K/V prefixes */
+    DS_ADAPTER_BOTTLENECK, /* AdapterHub bottleneck adapters: seq_bn, double_seq_bn, par_bn, scaled par_bn;
+                            * with a prefix too for a union (MAM: prefix tuning + scaled parallel) */
 } ds_adapter_kind;
 
 /* One bottleneck adapter module (one site of one layer), host fp32; see ds_bn_seg for the math. */
@@ -71,9 +72,14 @@ typedef struct ds_adapter {
     /* Prompt tuning / P-tuning: [n_virtual][d_model] */
     int32_t n_virtual;
     float *prompt;
-    /* Prefix tuning: [n_virtual][n_layer][2][n_kv_head*head_dim] (PEFT's layout, K then V per layer) */
+    /* Prefix tuning (kind PREFIX, or BOTTLENECK for a MAM union; n_virtual = prefix length):
+     * [n_virtual][n_layer][2][n_kv_head*head_dim] (PEFT's layout, K then V per layer), or NULL */
     float *prefix;
     int32_t prefix_row;      /* n_kv_head*head_dim */
+    /* Where the sequence's own RoPE positions start: false, at n_virtual (PEFT feeds its prefix as
+     * past_key_values); true, at 0 (AdapterHub concatenates its prefix after RoPE, outside the
+     * cache; src/adapter/ah_prefix.c). The prefix K/V are unrotated either way. */
+    bool prefix_pos0;
     /* Bottleneck adapters: [n_layer][DS_BN_SITES], NULL where a site has none (leave_out, config) */
     ds_bn_module **bn;
     size_t host_bytes;       /* parameter bytes held (for budgets) */

@@ -100,6 +100,9 @@ typedef enum {
     DS_ACT_LAPLACE,      /* 0.5(1 + erf((x − 0.707107) / (0.282095·√2))) */
 } ds_act;
 
+/* act(x) on the host, fp32 as torch computes it (src/backend/act.c). Any thread. */
+float ds_act_eval(ds_act a, float x);
+
 /* Residual placement of a bottleneck segment (ds_bn_seg.flags). */
 enum {
     DS_BN_PARALLEL = 1u << 0,      /* parallel adapter (input x, output beside o), else sequential */

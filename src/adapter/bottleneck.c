@@ -15,10 +15,13 @@
  *   parallel:   x' = o + ln_after(scaling · up(act(down(ln_before(x))))) (+ x if original_ln_after)
  * On Qwen2 (hooked) the model itself adds x afterwards and the package refuses original_ln_after
  * false, so x is always added there. Everything else the configs carry that changes this math is
- * refused by name: Compacter (PHM layers), gating (UniPELT), invertible adapters, config unions
- * (MAM, UniPELT), residual_before_ln "post_add" (fails in the package without an original LN),
- * learned activations (prelu, xielu). Training-only options (dropout, init, stochastic_depth) are
- * ignored. The tensors must match the config exactly (sites, leave_out, reduction factors). */
+ * refused by name: Compacter (PHM layers), gating (UniPELT), invertible adapters, residual_before_ln
+ * "post_add" (fails in the package without an original LN), learned activations (prelu, xielu).
+ * Config unions of one prefix_tuning and one bottleneck member (MAM) are served: the prefix by
+ * ah_prefix.c into the pinned prefix-KV blocks, the bottleneck modules here; other unions (UniPELT's
+ * LoRA member, two bottleneck members) are refused by name. Prefix tuning alone is served too.
+ * Training-only options (dropout, init, stochastic_depth) are ignored. The tensors must match the
+ * config exactly (sites, leave_out, reduction factors). */
 #include <cjson/cJSON.h>
 #include <ctype.h>
 #include <errno.h>
@@ -37,6 +40,8 @@ typedef struct bn_cfg {
     ds_act act;
     const cJSON *rf;  /* number or {"<layer>": n, "default": n} */
     const cJSON *leave_out;
+    bool has_bn, has_prefix; /* which members the config (or union) has */
+    ds_ah_prefix_cfg prefix; /* AdapterHub prefix tuning (ah_prefix.c) */
 } bn_cfg;
 
 typedef struct bn_ctx {
@@ -75,7 +80,7 @@ static int get_bool(bn_ctx *c, const cJSON *o, const char *name, bool dflt, bool
 }
 
 /* transformers' ACT2FN names (lower-cased by the package) plus its own "leakyrelu". */
-static int parse_act(bn_ctx *c, const cJSON *j, bool legacy, ds_act *out) {
+int ds_ah_parse_act(const cJSON *j, bool legacy, const char *src, ds_act *out, ds_err *err) {
     static const struct {
         const char *name;
         ds_act act;
@@ -94,7 +99,7 @@ static int parse_act(bn_ctx *c, const cJSON *j, bool legacy, ds_act *out) {
         return 0;
     }
     if (!cJSON_IsString(j) || strlen(j->valuestring) >= 32)
-        return ds_err_set(c->err, DS_EFORMAT, "%s: \"non_linearity\" must be a string", c->cfg_path);
+        return ds_err_set(err, DS_EFORMAT, "%s: \"non_linearity\" must be a string", src);
     char name[32];
     size_t n = strlen(j->valuestring);
     for (size_t i = 0; i <= n; i++) name[i] = (char)tolower((unsigned char)j->valuestring[i]);
@@ -106,9 +111,9 @@ static int parse_act(bn_ctx *c, const cJSON *j, bool legacy, ds_act *out) {
             return 0;
         }
     if (!strcmp(name, "prelu") || !strcmp(name, "xielu"))
-        return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: non_linearity \"%s\" has learned parameters (not supported)",
-                          c->cfg_path, name);
-    return ds_err_set(c->err, DS_EFORMAT, "%s: unknown non_linearity \"%s\"", c->cfg_path, j->valuestring);
+        return ds_err_set(err, DS_EUNSUPPORTED, "%s: non_linearity \"%s\" has learned parameters (not supported)",
+                          src, name);
+    return ds_err_set(err, DS_EFORMAT, "%s: unknown non_linearity \"%s\"", src, j->valuestring);
 }
 
 /* Keys of BnConfig that do not change the inference math (training-only, or sites a decoder-only
@@ -180,7 +185,7 @@ static int parse_bn(bn_ctx *c, const cJSON *cfg, bool legacy, bn_cfg *b) {
     if (!rc) rc = get_bool(c, cfg, "ln_after", false, &b->ln_after);
     if (!rc) rc = get_bool(c, cfg, "residual_before_ln", true, &b->res_before_ln);
     if (!rc) rc = get_bool(c, cfg, "adapter_residual_before_ln", false, &b->adapter_res_before_ln);
-    if (!rc) rc = parse_act(c, field(cfg, "non_linearity"), legacy, &b->act);
+    if (!rc) rc = ds_ah_parse_act(field(cfg, "non_linearity"), legacy, c->cfg_path, &b->act, c->err);
     if (!rc) rc = parse_scaling(c, field(cfg, "scaling"), b);
     if (rc) return rc;
     b->rf = field(cfg, "reduction_factor");
@@ -195,17 +200,49 @@ static int parse_bn(bn_ctx *c, const cJSON *cfg, bool legacy, bn_cfg *b) {
     return 0;
 }
 
-/* Names the architectures of a union ("prefix_tuning+bottleneck" for MAM). */
-static int refuse_union(bn_ctx *c, const cJSON *cfg) {
+/* A config union: at most one prefix_tuning and one bottleneck member (MAM: prefix tuning + a scaled
+ * parallel adapter on the FFN). LoRA members (UniPELT), two bottleneck members and the rest are
+ * refused by name. */
+static int parse_union(bn_ctx *c, const cJSON *cfg, bool legacy, bn_cfg *b) {
     char names[160] = "";
-    const cJSON *it;
-    cJSON_ArrayForEach(it, field(cfg, "configs")) {
-        const cJSON *a = field(it, "architecture");
+    const cJSON *cs = field(cfg, "configs"), *it;
+    if (!cJSON_IsArray(cs) || cJSON_GetArraySize(cs) == 0)
+        return ds_err_set(c->err, DS_EFORMAT, "%s: a config union needs a non-empty \"configs\" list", c->cfg_path);
+    bool lora = false;
+    cJSON_ArrayForEach(it, cs) {
+        const cJSON *a = field(it, "architecture"); /* absent (null) for bottleneck configs */
         size_t n = strlen(names);
-        snprintf(names + n, sizeof names - n, "%s%s", n ? "+" : "", cJSON_IsString(a) ? a->valuestring : "?");
+        snprintf(names + n, sizeof names - n, "%s%.24s", n ? "+" : "", cJSON_IsString(a) ? a->valuestring : "bottleneck");
+        lora |= cJSON_IsString(a) && !strcmp(a->valuestring, "lora");
     }
-    return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: config union (%s; e.g. MAM, UniPELT) is not supported yet",
-                      c->cfg_path, names);
+    if (lora)
+        return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: config union (%s) with an AdapterHub LoRA member (e.g. "
+                          "UniPELT) is not supported; MAM (prefix_tuning+bottleneck) is", c->cfg_path, names);
+    cJSON_ArrayForEach(it, cfg) {
+        if (!it->string || (strcmp(it->string, "architecture") && strcmp(it->string, "configs")))
+            return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: unknown config union key \"%s\"", c->cfg_path,
+                              it->string ? it->string : "?");
+    }
+    cJSON_ArrayForEach(it, cs) {
+        const cJSON *a = field(it, "architecture");
+        const char *an = cJSON_IsString(a) ? a->valuestring : "bottleneck";
+        int rc;
+        if (!cJSON_IsObject(it) || (a && !cJSON_IsString(a)))
+            return ds_err_set(c->err, DS_EFORMAT, "%s: every member of a config union must be an object whose "
+                              "\"architecture\" is a string or null", c->cfg_path);
+        if (!strcmp(an, "prefix_tuning") && !b->has_prefix) {
+            b->has_prefix = true;
+            rc = ds_ah_prefix_config(it, c->base, c->cfg_path, &b->prefix, c->err);
+        } else if (!strcmp(an, "bottleneck") && !b->has_bn) {
+            b->has_bn = true;
+            rc = parse_bn(c, it, legacy, b);
+        } else {
+            rc = ds_err_set(c->err, DS_EUNSUPPORTED, "%s: config union (%s): member \"%s\" is not supported (at most "
+                            "one prefix_tuning and one bottleneck member, as MAM, are)", c->cfg_path, names, an);
+        }
+        if (rc) return rc;
+    }
+    return 0;
 }
 
 static int parse_top(bn_ctx *c, const cJSON *root, bn_cfg *b) {
@@ -221,12 +258,18 @@ static int parse_top(bn_ctx *c, const cJSON *root, bn_cfg *b) {
         return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: model_type \"%s\", but the base model is \"%s\"", f,
                           cJSON_IsString(mt) ? mt->valuestring : "?", c->base->cfg.arch_name);
     const cJSON *arch = field(cfg, "architecture");
+    const bool legacy = field(root, "version") == NULL;
     if (arch && !cJSON_IsString(arch)) return ds_err_set(c->err, DS_EFORMAT, "%s: \"architecture\" must be a string", f);
-    if (arch && !strcmp(arch->valuestring, "union")) return refuse_union(c, cfg);
+    if (arch && !strcmp(arch->valuestring, "union")) return parse_union(c, cfg, legacy, b);
+    if (arch && !strcmp(arch->valuestring, "prefix_tuning")) {
+        b->has_prefix = true;
+        return ds_ah_prefix_config(cfg, c->base, f, &b->prefix, c->err);
+    }
     if (arch && strcmp(arch->valuestring, "bottleneck"))
-        return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: AdapterHub \"%s\" adapters are not supported (bottleneck only)",
-                          f, arch->valuestring);
-    return parse_bn(c, cfg, field(root, "version") == NULL, b);
+        return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: AdapterHub \"%s\" adapters are not supported (bottleneck, "
+                          "prefix_tuning and their union, MAM, are)", f, arch->valuestring);
+    b->has_bn = true;
+    return parse_bn(c, cfg, legacy, b);
 }
 
 /* ---- tensors ---- */
@@ -278,7 +321,8 @@ static int refuse_tensor(bn_ctx *c, const char *name) {
 static int place(bn_ctx *c, const bn_cfg *b, const ds_st_tensor *t, bn_slots *slots, const char **adapter_name,
                  size_t *name_len) {
     const char *s = t->name;
-    if (strncmp(s, "model.layers.", 13)) return refuse_tensor(c, t->name);
+    if (b->has_prefix && ds_ah_prefix_tensor(s)) return 0; /* ds_ah_prefix_load reads those */
+    if (!b->has_bn || strncmp(s, "model.layers.", 13)) return refuse_tensor(c, t->name);
     char *end;
     errno = 0;
     if (s[13] < '0' || s[13] > '9') return refuse_tensor(c, t->name); /* strtol would take " +1" */
@@ -456,7 +500,7 @@ static int load_tensors(bn_ctx *c, const bn_cfg *b, const ds_st_file *st, ds_ada
     int rc = 0;
     for (size_t i = 0; !rc && i < st->n_tensors; i++) rc = place(c, b, &st->tensors[i], slots, &name, &name_len);
     int32_t n_mod = 0;
-    for (int32_t l = 0; !rc && l < L; l++)
+    for (int32_t l = 0; !rc && b->has_bn && l < L; l++)
         for (int s = 0; !rc && s < DS_BN_SITES; s++) {
             bn_slots *sl = &slots[l * DS_BN_SITES + s];
             const bool want = (s == DS_BN_ATTN ? b->mh : b->out) && !left_out(b, l);
@@ -473,8 +517,13 @@ static int load_tensors(bn_ctx *c, const bn_cfg *b, const ds_st_file *st, ds_ada
                 n_mod++;
             }
         }
-    if (!rc && n_mod == 0) rc = ds_err_set(c->err, DS_EFORMAT, "%s: no adapter modules (empty adapter)", c->st_path);
+    if (!rc && b->has_bn && n_mod == 0)
+        rc = ds_err_set(c->err, DS_EFORMAT, "%s: no adapter modules (empty adapter)", c->st_path);
     free(slots);
+    if (!rc && !b->has_bn) { /* prefix tuning alone */
+        free(a->bn);
+        a->bn = NULL;
+    }
     return rc;
 }
 
@@ -489,7 +538,7 @@ int ds_bottleneck_config_check(const char *json, size_t len, const ds_model *bas
     int rc = parse_top(&c, root, &b);
     for (int32_t l = 0; !rc && l < base->cfg.n_layer; l++) {
         int32_t size;
-        if ((b.mh || b.out) && !left_out(&b, l)) rc = expected_size(&c, &b, l, &size);
+        if (b.has_bn && (b.mh || b.out) && !left_out(&b, l)) rc = expected_size(&c, &b, l, &size);
     }
     cJSON_Delete(root);
     return rc;
@@ -517,10 +566,12 @@ int ds_bottleneck_load(ds_adapter *a, const char *dir, const ds_model *base, ds_
     ds_st_file st = {0};
     if (!rc) rc = ds_st_open(&st, st_path, err);
     if (!rc) {
-        a->kind = DS_ADAPTER_BOTTLENECK;
-        snprintf(a->peft_type, sizeof a->peft_type, "BOTTLENECK");
+        a->kind = b.has_bn ? DS_ADAPTER_BOTTLENECK : DS_ADAPTER_PREFIX;
+        snprintf(a->peft_type, sizeof a->peft_type, "%s", !b.has_prefix ? "BOTTLENECK" : !b.has_bn ? "AH_PREFIX_TUNING"
+                 : b.parallel ? "MAM" : "PREFIX+BOTTLENECK");
         rc = load_tensors(&c, &b, &st, a);
     }
+    if (!rc && b.has_prefix) rc = ds_ah_prefix_load(a, &b.prefix, &st, st_path, base, err);
     ds_st_close(&st);
     cJSON_Delete(root);
     return rc;

@@ -115,6 +115,26 @@ void ds_bn_module_free(ds_bn_module *m);
 /* adapter_config.json of an AdapterHub adapter alone, against `base` (fuzz target entry point). */
 int ds_bottleneck_config_check(const char *json, size_t len, const ds_model *base, ds_err *err);
 
+/* AdapterHub prefix tuning (ah_prefix.c), alone or in a config union (MAM). */
+struct cJSON;
+typedef struct ds_ah_prefix_cfg {
+    int32_t length;     /* prefix_length */
+    int32_t bottleneck; /* bottleneck_size of the reparametrisation MLP (flat false) */
+    bool flat;
+    ds_act act;         /* its non_linearity */
+} ds_ah_prefix_cfg;
+/* Checks one PrefixTuningConfig object against the base; refuses gating, leave_out and non-Llama
+ * bases by name. Returns 0, DS_EFORMAT or DS_EUNSUPPORTED with a message naming `src`. */
+int ds_ah_prefix_config(const struct cJSON *cfg, const ds_model *base, const char *src, ds_ah_prefix_cfg *out,
+                        ds_err *err);
+/* Whether a tensor name belongs to prefix tuning (the bottleneck loader leaves those to ds_ah_prefix_load). */
+bool ds_ah_prefix_tensor(const char *tensor_name);
+/* Computes the prefix K/V into a->prefix (PEFT's layout) and sets n_virtual, prefix_row, prefix_pos0. */
+int ds_ah_prefix_load(ds_adapter *a, const ds_ah_prefix_cfg *cfg, const ds_st_file *st, const char *st_path,
+                      const ds_model *base, ds_err *err);
+/* An AdapterHub non_linearity name (bottleneck.c; `legacy`: a config without "version"). */
+int ds_ah_parse_act(const struct cJSON *j, bool legacy, const char *src, ds_act *out, ds_err *err);
+
 /* Allocation helpers (adapter.c): zeroed [n_layer][DS_PROJ_COUNT] tables and one module. */
 int ds_adapter_alloc_lora_table(ds_adapter *a, ds_err *err);
 int ds_adapter_alloc_ia3_table(ds_adapter *a, ds_err *err);

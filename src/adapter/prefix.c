@@ -6,8 +6,8 @@
 int ds_adapter_write_prefix(ds_llama *L, const ds_adapter *a, const int32_t *blocks, int32_t n_blocks, ds_err *err) {
     const ds_model_config *c = &ds_llama_model(L)->cfg;
     const int32_t bs = ds_llama_kv_block_size(L), row = c->n_kv_head * c->head_dim;
-    if (a->kind != DS_ADAPTER_PREFIX || !a->prefix)
-        return ds_err_set(err, DS_EINVAL, "adapter '%s' is not a prefix-tuning adapter", a->name ? a->name : "?");
+    if (!a->prefix)
+        return ds_err_set(err, DS_EINVAL, "adapter '%s' has no prefix-tuning K/V", a->name ? a->name : "?");
     if (a->prefix_row != row || a->n_layer != c->n_layer || n_blocks * bs < a->n_virtual)
         return ds_err_set(err, DS_EINVAL, "adapter '%s': prefix shape does not fit the KV cache", a->name ? a->name : "?");
     for (int32_t l = 0; l < c->n_layer; l++) {

@@ -100,7 +100,7 @@ static int make_resident(ds_engine *e, ds_adapter_entry *entry, ds_err *err) {
     ds_registry_ref(e->reg, entry);
     entry->slot = i;
     e->slot_bytes += sl->dev.dev_bytes;
-    if (entry->adapter->kind == DS_ADAPTER_PREFIX && (st = pin_prefix(e, sl, err)) != DS_OK) {
+    if (entry->adapter->prefix && (st = pin_prefix(e, sl, err)) != DS_OK) {
         slot_free(e, sl);
         return st;
     }

@@ -142,7 +142,7 @@ static int resolve_adapter(ds_engine *e, const ds_gen_request *r, ds_adapter_ent
     if ((st = ds_engine_adapter_fits(e, *entry, err))) return st; /* the caller releases *entry */
     const ds_adapter *a = (*entry)->adapter;
     if (a->kind == DS_ADAPTER_PROMPT) *n_virt = a->n_virtual;
-    if (a->kind == DS_ADAPTER_PREFIX) *n_prefix = a->n_virtual;
+    if (a->prefix) *n_prefix = a->n_virtual; /* prefix tuning, alone or in a MAM union */
     return DS_OK;
 }
 
@@ -210,6 +210,7 @@ uint64_t ds_engine_submit(ds_engine *e, const ds_gen_request *req, ds_submit_inf
     }
     s->entry = entry;
     s->n_prefix = n_prefix;
+    s->pos_base = entry && entry->adapter->prefix_pos0 ? 0 : n_prefix;
     if (info) { /* before the sequence is queued: once it is, it may end and drop the entry */
         snprintf(info->adapter, sizeof info->adapter, "%s", entry ? entry->name : "");
         info->adapter_version = entry ? entry->version : 0;

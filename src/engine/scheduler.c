@@ -243,7 +243,8 @@ static void add_seq_tokens(ds_engine *e, int32_t i, int32_t *t, int32_t *n_soft)
     for (int32_t j = 0; j < b->n_sched[i]; j++, (*t)++) {
         const int32_t k = s->n_computed + j;
         b->tokens[*t] = s->tokens[k];
-        b->pos[*t] = b->tok_kv[*t] = s->n_prefix + k;
+        b->pos[*t] = s->pos_base + k;
+        b->tok_kv[*t] = s->n_prefix + k;
         b->tok_seq[*t] = i;
         if (k < s->n_virt) {
             b->soft_rows[*n_soft] = *t;

@@ -25,6 +25,7 @@ typedef struct ds_seq {
     int32_t adapter_slot; /* resident slot while running, -1 = base */
     int32_t n_virt;       /* soft-prompt rows at the head of tokens[] (prompt tuning / P-tuning) */
     int32_t n_prefix;     /* prefix-tuning KV slots ahead of the sequence's own (shared blocks) */
+    int32_t pos_base;     /* RoPE position of token 0: n_prefix, or 0 (ds_adapter.prefix_pos0) */
     int32_t n_prefix_blocks;
     ds_event_cb on_event;
     void *user;

@@ -5,6 +5,7 @@
 ds_fuzz_target(fuzz_adapter_config ${CMAKE_SOURCE_DIR}/src/adapter/peft_config.c ${DS_FUZZ_UTIL})
 target_link_libraries(fuzz_adapter_config PRIVATE PkgConfig::PCRE2)
 
-# AdapterHub bottleneck adapter configs (ds_bottleneck_config_check) against tiny Llama / Qwen2 shapes.
+# AdapterHub adapter configs: bottleneck, prefix tuning, unions (ds_bottleneck_config_check) against tiny Llama / Qwen2 shapes.
 ds_fuzz_target(fuzz_bottleneck_config ${CMAKE_SOURCE_DIR}/src/adapter/bottleneck.c
+  ${CMAKE_SOURCE_DIR}/src/adapter/ah_prefix.c ${CMAKE_SOURCE_DIR}/src/backend/act.c
   ${CMAKE_SOURCE_DIR}/src/model/safetensors.c ${DS_FUZZ_UTIL})

@@ -1,4 +1,5 @@
-/* libFuzzer: AdapterHub adapter_config.json parsing and validation (ds_bottleneck_config_check)
+/* libFuzzer: AdapterHub adapter_config.json parsing and validation (ds_bottleneck_config_check:
+ * bottleneck, prefix tuning, config unions such as MAM)
  * against a Llama-shaped and a Qwen2-shaped base (the latter is "hooked": other refusals apply). */
 #include <stdint.h>
 #include <string.h>
@@ -7,8 +8,10 @@
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     static ds_model m[2];
-    m[0].cfg = (ds_model_config){.arch = DS_ARCH_LLAMA, .arch_name = "llama", .d_model = 64, .n_layer = 3};
-    m[1].cfg = (ds_model_config){.arch = DS_ARCH_QWEN2, .arch_name = "qwen2", .d_model = 64, .n_layer = 2};
+    m[0].cfg = (ds_model_config){.arch = DS_ARCH_LLAMA, .arch_name = "llama", .d_model = 64, .n_layer = 3,
+                                 .n_head = 4, .n_kv_head = 2, .head_dim = 16};
+    m[1].cfg = (ds_model_config){.arch = DS_ARCH_QWEN2, .arch_name = "qwen2", .d_model = 64, .n_layer = 2,
+                                 .n_head = 4, .n_kv_head = 2, .head_dim = 16};
     for (int i = 0; i < 2; i++) {
         ds_err err = {{0}};
         int rc = ds_bottleneck_config_check((const char *)data, size, &m[i], &err);

@@ -15,7 +15,8 @@ Writes, under tests/data/adapters/bottleneck/:
   bad/<case>/ + manifest.json         malformed or unsupported AdapterHub directories
   activations.json                    every accepted non_linearity on a grid of inputs
   smollm2/bn-*/                       adapters for models/SmolLM2-135M-Instruct.Q4_1.gguf (bf16) with the
-                                      package's greedy continuations (needs `gguf` and `accelerate` too)
+                                      package's greedy continuations (needs `gguf` and `accelerate` too;
+                                      argument smollm2=<name> makes that one only)
 for <model> in tiny-llama, tiny-qwen2 (tests/data/models/, made by gen_models.py). reference.json has
 the schema of gen_adapters.py's (cases → prompt, prefill_logits, decode[{token, logits}]).
 
@@ -164,15 +165,37 @@ def configs() -> dict:
         # pytorch_adapter.bin and re-saved as safetensors with both names, as a user would.
         "bn-ln-before": (SeqBnConfig(reduction_factor=8, ln_before=True, original_ln_before=False,
                                      non_linearity="quick_gelu"), ("tiny-llama",)),
+        # MAM (He et al.): prefix tuning (reparametrised by its tanh MLP; a smaller bottleneck than the
+        # default 800 to keep the files small) + a scaled parallel adapter (s = 4) on the FFN. The package
+        # supports prefix tuning on Llama only (its Qwen2 interface lists no prefix_tuning).
+        "bn-mam": (MAMConfig(PrefixTuningConfig(bottleneck_size=48, prefix_length=12)), ("tiny-llama",)),
+        # a union of a flat prefix (longer than a KV block) and a sequential adapter with erf gelu
+        "bn-union-seq": (ConfigUnion(PrefixTuningConfig(flat=True, prefix_length=19),
+                                     SeqBnConfig(reduction_factor=8, non_linearity="gelu")), ("tiny-llama",)),
+        # AdapterHub prefix tuning alone (relu MLP), beside PEFT's prefix tuning in the mixed batch
+        "ah-prefix": (PrefixTuningConfig(prefix_length=20, bottleneck_size=32, non_linearity="relu"),
+                      ("tiny-llama",)),
     }
 
 
 def randomize(model, name: str, seed: int, amp: float = 1.0) -> None:
     """Non-zero random values in every adapter parameter (the package's inits zero the up-projection);
-    amp scales the projection weights."""
+    amp scales the projection weights. Prefix-tuning parameters (one shared pool, listed once by
+    named_parameters) get K/V of order amp."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in model.named_parameters():
+            if f".prefix_tunings.{name}." in n:
+                shape = tuple(p.shape)
+                if n.endswith("wte.weight") or n.endswith("control_trans"):
+                    v = torch.randn(shape, generator=g)
+                elif n.endswith("bias"):
+                    v = 0.1 * torch.randn(shape, generator=g)
+                else:  # the MLP's Linear weights; amp scales the prefix K/V it makes
+                    v = torch.randn(shape, generator=g) * ((amp if n.endswith("2.weight") else 1.0) * 1.5
+                                                           / math.sqrt(shape[-1]))
+                p.copy_(v)
+                continue
             if f".adapters.{name}." not in n:
                 continue
             shape = tuple(p.shape)
@@ -258,6 +281,40 @@ def check_base(model_name: str, base) -> None:
     assert err <= 1e-4 * max(1.0, float(np.max(np.abs(want)))), (model_name, err)
 
 
+def has_shared_tensors(cfg) -> bool:
+    """Configs whose saved state dict has one tensor under several names: ln_before (adapter_down.0 IS
+    adapter_norm_before) and prefix tuning (the pool is referenced from every layer)."""
+    members = list(cfg.configs) if isinstance(cfg, ConfigUnion) else [cfg]
+    return any(m.architecture == "prefix_tuning" or (m.architecture in (None, "bottleneck") and m["ln_before"])
+               for m in members)
+
+
+def ds_type(cfg) -> str:
+    """The type deltaserve reports for the config (ds_adapter.peft_type, /v1/adapters)."""
+    members = list(cfg.configs) if isinstance(cfg, ConfigUnion) else [cfg]
+    prefix = any(m.architecture == "prefix_tuning" for m in members)
+    bn = [m for m in members if m.architecture in (None, "bottleneck")]
+    if not prefix:
+        return "BOTTLENECK"
+    return "AH_PREFIX_TUNING" if not bn else "MAM" if bn[0]["is_parallel"] else "PREFIX+BOTTLENECK"
+
+
+def save_st(model, d: Path, name: str, shared: bool, pool_only: bool = False) -> None:
+    """save_adapter as safetensors. The package refuses safetensors for shared tensors, so those are
+    saved as pytorch_adapter.bin and re-saved as safetensors with every name, as a user would;
+    pool_only keeps the prefix pool's tensors under model.prefix_tuning.* only (one copy instead of
+    one per layer, as safetensors' save_model would dedupe them; the package loads either)."""
+    if not shared:
+        model.save_adapter(str(d), name, with_head=False, use_safetensors=True)
+        return
+    model.save_adapter(str(d), name, with_head=False, use_safetensors=False)
+    sd = torch.load(d / "pytorch_adapter.bin", weights_only=True)  # our own file, just written
+    if pool_only:
+        sd = {k: v for k, v in sd.items() if ".self_attn.prefix_tuning.pool." not in k}
+    save_file({k: v.clone().contiguous() for k, v in sd.items()}, d / "adapter.safetensors")
+    (d / "pytorch_adapter.bin").unlink()
+
+
 def gen_one(model_name: str, name: str, cfg, written: list) -> None:
     d = OUT / model_name / name
     if d.exists():
@@ -271,13 +328,7 @@ def gen_one(model_name: str, name: str, cfg, written: list) -> None:
     base.set_active_adapters(name)
     base.eval()
     d.mkdir(parents=True)
-    if cfg["ln_before"]:
-        base.save_adapter(str(d), name, with_head=False, use_safetensors=False)
-        sd = torch.load(d / "pytorch_adapter.bin", weights_only=True)  # our own file, just written
-        save_file({k: v.clone().contiguous() for k, v in sd.items()}, d / "adapter.safetensors")
-        (d / "pytorch_adapter.bin").unlink()
-    else:
-        base.save_adapter(str(d), name, with_head=False, use_safetensors=True)
+    save_st(base, d, name, shared=has_shared_tensors(cfg))
     cfg_json = json.loads((d / "adapter_config.json").read_text())
     cfg_json["model_name"] = f"tests/data/models/{model_name}"
     write_text(d / "adapter_config.json", json.dumps(cfg_json, indent=2, sort_keys=True) + "\n")
@@ -301,7 +352,7 @@ def gen_one(model_name: str, name: str, cfg, written: list) -> None:
     ref = {
         "adapter": name,
         "base": model_name,
-        "peft_type": "BOTTLENECK",
+        "peft_type": ds_type(cfg),
         "n_vocab": vocab,
         "adapters_version": adapters.__version__,
         "transformers_version": transformers.__version__,
@@ -322,7 +373,7 @@ MIXED = {
     "tiny-llama": [("bn-seq", 0), ("lora-qv", 0), ("bn-double-seq", 1), ("ia3", 1), ("bn-par-learned", 0),
                    ("prompt-tuning", 0), ("bn-par-scaled", 1), ("prefix", 0), ("bn-rf-dict", 0), (None, 0),
                    ("bn-leave-out", 1), ("bn-ln", 0), ("dora", 1), ("bn-plus", 0), ("bn-par", 1),
-                   ("bn-ln-before", 0)],
+                   ("bn-ln-before", 0), ("bn-mam", 0), ("ah-prefix", 1), ("bn-union-seq", 0), ("bn-mam", 1)],
     "tiny-qwen2": [("bn-seq", 0), ("lora-qv", 0), ("bn-double-seq", 1), ("ia3", 1), ("bn-par-learned", 0),
                    ("prompt-tuning", 0), ("bn-leave-out", 1), ("prefix", 0), (None, 0), ("bn-ln", 0),
                    ("bn-seq", 1)],
@@ -333,13 +384,13 @@ def gen_mixed(model_name: str, written: list) -> None:
     entries = []
     for adapter, case in MIXED[model_name]:
         refp = (MODELS / model_name / "reference.json") if adapter is None else \
-            (OUT / model_name / adapter / "reference.json") if adapter.startswith("bn-") else \
+            (OUT / model_name / adapter / "reference.json") if adapter.startswith(("bn-", "ah-")) else \
             (PEFT / model_name / adapter / "reference.json")
         assert refp.is_file(), refp
         assert case < len(json.loads(refp.read_text())["cases"])
         entries.append({"adapter": adapter, "case": case})
     doc = {"base": model_name,
-           "note": ("Run all entries as ONE batch; bn-* are the bottleneck adapters beside this file, the others "
+           "note": ("Run all entries as ONE batch; bn-* / ah-* are the AdapterHub adapters beside this file, the others "
                     "PEFT LoRA / IA3 / prompt-tuning / prefix adapters under tests/data/adapters/<base>/ "
                     "(gen_adapters.py); null = base-only (tests/data/models/<base>/reference.json)."),
            "entries": entries}
@@ -386,10 +437,14 @@ def smol_configs(n_layer: int) -> dict:
         "bn-double-seq": (DoubleSeqBnConfig(reduction_factor=32, leave_out=only(5, 15, 25)), 1.0),
         "bn-par-scaled": (ParBnConfig(reduction_factor=32, scaling=4.0, mh_adapter=True,
                                       leave_out=only(2, 12, 22)), 0.3),
+        # MAM: a short prefix on every layer (its reparametrisation MLP kept small) + the scaled
+        # parallel adapter on a few FFNs
+        "bn-mam": (MAMConfig(PrefixTuningConfig(bottleneck_size=16, prefix_length=6),
+                             ParBnConfig(reduction_factor=32, leave_out=only(4, 14, 24))), 0.3),
     }
 
 
-def gen_smollm2(written: list) -> None:
+def gen_smollm2(written: list, names=()) -> None:
     if not SMOLLM2_GGUF.is_file():
         print(f"smollm2: skipped ({SMOLLM2_GGUF.relative_to(ROOT)} absent; run scripts/fetch_model.sh)")
         return
@@ -434,6 +489,8 @@ def gen_smollm2(written: list) -> None:
         if c["kind"] in base_greedy:
             assert base_greedy[c["kind"]] == c["greedy"]["tokens"][:SMOL_NEW_TOKENS], c["kind"]
     for name, (cfg, amp) in smol_configs(base.config.num_hidden_layers).items():
+        if names and name not in names:
+            continue
         d = OUT / "smollm2" / name
         if d.exists():
             shutil.rmtree(d)
@@ -459,7 +516,7 @@ def gen_smollm2(written: list) -> None:
         if chosen is None:
             raise RuntimeError(f"smollm2/{name}: no seed changed the output with clear margins")
         d.mkdir(parents=True)
-        chosen.save_adapter(str(d), name, with_head=False, use_safetensors=True)
+        save_st(chosen, d, name, shared=has_shared_tensors(cfg), pool_only=True)
         sd = load_file(d / "adapter.safetensors")
         save_file({k: v.to(torch.bfloat16).contiguous() for k, v in sd.items()}, d / "adapter.safetensors")
         cfg_json = json.loads((d / "adapter_config.json").read_text())
@@ -503,6 +560,7 @@ def gen_bad(written: list) -> None:
     def saved(case: str, cfg, expect: str, note: str, mutate=None, model_name="tiny-llama"):
         m = load_base(model_name)
         adapters.init(m)
+        torch.manual_seed(seed_of("bad", case, "init"))  # the parameters randomize() leaves (Compacter's)
         m.add_adapter("a", config=cfg)
         randomize(m, "a", seed_of("bad", case))
         d = root / case
@@ -542,12 +600,17 @@ def gen_bad(written: list) -> None:
         return go
 
     saved("compacter", CompacterConfig(reduction_factor=4), "Compacter|phm", "CompacterConfig (PHM layers)")
-    config_only("unipelt", UniPELTConfig(), "union", "UniPELTConfig (a union with gating)")
-    config_only("mam", MAMConfig(), "union", "MAMConfig (prefix tuning + parallel adapter): not in this slice")
+    config_only("unipelt", UniPELTConfig(), "UniPELT", "UniPELTConfig (a union of LoRA, prefix tuning and a "
+                "sequential adapter, with gating)")
+    config_only("prefix-gating", PrefixTuningConfig(use_gating=True), "use_gating", "prefix tuning with gating")
+    config_only("prefix-leave-out", PrefixTuningConfig(leave_out=[0]), "leave_out",
+                "prefix tuning on some layers only (leave_out [0])")
+    config_only("union-two-bn", ConfigUnion(SeqBnConfig(mh_adapter=False, output_adapter=True),
+                                            ParBnConfig(mh_adapter=True, output_adapter=False)),
+                "member", "a union of two bottleneck configs")
     saved("gating", SeqBnConfig(use_gating=True), "use_gating", "SeqBnConfig with use_gating (UniPELT gate)")
     saved("inv-adapter", SeqBnInvConfig(), "inv_adapter", "SeqBnInvConfig: invertible adapter after the embeddings")
     saved("lora", LoRAConfig(), "lora", "AdapterHub LoRA: not a bottleneck")
-    config_only("prefix", PrefixTuningConfig(), "prefix_tuning", "AdapterHub prefix tuning: not in this slice")
     saved("post-add", SeqBnConfig(), "post_add", "residual_before_ln \"post_add\" (the package itself fails on "
           "Llama/Qwen2: no layer norm to add after)", edit_cfg(lambda c: c["config"].update(residual_before_ln="post_add")))
     saved("prelu", SeqBnConfig(), "prelu", "non_linearity prelu (a learned activation)",
@@ -577,6 +640,29 @@ def gen_bad(written: list) -> None:
     saved("orig-ln-after-qwen2", SeqBnConfig(), "original_ln_after",
           "original_ln_after false on Qwen2 (the package refuses it on hooked models)",
           edit_cfg(lambda c: c["config"].update(original_ln_after=False)), model_name="tiny-qwen2")
+
+    # a MAM adapter whose layer-1 copy of the shared prefix pool differs from the others
+    def mam_saved(case, expect, note, mutate, model_name="tiny-llama", cfg_edit=None):
+        m = load_base("tiny-llama")
+        adapters.init(m)
+        m.add_adapter("a", config=MAMConfig(PrefixTuningConfig(bottleneck_size=8, prefix_length=3)))
+        randomize(m, "a", seed_of("bad", case))
+        d = root / case
+        d.mkdir(parents=True)
+        save_st(m, d, "a", shared=True)
+        if mutate:
+            mutate(d)
+        if cfg_edit:
+            edit_cfg(cfg_edit)(d)
+        manifest.append({"case": case, "base": model_name, "expect": expect, "note": note})
+
+    mam_saved("prefix-copy-differs", "differs", "MAM: layer 1's copy of the prefix pool's wte differs",
+              edit_st(lambda sd: sd["model.layers.1.self_attn.prefix_tuning.pool.prefix_tunings.a.self_prefix."
+                                    "wte.weight"].__setitem__((0, 0), 9.0)))
+    mam_saved("prefix-missing", "missing", "MAM without the prefix MLP's second layer (every copy removed)",
+              edit_st(lambda sd: [sd.pop(k) for k in list(sd) if k.endswith("control_trans.2.weight")]))
+    mam_saved("mam-qwen2", "Llama only", "MAM on Qwen2 (the package supports prefix tuning on Llama only)", None,
+              model_name="tiny-qwen2", cfg_edit=lambda c: c.update(model_type="qwen2"))
 
     # pytorch_adapter.bin only: deltaserve must refuse it without unpickling (the bytes are not even a pickle)
     d = root / "pytorch-bin"
@@ -618,8 +704,9 @@ def main() -> int:
         gen_bad(written)
     if not only or "activations" in only or "all" in only:
         gen_activations(written)
-    if not only or "smollm2" in only or "all" in only:
-        gen_smollm2(written)
+    smol = [a.split("=", 1)[1] for a in only if a.startswith("smollm2=")]  # e.g. smollm2=bn-mam
+    if not only or "smollm2" in only or "all" in only or smol:
+        gen_smollm2(written, smol)
     total = sum(p.stat().st_size for p in written)
     print(f"wrote {len(written)} files, {total / 1e6:.2f} MB")
     return 0

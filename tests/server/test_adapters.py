@@ -1,8 +1,10 @@
 """Runtime adapters: vLLM's load/unload endpoints, the REST view, every PEFT type, and hot swaps
 while requests run on the adapter being swapped."""
 import json
+import shutil
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -213,3 +215,42 @@ def test_hot_swap_under_load(server):
     assert s.error is None and s.result == (ref2, "length", n)
     for name in ("hs", "swap"):
         assert unload(server, name)[0] == 200
+
+
+AH_GOLDEN = Path(__file__).resolve().parents[2] / "tests" / "data" / "adapters" / "bottleneck" / "smollm2"
+
+
+@pytest.mark.skipif(not (AH_GOLDEN / "bn-mam").is_dir(), reason="no tests/data/adapters/bottleneck/smollm2/bn-mam")
+def test_adapterhub_mam_and_refused_unions(server):
+    """A MAM adapter (AdapterHub prefix tuning + scaled parallel adapter) loads at run time and serves;
+    unions deltaserve does not apply are refused by name with 400."""
+    dst = Path(server.adapter_dir) / "ah"
+    shutil.copytree(AH_GOLDEN / "bn-mam", dst / "mam", dirs_exist_ok=True)
+    status, text = load(server, "ah-mam", "ah/mam")
+    assert status == 200, text
+    status, info = adapter(server, "ah-mam")
+    assert status == 200 and info["peft_type"] == "MAM"
+    ref = json.loads((AH_GOLDEN / "bn-mam" / "reference.json").read_text())["cases"][0]
+    status, base = complete(server, "smollm2", 6, prompt=ref["prompt"])
+    status, ad = complete(server, "ah-mam", 6, prompt=ref["prompt"])
+    assert status == 200, ad
+    assert ad["usage"]["completion_tokens"] == 6 and ad["usage"]["prompt_tokens"] == len(ref["prompt"])
+    assert ad["choices"][0]["text"] != base["choices"][0]["text"], "the adapter changed nothing"
+    status, raw = server.post("/v1/adapters/ah-mam/train", {"examples": [{"prompt": "a", "completion": " b"}]})
+    assert status == 400 and "not trainable" in json.loads(raw)["error"]["message"], raw
+    assert unload(server, "ah-mam")[0] == 200
+
+    cfg = json.loads((dst / "mam" / "adapter_config.json").read_text())
+    cases = {
+        "unipelt": ([{"architecture": "lora", "r": 8}], "UniPELT"),
+        "two-bn": ([dict(cfg["config"]["configs"][1])], "member"),
+    }
+    for case, (extra, expect) in cases.items():
+        shutil.copytree(dst / "mam", dst / case, dirs_exist_ok=True)
+        c = json.loads(json.dumps(cfg))
+        c["config"]["configs"] += extra
+        (dst / case / "adapter_config.json").write_text(json.dumps(c))
+        status, text = load(server, f"ah-{case}", f"ah/{case}")
+        assert status == 400, text
+        assert expect in json.loads(text)["error"]["message"], text
+        assert adapter(server, f"ah-{case}")[0] == 404

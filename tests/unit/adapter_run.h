@@ -10,12 +10,13 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define AR_MAX_SEQS 16
+#define AR_MAX_SEQS 20
 #define AR_BLOCKS_PER_SEQ 32
 
 typedef struct ar_seq {
     const ds_adapter_dev *dev; /* NULL = base */
     int32_t n_prefix;          /* prefix-tuning slots (shared blocks at the head of the table) */
+    int32_t pos_base;          /* RoPE position of the first own token: n_prefix, or 0 (prefix_pos0) */
     int32_t table[AR_BLOCKS_PER_SEQ + 4];
     int32_t n_past;            /* own tokens (incl. virtual) already in the cache */
     int32_t n_virtual;         /* soft-prompt rows still to feed (prompt tuning) */
@@ -46,13 +47,14 @@ static int ar_add(ar_ctx *c, const ds_adapter_dev *dev) {
     memset(s, 0, sizeof *s);
     s->dev = dev;
     int pb = 0;
-    if (dev && dev->host->kind == DS_ADAPTER_PREFIX) {
+    if (dev && dev->host->prefix) { /* prefix tuning, alone or in a MAM union */
         int32_t bs = ds_llama_kv_block_size(c->L);
         s->n_prefix = dev->host->n_virtual;
         pb = (s->n_prefix + bs - 1) / bs;
         for (int i = 0; i < pb; i++) s->table[i] = c->next_block++;
         ds_err err = {{0}};
         if (ds_adapter_write_prefix(c->L, dev->host, s->table, pb, &err)) fprintf(stderr, "prefix: %s\n", err.msg);
+        s->pos_base = dev->host->prefix_pos0 ? 0 : s->n_prefix;
     }
     for (int i = pb; i < AR_BLOCKS_PER_SEQ + 4; i++) s->table[i] = c->next_block++;
     if (dev && dev->host->kind == DS_ADAPTER_PROMPT) s->n_virtual = dev->host->n_virtual;
@@ -73,7 +75,8 @@ static int ar_step(ar_ctx *c, int32_t *const *toks, const int *n_tok, float *log
         int start = t, nv = n_tok[i] > 0 ? s->n_virtual : 0;
         for (int j = 0; j < nv + n_tok[i]; j++, t++) {
             tokens[t] = j < nv ? 0 : toks[i][j - nv];
-            pos[t] = kv[t] = s->n_prefix + s->n_past + j;
+            pos[t] = s->pos_base + s->n_past + j;
+            kv[t] = s->n_prefix + s->n_past + j;
             seq[t] = i;
             if (j < nv) {
                 soft_rows[n_soft] = t;

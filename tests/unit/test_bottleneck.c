@@ -1,4 +1,5 @@
-/* Bottleneck adapters (AdapterHub `adapters` package) against the package's own logits (fp32, CPU),
+/* AdapterHub adapters (`adapters` package) — bottleneck, prefix tuning, and their union MAM — against
+ * the package's own logits (fp32, CPU),
  * from tests/data/adapters/bottleneck/ (tests/golden/gen_bottleneck.py):
  *  - every adapter alone: prefill logits at every prompt position and 4 decode steps within
  *    1e-4 · max(1, max|logit|);
@@ -6,7 +7,7 @@
  *    prefix adapters and base-only sequences, in ONE forward per step;
  *  - malformed and unsupported directories refused with a message naming the problem;
  *  - on SmolLM2-135M-Instruct (when models/ has it), greedy continuations equal to the package's for
- *    a sequential, a Houlsby and a scaled parallel adapter, all in one batch;
+ *    a sequential, a Houlsby, a scaled parallel and a MAM adapter, all in one batch;
  *  - every non_linearity name the package accepts, loaded from a config and run through the CPU op,
  *    against the package's own activation values;
  *  - a backend without the bottleneck op refuses the resident copy. */
@@ -202,11 +203,17 @@ static void run_model(const char *model) {
     DIR *d = opendir(adir);
     struct dirent *e;
     while (d && (e = readdir(d)) && n < MAX_ADAPTERS)
-        if (!strncmp(e->d_name, "bn-", 3) && load_one(adir, e->d_name, m, b, &ads[n])) n++;
+        if ((!strncmp(e->d_name, "bn-", 3) || !strncmp(e->d_name, "ah-", 3)) && load_one(adir, e->d_name, m, b, &ads[n]))
+            n++;
     if (d) closedir(d);
     CHECK(n >= 5);
     for (int i = 0; i < n; i++) {
-        CHECK_EQ_INT(ads[i].a->kind, DS_ADAPTER_BOTTLENECK);
+        const bool ah_prefix = !strncmp(ads[i].name, "ah-", 3);
+        CHECK_EQ_INT(ads[i].a->kind, ah_prefix ? DS_ADAPTER_PREFIX : DS_ADAPTER_BOTTLENECK);
+        CHECK(ads[i].a->prefix_pos0 == (ads[i].a->prefix != NULL));
+        const cJSON *pt = cJSON_GetObjectItem(ads[i].ref, "peft_type");
+        CHECK_MSG(cJSON_IsString(pt) && !strcmp(pt->valuestring, ads[i].a->peft_type), "%s: peft_type %s", ads[i].name,
+                  ads[i].a->peft_type);
         const double before = worst_rel;
         worst_rel = 0;
         int nc = cJSON_GetArraySize(cJSON_GetObjectItem(ads[i].ref, "cases"));
@@ -217,7 +224,11 @@ static void run_model(const char *model) {
         printf("%s/%s: %d cases, max|diff|/max(1,|logit|) %.3g\n", model, ads[i].name, nc, worst_rel);
         worst_rel = fmax(worst_rel, before);
     }
-    if (n > 0) check_no_op_backend(b, ads[0].a);
+    for (int i = 0; i < n; i++)
+        if (ads[i].a->bn) {
+            check_no_op_backend(b, ads[i].a);
+            break;
+        }
     for (int i = 0; i < n; i++)
         if (!strcmp(ads[i].name, "bn-seq")) check_sparse_slots(L, &ads[i], m->cfg.d_model);
     run_mixed(L, m, b, model, ads, n);
@@ -257,10 +268,11 @@ static void run_smollm2(void) {
     lp.max_blocks_per_seq = AR_BLOCKS_PER_SEQ + 4;
     ds_llama *L = ds_llama_create(m, b, &lp, &err);
     CHECK_MSG(L != NULL, "%s", err.msg);
-    static const char *const names[] = {"bn-seq", "bn-double-seq", "bn-par-scaled"};
-    static loaded ads[3];
+    static const char *const names[] = {"bn-seq", "bn-double-seq", "bn-par-scaled", "bn-mam"};
+    enum { N_SMOL = sizeof names / sizeof *names };
+    static loaded ads[N_SMOL];
     int n = 0;
-    for (int i = 0; i < 3; i++)
+    for (int i = 0; i < N_SMOL; i++)
         if (load_one(adir, names[i], m, b, &ads[n])) n++;
     ar_ctx c;
     ar_init(&c, L, m);
@@ -312,7 +324,7 @@ static void run_smollm2(void) {
     }
     printf("smollm2: %d/%d greedy tokens equal to the package's (%d adapters x %d prompts, one batch)\n", matched,
            want_total, n, n ? ns / n : 0);
-    CHECK(n == 3 && matched == want_total && want_total >= 6 * 8);
+    CHECK(n == N_SMOL && matched == want_total && want_total >= 2 * N_SMOL * 8);
     for (int i = 0; i < ns; i++) free(toks[i]);
     free(logits);
     ar_free(&c);

@@ -7,30 +7,6 @@
 #include <math.h>
 #include <string.h>
 
-static float act_one(ds_act a, float x) {
-    switch (a) {
-    case DS_ACT_IDENTITY: return x;
-    case DS_ACT_RELU: return x > 0.0f ? x : 0.0f;
-    case DS_ACT_RELU2: return x > 0.0f ? x * x : 0.0f;
-    case DS_ACT_RELU6: return x < 0.0f ? 0.0f : x > 6.0f ? 6.0f : x;
-    case DS_ACT_LEAKY_RELU: return x > 0.0f ? x : 0.01f * x;
-    case DS_ACT_GELU: return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
-    case DS_ACT_GELU_10: {
-        float g = 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
-        return g < -10.0f ? -10.0f : g > 10.0f ? 10.0f : g;
-    }
-    case DS_ACT_GELU_TANH: return 0.5f * x * (1.0f + tanhf(0.79788456080286536f * (x + 0.044715f * x * x * x)));
-    case DS_ACT_GELU_FAST: return 0.5f * x * (1.0f + tanhf(x * 0.7978845608f * (1.0f + 0.044715f * x * x)));
-    case DS_ACT_QUICK_GELU: return x / (1.0f + expf(-1.702f * x));
-    case DS_ACT_SILU: return x / (1.0f + expf(-x));
-    case DS_ACT_SIGMOID: return 1.0f / (1.0f + expf(-x));
-    case DS_ACT_TANH: return tanhf(x);
-    case DS_ACT_MISH: return x * tanhf(x > 20.0f ? x : log1pf(expf(x))); /* softplus threshold 20, as torch */
-    case DS_ACT_LAPLACE: return 0.5f * (1.0f + erff((x - 0.707107f) / (0.282095f * 1.41421356237309505f)));
-    }
-    return x;
-}
-
 /* y = LayerNorm(v) with torch's biased variance and eps 1e-5; y may alias v. */
 static void layer_norm(const float *v, const float *w, const float *b, float *y, int32_t d) {
     double mean = 0.0, var = 0.0;
@@ -60,7 +36,7 @@ static void bottleneck_rows(const ds_bn_seg *g, const float *xs, float *os, int3
 #pragma omp parallel for if (n > 16)
     for (int32_t t = 0; t < n; t++) {
         float *hr = h + (size_t)t * g->size;
-        for (int32_t j = 0; j < g->size; j++) hr[j] = act_one(g->act, hr[j] + g->down_b[j]);
+        for (int32_t j = 0; j < g->size; j++) hr[j] = ds_act_eval(g->act, hr[j] + g->down_b[j]);
     }
     /* z is free again (LNb output consumed): u goes there */
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, d, g->size, 1.0f, h, g->size, g->up, g->size, 0.0f, z, d);
