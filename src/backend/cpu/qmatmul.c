@@ -290,10 +290,14 @@ int ds_q8_matmul(const ds_q8_ops *k, const float *x, const ds_mat *w, const floa
     ds_q8_act a;
     ds_q8_quantize(x, n, K, blk, buf, &a);
     q8_job j = {.k = k, .w = w, .a = &a, .bias = bias, .y = y, .n = n, .acc = acc};
+    /* 8-row tiles pay for their unpacking from 2 tokens on (3 for Q8_0, whose gemv is cheaper):
+     * bench_qmatmul */
+    j.tile = k->tile8 && (w->dtype == DS_DTYPE_Q8_0 ? k->tile_q8_0 && n >= 3 : n >= 2);
     if (n <= DS_QK_GEMV_MAX) {
         const int32_t nt = pool ? ds_pool_threads(pool) : 1;
         j.chunk = (M + 8 * nt - 1) / (8 * nt);
         if (j.chunk < 16) j.chunk = 16;
+        j.chunk = (j.chunk + 7) / 8 * 8; /* whole tiles */
         const int64_t n_chunks = (M + j.chunk - 1) / j.chunk;
         if (pool) ds_pool_run(pool, n_chunks, q8_chunk, &j);
         else
@@ -301,7 +305,6 @@ int ds_q8_matmul(const ds_q8_ops *k, const float *x, const ds_mat *w, const floa
         return DS_OK;
     }
     j.chunk = 32;
-    j.tile = k->tile8 && (w->dtype != DS_DTYPE_Q8_0 || k->tile_q8_0);
     const int32_t n_chunks = (M + j.chunk - 1) / j.chunk;
 #pragma omp parallel for schedule(dynamic, 1)
     for (int32_t i = 0; i < n_chunks; i++) q8_chunk(&j, i);
