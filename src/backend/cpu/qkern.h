@@ -406,8 +406,13 @@ static void gemv_fused(const ds_mat *w, int32_t r0, int32_t r1, const float *x, 
                 a[t] = b[t] = (vf){0};
                 tail[t] = 0.0f;
             }
-            if (n == DS_QK_GEMV_MAX) row_fused(w, row, x, xs, DS_QK_GEMV_MAX, a, b, tail); /* unrolled */
-            else row_fused(w, row, x, xs, n, a, b, tail);
+            switch (n) { /* a constant token count: unrolled, accumulators in registers */
+            case 2: row_fused(w, row, x, xs, 2, a, b, tail); break;
+            case 3: row_fused(w, row, x, xs, 3, a, b, tail); break;
+            case 4: row_fused(w, row, x, xs, 4, a, b, tail); break;
+            case 8: row_fused(w, row, x, xs, 8, a, b, tail); break;
+            default: row_fused(w, row, x, xs, n, a, b, tail); break;
+            }
         }
         for (int32_t t = 0; t < n; t++) {
             float v = vsum(a[t] + b[t]) + tail[t];
