@@ -42,6 +42,12 @@ typedef struct ds_tokenizer_desc {
     int32_t bos_id, eos_id, eot_id, pad_id; /* -1 when absent */
     bool add_bos;                /* prepend BOS when encoding with add_special */
     bool add_eos;
+    /* SentencePiece BPE (GGUF "llama"): tokens are pieces with "▁" for spaces, scored; no merges. */
+    bool spm;
+    const float *scores;         /* [n_vocab] (spm) */
+    bool add_space_prefix;       /* spm: "▁" before a fragment that starts the text or follows a
+                                    special token (sentencepiece's dummy prefix) */
+    int32_t unk_id;              /* -1 when absent */
 } ds_tokenizer_desc;
 
 /* Returns a tokenizer, or NULL with a message. Control / user-defined tokens are "added tokens"

@@ -376,23 +376,42 @@ static int load_tokenizer(gctx *c) {
         return 0;
     }
     if (rc) return rc;
-    if (strcmp(model, "gpt2"))
-        return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: tokenizer model '%s' is not supported (only byte-level BPE, 'gpt2')",
+    const bool spm = !strcmp(model, "llama");
+    if (strcmp(model, "gpt2") && !spm)
+        return ds_err_set(c->err, DS_EUNSUPPORTED,
+                          "%s: tokenizer model '%s' is not supported (byte-level BPE 'gpt2', SentencePiece 'llama')",
                           c->path, model);
     char **tokens = NULL, **merges = NULL;
     int32_t *types = NULL;
-    size_t n_tok = 0, n_merges = 0, n_types = 0;
+    float *scores = NULL;
+    size_t n_tok = 0, n_merges = 0, n_types = 0, n_scores = 0;
     ds_tokenizer_desc d = {0};
     rc = ds_gguf_get_str_array(&c->g, "tokenizer.ggml.tokens", &tokens, &n_tok, c->err);
-    if (!rc) rc = ds_gguf_get_str_array(&c->g, "tokenizer.ggml.merges", &merges, &n_merges, c->err);
+    if (!rc && spm) rc = ds_gguf_get_f32_array(&c->g, "tokenizer.ggml.scores", &scores, &n_scores, c->err);
+    if (!rc && spm && n_scores != n_tok)
+        rc = ds_err_set(c->err, DS_EFORMAT, "%s: tokenizer.ggml.scores has %zu entries for %zu tokens", c->path,
+                        n_scores, n_tok);
+    if (!rc && !spm) rc = ds_gguf_get_str_array(&c->g, "tokenizer.ggml.merges", &merges, &n_merges, c->err);
     if (!rc) rc = ds_gguf_get_i32_array(&c->g, "tokenizer.ggml.token_type", &types, &n_types, c->err);
-    if (rc == DS_ENOTFOUND && tokens && merges) rc = 0; /* token_type is optional */
+    if (rc == DS_ENOTFOUND && tokens && (merges || spm)) rc = 0; /* token_type is optional */
     if (!rc && n_merges > INT32_MAX) rc = ds_err_set(c->err, DS_EFORMAT, "%s: too many merges", c->path);
     d.tokens = (const char *const *)tokens;
     d.token_types = types;
     d.merges = (const char *const *)merges;
     d.n_merges = (int32_t)n_merges;
     if (!rc) rc = fill_desc(c, &d, n_tok, n_types);
+    if (!rc && spm) { /* llama.cpp's defaults for SentencePiece: BOS added, dummy prefix on */
+        d.spm = true;
+        d.scores = scores;
+        bool v = true;
+        int r2 = ds_gguf_get_bool(&c->g, "tokenizer.ggml.add_bos_token", &v, c->err);
+        if (r2 == DS_ENOTFOUND) d.add_bos = true;
+        else if (r2) rc = r2;
+        d.add_space_prefix = true;
+        r2 = ds_gguf_get_bool(&c->g, "tokenizer.ggml.add_space_prefix", &d.add_space_prefix, c->err);
+        if (r2 && r2 != DS_ENOTFOUND) rc = r2;
+        if (!rc) rc = token_id(c, "tokenizer.ggml.unknown_token_id", d.n_vocab, &d.unk_id);
+    }
     if (!rc) {
         ds_err e = {{0}};
         if (!(c->m->tok = ds_tokenizer_create(&d, &e)))
@@ -401,6 +420,7 @@ static int load_tokenizer(gctx *c) {
     free(tokens);
     free(merges);
     free(types);
+    free(scores);
     return rc;
 }
 

@@ -124,6 +124,7 @@ typedef struct enc_ctx {
     const uint8_t *text;   /* the original text, to place a match in it */
     int copy;              /* matching in a normalised copy (positions are not the text's): 0 no,
                             * 1 of a gap clear of plain ranges, 2 of a gap touching one */
+    bool prev_special;     /* SentencePiece: the next fragment starts the text or follows an added token */
     tok_ids ids;
     bpe_scratch sc;
     pcre2_match_data *md;
@@ -167,6 +168,7 @@ static int split_added(enc_ctx *c, const tok_trie *tr, const uint8_t *s, size_t 
         if (a->rstrip) stop += ws_len_after(s + stop, n - stop);
         if (start > done) rc = on_gap(c, s + done, start - done);
         if (!rc) rc = tok_ids_push(&c->ids, a->id);
+        c->prev_special = true;
         done = stop;
     }
     if (!rc && done < n) rc = on_gap(c, s + done, n - done);
@@ -179,6 +181,11 @@ static int on_piece(void *ctx, const uint8_t *piece, size_t len) {
 }
 
 static int gap_pretokenize(enc_ctx *c, const uint8_t *s, size_t n) {
+    if (c->t->spm) { /* SentencePiece: the whole fragment at once, no pre-tokeniser */
+        const bool prefix = c->t->space_prefix && c->prev_special;
+        c->prev_special = false;
+        return tok_spm_encode(c->t, s, n, prefix, &c->ids);
+    }
     return tok_pre_split(&c->t->pre, c->md, s, n, on_piece, c);
 }
 
@@ -206,7 +213,7 @@ static int encode(const ds_tokenizer *t, const char *text, size_t len, bool add_
     *ids = NULL;
     *n_ids = 0;
     enc_ctx c = {.t = t, .parse_special = parse_special, .plain = plain, .n_plain = n_plain,
-                 .text = (const uint8_t *)text};
+                 .text = (const uint8_t *)text, .prev_special = true};
     c.md = pcre2_match_data_create(1, NULL);
     /* Allocated up front so success never hands back NULL, even for no ids. */
     c.ids.cap = 16 + (len < ((size_t)1 << 22) ? len / 2 : ((size_t)1 << 21));

@@ -137,6 +137,8 @@ struct ds_tokenizer {
     int32_t byte_tok[256]; /* id of each byte's one-character token, -1 when absent */
     int32_t unk_id;        /* emitted for a byte with no token; -1: the byte is dropped (as HF) */
     bool ignore_merges;
+    bool spm, space_prefix; /* SentencePiece BPE (spm.c); scores[id] */
+    float *scores;
     tok_pre pre;
     tok_added *added;
     size_t n_added;
@@ -160,6 +162,8 @@ typedef struct tok_spec {
     bool ignore_merges;
     int32_t unk_id, bos, eos, eot, pad;
     bool add_bos, add_eos;
+    bool spm, space_prefix;    /* SentencePiece BPE: tokens spelled with "▁", scores, <0xXX> bytes */
+    const float *scores;       /* [n_vocab] when spm */
     const char *chat_template; /* copied, may be NULL */
     const char *source;        /* names the input in error messages */
 } tok_spec;
@@ -169,6 +173,10 @@ ds_tokenizer *tok_build(const tok_spec *s, ds_err *err);
 /* ds_tokenizer_load_json on text in memory; `name` stands for the file in messages (fuzzing, tests). */
 ds_tokenizer *tok_load_json_text(const char *text, size_t len, const char *name, const char *config_path,
                                  ds_err *err);
+
+/* ---- SentencePiece BPE (spm.c) ---- */
+/* Appends the ids of one text fragment (no special tokens in it); prefix: start it with "▁". */
+int tok_spm_encode(const ds_tokenizer *t, const uint8_t *text, size_t n, bool prefix, tok_ids *out);
 
 /* ---- trie (tok_encode.c) ---- */
 int tok_trie_build(tok_trie *tr, const tok_added *added, size_t n_added, bool normalized);

@@ -3,6 +3,7 @@
 #include "model/tok_internal.h"
 
 #include <limits.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -26,6 +27,7 @@ void ds_tokenizer_free(ds_tokenizer *t) {
     free(t->bytes_len);
     free(t->type);
     free(t->flags);
+    free(t->scores);
     ds_strmap_free(t->vocab);
     ds_strmap_free(t->lookup);
     tok_merges_free(&t->merges);
@@ -108,6 +110,25 @@ static size_t decode_spelling(const char *txt, size_t n, uint8_t *out) {
     return o;
 }
 
+/* SentencePiece: "<0xXX>" byte tokens decode to their byte, "▁" to a space, anything else to itself. */
+static size_t decode_spm(const char *txt, size_t n, bool byte_type, uint8_t *out) {
+    unsigned v;
+    if (byte_type && n == 6 && !memcmp(txt, "<0x", 3) && txt[5] == '>' && sscanf(txt + 3, "%2x", &v) == 1) {
+        out[0] = (uint8_t)v;
+        return 1;
+    }
+    size_t o = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (i + 2 < n && (uint8_t)txt[i] == 0xE2 && (uint8_t)txt[i + 1] == 0x96 && (uint8_t)txt[i + 2] == 0x81) {
+            out[o++] = ' ';
+            i += 2;
+        } else {
+            out[o++] = (uint8_t)txt[i];
+        }
+    }
+    return o;
+}
+
 static int build_strings(ds_tokenizer *t, const tok_spec *s, const char **added_text, ds_err *err) {
     size_t total = 0;
     for (int32_t i = 0; i < s->n_vocab; i++) total += strlen(spelling(s, added_text, i)) + 1;
@@ -129,7 +150,9 @@ static int build_strings(ds_tokenizer *t, const tok_spec *s, const char **added_
         t->text_len[i] = (uint32_t)n;
         to += n + 1;
         t->bytes_off[i] = (uint32_t)bo;
-        t->bytes_len[i] = (uint32_t)decode_spelling(sp, n, (uint8_t *)t->bytes + bo);
+        t->bytes_len[i] = (uint32_t)(s->spm ? decode_spm(sp, n, !s->token_types || s->token_types[i] == DS_TOKEN_BYTE,
+                                                         (uint8_t *)t->bytes + bo)
+                                            : decode_spelling(sp, n, (uint8_t *)t->bytes + bo));
         bo += t->bytes_len[i];
     }
     return DS_OK;
@@ -154,9 +177,10 @@ static int build_maps(ds_tokenizer *t, const tok_spec *s, ds_err *err) {
         t->flags[a->id] |= TOKF_ADDED | (a->special ? TOKF_SPECIAL : 0);
     }
     for (int b = 0; b < 256; b++) {
-        uint8_t u[4];
-        size_t n = tok_utf8_encode(tok_byte_to_cp((uint8_t)b), u);
-        if (!ds_strmap_get(t->vocab, (const char *)u, n, &t->byte_tok[b])) t->byte_tok[b] = -1;
+        char u[8];
+        size_t n = s->spm ? (size_t)snprintf(u, sizeof u, "<0x%02X>", b)
+                          : tok_utf8_encode(tok_byte_to_cp((uint8_t)b), (uint8_t *)u);
+        if (!ds_strmap_get(t->vocab, u, n, &t->byte_tok[b])) t->byte_tok[b] = -1;
     }
     return DS_OK;
 }
@@ -261,6 +285,17 @@ ds_tokenizer *tok_build(const tok_spec *s, ds_err *err) {
     }
     t->n_vocab = s->n_vocab;
     t->ignore_merges = s->ignore_merges;
+    t->spm = s->spm;
+    t->space_prefix = s->space_prefix;
+    if (s->spm) {
+        if (!s->scores || !(t->scores = malloc(sizeof *t->scores * (size_t)s->n_vocab))) {
+            ds_err_set(err, s->scores ? DS_ENOMEM : DS_EINVAL, "%s: %s", s->source,
+                       s->scores ? "out of memory" : "a SentencePiece vocabulary needs scores");
+            ds_tokenizer_free(t);
+            return NULL;
+        }
+        memcpy(t->scores, s->scores, sizeof *t->scores * (size_t)s->n_vocab);
+    }
     if (build(t, s, err)) {
         ds_tokenizer_free(t);
         return NULL;
@@ -312,13 +347,16 @@ ds_tokenizer *ds_tokenizer_create(const ds_tokenizer_desc *d, ds_err *err) {
         .n_merges = d->n_merges,
         .merges = d->merges,
         .ignore_merges = d->ignore_merges,
-        .unk_id = -1,
+        .unk_id = d->spm ? d->unk_id : -1,
         .bos = d->bos_id,
         .eos = d->eos_id,
         .eot = d->eot_id,
         .pad = d->pad_id,
         .add_bos = d->add_bos,
         .add_eos = d->add_eos,
+        .spm = d->spm,
+        .space_prefix = d->add_space_prefix,
+        .scores = d->scores,
         .source = "tokenizer",
         .pre = {.nfc = d->pre == DS_PRE_QWEN2,
                 .split_digits = d->pre == DS_PRE_SMOLLM,
