@@ -387,7 +387,10 @@ static int load_tokenizer(gctx *c) {
     size_t n_tok = 0, n_merges = 0, n_types = 0, n_scores = 0;
     ds_tokenizer_desc d = {0};
     rc = ds_gguf_get_str_array(&c->g, "tokenizer.ggml.tokens", &tokens, &n_tok, c->err);
-    if (!rc && spm) rc = ds_gguf_get_f32_array(&c->g, "tokenizer.ggml.scores", &scores, &n_scores, c->err);
+    if (!rc && spm && (rc = ds_gguf_get_f32_array(&c->g, "tokenizer.ggml.scores", &scores, &n_scores, c->err)) ==
+                          DS_ENOTFOUND)
+        rc = ds_err_set(c->err, DS_EFORMAT, "%s: tokenizer.ggml.scores is missing (a SentencePiece vocabulary needs it)",
+                        c->path);
     if (!rc && spm && n_scores != n_tok)
         rc = ds_err_set(c->err, DS_EFORMAT, "%s: tokenizer.ggml.scores has %zu entries for %zu tokens", c->path,
                         n_scores, n_tok);

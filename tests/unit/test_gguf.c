@@ -654,7 +654,9 @@ static void test_model_errors(void) {
     expect_model_fail((tiny_opts){.arch = "gpt2"}, DS_EUNSUPPORTED, "architecture 'gpt2'");
     expect_model_fail((tiny_opts){.arch = "llama", .gtype = "adapter"}, DS_EINVAL, "adapter");
     expect_model_fail((tiny_opts){.arch = "llama", .out_bias = true}, DS_EUNSUPPORTED, "attn_output.bias");
-    expect_model_fail((tiny_opts){.arch = "llama", .tok_model = "llama"}, DS_EUNSUPPORTED, "tokenizer model 'llama'");
+    /* SentencePiece ("llama") is read, and needs its scores */
+    expect_model_fail((tiny_opts){.arch = "llama", .tok_model = "llama"}, DS_EFORMAT, "tokenizer.ggml.scores is missing");
+    expect_model_fail((tiny_opts){.arch = "llama", .tok_model = "bert"}, DS_EUNSUPPORTED, "tokenizer model 'bert'");
     expect_model_fail((tiny_opts){.arch = "llama", .tok_model = "gpt2", .tok_pre = "klingon"}, DS_EUNSUPPORTED,
                       "'klingon'");
     /* Truncated model file. */

@@ -13,6 +13,7 @@
 #include <cblas.h>
 #include <math.h>
 #include <omp.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -53,17 +54,27 @@ static float *cpu_scratch(cpu_ctx *c, size_t n) { return DS_GROW(c->scratch, c->
 
 float *ds_cpu_scratch(void *ctx, size_t n) { return cpu_scratch(ctx, n); }
 
+/* Zeroed, 64-byte aligned. Through calloc: a large block comes from fresh mmap'd pages that calloc
+ * need not clear, so the KV pool and other big buffers become resident as they are used, not at
+ * start-up. The raw pointer sits just before the aligned one (calloc's is 16-aligned, so there are
+ * at least 16 bytes for it). */
 static void *cpu_alloc(void *ctx, size_t bytes) {
     (void)ctx;
-    void *p = NULL;
-    if (bytes == 0) bytes = 1;
-    size_t rounded = (bytes + 63) & ~(size_t)63;
-    if (posix_memalign(&p, 64, rounded) != 0) return NULL;
-    memset(p, 0, rounded);
+    if (bytes > SIZE_MAX - 128) return NULL;
+    char *raw = calloc(1, bytes + 64);
+    if (!raw) return NULL;
+    char *p = (char *)(((uintptr_t)raw + 64) & ~(uintptr_t)63);
+    memcpy(p - sizeof raw, &raw, sizeof raw);
     return p;
 }
 
-static void cpu_release(void *ctx, void *ptr) { free(ptr); }
+static void cpu_release(void *ctx, void *ptr) {
+    (void)ctx;
+    if (!ptr) return;
+    char *raw;
+    memcpy(&raw, (char *)ptr - sizeof raw, sizeof raw);
+    free(raw);
+}
 
 static int cpu_copy(void *ctx, void *dst, const void *src, size_t bytes) {
     if (bytes) memcpy(dst, src, bytes);
