@@ -54,8 +54,9 @@ static bigram heap_pop(bigram *h, size_t *n) {
 
 /* Queues the pair (left, left.next) when its concatenation is a piece. */
 static void try_pair(const ds_tokenizer *t, const char *txt, const sym *s, int32_t left, bigram *h, size_t *nh) {
+    if (left < 0) return;
     const int32_t right = s[left].next;
-    if (left < 0 || right < 0) return;
+    if (right < 0) return;
     int32_t id;
     const uint32_t len = s[left].len + s[right].len;
     if (!ds_strmap_get(t->vocab, txt + s[left].off, len, &id)) return;
