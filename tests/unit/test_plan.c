@@ -1,8 +1,9 @@
 /* The per-step adapter plan (include/ds/plan.h, src/adapter/plan.c): its tables hold, for every
  * (layer, projection) and lm_head, exactly the segments whose adapter adapts that projection, in
  * batch order; the forward uploads it once per step (not per layer) and each segmented op runs
- * one planned range; a base-only step never plans. The numbers the plan produces are checked by
- * the adapter golden tests (test_adapter_golden, test_bottleneck), which run through it. */
+ * one planned range; a base-only step never plans. Also the model's KV write that prefix tuning
+ * goes through. The numbers the plan produces are checked by the adapter golden tests
+ * (test_adapter_golden, test_bottleneck), which run through it. */
 #include "ds/adapter.h"
 #include "ds/model.h"
 #include "ds_test.h"
@@ -129,6 +130,20 @@ static int step(ds_llama *L, ds_plan *p, const ds_adapter_dev *const *devs, bool
     return st;
 }
 
+/* Prefix tuning writes its K/V through the model (ds_llama_kv_write), which checks the slot. */
+static void check_kv_write(ds_llama *L, const ds_model *m) {
+    const int32_t row = m->cfg.n_kv_head * m->cfg.head_dim;
+    const int64_t n_slots = (int64_t)ds_llama_n_kv_blocks(L) * ds_llama_kv_block_size(L);
+    float *k = calloc((size_t)row, sizeof(float)), *v = calloc((size_t)row, sizeof(float));
+    if (!k || !v) return free(k), free(v);
+    CHECK_EQ_INT(ds_llama_kv_write(L, 0, 0, k, v), 0);
+    CHECK_EQ_INT(ds_llama_kv_write(L, m->cfg.n_layer - 1, n_slots - 1, k, v), 0);
+    CHECK_EQ_INT(ds_llama_kv_write(L, 0, n_slots, k, v), DS_EINVAL);
+    CHECK_EQ_INT(ds_llama_kv_write(L, 0, -1, k, v), DS_EINVAL);
+    CHECK_EQ_INT(ds_llama_kv_write(L, m->cfg.n_layer, 0, k, v), DS_EINVAL);
+    free(k), free(v);
+}
+
 static void run(const ds_model *m, ds_backend *b, const ds_adapter_dev *const *devs) {
     ds_llama_params lp = ds_llama_default_params();
     lp.kv_bytes = (size_t)8 << 20;
@@ -164,6 +179,7 @@ static void run(const ds_model *m, ds_backend *b, const ds_adapter_dev *const *d
         ds_adapter_batch hole = {.slots = holes, .segs = &on_hole, .n_segs = 1};
         CHECK_EQ_INT(ds_adapter_plan_build(p, &hole, &bt), DS_EINVAL);
     }
+    if (L) check_kv_write(L, m);
     free(logits);
     ds_adapter_plan_free(p);
     ds_llama_free(L);
