@@ -1,5 +1,5 @@
 /* deltaserve CUDA backend — what the .cu files share: status macros (a CUDA or cuBLASLt failure
- * returns DS_EDEVICE, never aborts: STYLE.md "Errors"), the backend context, its lazily grown
+ * returns DS_EDEVICE, never aborts), the backend context, its lazily grown
  * workspaces, the host→device metadata staging, and small device helpers.
  *
  * Nothing here is public: the only exported symbol of the library is ds_backend_cuda_create
@@ -71,7 +71,7 @@
 
 /* A device buffer that only grows. Growth happens the first time a step needs more than any step
  * before it (cudaStreamSynchronize + cudaFree + cudaMalloc); after that warm-up the steady-state
- * step performs no allocation (STYLE.md "Ownership and memory"). Initial sizes are set at create
+ * step performs no allocation (docs/ARCHITECTURE.md, "The backend interface"). Initial sizes are set at create
  * for a typical batch (see backend_cuda.cu) so that most servers never grow at all. */
 typedef struct ds_cuda_ws {
     void *ptr;

@@ -1,4 +1,4 @@
-/* llama.cpp GGUF LoRA adapters (convert_lora_to_gguf.py; formats.md §5).
+/* llama.cpp GGUF LoRA adapters (llama.cpp convert_lora_to_gguf.py).
  *
  * Tensors `blk.N.<base>.weight.lora_a` (torch [r, in], GGUF ne = [in, r]) and `.lora_b` (torch
  * [out, r], ne = [r, out]); `output.weight.lora_*` is lm_head. scale = user_scale·α/r, or user_scale
@@ -109,7 +109,7 @@ static int place(gctx *c, const ds_gguf_tensor *t) {
     return 0;
 }
 
-/* B rows, un-permuting q/k: GGUF row h·hd + 2i + j came from HF row h·hd + j·hd/2 + i (formats.md §6). */
+/* B rows, un-permuting q/k: GGUF row h·hd + 2i + j came from HF row h·hd + j·hd/2 + i (llama.cpp LlamaModel.permute). */
 static int read_b(gctx *c, const ds_gguf_tensor *t, int proj, ds_lora_module *m) {
     int32_t hd = c->base->cfg.head_dim;
     bool perm = c->permute && (proj == DS_PROJ_Q || proj == DS_PROJ_K) && hd % 2 == 0;

@@ -1,4 +1,4 @@
-/* Confines client-supplied adapter paths to the adapter directory (api.md: nothing a client sends
+/* Confines client-supplied adapter paths to the adapter directory (README "Adapters at run time": nothing a client sends
  * may reach files outside --adapter-dir).
  *
  * `..` components are refused lexically, before the file system is consulted, so a client cannot

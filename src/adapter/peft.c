@@ -1,7 +1,7 @@
 /* PEFT directory loader: adapter_config.json + adapter_model.safetensors.
  *
  * The tensors present in the file are the ground truth for where adapters go (target_modules,
- * layers_to_transform, ... only chose them at training time, formats.md §1): every key is parsed,
+ * layers_to_transform, ... only chose them at training time): every key is parsed,
  * mapped to a (layer, projection, role) slot, and anything that is not an adapter tensor deltaserve
  * applies exactly is refused by name — in particular every tensor that would REPLACE base weights. */
 #include <errno.h>

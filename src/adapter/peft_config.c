@@ -1,5 +1,5 @@
 /* adapter_config.json: parsing, type checks, and refusal of the PEFT features whose adapters would
- * not reproduce PEFT's outputs on an unmodified base (formats.md §1). */
+ * not reproduce PEFT's outputs on an unmodified base. */
 #include <cjson/cJSON.h>
 #include <math.h>
 #include <stdio.h>
@@ -209,7 +209,7 @@ static int parse_type(pctx *p, const cJSON *root, peft_config *c) {
 }
 
 /* init_lora_weights variants that rewrite the base weights at init (W_res = W − s·B·A): their
- * adapters only reproduce PEFT on that mutated base (formats.md §1). */
+ * adapters only reproduce PEFT on that mutated base. */
 static int check_init(pctx *p, const cJSON *root) {
     const cJSON *j = field(root, "init_lora_weights");
     if (!j || cJSON_IsBool(j)) return 0;

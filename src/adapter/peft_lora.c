@@ -1,4 +1,4 @@
-/* PEFT LoRA family: LoRA, rsLoRA, rank/alpha patterns, lora_bias, DoRA, AdaLoRA (formats.md §2–3).
+/* PEFT LoRA family: LoRA, rsLoRA, rank/alpha patterns, lora_bias, DoRA, AdaLoRA (PEFT tuners/lora, tuners/adalora).
  *
  * Every module becomes y = base(x) + scale·B(A x) (+ scale·bias_B); DoRA adds a constant per-row
  * factor computed here from the base weight; AdaLoRA's SVD triplet is folded into A. */

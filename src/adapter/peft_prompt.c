@@ -1,4 +1,4 @@
-/* PEFT IA³, prompt tuning, P-tuning and prefix tuning (formats.md §2–3). */
+/* PEFT IA³, prompt tuning, P-tuning and prefix tuning (PEFT tuners/prompt_tuning, p_tuning, prefix_tuning). */
 #include <stdlib.h>
 #include <string.h>
 
@@ -114,7 +114,7 @@ int peft_load_prompt(peft_ctx *c) {
 }
 
 /* Config fields of a prefix adapter against the base geometry (PEFT ≥ 0.12 on GQA saves
- * token_dim = head_dim·n_kv_head and num_attention_heads = n_kv_head, formats.md §1). */
+ * token_dim = head_dim·n_kv_head and num_attention_heads = n_kv_head). */
 static int prefix_config(peft_ctx *c, int32_t row) {
     const ds_model_config *m = &c->base->cfg;
     const peft_config *p = c->cfg;

@@ -1,5 +1,5 @@
 /* The adapter registry: name → current version, with refcounted versions so hot swaps never
- * disturb running sequences (DESIGN.md "Adapter life cycle"). */
+ * disturb running sequences (docs/ARCHITECTURE.md "Adapter life cycle"). */
 #include "ds/adapter.h"
 #include "util/mem.h"
 #include "ds/model.h"

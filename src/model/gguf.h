@@ -6,7 +6,7 @@
  * remain, so a corrupt file yields DS_EFORMAT with a message naming the file, never an out-of-bounds
  * read or an allocation larger than the file itself.
  *
- * Layout reminder (formats.md §6): a tensor's ne[0] is the contiguous dimension (the input dim of a
+ * Layout reminder: a tensor's ne[0] is the contiguous dimension (the input dim of a
  * weight), i.e. the REVERSE of the torch shape; a 2-D tensor ne=[in,out] is torch [out][in] row-major,
  * same memory order. Quantised blocks run along ne[0].
  *
