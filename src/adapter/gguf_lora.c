@@ -11,7 +11,7 @@
 #include <string.h>
 
 #include "adapter/loader.h"
-#include "model/gguf.h"
+#include "format/gguf.h"
 
 typedef struct gctx {
     ds_gguf g;

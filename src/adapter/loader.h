@@ -8,7 +8,7 @@
 
 #include "ds/adapter.h"
 #include "ds/model.h"
-#include "model/safetensors.h"
+#include "format/safetensors.h"
 
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <pcre2.h>

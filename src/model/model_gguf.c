@@ -2,7 +2,7 @@
  * in their file format (views into the mapping; Q/K rows un-permuted into owned copies) in Hugging
  * Face orientation, fp32 vectors, the tokenizer from `tokenizer.ggml.*`. */
 #include "ds/model.h"
-#include "model/gguf.h"
+#include "format/gguf.h"
 
 #include <stdio.h>
 #include <stdlib.h>

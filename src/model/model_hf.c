@@ -1,7 +1,7 @@
 /* Base model from a Hugging Face directory: config.json, model.safetensors (or an index + shards),
  * tokenizer.json + tokenizer_config.json. Weights are read by their HF names and converted to fp32. */
 #include "ds/model.h"
-#include "model/safetensors.h"
+#include "format/safetensors.h"
 
 #include <cjson/cJSON.h>
 #include <limits.h>

@@ -8,4 +8,4 @@ target_link_libraries(fuzz_adapter_config PRIVATE PkgConfig::PCRE2)
 # AdapterHub adapter configs: bottleneck, prefix tuning, unions (ds_bottleneck_config_check) against tiny Llama / Qwen2 shapes.
 ds_fuzz_target(fuzz_bottleneck_config ${CMAKE_SOURCE_DIR}/src/adapter/bottleneck.c
   ${CMAKE_SOURCE_DIR}/src/adapter/ah_prefix.c ${CMAKE_SOURCE_DIR}/src/backend/act.c
-  ${CMAKE_SOURCE_DIR}/src/model/safetensors.c ${DS_FUZZ_UTIL})
+  ${CMAKE_SOURCE_DIR}/src/format/safetensors.c ${DS_FUZZ_UTIL})

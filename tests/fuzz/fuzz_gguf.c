@@ -1,6 +1,6 @@
 /* libFuzzer: the GGUF reader on arbitrary bytes — header, metadata, tensor infos and, for every
  * tensor it accepts, dequantisation of its first row (bounds checks on the data section). */
-#include "model/gguf.h"
+#include "format/gguf.h"
 
 #include <stdlib.h>
 

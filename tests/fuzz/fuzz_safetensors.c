@@ -1,6 +1,6 @@
 /* libFuzzer: the safetensors reader on arbitrary bytes — header JSON, offsets, shapes — and a
  * conversion of every tensor it accepts (small ones) to fp32. */
-#include "model/safetensors.h"
+#include "format/safetensors.h"
 
 #include <stdlib.h>
 

@@ -9,7 +9,7 @@
 #include <string.h>
 
 #include "ds/tokenizer.h"
-#include "model/tok_internal.h"
+#include "tokenizer/tok_internal.h"
 
 static ds_tokenizer *g_tok[3];
 

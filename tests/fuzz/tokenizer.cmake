@@ -3,9 +3,9 @@
 #   ./fuzz_tokenizer tests/fuzz/corpus/fuzz_tokenizer -max_total_time=60
 # The tokenizer sources are compiled into the target so that they carry the fuzzer's instrumentation.
 ds_fuzz_target(fuzz_tokenizer
-  ${CMAKE_SOURCE_DIR}/src/model/tokenizer.c ${CMAKE_SOURCE_DIR}/src/model/tokenizer_json.c
-  ${CMAKE_SOURCE_DIR}/src/model/tok_encode.c ${CMAKE_SOURCE_DIR}/src/model/bpe.c
-  ${CMAKE_SOURCE_DIR}/src/model/pretokenize.c ${CMAKE_SOURCE_DIR}/src/model/tok_utf8.c
-  ${CMAKE_SOURCE_DIR}/src/model/tok_unicode.c ${CMAKE_SOURCE_DIR}/src/model/spm.c ${DS_FUZZ_UTIL})
+  ${CMAKE_SOURCE_DIR}/src/tokenizer/tokenizer.c ${CMAKE_SOURCE_DIR}/src/tokenizer/tokenizer_json.c
+  ${CMAKE_SOURCE_DIR}/src/tokenizer/tok_encode.c ${CMAKE_SOURCE_DIR}/src/tokenizer/bpe.c
+  ${CMAKE_SOURCE_DIR}/src/tokenizer/pretokenize.c ${CMAKE_SOURCE_DIR}/src/tokenizer/tok_utf8.c
+  ${CMAKE_SOURCE_DIR}/src/tokenizer/tok_unicode.c ${CMAKE_SOURCE_DIR}/src/tokenizer/spm.c ${DS_FUZZ_UTIL})
 target_link_libraries(fuzz_tokenizer PRIVATE PkgConfig::PCRE2 PkgConfig::UTF8PROC)
 target_compile_definitions(fuzz_tokenizer PRIVATE DS_TEST_DATA="${CMAKE_SOURCE_DIR}/tests/data")

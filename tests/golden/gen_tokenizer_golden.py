@@ -421,7 +421,7 @@ def unicode_classes():
     """HF's character classes over every code point, as [lo, hi] ranges (tests/data/tokenizer/unicode_classes.json):
     Oniguruma's \\s, \\p{L}, \\p{N} (pre-tokenizer regexes), Rust char::is_numeric (Digits) and the Rust regex
     crate's \\w and \\s (added tokens' single_word / lstrip / rstrip). test_tokenizer_unicode.c checks deltaserve
-    classifies each code point the same way; src/model/tok_unicode.c holds the ranges our libraries lack."""
+    classifies each code point the same way; src/tokenizer/tok_unicode.c holds the ranges our libraries lack."""
     from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers
 
     chars = [c for c in range(1, 0x110000) if not 0xD800 <= c < 0xE000]

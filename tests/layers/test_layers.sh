@@ -5,7 +5,7 @@
 # as the step's plan, include/ds/plan.h). Usage: test_layers.sh REPO_ROOT
 root=${1:?usage: test_layers.sh REPO_ROOT}
 cd "$root" || exit 2
-lower="src/util src/quant src/model src/backend cuda include/ds/common.h include/ds/weight.h include/ds/backend.h
+lower="src/util src/quant src/format src/tokenizer src/model src/backend cuda include/ds/common.h include/ds/weight.h include/ds/backend.h
        include/ds/backend_train.h include/ds/batch.h include/ds/plan.h include/ds/model.h include/ds/tokenizer.h"
 upper='#include "(ds/(adapter|engine|train|server)\.h|(adapter|engine|train|server)/)'
 # shellcheck disable=SC2086

@@ -17,7 +17,7 @@
 #include "ds/model.h"
 #include "test_weights.h"
 #include "ds_test.h"
-#include "model/safetensors.h"
+#include "format/safetensors.h"
 
 static ds_model *g_llama, *g_qwen;
 static char g_tmp[256];

@@ -4,7 +4,7 @@
 #include "ds/model.h"
 #include "test_weights.h"
 #include "ds_test.h"
-#include "model/gguf.h"
+#include "format/gguf.h"
 
 #include <cjson/cJSON.h>
 #include <stdint.h>

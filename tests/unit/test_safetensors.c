@@ -1,6 +1,6 @@
 /* safetensors reader: round trip of F32/F16/BF16, malformed headers, sharded directories. */
 #include "ds_test.h"
-#include "model/safetensors.h"
+#include "format/safetensors.h"
 
 #include <limits.h>
 #include <stdint.h>

@@ -1,4 +1,4 @@
-/* SentencePiece BPE from GGUF (tokenizer.ggml.model = "llama"; src/model/spm.c) against the ids
+/* SentencePiece BPE from GGUF (tokenizer.ggml.model = "llama"; src/tokenizer/spm.c) against the ids
  * sentencepiece gives (tests/golden/gen_spm_golden.py → tests/data/tokenizer/spm/): exact ids for
  * leading, doubled and trailing spaces, newlines and tabs (byte fallback), digits, Chinese and emoji
  * (byte fallback), code, and text around <s> / </s>; BOS with add_special; decoding back to the text

@@ -4,7 +4,7 @@
  * different Unicode tables than the ones tok_unicode.c was measured against fails here, not in the
  * field. */
 #include "ds_test.h"
-#include "model/tok_internal.h"
+#include "tokenizer/tok_internal.h"
 #include "tok_golden.h"
 
 #define N_CP 0x110000

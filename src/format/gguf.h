@@ -12,8 +12,8 @@
  *
  * Threading: ds_gguf_open/close are not concurrent with other calls on the same ds_gguf; every const
  * function may be called from any thread once open has returned. The host must be little-endian. */
-#ifndef DS_MODEL_GGUF_H
-#define DS_MODEL_GGUF_H
+#ifndef DS_FORMAT_GGUF_H
+#define DS_FORMAT_GGUF_H
 
 #include "ds/common.h"
 

@@ -7,8 +7,8 @@
  *      are split out of the normalised gap,
  *   3. each remaining gap is pre-tokenised (optional individual-digit split, then one regex),
  *   4. each piece is byte-level BPE'd (or emitted whole under ignore_merges). */
-#ifndef DS_MODEL_TOK_INTERNAL_H
-#define DS_MODEL_TOK_INTERNAL_H
+#ifndef DS_TOKENIZER_TOK_INTERNAL_H
+#define DS_TOKENIZER_TOK_INTERNAL_H
 
 #include "ds/tokenizer.h"
 #include "util/strmap.h"

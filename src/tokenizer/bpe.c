@@ -2,7 +2,7 @@
  * doubly linked list of symbols and a min-heap of candidate merges ordered by (rank, position).
  * Stale heap entries are detected on pop by re-checking the pair, so each merge costs O(log n) and a
  * long piece (a CJK sentence, a run of spaces) is never quadratic. */
-#include "model/tok_internal.h"
+#include "tokenizer/tok_internal.h"
 #include "util/mem.h"
 
 #include <stdlib.h>

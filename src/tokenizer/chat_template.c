@@ -7,7 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "model/tok_internal.h"
+#include "tokenizer/tok_internal.h"
 #include "util/mem.h"
 #include "util/sb.h"
 

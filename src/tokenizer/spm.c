@@ -8,7 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "model/tok_internal.h"
+#include "tokenizer/tok_internal.h"
 
 typedef struct sym {
     int32_t prev, next; /* -1 at the ends */

@@ -1,5 +1,5 @@
 /* UTF-8 decoding, lossy repair and the character classes HF `tokenizers` uses around added tokens. */
-#include "model/tok_internal.h"
+#include "tokenizer/tok_internal.h"
 #include "util/mem.h"
 
 #include <stdlib.h>

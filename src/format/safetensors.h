@@ -10,8 +10,8 @@
  *
  * Threading: open/close are not concurrent with other calls on the same object; const functions may be
  * called from any thread once open has returned. */
-#ifndef DS_MODEL_SAFETENSORS_H
-#define DS_MODEL_SAFETENSORS_H
+#ifndef DS_FORMAT_SAFETENSORS_H
+#define DS_FORMAT_SAFETENSORS_H
 
 #include "ds/common.h"
 

@@ -1,7 +1,7 @@
 /* Encoding: added-token splitting (HF AddedVocabulary semantics), normalisation, pre-tokenisation and
  * BPE, wired together. Everything here only reads the tokenizer, so encode is thread-safe; per-call
  * state (match data, BPE scratch) lives in enc_ctx. */
-#include "model/tok_internal.h"
+#include "tokenizer/tok_internal.h"
 #include "util/mem.h"
 
 #include <stdlib.h>

@@ -8,7 +8,7 @@
  * libraries make these redundant, never wrong: each class is used as a union with the library's own.
  * tests/golden/gen_tokenizer_golden.py records HF's classes (tests/data/tokenizer/unicode_classes.json)
  * and test_tokenizer_unicode.c checks every code point, naming any that a library change moves. */
-#include "model/tok_internal.h"
+#include "tokenizer/tok_internal.h"
 
 static const tok_range k_extra_letter[] = {
     {0x1C89, 0x1C8A},   {0xA7CB, 0xA7CD},   {0xA7DA, 0xA7DC},   {0x105C0, 0x105F3}, {0x10D4A, 0x10D65},

@@ -1,6 +1,6 @@
 /* Pre-tokenisation, as HF tokenizers does it for byte-level BPE: NFC, HF Digits(individual_digits), and the family regex applied
  * as HF's Split(Isolated) does — every match and every gap between matches is a piece. */
-#include "model/tok_internal.h"
+#include "tokenizer/tok_internal.h"
 #include "util/mem.h"
 #include "util/sb.h"
 

@@ -1,6 +1,6 @@
 /* GGUF v2/v3 reader with bounds checks on every read, and ggml block dequantisation.
  * Spec: ggml docs/gguf.md; block layouts: ggml-common.h / ggml-quants.c dequantize_row_*. */
-#include "model/gguf.h"
+#include "format/gguf.h"
 
 #include "ds/weight.h"
 

@@ -1,6 +1,6 @@
 /* safetensors reader: header validation, fp32 reads, sharded directories.
  * Spec: huggingface/safetensors README ("Format") and its Rust Metadata::validate. */
-#include "model/safetensors.h"
+#include "format/safetensors.h"
 
 #include <cjson/cJSON.h>
 #include <errno.h>

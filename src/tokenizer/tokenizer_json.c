@@ -2,7 +2,7 @@
  *
  * Input is untrusted: every field is type- and range-checked, and anything outside the byte-level BPE
  * shapes deltaserve reproduces exactly is refused by name rather than silently tokenised differently. */
-#include "model/tok_internal.h"
+#include "tokenizer/tok_internal.h"
 
 #include <cjson/cJSON.h>
 #include <math.h>

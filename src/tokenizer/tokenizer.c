@@ -1,6 +1,6 @@
 /* Tokenizer construction (from a loader-neutral tok_spec), lookups, decoding and streaming
  * detokenisation. Encoding lives in tok_encode.c, BPE in bpe.c, pre-tokenisation in pretokenize.c. */
-#include "model/tok_internal.h"
+#include "tokenizer/tok_internal.h"
 
 #include <limits.h>
 #include <stdio.h>
