@@ -60,6 +60,9 @@ typedef struct ds_server_params {
     float train_budget;            /* fine-tuning jobs run on the engine thread between inference
                                       steps, using at most this share of its time while requests
                                       run (0..1]; <= 0 → 0.25 */
+    const char *data_dir;          /* uploaded files and fine-tuning jobs persist here (files/,
+                                      jobs/; see src/server/file_store.h, include/ds/train.h);
+                                      NULL → memory only. Copied. */
 } ds_server_params;
 
 ds_server_params ds_server_default_params(void);

@@ -1,6 +1,7 @@
 /* The OpenAI files endpoints (README.md, "Fine-tuning"): POST /v1/files (multipart/form-data: file,
  * purpose=fine-tune; or JSON {"filename","content"}), GET /v1/files, GET|DELETE /v1/files/{id}.
- * Files are kept by the server's file store (file_store.h) and validated line by line at upload
+ * Files are kept by the server's file store (file_store.h; persisted under the data directory) and
+ * validated line by line at upload
  * (400 naming the lines), so that a job never starts on data it cannot read.
  *
  * Threading: loop thread only; JSONL validation runs here, bounded by DS_FILE_STORE_MAX_BYTES. */
@@ -100,12 +101,14 @@ static void handle_file_upload(ds_http_req *req, void *ud) {
     else if (ds_ft_data_check(u.data, u.len, &err) < 0)
         status = 400, param = "file", snprintf(msg, sizeof msg, "%s", err.msg);
     const ds_file *f = NULL;
-    if (!status && ds_file_store_add(fs, u.filename, u.purpose, u.data, u.len, &f) != 0)
-        status = 500, snprintf(msg, sizeof msg, "out of memory");
+    const char *code = status == 400 && param && !strcmp(param, "file") ? "invalid_file_format" : NULL;
+    int st = status ? 0 : ds_file_store_add(fs, u.filename, u.purpose, u.data, u.len, &f, &err);
+    if (st == DS_EIO) /* the data directory is full or unwritable: this upload fails, the server goes on */
+        status = 500, code = "storage_error", snprintf(msg, sizeof msg, "cannot store the file: %s", err.msg);
+    else if (st) status = 500, snprintf(msg, sizeof msg, "%s", err.msg);
     cJSON_Delete(u.json);
     if (status) {
-        ds_server_reply_errorf(req, EP_FILES, status, param, status == 400 && param && !strcmp(param, "file")
-                                                               ? "invalid_file_format" : NULL, "%s", msg);
+        ds_server_reply_errorf(req, EP_FILES, status, param, code, "%s", msg);
         return;
     }
     ds_sb b;
@@ -148,8 +151,14 @@ static void handle_file_delete(ds_http_req *req, void *ud) {
     char id[64];
     if (!ds_server_path_id(req, EP_FILE, id, sizeof id)) return;
     /* Jobs copied what they need when they were created: deleting is always safe. */
-    if (ds_file_store_delete(ds_server_files(ds_server_of(req)), id) != 0) {
+    ds_err err = {{0}};
+    int st = ds_file_store_delete(ds_server_files(ds_server_of(req)), id, &err);
+    if (st == DS_ENOTFOUND) {
         ds_server_reply_errorf(req, EP_FILE, 404, "id", "file_not_found", "No such File object: %s", id);
+        return;
+    }
+    if (st) {
+        ds_server_reply_errorf(req, EP_FILE, 500, NULL, "storage_error", "%s", err.msg);
         return;
     }
     ds_sb b;
