@@ -9,6 +9,7 @@ import json
 import os
 import resource
 import signal
+import threading
 import time
 
 from conftest import start_server
@@ -196,3 +197,49 @@ def test_full_disk_fails_the_job_not_the_server(tmp_path):
         assert temporaries(adir) == []
     finally:
         assert srv.stop() == 0
+
+
+def test_sync_train_during_shutdown_resumes(tmp_path):
+    """POST /v1/adapters/{id}/train waits for its job; a SIGTERM answers it 503 at once (the drain
+    does not wait for training), and the job resumes and publishes after the restart."""
+    adir = tmp_path / "adapters"
+    adir.mkdir()
+    args = ["--served-model-name", "smollm2", "--shutdown-timeout", "30"]
+    srv = start_server(tmp_path, adir, args=args)
+    status, f = upload(srv, TRAIN)
+    status, job = create_job(srv, f["id"], suffix="sync", method={"type": "lora", "lora": {"hyperparameters": {
+        "n_epochs": 1, "batch_size": 8}}})
+    assert wait_job(srv, job["id"])["status"] == "succeeded"
+    examples = [{"prompt": q, "completion": " " + ANSWER} for q in QUESTIONS]
+    out = {}
+
+    def train():
+        out["r"] = srv.post("/v1/adapters/ft-sync/train", {"examples": examples, "n_epochs": 3, "batch_size": 1},
+                            timeout=120)
+
+    th = threading.Thread(target=train)
+    th.start()
+    end = time.time() + 60
+    while time.time() < end:
+        jobs = json.loads(srv.get("/v1/fine_tuning/jobs")[1])["data"]
+        sync = [j for j in jobs if j["id"] != job["id"]]
+        if sync and sync[0]["step"] >= 1:
+            break
+        time.sleep(0.05)
+    t0 = time.time()
+    srv.proc.send_signal(signal.SIGTERM)
+    th.join(60)
+    status, raw = out["r"]
+    assert status == 503 and "resumes when the server starts again" in json.loads(raw)["error"]["message"], raw
+    srv.proc.wait(timeout=30)
+    assert srv.proc.returncode == 0 and time.time() - t0 < 20, srv.log()[-3000:]
+
+    srv2 = start_server(tmp_path, adir, args=args)
+    try:
+        job2 = wait_job(srv2, sync[0]["id"], timeout=300)
+        assert job2["status"] == "succeeded", job2
+        assert any(e["message"].startswith("Resumed from the checkpoint")
+                   for e in events_of(srv2, sync[0]["id"]))
+        assert chat(srv2, "ft-sync", QUESTIONS[0])
+    finally:
+        assert srv2.stop() == 0
