@@ -243,3 +243,26 @@ def test_sync_train_during_shutdown_resumes(tmp_path):
         assert chat(srv2, "ft-sync", QUESTIONS[0])
     finally:
         assert srv2.stop() == 0
+
+
+def test_job_that_cannot_be_stored_is_refused(tmp_path):
+    """The data directory breaks while the server runs (jobs/ replaced by a file): a new job is
+    refused with 500 storage_error naming no server path, and the server keeps serving."""
+    adir = tmp_path / "adapters"
+    adir.mkdir()
+    srv = start_server(tmp_path, adir, args=["--served-model-name", "smollm2"])
+    try:
+        status, f = upload(srv, TRAIN)
+        assert status == 200
+        jobs = adir / ".deltaserve" / "jobs"
+        jobs.rmdir()
+        jobs.write_text("in the way")
+        status, err = create_job(srv, f["id"], suffix="nowhere")
+        assert status == 500, err
+        e = err["error"]
+        assert e["code"] == "storage_error" and e["message"].startswith("cannot store the job: "), e
+        assert no_server_paths(e["message"], tmp_path), e
+        assert json.loads(srv.get("/v1/fine_tuning/jobs")[1])["data"] == []
+        assert chat(srv, "smollm2", "Hello!", max_tokens=4)
+    finally:
+        assert srv.stop() == 0
