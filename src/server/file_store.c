@@ -25,7 +25,8 @@ struct ds_file_store {
     int32_t n_files;
     uint64_t counter; /* splitmix64 state for the ids */
     int64_t next_seq;
-    char *dir;        /* data_dir, or NULL */
+    int32_t n_pending; /* prepared, not yet committed or discarded: their slots are reserved */
+    char *dir;        /* data_dir, or NULL; never changes (ds_file_store_write reads it off-thread) */
 };
 
 /* ---- records ---------------------------------------------------------------------------------- */
@@ -181,18 +182,17 @@ void ds_file_store_free(ds_file_store *fs) {
     free(fs);
 }
 
-int ds_file_store_add(ds_file_store *fs, const char *filename, const char *purpose, const char *data, size_t len,
-                      const ds_file **out, ds_err *err) {
-    if (fs->n_files >= DS_FILE_STORE_MAX) return ds_err_set(err, DS_EBUSY, "too many files");
+int ds_file_store_prepare(ds_file_store *fs, const char *filename, const char *purpose, const char *data, size_t len,
+                          ds_file **out, ds_err *err) {
+    if (fs->n_files + fs->n_pending >= DS_FILE_STORE_MAX) return ds_err_set(err, DS_EBUSY, "too many files");
     if (len > DS_FILE_STORE_MAX_BYTES) return ds_err_set(err, DS_ERANGE, "file too large");
-    ds_file *f = &fs->files[fs->n_files];
-    memset(f, 0, sizeof *f);
-    if (!(f->data = malloc(len + 1))) return ds_err_set(err, DS_ENOMEM, "out of memory");
+    ds_file *f = calloc(1, sizeof *f);
+    if (!f || !(f->data = malloc(len + 1))) return free(f), ds_err_set(err, DS_ENOMEM, "out of memory");
     memcpy(f->data, data, len);
     f->data[len] = '\0';
     f->bytes = len;
     do snprintf(f->id, sizeof f->id, "file-%016llx", (unsigned long long)ds_splitmix64(&fs->counter));
-    while (ds_file_store_find(fs, f->id)); /* f is not counted yet */
+    while (ds_file_store_find(fs, f->id));
     snprintf(f->filename, sizeof f->filename, "%s", filename);
     /* The record stores names as JSON (ds_sb_json_str): invalid UTF-8 would come back changed and
      * perhaps too long. A character cut by the truncation above is dropped; a name still invalid
@@ -205,19 +205,36 @@ int ds_file_store_add(ds_file_store *fs, const char *filename, const char *purpo
             if ((unsigned char)*p >= 0x80) *p = '?';
     snprintf(f->purpose, sizeof f->purpose, "%s", purpose);
     f->created_at = (int64_t)time(NULL);
-    f->seq = fs->next_seq;
-    if (fs->dir) {
-        int st = write_record(fs, f, err);
-        if (st) {
-            free(f->data);
-            f->data = NULL;
-            return st;
-        }
-    }
-    fs->next_seq++;
-    fs->n_files++;
+    f->seq = fs->next_seq++;
+    fs->n_pending++;
     *out = f;
     return 0;
+}
+
+int ds_file_store_write(const ds_file_store *fs, const ds_file *f, ds_err *err) {
+    return fs->dir ? write_record(fs, f, err) : 0;
+}
+
+const ds_file *ds_file_store_commit(ds_file_store *fs, ds_file *f) {
+    fs->n_pending--;
+    fs->files[fs->n_files] = *f; /* room was reserved by prepare */
+    free(f);
+    return &fs->files[fs->n_files++];
+}
+
+void ds_file_store_discard(ds_file_store *fs, ds_file *f) {
+    fs->n_pending--;
+    free(f->data);
+    free(f);
+}
+
+int ds_file_store_add(ds_file_store *fs, const char *filename, const char *purpose, const char *data, size_t len,
+                      const ds_file **out, ds_err *err) {
+    ds_file *f = NULL;
+    int st = ds_file_store_prepare(fs, filename, purpose, data, len, &f, err);
+    if (!st && (st = ds_file_store_write(fs, f, err))) ds_file_store_discard(fs, f);
+    if (!st) *out = ds_file_store_commit(fs, f);
+    return st;
 }
 
 const ds_file *ds_file_store_find(const ds_file_store *fs, const char *id) {

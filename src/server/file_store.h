@@ -3,8 +3,8 @@
  * file is also a record `files/<id>` under it (a JSON header line, then the bytes; written
  * crash-safely, util/durable.h), loaded again at start; without one the store is memory only.
  *
- * Threading: loop thread only (the handlers); jobs copy what they need when they are created, so a
- * file may be deleted while a job that used it runs. */
+ * Threading: loop thread only (the handlers), except ds_file_store_write; jobs copy what they need
+ * when they are created, so a file may be deleted while a job that used it runs. */
 #ifndef DS_SERVER_FILE_STORE_H
 #define DS_SERVER_FILE_STORE_H
 
@@ -46,6 +46,18 @@ void ds_file_store_free(ds_file_store *fs);
  * is the stored file. */
 int ds_file_store_add(ds_file_store *fs, const char *filename, const char *purpose, const char *data, size_t len,
                       const ds_file **out, ds_err *err);
+
+/* The same in steps, so that the disk write can run on a worker thread (handlers_files.c):
+ * ds_file_store_prepare (loop thread) reserves a slot and gives a copy of the data its id and
+ * order (DS_EBUSY / DS_ERANGE / DS_ENOMEM as above; *out is owned by the store's caller until
+ * committed or discarded); ds_file_store_write (ANY thread; reads only the data directory, which
+ * never changes) writes its record, 0 or DS_EIO; ds_file_store_commit (loop thread) lists it and
+ * returns the stored file (valid until the next add or delete); ds_file_store_discard frees it. */
+int ds_file_store_prepare(ds_file_store *fs, const char *filename, const char *purpose, const char *data, size_t len,
+                          ds_file **out, ds_err *err);
+int ds_file_store_write(const ds_file_store *fs, const ds_file *f, ds_err *err);
+const ds_file *ds_file_store_commit(ds_file_store *fs, ds_file *f);
+void ds_file_store_discard(ds_file_store *fs, ds_file *f);
 
 /* The file with this id, or NULL; valid until the next add or delete. */
 const ds_file *ds_file_store_find(const ds_file_store *fs, const char *id);
