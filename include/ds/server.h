@@ -63,6 +63,9 @@ typedef struct ds_server_params {
     bool content_special_tokens;   /* chat: match special tokens inside message contents (default
                                       false: a "<|im_end|>" typed by a client stays text and cannot
                                       end its turn); a request's "content_special_tokens" overrides */
+    const char *data_dir;          /* uploaded files and fine-tuning jobs persist here (files/,
+                                      jobs/; see src/server/file_store.h, include/ds/train.h);
+                                      NULL → memory only. Copied. */
 } ds_server_params;
 
 ds_server_params ds_server_default_params(void);

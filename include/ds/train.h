@@ -261,17 +261,29 @@ typedef struct ds_ft_checkpoint {
 typedef struct ds_ft_manager ds_ft_manager;
 
 /* base and reg are borrowed and must outlive the manager; reg may be NULL (jobs then fail to
- * submit: no adapter directory). Starts the training thread. */
-ds_ft_manager *ds_ft_manager_create(const ds_model *base, ds_adapter_registry *reg, ds_err *err);
+ * submit: no adapter directory). data_dir (copied; NULL: memory only) keeps every job under
+ * data_dir/jobs/<id>/ (src/train/job_store.c): its record, its data until it ends and its
+ * resumable state (saved every epoch, at least every five minutes, and on ds_ft_manager_stop). Jobs
+ * stored there are loaded: finished ones are listed again, queued ones run, and one that was
+ * running resumes from its state (or fails saying why it cannot); unreadable records are skipped
+ * with a log line. Starts the training thread. */
+ds_ft_manager *ds_ft_manager_create(const ds_model *base, ds_adapter_registry *reg, const char *data_dir,
+                                    ds_err *err);
 /* Co-serving: every training step and validation pass then runs on the engine's thread as
  * background work (ds_engine_set_background), within `budget` of the engine's time while requests
  * run, instead of competing with it from the job thread. The engine must outlive the manager. */
 struct ds_engine;
 void ds_ft_manager_attach_engine(ds_ft_manager *m, struct ds_engine *e, float budget);
-/* Cancels every job, joins the thread (within one training step), detaches from the engine.
+/* ANY THREAD, returns at once: a shutdown begins. The running job saves its state and stops
+ * within one training step, staying 'running' on disk so that the next start resumes it; queued
+ * jobs stay queued; no job starts any more. NULL is a no-op. */
+void ds_ft_manager_stop(ds_ft_manager *m);
+/* ds_ft_manager_stop, then joins the thread (within one training step), detaches from the engine.
  * NULL is a no-op. */
 void ds_ft_manager_free(ds_ft_manager *m);
-/* Queues a job; its id goes to id_out. DS_EINVAL (bad spec), DS_ENOMEM. Any thread. */
+/* Queues a job; its id goes to id_out. DS_EINVAL (bad spec), DS_ENOMEM, DS_EBUSY (too many),
+ * DS_EIO when the job cannot be stored under the data directory (nothing is queued; the message
+ * says why and names no server path). Any thread. */
 int ds_ft_submit(ds_ft_manager *m, const ds_ft_job_spec *spec, char id_out[48], ds_err *err);
 /* Cancels a queued or running job (a running one stops within one step). DS_ENOTFOUND; DS_EINVAL
  * when it already finished. */

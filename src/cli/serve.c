@@ -8,6 +8,7 @@
 #include <libgen.h>
 #include <limits.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -32,6 +33,10 @@ static const char *SERVE_HELP =
     "      --max-adapters N      adapters resident in the engine at once (default 64)\n"
     "      --adapter-budget-mb N backend memory for resident adapters, LRU-evicted (default 512);\n"
     "                            a request for an adapter larger than all of it is refused (400)\n"
+    "      --data-dir DIR        uploaded files and fine-tuning jobs are kept here across restarts:\n"
+    "                            files are listed again, a running job resumes from its last\n"
+    "                            checkpoint (SIGTERM saves one) (default: DIR/.deltaserve under\n"
+    "                            --adapter-dir; without --adapter-dir, or with \"none\": memory only)\n"
     "\n"
     "network:\n"
     "      --host ADDR           listen address (default 127.0.0.1; 0.0.0.0 for all interfaces)\n"
@@ -70,7 +75,7 @@ static const char *SERVE_HELP =
     "  -h, --help                this text\n";
 
 typedef struct serve_opts {
-    const char *model, *served_name, *adapter_dir, *host, *api_key, *log_level, *backend, *quantize;
+    const char *model, *served_name, *adapter_dir, *data_dir, *host, *api_key, *log_level, *backend, *quantize;
     double train_budget;
     long port, max_batch_tokens, max_seqs, kv_mb, max_model_len, max_queue, max_adapters, adapter_mb, threads;
     long max_body_mb, max_connections;
@@ -118,6 +123,7 @@ static int parse_opt(serve_opts *o, int argc, char **argv, int *i) {
     if (!r) r = str_flag(a, "--model", "-m", v, &o->model);
     if (!r) r = str_flag(a, "--served-model-name", NULL, v, &o->served_name);
     if (!r) r = str_flag(a, "--adapter-dir", NULL, v, &o->adapter_dir);
+    if (!r) r = str_flag(a, "--data-dir", NULL, v, &o->data_dir);
     if (!r) r = str_flag(a, "--host", NULL, v, &o->host);
     if (!r) r = str_flag(a, "--api-key", NULL, v, &o->api_key);
     if (!r) r = str_flag(a, "--log-level", NULL, v, &o->log_level);
@@ -207,9 +213,20 @@ static ds_engine_params engine_params_of(const serve_opts *o) {
     return ep;
 }
 
+/* --data-dir, else .deltaserve under the adapter directory: fine-tuned adapters live there too,
+ * so one directory holds a deployment's state (the adapter scan skips dot entries). NULL: memory
+ * only. */
+static const char *data_dir_of(const serve_opts *o, char *buf, size_t cap) {
+    if (o->data_dir) return strcmp(o->data_dir, "none") && o->data_dir[0] ? o->data_dir : NULL;
+    if (!o->adapter_dir) return NULL;
+    snprintf(buf, cap, "%s/.deltaserve", o->adapter_dir);
+    return buf;
+}
+
 static ds_server_params server_params_of(const serve_opts *o, const char *name, int32_t ctx,
-                                         ds_adapter_registry *reg) {
+                                         ds_adapter_registry *reg, const char *data_dir) {
     ds_server_params sp = ds_server_default_params();
+    sp.data_dir = data_dir;
     sp.host = o->host;
     sp.port = (int)o->port;
     sp.api_key = o->api_key;
@@ -282,7 +299,11 @@ static int serve(const ds_model *m, ds_adapter_registry *reg, const serve_opts *
         ds_engine_free(e);
         return 1;
     }
-    ds_server_params sp = server_params_of(o, name, ep.max_ctx, reg);
+    char ddir[PATH_MAX + 16];
+    const char *data_dir = data_dir_of(o, ddir, sizeof ddir);
+    if (data_dir) DS_LOGI("serve: files and fine-tuning jobs are kept in %s", data_dir);
+    else DS_LOGI("serve: no data directory: uploaded files and fine-tuning jobs are kept in memory only");
+    ds_server_params sp = server_params_of(o, name, ep.max_ctx, reg, data_dir);
     ds_server *srv = ds_server_create(e, &sp, &err);
     if (!srv) {
         fprintf(stderr, "deltaserve: %s\n", err.msg);
@@ -312,6 +333,9 @@ int ds_cli_serve(int argc, char **argv) {
     if (o.api_key && strlen(o.api_key) > DS_API_KEY_MAX) /* refused, never truncated: a prefix must not authenticate */
         return fprintf(stderr, "deltaserve: the API key (--api-key or $DS_API_KEY) is %zu bytes; at most %d are "
                        "accepted\n", strlen(o.api_key), DS_API_KEY_MAX), 2;
+    /* A file-size limit (RLIMIT_FSIZE) must fail the write that passes it (EFBIG: the upload or the
+     * job fails with a message), not kill the server with SIGXFSZ. */
+    signal(SIGXFSZ, SIG_IGN);
     if (!o.model && !(o.model = ds_cli_default_model(argv[0]))) return 1;
     ds_model *m = ds_cli_load_model(o.model, o.quantize);
     if (!m) return 1;

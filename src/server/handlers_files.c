@@ -1,9 +1,11 @@
 /* The OpenAI files endpoints (README.md, "Fine-tuning"): POST /v1/files (multipart/form-data: file,
  * purpose=fine-tune; or JSON {"filename","content"}), GET /v1/files, GET|DELETE /v1/files/{id}.
- * Files are kept by the server's file store (file_store.h) and validated line by line at upload
+ * Files are kept by the server's file store (file_store.h; persisted under the data directory) and
+ * validated line by line at upload
  * (400 naming the lines), so that a job never starts on data it cannot read.
  *
- * Threading: loop thread only; JSONL validation runs here, bounded by DS_FILE_STORE_MAX_BYTES. */
+ * Threading: loop thread only; JSONL validation runs here, bounded by DS_FILE_STORE_MAX_BYTES; the
+ * record's write to the data directory (fsync included) runs on a libuv worker. */
 #include <cjson/cJSON.h>
 #include <llhttp.h>
 #include <stdio.h>
@@ -80,9 +82,45 @@ static bool parse_upload(ds_http_req *req, upload *u) {
     return false;
 }
 
+/* The record write (fsync included) of one upload, on a libuv worker so that the loop keeps
+ * serving; the request ends in store_done. */
+typedef struct store_job {
+    uv_work_t work;
+    ds_http_req *req;
+    ds_file_store *fs;
+    ds_file *f;
+    int status;
+    ds_err err;
+} store_job;
+
+static void store_work(uv_work_t *w) {
+    store_job *j = w->data;
+    j->status = ds_file_store_write(j->fs, j->f, &j->err);
+}
+
+static void reply_file(ds_http_req *req, const ds_file *f) {
+    ds_sb b;
+    ds_sb_init(&b);
+    file_json(&b, f);
+    ds_server_reply_json(req, EP_FILES, 200, &b);
+}
+
+static void store_done(uv_work_t *w, int uv_status) {
+    store_job *j = w->data;
+    if (j->status == 0 && uv_status == 0) {
+        reply_file(j->req, ds_file_store_commit(j->fs, j->f));
+    } else { /* the data directory is full or unwritable: this upload fails, the server goes on */
+        ds_file_store_discard(j->fs, j->f);
+        ds_server_reply_errorf(j->req, EP_FILES, 500, NULL, "storage_error", "cannot store the file: %s",
+                               j->status ? j->err.msg : "the write was cancelled");
+    }
+    free(j);
+}
+
 static void handle_file_upload(ds_http_req *req, void *ud) {
     (void)ud;
-    ds_file_store *fs = ds_server_files(ds_server_of(req));
+    ds_server *s = ds_server_of(req);
+    ds_file_store *fs = ds_server_files(s);
     upload u;
     if (!parse_upload(req, &u)) return;
     int status = 0;
@@ -100,19 +138,30 @@ static void handle_file_upload(ds_http_req *req, void *ud) {
         status = 409, snprintf(msg, sizeof msg, "too many files (at most %d): delete some first", DS_FILE_STORE_MAX);
     else if (ds_ft_data_check(u.data, u.len, &err) < 0)
         status = 400, param = "file", snprintf(msg, sizeof msg, "%s", err.msg);
-    const ds_file *f = NULL;
-    if (!status && ds_file_store_add(fs, u.filename, u.purpose, u.data, u.len, &f) != 0)
-        status = 500, snprintf(msg, sizeof msg, "out of memory");
-    cJSON_Delete(u.json);
+    ds_file *f = NULL;
+    const char *code = status == 400 && param && !strcmp(param, "file") ? "invalid_file_format" : NULL;
+    int st = status ? 0 : ds_file_store_prepare(fs, u.filename, u.purpose, u.data, u.len, &f, &err);
+    if (st == DS_EBUSY) /* uploads still being written hold their slots */
+        status = 409, snprintf(msg, sizeof msg, "too many files (at most %d): delete some first", DS_FILE_STORE_MAX);
+    else if (st) status = 500, snprintf(msg, sizeof msg, "%s", err.msg);
+    cJSON_Delete(u.json); /* prepare copied the data */
     if (status) {
-        ds_server_reply_errorf(req, EP_FILES, status, param, status == 400 && param && !strcmp(param, "file")
-                                                               ? "invalid_file_format" : NULL, "%s", msg);
+        ds_server_reply_errorf(req, EP_FILES, status, param, code, "%s", msg);
         return;
     }
-    ds_sb b;
-    ds_sb_init(&b);
-    file_json(&b, f);
-    ds_server_reply_json(req, EP_FILES, 200, &b);
+    store_job *j = calloc(1, sizeof *j);
+    if (!j) {
+        ds_file_store_discard(fs, f);
+        ds_server_reply_errorf(req, EP_FILES, 500, NULL, NULL, "out of memory");
+        return;
+    }
+    j->req = req, j->fs = fs, j->f = f;
+    j->work.data = j;
+    if (uv_queue_work(ds_server_http(s)->loop, &j->work, store_work, store_done) != 0) {
+        ds_file_store_discard(fs, f);
+        free(j);
+        ds_server_reply_errorf(req, EP_FILES, 500, NULL, NULL, "cannot queue the file's write");
+    }
 }
 
 static void handle_file_list(ds_http_req *req, void *ud) {
@@ -149,8 +198,14 @@ static void handle_file_delete(ds_http_req *req, void *ud) {
     char id[64];
     if (!ds_server_path_id(req, EP_FILE, id, sizeof id)) return;
     /* Jobs copied what they need when they were created: deleting is always safe. */
-    if (ds_file_store_delete(ds_server_files(ds_server_of(req)), id) != 0) {
+    ds_err err = {{0}};
+    int st = ds_file_store_delete(ds_server_files(ds_server_of(req)), id, &err);
+    if (st == DS_ENOTFOUND) {
         ds_server_reply_errorf(req, EP_FILE, 404, "id", "file_not_found", "No such File object: %s", id);
+        return;
+    }
+    if (st) {
+        ds_server_reply_errorf(req, EP_FILE, 500, NULL, "storage_error", "%s", err.msg);
         return;
     }
     ds_sb b;

@@ -359,8 +359,10 @@ static void handle_job_create(ds_http_req *req, void *ud) {
     ds_err err = {{0}};
     if (!mgr) ds_err_set(&err, DS_EUNSUPPORTED, "no model is loaded");
     char id[48];
-    if (!mgr || ds_ft_submit(mgr, &sp, id, &err) != DS_OK) {
-        ds_server_reply_errorf(req, EP_JOBS, mgr ? 400 : 503, NULL, NULL, "%s", err.msg);
+    const int st = mgr ? ds_ft_submit(mgr, &sp, id, &err) : DS_EUNSUPPORTED;
+    if (st != DS_OK) { /* DS_EIO: the data directory is full or unwritable; the server goes on */
+        ds_server_reply_errorf(req, EP_JOBS, !mgr ? 503 : st == DS_EIO ? 500 : 400, NULL,
+                               st == DS_EIO ? "storage_error" : NULL, "%s", err.msg);
         cJSON_Delete(o);
         return;
     }

@@ -65,7 +65,18 @@ static void poll_job(uv_timer_t *t) {
         info.status = DS_FT_FAILED;
         snprintf(info.error, sizeof info.error, "the job disappeared");
     }
-    if (info.status == DS_FT_QUEUED || info.status == DS_FT_RUNNING) return;
+    if (info.status == DS_FT_QUEUED || info.status == DS_FT_RUNNING) {
+        /* A shutdown stops the job at its next step (ds_ft_manager_stop; it resumes at the next
+         * start): end the request now rather than hold the drain until it times out. */
+        if (!x->req || !ds_server_draining(ds_server_of(x->req))) return;
+        ds_http_req *req = x->req;
+        x->req = NULL;
+        ds_server_reply_errorf(req, EP_TRAIN, 503, NULL, NULL,
+                               "the server is shutting down: job %s stops at its next step and resumes when the "
+                               "server starts again", x->job);
+        finish(x);
+        return;
+    }
     if (x->req) answer(x, &info);
     finish(x);
 }
@@ -153,7 +164,8 @@ static bool start_job(ds_http_req *req, ds_server *s, const char *id, const cJSO
     int st = mgr ? ds_ft_submit(mgr, &sp, x->job, &err) : DS_EUNSUPPORTED;
     free(data); /* the job copied it */
     if (st != DS_OK) {
-        ds_server_reply_errorf(req, EP_TRAIN, mgr ? 400 : 503, NULL, NULL, "%s", err.msg);
+        ds_server_reply_errorf(req, EP_TRAIN, !mgr ? 503 : st == DS_EIO ? 500 : 400, NULL,
+                               st == DS_EIO ? "storage_error" : NULL, "%s", err.msg);
         return false;
     }
     x->mgr = mgr;

@@ -338,6 +338,7 @@ static void begin_stop(ds_server *s) {
     else DS_LOGI("server: shutting down");
     uv_signal_stop(&s->sig_int);
     uv_signal_stop(&s->sig_term);
+    ds_ft_manager_stop(s->ft); /* the running job checkpoints while requests drain */
     s->deadline = ds_time_s() + (s->params.shutdown_timeout_s > 0 ? s->params.shutdown_timeout_s : 0);
     uv_timer_start(&s->drain_timer, on_drain_tick, 0, DRAIN_TICK_MS);
 }
@@ -420,13 +421,14 @@ ds_server *ds_server_create(ds_engine *engine, const ds_server_params *params, d
         ds_server_free(s);
         return NULL;
     }
-    if (!(s->files = ds_file_store_create())) {
+    if (!(s->files = ds_file_store_create(s->params.data_dir))) {
         ds_err_set(err, DS_ENOMEM, "server: out of memory");
         ds_server_free(s);
         return NULL;
     }
     if (s->engine) { /* without a model there is nothing to fine-tune: the job endpoints say so */
-        if (!(s->ft = ds_ft_manager_create(ds_engine_model(s->engine), s->params.registry, err))) {
+        if (!(s->ft = ds_ft_manager_create(ds_engine_model(s->engine), s->params.registry, s->params.data_dir,
+                                           err))) {
             ds_server_free(s);
             return NULL;
         }

@@ -29,6 +29,8 @@
 #include "ds/tokenizer.h"
 #include "ds/train.h"
 #include "train/dataset.h"
+#include "train/jobs_internal.h"
+#include "util/durable.h"
 #include "util/mem.h"
 #include "util/rng.h"
 
@@ -41,20 +43,6 @@ const char *ds_ft_status_name(ds_ft_status s) {
 
 /* ---- jobs ---------------------------------------------------------------------------------- */
 
-typedef struct ft_job {
-    ds_ft_job_info info;
-    ds_ft_event *ev;
-    size_t n_ev, cap_ev;
-    ds_ft_checkpoint *ck;
-    size_t n_ck, cap_ck;
-    char *train, *valid;
-    size_t train_len, valid_len;
-    bool from_adapter;
-    ds_adapter_kind kind;
-    int cancel; /* atomic */
-    struct ft_job *next;
-} ft_job;
-
 struct ds_ft_manager {
     const ds_model *base;
     ds_adapter_registry *reg;
@@ -66,6 +54,8 @@ struct ds_ft_manager {
     ft_job *head, *tail; /* creation order */
     size_t n_jobs;
     uint64_t counter;
+    char *data_dir;      /* jobs persist under data_dir/jobs/ (job_store.c); NULL: memory only */
+    pthread_mutex_t io_mu; /* serialises record writes (taken before mu, never inside it) */
     /* co-serving: trainer calls handed to the engine thread (under mu) */
     ds_engine *engine;
     pthread_cond_t ho_cv;
@@ -151,8 +141,55 @@ static void job_log(ds_ft_manager *m, ft_job *j, const char *level, const char *
     pthread_mutex_unlock(&m->mu);
 }
 
-static bool cancelled(ds_ft_manager *m, ft_job *j) {
-    return __atomic_load_n(&j->cancel, __ATOMIC_ACQUIRE) || __atomic_load_n(&m->stop, __ATOMIC_ACQUIRE);
+static bool stopping(ds_ft_manager *m) { return __atomic_load_n(&m->stop, __ATOMIC_ACQUIRE); }
+
+/* Record writes: io_mu is taken first (writes of one job land in the order their snapshots were
+ * taken), the record is encoded under mu (a consistent snapshot) and written outside it, so the
+ * engine thread never waits for a disk. A finished job may be evicted by a submit as soon as mu
+ * is released: its final write uses only the encoded text and the id copied with it. */
+typedef struct record_text {
+    char id[48];
+    char *text;
+    size_t len;
+} record_text;
+
+static void encode_locked(ds_ft_manager *m, const ft_job *j, record_text *rt) {
+    rt->text = m->data_dir ? ft_record_encode(j, &rt->len) : NULL;
+    snprintf(rt->id, sizeof rt->id, "%s", j->info.id);
+}
+
+/* Writes rt and releases io_mu. */
+static int write_unlock(ds_ft_manager *m, record_text *rt, ds_err *err) {
+    int st = !m->data_dir ? 0
+             : rt->text   ? ft_store_write_record(m->data_dir, rt->id, rt->text, rt->len, err)
+                          : ds_err_set(err, DS_ENOMEM, "out of memory");
+    pthread_mutex_unlock(&m->io_mu);
+    free(rt->text);
+    rt->text = NULL;
+    return st;
+}
+
+/* The record of a queued or running job (never evicted). 0, or DS_EIO / DS_ENOMEM with a message. */
+static int persist(ds_ft_manager *m, ft_job *j, ds_err *err) {
+    if (!m->data_dir) return 0;
+    record_text rt;
+    pthread_mutex_lock(&m->io_mu);
+    pthread_mutex_lock(&m->mu);
+    encode_locked(m, j, &rt);
+    pthread_mutex_unlock(&m->mu);
+    return write_unlock(m, &rt, err);
+}
+
+/* persist() where a failure can only be logged (the job's outcome is already decided). */
+static void persist_or_log(ds_ft_manager *m, ft_job *j) {
+    ds_err err = {{0}};
+    if (persist(m, j, &err)) DS_LOGW("fine-tune %s: cannot write the job record: %s", j->info.id, err.msg);
+}
+
+/* Messages reach clients: they name paths relative to the adapter and data directories. */
+static void scrub(ds_ft_manager *m, char *msg) {
+    if (m->reg && ds_registry_root(m->reg)) ds_scrub_path(msg, ds_registry_root(m->reg));
+    if (m->data_dir) ds_scrub_path(msg, m->data_dir);
 }
 
 static int mkdir_p1(const char *dir, ds_err *err) {
@@ -165,7 +202,27 @@ static int mkdir_p1(const char *dir, ds_err *err) {
 typedef struct job_run {
     int64_t step, tokens, total;
     double t_train, last_loss;
+    int64_t epoch0, batch0; /* where training starts: batch0 of epoch0 (a resume), else 0, 0 */
+    bool suspended;         /* stopped for a shutdown with its state saved: resume at the next start */
 } job_run;
+
+#define SAVE_EVERY_S 300.0 /* a running job's state is saved at least this often (and each epoch, and on a stop) */
+
+/* Saves what a resume needs: the state with batch b of epoch ep next, then the record. */
+static int job_save_state(ds_ft_manager *m, ft_job *j, ds_trainer *t, const job_run *r, int64_t ep, int64_t b,
+                          ds_err *err) {
+    if (!m->data_dir) return 0;
+    const ft_progress p = {.step = r->step, .tokens = r->tokens, .epoch = ep, .batch = b, .t_train = r->t_train,
+                           .last_loss = r->last_loss};
+    int st = ft_state_save(m->data_dir, j->info.id, t, &p, err);
+    if (!st) st = persist(m, j, err);
+    if (st) { /* the job fails on it: say what could not be written */
+        char tmp[sizeof err->msg];
+        memcpy(tmp, err->msg, sizeof tmp);
+        snprintf(err->msg, sizeof err->msg, "cannot save the job's checkpoint: %.440s", tmp);
+    }
+    return st;
+}
 
 /* The trainer for a job in *out: a new adapter, or a copy of a loaded one to continue. Returns 0,
  * DS_ENOTFOUND (the adapter to continue was unloaded) or DS_EINVAL, with a message. */
@@ -244,36 +301,58 @@ static int job_epoch_end(ds_ft_manager *m, ft_job *j, ds_trainer *t, const ds_ft
     return 0;
 }
 
-/* The epochs: each shuffles the examples (Fisher-Yates, seeded by the job), trains on batches of
- * `bs` and ends with job_epoch_end. Returns 0, DS_ECANCELED or an error. */
+/* One epoch's batches from `b0`: a stop (shutdown) saves the state and suspends the job, a cancel
+ * ends it, and the state is saved every SAVE_EVERY_S. */
+static int epoch_batches(ds_ft_manager *m, ft_job *j, ds_trainer *t, const ds_ft_examples *tr, const int32_t *order,
+                         ds_train_example *batch, int32_t bs, int64_t ep, int64_t b0, job_run *r, double *saved,
+                         ds_err *err) {
+    const int32_t n_ex = (int32_t)tr->n;
+    const int64_t per_epoch = (n_ex + bs - 1) / bs;
+    for (int64_t b = b0; b < per_epoch; b++) {
+        if (__atomic_load_n(&j->cancel, __ATOMIC_ACQUIRE)) return DS_ECANCELED;
+        if (stopping(m)) {
+            int st = job_save_state(m, j, t, r, ep, b, err);
+            if (!st) r->suspended = true;
+            return st ? st : DS_ECANCELED;
+        }
+        if (m->data_dir && ds_time_s() - *saved > SAVE_EVERY_S) {
+            int st = job_save_state(m, j, t, r, ep, b, err);
+            if (st) return st;
+            *saved = ds_time_s();
+        }
+        int32_t nb = 0;
+        int64_t btok = 0;
+        for (int64_t i = b * bs; i < n_ex && nb < bs; i++) {
+            batch[nb] = tr->ex[order[i]];
+            btok += batch[nb++].n_tokens;
+        }
+        int st = job_step(m, j, t, batch, nb, btok, r, err);
+        if (st) return st;
+    }
+    return 0;
+}
+
+/* The epochs: each shuffles the examples (Fisher-Yates, seeded by the job: a resume replays the
+ * shuffles of the epochs before r->epoch0), trains on batches of `bs`, ends with job_epoch_end and
+ * saves the state. Returns 0, DS_ECANCELED or an error. */
 static int job_epochs(ds_ft_manager *m, ft_job *j, ds_trainer *t, const ds_ft_examples *tr, const ds_ft_examples *va,
                       int32_t bs, int32_t n_epochs, job_run *r, ds_err *err) {
     const int32_t n_ex = (int32_t)tr->n;
-    const int64_t per_epoch = (n_ex + bs - 1) / bs;
     int32_t *order = malloc((size_t)n_ex * sizeof *order);
     ds_train_example *batch = malloc((size_t)bs * sizeof *batch);
     int st = order && batch ? 0 : ds_err_set(err, DS_ENOMEM, "out of memory");
     for (int32_t i = 0; !st && i < n_ex; i++) order[i] = i;
     uint64_t rng = j->info.seed ^ 0x5eedull;
+    double saved = ds_time_s();
     for (int32_t ep = 0; ep < n_epochs && !st; ep++) {
         for (int32_t i = n_ex - 1; i > 0; i--) {
             int32_t k = (int32_t)(ds_splitmix64(&rng) % (uint64_t)(i + 1)), x = order[i];
             order[i] = order[k], order[k] = x;
         }
-        for (int64_t b = 0; b < per_epoch && !st; b++) {
-            if (cancelled(m, j)) {
-                st = DS_ECANCELED;
-                break;
-            }
-            int32_t nb = 0;
-            int64_t btok = 0;
-            for (int64_t i = b * bs; i < n_ex && nb < bs; i++) {
-                batch[nb] = tr->ex[order[i]];
-                btok += batch[nb++].n_tokens;
-            }
-            st = job_step(m, j, t, batch, nb, btok, r, err);
-        }
+        if (ep < r->epoch0) continue;
+        st = epoch_batches(m, j, t, tr, order, batch, bs, ep, ep == r->epoch0 ? r->batch0 : 0, r, &saved, err);
         if (!st) st = job_epoch_end(m, j, t, va, ep, n_epochs, r, err);
+        if (!st) st = job_save_state(m, j, t, r, ep + 1, 0, err), saved = ds_time_s();
     }
     free(order), free(batch);
     return st;
@@ -291,11 +370,44 @@ static int job_datasets(ds_ft_manager *m, ft_job *j, ds_ft_examples *tr, ds_ft_e
     return st;
 }
 
-/* The whole job on the training thread. Returns 0, DS_ECANCELED or an error (message in err). */
-static int run_job(ds_ft_manager *m, ft_job *j, ds_err *err) {
+/* A saved state into t and r, when the job was running at the last stop. 0 (resumed or nothing to
+ * resume) or DS_EFORMAT / DS_EIO: the job cannot resume and fails, saying why. */
+static int job_resume(ds_ft_manager *m, ft_job *j, ds_trainer *t, int32_t n_epochs, int64_t per_epoch, job_run *r,
+                      ds_err *err) {
+    if (!m->data_dir || !j->restarted) return 0;
+    ft_progress p;
+    int st = ft_state_load(m->data_dir, j->info.id, t, &p, err);
+    if (st == DS_ENOTFOUND) {
+        job_log(m, j, "info", "No checkpoint was saved before the restart: training starts from the beginning");
+        return 0;
+    }
+    if (!st && (p.epoch > n_epochs || p.batch >= per_epoch || p.step > r->total))
+        st = ds_err_set(err, DS_EFORMAT, "the saved position (epoch %lld, batch %lld) does not fit the job",
+                        (long long)p.epoch, (long long)p.batch);
+    if (st) {
+        char tmp[sizeof err->msg];
+        memcpy(tmp, err->msg, sizeof tmp);
+        snprintf(err->msg, sizeof err->msg, "cannot resume from the job's checkpoint: %.440s", tmp);
+        return st == DS_ENOTFOUND ? DS_EFORMAT : st;
+    }
+    r->step = p.step, r->tokens = p.tokens, r->t_train = p.t_train, r->last_loss = p.last_loss;
+    r->epoch0 = p.epoch, r->batch0 = p.batch;
+    pthread_mutex_lock(&m->mu);
+    j->info.step = r->step;
+    j->info.trained_tokens = r->tokens;
+    pthread_mutex_unlock(&m->mu);
+    job_log(m, j, "info", "Resumed from the checkpoint at step %lld/%lld (epoch %lld, batch %lld)",
+            (long long)p.step, (long long)r->total, (long long)p.epoch + 1, (long long)p.batch + 1);
+    return 0;
+}
+
+/* The whole job on the training thread. Returns 0, DS_ECANCELED or an error (message in err);
+ * *suspended when a stop saved its state for the next start. */
+static int run_job(ds_ft_manager *m, ft_job *j, bool *suspended, ds_err *err) {
     ds_ft_job_info *I = &j->info; /* fields only this thread writes after queueing (under mu when read) */
     ds_ft_examples tr = {0}, va = {0};
     ds_trainer *t = NULL;
+    job_run r = {.last_loss = NAN};
     int st = job_datasets(m, j, &tr, &va, err);
     if (st) goto done;
     int32_t n_ex = (int32_t)tr.n;
@@ -303,7 +415,7 @@ static int run_job(ds_ft_manager *m, ft_job *j, ds_err *err) {
     if (bs > n_ex) bs = n_ex;
     int32_t n_epochs = I->n_epochs > 0 ? I->n_epochs : 3;
     int64_t per_epoch = (n_ex + bs - 1) / bs;
-    job_run r = {.total = per_epoch * n_epochs, .last_loss = NAN};
+    r.total = per_epoch * n_epochs;
 
     ds_train_params tp = ds_train_default_params();
     tp.lr = I->learning_rate;
@@ -321,11 +433,12 @@ static int run_job(ds_ft_manager *m, ft_job *j, ds_err *err) {
     pthread_mutex_unlock(&m->mu);
     job_log(m, j, "info", "Training started: %d examples (%lld tokens), %d epochs of %lld steps, batch size %d",
             (int)n_ex, (long long)tr.n_tokens, (int)n_epochs, (long long)per_epoch, (int)bs);
+    if ((st = job_resume(m, j, t, n_epochs, per_epoch, &r, err))) goto done;
 
     char dir[1024];
     snprintf(dir, sizeof dir, "%s/%s", ds_registry_root(m->reg), I->fine_tuned_model);
     if ((st = mkdir_p1(dir, err)) || (st = job_epochs(m, j, t, &tr, &va, bs, n_epochs, &r, err))) goto done;
-    if (cancelled(m, j)) {
+    if (__atomic_load_n(&j->cancel, __ATOMIC_ACQUIRE)) { /* a stop now lets the job finish: publishing is quick */
         st = DS_ECANCELED;
         goto done;
     }
@@ -334,6 +447,7 @@ static int run_job(ds_ft_manager *m, ft_job *j, ds_err *err) {
     job_log(m, j, "info", "Published adapter '%s' (%lld tokens trained, %.0f tokens/s)", I->fine_tuned_model,
             (long long)r.tokens, r.t_train > 0 ? r.tokens / r.t_train : 0.0);
 done:
+    *suspended = r.suspended;
     ds_trainer_free(t);
     ds_ft_examples_free(&tr), ds_ft_examples_free(&va);
     return st;
@@ -366,12 +480,25 @@ static void *train_thread(void *arg) {
         }
         j->info.status = DS_FT_RUNNING;
         pthread_mutex_unlock(&m->mu);
-        job_log(m, j, "info", "Fine-tuning job started");
+        job_log(m, j, "info", j->restarted ? "Fine-tuning job started again after a server restart"
+                                           : "Fine-tuning job started");
+        persist_or_log(m, j);
         ds_err err = {{0}};
-        int st = run_job(m, j, &err);
+        bool suspended = false;
+        int st = run_job(m, j, &suspended, &err);
+        scrub(m, err.msg);
+        if (suspended) {
+            job_log(m, j, "info", "Checkpointed at step %lld for a server shutdown: the job resumes when the server "
+                    "starts again", (long long)j->info.step);
+            persist_or_log(m, j);
+            pthread_mutex_lock(&m->mu);
+            continue; /* stays 'running' on disk; m->stop ends the loop */
+        }
         if (st && st != DS_ECANCELED) job_log(m, j, "error", "Fine-tuning job failed: %s", err.msg);
         else if (!st) job_log(m, j, "info", "The job has successfully completed");
         else job_log(m, j, "info", "Fine-tuning job cancelled");
+        record_text rt;
+        pthread_mutex_lock(&m->io_mu);
         pthread_mutex_lock(&m->mu);
         /* a cancel may already have marked the job (cancelled wins unless the job had finished) */
         if (j->info.status == DS_FT_RUNNING) {
@@ -381,43 +508,103 @@ static void *train_thread(void *arg) {
                 j->info.status = DS_FT_FAILED;
                 snprintf(j->info.error, sizeof j->info.error, "%s", err.msg);
                 snprintf(j->info.error_code, sizeof j->info.error_code, "%s",
-                         st == DS_EINVAL || st == DS_ERANGE ? "invalid_training_file" : "training_error");
+                         st == DS_EINVAL || st == DS_ERANGE ? "invalid_training_file"
+                         : st == DS_EIO                     ? "storage_error"
+                                                            : "training_error");
             }
             j->info.finished_at = (int64_t)time(NULL);
         }
         free(j->train), free(j->valid); /* the data is not needed any more */
         j->train = j->valid = NULL;
+        encode_locked(m, j, &rt);
+        pthread_mutex_unlock(&m->mu);
+        if (m->data_dir) ft_store_drop_state(m->data_dir, rt.id); /* under io_mu: no eviction meanwhile */
+        ds_err werr = {{0}};
+        if (write_unlock(m, &rt, &werr)) DS_LOGW("fine-tune %s: cannot write the job record: %s", rt.id, werr.msg);
+        pthread_mutex_lock(&m->mu);
     }
     pthread_mutex_unlock(&m->mu);
     return NULL;
 }
 
-ds_ft_manager *ds_ft_manager_create(const ds_model *base, ds_adapter_registry *reg, ds_err *err) {
+/* The jobs stored under data_dir: finished ones are listed again, queued ones queue again, and
+ * one that was running resumes from its state (run_job). */
+static void load_jobs(ds_ft_manager *m) {
+    ds_err err = {{0}};
+    if (ds_durable_mkdir(m->data_dir, "jobs", &err)) {
+        DS_LOGW("fine-tune: %s; new jobs will fail until it can be created", err.msg);
+        return;
+    }
+    ft_job *head = NULL;
+    size_t n = ft_store_load(m->data_dir, m->reg ? ds_registry_root(m->reg) : NULL, &head), n_resume = 0;
+    for (ft_job *j = head, *next; j; j = next) {
+        next = j->next;
+        j->next = NULL;
+        if (m->n_jobs >= MAX_JOBS) { /* more than we keep: the oldest go */
+            ft_store_remove(m->data_dir, m->head->info.id);
+            ft_job *old = m->head;
+            m->head = old->next;
+            job_free(old);
+            m->n_jobs--;
+        }
+        if (m->tail) m->tail->next = j;
+        else m->head = j;
+        m->tail = j;
+        m->n_jobs++;
+        const ds_ft_status was = j->info.status;
+        if (was == DS_FT_QUEUED || was == DS_FT_RUNNING) {
+            j->restarted = was == DS_FT_RUNNING;
+            j->info.status = DS_FT_QUEUED;
+            n_resume++;
+            if (was == DS_FT_RUNNING)
+                job_log(m, j, "info", "The server restarted: the job resumes from its last checkpoint");
+        } else if (was == DS_FT_FAILED && !j->info.finished_at) { /* its data was lost (job_store.c) */
+            j->info.finished_at = (int64_t)time(NULL);
+            job_log(m, j, "error", "Fine-tuning job failed: %s", j->info.error);
+            persist_or_log(m, j);
+        }
+    }
+    if (n) DS_LOGI("fine-tune: %zu stored job(s) loaded, %zu to run", n, n_resume);
+}
+
+ds_ft_manager *ds_ft_manager_create(const ds_model *base, ds_adapter_registry *reg, const char *data_dir,
+                                    ds_err *err) {
     ds_ft_manager *m = calloc(1, sizeof *m);
     if (!m) return ds_err_set(err, DS_ENOMEM, "out of memory"), NULL;
     m->base = base, m->reg = reg;
     m->counter = (uint64_t)time(NULL) ^ ((uint64_t)(uintptr_t)m << 16);
+    if (data_dir && data_dir[0] && !(m->data_dir = ds_strdup(data_dir)))
+        return free(m), ds_err_set(err, DS_ENOMEM, "out of memory"), NULL;
     pthread_mutex_init(&m->mu, NULL);
+    pthread_mutex_init(&m->io_mu, NULL);
     pthread_cond_init(&m->cv, NULL);
     pthread_cond_init(&m->ho_cv, NULL);
+    if (m->data_dir) load_jobs(m);
     if (pthread_create(&m->thread, NULL, train_thread, m) != 0) {
-        pthread_mutex_destroy(&m->mu), pthread_cond_destroy(&m->cv), free(m);
+        ds_ft_manager_free(m);
         return ds_err_set(err, DS_ENOMEM, "cannot start the training thread"), NULL;
     }
     m->thread_started = true;
     return m;
 }
 
-void ds_ft_manager_free(ds_ft_manager *m) {
+void ds_ft_manager_stop(ds_ft_manager *m) {
     if (!m) return;
     pthread_mutex_lock(&m->mu);
     __atomic_store_n(&m->stop, true, __ATOMIC_RELEASE);
     pthread_cond_broadcast(&m->cv);
     pthread_mutex_unlock(&m->mu);
+}
+
+void ds_ft_manager_free(ds_ft_manager *m) {
+    if (!m) return;
+    ds_ft_manager_stop(m);
     if (m->thread_started) pthread_join(m->thread, NULL);
     if (m->engine) ds_engine_set_background(m->engine, NULL, NULL, 0); /* waits out a call in progress */
     for (ft_job *j = m->head, *n; j; j = n) n = j->next, job_free(j);
-    pthread_mutex_destroy(&m->mu), pthread_cond_destroy(&m->cv), pthread_cond_destroy(&m->ho_cv);
+    pthread_mutex_destroy(&m->mu), pthread_mutex_destroy(&m->io_mu);
+    pthread_cond_destroy(&m->cv), pthread_cond_destroy(&m->ho_cv);
+    free(m->data_dir);
     free(m);
 }
 
@@ -427,18 +614,14 @@ static ft_job *find_locked(ds_ft_manager *m, const char *id) {
     return NULL;
 }
 
-int ds_ft_submit(ds_ft_manager *m, const ds_ft_job_spec *sp, char id_out[48], ds_err *err) {
-    if (!m->reg || !ds_registry_root(m->reg))
-        return ds_err_set(err, DS_EINVAL, "fine-tuning needs an adapter directory: start the server with --adapter-dir DIR");
-    if (!sp->fine_tuned_model || !sp->fine_tuned_model[0] || strlen(sp->fine_tuned_model) >= 128 ||
-        strchr(sp->fine_tuned_model, '/') || sp->fine_tuned_model[0] == '.')
-        return ds_err_set(err, DS_EINVAL, "invalid fine-tuned model name");
-    if (!sp->train_data || !sp->train_len) return ds_err_set(err, DS_EINVAL, "the training file is empty");
+/* A new job from the spec (not yet listed or stored), or NULL with a message. */
+static ft_job *job_new(const ds_ft_job_spec *sp, ds_err *err) {
     ft_job *j = calloc(1, sizeof *j);
-    if (!j) return ds_err_set(err, DS_ENOMEM, "out of memory");
+    if (!j) return ds_err_set(err, DS_ENOMEM, "out of memory"), NULL;
     j->train = malloc(sp->train_len + 1);
     j->valid = sp->valid_data ? malloc(sp->valid_len + 1) : NULL;
-    if (!j->train || (sp->valid_data && !j->valid)) return job_free(j), ds_err_set(err, DS_ENOMEM, "out of memory");
+    if (!j->train || (sp->valid_data && !j->valid))
+        return job_free(j), ds_err_set(err, DS_ENOMEM, "out of memory"), NULL;
     memcpy(j->train, sp->train_data, sp->train_len), j->train[sp->train_len] = '\0', j->train_len = sp->train_len;
     if (j->valid)
         memcpy(j->valid, sp->valid_data, sp->valid_len), j->valid[sp->valid_len] = '\0', j->valid_len = sp->valid_len;
@@ -463,40 +646,80 @@ int ds_ft_submit(ds_ft_manager *m, const ds_ft_job_spec *sp, char id_out[48], ds
     float base_lr = j->kind == DS_ADAPTER_LORA ? 2e-4f : 3e-2f;
     I->learning_rate = sp->learning_rate > 0 ? sp->learning_rate : base_lr * I->lr_multiplier;
     I->seed = sp->seed;
+    ds_ft_event e = {.valid_loss = NAN};
+    snprintf(e.level, sizeof e.level, "info");
+    add_event_locked(j, &e); /* filled in once the id is known */
+    return j;
+}
+
+int ds_ft_submit(ds_ft_manager *m, const ds_ft_job_spec *sp, char id_out[48], ds_err *err) {
+    if (!m->reg || !ds_registry_root(m->reg))
+        return ds_err_set(err, DS_EINVAL, "fine-tuning needs an adapter directory: start the server with --adapter-dir DIR");
+    if (!sp->fine_tuned_model || !sp->fine_tuned_model[0] || strlen(sp->fine_tuned_model) >= 128 ||
+        strchr(sp->fine_tuned_model, '/') || sp->fine_tuned_model[0] == '.')
+        return ds_err_set(err, DS_EINVAL, "invalid fine-tuned model name");
+    if (!sp->train_data || !sp->train_len) return ds_err_set(err, DS_EINVAL, "the training file is empty");
+    ft_job *j = job_new(sp, err);
+    if (!j) return DS_ENOMEM;
+    ds_ft_job_info *I = &j->info;
     pthread_mutex_lock(&m->mu);
+    uint64_t r = ds_splitmix64(&m->counter);
+    snprintf(I->id, sizeof I->id, "ftjob-%016llx%08llx", (unsigned long long)r,
+             (unsigned long long)(ds_splitmix64(&m->counter) & 0xffffffffu));
+    pthread_mutex_unlock(&m->mu);
+    snprintf(j->ev[0].message, sizeof j->ev[0].message, "Created fine-tuning job: %s", I->id);
+    if (m->data_dir) { /* stored before it is listed: a job the server could not keep is refused */
+        size_t len = 0;
+        char *text = ft_record_encode(j, &len);
+        int st = ft_store_write_data(m->data_dir, j, err);
+        if (!st) st = text ? ft_store_write_record(m->data_dir, I->id, text, len, err)
+                           : ds_err_set(err, DS_ENOMEM, "out of memory");
+        free(text);
+        if (st) {
+            ft_store_remove(m->data_dir, I->id);
+            job_free(j);
+            char tmp[sizeof err->msg];
+            memcpy(tmp, err->msg, sizeof tmp);
+            snprintf(err->msg, sizeof err->msg, "cannot store the job: %.460s", tmp);
+            return st;
+        }
+    }
+    pthread_mutex_lock(&m->mu);
+    ft_job *old = NULL;
     if (m->n_jobs >= MAX_JOBS) { /* forget the oldest finished job */
         ft_job **pp = &m->head;
         while (*pp && ((*pp)->info.status == DS_FT_QUEUED || (*pp)->info.status == DS_FT_RUNNING)) pp = &(*pp)->next;
         if (!*pp) {
             pthread_mutex_unlock(&m->mu);
+            if (m->data_dir) ft_store_remove(m->data_dir, I->id);
             job_free(j);
             return ds_err_set(err, DS_EBUSY, "too many fine-tuning jobs queued");
         }
-        ft_job *old = *pp;
+        old = *pp;
         *pp = old->next;
         m->tail = NULL;
         for (ft_job *x = m->head; x; x = x->next) m->tail = x;
-        job_free(old);
         m->n_jobs--;
     }
-    uint64_t r = ds_splitmix64(&m->counter);
-    snprintf(I->id, sizeof I->id, "ftjob-%016llx%08llx", (unsigned long long)r,
-             (unsigned long long)(ds_splitmix64(&m->counter) & 0xffffffffu));
     if (m->tail) m->tail->next = j;
     else m->head = j;
     m->tail = j;
     m->n_jobs++;
-    ds_ft_event e = {.valid_loss = NAN};
-    snprintf(e.level, sizeof e.level, "info");
-    snprintf(e.message, sizeof e.message, "Created fine-tuning job: %s", I->id);
-    add_event_locked(j, &e);
     snprintf(id_out, 48, "%s", I->id);
     pthread_cond_signal(&m->cv);
     pthread_mutex_unlock(&m->mu);
+    if (old && m->data_dir) {
+        pthread_mutex_lock(&m->io_mu);
+        ft_store_remove(m->data_dir, old->info.id);
+        pthread_mutex_unlock(&m->io_mu);
+    }
+    job_free(old);
     return 0;
 }
 
 int ds_ft_cancel(ds_ft_manager *m, const char *id, ds_err *err) {
+    record_text rt = {.text = NULL};
+    pthread_mutex_lock(&m->io_mu);
     pthread_mutex_lock(&m->mu);
     ft_job *j = find_locked(m, id);
     int st = 0;
@@ -507,8 +730,12 @@ int ds_ft_cancel(ds_ft_manager *m, const char *id, ds_err *err) {
         __atomic_store_n(&j->cancel, 1, __ATOMIC_RELEASE);
         j->info.status = DS_FT_CANCELLED;
         j->info.finished_at = (int64_t)time(NULL);
+        encode_locked(m, j, &rt);
     }
     pthread_mutex_unlock(&m->mu);
+    ds_err werr = {{0}};
+    if (!st && write_unlock(m, &rt, &werr)) DS_LOGW("fine-tune %s: cannot write the job record: %s", id, werr.msg);
+    else if (st) pthread_mutex_unlock(&m->io_mu);
     return st;
 }
 

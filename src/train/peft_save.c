@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include <sys/stat.h>
 
 _Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "safetensors data is little-endian");
@@ -123,8 +124,10 @@ static int open_out(out_file *o, const char *dir, const char *name, ds_err *err)
     return 0;
 }
 
+/* Flushed to disk before the rename (util/durable.h): after a crash the file is whole or absent. */
 static int close_out(out_file *o, bool ok, ds_err *err) {
     ok = !ferror(o->f) && ok;
+    if (ok && (fflush(o->f) != 0 || fsync(fileno(o->f)) != 0)) ok = false;
     if (fclose(o->f) != 0) ok = false;
     if (ok && rename(o->tmp, o->final) == 0) return 0;
     int e = errno;

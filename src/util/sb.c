@@ -93,6 +93,13 @@ static size_t utf8_seq_len(const unsigned char *s, size_t n) {
     return len;
 }
 
+bool ds_utf8_valid(const char *str, size_t n) {
+    const unsigned char *s = (const unsigned char *)str;
+    for (size_t i = 0, l; i < n; i += l)
+        if (!(l = utf8_seq_len(s + i, n - i))) return false;
+    return true;
+}
+
 void ds_sb_json_str(ds_sb *b, const char *str, size_t n) {
     const unsigned char *s = (const unsigned char *)str;
     ds_sb_append(b, "\"", 1);

@@ -29,6 +29,9 @@ void ds_sb_append(ds_sb *b, const char *s, size_t n);
 void ds_sb_puts(ds_sb *b, const char *s);
 void ds_sb_printf(ds_sb *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 void ds_sb_vprintf(ds_sb *b, const char *fmt, va_list ap);
+/* True when s[0..n) is well-formed UTF-8 (RFC 3629: no overlongs, surrogates or code points past
+ * U+10FFFF), i.e. what ds_sb_json_str writes unchanged. */
+bool ds_utf8_valid(const char *s, size_t n);
 /* Appends `s` (n bytes, may contain NUL) as a quoted JSON string. Invalid UTF-8 bytes become
  * U+FFFD so the output is always valid JSON, whatever a tokenizer hands us. */
 void ds_sb_json_str(ds_sb *b, const char *s, size_t n);

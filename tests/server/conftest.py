@@ -109,7 +109,7 @@ class Server:
         return self.proc.returncode
 
 
-def start_server(tmp_path, adapter_dir=None, args=(), env=None, api_key=None, wait=True):
+def start_server(tmp_path, adapter_dir=None, args=(), env=None, api_key=None, wait=True, preexec_fn=None):
     if not BINARY.is_file():
         pytest.skip(f"deltaserve binary not found at {BINARY} (build it, or set DS_BINARY)")
     if not MODEL.is_file():
@@ -124,7 +124,7 @@ def start_server(tmp_path, adapter_dir=None, args=(), env=None, api_key=None, wa
     full_env = {k: v for k, v in os.environ.items() if k not in ("DS_API_KEY",)}
     full_env.update(env or {})
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, preexec_fn=preexec_fn)
     srv = Server(proc, port, adapter_dir, log_path, api_key)
     if wait:
         wait_healthy(srv)
