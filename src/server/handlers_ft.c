@@ -6,7 +6,8 @@
  * manager (src/train/jobs.c), created with the server: one job at a time, whose training steps run
  * on the engine thread between inference steps within --train-budget.
  *
- * Threading: loop thread only; the manager is thread-safe. */
+ * Threading: loop thread only, but for ds_ft_submit, which stores the job under the data directory
+ * and so runs on a libuv worker (the manager is thread-safe). */
 #include <cjson/cJSON.h>
 #include <ctype.h>
 #include <llhttp.h>
@@ -329,6 +330,47 @@ static bool parse_hyperparameters(ds_http_req *req, const cJSON *hp, ds_ft_job_s
     return true;
 }
 
+/* A job being submitted: ds_ft_submit stores it under the data directory (data, record, fsync),
+ * so it runs on a libuv worker and the loop keeps serving; the request ends in submit_done. */
+typedef struct submit_job {
+    uv_work_t work;
+    ds_http_req *req;
+    ds_ft_manager *mgr;
+    cJSON *body;
+    ds_ft_job_spec sp;
+    char name[128], train_id[48], valid_id[48], id[48];
+    char *train, *valid;
+    int status;
+    ds_err err;
+} submit_job;
+
+static void submit_free(submit_job *j) {
+    cJSON_Delete(j->body);
+    free(j->train), free(j->valid), free(j);
+}
+
+static void submit_work(uv_work_t *w) {
+    submit_job *j = w->data;
+    j->status = ds_ft_submit(j->mgr, &j->sp, j->id, &j->err);
+}
+
+static void submit_done(uv_work_t *w, int uv_status) {
+    submit_job *j = w->data;
+    if (uv_status) j->status = ds_err_set(&j->err, DS_ECANCELED, "the submission was cancelled");
+    if (j->status != DS_OK) { /* DS_EIO: the data directory is full or unwritable; the server goes on */
+        ds_server_reply_errorf(j->req, EP_JOBS, j->status == DS_EIO || j->status == DS_ECANCELED ? 500 : 400, NULL,
+                               j->status == DS_EIO ? "storage_error" : NULL, "%s", j->err.msg);
+    } else {
+        ds_ft_job_info info;
+        ds_ft_get(j->mgr, j->id, &info);
+        ds_sb b;
+        ds_sb_init(&b);
+        job_json(&b, &info);
+        ds_server_reply_json(j->req, EP_JOBS, 200, &b);
+    }
+    submit_free(j);
+}
+
 /* A request with several problems hears about the first in this order: model given, files, model
  * known, suffix, seed, method, hyperparameters. */
 static void handle_job_create(ds_http_req *req, void *ud) {
@@ -343,36 +385,46 @@ static void handle_job_create(ds_http_req *req, void *ud) {
     }
     cJSON *o = ds_server_json_object(req, EP_JOBS);
     if (!o) return;
-    ds_ft_job_spec sp = {0};
-    char name[128];
+    submit_job *j = calloc(1, sizeof *j);
     const ds_file *train, *valid;
     const cJSON *hp;
+    if (!j) {
+        cJSON_Delete(o);
+        ds_server_reply_errorf(req, EP_JOBS, 500, NULL, NULL, "out of memory");
+        return;
+    }
+    ds_ft_job_spec *sp = &j->sp;
+    j->body = o; /* the spec's strings point into it, j->name and the copies below until the job is stored */
     if (!model_given(req, o) || !parse_files(req, ds_server_files(s), o, &train, &valid) ||
-        !parse_model(req, s, o, &sp, name) || !parse_method(req, o, &sp, &hp) || !parse_hyperparameters(req, hp, &sp)) {
-        cJSON_Delete(o);
+        !parse_model(req, s, o, sp, j->name) || !parse_method(req, o, sp, &hp) || !parse_hyperparameters(req, hp, sp)) {
+        submit_free(j);
         return;
     }
-    sp.training_file = train->id;
-    sp.train_data = train->data, sp.train_len = train->bytes;
-    if (valid) sp.validation_file = valid->id, sp.valid_data = valid->data, sp.valid_len = valid->bytes;
-    ds_ft_manager *mgr = ds_server_ft_manager(s);
-    ds_err err = {{0}};
-    if (!mgr) ds_err_set(&err, DS_EUNSUPPORTED, "no model is loaded");
-    char id[48];
-    const int st = mgr ? ds_ft_submit(mgr, &sp, id, &err) : DS_EUNSUPPORTED;
-    if (st != DS_OK) { /* DS_EIO: the data directory is full or unwritable; the server goes on */
-        ds_server_reply_errorf(req, EP_JOBS, !mgr ? 503 : st == DS_EIO ? 500 : 400, NULL,
-                               st == DS_EIO ? "storage_error" : NULL, "%s", err.msg);
-        cJSON_Delete(o);
+    /* Copies: a file may be deleted while the job is being stored. */
+    snprintf(j->train_id, sizeof j->train_id, "%s", train->id);
+    snprintf(j->valid_id, sizeof j->valid_id, "%s", valid ? valid->id : "");
+    j->train = malloc(train->bytes + 1);
+    j->valid = valid ? malloc(valid->bytes + 1) : NULL;
+    j->mgr = ds_server_ft_manager(s);
+    if (!j->mgr || !j->train || (valid && !j->valid)) {
+        ds_server_reply_errorf(req, EP_JOBS, j->mgr ? 500 : 503, NULL, NULL, "%s",
+                               j->mgr ? "out of memory" : "no model is loaded");
+        submit_free(j);
         return;
     }
-    cJSON_Delete(o);
-    ds_ft_job_info info;
-    ds_ft_get(mgr, id, &info);
-    ds_sb b;
-    ds_sb_init(&b);
-    job_json(&b, &info);
-    ds_server_reply_json(req, EP_JOBS, 200, &b);
+    memcpy(j->train, train->data, train->bytes);
+    sp->training_file = j->train_id;
+    sp->train_data = j->train, sp->train_len = train->bytes;
+    if (valid) {
+        memcpy(j->valid, valid->data, valid->bytes);
+        sp->validation_file = j->valid_id, sp->valid_data = j->valid, sp->valid_len = valid->bytes;
+    }
+    j->req = req;
+    j->work.data = j;
+    if (uv_queue_work(ds_server_http(s)->loop, &j->work, submit_work, submit_done) != 0) {
+        ds_server_reply_errorf(req, EP_JOBS, 500, NULL, NULL, "cannot queue the job");
+        submit_free(j);
+    }
 }
 
 static void handle_job_list(ds_http_req *req, void *ud) {
