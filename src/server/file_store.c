@@ -2,6 +2,7 @@
  * search is as fast as anything else and keeps upload order for listing. With a data directory each
  * file is one record, files/<id>: a JSON header line and the bytes, so that one crash-safe rename
  * (util/durable.h) makes a file appear whole or not at all. */
+#include "util/json.h"
 #include "server/file_store.h"
 
 #include <cjson/cJSON.h>
@@ -57,7 +58,8 @@ int ds_file_record_parse(const char *buf, size_t len, ds_file *meta, size_t *dat
     memset(meta, 0, sizeof *meta);
     const char *nl = memchr(buf, '\n', len < HEADER_MAX ? len : HEADER_MAX);
     if (!nl) return ds_err_set(err, DS_EFORMAT, "no header line");
-    cJSON *h = cJSON_ParseWithLength(buf, (size_t)(nl - buf));
+    char why[96];
+    cJSON *h = ds_json_parse_strict(buf, (size_t)(nl - buf), why, sizeof why); /* no NUL, nothing after it */
     double created = 0, bytes = 0, seq = 0;
     int st = 0;
     if (!cJSON_IsObject(h)) st = ds_err_set(err, DS_EFORMAT, "the header is not a JSON object");

@@ -11,6 +11,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "util/json.h"
 #include "train/jobs_internal.h"
 #include "train/train_internal.h"
 #include "util/durable.h"
@@ -255,7 +256,8 @@ static int parse_checkpoints(rd *top, ft_job *j) {
 }
 
 int ft_record_parse(const char *buf, size_t len, ft_job *j, ds_err *err) {
-    cJSON *o = cJSON_ParseWithLength(buf, len);
+    char why[96];
+    cJSON *o = ds_json_parse_strict(buf, len, why, sizeof why); /* no NUL, nothing after the value */
     rd r = {.o = o, .ok = true};
     int st = 0;
     if (!cJSON_IsObject(o)) st = ds_err_set(err, DS_EFORMAT, "not a JSON object");
