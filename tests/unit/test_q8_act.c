@@ -119,6 +119,7 @@ static void test_kernels(void) {
             kernel_case(isas[i], k, dt, 8, 20, 2304, true);
             kernel_case(isas[i], k, dt, 9, 70, kq ? 512 : 224, false); /* prefill path */
             kernel_case(isas[i], k, dt, 37, 45, kq ? 768 : 320, true);
+            kernel_case(isas[i], k, dt, 70, 24, kq ? 256 : 64, true); /* two token blocks of the tiles */
         }
     }
 }
