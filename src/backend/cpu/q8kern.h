@@ -510,9 +510,7 @@ static void tile8(const ds_mat *w, int32_t r0, int32_t r1, const ds_q8_act *a, i
     void *t = NULL;
     if (posix_memalign(&t, 64, per * (size_t)nb)) { /* no memory: the gemv path, 8 tokens at a time */
         for (int32_t t0 = 0; t0 < n; t0 += DS_QK_GEMV_MAX) {
-            const ds_q8_act sub = {.q = a->q + (size_t)t0 * K, .d = a->d + (size_t)t0 * (K / a->blk),
-                                   .bs = a->bs + (size_t)t0 * (K / 32), .s8 = a->s8 + (size_t)t0 * (K / 32),
-                                   .blk = a->blk};
+            const ds_q8_act sub = ds_q8_act_from(a, t0, K);
             gemv(w, r0, r1, &sub, n - t0 < DS_QK_GEMV_MAX ? n - t0 : DS_QK_GEMV_MAX, y + (size_t)t0 * M, bias, acc);
         }
         return;

@@ -274,7 +274,7 @@ typedef struct {
  * in cache between the token groups). */
 static void q8_chunk(void *arg, int64_t i) {
     const q8_job *j = arg;
-    const int32_t M = j->w->rows, K = j->w->cols, blk = j->a->blk;
+    const int32_t M = j->w->rows, K = j->w->cols;
     int32_t r0 = (int32_t)i * j->chunk;
     const int32_t r1 = r0 + j->chunk < M ? r0 + j->chunk : M;
     if (j->tile) { /* whole 8-row tiles; a tail of fewer rows takes gemv below */
@@ -283,10 +283,7 @@ static void q8_chunk(void *arg, int64_t i) {
          * reads them (each block unpacks the tiles again: ~5% of the work at 64 tokens) */
         for (int32_t t0 = 0; rt > r0 && t0 < j->n; t0 += Q8_TILE_TOKENS) {
             const int32_t nt = j->n - t0 < Q8_TILE_TOKENS ? j->n - t0 : Q8_TILE_TOKENS;
-            const ds_q8_act sub = {.q = j->a->q + (size_t)t0 * K, .d = j->a->d + (size_t)t0 * (K / blk),
-                                   .bs = j->a->bs + (size_t)t0 * (K / 32), .bs16 = j->a->bs16 + (size_t)t0 * (K / 16),
-                                   .qu = j->a->qu + (size_t)t0 * K, .s8 = j->a->s8 + (size_t)t0 * (K / 32),
-                                   .blk = blk};
+            const ds_q8_act sub = ds_q8_act_from(j->a, t0, K);
             j->k->tile8(j->w, r0, rt, &sub, nt, j->y + (size_t)t0 * M, j->bias, j->acc);
         }
         r0 = rt;
@@ -294,10 +291,7 @@ static void q8_chunk(void *arg, int64_t i) {
     }
     for (int32_t t0 = 0; t0 < j->n; t0 += DS_QK_GEMV_MAX) {
         const int32_t nt = j->n - t0 < DS_QK_GEMV_MAX ? j->n - t0 : DS_QK_GEMV_MAX;
-        const ds_q8_act sub = {.q = j->a->q + (size_t)t0 * K, .d = j->a->d + (size_t)t0 * (K / blk),
-                               .bs = j->a->bs + (size_t)t0 * (K / 32), .s8 = j->a->s8 + (size_t)t0 * (K / 32),
-                               .bs16 = j->a->bs16 + (size_t)t0 * (K / 16),
-                               .blk = blk};
+        const ds_q8_act sub = ds_q8_act_from(j->a, t0, K);
         j->k->gemv(j->w, r0, r1, &sub, nt, j->y + (size_t)t0 * M, j->bias, j->acc);
     }
 }

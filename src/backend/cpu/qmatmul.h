@@ -106,6 +106,15 @@ extern const ds_q8_ops ds_q8_vnni;
 const ds_q8_ops *ds_q8_best(const char **name);
 const ds_q8_ops *ds_q8_by_name(const char *name); /* "generic", "avx2", "vnni"; NULL if unsupported */
 
+/* The activations of tokens t0.. of a (K columns; t0 a multiple of 8, so the 8-token-grouped
+ * sums stay aligned). */
+static inline ds_q8_act ds_q8_act_from(const ds_q8_act *a, int32_t t0, int32_t K) {
+    const size_t t = (size_t)t0;
+    return (ds_q8_act){.q = a->q + t * K, .d = a->d + t * (size_t)(K / a->blk), .bs = a->bs + t * (size_t)(K / 32),
+                       .bs16 = a->bs16 + t * (size_t)(K / 16), .qu = a->qu + t * K,
+                       .s8 = a->s8 + t * (size_t)(K / 32), .blk = a->blk};
+}
+
 /* Bytes of activation buffer for n tokens of K columns. */
 size_t ds_q8_act_bytes(int32_t n, int32_t K);
 /* Quantises x[n][K] (K a multiple of blk) into buf (ds_q8_act_bytes) and describes it in *a. */
