@@ -74,6 +74,18 @@ int ds_weight_row(const ds_weight *w, int32_t r, float *dst);
 int ds_quantize_row(ds_dtype t, const float *src, void *dst, int64_t n);
 bool ds_dtype_can_quantize(ds_dtype t);
 
+/* The 12 scale bytes of Q4_K/Q5_K hold 8 six-bit scales and 8 six-bit mins: sub-block j's (ggml's
+ * get_scale_min_k4). */
+static inline void ds_k4_scale_min(int j, const uint8_t *q, uint8_t *sc, uint8_t *m) {
+    if (j < 4) {
+        *sc = q[j] & 63;
+        *m = q[j + 4] & 63;
+    } else {
+        *sc = (uint8_t)((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4));
+        *m = (uint8_t)((q[j + 4] >> 4) | ((q[j] >> 6) << 4));
+    }
+}
+
 #ifdef __cplusplus
 }
 #endif

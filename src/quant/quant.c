@@ -105,17 +105,6 @@ static void deq_q8_0(const uint8_t *x, float *y, int64_t nb) {
     }
 }
 
-/* The 12 scale bytes of Q4_K/Q5_K hold 8 six-bit scales and 8 six-bit mins (get_scale_min_k4). */
-static void scale_min_k4(int j, const uint8_t *q, uint8_t *sc, uint8_t *m) {
-    if (j < 4) {
-        *sc = q[j] & 63;
-        *m = q[j + 4] & 63;
-    } else {
-        *sc = (uint8_t)((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4));
-        *m = (uint8_t)((q[j + 4] >> 4) | ((q[j] >> 6) << 4));
-    }
-}
-
 /* Q4_K, 144 B / 256: f16 d, f16 dmin, scales[12], qs[128]; 4 chunks of 64: low nibbles of 32 bytes with
  * (sc,m)[2k], high nibbles with (sc,m)[2k+1]; y = (d*sc)*q - (dmin*m). */
 static void deq_q4_k(const uint8_t *x, float *y, int64_t nb) {
@@ -124,9 +113,9 @@ static void deq_q4_k(const uint8_t *x, float *y, int64_t nb) {
         const uint8_t *scales = x + 4, *q = x + 16;
         for (int is = 0; is < 8; is += 2, q += 32) {
             uint8_t sc, m;
-            scale_min_k4(is, scales, &sc, &m);
+            ds_k4_scale_min(is, scales, &sc, &m);
             const float d1 = d * sc, m1 = dmin * m;
-            scale_min_k4(is + 1, scales, &sc, &m);
+            ds_k4_scale_min(is + 1, scales, &sc, &m);
             const float d2 = d * sc, m2 = dmin * m;
             for (int l = 0; l < 32; l++) *y++ = d1 * (float)(q[l] & 0xF) - m1;
             for (int l = 0; l < 32; l++) *y++ = d2 * (float)(q[l] >> 4) - m2;
@@ -143,9 +132,9 @@ static void deq_q5_k(const uint8_t *x, float *y, int64_t nb) {
         uint8_t u1 = 1, u2 = 2;
         for (int is = 0; is < 8; is += 2, ql += 32, u1 <<= 2, u2 <<= 2) {
             uint8_t sc, m;
-            scale_min_k4(is, scales, &sc, &m);
+            ds_k4_scale_min(is, scales, &sc, &m);
             const float d1 = d * sc, m1 = dmin * m;
-            scale_min_k4(is + 1, scales, &sc, &m);
+            ds_k4_scale_min(is + 1, scales, &sc, &m);
             const float d2 = d * sc, m2 = dmin * m;
             for (int l = 0; l < 32; l++) *y++ = d1 * (float)((ql[l] & 0xF) + (qh[l] & u1 ? 16 : 0)) - m1;
             for (int l = 0; l < 32; l++) *y++ = d2 * (float)((ql[l] >> 4) + (qh[l] & u2 ? 16 : 0)) - m2;

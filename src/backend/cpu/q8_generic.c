@@ -8,16 +8,6 @@
 
 static float h2f(const uint8_t *p) { return ds_f16_to_f32((uint16_t)(p[0] | p[1] << 8)); }
 
-static void scale_min_k4(int j, const uint8_t *q, int *sc, int *m) {
-    if (j < 4) {
-        *sc = q[j] & 63;
-        *m = q[j + 4] & 63;
-    } else {
-        *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
-        *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
-    }
-}
-
 /* W[row]·x̂ for one token (xq its codes, xd its block scales, bs its 32-column sums). */
 static float row_dot(ds_dtype dt, int32_t K, const uint8_t *row, const int8_t *xq, const float *xd,
                      const int16_t *bs) {
@@ -53,8 +43,9 @@ static float row_dot(ds_dtype dt, int32_t K, const uint8_t *row, const int8_t *x
             for (int c = 0; c < 4; c++)
                 for (int half = 0; half < 2; half++) {
                     const int j = 2 * c + half;
-                    int sc, m, pj = 0;
-                    scale_min_k4(j, scales, &sc, &m);
+                    uint8_t sc, m;
+                    int pj = 0;
+                    ds_k4_scale_min(j, scales, &sc, &m);
                     for (int l = 0; l < 32; l++) {
                         int q = half ? qs[32 * c + l] >> 4 : qs[32 * c + l] & 15;
                         if (q5) q |= ((qh[l] >> j) & 1) << 4;

@@ -109,24 +109,14 @@ static void blk_q8_0(const uint8_t *x, float *y) {
     }
 }
 
-static void scale_min_k4(int j, const uint8_t *q, uint8_t *sc, uint8_t *m) {
-    if (j < 4) {
-        *sc = q[j] & 63;
-        *m = q[j + 4] & 63;
-    } else {
-        *sc = (uint8_t)((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4));
-        *m = (uint8_t)((q[j + 4] >> 4) | ((q[j] >> 6) << 4));
-    }
-}
-
 static void blk_q4_k(const uint8_t *x, float *y) {
     const float d = f16v(x), dmin = f16v(x + 2);
     const uint8_t *scales = x + 4, *q = x + 16;
     for (int is = 0; is < 8; is += 2, q += 32, y += 64) {
         uint8_t sc, m;
-        scale_min_k4(is, scales, &sc, &m);
+        ds_k4_scale_min(is, scales, &sc, &m);
         const float d1 = d * sc, m1 = dmin * m;
-        scale_min_k4(is + 1, scales, &sc, &m);
+        ds_k4_scale_min(is + 1, scales, &sc, &m);
         const float d2 = d * sc, m2 = dmin * m;
         for (int l = 0; l < 32; l += QK_VW) {
             const u8v b = ld8(q + l);
@@ -142,9 +132,9 @@ static void blk_q5_k(const uint8_t *x, float *y) {
     int sh = 0;
     for (int is = 0; is < 8; is += 2, ql += 32, y += 64, sh += 2) {
         uint8_t sc, m;
-        scale_min_k4(is, scales, &sc, &m);
+        ds_k4_scale_min(is, scales, &sc, &m);
         const float d1 = d * sc, m1 = dmin * m;
-        scale_min_k4(is + 1, scales, &sc, &m);
+        ds_k4_scale_min(is + 1, scales, &sc, &m);
         const float d2 = d * sc, m2 = dmin * m;
         for (int l = 0; l < 32; l += QK_VW) {
             const u8v b = ld8(ql + l), h = ld8(qh + l);
@@ -338,8 +328,8 @@ static inline __attribute__((always_inline)) void row_fused(const ds_mat *w, con
             const uint8_t *scales = row + 4, *qh = row + 16, *qs = row + (q5 ? 48 : 16);
             for (int c = 0; c < 4; c++, qs += 32) { /* 64 elements: sub-blocks 2c (low nibbles), 2c+1 */
                 uint8_t sc0, m0, sc1, m1;
-                scale_min_k4(2 * c, scales, &sc0, &m0);
-                scale_min_k4(2 * c + 1, scales, &sc1, &m1);
+                ds_k4_scale_min(2 * c, scales, &sc0, &m0);
+                ds_k4_scale_min(2 * c + 1, scales, &sc1, &m1);
                 for (int v = 0; v < QMAXV; v++) {
                     const u8v b = ld8(qs + v * QK_VW);
                     u8v lo = b & 15, hi = b >> 4;
