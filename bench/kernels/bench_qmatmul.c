@@ -69,7 +69,8 @@ int main(int argc, char **argv) {
     if (isa) qk_name = isa;
     if (!qk) return fprintf(stderr, "bench_qmatmul: this CPU lacks %s\n", isa), 2;
     printf("bench_qmatmul: %d x %d, one thread, exact kernels %s, int8 kernels %s\n", M, K, qk_name, q8_name);
-    printf("%-5s %4s  %12s %10s  %12s %10s  %7s\n", "dtype", "n", "exact ms", "GB/s", "int8 ms", "GB/s", "speedup");
+    printf("%-5s %4s  %12s %10s  %12s %10s  %7s  %9s %8s\n", "dtype", "n", "exact ms", "GB/s", "int8 ms", "GB/s", "speedup",
+           "packed ms", "GB/s");
     static const ds_dtype dts[] = {DS_DTYPE_Q4_0, DS_DTYPE_Q4_1, DS_DTYPE_Q8_0, DS_DTYPE_Q4_K, DS_DTYPE_Q5_K, DS_DTYPE_Q6_K};
     int32_t nmax = 1;
     for (int i = 0; i < n_ns; i++) nmax = ns[i] > nmax ? ns[i] : nmax;
@@ -81,22 +82,30 @@ int main(int argc, char **argv) {
         uint8_t *w = rnd_weights(dts[d], M, K);
         const ds_mat m = {.data = w, .rows = M, .cols = K, .dtype = dts[d], .row_bytes = ds_dtype_row_bytes(dts[d], K),
                           .borrowed = true};
+        ds_mat mp = m; /* int8 mode's upload-time pack (ds_q8_pack), where the format has one */
+        mp.aux = q8->packed ? ds_q8_pack(&m) : NULL;
         const double bytes = (double)m.row_bytes * M;
         for (int i = 0; i < n_ns; i++) {
             const int32_t n = ns[i];
-            double t_ex = 1e30, t_q8 = 1e30;
+            double t_ex = 1e30, t_q8 = 1e30, t_pk = 1e30;
             for (int r = 0; r < reps; r++) { /* best of reps, alternating the two paths */
                 double t0 = cpu_s();
                 ds_qk_matmul(qk, x, &m, NULL, y, n, false, scratch, NULL);
                 double t1 = cpu_s();
                 ds_q8_matmul(q8, x, &m, NULL, y, n, false, buf, NULL);
                 double t2 = cpu_s();
+                if (mp.aux) ds_q8_matmul(q8, x, &mp, NULL, y, n, false, buf, NULL);
+                double t3 = cpu_s();
                 t_ex = t1 - t0 < t_ex ? t1 - t0 : t_ex;
                 t_q8 = t2 - t1 < t_q8 ? t2 - t1 : t_q8;
+                t_pk = t3 - t2 < t_pk ? t3 - t2 : t_pk;
             }
-            printf("%-5s %4d  %12.3f %10.2f  %12.3f %10.2f  %6.2fx\n", ds_dtype_name(dts[d]), n, 1e3 * t_ex,
+            printf("%-5s %4d  %12.3f %10.2f  %12.3f %10.2f  %6.2fx", ds_dtype_name(dts[d]), n, 1e3 * t_ex,
                    bytes / t_ex / 1e9, 1e3 * t_q8, bytes / t_q8 / 1e9, t_ex / t_q8);
+            if (mp.aux) printf("  %9.3f %8.2f\n", 1e3 * t_pk, bytes / t_pk / 1e9);
+            else printf("          -        -\n");
         }
+        free(mp.aux);
         free(w);
     }
     free(x), free(y), free(scratch), free(buf);

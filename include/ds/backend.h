@@ -34,6 +34,8 @@ typedef struct ds_mat {
     ds_dtype dtype;
     size_t row_bytes;
     bool borrowed; /* data belongs to someone else (CPU backend: the ds_model) */
+    void *aux;     /* the backend's own companion of data, freed by mat_free whether or not data is
+                    * borrowed (CPU int8 mode: Q4_K rows repacked into 8-row tiles), or NULL */
 } ds_mat;
 
 /* One LoRA-family segment: tokens [start, start+len) of the batch share these adapter weights.

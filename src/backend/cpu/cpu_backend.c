@@ -89,12 +89,17 @@ static int cpu_mat_upload(void *ctx, const ds_weight *host, ds_mat *out) {
         return DS_EUNSUPPORTED;
     *out = (ds_mat){.data = (void *)host->data, .rows = host->rows, .cols = host->cols, .dtype = host->dtype,
                     .row_bytes = host->row_bytes, .borrowed = true};
+    const cpu_ctx *c = ctx;
+    /* int8 mode: formats with a packed kernel are repacked once here (no pack: the unpacked path) */
+    if (c->q8 && c->q8->packed) out->aux = ds_q8_pack(out);
     return DS_OK;
 }
 
 static void cpu_mat_free(void *ctx, ds_mat *m) {
     if (!m->borrowed) free(m->data);
+    free(m->aux);
     m->data = NULL;
+    m->aux = NULL;
 }
 
 static int cpu_matmul(void *ctx, const float *x, const ds_mat *w, const float *bias, float *y, int32_t n,

@@ -61,25 +61,71 @@ static inline __attribute__((always_inline)) void row_q8(ds_dtype dt, int32_t K,
         const bool q41 = dt == DS_DTYPE_Q4_1;
         const int32_t bb = q41 ? 20 : 18;
         __m256 tv = _mm256_setzero_ps();
-        for (int32_t b = 0; b < K32; b++, row += bb) {
-            const float d = h2f(row), mo = q41 ? h2f(row + 2) : -8.0f * d;
-            const __m128i v = _mm_loadu_si128((const __m128i *)(row + (q41 ? 4 : 2)));
-            const __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), m4);
-            const __m256 dw = _mm256_set1_ps(d);
-            for (int32_t t = 0; t < n; t++) {
-                const size_t i = (size_t)t * K32 + b;
-                const __m256 p = _mm256_cvtepi32_ps(dot_us(q, ld256(a->q + (size_t)t * K + 32 * b)));
-                acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(p, _mm256_broadcast_ss(a->d + i)), dw, acc[t]);
+        if (n == 1) { /* one token: two blocks per pass on independent chains (the FMA latency bounds it) */
+            __m256 a0 = acc[0], a1 = _mm256_setzero_ps(), tv1 = _mm256_setzero_ps();
+            int32_t b = 0;
+            for (; b + 1 < K32; b += 2, row += 2 * bb) {
+                const __m128i v0 = _mm_loadu_si128((const __m128i *)(row + (q41 ? 4 : 2)));
+                const __m128i v1 = _mm_loadu_si128((const __m128i *)(row + bb + (q41 ? 4 : 2)));
+                const __m256i q0 = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v0, 4), v0), m4);
+                const __m256i q1 = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v1, 4), v1), m4);
+                const float d0 = h2f(row), d1 = h2f(row + bb);
+                const float mo0 = q41 ? h2f(row + 2) : -8.0f * d0, mo1 = q41 ? h2f(row + bb + 2) : -8.0f * d1;
+                const __m256 p0 = _mm256_cvtepi32_ps(dot_us(q0, ld256(a->q + 32 * b)));
+                const __m256 p1 = _mm256_cvtepi32_ps(dot_us(q1, ld256(a->q + 32 * b + 32)));
+                a0 = _mm256_fmadd_ps(p0, _mm256_set1_ps(d0 * a->d[b]), a0);
+                a1 = _mm256_fmadd_ps(p1, _mm256_set1_ps(d1 * a->d[b + 1]), a1);
+                tv = _mm256_fmadd_ps(_mm256_set1_ps(mo0), _mm256_loadu_ps(a->s8 + 8 * (size_t)b), tv);
+                tv1 = _mm256_fmadd_ps(_mm256_set1_ps(mo1), _mm256_loadu_ps(a->s8 + 8 * (size_t)b + 8), tv1);
             }
-            /* the offset term of all (≤ 8) tokens in one vector: lane t is token t */
-            tv = _mm256_fmadd_ps(_mm256_set1_ps(mo), _mm256_loadu_ps(a->s8 + 8 * (size_t)b), tv);
-        }
+            for (; b < K32; b++, row += bb) {
+                const float d = h2f(row), mo = q41 ? h2f(row + 2) : -8.0f * d;
+                const __m128i v = _mm_loadu_si128((const __m128i *)(row + (q41 ? 4 : 2)));
+                const __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), m4);
+                const __m256 p = _mm256_cvtepi32_ps(dot_us(q, ld256(a->q + 32 * b)));
+                a0 = _mm256_fmadd_ps(p, _mm256_set1_ps(d * a->d[b]), a0);
+                tv = _mm256_fmadd_ps(_mm256_set1_ps(mo), _mm256_loadu_ps(a->s8 + 8 * (size_t)b), tv);
+            }
+            acc[0] = _mm256_add_ps(a0, a1);
+            tv = _mm256_add_ps(tv, tv1);
+        } else
+            for (int32_t b = 0; b < K32; b++, row += bb) {
+                const float d = h2f(row), mo = q41 ? h2f(row + 2) : -8.0f * d;
+                const __m128i v = _mm_loadu_si128((const __m128i *)(row + (q41 ? 4 : 2)));
+                const __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), m4);
+                const __m256 dw = _mm256_set1_ps(d);
+                for (int32_t t = 0; t < n; t++) {
+                    const size_t i = (size_t)t * K32 + b;
+                    const __m256 p = _mm256_cvtepi32_ps(dot_us(q, ld256(a->q + (size_t)t * K + 32 * b)));
+                    acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(p, _mm256_broadcast_ss(a->d + i)), dw, acc[t]);
+                }
+                /* the offset term of all (≤ 8) tokens in one vector: lane t is token t */
+                tv = _mm256_fmadd_ps(_mm256_set1_ps(mo), _mm256_loadu_ps(a->s8 + 8 * (size_t)b), tv);
+            }
         float lanes[8];
         _mm256_storeu_ps(lanes, tv);
         for (int32_t t = 0; t < n; t++) tail[t] += lanes[t];
         return;
     }
     case DS_DTYPE_Q8_0:
+        if (n == 1) { /* one token: two independent chains */
+            __m256 a0 = acc[0], a1 = _mm256_setzero_ps();
+            int32_t b = 0;
+            for (; b + 1 < K32; b += 2, row += 68) {
+                const __m256i w0 = ld256(row + 2), w1 = ld256(row + 36);
+                const __m256i p0 = dot_us(_mm256_sign_epi8(w0, w0), _mm256_sign_epi8(ld256(a->q + 32 * b), w0));
+                const __m256i p1 = dot_us(_mm256_sign_epi8(w1, w1), _mm256_sign_epi8(ld256(a->q + 32 * b + 32), w1));
+                a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(h2f(row) * a->d[b]), a0);
+                a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(h2f(row + 34) * a->d[b + 1]), a1);
+            }
+            for (; b < K32; b++, row += 34) {
+                const __m256i w = ld256(row + 2);
+                const __m256i p = dot_us(_mm256_sign_epi8(w, w), _mm256_sign_epi8(ld256(a->q + 32 * b), w));
+                a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(h2f(row) * a->d[b]), a0);
+            }
+            acc[0] = _mm256_add_ps(a0, a1);
+            return;
+        }
         for (int32_t b = 0; b < K32; b++, row += 34) {
             const float d = h2f(row);
             const __m256i w = ld256(row + 2), u = _mm256_sign_epi8(w, w);
@@ -115,6 +161,8 @@ static inline __attribute__((always_inline)) void row_q8(ds_dtype dt, int32_t K,
             __m256i ai[DS_QK_GEMV_MAX];
             for (int32_t t = 0; t < n; t++) ai[t] = _mm256_setzero_si256();
             const __m256i hb = q5 ? ld256(qh) : _mm256_setzero_si256();
+            __m256i c4[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                             _mm256_setzero_si256()};
             for (int c = 0; c < 4; c++) { /* 64 columns: sub-blocks 2c (low nibbles) and 2c+1 */
                 const __m256i v = ld256(qs + 32 * c);
                 __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
@@ -124,12 +172,18 @@ static inline __attribute__((always_inline)) void row_q8(ds_dtype dt, int32_t K,
                 }
                 const __m256i s0 = _mm256_shuffle_epi8(scl, _mm256_set1_epi16((short)((4 * c + 1) << 8 | 4 * c)));
                 const __m256i s1 = _mm256_shuffle_epi8(scl, _mm256_set1_epi16((short)((4 * c + 3) << 8 | (4 * c + 2))));
-                for (int32_t t = 0; t < n; t++) {
-                    const int8_t *xq = a->q + (size_t)t * K + 256 * b + 64 * c;
-                    ai[t] = dot_us_sc(ai[t], lo, ld256(xq), s0);
-                    ai[t] = dot_us_sc(ai[t], hi, ld256(xq + 32), s1);
-                }
+                if (n == 1) { /* one token: four independent chains, summed below */
+                    const int8_t *xq = a->q + 256 * b + 64 * c;
+                    c4[2 * (c & 1)] = dot_us_sc(c4[2 * (c & 1)], lo, ld256(xq), s0);
+                    c4[2 * (c & 1) + 1] = dot_us_sc(c4[2 * (c & 1) + 1], hi, ld256(xq + 32), s1);
+                } else
+                    for (int32_t t = 0; t < n; t++) {
+                        const int8_t *xq = a->q + (size_t)t * K + 256 * b + 64 * c;
+                        ai[t] = dot_us_sc(ai[t], lo, ld256(xq), s0);
+                        ai[t] = dot_us_sc(ai[t], hi, ld256(xq + 32), s1);
+                    }
             }
+            if (n == 1) ai[0] = _mm256_add_epi32(_mm256_add_epi32(c4[0], c4[1]), _mm256_add_epi32(c4[2], c4[3]));
             for (int32_t t = 0; t < n; t++) {
                 const float dx = a->d[(size_t)t * nb + b];
                 acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ai[t]), _mm256_set1_ps(d * dx), acc[t]);
@@ -149,6 +203,8 @@ static inline __attribute__((always_inline)) void row_q8(ds_dtype dt, int32_t K,
             for (int32_t t = 0; t < n; t++) ai[t] = _mm256_setzero_si256();
             /* the 16 scales as 16-bit lanes: 0..7 in the low half, 8..15 in the high one */
             const __m256i s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)scb));
+            __m256i c4[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                             _mm256_setzero_si256()};
             for (int h = 0; h < 2; h++) { /* 128 columns: ql[64 h..], qh[32 h..], scales sc[8 h..] */
                 const uint8_t *ql = row + 64 * h, *qhp = row + 128 + 32 * h;
                 const __m256i sh = h ? _mm256_permute2x128_si256(s16, s16, 0x11) : _mm256_permute2x128_si256(s16, s16, 0x00);
@@ -162,12 +218,17 @@ static inline __attribute__((always_inline)) void row_q8(ds_dtype dt, int32_t K,
                     const __m256i sc = _mm256_shuffle_epi8(
                         sh, _mm256_set_m128i(_mm_set1_epi16((short)((4 * i + 3) << 8 | (4 * i + 2))),
                                              _mm_set1_epi16((short)((4 * i + 1) << 8 | 4 * i))));
-                    for (int32_t t = 0; t < n; t++) {
-                        const int8_t *xq = a->q + (size_t)t * K + 256 * b + 128 * h + 32 * i;
-                        ai[t] = dot_us_sc(ai[t], ug, _mm256_sign_epi8(ld256(xq), g), sc);
-                    }
+                    if (n == 1) { /* one token: four independent chains, summed below */
+                        const int8_t *xq = a->q + 256 * b + 128 * h + 32 * i;
+                        c4[i] = dot_us_sc(c4[i], ug, _mm256_sign_epi8(ld256(xq), g), sc);
+                    } else
+                        for (int32_t t = 0; t < n; t++) {
+                            const int8_t *xq = a->q + (size_t)t * K + 256 * b + 128 * h + 32 * i;
+                            ai[t] = dot_us_sc(ai[t], ug, _mm256_sign_epi8(ld256(xq), g), sc);
+                        }
                 }
             }
+            if (n == 1) ai[0] = _mm256_add_epi32(_mm256_add_epi32(c4[0], c4[1]), _mm256_add_epi32(c4[2], c4[3]));
             for (int32_t t = 0; t < n; t++) {
                 const float dx = a->d[(size_t)t * nb + b];
                 acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ai[t]), _mm256_set1_ps(d * dx), acc[t]);
@@ -537,8 +598,73 @@ static void tile8(const ds_mat *w, int32_t r0, int32_t r1, const ds_q8_act *a, i
     free(t);
 }
 
+/* ---- packed Q4_K (ds_q4k_x8, built at upload: ds_q8_pack) ---- */
+
+/* NT tokens (from t0) against one packed 8-row group: out[k] = the 8 rows' dot products. */
+static inline __attribute__((always_inline)) void pk4_tokens(const ds_q4k_x8 *s, int32_t nb, const ds_q8_act *a,
+                                                             int32_t K, int32_t t0, int NT, __m256 *out) {
+    const int32_t K32 = K / 32;
+    const __m256i m4 = _mm256_set1_epi8(15);
+    for (int k = 0; k < NT; k++) out[k] = _mm256_setzero_ps();
+    for (int32_t b = 0; b < nb; b++, s++) {
+        __m256i isum[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                           _mm256_setzero_si256()};
+        for (int j = 0; j < 8; j++) {
+            __m256i al[4], ah[4];
+            for (int k = 0; k < NT; k++) al[k] = _mm256_setzero_si256(), ah[k] = _mm256_setzero_si256();
+            for (int v = 0; v < 4; v++) {
+                const __m256i P = ld256(s->q[j][v]);
+                const __m256i lo = _mm256_and_si256(P, m4), hi = _mm256_and_si256(_mm256_srli_epi16(P, 4), m4);
+                for (int k = 0; k < NT; k++) {
+                    const int8_t *xq = a->q + (size_t)(t0 + k) * K + 256 * b + 32 * j + 4 * v;
+                    al[k] = dpbusd(al[k], lo, _mm256_set1_epi32(ld32(xq)));
+                    ah[k] = dpbusd(ah[k], hi, _mm256_set1_epi32(ld32(xq + 16)));
+                }
+            }
+            const __m256i sc = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)s->sc[j]));
+            for (int k = 0; k < NT; k++)
+                isum[k] = _mm256_add_epi32(isum[k], _mm256_mullo_epi32(_mm256_add_epi32(al[k], ah[k]), sc));
+        }
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)s->d));
+        const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)s->dmin));
+        __m256i mp[4];
+        for (int p = 0; p < 4; p++) mp[p] = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)s->mn[p]));
+        for (int k = 0; k < NT; k++) {
+            const __m256 dx = _mm256_set1_ps(a->d[(size_t)(t0 + k) * (K / 256) + b]);
+            __m256i ms = _mm256_setzero_si256();
+            for (int p = 0; p < 4; p++)
+                ms = dpwssd(ms, mp[p], _mm256_set1_epi32(ld32(a->bs + (size_t)(t0 + k) * K32 + 8 * b + 2 * p)));
+            out[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[k]), _mm256_mul_ps(d, dx), out[k]);
+            out[k] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(ms), _mm256_mul_ps(dmin, dx), out[k]);
+        }
+    }
+}
+
+static void packed(const ds_mat *w, int32_t r0, int32_t r1, const ds_q8_act *a, int32_t n, float *y, const float *bias,
+                   bool acc) {
+    const int32_t K = w->cols, nb = K / 256, M = w->rows;
+    for (int32_t r = r0; r < r1; r += 8) {
+        const ds_q4k_x8 *s = (const ds_q4k_x8 *)w->aux + (size_t)(r / 8) * nb;
+        const __m256 bv = bias ? _mm256_loadu_ps(bias + r) : _mm256_setzero_ps();
+        for (int32_t t0 = 0; t0 < n; t0 += 4) {
+            __m256 out[4];
+            const int nt = n - t0 < 4 ? n - t0 : 4;
+            if (nt == 4) pk4_tokens(s, nb, a, K, t0, 4, out);
+            else if (nt == 2) pk4_tokens(s, nb, a, K, t0, 2, out);
+            else
+                for (int k = 0; k < nt; k++) pk4_tokens(s, nb, a, K, t0 + k, 1, out + k);
+            for (int k = 0; k < nt; k++) {
+                float *yr = y + (size_t)(t0 + k) * M + r;
+                __m256 v = _mm256_add_ps(out[k], bv);
+                if (acc) v = _mm256_add_ps(v, _mm256_loadu_ps(yr));
+                _mm256_storeu_ps(yr, v);
+            }
+        }
+    }
+}
+
 #ifdef QK8_VNNI
-const ds_q8_ops QK8_NAME = {.gemv = gemv, .tile8 = tile8, .tile_q8_0 = true};
+const ds_q8_ops QK8_NAME = {.gemv = gemv, .tile8 = tile8, .packed = packed, .tile_q8_0 = true};
 #else
-const ds_q8_ops QK8_NAME = {.gemv = gemv, .tile8 = tile8, .tile_q8_0 = false};
+const ds_q8_ops QK8_NAME = {.gemv = gemv, .tile8 = tile8, .packed = packed, .tile_q8_0 = false};
 #endif

@@ -257,6 +257,39 @@ void ds_q8_quantize(const float *x, int32_t n, int32_t K, int32_t blk, void *buf
     *a = (ds_q8_act){.q = q, .d = d, .bs = bs, .bs16 = bs16, .qu = qu, .s8 = s8, .blk = blk};
 }
 
+void *ds_q8_pack(const ds_mat *w) {
+    if (w->dtype != DS_DTYPE_Q4_K || w->rows < 8 || w->cols % 256) return NULL;
+    const int32_t G = w->rows / 8, nb = w->cols / 256;
+    ds_q4k_x8 *pk = NULL;
+    if (posix_memalign((void **)&pk, 64, sizeof *pk * (size_t)G * nb)) return NULL;
+#pragma omp parallel for schedule(static)
+    for (int32_t g = 0; g < G; g++)
+        for (int32_t b = 0; b < nb; b++) {
+            ds_q4k_x8 *o = &pk[(size_t)g * nb + b];
+            for (int r = 0; r < 8; r++) {
+                const uint8_t *x = (const uint8_t *)w->data + (size_t)(8 * g + r) * w->row_bytes + (size_t)b * 144;
+                memcpy(&o->d[r], x, 2);
+                memcpy(&o->dmin[r], x + 2, 2);
+                for (int j = 0; j < 8; j++) {
+                    uint8_t sc, m;
+                    ds_k4_scale_min(j, x + 4, &sc, &m);
+                    o->sc[j][r] = sc;
+                    o->mn[j / 2][r][j % 2] = m;
+                }
+                const uint8_t *qs = x + 16; /* sub-block j: nibble j % 2 of bytes 32·(j/2) .. +31 */
+                for (int j = 0; j < 8; j++)
+                    for (int v = 0; v < 4; v++)
+                        for (int i = 0; i < 4; i++) {
+                            const int sh = 4 * (j % 2);
+                            const uint8_t lo = (qs[32 * (j / 2) + 4 * v + i] >> sh) & 15;
+                            const uint8_t hi = (qs[32 * (j / 2) + 16 + 4 * v + i] >> sh) & 15;
+                            o->q[j][v][4 * r + i] = (uint8_t)(lo | hi << 4);
+                        }
+            }
+        }
+    return pk;
+}
+
 /* Tokens per tile pass (a multiple of 8: the 8-token-grouped sums in ds_q8_act.s8 stay aligned). */
 #define Q8_TILE_TOKENS 64
 
@@ -268,6 +301,7 @@ typedef struct {
     float *y;
     int32_t n, chunk;
     bool acc, tile; /* prefill of Q4_K / Q5_K: 8-row tiles (ds_q8_ops.tile8) */
+    bool packed;    /* the weight's pack (ds_q8_pack) for its whole 8-row groups */
 } q8_job;
 
 /* Rows of one chunk against every token, DS_QK_GEMV_MAX tokens at a time (the chunk's rows stay
@@ -277,7 +311,16 @@ static void q8_chunk(void *arg, int64_t i) {
     const int32_t M = j->w->rows, K = j->w->cols;
     int32_t r0 = (int32_t)i * j->chunk;
     const int32_t r1 = r0 + j->chunk < M ? r0 + j->chunk : M;
-    if (j->tile) { /* whole 8-row tiles; a tail of fewer rows takes gemv below */
+    if (j->packed) { /* the pack's 8-row groups; the rows past the last whole group take gemv below */
+        const int32_t M8 = M / 8 * 8, rt = r1 < M8 ? r1 : M8;
+        for (int32_t t0 = 0; rt > r0 && t0 < j->n; t0 += Q8_TILE_TOKENS) {
+            const int32_t nt = j->n - t0 < Q8_TILE_TOKENS ? j->n - t0 : Q8_TILE_TOKENS;
+            const ds_q8_act sub = ds_q8_act_from(j->a, t0, K);
+            j->k->packed(j->w, r0, rt, &sub, nt, j->y + (size_t)t0 * M, j->bias, j->acc);
+        }
+        if (rt > r0) r0 = rt;
+        if (r0 >= r1) return;
+    } else if (j->tile) { /* whole 8-row tiles; a tail of fewer rows takes gemv below */
         const int32_t rt = r0 + (r1 - r0) / 8 * 8;
         /* tokens in blocks, so that a block's activations stay in L2 while every tile of the chunk
          * reads them (each block unpacks the tiles again: ~5% of the work at 64 tokens) */
@@ -307,6 +350,7 @@ int ds_q8_matmul(const ds_q8_ops *k, const float *x, const ds_mat *w, const floa
     /* 8-row tiles pay for their unpacking from 2 tokens on (3 for Q8_0, whose gemv is cheaper):
      * bench_qmatmul */
     j.tile = k->tile8 && (w->dtype == DS_DTYPE_Q8_0 ? k->tile_q8_0 && n >= 3 : n >= 2);
+    j.packed = w->aux && k->packed;
     if (n <= DS_QK_GEMV_MAX) {
         const int32_t nt = pool ? ds_pool_threads(pool) : 1;
         j.chunk = (M + 8 * nt - 1) / (8 * nt);

@@ -86,6 +86,11 @@ typedef struct ds_q8_ops {
      * sub-block scales apply per row lane — half the multiply µops of gemv. For prefill. */
     void (*tile8)(const ds_mat *w, int32_t r0, int32_t r1, const ds_q8_act *a, int32_t n, float *y,
                   const float *bias, bool acc);
+    /* y for rows [r0, r1) (multiples of 8, r1 ≤ rows/8·8) of a weight with a ds_q8_pack (w->aux),
+     * any n (NULL: this ISA does not read packs). Decode and prefill alike: the tiles are built at
+     * upload, not per call. */
+    void (*packed)(const ds_mat *w, int32_t r0, int32_t r1, const ds_q8_act *a, int32_t n, float *y,
+                   const float *bias, bool acc);
     /* tile8 takes Q8_0 too (VNNI: unsigned activations × signed codes in 32-bit sums; AVX2's 16-bit
      * pair sums of 255·127 would saturate) */
     bool tile_q8_0;
@@ -93,6 +98,22 @@ typedef struct ds_q8_ops {
 
 /* The formats the int8 path covers; others take the exact path. Their rows are whole blocks. */
 static inline bool ds_q8_dtype(ds_dtype t) { return ds_qk_fused_dtype(t); }
+/* Q4_K repacked for the int8 kernels (llama.cpp's CPU "repack" idea): one super-block of 8
+ * consecutive rows. Vector v of sub-block j holds, in 32-bit lane r = row r, the codes of columns
+ * 32j + 4v + i (low nibbles) and 32j + 16 + 4v + i (high nibbles), i = 0..3 — so one vpdpbusd
+ * multiplies 8 rows by 4 broadcast activation columns. 1184 bytes for 8 × 144 of Q4_K. */
+typedef struct ds_q4k_x8 {
+    uint8_t q[8][4][32];
+    uint8_t sc[8][8];    /* [sub-block][row] 6-bit scales */
+    uint8_t mn[4][8][2]; /* [sub-block pair p][row]: mins of sub-blocks 2p, 2p+1 */
+    uint16_t d[8], dmin[8]; /* f16 per row */
+} ds_q4k_x8;
+
+/* The pack of w's whole 8-row groups (rows/8 × cols/256 ds_q4k_x8, row group-major) for the
+ * formats ds_q8_ops.packed reads (Q4_K), or NULL (other format, fewer than 8 rows, no memory).
+ * Free with free(). */
+void *ds_q8_pack(const ds_mat *w);
+
 /* Activation block for weights of type t: 256 for the K-quants, else 32. */
 static inline int32_t ds_q8_blk(ds_dtype t) { return ds_dtype_block(t) == 256 ? 256 : 32; }
 
