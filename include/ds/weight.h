@@ -44,6 +44,8 @@ typedef struct ds_weight {
     ds_dtype dtype;
     int32_t rows, cols;
     size_t row_bytes;
+    bool file_view; /* data lies in a read-only mapping of the model file (a GGUF view): its pages can
+                     * be dropped and are read back from the file on the next access */
 } ds_weight;
 
 /* Whether deltaserve stores and computes with this dtype. */

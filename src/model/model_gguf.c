@@ -222,6 +222,7 @@ static int load_mat(gctx *c, const char *name, int64_t rows, int64_t cols, int p
     free(perm);
     if (rc) return ds_err_set(c->err, rc, "%s: tensor '%s' (%s): %s", c->path, name, ds_ggml_type_name(t->type),
                               ds_strerror(rc));
+    dst->file_view = dst->data == t->data; /* a view of the kept read-only mapping, not a copy */
     mark_used(c, t);
     return 0;
 }

@@ -16,6 +16,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 typedef struct cpu_ctx {
     int n_threads;
@@ -83,6 +85,18 @@ static int cpu_copy(void *ctx, void *dst, const void *src, size_t bytes) {
 
 static int cpu_sync(void *ctx) { return DS_OK; }
 
+/* The int8 kernels read a packed weight's whole 8-row groups from the pack only. When those rows
+ * are a view of the model file's read-only mapping, their pages are dropped from the resident set
+ * (MADV_DONTNEED on a private file mapping that was never written: the next access reads the file
+ * again — embedding rows, the trainer's exact path). Copies in memory are left as they are. */
+static void release_packed_rows(const ds_weight *host, const ds_mat *m) {
+    if (!host->file_view) return;
+    const uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    const uintptr_t lo = ((uintptr_t)m->data + page - 1) & ~(page - 1);
+    const uintptr_t hi = ((uintptr_t)m->data + (size_t)(m->rows / 8 * 8) * m->row_bytes) & ~(page - 1);
+    if (hi > lo) (void)madvise((void *)lo, hi - lo, MADV_DONTNEED);
+}
+
 static int cpu_mat_upload(void *ctx, const ds_weight *host, ds_mat *out) {
     if (!host->data || !ds_dtype_supported((int)host->dtype) ||
         host->row_bytes != ds_dtype_row_bytes(host->dtype, host->cols))
@@ -91,7 +105,7 @@ static int cpu_mat_upload(void *ctx, const ds_weight *host, ds_mat *out) {
                     .row_bytes = host->row_bytes, .borrowed = true};
     const cpu_ctx *c = ctx;
     /* int8 mode: formats with a packed kernel are repacked once here (no pack: the unpacked path) */
-    if (c->q8 && c->q8->packed) out->aux = ds_q8_pack(out);
+    if (c->q8 && c->q8->packed && (out->aux = ds_q8_pack(out))) release_packed_rows(host, out);
     return DS_OK;
 }
 

@@ -640,19 +640,56 @@ static inline __attribute__((always_inline)) void pk4_tokens(const ds_q4k_x8 *s,
     }
 }
 
+/* The same for a packed Q4_0 / Q4_1 group (ds_q4_x8): d·dx·Σq·x̂ + m·(dx·Σx̂) per block. */
+static inline __attribute__((always_inline)) void pk32_tokens(const ds_q4_x8 *s, int32_t nb, const ds_q8_act *a,
+                                                              int32_t K, int32_t t0, int NT, __m256 *out) {
+    const int32_t K32 = K / 32;
+    const __m256i m4 = _mm256_set1_epi8(15);
+    for (int k = 0; k < NT; k++) out[k] = _mm256_setzero_ps();
+    for (int32_t b = 0; b < nb; b++, s++) {
+        __m256i acc[4];
+        for (int k = 0; k < NT; k++) acc[k] = _mm256_setzero_si256();
+        for (int v = 0; v < 4; v++) {
+            const __m256i P = ld256(s->q[v]);
+            const __m256i lo = _mm256_and_si256(P, m4), hi = _mm256_and_si256(_mm256_srli_epi16(P, 4), m4);
+            for (int k = 0; k < NT; k++) {
+                const int8_t *xq = a->q + (size_t)(t0 + k) * K + 32 * b + 4 * v;
+                acc[k] = dpbusd(acc[k], lo, _mm256_set1_epi32(ld32(xq)));
+                acc[k] = dpbusd(acc[k], hi, _mm256_set1_epi32(ld32(xq + 16)));
+            }
+        }
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)s->d));
+        const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)s->m));
+        for (int k = 0; k < NT; k++) {
+            const int32_t t = t0 + k;
+            out[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[k]), _mm256_mul_ps(d, _mm256_set1_ps(a->d[(size_t)t * K32 + b])),
+                                     out[k]);
+            out[k] = _mm256_fmadd_ps(m, _mm256_set1_ps(a->s8[((size_t)(t / 8) * K32 + b) * 8 + t % 8]), out[k]);
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void pk_run(bool kq, const void *s, int32_t nb, const ds_q8_act *a,
+                                                         int32_t K, int32_t t0, int NT, __m256 *out) {
+    if (kq) pk4_tokens(s, nb, a, K, t0, NT, out);
+    else pk32_tokens(s, nb, a, K, t0, NT, out);
+}
+
 static void packed(const ds_mat *w, int32_t r0, int32_t r1, const ds_q8_act *a, int32_t n, float *y, const float *bias,
                    bool acc) {
-    const int32_t K = w->cols, nb = K / 256, M = w->rows;
+    const bool kq = w->dtype == DS_DTYPE_Q4_K;
+    const int32_t K = w->cols, nb = K / (kq ? 256 : 32), M = w->rows;
+    const size_t per = kq ? sizeof(ds_q4k_x8) : sizeof(ds_q4_x8);
     for (int32_t r = r0; r < r1; r += 8) {
-        const ds_q4k_x8 *s = (const ds_q4k_x8 *)w->aux + (size_t)(r / 8) * nb;
+        const void *s = (const uint8_t *)w->aux + per * (size_t)(r / 8) * nb;
         const __m256 bv = bias ? _mm256_loadu_ps(bias + r) : _mm256_setzero_ps();
         for (int32_t t0 = 0; t0 < n; t0 += 4) {
             __m256 out[4];
             const int nt = n - t0 < 4 ? n - t0 : 4;
-            if (nt == 4) pk4_tokens(s, nb, a, K, t0, 4, out);
-            else if (nt == 2) pk4_tokens(s, nb, a, K, t0, 2, out);
+            if (nt == 4) pk_run(kq, s, nb, a, K, t0, 4, out);
+            else if (nt == 2) pk_run(kq, s, nb, a, K, t0, 2, out);
             else
-                for (int k = 0; k < nt; k++) pk4_tokens(s, nb, a, K, t0 + k, 1, out + k);
+                for (int k = 0; k < nt; k++) pk_run(kq, s, nb, a, K, t0 + k, 1, out + k);
             for (int k = 0; k < nt; k++) {
                 float *yr = y + (size_t)(t0 + k) * M + r;
                 __m256 v = _mm256_add_ps(out[k], bv);

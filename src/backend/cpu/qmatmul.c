@@ -257,8 +257,38 @@ void ds_q8_quantize(const float *x, int32_t n, int32_t K, int32_t blk, void *buf
     *a = (ds_q8_act){.q = q, .d = d, .bs = bs, .bs16 = bs16, .qu = qu, .s8 = s8, .blk = blk};
 }
 
+static void *pack_q4(const ds_mat *w) {
+    const bool q41 = w->dtype == DS_DTYPE_Q4_1;
+    const int32_t G = w->rows / 8, nb = w->cols / 32, bb = q41 ? 20 : 18;
+    ds_q4_x8 *pk = NULL;
+    if (posix_memalign((void **)&pk, 64, sizeof *pk * (size_t)G * nb)) return NULL;
+    int bad = 0;
+#pragma omp parallel for schedule(static) reduction(| : bad)
+    for (int32_t g = 0; g < G; g++)
+        for (int32_t b = 0; b < nb; b++) {
+            ds_q4_x8 *o = &pk[(size_t)g * nb + b];
+            for (int r = 0; r < 8; r++) {
+                const uint8_t *x = (const uint8_t *)w->data + (size_t)(8 * g + r) * w->row_bytes + (size_t)b * bb;
+                memcpy(&o->d[r], x, 2);
+                if (q41) memcpy(&o->m[r], x + 2, 2);
+                else {
+                    const float m = -8.0f * ds_f16_to_f32(o->d[r]);
+                    o->m[r] = ds_f32_to_f16(m);
+                    bad |= ds_f16_to_f32(o->m[r]) != m; /* overflow: keep the unpacked path */
+                }
+                const uint8_t *qs = x + (q41 ? 4 : 2); /* byte i: column i (low), 16 + i (high) */
+                for (int v = 0; v < 4; v++)
+                    for (int i = 0; i < 4; i++) o->q[v][4 * r + i] = qs[4 * v + i];
+            }
+        }
+    if (bad) free(pk);
+    return bad ? NULL : pk;
+}
+
 void *ds_q8_pack(const ds_mat *w) {
-    if (w->dtype != DS_DTYPE_Q4_K || w->rows < 8 || w->cols % 256) return NULL;
+    if (w->rows < 8) return NULL;
+    if ((w->dtype == DS_DTYPE_Q4_0 || w->dtype == DS_DTYPE_Q4_1) && w->cols % 32 == 0) return pack_q4(w);
+    if (w->dtype != DS_DTYPE_Q4_K || w->cols % 256) return NULL;
     const int32_t G = w->rows / 8, nb = w->cols / 256;
     ds_q4k_x8 *pk = NULL;
     if (posix_memalign((void **)&pk, 64, sizeof *pk * (size_t)G * nb)) return NULL;

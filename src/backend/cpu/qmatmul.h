@@ -109,9 +109,17 @@ typedef struct ds_q4k_x8 {
     uint16_t d[8], dmin[8]; /* f16 per row */
 } ds_q4k_x8;
 
-/* The pack of w's whole 8-row groups (rows/8 × cols/256 ds_q4k_x8, row group-major) for the
- * formats ds_q8_ops.packed reads (Q4_K), or NULL (other format, fewer than 8 rows, no memory).
- * Free with free(). */
+/* Q4_0 / Q4_1 repacked the same way: one 32-column block of 8 rows; vector v holds columns 4v + i
+ * (low nibbles) and 16 + 4v + i (high nibbles) of row r in lane r; value = d·q + m per row (Q4_0:
+ * m = −8·d, exact in f16 for every d the packer accepts). 160 bytes for 8 × 18 or 8 × 20. */
+typedef struct ds_q4_x8 {
+    uint8_t q[4][32];
+    uint16_t d[8], m[8]; /* f16 per row */
+} ds_q4_x8;
+
+/* The pack of w's whole 8-row groups (row group-major: rows/8 × blocks per row of ds_q4k_x8 for
+ * Q4_K, ds_q4_x8 for Q4_0/Q4_1) for the formats ds_q8_ops.packed reads, or NULL (other format,
+ * fewer than 8 rows, no memory). Free with free(). */
 void *ds_q8_pack(const ds_mat *w);
 
 /* Activation block for weights of type t: 256 for the K-quants, else 32. */
