@@ -285,8 +285,48 @@ static void *pack_q4(const ds_mat *w) {
     return bad ? NULL : pk;
 }
 
+static void *pack_q6k(const ds_mat *w) {
+    const int32_t G = w->rows / 8, nb = w->cols / 256;
+    ds_q6k_x8 *pk = NULL;
+    if (posix_memalign((void **)&pk, 64, sizeof *pk * (size_t)G * nb)) return NULL;
+#pragma omp parallel for schedule(static)
+    for (int32_t g = 0; g < G; g++)
+        for (int32_t b = 0; b < nb; b++) {
+            ds_q6k_x8 *o = &pk[(size_t)g * nb + b];
+            memset(o->qh, 0, sizeof o->qh);
+            for (int r = 0; r < 8; r++) {
+                const uint8_t *x = (const uint8_t *)w->data + (size_t)(8 * g + r) * w->row_bytes + (size_t)b * 210;
+                const uint8_t *ql = x, *qh = x + 128;
+                const int8_t *sc = (const int8_t *)(x + 192);
+                memcpy(&o->d[r], x + 208, 2);
+                uint8_t code[256]; /* ggml's order: column 128n + 32k + l */
+                for (int n = 0; n < 2; n++)
+                    for (int l = 0; l < 32; l++) {
+                        const uint8_t a = ql[64 * n + l], c = ql[64 * n + l + 32], h = qh[32 * n + l];
+                        code[128 * n + l] = (uint8_t)((a & 15) | (h & 3) << 4);
+                        code[128 * n + l + 32] = (uint8_t)((c & 15) | ((h >> 2) & 3) << 4);
+                        code[128 * n + l + 64] = (uint8_t)((a >> 4) | ((h >> 4) & 3) << 4);
+                        code[128 * n + l + 96] = (uint8_t)((c >> 4) | ((h >> 6) & 3) << 4);
+                    }
+                for (int j = 0; j < 8; j++) {
+                    o->scp[j][r][0] = sc[2 * j];
+                    o->scp[j][r][1] = sc[2 * j + 1];
+                    for (int v = 0; v < 4; v++)
+                        for (int i = 0; i < 4; i++) {
+                            const uint8_t lo = code[32 * j + 4 * v + i], hi = code[32 * j + 16 + 4 * v + i];
+                            o->ql[j][v][4 * r + i] = (uint8_t)((lo & 15) | (hi & 15) << 4);
+                            o->qh[j][0][4 * r + i] |= (uint8_t)((lo >> 4) << (2 * v));
+                            o->qh[j][1][4 * r + i] |= (uint8_t)((hi >> 4) << (2 * v));
+                        }
+                }
+            }
+        }
+    return pk;
+}
+
 void *ds_q8_pack(const ds_mat *w) {
     if (w->rows < 8) return NULL;
+    if (w->dtype == DS_DTYPE_Q6_K && w->cols % 256 == 0) return pack_q6k(w);
     if ((w->dtype == DS_DTYPE_Q4_0 || w->dtype == DS_DTYPE_Q4_1) && w->cols % 32 == 0) return pack_q4(w);
     if (w->dtype != DS_DTYPE_Q4_K || w->cols % 256) return NULL;
     const int32_t G = w->rows / 8, nb = w->cols / 256;

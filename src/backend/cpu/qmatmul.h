@@ -117,8 +117,18 @@ typedef struct ds_q4_x8 {
     uint16_t d[8], m[8]; /* f16 per row */
 } ds_q4_x8;
 
+/* Q6_K repacked the same way (codes 0..63, the format's offset of 32 taken out in the integer sum):
+ * low nibbles as in ds_q4k_x8; qh[j][h] byte 4r + i holds in bits 2v the top two bits of the code
+ * in column 32j + 16h + 4v + i. 1680 bytes for 8 × 210. */
+typedef struct ds_q6k_x8 {
+    uint8_t ql[8][4][32];
+    uint8_t qh[8][2][32];
+    int8_t scp[8][8][2]; /* [scale pair j][row]: scales of columns 32j..+15 and 32j+16..+31 */
+    uint16_t d[8];       /* f16 per row */
+} ds_q6k_x8;
+
 /* The pack of w's whole 8-row groups (row group-major: rows/8 × blocks per row of ds_q4k_x8 for
- * Q4_K, ds_q4_x8 for Q4_0/Q4_1) for the formats ds_q8_ops.packed reads, or NULL (other format,
+ * Q4_K, ds_q6k_x8 for Q6_K, ds_q4_x8 for Q4_0/Q4_1) for the formats ds_q8_ops.packed reads, or NULL (other format,
  * fewer than 8 rows, no memory). Free with free(). */
 void *ds_q8_pack(const ds_mat *w);
 
