@@ -83,7 +83,7 @@ int main(int argc, char **argv) {
         const ds_mat m = {.data = w, .rows = M, .cols = K, .dtype = dts[d], .row_bytes = ds_dtype_row_bytes(dts[d], K),
                           .borrowed = true};
         ds_mat mp = m; /* int8 mode's upload-time pack (ds_q8_pack), where the format has one */
-        mp.aux = q8->packed ? ds_q8_pack(&m) : NULL;
+        mp.aux = ds_q8_pack(q8, &m);
         const double bytes = (double)m.row_bytes * M;
         for (int i = 0; i < n_ns; i++) {
             const int32_t n = ns[i];

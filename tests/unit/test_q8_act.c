@@ -101,7 +101,7 @@ static void kernel_case(const char *isa, const ds_q8_ops *k, ds_dtype dt, int32_
     CHECK_MSG(e <= 1e-10, "%s %s n=%d %dx%d: nmse %.3e", isa, ds_dtype_name(dt), n, rows, cols, e);
     CHECK_MSG(e_fp <= 1e-3, "%s %s: int8 activations moved the result by nmse %.3e", isa, ds_dtype_name(dt), e_fp);
     /* the packed weights (built at upload in int8 mode) give the same products */
-    if (k->packed && (m.aux = ds_q8_pack(&m))) {
+    if ((m.aux = ds_q8_pack(k, &m))) {
         memcpy(y, y0, sizeof(float) * (size_t)n * rows);
         CHECK_EQ_INT(ds_q8_matmul(k, x, &m, bias_acc ? bias : NULL, y, n, bias_acc, buf2, NULL), 0);
         const double ep = nmse(y, ref, (size_t)n * rows);

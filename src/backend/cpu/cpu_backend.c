@@ -105,7 +105,7 @@ static int cpu_mat_upload(void *ctx, const ds_weight *host, ds_mat *out) {
                     .row_bytes = host->row_bytes, .borrowed = true};
     const cpu_ctx *c = ctx;
     /* int8 mode: formats with a packed kernel are repacked once here (no pack: the unpacked path) */
-    if (c->q8 && c->q8->packed && (out->aux = ds_q8_pack(out))) release_packed_rows(host, out);
+    if (c->q8 && (out->aux = ds_q8_pack(c->q8, out))) release_packed_rows(host, out);
     return DS_OK;
 }
 

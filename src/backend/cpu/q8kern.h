@@ -717,19 +717,45 @@ static inline __attribute__((always_inline)) void pk6_tokens(const ds_q6k_x8 *s,
     }
 }
 
-/* kind: 0 Q4_0/Q4_1, 1 Q4_K, 2 Q6_K */
+/* The same for a packed Q8_0 group (ds_q8_x8; VNNI only): (x̂ + 128)·q − 128·Σq per block. */
+static inline __attribute__((always_inline)) void pk8_tokens(const ds_q8_x8 *s, int32_t nb, const ds_q8_act *a,
+                                                             int32_t K, int32_t t0, int NT, __m256 *out) {
+    const int32_t K32 = K / 32;
+    for (int k = 0; k < NT; k++) out[k] = _mm256_setzero_ps();
+    for (int32_t b = 0; b < nb; b++, s++) {
+        __m256i acc[4];
+        for (int k = 0; k < NT; k++) acc[k] = _mm256_setzero_si256();
+        for (int g = 0; g < 8; g++) {
+            const __m256i W = ld256(s->q[g]);
+            for (int k = 0; k < NT; k++)
+                acc[k] = dpbusd(acc[k], _mm256_set1_epi32(ld32(a->qu + (size_t)(t0 + k) * K + 32 * b + 4 * g)), W);
+        }
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)s->d));
+        const __m256i corr = _mm256_slli_epi32(_mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i *)s->sum)), 7);
+        for (int k = 0; k < NT; k++)
+            out[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc[k], corr)),
+                                     _mm256_mul_ps(d, _mm256_set1_ps(a->d[(size_t)(t0 + k) * K32 + b])), out[k]);
+    }
+}
+
+/* kind: 0 Q4_0/Q4_1, 1 Q4_K, 2 Q6_K, 3 Q8_0 */
 static inline __attribute__((always_inline)) void pk_run(int kind, const void *s, int32_t nb, const ds_q8_act *a,
                                                          int32_t K, int32_t t0, int NT, __m256 *out) {
     if (kind == 1) pk4_tokens(s, nb, a, K, t0, NT, out);
     else if (kind == 2) pk6_tokens(s, nb, a, K, t0, NT, out);
+    else if (kind == 3) pk8_tokens(s, nb, a, K, t0, NT, out);
     else pk32_tokens(s, nb, a, K, t0, NT, out);
 }
 
 static void packed(const ds_mat *w, int32_t r0, int32_t r1, const ds_q8_act *a, int32_t n, float *y, const float *bias,
                    bool acc) {
-    const int kq = w->dtype == DS_DTYPE_Q4_K ? 1 : w->dtype == DS_DTYPE_Q6_K ? 2 : 0;
-    const int32_t K = w->cols, nb = K / (kq ? 256 : 32), M = w->rows;
-    const size_t per = kq == 1 ? sizeof(ds_q4k_x8) : kq == 2 ? sizeof(ds_q6k_x8) : sizeof(ds_q4_x8);
+    const ds_dtype dt = w->dtype;
+    const int kq = dt == DS_DTYPE_Q4_K ? 1 : dt == DS_DTYPE_Q6_K ? 2 : dt == DS_DTYPE_Q8_0 ? 3 : 0;
+    const int32_t K = w->cols, nb = K / (kq == 1 || kq == 2 ? 256 : 32), M = w->rows;
+    const size_t per = kq == 1   ? sizeof(ds_q4k_x8)
+                       : kq == 2 ? sizeof(ds_q6k_x8)
+                       : kq == 3 ? sizeof(ds_q8_x8)
+                                 : sizeof(ds_q4_x8);
     for (int32_t r = r0; r < r1; r += 8) {
         const void *s = (const uint8_t *)w->aux + per * (size_t)(r / 8) * nb;
         const __m256 bv = bias ? _mm256_loadu_ps(bias + r) : _mm256_setzero_ps();

@@ -324,8 +324,30 @@ static void *pack_q6k(const ds_mat *w) {
     return pk;
 }
 
-void *ds_q8_pack(const ds_mat *w) {
-    if (w->rows < 8) return NULL;
+static void *pack_q8(const ds_mat *w) {
+    const int32_t G = w->rows / 8, nb = w->cols / 32;
+    ds_q8_x8 *pk = NULL;
+    if (posix_memalign((void **)&pk, 64, sizeof *pk * (size_t)G * nb)) return NULL;
+#pragma omp parallel for schedule(static)
+    for (int32_t g = 0; g < G; g++)
+        for (int32_t b = 0; b < nb; b++) {
+            ds_q8_x8 *o = &pk[(size_t)g * nb + b];
+            for (int r = 0; r < 8; r++) {
+                const uint8_t *x = (const uint8_t *)w->data + (size_t)(8 * g + r) * w->row_bytes + (size_t)b * 34;
+                const int8_t *q = (const int8_t *)(x + 2);
+                memcpy(&o->d[r], x, 2);
+                int s = 0;
+                for (int i = 0; i < 32; i++) s += q[i];
+                o->sum[r] = (int16_t)s;
+                for (int v = 0; v < 8; v++) memcpy(&o->q[v][4 * r], q + 4 * v, 4);
+            }
+        }
+    return pk;
+}
+
+void *ds_q8_pack(const ds_q8_ops *k, const ds_mat *w) {
+    if (w->rows < 8 || !k->packed) return NULL;
+    if (w->dtype == DS_DTYPE_Q8_0 && k->tile_q8_0 && w->cols % 32 == 0) return pack_q8(w);
     if (w->dtype == DS_DTYPE_Q6_K && w->cols % 256 == 0) return pack_q6k(w);
     if ((w->dtype == DS_DTYPE_Q4_0 || w->dtype == DS_DTYPE_Q4_1) && w->cols % 32 == 0) return pack_q4(w);
     if (w->dtype != DS_DTYPE_Q4_K || w->cols % 256) return NULL;

@@ -127,10 +127,19 @@ typedef struct ds_q6k_x8 {
     uint16_t d[8];       /* f16 per row */
 } ds_q6k_x8;
 
+/* Q8_0 repacked (VNNI only, ds_q8_ops.tile_q8_0): vector g of a 32-column block holds columns
+ * 4g..4g+3 of row r in lane r; sum[r] = Σq of the row's block (the unsigned activations' offset of
+ * 128 is taken out with it). 288 bytes for 8 × 34. */
+typedef struct ds_q8_x8 {
+    int8_t q[8][32];
+    uint16_t d[8];  /* f16 per row */
+    int16_t sum[8];
+} ds_q8_x8;
+
 /* The pack of w's whole 8-row groups (row group-major: rows/8 × blocks per row of ds_q4k_x8 for
- * Q4_K, ds_q6k_x8 for Q6_K, ds_q4_x8 for Q4_0/Q4_1) for the formats ds_q8_ops.packed reads, or NULL (other format,
- * fewer than 8 rows, no memory). Free with free(). */
-void *ds_q8_pack(const ds_mat *w);
+ * Q4_K, ds_q6k_x8 for Q6_K, ds_q4_x8 for Q4_0/Q4_1, ds_q8_x8 for Q8_0 when k->tile_q8_0) for the
+ * formats k->packed reads, or NULL (other format, fewer than 8 rows, no memory). Free with free(). */
+void *ds_q8_pack(const struct ds_q8_ops *k, const ds_mat *w);
 
 /* Activation block for weights of type t: 256 for the K-quants, else 32. */
 static inline int32_t ds_q8_blk(ds_dtype t) { return ds_dtype_block(t) == 256 ? 256 : 32; }
