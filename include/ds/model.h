@@ -19,13 +19,14 @@ typedef enum {
     DS_ARCH_MISTRAL,   /* same math as llama */
     DS_ARCH_QWEN2,     /* q/k/v bias */
     DS_ARCH_QWEN3,     /* per-head RMSNorm of q and k before RoPE (q_norm / k_norm), no biases */
+    DS_ARCH_PHI3,      /* llama math; fused qkv_proj and gate_up_proj in the files (split at load) */
 } ds_arch;
 
 typedef enum { DS_ROPE_SCALING_NONE = 0, DS_ROPE_SCALING_LLAMA3 = 1 } ds_rope_scaling;
 
 typedef struct ds_model_config {
     ds_arch arch;
-    char arch_name[32];      /* "llama", "qwen2", "qwen3", "mistral" */
+    char arch_name[32];      /* "llama", "qwen2", "qwen3", "mistral", "phi3" */
     char name[128];          /* general.name / _name_or_path, informational */
     int32_t n_vocab;
     int32_t d_model;         /* hidden_size */
@@ -42,6 +43,11 @@ typedef struct ds_model_config {
     int32_t rope_orig_ctx;   /* original_max_position_embeddings */
     bool qkv_bias;
     bool qk_norm;            /* Qwen3: q_norm / k_norm over each head's head_dim values */
+    /* Phi-3: the files hold q/k/v as one qkv_proj [q|k|v rows] and gate/up as one gate_up_proj
+     * [gate|up rows]; the loaders split them into wq/wk/wv and w_gate/w_up, and adapters name the
+     * fused modules (PEFT's qkv_proj / gate_up_proj), whose output rows split the same way. */
+    bool fused_qkv;
+    bool fused_gate_up;
     /* Sliding-window attention: layers swa_first_layer.. attend to their last sliding_window
      * positions (ds_model_layer_window); sliding_window 0 = none. */
     int32_t sliding_window;

@@ -63,14 +63,16 @@ static int read_arch(gctx *c, ds_model_config *cfg) {
     else if (!strcmp(arch, "mistral")) cfg->arch = DS_ARCH_MISTRAL;
     else if (!strcmp(arch, "qwen2")) cfg->arch = DS_ARCH_QWEN2;
     else if (!strcmp(arch, "qwen3")) cfg->arch = DS_ARCH_QWEN3;
+    else if (!strcmp(arch, "phi3")) cfg->arch = DS_ARCH_PHI3;
     else if (c->weights)
-        return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: architecture '%s' is not supported (llama, mistral, qwen2, qwen3)",
-                          c->path, arch);
+        return ds_err_set(c->err, DS_EUNSUPPORTED,
+                          "%s: architecture '%s' is not supported (llama, mistral, qwen2, qwen3, phi3)", c->path, arch);
     /* else: tokenizer only (deltaserve tokenize) — the architecture does not matter */
     snprintf(cfg->arch_name, sizeof cfg->arch_name, "%s", arch);
     if (!ds_gguf_get_str(&c->g, "general.name", &name, NULL)) snprintf(cfg->name, sizeof cfg->name, "%s", name);
     cfg->qkv_bias = cfg->arch == DS_ARCH_QWEN2;
     cfg->qk_norm = cfg->arch == DS_ARCH_QWEN3;
+    cfg->fused_qkv = cfg->fused_gate_up = cfg->arch == DS_ARCH_PHI3;
     return 0;
 }
 
@@ -226,6 +228,50 @@ static int load_mat(gctx *c, const char *name, int64_t rows, int64_t cols, int p
     return 0;
 }
 
+/* A fused matrix (Phi-3's attn_qkv [q|k|v], ffn_up [gate|up]) of sum rows[k] rows: n views into the
+ * mapping, one per part (blocks run along a row, so any row range is a valid view). */
+static int load_mat_split(gctx *c, const char *name, int64_t cols, int n, const int64_t *rows, ds_weight **dst) {
+    int64_t total = 0;
+    for (int k = 0; k < n; k++) total += rows[k];
+    int rc;
+    const ds_gguf_tensor *t = find_checked(c, name, total, cols, false, &rc);
+    if (!t) return rc;
+    if (total > INT32_MAX || cols > INT32_MAX)
+        return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: tensor '%s' is too large", c->path, name);
+    const uint8_t *src = t->data;
+    for (int k = 0; k < n; k++) {
+        rc = ds_model_set_weight(c->m, dst[k], src, (ds_dtype)t->type, t->row_bytes, (int32_t)rows[k], (int32_t)cols,
+                                 NULL, true, c->quantize);
+        if (rc)
+            return ds_err_set(c->err, rc, "%s: tensor '%s' (%s): %s", c->path, name, ds_ggml_type_name(t->type),
+                              ds_strerror(rc));
+        src += (size_t)rows[k] * t->row_bytes;
+    }
+    mark_used(c, t);
+    return 0;
+}
+
+/* Phi-3 (llama.cpp's phi3 layout, no Q/K permutation): attn_qkv and ffn_up = gate_up_proj (2·n_ff rows,
+ * gate first). */
+static int load_layer_fused(gctx *c, int i) {
+    const ds_model_config *cfg = &c->m->cfg;
+    ds_layer_weights *l = &c->m->layers[i];
+    const int64_t d = cfg->d_model, q = (int64_t)cfg->n_head * cfg->head_dim, kv = (int64_t)cfg->n_kv_head * cfg->head_dim;
+    char n[6][96];
+    static const char *suffix[6] = {"attn_norm.weight", "attn_qkv.weight", "attn_output.weight",
+                                    "ffn_norm.weight",  "ffn_up.weight",   "ffn_down.weight"};
+    for (int k = 0; k < 6; k++) snprintf(n[k], sizeof n[k], "blk.%d.%s", i, suffix[k]);
+    const int64_t qkv_rows[3] = {q, kv, kv}, gu_rows[2] = {cfg->d_ff, cfg->d_ff};
+    ds_weight *qkv[3] = {&l->wq, &l->wk, &l->wv}, *gu[2] = {&l->w_gate, &l->w_up};
+    int rc = load_vec(c, n[0], d, 0, false, &l->attn_norm);
+    if (!rc) rc = load_mat_split(c, n[1], d, 3, qkv_rows, qkv);
+    if (!rc) rc = load_mat(c, n[2], d, q, 0, false, &l->wo);
+    if (!rc) rc = load_vec(c, n[3], d, 0, false, &l->ffn_norm);
+    if (!rc) rc = load_mat_split(c, n[4], d, 2, gu_rows, gu);
+    if (!rc) rc = load_mat(c, n[5], d, cfg->d_ff, 0, false, &l->w_down);
+    return rc;
+}
+
 static int load_layer(gctx *c, int i) {
     const ds_model_config *cfg = &c->m->cfg;
     ds_layer_weights *l = &c->m->layers[i];
@@ -263,7 +309,8 @@ static int load_layer(gctx *c, int i) {
 /* Biases this model struct cannot hold (o_proj, MLP) are refused rather than silently dropped; a llama
  * file with attn_q.bias (attention_bias) gets q/k/v biases. */
 static int check_biases(gctx *c) {
-    static const char *unsupported[] = {"attn_output.bias", "ffn_gate.bias", "ffn_up.bias", "ffn_down.bias"};
+    static const char *unsupported[] = {"attn_output.bias", "ffn_gate.bias", "ffn_up.bias", "ffn_down.bias",
+                                        "attn_qkv.bias"};
     for (size_t k = 0; k < sizeof unsupported / sizeof unsupported[0]; k++) {
         char name[64];
         snprintf(name, sizeof name, "blk.0.%s", unsupported[k]);
@@ -301,11 +348,14 @@ static int load_weights(gctx *c) {
     const ds_model_config *cfg = &m->cfg;
     int rc = check_biases(c);
     if (rc) return rc;
-    c->n_expected = 2 + (size_t)cfg->n_layer * ((cfg->qkv_bias ? 12 : 9) + (cfg->qk_norm ? 2 : 0)) + 1;
+    c->n_expected = 2 + (size_t)cfg->n_layer * (cfg->fused_qkv ? 6 : (cfg->qkv_bias ? 12 : 9) + (cfg->qk_norm ? 2 : 0)) + 1;
+    if (ds_gguf_find_tensor(&c->g, "rope_factors_long.weight") || ds_gguf_find_tensor(&c->g, "rope_factors_short.weight"))
+        return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: LongRoPE (rope_factors_long / rope_factors_short) is not supported",
+                          c->path);
     if (!(m->layers = calloc((size_t)cfg->n_layer, sizeof *m->layers)))
         return ds_err_set(c->err, DS_ENOMEM, "%s: out of memory", c->path);
     if ((rc = load_mat(c, "token_embd.weight", cfg->n_vocab, cfg->d_model, 0, false, &m->tok_embd))) return rc;
-    for (int i = 0; i < cfg->n_layer && !rc; i++) rc = load_layer(c, i);
+    for (int i = 0; i < cfg->n_layer && !rc; i++) rc = cfg->fused_qkv ? load_layer_fused(c, i) : load_layer(c, i);
     if (!rc) rc = load_vec(c, "output_norm.weight", cfg->d_model, 0, false, &m->output_norm);
     if (!rc) rc = load_mat(c, "output.weight", cfg->n_vocab, cfg->d_model, 0, true, &m->output);
     if (rc) return rc;

@@ -79,9 +79,10 @@ static int parse_arch(hctx *c, const cJSON *root, ds_model_config *cfg) {
     else if (!strcmp(mt, "mistral")) cfg->arch = DS_ARCH_MISTRAL, cfg->max_ctx = 131072;
     else if (!strcmp(mt, "qwen2")) cfg->arch = DS_ARCH_QWEN2, cfg->max_ctx = 32768;
     else if (!strcmp(mt, "qwen3")) cfg->arch = DS_ARCH_QWEN3, cfg->max_ctx = 40960;
+    else if (!strcmp(mt, "phi3")) cfg->arch = DS_ARCH_PHI3, cfg->max_ctx = 4096;
     else
-        return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: model_type '%s' is not supported (llama, mistral, qwen2, qwen3)",
-                          c->cfg_path, mt);
+        return ds_err_set(c->err, DS_EUNSUPPORTED,
+                          "%s: model_type '%s' is not supported (llama, mistral, qwen2, qwen3, phi3)", c->cfg_path, mt);
     snprintf(cfg->arch_name, sizeof cfg->arch_name, "%s", mt);
     if ((name = get_str(root, "_name_or_path"))) snprintf(cfg->name, sizeof cfg->name, "%s", name);
     if (act && strcmp(act, "silu"))
@@ -97,6 +98,7 @@ static int parse_arch(hctx *c, const cJSON *root, ds_model_config *cfg) {
                           mlp_bias ? "mlp_bias" : "attention_bias");
     cfg->qkv_bias = cfg->arch == DS_ARCH_QWEN2; /* Qwen2 always has q/k/v bias, never o_proj bias */
     cfg->qk_norm = cfg->arch == DS_ARCH_QWEN3;
+    cfg->fused_qkv = cfg->fused_gate_up = cfg->arch == DS_ARCH_PHI3;
     return 0;
 }
 
@@ -130,14 +132,14 @@ static int parse_rope(hctx *c, const cJSON *root, ds_model_config *cfg) {
     return rc;
 }
 
-/* Sliding-window attention, as transformers decides it: Mistral on every layer when sliding_window
- * is set (its "layer_types", if any, is ignored there too); Qwen2/Qwen3 only with
+/* Sliding-window attention, as transformers decides it: Mistral and Phi-3 on every layer when
+ * sliding_window is set (its "layer_types", if any, is ignored there too); Qwen2/Qwen3 only with
  * use_sliding_window, on the layers "layer_types" marks sliding_attention, or else on layers
  * max_window_layers.. . Those layers must come after the full ones: an interleaving (Gemma 3's
  * kind) is refused rather than computed another way. */
 static int parse_sliding(hctx *c, const cJSON *root, ds_model_config *cfg) {
     const cJSON *sw = field(root, "sliding_window"), *types = field(root, "layer_types");
-    bool use = cfg->arch == DS_ARCH_MISTRAL;
+    bool use = cfg->arch == DS_ARCH_MISTRAL || cfg->arch == DS_ARCH_PHI3;
     int32_t first = 0;
     if (cfg->arch == DS_ARCH_QWEN2 || cfg->arch == DS_ARCH_QWEN3) {
         first = 28; /* transformers' Qwen2Config / Qwen3Config default max_window_layers */
@@ -265,6 +267,55 @@ static int load_mat(hctx *c, const char *name, int64_t rows, int64_t cols, bool 
     return 0;
 }
 
+/* Phi-3's fused matrices: `name` [sum rows[k]][cols] becomes n weights of rows[k] rows each (owned
+ * copies, like load_mat). */
+static int load_mat_split(hctx *c, const char *name, int64_t cols, int n, const int64_t *rows, ds_weight **dst) {
+    static const ds_dtype DT[3] = {DS_DTYPE_F32, DS_DTYPE_F16, DS_DTYPE_BF16};
+    const ds_st_file *f;
+    const ds_st_tensor *t = ds_st_set_find(&c->set, name, &f);
+    if (!t) return ds_err_set(c->err, DS_EFORMAT, "%s: missing tensor '%s'", c->dir, name);
+    int64_t total = 0;
+    for (int k = 0; k < n; k++) total += rows[k];
+    const int64_t shape[2] = {total, cols};
+    int rc = ds_st_check_shape(t, f->path, shape, 2, c->err);
+    if (rc) return rc;
+    if (t->dtype > DS_ST_BF16)
+        return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: tensor '%s' has dtype %s (F32, F16, BF16 are supported)", f->path,
+                          name, t->dtype_name);
+    if (total > INT32_MAX || cols > INT32_MAX) return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: tensor '%s' is too large", f->path, name);
+    const ds_dtype st = DT[t->dtype];
+    const size_t rb = ds_dtype_row_bytes(st, cols);
+    const uint8_t *src = t->data;
+    for (int k = 0; k < n; k++) {
+        rc = ds_model_set_weight(c->m, dst[k], src, st, rb, (int32_t)rows[k], (int32_t)cols, NULL, false, c->quantize);
+        if (rc) return ds_err_set(c->err, rc, "%s: tensor '%s': %s", f->path, name, ds_strerror(rc));
+        src += (size_t)rows[k] * rb;
+    }
+    c->dtype_count[t->dtype]++;
+    progress(c);
+    return 0;
+}
+
+/* Phi-3 layer: qkv_proj [q|k|v] and gate_up_proj [gate|up] (transformers Phi3Attention / Phi3MLP). */
+static int load_layer_fused(hctx *c, int i) {
+    const ds_model_config *cfg = &c->m->cfg;
+    ds_layer_weights *l = &c->m->layers[i];
+    const int64_t d = cfg->d_model, q = (int64_t)cfg->n_head * cfg->head_dim, kv = (int64_t)cfg->n_kv_head * cfg->head_dim;
+    char n[6][128];
+    static const char *suffix[6] = {"input_layernorm.weight", "self_attn.qkv_proj.weight", "self_attn.o_proj.weight",
+                                    "post_attention_layernorm.weight", "mlp.gate_up_proj.weight", "mlp.down_proj.weight"};
+    for (int k = 0; k < 6; k++) snprintf(n[k], sizeof n[k], "model.layers.%d.%s", i, suffix[k]);
+    const int64_t qkv_rows[3] = {q, kv, kv}, gu_rows[2] = {cfg->d_ff, cfg->d_ff};
+    ds_weight *qkv[3] = {&l->wq, &l->wk, &l->wv}, *gu[2] = {&l->w_gate, &l->w_up};
+    int rc = load(c, n[0], 0, d, false, &l->attn_norm);
+    if (!rc) rc = load_mat_split(c, n[1], d, 3, qkv_rows, qkv);
+    if (!rc) rc = load_mat(c, n[2], d, q, false, &l->wo);
+    if (!rc) rc = load(c, n[3], 0, d, false, &l->ffn_norm);
+    if (!rc) rc = load_mat_split(c, n[4], d, 2, gu_rows, gu);
+    if (!rc) rc = load_mat(c, n[5], d, cfg->d_ff, false, &l->w_down);
+    return rc;
+}
+
 static int load_layer(hctx *c, int i) {
     const ds_model_config *cfg = &c->m->cfg;
     ds_layer_weights *l = &c->m->layers[i];
@@ -302,11 +353,12 @@ static int load_weights(hctx *c) {
     const ds_model_config *cfg = &m->cfg;
     int rc = ds_st_set_open_dir(&c->set, c->dir, c->err);
     if (rc) return rc;
-    c->n_expected = 2 + (size_t)cfg->n_layer * ((cfg->qkv_bias ? 12 : 9) + (cfg->qk_norm ? 2 : 0)) + !cfg->tied_embeddings;
+    c->n_expected = 2 + (size_t)cfg->n_layer * (cfg->fused_qkv ? 6 : (cfg->qkv_bias ? 12 : 9) + (cfg->qk_norm ? 2 : 0)) +
+                    !cfg->tied_embeddings;
     if (!(m->layers = calloc((size_t)cfg->n_layer, sizeof *m->layers)))
         return ds_err_set(c->err, DS_ENOMEM, "%s: out of memory", c->dir);
     rc = load_mat(c, "model.embed_tokens.weight", cfg->n_vocab, cfg->d_model, false, &m->tok_embd);
-    for (int i = 0; i < cfg->n_layer && !rc; i++) rc = load_layer(c, i);
+    for (int i = 0; i < cfg->n_layer && !rc; i++) rc = cfg->fused_qkv ? load_layer_fused(c, i) : load_layer(c, i);
     if (!rc) rc = load(c, "model.norm.weight", 0, cfg->d_model, false, &m->output_norm);
     if (!rc && !cfg->tied_embeddings) rc = load_mat(c, "lm_head.weight", cfg->n_vocab, cfg->d_model, false, &m->output);
     if (rc) return rc;

@@ -204,12 +204,43 @@ static void run_model(ds_backend **backends, int n_backends, const char *model) 
     ds_model_free(m);
 }
 
+/* PEFT module names follow the base's layout: Phi-3's fused qkv_proj / gate_up_proj on a Llama-layout
+ * base, and q_proj & co. on Phi-3, are refused by name; so is a GGUF LoRA on Phi-3. */
+static void check_fused_names(void) {
+    char llama[512], phi3[512], a_llama[512], a_phi3[512], a_gguf[512];
+    snprintf(llama, sizeof llama, "%s/models/tiny-llama", parity_data_dir());
+    snprintf(phi3, sizeof phi3, "%s/models/tiny-phi3", parity_data_dir());
+    snprintf(a_llama, sizeof a_llama, "%s/adapters/tiny-llama/lora-qv", parity_data_dir());
+    snprintf(a_phi3, sizeof a_phi3, "%s/adapters/tiny-phi3/lora-all", parity_data_dir());
+    snprintf(a_gguf, sizeof a_gguf, "%s/adapters/tiny-llama/lora-qv.gguf", parity_data_dir());
+    if (access(llama, R_OK) || access(phi3, R_OK) || access(a_llama, R_OK) || access(a_phi3, R_OK)) return;
+    ds_err err = {{0}};
+    ds_model_params mp = ds_model_default_params();
+    mp.verbose = false;
+    ds_model *ml = ds_model_load(llama, &mp, &err), *mph = ds_model_load(phi3, &mp, &err);
+    CHECK(ml && mph);
+    ds_adapter_load_params lp = ds_adapter_default_load_params();
+    ds_adapter *a = ml ? ds_adapter_load(a_phi3, ml, &lp, &err) : NULL;
+    CHECK_MSG(!a && strstr(err.msg, "fused") && strstr(err.msg, "llama"), "phi3 adapter on llama: %s", a ? "loaded" : err.msg);
+    ds_adapter_free(a);
+    a = mph ? ds_adapter_load(a_llama, mph, &lp, &err) : NULL;
+    CHECK_MSG(!a && strstr(err.msg, "fuses it into qkv_proj"), "llama adapter on phi3: %s", a ? "loaded" : err.msg);
+    ds_adapter_free(a);
+    a = mph && !access(a_gguf, R_OK) ? ds_adapter_load(a_gguf, mph, &lp, &err) : NULL;
+    CHECK_MSG(!a && (access(a_gguf, R_OK) || strstr(err.msg, "phi3")), "GGUF LoRA on phi3: %s", a ? "loaded" : err.msg);
+    ds_adapter_free(a);
+    ds_model_free(ml);
+    ds_model_free(mph);
+}
+
 int main(void) {
     ds_backend *bs[2];
     const int nb = parity_backends(bs, 2);
     run_model(bs, nb, "tiny-llama");
     run_model(bs, nb, "tiny-qwen2");
     run_model(bs, nb, "tiny-qwen3");
+    run_model(bs, nb, "tiny-phi3");
+    check_fused_names();
     for (int i = 0; i < nb; i++) ds_backend_free(bs[i]);
     if (ds_test_checks == 0) SKIP("no golden adapters under %s/adapters (run tests/golden/gen_adapters.py)", parity_data_dir());
     return ds_test_result();
