@@ -251,6 +251,9 @@ static int embedding_copy(peft_ctx *c, const ds_st_tensor *t, const char *key) {
 static int place_embedding_lora(peft_ctx *c, const ds_st_tensor *t, const char *mod) {
     const char *rest = skip(mod, "model.embed_tokens.");
     if (!rest || c->cfg->kind != DS_ADAPTER_LORA || c->cfg->adalora) return 1;
+    if (c->base->cfg.embed_scale > 0) /* Gemma 3's scaled embedding: whether the delta is scaled is PEFT's call */
+        return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: tensor '%s': embedding LoRA on a %s base (scaled embeddings) "
+                          "is not supported", c->st_path, t->name, c->base->cfg.arch_name);
     char suf[64];
     strip_default(rest, suf, sizeof suf);
     const ds_st_tensor **dst = !strcmp(suf, "lora_embedding_A") ? &c->emb_A

@@ -4,6 +4,7 @@
 #include "ds/model.h"
 #include "format/gguf.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -64,20 +65,25 @@ static int read_arch(gctx *c, ds_model_config *cfg) {
     else if (!strcmp(arch, "qwen2")) cfg->arch = DS_ARCH_QWEN2;
     else if (!strcmp(arch, "qwen3")) cfg->arch = DS_ARCH_QWEN3;
     else if (!strcmp(arch, "phi3")) cfg->arch = DS_ARCH_PHI3;
+    else if (!strcmp(arch, "gemma3")) cfg->arch = DS_ARCH_GEMMA3;
     else if (c->weights)
         return ds_err_set(c->err, DS_EUNSUPPORTED,
-                          "%s: architecture '%s' is not supported (llama, mistral, qwen2, qwen3, phi3)", c->path, arch);
+                          "%s: architecture '%s' is not supported (llama, mistral, qwen2, qwen3, phi3, gemma3)", c->path,
+                          arch);
     /* else: tokenizer only (deltaserve tokenize) — the architecture does not matter */
     snprintf(cfg->arch_name, sizeof cfg->arch_name, "%s", arch);
     if (!ds_gguf_get_str(&c->g, "general.name", &name, NULL)) snprintf(cfg->name, sizeof cfg->name, "%s", name);
     cfg->qkv_bias = cfg->arch == DS_ARCH_QWEN2;
-    cfg->qk_norm = cfg->arch == DS_ARCH_QWEN3;
+    cfg->qk_norm = cfg->arch == DS_ARCH_QWEN3 || cfg->arch == DS_ARCH_GEMMA3;
     cfg->fused_qkv = cfg->fused_gate_up = cfg->arch == DS_ARCH_PHI3;
+    cfg->post_norms = cfg->arch == DS_ARCH_GEMMA3;
+    cfg->ffn_act = cfg->arch == DS_ARCH_GEMMA3 ? DS_FFN_GELU_TANH : DS_FFN_SILU;
     return 0;
 }
 
-/* `<arch>.rope.scaling.*`: only "none" (or linear with factor 1) is plain RoPE here. Llama-3 scaling
- * arrives as the rope_freqs tensor instead (see load_rope). */
+/* `<arch>.rope.scaling.*`: "none", or "linear" (inv_freq / factor: llama.cpp's freq_scale, which
+ * Gemma 3 applies to its global layers only). Llama-3 scaling arrives as the rope_freqs tensor
+ * instead (see load_rope). */
 static int read_rope_scaling(gctx *c) {
     char key[128];
     const char *type = NULL;
@@ -88,8 +94,33 @@ static int read_rope_scaling(gctx *c) {
     if (rc) return rc;
     if ((rc = get_float(c, "rope.scaling.factor", &factor, false))) return rc;
     if (!strcmp(type, "none") || (!strcmp(type, "linear") && factor == 1.0f)) return 0;
+    if (!strcmp(type, "linear")) {
+        c->m->cfg.rope_scaling = DS_ROPE_SCALING_LINEAR;
+        c->m->cfg.rope_factor = factor;
+        return 0;
+    }
     return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: RoPE scaling type '%s' (factor %g) is not supported", c->path, type,
                       factor);
+}
+
+/* Gemma 3 as llama.cpp runs it (llama-model.cpp, LLM_ARCH_GEMMA3): with a sliding window, every layer
+ * but each 6th slides and uses RoPE base 10000 unscaled; scores × 1/sqrt(head_dim), or 1/sqrt(n_embd /
+ * n_head) for the 62-layer 27B (its query_pre_attn_scalar); embeddings × sqrt(n_embd); the optional
+ * final_logit_softcapping. The norms are stored as 1 + w already (convert_hf_to_gguf.py). */
+static int read_gemma3(gctx *c, int32_t window) {
+    ds_model_config *cfg = &c->m->cfg;
+    char key[128];
+    if (!arch_key(c, key, sizeof key, "attention.sliding_window_pattern") && ds_gguf_find_kv(&c->g, key))
+        return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: metadata '%s' is not supported", c->path, key);
+    if (window > 0) {
+        cfg->rope_theta_swa = 10000.0f;
+        for (int32_t i = 0; i < cfg->n_layer && i < DS_MODEL_MAX_LAYER; i++)
+            if (i % 6 < 5) ds_model_set_sliding(cfg, i);
+    }
+    const int32_t hd = cfg->head_dim ? cfg->head_dim : cfg->d_model / (cfg->n_head ? cfg->n_head : 1);
+    cfg->attn_scale = 1.0f / sqrtf((float)(cfg->n_layer == 62 ? cfg->d_model / (cfg->n_head ? cfg->n_head : 1) : hd));
+    cfg->embed_scale = sqrtf((float)cfg->d_model);
+    return get_float(c, "final_logit_softcapping", &cfg->final_softcap, false);
 }
 
 static int read_config(gctx *c) {
@@ -119,7 +150,11 @@ static int read_config(gctx *c) {
     if (!rc) rc = get_int(c, "attention.sliding_window", &window, false);
     if (rc) return rc;
     if (window < 0) return ds_err_set(c->err, DS_EFORMAT, "%s: attention.sliding_window %d is negative", c->path, window);
-    if (window > 0 && window < cfg->max_ctx) cfg->sliding_window = window, cfg->swa_first_layer = 0;
+    if (!rc && cfg->arch == DS_ARCH_GEMMA3) rc = read_gemma3(c, window);
+    else if (window > 0)
+        for (int32_t i = 0; i < cfg->n_layer && i < DS_MODEL_MAX_LAYER; i++) ds_model_set_sliding(cfg, i);
+    if (rc) return rc;
+    if (window > 0 && window < cfg->max_ctx) cfg->sliding_window = window;
     const ds_gguf_tensor *emb = ds_gguf_find_tensor(&c->g, "token_embd.weight");
     if (!emb) return ds_err_set(c->err, DS_EFORMAT, "%s: missing tensor 'token_embd.weight'", c->path);
     cfg->n_vocab = emb->ne[1] <= INT32_MAX ? (int32_t)emb->ne[1] : -1;
@@ -276,8 +311,8 @@ static int load_layer(gctx *c, int i) {
     const ds_model_config *cfg = &c->m->cfg;
     ds_layer_weights *l = &c->m->layers[i];
     const int64_t d = cfg->d_model, q = (int64_t)cfg->n_head * cfg->head_dim, kv = (int64_t)cfg->n_kv_head * cfg->head_dim;
-    /* Only the llama converter permutes Q/K; the Qwen converters keep HF order. */
-    const bool perm = cfg->arch != DS_ARCH_QWEN2 && cfg->arch != DS_ARCH_QWEN3;
+    /* Only the llama converter permutes Q/K; the Qwen and Gemma converters keep HF order. */
+    const bool perm = cfg->arch == DS_ARCH_LLAMA || cfg->arch == DS_ARCH_MISTRAL;
     const int ph = perm ? cfg->n_head : 0, pkv = perm ? cfg->n_kv_head : 0;
     char n[12][96];
     const char *suffix[12] = {"attn_norm.weight", "attn_q.weight",  "attn_k.weight",  "attn_v.weight",
@@ -302,6 +337,13 @@ static int load_layer(gctx *c, int i) {
         snprintf(kn, sizeof kn, "blk.%d.attn_k_norm.weight", i);
         if (!rc) rc = load_vec(c, qn, cfg->head_dim, 0, false, &l->q_norm);
         if (!rc) rc = load_vec(c, kn, cfg->head_dim, 0, false, &l->k_norm);
+    }
+    if (cfg->post_norms) {
+        char an[96], fn[96];
+        snprintf(an, sizeof an, "blk.%d.post_attention_norm.weight", i);
+        snprintf(fn, sizeof fn, "blk.%d.post_ffw_norm.weight", i);
+        if (!rc) rc = load_vec(c, an, d, 0, false, &l->attn_post_norm);
+        if (!rc) rc = load_vec(c, fn, d, 0, false, &l->ffn_post_norm);
     }
     return rc;
 }
@@ -331,6 +373,11 @@ static int load_rope(gctx *c) {
     if (!(m->inv_freq = ds_model_alloc_floats(m, (size_t)half)))
         return ds_err_set(c->err, DS_ENOMEM, "%s: out of memory", c->path);
     ds_rope_inv_freq(&m->cfg, m->inv_freq);
+    if (m->cfg.rope_theta_swa > 0) {
+        if (!(m->inv_freq_swa = ds_model_alloc_floats(m, (size_t)half)))
+            return ds_err_set(c->err, DS_ENOMEM, "%s: out of memory", c->path);
+        ds_rope_inv_freq_swa(&m->cfg, m->inv_freq_swa);
+    }
     int rc = load_vec(c, "rope_freqs.weight", half, 0, true, &freqs);
     if (rc || !freqs) return rc;
     m->n_params -= (size_t)half; /* not a weight */
@@ -348,7 +395,10 @@ static int load_weights(gctx *c) {
     const ds_model_config *cfg = &m->cfg;
     int rc = check_biases(c);
     if (rc) return rc;
-    c->n_expected = 2 + (size_t)cfg->n_layer * (cfg->fused_qkv ? 6 : (cfg->qkv_bias ? 12 : 9) + (cfg->qk_norm ? 2 : 0)) + 1;
+    c->n_expected = 2 +
+                    (size_t)cfg->n_layer * (cfg->fused_qkv ? 6 : (cfg->qkv_bias ? 12 : 9) + (cfg->qk_norm ? 2 : 0) +
+                                                                 (cfg->post_norms ? 2 : 0)) +
+                    1;
     if (ds_gguf_find_tensor(&c->g, "rope_factors_long.weight") || ds_gguf_find_tensor(&c->g, "rope_factors_short.weight"))
         return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: LongRoPE (rope_factors_long / rope_factors_short) is not supported",
                           c->path);

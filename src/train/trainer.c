@@ -137,6 +137,12 @@ int tr_backend_attach(ds_trainer *t, ds_backend *b, ds_err *err) {
                           b->iface->name);
     const ds_model *m = t->m;
     if (!m) return 0; /* a shell trainer for optimizer-only use (tests): no model weights */
+    if (m->cfg.post_norms || m->cfg.ffn_act != DS_FFN_SILU || m->cfg.embed_scale > 0 || m->cfg.attn_scale > 0 ||
+        m->cfg.final_softcap > 0 || m->cfg.rope_theta_swa > 0) /* train_forward.c / train_backward.c: Llama math */
+        return ds_err_set(err, DS_EUNSUPPORTED,
+                          "fine-tuning a %s base (post norms, GeGLU, scaled embeddings, soft-capping) is not supported "
+                          "yet; serving its adapters is",
+                          m->cfg.arch_name);
     if (m->cfg.qk_norm) /* train_forward.c / train_backward.c have no q_norm / k_norm step yet */
         return ds_err_set(err, DS_EUNSUPPORTED,
                           "fine-tuning a %s base (per-head q/k norms) is not supported yet; serving its adapters is",

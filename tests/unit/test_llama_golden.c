@@ -196,7 +196,7 @@ static void check_window_matters(ds_backend *b, const char *name, int32_t window
 int main(void) {
     ds_backend *bs[2];
     const int nb = parity_backends(bs, 2);
-    const char *models[] = {"tiny-llama", "tiny-qwen2", "tiny-llama3", "tiny-qwen3", "tiny-mistral", "tiny-phi3"};
+    const char *models[] = {"tiny-llama", "tiny-qwen2", "tiny-llama3", "tiny-qwen3", "tiny-mistral", "tiny-phi3", "tiny-gemma3"};
     for (size_t i = 0; i < sizeof models / sizeof models[0]; i++) {
         run_model(bs, nb, models[i], NULL, "reference.json");
         run_model(bs, nb, models[i], "model.gguf", "reference.json");
@@ -204,8 +204,10 @@ int main(void) {
     run_model(bs, nb, "tiny-llama", "model-q8_0.gguf", "reference-q8_0.json");
     run_model(bs, nb, "tiny-qwen3", "model-q8_0.gguf", "reference-q8_0.json");
     run_model(bs, nb, "tiny-phi3", "model-q8_0.gguf", "reference-q8_0.json");
+    run_model(bs, nb, "tiny-gemma3", "model-q8_0.gguf", "reference-q8_0.json");
     if (nb > 0) check_window_matters(bs[0], "tiny-mistral", 4);
     if (nb > 0) check_window_matters(bs[0], "tiny-phi3", 5);
+    if (nb > 0) check_window_matters(bs[0], "tiny-gemma3", 4);
     for (int i = 0; i < nb; i++) ds_backend_free(bs[i]);
     if (ds_test_checks == 0) SKIP("no golden models under %s/models (run tests/golden/gen_models.py)", parity_data_dir());
     return ds_test_result();
