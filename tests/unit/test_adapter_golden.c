@@ -231,6 +231,42 @@ static void check_fused_names(void) {
     ds_adapter_free(a);
     ds_model_free(ml);
     ds_model_free(mph);
+    /* Gemma 3 scales its token embeddings: an embedding LoRA is refused by name, not applied unscaled. */
+    char gemma[512], a_emb[600];
+    snprintf(gemma, sizeof gemma, "%s/models/tiny-gemma3", parity_data_dir());
+    snprintf(a_emb, sizeof a_emb, "%s/adapters/tiny-llama/lora-embed-head", parity_data_dir());
+    if (access(gemma, R_OK) || access(a_emb, R_OK)) return;
+    /* a copy of tiny-llama's embedding LoRA config with only the embedding factors (zeros) */
+    char dir[] = "/tmp/ds_test_gemb_XXXXXX", path[700], *cfg = NULL;
+    CHECK(mkdtemp(dir) != NULL);
+    snprintf(path, sizeof path, "%s/adapter_config.json", a_emb);
+    size_t cfg_len = 0;
+    CHECK(ds_file_read_all(path, 1 << 20, &cfg, &cfg_len, &err) == 0);
+    snprintf(path, sizeof path, "%s/adapter_config.json", dir);
+    FILE *f = fopen(path, "wb");
+    if (f && cfg) fwrite(cfg, 1, cfg_len, f);
+    if (f) fclose(f);
+    free(cfg);
+    const char *hdr = "{\"base_model.model.model.embed_tokens.lora_embedding_A\":{\"dtype\":\"F32\",\"shape\":[4,320],"
+                      "\"data_offsets\":[0,5120]},\"base_model.model.model.embed_tokens.lora_embedding_B\":{\"dtype\":"
+                      "\"F32\",\"shape\":[64,4],\"data_offsets\":[5120,6144]}}";
+    snprintf(path, sizeof path, "%s/adapter_model.safetensors", dir);
+    f = fopen(path, "wb");
+    if (f) {
+        uint64_t hn = strlen(hdr);
+        static const float zeros[1536];
+        fwrite(&hn, 8, 1, f), fwrite(hdr, 1, hn, f), fwrite(zeros, sizeof zeros, 1, f);
+        fclose(f);
+    }
+    ds_model *mg = ds_model_load(gemma, &mp, &err);
+    CHECK(mg);
+    a = mg ? ds_adapter_load(dir, mg, &lp, &err) : NULL;
+    CHECK_MSG(!a && strstr(err.msg, "scaled embeddings"), "embedding LoRA on gemma3: %s", a ? "loaded" : err.msg);
+    ds_adapter_free(a);
+    ds_model_free(mg);
+    char cmd[64];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+    CHECK(system(cmd) == 0);
 }
 
 int main(void) {
@@ -240,6 +276,7 @@ int main(void) {
     run_model(bs, nb, "tiny-qwen2");
     run_model(bs, nb, "tiny-qwen3");
     run_model(bs, nb, "tiny-phi3");
+    run_model(bs, nb, "tiny-gemma3");
     check_fused_names();
     for (int i = 0; i < nb; i++) ds_backend_free(bs[i]);
     if (ds_test_checks == 0) SKIP("no golden adapters under %s/adapters (run tests/golden/gen_adapters.py)", parity_data_dir());
