@@ -168,6 +168,8 @@ int ds_cuda_rope(void *ctx, float *x, const int32_t *pos, const float *inv_freq,
                  int32_t head_dim);
 int ds_cuda_silu_mul(void *ctx, const float *gate, const float *up, float *out, size_t n);
 int ds_cuda_add(void *ctx, float *y, const float *x, size_t n);
+int ds_cuda_scale(void *ctx, float *x, float s, size_t n);
+int ds_cuda_gelu_tanh_mul(void *ctx, const float *gate, const float *up, float *out, size_t n);
 int ds_cuda_get_rows(void *ctx, const float *src, const int32_t *idx, float *dst, int32_t n, int32_t d);
 int ds_cuda_kv_store(void *ctx, float *k_cache, float *v_cache, const float *k, const float *v,
                      const int64_t *slot, int32_t n, int32_t row);

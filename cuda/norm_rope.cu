@@ -149,6 +149,39 @@ int ds_cuda_add(void *ctx, float *y, const float *x, size_t n) {
     return DS_OK;
 }
 
+/* ---- Gemma 3: scale, gelu_tanh_mul ---- */
+
+static __global__ void scale_kernel(float *x, float s, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        x[i] *= s;
+}
+
+int ds_cuda_scale(void *ctx, float *x, float s, size_t n) {
+    ds_cuda_ctx *c = (ds_cuda_ctx *)ctx;
+    if (!n) return DS_OK;
+    DS_TRY(ds_cuda_enter(c));
+    scale_kernel<<<ds_cuda_blocks(n, THREADS), THREADS, 0, c->stream>>>(x, s, n);
+    CU_CHECK_LAUNCH("scale_kernel");
+    return DS_OK;
+}
+
+/* The CPU backend's formula (torch's gelu(approximate="tanh")); out may alias gate. */
+static __global__ void gelu_tanh_mul_kernel(const float *gate, const float *up, float *out, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const float x = gate[i];
+        out[i] = 0.5f * x * (1.0f + tanhf(0.79788456080286536f * (x + 0.044715f * x * x * x))) * up[i];
+    }
+}
+
+int ds_cuda_gelu_tanh_mul(void *ctx, const float *gate, const float *up, float *out, size_t n) {
+    ds_cuda_ctx *c = (ds_cuda_ctx *)ctx;
+    if (!n) return DS_OK;
+    DS_TRY(ds_cuda_enter(c));
+    gelu_tanh_mul_kernel<<<ds_cuda_blocks(n, THREADS), THREADS, 0, c->stream>>>(gate, up, out, n);
+    CU_CHECK_LAUNCH("gelu_tanh_mul_kernel");
+    return DS_OK;
+}
+
 /* ---- get_rows, kv_store ---- */
 
 static __global__ void get_rows_kernel(const float *__restrict__ src, const int32_t *__restrict__ idx,

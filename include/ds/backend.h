@@ -225,6 +225,12 @@ struct ds_backend_iface {
      * r as ds_bn_seg says, reading x[n][d]. Optional: NULL → resident copies of bottleneck adapters
      * are refused on this backend (ds_adapter_dev_upload). */
     int (*bottleneck)(void *ctx, const float *x, float *o, int32_t d, ds_seg_range r);
+
+    /* Gemma 3's ops. Optional: NULL → ds_llama_create refuses a model that needs them on this backend. */
+    /* x[i] *= s (scaled embeddings). */
+    int (*scale)(void *ctx, float *x, float s, size_t n);
+    /* out[i] = gelu_tanh(gate[i]) * up[i], torch's gelu(approximate="tanh") (GeGLU); out may alias gate. */
+    int (*gelu_tanh_mul)(void *ctx, const float *gate, const float *up, float *out, size_t n);
 };
 
 typedef struct ds_backend {

@@ -19,13 +19,22 @@ typedef enum {
     DS_ARCH_MISTRAL,   /* same math as llama */
     DS_ARCH_QWEN2,     /* q/k/v bias */
     DS_ARCH_QWEN3,     /* per-head RMSNorm of q and k before RoPE (q_norm / k_norm), no biases */
+    DS_ARCH_PHI3,      /* llama math; fused qkv_proj and gate_up_proj in the files (split at load) */
+    DS_ARCH_GEMMA3,    /* Gemma 3 text: scaled embeddings, (1 + w) norms (folded at load), post-attention and
+                        * post-FFN norms, GeGLU, q/k norms, local/global layers with their own RoPE */
 } ds_arch;
 
-typedef enum { DS_ROPE_SCALING_NONE = 0, DS_ROPE_SCALING_LLAMA3 = 1 } ds_rope_scaling;
+/* LINEAR: inv_freq / factor (transformers' "linear"; Gemma 3 applies it to its global layers only). */
+typedef enum { DS_ROPE_SCALING_NONE = 0, DS_ROPE_SCALING_LLAMA3 = 1, DS_ROPE_SCALING_LINEAR = 2 } ds_rope_scaling;
+
+/* The feed-forward gate activation: silu(gate)·up (Llama) or gelu_tanh(gate)·up (Gemma's GeGLU). */
+typedef enum { DS_FFN_SILU = 0, DS_FFN_GELU_TANH = 1 } ds_ffn_act;
+
+#define DS_MODEL_MAX_LAYER 1024
 
 typedef struct ds_model_config {
     ds_arch arch;
-    char arch_name[32];      /* "llama", "qwen2", "qwen3", "mistral" */
+    char arch_name[32];      /* "llama", "qwen2", "qwen3", "mistral", "phi3", "gemma3_text" / "gemma3" */
     char name[128];          /* general.name / _name_or_path, informational */
     int32_t n_vocab;
     int32_t d_model;         /* hidden_size */
@@ -42,11 +51,25 @@ typedef struct ds_model_config {
     int32_t rope_orig_ctx;   /* original_max_position_embeddings */
     bool qkv_bias;
     bool qk_norm;            /* Qwen3: q_norm / k_norm over each head's head_dim values */
-    /* Sliding-window attention: layers swa_first_layer.. attend to their last sliding_window
-     * positions (ds_model_layer_window); sliding_window 0 = none. */
+    /* Phi-3: the files hold q/k/v as one qkv_proj [q|k|v rows] and gate/up as one gate_up_proj
+     * [gate|up rows]; the loaders split them into wq/wk/wv and w_gate/w_up, and adapters name the
+     * fused modules (PEFT's qkv_proj / gate_up_proj), whose output rows split the same way. */
+    bool fused_qkv;
+    bool fused_gate_up;
+    /* Sliding-window attention: the layers marked in layer_sliding (ds_model_set_sliding) attend to
+     * their last sliding_window positions (ds_model_layer_window); sliding_window 0 = none (or a window
+     * no shorter than the context). A marked layer keeps its mark — and its RoPE table, rope_theta_swa
+     * — even when its window never bites. */
     int32_t sliding_window;
-    int32_t swa_first_layer;
+    uint8_t layer_sliding[DS_MODEL_MAX_LAYER / 8];
+    float rope_theta_swa;    /* > 0: the marked layers use this RoPE base, unscaled (Gemma 3's local layers) */
     bool tied_embeddings;
+    /* Gemma 3 (all 0 / false / SILU elsewhere) */
+    ds_ffn_act ffn_act;
+    bool post_norms;         /* post-attention and post-feed-forward RMSNorm before each residual add */
+    float embed_scale;       /* > 0: token embeddings × this (sqrt(hidden_size), rounded to fp32) */
+    float attn_scale;        /* > 0: attention scores × this (query_pre_attn_scalar^-0.5), else head_dim^-0.5 */
+    float final_softcap;     /* > 0: logits = softcap · tanh(logits / softcap) */
 } ds_model_config;
 
 /* Matrices are typed (ds/weight.h) and stay in their file format: views into the GGUF mapping, or
@@ -62,7 +85,9 @@ typedef struct ds_layer_weights {
     float *q_norm;     /* [head_dim] or NULL (cfg.qk_norm) */
     float *k_norm;     /* [head_dim] or NULL */
     ds_weight wo;      /* [d_model][n_head*head_dim] */
-    float *ffn_norm;   /* [d_model] */
+    float *ffn_norm;   /* [d_model] (Gemma: pre_feedforward_layernorm) */
+    float *attn_post_norm; /* [d_model] or NULL (cfg.post_norms): Gemma's post_attention_layernorm */
+    float *ffn_post_norm;  /* [d_model] or NULL: post_feedforward_layernorm */
     ds_weight w_gate;  /* [d_ff][d_model] */
     ds_weight w_up;    /* [d_ff][d_model] */
     ds_weight w_down;  /* [d_model][d_ff] */
@@ -74,6 +99,7 @@ typedef struct ds_model {
     float *output_norm;       /* [d_model] */
     ds_weight output;         /* [n_vocab][d_model]; same data as tok_embd when tied */
     float *inv_freq;          /* [head_dim/2] final RoPE inverse frequencies (scaling applied) */
+    float *inv_freq_swa;      /* [head_dim/2] those of the sliding layers (cfg.rope_theta_swa > 0), or NULL */
     ds_layer_weights *layers; /* [n_layer] */
     ds_tokenizer *tok;        /* owned; NULL only if the source had no tokenizer */
     char *chat_template;      /* owned Jinja text, or NULL */
@@ -89,9 +115,16 @@ typedef struct ds_model {
     bool weights_loaded;      /* false when loaded with load_weights = false (tokenizer only) */
 } ds_model;
 
+/* Whether layer il is a sliding-window layer (its kind, whatever the window's length). */
+static inline bool ds_model_layer_sliding(const ds_model_config *c, int32_t il) {
+    return il >= 0 && il < DS_MODEL_MAX_LAYER && (c->layer_sliding[il >> 3] >> (il & 7) & 1);
+}
+static inline void ds_model_set_sliding(ds_model_config *c, int32_t il) {
+    if (il >= 0 && il < DS_MODEL_MAX_LAYER) c->layer_sliding[il >> 3] |= (uint8_t)(1u << (il & 7));
+}
 /* Positions layer il attends to (sliding-window attention), or 0 for all of them. */
 static inline int32_t ds_model_layer_window(const ds_model_config *c, int32_t il) {
-    return c->sliding_window > 0 && il >= c->swa_first_layer ? c->sliding_window : 0;
+    return c->sliding_window > 0 && ds_model_layer_sliding(c, il) ? c->sliding_window : 0;
 }
 
 typedef struct ds_model_params {
@@ -136,6 +169,8 @@ void ds_model_weight_summary(const ds_model *m, char *buf, size_t cap);
 int ds_model_config_validate(ds_model_config *cfg, const char *source, ds_err *err);
 /* Computes inv_freq[head_dim/2] from theta and rope scaling (HF _compute_llama3_parameters). */
 void ds_rope_inv_freq(const ds_model_config *cfg, float *inv_freq);
+/* The sliding layers' table: rope_theta_swa, no scaling (transformers' Gemma 3 "sliding_attention"). */
+void ds_rope_inv_freq_swa(const ds_model_config *cfg, float *inv_freq);
 /* Checks that every weight pointer the config needs is set; names the first missing tensor. */
 int ds_model_check_complete(const ds_model *m, ds_err *err);
 

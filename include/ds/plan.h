@@ -79,8 +79,10 @@ int ds_plan_linear(const ds_plan *p, ds_backend *b, int32_t layer, ds_proj proj,
  * the adapted residual stream (ds_bn_seg); x is the stream entering the sub-block. */
 int ds_plan_bottleneck(const ds_plan *p, ds_backend *b, int32_t layer, ds_bn_site site, const float *x, float *o,
                        int32_t d);
-/* Input embeddings of the step's n tokens (ids: backend pointer) with embedding LoRA and soft-prompt rows. */
-int ds_plan_embed(const ds_plan *p, ds_backend *b, const ds_mat *tok_embd, const int32_t *ids, float *out, int32_t n);
+/* Input embeddings of the step's n tokens (ids: backend pointer) with embedding LoRA and soft-prompt rows.
+ * embed_scale > 0 multiplies the token embeddings (Gemma 3), not the soft-prompt rows (PEFT's order). */
+int ds_plan_embed(const ds_plan *p, ds_backend *b, const ds_mat *tok_embd, const int32_t *ids, float *out, int32_t n,
+                  float embed_scale);
 /* logits[n][vocab] = x · outputᵀ (+ lm_head LoRA) for the n output rows. */
 int ds_plan_lm_head(const ds_plan *p, ds_backend *b, const ds_mat *output, const float *x, float *logits, int32_t n);
 

@@ -127,6 +127,13 @@ typedef enum {
     DS_CHAT_LLAMA3,     /* <|start_header_id|>role<|end_header_id|>\n\n...<|eot_id|> */
     DS_CHAT_LLAMA2,     /* <s>[INST] <<SYS>>...<</SYS>> ... [/INST] ... </s> (Llama-2-chat) */
     DS_CHAT_MISTRAL,    /* <s>[INST] ... [/INST]...</s> (Mistral / Mixtral instruct, no system role) */
+    DS_CHAT_LLAMA31,    /* Llama 3.1 / 3.3: Llama-3 turns after a system block that always carries
+                         * "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n" */
+    DS_CHAT_LLAMA32,    /* Llama 3.2: the same, dated today (strftime_now, as transformers renders it) */
+    DS_CHAT_PHI3,       /* <|role|>\n...<|end|>\n (Phi-3-mini / -medium instruct) */
+    DS_CHAT_PHI35,      /* the same, an empty system message dropped (Phi-3.5-mini instruct) */
+    DS_CHAT_GEMMA3,     /* <bos><start_of_turn>user\n...<end_of_turn>\n, "model" for the assistant, the
+                         * system message prefixed to the first turn (Gemma 3 instruct) */
 } ds_chat_format;
 
 typedef struct ds_chat_msg {
@@ -135,7 +142,10 @@ typedef struct ds_chat_msg {
 } ds_chat_msg;
 
 /* Picks the format from a Jinja template's text (NULL → ChatML): "<|im_start|>" → ChatML,
- * "<|start_header_id|>" → Llama-3, "[INST]" with "<<SYS>>" → Llama-2, other "[INST]" → Mistral. */
+ * "<|start_header_id|>" → Llama-3 (Llama-3.1 when it writes "Cutting Knowledge Date", Llama-3.2 when
+ * it dates it with strftime_now), "[INST]" with
+ * "<<SYS>>" → Llama-2, other "[INST]" → Mistral, "<|user|>" with "<|end|>" → Phi-3 (Phi-3.5 when
+ * the system turn is conditional on its content), "<start_of_turn>" → Gemma 3. */
 ds_chat_format ds_chat_detect(const char *template_text);
 
 /* The default system prompt a ChatML template inserts when the conversation has none (SmolLM2: "You
@@ -145,13 +155,15 @@ ds_chat_format ds_chat_detect(const char *template_text);
 char *ds_chat_default_system(const char *template_text);
 
 /* Renders messages exactly as transformers' apply_chat_template does with the family's canonical
- * template (bos/eos spelled "<|begin_of_text|>", "<s>", "</s>"); encode the result with
- * add_special = false, parse_special = true. add_generation_prompt appends the assistant header
- * (ChatML, Llama-3; the Llama-2 / Mistral templates have none). default_system (may be NULL) is
+ * template (bos/eos spelled "<|begin_of_text|>", "<s>", "</s>", "<bos>", "<|endoftext|>"); encode
+ * the result with add_special = false, parse_special = true. add_generation_prompt appends the
+ * assistant header (ChatML, Llama-3, Phi-3, Gemma 3; the Llama-2 / Mistral templates have none; Phi-3
+ * without it ends with its eos). Llama-3.1 refuses nothing; a "tool" / "ipython" message is written
+ * as the ipython role with its content as a JSON string. default_system (may be NULL) is
  * inserted as a first system message when messages[0] is not one (not for Mistral, which has no
  * system role). *out is malloc'd, caller frees. Returns 0 or DS_EINVAL: no messages, NULL role or
- * content, a role that is not [A-Za-z0-9_-]+, or what the template itself refuses (Llama-2 / Mistral:
- * roles not alternating user/assistant; Mistral: a role other than user / assistant). */
+ * content, a role that is not [A-Za-z0-9_-]+, or what the template itself refuses (Llama-2 / Mistral /
+ * Gemma 3: roles not alternating user/assistant; Mistral: a role other than user / assistant). */
 int ds_chat_render(ds_chat_format fmt, const ds_chat_msg *msgs, size_t n_msgs, bool add_generation_prompt,
                    const char *default_system, char **out);
 /* The same, also returning where the messages' contents landed in *out (byte ranges, in order;

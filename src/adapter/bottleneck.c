@@ -550,6 +550,9 @@ int ds_bottleneck_load(ds_adapter *a, const char *dir, const ds_model *base, ds_
     snprintf(st_path, sizeof st_path, "%s/adapter.safetensors", dir);
     bn_ctx c = {.cfg_path = cfg_path, .st_path = st_path, .base = base, .hooked = base->cfg.arch == DS_ARCH_QWEN2,
                 .err = err};
+    if (base->cfg.post_norms) /* where the package would hook around Gemma's post-norms is not established */
+        return ds_err_set(err, DS_EUNSUPPORTED, "%s: bottleneck adapters on a %s base are not supported", dir,
+                          base->cfg.arch_name);
     if (!exists(dir, "adapter.safetensors"))
         return ds_err_set(err, DS_EUNSUPPORTED, "%s: only pytorch_adapter.bin (a pickle) is present, and deltaserve "
                           "never unpickles: re-save it as safetensors with the adapters package, "

@@ -48,7 +48,11 @@ static int check_meta(gctx *c) {
     if (!same)
         return ds_err_set(c->err, DS_EFORMAT, "%s: general.architecture = \"%.64s\" but the base model is \"%s\"",
                           c->path, arch, m->arch_name);
-    c->permute = m->arch != DS_ARCH_QWEN2; /* as the base GGUF loader: only the llama converter permutes */
+    if (m->fused_qkv) /* attn_qkv / ffn_up = gate_up: the split of peft_lora.c is not done here */
+        return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: GGUF LoRA on a %s base (fused attn_qkv / ffn_up) is not "
+                          "supported; load the PEFT directory instead", c->path, m->arch_name);
+    /* as the base GGUF loader: only the llama converter (llama, mistral) permutes */
+    c->permute = m->arch == DS_ARCH_LLAMA || m->arch == DS_ARCH_MISTRAL;
     if (ds_gguf_find_kv(&c->g, "adapter.alora.invocation_tokens"))
         return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: adapter.alora.invocation_tokens: aLoRA is not supported",
                           c->path);

@@ -94,6 +94,12 @@ void peft_slot_path(const peft_ctx *c, size_t slot, char *buf, size_t cap);
 /* Base dimensions of projection p (DS_PROJ_COUNT = lm_head) and its weight (HF [out][in]). */
 void ds_adapter_base_dims(const ds_model *m, int proj, int32_t *in, int32_t *out);
 const ds_weight *ds_adapter_base_weight(const ds_model *m, int32_t layer, int proj);
+/* The base projections one PEFT module covers: 1 (proj itself), or Phi-3's fused qkv_proj (proj Q →
+ * Q, K, V) and gate_up_proj (proj GATE → GATE, UP), whose output rows are theirs in that order.
+ * Fills parts[], rows[] (each part's output rows) and *out (their sum); returns the count. */
+int ds_adapter_module_parts(const ds_model *m, int proj, int parts[3], int32_t rows[3], int32_t *out);
+/* Row `row` of the module's base weight (the fused one for Phi-3), dequantised to fp32 [in]. */
+void ds_adapter_base_row(const ds_model *m, int32_t layer, int proj, int32_t row, float *dst);
 
 /* Per-type loaders over a collected context (peft_lora.c, peft_prompt.c). */
 int peft_load_lora(peft_ctx *c);

@@ -30,6 +30,33 @@ void ds_adapter_base_dims(const ds_model *m, int proj, int32_t *in, int32_t *out
     }
 }
 
+int ds_adapter_module_parts(const ds_model *m, int proj, int parts[3], int32_t rows[3], int32_t *out) {
+    const ds_model_config *c = &m->cfg;
+    int n = 1;
+    parts[0] = proj;
+    if (proj == DS_PROJ_Q && c->fused_qkv) {
+        n = 3, parts[1] = DS_PROJ_K, parts[2] = DS_PROJ_V;
+    } else if (proj == DS_PROJ_GATE && c->fused_gate_up) {
+        n = 2, parts[1] = DS_PROJ_UP;
+    }
+    int32_t in;
+    *out = 0;
+    for (int k = 0; k < n; k++) {
+        ds_adapter_base_dims(m, parts[k], &in, &rows[k]);
+        *out += rows[k];
+    }
+    return n;
+}
+
+void ds_adapter_base_row(const ds_model *m, int32_t layer, int proj, int32_t row, float *dst) {
+    int parts[3];
+    int32_t rows[3], out;
+    const int n = ds_adapter_module_parts(m, proj, parts, rows, &out);
+    int k = 0;
+    for (; k < n - 1 && row >= rows[k]; k++) row -= rows[k];
+    ds_weight_row(ds_adapter_base_weight(m, layer, parts[k]), row, dst);
+}
+
 const ds_weight *ds_adapter_base_weight(const ds_model *m, int32_t layer, int proj) {
     if (proj == DS_PROJ_COUNT) return &m->output;
     const ds_layer_weights *l = &m->layers[layer];
@@ -42,6 +69,7 @@ const ds_weight *ds_adapter_base_weight(const ds_model *m, int32_t layer, int pr
 typedef struct peft_key {
     int layer;       /* -1 for lm_head */
     int proj;        /* ds_proj, DS_PROJ_COUNT for lm_head, -1: not a module deltaserve adapts */
+    bool fused;      /* qkv_proj (proj Q) or gate_up_proj (proj GATE): Phi-3's fused modules */
     const char *mod;  /* the key without the "base_model.model." prefix */
     const char *rest; /* what follows the module path (after the '.'), or == mod */
 } peft_key;
@@ -81,9 +109,29 @@ static void parse_key(const char *name, peft_key *k) {
     if (!(t = skip(s, "model.layers.")) || !(t = parse_index(t, &layer)) || *t++ != '.') return;
     const char *u;
     for (int p = 0; p < 4; p++)
-        if ((u = skip(t, "self_attn.")) && (u = skip(u, attn[p]))) *k = (peft_key){layer, DS_PROJ_Q + p, s, u};
+        if ((u = skip(t, "self_attn.")) && (u = skip(u, attn[p]))) *k = (peft_key){layer, DS_PROJ_Q + p, false, s, u};
     for (int p = 0; p < 3; p++)
-        if ((u = skip(t, "mlp.")) && (u = skip(u, mlp[p]))) *k = (peft_key){layer, DS_PROJ_GATE + p, s, u};
+        if ((u = skip(t, "mlp.")) && (u = skip(u, mlp[p]))) *k = (peft_key){layer, DS_PROJ_GATE + p, false, s, u};
+    if ((u = skip(t, "self_attn.")) && (u = skip(u, "qkv_proj."))) *k = (peft_key){layer, DS_PROJ_Q, true, s, u};
+    if ((u = skip(t, "mlp.")) && (u = skip(u, "gate_up_proj."))) *k = (peft_key){layer, DS_PROJ_GATE, true, s, u};
+}
+
+/* A module name must match the base's layout: Phi-3 has qkv_proj / gate_up_proj where Llama has
+ * q/k/v_proj and gate/up_proj. */
+static int check_fused(const peft_ctx *c, const peft_key *k, const char *name) {
+    const ds_model_config *m = &c->base->cfg;
+    if (k->proj < 0 || k->proj >= DS_PROJ_COUNT) return 0;
+    const bool attn = k->proj <= DS_PROJ_V, mlp = k->proj == DS_PROJ_GATE || k->proj == DS_PROJ_UP;
+    const bool base_fused = attn ? m->fused_qkv : mlp ? m->fused_gate_up : false;
+    if (k->fused && !base_fused)
+        return ds_err_set(c->err, DS_EFORMAT, "%s: tensor '%s' targets a fused %s, but the base model (%s) has separate "
+                          "%s projections", c->st_path, name, attn ? "qkv_proj" : "gate_up_proj", m->arch_name,
+                          attn ? "q/k/v" : "gate/up");
+    if (!k->fused && base_fused)
+        return ds_err_set(c->err, DS_EFORMAT, "%s: tensor '%s' targets %s, but the base model (%s) fuses it into %s",
+                          c->st_path, name, ds_proj_name((ds_proj)k->proj), m->arch_name,
+                          attn ? "qkv_proj" : "gate_up_proj");
+    return 0;
 }
 
 /* Removes PEFT's adapter-name infix: "lora_A.default.weight" → "lora_A.weight", "ia3_l.default" → "ia3_l". */
@@ -203,6 +251,9 @@ static int embedding_copy(peft_ctx *c, const ds_st_tensor *t, const char *key) {
 static int place_embedding_lora(peft_ctx *c, const ds_st_tensor *t, const char *mod) {
     const char *rest = skip(mod, "model.embed_tokens.");
     if (!rest || c->cfg->kind != DS_ADAPTER_LORA || c->cfg->adalora) return 1;
+    if (c->base->cfg.embed_scale > 0) /* Gemma 3's scaled embedding: whether the delta is scaled is PEFT's call */
+        return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: tensor '%s': embedding LoRA on a %s base (scaled embeddings) "
+                          "is not supported", c->st_path, t->name, c->base->cfg.arch_name);
     char suf[64];
     strip_default(rest, suf, sizeof suf);
     const ds_st_tensor **dst = !strcmp(suf, "lora_embedding_A") ? &c->emb_A
@@ -220,6 +271,7 @@ static int place(peft_ctx *c, const ds_st_tensor *t) {
     if (rc <= 0) return rc;
     if ((rc = place_embedding_lora(c, t, k.mod)) <= 0) return rc;
     if (k.proj < 0) return refuse_key(c, t->name);
+    if ((rc = check_fused(c, &k, t->name))) return rc;
     if (k.proj < DS_PROJ_COUNT && k.layer >= c->base->cfg.n_layer)
         return ds_err_set(c->err, DS_EFORMAT, "%s: tensor '%s': layer %d, but the base model has %d layers", c->st_path,
                           t->name, k.layer, c->base->cfg.n_layer);
@@ -252,8 +304,11 @@ void peft_slot_path(const peft_ctx *c, size_t slot, char *buf, size_t cap) {
         return;
     }
     int p = (int)(slot % DS_PROJ_COUNT);
-    snprintf(buf, cap, "model.layers.%zu.%s.%s", slot / DS_PROJ_COUNT, p <= DS_PROJ_O ? "self_attn" : "mlp",
-             ds_proj_name((ds_proj)p));
+    const ds_model_config *m = &c->base->cfg;
+    const char *name = p == DS_PROJ_Q && m->fused_qkv          ? "qkv_proj"
+                       : p == DS_PROJ_GATE && m->fused_gate_up ? "gate_up_proj"
+                                                               : ds_proj_name((ds_proj)p);
+    snprintf(buf, cap, "model.layers.%zu.%s.%s", slot / DS_PROJ_COUNT, p <= DS_PROJ_O ? "self_attn" : "mlp", name);
 }
 
 int peft_read(peft_ctx *c, const ds_st_tensor *t, const int64_t *shape, int ndims, float **out) {

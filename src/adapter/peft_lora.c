@@ -99,13 +99,12 @@ static int dora_scale(peft_ctx *c, const slot_info *s, ds_lora_module *m) {
     float *mag;
     int rc = peft_read(c, mt, shape, 1, &mag);
     if (rc) return rc;
-    const ds_weight *W = ds_adapter_base_weight(c->base, s->layer, s->proj);
     double *row = malloc((size_t)s->in * sizeof *row);
     float *w = malloc((size_t)s->in * sizeof *w); /* row o of the base weight, dequantised */
     if (!row || !w) rc = ds_err_set(c->err, DS_ENOMEM, "%s: out of memory", c->st_path);
     for (int32_t o = 0; !rc && o < s->out; o++) {
         const float *b = m->B + (size_t)o * s->rank;
-        ds_weight_row(W, o, w);
+        ds_adapter_base_row(c->base, s->layer, s->proj, o, w);
         for (int32_t i = 0; i < s->in; i++) row[i] = w[i];
         for (int32_t k = 0; k < s->rank; k++) {
             double f = (double)m->scale * b[k];
@@ -176,6 +175,33 @@ static int check_pruned(peft_ctx *c, const slot_info *s) {
     return 0;
 }
 
+/* A module on Phi-3's fused qkv_proj / gate_up_proj adapts the fused output: its rows split into one
+ * module per base projection (B, lora_bias and DoRA rows; A and the scale shared), which is the same
+ * sum y_part += s·B_part·(A x). */
+static int split_module(peft_ctx *c, const slot_info *s, const ds_lora_module *m, int n, const int *parts,
+                        const int32_t *rows) {
+    int32_t r0 = 0;
+    for (int k = 0; k < n; k++) {
+        ds_lora_module *p = ds_lora_module_new(m->rank, m->in, rows[k]);
+        if (!p) return ds_err_set(c->err, DS_ENOMEM, "%s: %s: out of memory", c->st_path, s->path);
+        p->scale = m->scale;
+        memcpy(p->A, m->A, (size_t)m->rank * m->in * sizeof(float));
+        memcpy(p->B, m->B + (size_t)r0 * m->rank, (size_t)rows[k] * m->rank * sizeof(float));
+        if (m->bias_B && (p->bias_B = malloc((size_t)rows[k] * sizeof(float))))
+            memcpy(p->bias_B, m->bias_B + r0, (size_t)rows[k] * sizeof(float));
+        if (m->dora_scale && (p->dora_scale = malloc((size_t)rows[k] * sizeof(float))))
+            memcpy(p->dora_scale, m->dora_scale + r0, (size_t)rows[k] * sizeof(float));
+        if ((m->bias_B && !p->bias_B) || (m->dora_scale && !p->dora_scale)) {
+            ds_lora_module_free(p);
+            return ds_err_set(c->err, DS_ENOMEM, "%s: %s: out of memory", c->st_path, s->path);
+        }
+        c->a->lora[(size_t)s->layer * DS_PROJ_COUNT + (size_t)parts[k]] = p;
+        c->a->host_bytes += ds_lora_module_bytes(p);
+        r0 += rows[k];
+    }
+    return 0;
+}
+
 static int load_slot(peft_ctx *c, size_t slot) {
     slot_info s = {.slot = slot};
     bool lm = slot == PEFT_LM_HEAD_SLOT(c);
@@ -183,12 +209,20 @@ static int load_slot(peft_ctx *c, size_t slot) {
     s.layer = lm ? -1 : (int32_t)(slot / DS_PROJ_COUNT);
     peft_slot_path(c, slot, s.path, sizeof s.path);
     ds_adapter_base_dims(c->base, s.proj, &s.in, &s.out);
+    int parts[3];
+    int32_t rows[3];
+    const int n_parts = lm ? 1 : ds_adapter_module_parts(c->base, s.proj, parts, rows, &s.out);
     int rc = check_roles(c, &s);
     if (!rc) rc = check_rank(c, &s);
     if (!rc && s.rank == 0) return check_pruned(c, &s); /* a fully pruned AdaLoRA module adds nothing */
     if (rc) return rc;
     ds_lora_module *m = NULL;
     if ((rc = build_module(c, &s, &m))) return rc;
+    if (n_parts > 1) {
+        rc = split_module(c, &s, m, n_parts, parts, rows);
+        ds_lora_module_free(m);
+        return rc;
+    }
     if (lm) c->a->lm_head = m;
     else c->a->lora[slot] = m;
     c->a->host_bytes += ds_lora_module_bytes(m);

@@ -38,8 +38,12 @@ static int ia3_slot(peft_ctx *c, size_t slot, bool seen[DS_PROJ_COUNT]) {
         return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: tensor '%s': IA³ on lm_head is not supported", c->st_path,
                           t->name);
     int p = (int)(slot % DS_PROJ_COUNT);
-    int32_t in, out;
+    int32_t in, out, rows[3];
+    int parts[3];
     ds_adapter_base_dims(c->base, p, &in, &out);
+    /* Phi-3's fused qkv_proj / gate_up_proj: an output scale splits by rows, an input scale (the
+     * shared input of the fused module) applies to every part. */
+    const int n = ds_adapter_module_parts(c->base, p, parts, rows, &out);
     bool is_input = false;
     int rc = ia3_side(c, t, path, in, out, &is_input);
     if (rc) return rc;
@@ -48,10 +52,23 @@ static int ia3_slot(peft_ctx *c, size_t slot, bool seen[DS_PROJ_COUNT]) {
         return ds_err_set(c->err, DS_EFORMAT, "%s: tensor '%s': %s is feed-forward in some layers but not in others",
                           c->st_path, t->name, ds_proj_name((ds_proj)p));
     seen[p] = true;
-    c->a->ia3_is_input[p] = is_input;
     int64_t shape[2] = {is_input ? 1 : out, is_input ? in : 1};
-    if ((rc = peft_read(c, t, shape, 2, &c->a->ia3[slot]))) return rc;
-    c->a->host_bytes += (size_t)(is_input ? in : out) * sizeof(float);
+    float *v;
+    if ((rc = peft_read(c, t, shape, 2, &v))) return rc;
+    const size_t layer0 = slot - (size_t)p;
+    for (int k = 0, r0 = 0; k < n; r0 += rows[k], k++) {
+        const size_t len = (size_t)(is_input ? in : rows[k]);
+        float *part = n == 1 ? v : malloc(len * sizeof(float));
+        if (!part) {
+            free(v);
+            return ds_err_set(c->err, DS_ENOMEM, "%s: out of memory", c->st_path);
+        }
+        if (n > 1) memcpy(part, v + (is_input ? 0 : r0), len * sizeof(float));
+        c->a->ia3[layer0 + (size_t)parts[k]] = part;
+        c->a->ia3_is_input[parts[k]] = is_input;
+        c->a->host_bytes += len * sizeof(float);
+    }
+    if (n > 1) free(v);
     return 0;
 }
 

@@ -7,7 +7,7 @@
  * stop a corrupt config from driving a huge allocation before the tensor shapes are checked. */
 #define MAX_VOCAB (1 << 22)
 #define MAX_DMODEL (1 << 16)
-#define MAX_LAYER 1024
+#define MAX_LAYER DS_MODEL_MAX_LAYER
 #define MAX_HEAD 1024
 #define MAX_HEAD_DIM 1024
 #define MAX_DFF (1 << 20)
@@ -39,7 +39,9 @@ static int check_sizes(const ds_model_config *c, const char *src, ds_err *err) {
 
 static int check_rope(const ds_model_config *c, const char *src, ds_err *err) {
     int rc = check_pos_float(src, "rope_theta", c->rope_theta, err);
+    if (!rc && c->rope_theta_swa != 0) rc = check_pos_float(src, "rope_local_base_freq", c->rope_theta_swa, err);
     if (rc || c->rope_scaling == DS_ROPE_SCALING_NONE) return rc;
+    if (c->rope_scaling == DS_ROPE_SCALING_LINEAR) return check_pos_float(src, "rope_scaling.factor", c->rope_factor, err);
     if (c->rope_scaling != DS_ROPE_SCALING_LLAMA3)
         return ds_err_set(err, DS_EUNSUPPORTED, "%s: unknown rope scaling %d", src, (int)c->rope_scaling);
     if ((rc = check_pos_float(src, "rope_scaling.factor", c->rope_factor, err))) return rc;
@@ -71,6 +73,10 @@ int ds_model_config_validate(ds_model_config *cfg, const char *source, ds_err *e
         return ds_err_set(err, DS_EFORMAT, "%s: num_attention_heads * head_dim = %lld is too large", source,
                           (long long)cfg->n_head * cfg->head_dim);
     if ((rc = check_pos_float(source, "rms_norm_eps", cfg->rms_eps, err))) return rc;
+    if (!(isfinite(cfg->attn_scale) && cfg->attn_scale >= 0) || !(isfinite(cfg->final_softcap) && cfg->final_softcap >= 0) ||
+        !(isfinite(cfg->embed_scale) && cfg->embed_scale >= 0))
+        return ds_err_set(err, DS_EFORMAT, "%s: attention scale, logit soft-cap and embedding scale must be finite and "
+                          "not negative", source);
     return check_rope(cfg, source, err);
 }
 
@@ -88,6 +94,10 @@ void ds_rope_inv_freq(const ds_model_config *cfg, float *inv_freq) {
         const float p = (float)pow((double)cfg->rope_theta, (double)e);
         inv_freq[i] = 1.0f / p;
     }
+    if (cfg->rope_scaling == DS_ROPE_SCALING_LINEAR) { /* _compute_linear_scaling_rope_parameters */
+        for (int i = 0; i < d / 2; i++) inv_freq[i] /= cfg->rope_factor;
+        return;
+    }
     if (cfg->rope_scaling != DS_ROPE_SCALING_LLAMA3) return;
     const double orig = cfg->rope_orig_ctx, low = cfg->rope_low_freq_factor, high = cfg->rope_high_freq_factor;
     const float factor = cfg->rope_factor;
@@ -103,4 +113,11 @@ void ds_rope_inv_freq(const ds_model_config *cfg, float *inv_freq) {
             inv_freq[i] = (1.0f - s) * f / factor + s * f;
         }
     }
+}
+
+void ds_rope_inv_freq_swa(const ds_model_config *cfg, float *inv_freq) {
+    ds_model_config local = *cfg;
+    local.rope_theta = cfg->rope_theta_swa;
+    local.rope_scaling = DS_ROPE_SCALING_NONE;
+    ds_rope_inv_freq(&local, inv_freq);
 }

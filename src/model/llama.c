@@ -11,7 +11,8 @@
 typedef struct llama_layer {
     ds_mat wq, wk, wv, wo, w_gate, w_up, w_down;
     float *attn_norm, *ffn_norm, *bq, *bk, *bv; /* backend pointers */
-    float *q_norm, *k_norm;                     /* Qwen3 per-head norms, or NULL */
+    float *q_norm, *k_norm;                     /* Qwen3 / Gemma 3 per-head norms, or NULL */
+    float *attn_post_norm, *ffn_post_norm;      /* Gemma 3, or NULL */
     float *k_pool, *v_pool;                     /* [n_blocks][block][n_kv*hd] */
 } llama_layer;
 
@@ -29,7 +30,7 @@ struct ds_llama {
     ds_backend *b;
     ds_llama_params p;
     ds_mat tok_embd, output;
-    float *output_norm, *inv_freq;
+    float *output_norm, *inv_freq, *inv_freq_swa; /* inv_freq_swa: sliding layers' RoPE, or NULL */
     llama_layer *layers;
     llama_work w;
     void **allocs; /* every backend allocation, for free */
@@ -92,6 +93,11 @@ static int upload_layer(ds_llama *L, int32_t i, ds_err *err) {
         l->k_norm = upload_vec(L, w->k_norm, (size_t)c->head_dim);
         if (!l->q_norm || !l->k_norm) return ds_err_set(err, DS_EDEVICE, "layer %d: out of backend memory", i);
     }
+    if (w->attn_post_norm) {
+        l->attn_post_norm = upload_vec(L, w->attn_post_norm, (size_t)c->d_model);
+        l->ffn_post_norm = upload_vec(L, w->ffn_post_norm, (size_t)c->d_model);
+        if (!l->attn_post_norm || !l->ffn_post_norm) return ds_err_set(err, DS_EDEVICE, "layer %d: out of backend memory", i);
+    }
     return DS_OK;
 }
 
@@ -150,6 +156,13 @@ static int alloc_kv(ds_llama *L, ds_err *err) {
 static int llama_init(ds_llama *L, ds_err *err) {
     const ds_model *m = L->model;
     const ds_model_config *c = &m->cfg;
+    const struct ds_backend_iface *f = IFACE(L);
+    const char *need = c->embed_scale > 0 && !f->scale                         ? "scale"
+                       : c->ffn_act == DS_FFN_GELU_TANH && !f->gelu_tanh_mul ? "gelu_tanh_mul"
+                                                                              : NULL;
+    if (need)
+        return ds_err_set(err, DS_EUNSUPPORTED, "backend '%s' has no %s op, which a %s model needs", f->name, need,
+                          c->arch_name);
     int st = IFACE(L)->mat_upload(L->b->ctx, &m->tok_embd, &L->tok_embd);
     if (st) return ds_err_set(err, st, "token embedding upload failed");
     if (m->output.data == m->tok_embd.data) {
@@ -161,6 +174,8 @@ static int llama_init(ds_llama *L, ds_err *err) {
     L->output_norm = upload_vec(L, m->output_norm, (size_t)c->d_model);
     L->inv_freq = upload_vec(L, m->inv_freq, (size_t)c->head_dim / 2);
     if (!L->output_norm || !L->inv_freq) return ds_err_set(err, DS_EDEVICE, "out of backend memory");
+    if (m->inv_freq_swa && !(L->inv_freq_swa = upload_vec(L, m->inv_freq_swa, (size_t)c->head_dim / 2)))
+        return ds_err_set(err, DS_EDEVICE, "out of backend memory");
     L->layers = calloc((size_t)c->n_layer, sizeof *L->layers);
     if (!L->layers) return ds_err_set(err, DS_ENOMEM, "out of memory");
     for (int32_t i = 0; i < c->n_layer; i++)
@@ -262,17 +277,19 @@ static int attention_block(ds_llama *L, int32_t il, const ds_batch *bt, const ds
         DS_TRY(f->rmsnorm(ctx, w->q, l->q_norm, w->q, T * c->n_head, c->head_dim, c->rms_eps));
         DS_TRY(f->rmsnorm(ctx, w->k, l->k_norm, w->k, T * c->n_kv_head, c->head_dim, c->rms_eps));
     }
-    DS_TRY(f->rope(ctx, w->q, w->pos, L->inv_freq, T, c->n_head, c->head_dim));
-    DS_TRY(f->rope(ctx, w->k, w->pos, L->inv_freq, T, c->n_kv_head, c->head_dim));
+    const float *inv_freq = L->inv_freq_swa && ds_model_layer_sliding(c, il) ? L->inv_freq_swa : L->inv_freq;
+    DS_TRY(f->rope(ctx, w->q, w->pos, inv_freq, T, c->n_head, c->head_dim));
+    DS_TRY(f->rope(ctx, w->k, w->pos, inv_freq, T, c->n_kv_head, c->head_dim));
     DS_TRY(f->kv_store(ctx, l->k_pool, l->v_pool, w->k, w->v, w->slots, T, kvd));
     ds_attn_args a = {.q = w->q, .out = w->att, .k_cache = l->k_pool, .v_cache = l->v_pool, .n_tokens = T,
                       .n_head = c->n_head, .n_kv_head = c->n_kv_head, .head_dim = c->head_dim,
                       .block_size = L->p.kv_block_size, .tok_seq = w->tok_seq, .tok_nkv = w->tok_nkv,
                       .block_tables = w->block_tables, .seq_prefix = bt->seq_prefix ? w->seq_prefix : NULL,
-                      .n_seqs = bt->n_seqs, .max_blocks = bt->max_blocks, .scale = 1.0f / sqrtf((float)c->head_dim),
+                      .n_seqs = bt->n_seqs, .max_blocks = bt->max_blocks, .scale = c->attn_scale > 0 ? c->attn_scale : 1.0f / sqrtf((float)c->head_dim),
                       .window = ds_model_layer_window(c, il)};
     DS_TRY(f->attention(ctx, &a));
     DS_TRY(ds_plan_linear(plan, L->b, il, DS_PROJ_O, &l->wo, NULL, w->att, w->h, T));
+    if (l->attn_post_norm) DS_TRY(f->rmsnorm(ctx, w->h, l->attn_post_norm, w->h, T, c->d_model, c->rms_eps));
     DS_TRY(ds_plan_bottleneck(plan, L->b, il, DS_BN_ATTN, w->x, w->h, c->d_model));
     (void)qd;
     return f->add(ctx, w->x, w->h, (size_t)T * c->d_model);
@@ -288,8 +305,10 @@ static int mlp_block(ds_llama *L, int32_t il, const ds_batch *bt, const ds_plan 
     DS_TRY(f->rmsnorm(ctx, w->x, l->ffn_norm, w->h, T, c->d_model, c->rms_eps));
     DS_TRY(ds_plan_linear(plan, L->b, il, DS_PROJ_GATE, &l->w_gate, NULL, w->h, w->gate, T));
     DS_TRY(ds_plan_linear(plan, L->b, il, DS_PROJ_UP, &l->w_up, NULL, w->h, w->up, T));
-    DS_TRY(f->silu_mul(ctx, w->gate, w->up, w->gate, (size_t)T * c->d_ff));
+    if (c->ffn_act == DS_FFN_GELU_TANH) DS_TRY(f->gelu_tanh_mul(ctx, w->gate, w->up, w->gate, (size_t)T * c->d_ff));
+    else DS_TRY(f->silu_mul(ctx, w->gate, w->up, w->gate, (size_t)T * c->d_ff));
     DS_TRY(ds_plan_linear(plan, L->b, il, DS_PROJ_DOWN, &l->w_down, NULL, w->gate, w->h, T));
+    if (l->ffn_post_norm) DS_TRY(f->rmsnorm(ctx, w->h, l->ffn_post_norm, w->h, T, c->d_model, c->rms_eps));
     DS_TRY(ds_plan_bottleneck(plan, L->b, il, DS_BN_FFN, w->x, w->h, c->d_model));
     return f->add(ctx, w->x, w->h, (size_t)T * c->d_model);
 }
@@ -302,7 +321,7 @@ int ds_llama_forward(ds_llama *L, const ds_batch *bt, const ds_plan *plan, float
     int st = upload_batch(L, bt, err);
     if (st) return st;
     st = ds_plan_upload(plan, L->b); /* the step's adapter segment tables, once for every layer */
-    if (!st) st = ds_plan_embed(plan, L->b, &L->tok_embd, w->tokens, w->x, bt->n_tokens);
+    if (!st) st = ds_plan_embed(plan, L->b, &L->tok_embd, w->tokens, w->x, bt->n_tokens, c->embed_scale);
     for (int32_t il = 0; !st && il < c->n_layer; il++) {
         st = attention_block(L, il, bt, plan);
         if (!st) st = mlp_block(L, il, bt, plan);
@@ -314,6 +333,10 @@ int ds_llama_forward(ds_llama *L, const ds_batch *bt, const ds_plan *plan, float
         if (!st) st = f->download(ctx, logits_out, w->logits, (size_t)bt->n_out * c->n_vocab * sizeof(float));
     }
     if (!st) st = f->synchronize(ctx);
+    if (!st && c->final_softcap > 0) { /* Gemma3ForCausalLM: logits / cap, tanh, × cap (on the host copy) */
+        const float cap = c->final_softcap;
+        for (size_t i = 0; i < (size_t)bt->n_out * c->n_vocab; i++) logits_out[i] = tanhf(logits_out[i] / cap) * cap;
+    }
     if (st) return ds_err_set(err, st, "forward failed: %s", ds_strerror(st));
     return DS_OK;
 }

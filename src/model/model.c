@@ -134,6 +134,14 @@ static int check_layer(const ds_model *m, int i, ds_err *err) {
         NEED(l->bk, "%s: layer %d: k_proj bias missing", src, i);
         NEED(l->bv, "%s: layer %d: v_proj bias missing", src, i);
     }
+    if (m->cfg.qk_norm) {
+        NEED(l->q_norm, "%s: layer %d: q_norm weight missing", src, i);
+        NEED(l->k_norm, "%s: layer %d: k_norm weight missing", src, i);
+    }
+    if (m->cfg.post_norms) {
+        NEED(l->attn_post_norm, "%s: layer %d: post-attention norm weight missing", src, i);
+        NEED(l->ffn_post_norm, "%s: layer %d: post-feed-forward norm weight missing", src, i);
+    }
     return 0;
 }
 
@@ -143,6 +151,7 @@ int ds_model_check_complete(const ds_model *m, ds_err *err) {
     NEED(m->output_norm, "%s: final norm weight missing", src);
     NEED(m->output.data, "%s: output (lm_head) weight missing", src);
     NEED(m->inv_freq, "%s: RoPE frequencies missing", src);
+    if (m->cfg.rope_theta_swa > 0) NEED(m->inv_freq_swa, "%s: sliding layers' RoPE frequencies missing", src);
     NEED(m->layers, "%s: layers missing", src);
     if (m->cfg.tied_embeddings && m->output.data != m->tok_embd.data)
         return ds_err_set(err, DS_EFORMAT, "%s: tied embeddings but output != token embeddings", src);

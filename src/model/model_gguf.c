@@ -4,6 +4,7 @@
 #include "ds/model.h"
 #include "format/gguf.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -63,19 +64,26 @@ static int read_arch(gctx *c, ds_model_config *cfg) {
     else if (!strcmp(arch, "mistral")) cfg->arch = DS_ARCH_MISTRAL;
     else if (!strcmp(arch, "qwen2")) cfg->arch = DS_ARCH_QWEN2;
     else if (!strcmp(arch, "qwen3")) cfg->arch = DS_ARCH_QWEN3;
+    else if (!strcmp(arch, "phi3")) cfg->arch = DS_ARCH_PHI3;
+    else if (!strcmp(arch, "gemma3")) cfg->arch = DS_ARCH_GEMMA3;
     else if (c->weights)
-        return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: architecture '%s' is not supported (llama, mistral, qwen2, qwen3)",
-                          c->path, arch);
+        return ds_err_set(c->err, DS_EUNSUPPORTED,
+                          "%s: architecture '%s' is not supported (llama, mistral, qwen2, qwen3, phi3, gemma3)", c->path,
+                          arch);
     /* else: tokenizer only (deltaserve tokenize) — the architecture does not matter */
     snprintf(cfg->arch_name, sizeof cfg->arch_name, "%s", arch);
     if (!ds_gguf_get_str(&c->g, "general.name", &name, NULL)) snprintf(cfg->name, sizeof cfg->name, "%s", name);
     cfg->qkv_bias = cfg->arch == DS_ARCH_QWEN2;
-    cfg->qk_norm = cfg->arch == DS_ARCH_QWEN3;
+    cfg->qk_norm = cfg->arch == DS_ARCH_QWEN3 || cfg->arch == DS_ARCH_GEMMA3;
+    cfg->fused_qkv = cfg->fused_gate_up = cfg->arch == DS_ARCH_PHI3;
+    cfg->post_norms = cfg->arch == DS_ARCH_GEMMA3;
+    cfg->ffn_act = cfg->arch == DS_ARCH_GEMMA3 ? DS_FFN_GELU_TANH : DS_FFN_SILU;
     return 0;
 }
 
-/* `<arch>.rope.scaling.*`: only "none" (or linear with factor 1) is plain RoPE here. Llama-3 scaling
- * arrives as the rope_freqs tensor instead (see load_rope). */
+/* `<arch>.rope.scaling.*`: "none", or "linear" (inv_freq / factor: llama.cpp's freq_scale, which
+ * Gemma 3 applies to its global layers only). Llama-3 scaling arrives as the rope_freqs tensor
+ * instead (see load_rope). */
 static int read_rope_scaling(gctx *c) {
     char key[128];
     const char *type = NULL;
@@ -86,8 +94,33 @@ static int read_rope_scaling(gctx *c) {
     if (rc) return rc;
     if ((rc = get_float(c, "rope.scaling.factor", &factor, false))) return rc;
     if (!strcmp(type, "none") || (!strcmp(type, "linear") && factor == 1.0f)) return 0;
+    if (!strcmp(type, "linear")) {
+        c->m->cfg.rope_scaling = DS_ROPE_SCALING_LINEAR;
+        c->m->cfg.rope_factor = factor;
+        return 0;
+    }
     return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: RoPE scaling type '%s' (factor %g) is not supported", c->path, type,
                       factor);
+}
+
+/* Gemma 3 as llama.cpp runs it (llama-model.cpp, LLM_ARCH_GEMMA3): with a sliding window, every layer
+ * but each 6th slides and uses RoPE base 10000 unscaled; scores × 1/sqrt(head_dim), or 1/sqrt(n_embd /
+ * n_head) for the 62-layer 27B (its query_pre_attn_scalar); embeddings × sqrt(n_embd); the optional
+ * final_logit_softcapping. The norms are stored as 1 + w already (convert_hf_to_gguf.py). */
+static int read_gemma3(gctx *c, int32_t window) {
+    ds_model_config *cfg = &c->m->cfg;
+    char key[128];
+    if (!arch_key(c, key, sizeof key, "attention.sliding_window_pattern") && ds_gguf_find_kv(&c->g, key))
+        return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: metadata '%s' is not supported", c->path, key);
+    if (window > 0) {
+        cfg->rope_theta_swa = 10000.0f;
+        for (int32_t i = 0; i < cfg->n_layer && i < DS_MODEL_MAX_LAYER; i++)
+            if (i % 6 < 5) ds_model_set_sliding(cfg, i);
+    }
+    const int32_t hd = cfg->head_dim ? cfg->head_dim : cfg->d_model / (cfg->n_head ? cfg->n_head : 1);
+    cfg->attn_scale = 1.0f / sqrtf((float)(cfg->n_layer == 62 ? cfg->d_model / (cfg->n_head ? cfg->n_head : 1) : hd));
+    cfg->embed_scale = sqrtf((float)cfg->d_model);
+    return get_float(c, "final_logit_softcapping", &cfg->final_softcap, false);
 }
 
 static int read_config(gctx *c) {
@@ -117,7 +150,11 @@ static int read_config(gctx *c) {
     if (!rc) rc = get_int(c, "attention.sliding_window", &window, false);
     if (rc) return rc;
     if (window < 0) return ds_err_set(c->err, DS_EFORMAT, "%s: attention.sliding_window %d is negative", c->path, window);
-    if (window > 0 && window < cfg->max_ctx) cfg->sliding_window = window, cfg->swa_first_layer = 0;
+    if (!rc && cfg->arch == DS_ARCH_GEMMA3) rc = read_gemma3(c, window);
+    else if (window > 0)
+        for (int32_t i = 0; i < cfg->n_layer && i < DS_MODEL_MAX_LAYER; i++) ds_model_set_sliding(cfg, i);
+    if (rc) return rc;
+    if (window > 0 && window < cfg->max_ctx) cfg->sliding_window = window;
     const ds_gguf_tensor *emb = ds_gguf_find_tensor(&c->g, "token_embd.weight");
     if (!emb) return ds_err_set(c->err, DS_EFORMAT, "%s: missing tensor 'token_embd.weight'", c->path);
     cfg->n_vocab = emb->ne[1] <= INT32_MAX ? (int32_t)emb->ne[1] : -1;
@@ -227,12 +264,56 @@ static int load_mat(gctx *c, const char *name, int64_t rows, int64_t cols, int p
     return 0;
 }
 
+/* A fused matrix (Phi-3's attn_qkv [q|k|v], ffn_up [gate|up]) of sum rows[k] rows: n views into the
+ * mapping, one per part (blocks run along a row, so any row range is a valid view). */
+static int load_mat_split(gctx *c, const char *name, int64_t cols, int n, const int64_t *rows, ds_weight **dst) {
+    int64_t total = 0;
+    for (int k = 0; k < n; k++) total += rows[k];
+    int rc;
+    const ds_gguf_tensor *t = find_checked(c, name, total, cols, false, &rc);
+    if (!t) return rc;
+    if (total > INT32_MAX || cols > INT32_MAX)
+        return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: tensor '%s' is too large", c->path, name);
+    const uint8_t *src = t->data;
+    for (int k = 0; k < n; k++) {
+        rc = ds_model_set_weight(c->m, dst[k], src, (ds_dtype)t->type, t->row_bytes, (int32_t)rows[k], (int32_t)cols,
+                                 NULL, true, c->quantize);
+        if (rc)
+            return ds_err_set(c->err, rc, "%s: tensor '%s' (%s): %s", c->path, name, ds_ggml_type_name(t->type),
+                              ds_strerror(rc));
+        src += (size_t)rows[k] * t->row_bytes;
+    }
+    mark_used(c, t);
+    return 0;
+}
+
+/* Phi-3 (llama.cpp's phi3 layout, no Q/K permutation): attn_qkv and ffn_up = gate_up_proj (2·n_ff rows,
+ * gate first). */
+static int load_layer_fused(gctx *c, int i) {
+    const ds_model_config *cfg = &c->m->cfg;
+    ds_layer_weights *l = &c->m->layers[i];
+    const int64_t d = cfg->d_model, q = (int64_t)cfg->n_head * cfg->head_dim, kv = (int64_t)cfg->n_kv_head * cfg->head_dim;
+    char n[6][96];
+    static const char *suffix[6] = {"attn_norm.weight", "attn_qkv.weight", "attn_output.weight",
+                                    "ffn_norm.weight",  "ffn_up.weight",   "ffn_down.weight"};
+    for (int k = 0; k < 6; k++) snprintf(n[k], sizeof n[k], "blk.%d.%s", i, suffix[k]);
+    const int64_t qkv_rows[3] = {q, kv, kv}, gu_rows[2] = {cfg->d_ff, cfg->d_ff};
+    ds_weight *qkv[3] = {&l->wq, &l->wk, &l->wv}, *gu[2] = {&l->w_gate, &l->w_up};
+    int rc = load_vec(c, n[0], d, 0, false, &l->attn_norm);
+    if (!rc) rc = load_mat_split(c, n[1], d, 3, qkv_rows, qkv);
+    if (!rc) rc = load_mat(c, n[2], d, q, 0, false, &l->wo);
+    if (!rc) rc = load_vec(c, n[3], d, 0, false, &l->ffn_norm);
+    if (!rc) rc = load_mat_split(c, n[4], d, 2, gu_rows, gu);
+    if (!rc) rc = load_mat(c, n[5], d, cfg->d_ff, 0, false, &l->w_down);
+    return rc;
+}
+
 static int load_layer(gctx *c, int i) {
     const ds_model_config *cfg = &c->m->cfg;
     ds_layer_weights *l = &c->m->layers[i];
     const int64_t d = cfg->d_model, q = (int64_t)cfg->n_head * cfg->head_dim, kv = (int64_t)cfg->n_kv_head * cfg->head_dim;
-    /* Only the llama converter permutes Q/K; the Qwen converters keep HF order. */
-    const bool perm = cfg->arch != DS_ARCH_QWEN2 && cfg->arch != DS_ARCH_QWEN3;
+    /* Only the llama converter permutes Q/K; the Qwen and Gemma converters keep HF order. */
+    const bool perm = cfg->arch == DS_ARCH_LLAMA || cfg->arch == DS_ARCH_MISTRAL;
     const int ph = perm ? cfg->n_head : 0, pkv = perm ? cfg->n_kv_head : 0;
     char n[12][96];
     const char *suffix[12] = {"attn_norm.weight", "attn_q.weight",  "attn_k.weight",  "attn_v.weight",
@@ -258,13 +339,21 @@ static int load_layer(gctx *c, int i) {
         if (!rc) rc = load_vec(c, qn, cfg->head_dim, 0, false, &l->q_norm);
         if (!rc) rc = load_vec(c, kn, cfg->head_dim, 0, false, &l->k_norm);
     }
+    if (cfg->post_norms) {
+        char an[96], fn[96];
+        snprintf(an, sizeof an, "blk.%d.post_attention_norm.weight", i);
+        snprintf(fn, sizeof fn, "blk.%d.post_ffw_norm.weight", i);
+        if (!rc) rc = load_vec(c, an, d, 0, false, &l->attn_post_norm);
+        if (!rc) rc = load_vec(c, fn, d, 0, false, &l->ffn_post_norm);
+    }
     return rc;
 }
 
 /* Biases this model struct cannot hold (o_proj, MLP) are refused rather than silently dropped; a llama
  * file with attn_q.bias (attention_bias) gets q/k/v biases. */
 static int check_biases(gctx *c) {
-    static const char *unsupported[] = {"attn_output.bias", "ffn_gate.bias", "ffn_up.bias", "ffn_down.bias"};
+    static const char *unsupported[] = {"attn_output.bias", "ffn_gate.bias", "ffn_up.bias", "ffn_down.bias",
+                                        "attn_qkv.bias"};
     for (size_t k = 0; k < sizeof unsupported / sizeof unsupported[0]; k++) {
         char name[64];
         snprintf(name, sizeof name, "blk.0.%s", unsupported[k]);
@@ -285,6 +374,11 @@ static int load_rope(gctx *c) {
     if (!(m->inv_freq = ds_model_alloc_floats(m, (size_t)half)))
         return ds_err_set(c->err, DS_ENOMEM, "%s: out of memory", c->path);
     ds_rope_inv_freq(&m->cfg, m->inv_freq);
+    if (m->cfg.rope_theta_swa > 0) {
+        if (!(m->inv_freq_swa = ds_model_alloc_floats(m, (size_t)half)))
+            return ds_err_set(c->err, DS_ENOMEM, "%s: out of memory", c->path);
+        ds_rope_inv_freq_swa(&m->cfg, m->inv_freq_swa);
+    }
     int rc = load_vec(c, "rope_freqs.weight", half, 0, true, &freqs);
     if (rc || !freqs) return rc;
     m->n_params -= (size_t)half; /* not a weight */
@@ -302,11 +396,17 @@ static int load_weights(gctx *c) {
     const ds_model_config *cfg = &m->cfg;
     int rc = check_biases(c);
     if (rc) return rc;
-    c->n_expected = 2 + (size_t)cfg->n_layer * ((cfg->qkv_bias ? 12 : 9) + (cfg->qk_norm ? 2 : 0)) + 1;
+    c->n_expected = 2 +
+                    (size_t)cfg->n_layer * (cfg->fused_qkv ? 6 : (cfg->qkv_bias ? 12 : 9) + (cfg->qk_norm ? 2 : 0) +
+                                                                 (cfg->post_norms ? 2 : 0)) +
+                    1;
+    if (ds_gguf_find_tensor(&c->g, "rope_factors_long.weight") || ds_gguf_find_tensor(&c->g, "rope_factors_short.weight"))
+        return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: LongRoPE (rope_factors_long / rope_factors_short) is not supported",
+                          c->path);
     if (!(m->layers = calloc((size_t)cfg->n_layer, sizeof *m->layers)))
         return ds_err_set(c->err, DS_ENOMEM, "%s: out of memory", c->path);
     if ((rc = load_mat(c, "token_embd.weight", cfg->n_vocab, cfg->d_model, 0, false, &m->tok_embd))) return rc;
-    for (int i = 0; i < cfg->n_layer && !rc; i++) rc = load_layer(c, i);
+    for (int i = 0; i < cfg->n_layer && !rc; i++) rc = cfg->fused_qkv ? load_layer_fused(c, i) : load_layer(c, i);
     if (!rc) rc = load_vec(c, "output_norm.weight", cfg->d_model, 0, false, &m->output_norm);
     if (!rc) rc = load_mat(c, "output.weight", cfg->n_vocab, cfg->d_model, 0, true, &m->output);
     if (rc) return rc;

@@ -5,6 +5,7 @@
 
 #include <cjson/cJSON.h>
 #include <limits.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -79,11 +80,25 @@ static int parse_arch(hctx *c, const cJSON *root, ds_model_config *cfg) {
     else if (!strcmp(mt, "mistral")) cfg->arch = DS_ARCH_MISTRAL, cfg->max_ctx = 131072;
     else if (!strcmp(mt, "qwen2")) cfg->arch = DS_ARCH_QWEN2, cfg->max_ctx = 32768;
     else if (!strcmp(mt, "qwen3")) cfg->arch = DS_ARCH_QWEN3, cfg->max_ctx = 40960;
+    else if (!strcmp(mt, "phi3")) cfg->arch = DS_ARCH_PHI3, cfg->max_ctx = 4096;
+    else if (!strcmp(mt, "gemma3_text")) cfg->arch = DS_ARCH_GEMMA3, cfg->max_ctx = 131072;
     else
-        return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: model_type '%s' is not supported (llama, mistral, qwen2, qwen3)",
+        return ds_err_set(c->err, DS_EUNSUPPORTED,
+                          "%s: model_type '%s' is not supported (llama, mistral, qwen2, qwen3, phi3, gemma3_text)",
                           c->cfg_path, mt);
     snprintf(cfg->arch_name, sizeof cfg->arch_name, "%s", mt);
     if ((name = get_str(root, "_name_or_path"))) snprintf(cfg->name, sizeof cfg->name, "%s", name);
+    if (cfg->arch == DS_ARCH_GEMMA3) { /* Gemma3TextConfig: hidden_activation (hidden_act in older configs) */
+        const char *ga = get_str(root, "hidden_activation");
+        if (!ga) ga = act;
+        if (ga && strcmp(ga, "gelu_pytorch_tanh"))
+            return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: hidden_activation '%s' is not supported (gelu_pytorch_tanh)",
+                              c->cfg_path, ga);
+        act = NULL;
+        cfg->ffn_act = DS_FFN_GELU_TANH;
+        cfg->post_norms = true;
+        cfg->tied_embeddings = true; /* Gemma3TextConfig's default */
+    }
     if (act && strcmp(act, "silu"))
         return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: hidden_act '%s' is not supported (silu)", c->cfg_path, act);
     bool attn_bias = false, mlp_bias = false;
@@ -96,13 +111,75 @@ static int parse_arch(hctx *c, const cJSON *root, ds_model_config *cfg) {
         return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: %s = true is not supported", c->cfg_path,
                           mlp_bias ? "mlp_bias" : "attention_bias");
     cfg->qkv_bias = cfg->arch == DS_ARCH_QWEN2; /* Qwen2 always has q/k/v bias, never o_proj bias */
-    cfg->qk_norm = cfg->arch == DS_ARCH_QWEN3;
+    cfg->qk_norm = cfg->arch == DS_ARCH_QWEN3 || cfg->arch == DS_ARCH_GEMMA3;
+    cfg->fused_qkv = cfg->fused_gate_up = cfg->arch == DS_ARCH_PHI3;
     return 0;
+}
+
+/* Gemma 3's scalars (transformers Gemma3TextModel / Gemma3Attention / Gemma3ForCausalLM): embeddings ×
+ * sqrt(hidden_size), scores × query_pre_attn_scalar^-0.5, final logits soft-capped when
+ * final_logit_softcapping is set. Attention soft-capping and bidirectional attention are refused. */
+static int parse_gemma3(hctx *c, const cJSON *root, ds_model_config *cfg) {
+    float qpas = 256.0f, cap = 0.0f;
+    bool bidir = false;
+    int rc = get_float(c, root, "query_pre_attn_scalar", &qpas, false);
+    if (!rc) rc = get_float(c, root, "final_logit_softcapping", &cap, false);
+    if (!rc) rc = get_bool(c, root, "use_bidirectional_attention", &bidir);
+    if (rc) return rc;
+    if (field(root, "attn_logit_softcapping"))
+        return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: attn_logit_softcapping is not supported", c->cfg_path);
+    if (bidir)
+        return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: use_bidirectional_attention = true is not supported", c->cfg_path);
+    if (!(qpas > 0)) return ds_err_set(c->err, DS_EFORMAT, "%s: query_pre_attn_scalar must be positive", c->cfg_path);
+    cfg->attn_scale = (float)pow((double)qpas, -0.5);
+    cfg->final_softcap = cap;
+    cfg->embed_scale = (float)sqrt((double)cfg->d_model);
+    return 0;
+}
+
+/* RoPE of a Gemma 3 config: "rope_parameters" {"full_attention": {...}, "sliding_attention": {...}}
+ * (transformers 5), or rope_theta (default 1e6) + rope_local_base_freq (default 1e4) + rope_scaling,
+ * which applies to the global (full-attention) layers only. Scaling: default or linear. */
+static int gemma3_rope_type(hctx *c, const cJSON *o, const char *what, ds_model_config *cfg, bool global) {
+    const char *type = o ? get_str(o, "rope_type") : NULL;
+    if (o && !type) type = get_str(o, "type");
+    if (!type || !strcmp(type, "default")) return 0;
+    if (!global || strcmp(type, "linear"))
+        return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: %s RoPE type '%s' is not supported (default%s)", c->cfg_path, what,
+                          type, global ? ", linear" : "");
+    cfg->rope_scaling = DS_ROPE_SCALING_LINEAR;
+    return get_float(c, o, "factor", &cfg->rope_factor, true);
+}
+
+static int parse_rope_gemma3(hctx *c, const cJSON *root, ds_model_config *cfg) {
+    const cJSON *rp = field(root, "rope_parameters"), *full = NULL, *swa = NULL;
+    cfg->rope_theta = 1000000.0f;
+    cfg->rope_theta_swa = 10000.0f;
+    int rc = get_float(c, root, "rope_theta", &cfg->rope_theta, false);
+    if (!rc) rc = get_float(c, root, "rope_local_base_freq", &cfg->rope_theta_swa, false);
+    if (rc) return rc;
+    if (rp) {
+        if (!cJSON_IsObject(rp)) return ds_err_set(c->err, DS_EFORMAT, "%s: \"rope_parameters\" must be an object", c->cfg_path);
+        full = field(rp, "full_attention"), swa = field(rp, "sliding_attention");
+        if ((full && !cJSON_IsObject(full)) || (swa && !cJSON_IsObject(swa)))
+            return ds_err_set(c->err, DS_EFORMAT, "%s: rope_parameters.full_attention / sliding_attention must be objects",
+                              c->cfg_path);
+        if (full) rc = get_float(c, full, "rope_theta", &cfg->rope_theta, false);
+        if (!rc && swa) rc = get_float(c, swa, "rope_theta", &cfg->rope_theta_swa, false);
+    } else {
+        full = field(root, "rope_scaling");
+        if (full && !cJSON_IsObject(full))
+            return ds_err_set(c->err, DS_EFORMAT, "%s: \"rope_scaling\" must be an object", c->cfg_path);
+    }
+    if (!rc) rc = gemma3_rope_type(c, full, "full_attention", cfg, true);
+    if (!rc) rc = gemma3_rope_type(c, swa, "sliding_attention", cfg, false);
+    return rc;
 }
 
 /* RoPE: transformers >= 5 writes "rope_parameters" {rope_type, rope_theta, ...}; older configs write
  * "rope_theta" and "rope_scaling" {rope_type | type, ...}. Only default and llama3 are supported. */
 static int parse_rope(hctx *c, const cJSON *root, ds_model_config *cfg) {
+    if (cfg->arch == DS_ARCH_GEMMA3) return parse_rope_gemma3(c, root, cfg);
     const cJSON *rp = field(root, "rope_parameters"), *rs = rp ? rp : field(root, "rope_scaling");
     if (rs && !cJSON_IsObject(rs))
         return ds_err_set(c->err, DS_EFORMAT, "%s: \"%s\" must be an object", c->cfg_path, rp ? "rope_parameters" : "rope_scaling");
@@ -130,48 +207,61 @@ static int parse_rope(hctx *c, const cJSON *root, ds_model_config *cfg) {
     return rc;
 }
 
-/* Sliding-window attention, as transformers decides it: Mistral on every layer when sliding_window
- * is set (its "layer_types", if any, is ignored there too); Qwen2/Qwen3 only with
+/* Marks the layers "layer_types" calls sliding_attention. */
+static int mark_layer_types(hctx *c, const cJSON *types, ds_model_config *cfg) {
+    if (cJSON_GetArraySize(types) != cfg->n_layer)
+        return ds_err_set(c->err, DS_EFORMAT, "%s: layer_types has %d entries for %d layers", c->cfg_path,
+                          cJSON_GetArraySize(types), cfg->n_layer);
+    int32_t i = 0;
+    const cJSON *t;
+    cJSON_ArrayForEach(t, types) {
+        const bool sl = cJSON_IsString(t) && !strcmp(t->valuestring, "sliding_attention");
+        if (!sl && !(cJSON_IsString(t) && !strcmp(t->valuestring, "full_attention")))
+            return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: layer_types[%d] is not full_attention or sliding_attention",
+                              c->cfg_path, i);
+        if (sl) ds_model_set_sliding(cfg, i);
+        i++;
+    }
+    return 0;
+}
+
+/* Sliding-window attention, as transformers decides it: Mistral and Phi-3 on every layer when
+ * sliding_window is set (its "layer_types", if any, is ignored there too); Qwen2/Qwen3 only with
  * use_sliding_window, on the layers "layer_types" marks sliding_attention, or else on layers
- * max_window_layers.. . Those layers must come after the full ones: an interleaving (Gemma 3's
- * kind) is refused rather than computed another way. */
+ * max_window_layers..; Gemma 3 on the layers "layer_types" marks, or else every layer but each
+ * sliding_window_pattern-th (default 6), with a window of 4096 when the key is absent. Any
+ * interleaving of full and sliding layers is computed as marked (ds_model_layer_window). */
 static int parse_sliding(hctx *c, const cJSON *root, ds_model_config *cfg) {
     const cJSON *sw = field(root, "sliding_window"), *types = field(root, "layer_types");
-    bool use = cfg->arch == DS_ARCH_MISTRAL;
-    int32_t first = 0;
-    if (cfg->arch == DS_ARCH_QWEN2 || cfg->arch == DS_ARCH_QWEN3) {
-        first = 28; /* transformers' Qwen2Config / Qwen3Config default max_window_layers */
-        int rc = get_bool(c, root, "use_sliding_window", &use);
-        if (!rc) rc = get_int(c, root, "max_window_layers", &first, false);
-        if (rc) return rc;
-        if (use && cJSON_IsArray(types)) {
-            if (cJSON_GetArraySize(types) != cfg->n_layer)
-                return ds_err_set(c->err, DS_EFORMAT, "%s: layer_types has %d entries for %d layers", c->cfg_path,
-                                  cJSON_GetArraySize(types), cfg->n_layer);
-            int32_t i = 0;
-            first = cfg->n_layer;
-            const cJSON *t;
-            cJSON_ArrayForEach(t, types) {
-                const bool sl = cJSON_IsString(t) && !strcmp(t->valuestring, "sliding_attention");
-                if (!sl && !(cJSON_IsString(t) && !strcmp(t->valuestring, "full_attention")))
-                    return ds_err_set(c->err, DS_EUNSUPPORTED,
-                                      "%s: layer_types[%d] is not full_attention or sliding_attention", c->cfg_path, i);
-                if (sl && first == cfg->n_layer) first = i;
-                if (!sl && first < i)
-                    return ds_err_set(c->err, DS_EUNSUPPORTED,
-                                      "%s: layer_types interleaves full and sliding-window layers (layer %d), which "
-                                      "is not supported",
-                                      c->cfg_path, i);
-                i++;
-            }
+    bool use = cfg->arch == DS_ARCH_MISTRAL || cfg->arch == DS_ARCH_PHI3 || cfg->arch == DS_ARCH_GEMMA3;
+    if (sw && !cJSON_IsNumber(sw))
+        return ds_err_set(c->err, DS_EFORMAT, "%s: sliding_window must be a number or null", c->cfg_path);
+    double win = sw ? sw->valuedouble : 0;
+    int rc = 0;
+    if (cfg->arch == DS_ARCH_GEMMA3) {
+        if (!cJSON_GetObjectItemCaseSensitive(root, "sliding_window")) win = 4096; /* Gemma3TextConfig default */
+        int32_t pattern = 6;
+        if (cJSON_IsArray(types)) {
+            rc = mark_layer_types(c, types, cfg);
+        } else if (!(rc = get_int(c, root, "sliding_window_pattern", &pattern, false))) {
+            if (pattern < 1) return ds_err_set(c->err, DS_EFORMAT, "%s: sliding_window_pattern must be positive", c->cfg_path);
+            for (int32_t i = 0; i < cfg->n_layer; i++)
+                if ((i + 1) % pattern) ds_model_set_sliding(cfg, i);
         }
+    } else if (cfg->arch == DS_ARCH_QWEN2 || cfg->arch == DS_ARCH_QWEN3) {
+        int32_t first = 28; /* transformers' Qwen2Config / Qwen3Config default max_window_layers */
+        rc = get_bool(c, root, "use_sliding_window", &use);
+        if (!rc) rc = get_int(c, root, "max_window_layers", &first, false);
+        if (!rc && use && cJSON_IsArray(types)) rc = mark_layer_types(c, types, cfg);
+        else if (!rc && use)
+            for (int32_t i = first; i < cfg->n_layer; i++) ds_model_set_sliding(cfg, i);
+    } else if (use) {
+        for (int32_t i = 0; i < cfg->n_layer; i++) ds_model_set_sliding(cfg, i);
     }
-    if (!use || !cJSON_IsNumber(sw) || first >= cfg->n_layer) return 0;
-    if (!(sw->valuedouble >= 1 && sw->valuedouble <= INT32_MAX))
-        return ds_err_set(c->err, DS_EFORMAT, "%s: sliding_window %g is not a usable window", c->cfg_path, sw->valuedouble);
-    if (sw->valuedouble >= cfg->max_ctx) return 0; /* never reached: full attention */
-    cfg->sliding_window = (int32_t)sw->valuedouble;
-    cfg->swa_first_layer = first;
+    if (rc || !use || !(win > 0 || win < 0)) return rc;
+    if (!(win >= 1 && win <= INT32_MAX))
+        return ds_err_set(c->err, DS_EFORMAT, "%s: sliding_window %g is not a usable window", c->cfg_path, win);
+    if (win < cfg->max_ctx) cfg->sliding_window = (int32_t)win; /* else never reached: full attention */
     return 0;
 }
 
@@ -191,6 +281,7 @@ static int parse_config(hctx *c, const cJSON *root) {
     if (!rc) rc = get_float(c, root, "rms_norm_eps", &cfg->rms_eps, false);
     if (!rc) rc = get_bool(c, root, "tie_word_embeddings", &cfg->tied_embeddings);
     if (!rc) rc = parse_rope(c, root, cfg);
+    if (!rc && cfg->arch == DS_ARCH_GEMMA3) rc = parse_gemma3(c, root, cfg);
     if (!rc) rc = ds_model_config_validate(cfg, c->cfg_path, c->err);
     if (!rc) rc = parse_sliding(c, root, cfg);
     return rc;
@@ -265,6 +356,55 @@ static int load_mat(hctx *c, const char *name, int64_t rows, int64_t cols, bool 
     return 0;
 }
 
+/* Phi-3's fused matrices: `name` [sum rows[k]][cols] becomes n weights of rows[k] rows each (owned
+ * copies, like load_mat). */
+static int load_mat_split(hctx *c, const char *name, int64_t cols, int n, const int64_t *rows, ds_weight **dst) {
+    static const ds_dtype DT[3] = {DS_DTYPE_F32, DS_DTYPE_F16, DS_DTYPE_BF16};
+    const ds_st_file *f;
+    const ds_st_tensor *t = ds_st_set_find(&c->set, name, &f);
+    if (!t) return ds_err_set(c->err, DS_EFORMAT, "%s: missing tensor '%s'", c->dir, name);
+    int64_t total = 0;
+    for (int k = 0; k < n; k++) total += rows[k];
+    const int64_t shape[2] = {total, cols};
+    int rc = ds_st_check_shape(t, f->path, shape, 2, c->err);
+    if (rc) return rc;
+    if (t->dtype > DS_ST_BF16)
+        return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: tensor '%s' has dtype %s (F32, F16, BF16 are supported)", f->path,
+                          name, t->dtype_name);
+    if (total > INT32_MAX || cols > INT32_MAX) return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: tensor '%s' is too large", f->path, name);
+    const ds_dtype st = DT[t->dtype];
+    const size_t rb = ds_dtype_row_bytes(st, cols);
+    const uint8_t *src = t->data;
+    for (int k = 0; k < n; k++) {
+        rc = ds_model_set_weight(c->m, dst[k], src, st, rb, (int32_t)rows[k], (int32_t)cols, NULL, false, c->quantize);
+        if (rc) return ds_err_set(c->err, rc, "%s: tensor '%s': %s", f->path, name, ds_strerror(rc));
+        src += (size_t)rows[k] * rb;
+    }
+    c->dtype_count[t->dtype]++;
+    progress(c);
+    return 0;
+}
+
+/* Phi-3 layer: qkv_proj [q|k|v] and gate_up_proj [gate|up] (transformers Phi3Attention / Phi3MLP). */
+static int load_layer_fused(hctx *c, int i) {
+    const ds_model_config *cfg = &c->m->cfg;
+    ds_layer_weights *l = &c->m->layers[i];
+    const int64_t d = cfg->d_model, q = (int64_t)cfg->n_head * cfg->head_dim, kv = (int64_t)cfg->n_kv_head * cfg->head_dim;
+    char n[6][128];
+    static const char *suffix[6] = {"input_layernorm.weight", "self_attn.qkv_proj.weight", "self_attn.o_proj.weight",
+                                    "post_attention_layernorm.weight", "mlp.gate_up_proj.weight", "mlp.down_proj.weight"};
+    for (int k = 0; k < 6; k++) snprintf(n[k], sizeof n[k], "model.layers.%d.%s", i, suffix[k]);
+    const int64_t qkv_rows[3] = {q, kv, kv}, gu_rows[2] = {cfg->d_ff, cfg->d_ff};
+    ds_weight *qkv[3] = {&l->wq, &l->wk, &l->wv}, *gu[2] = {&l->w_gate, &l->w_up};
+    int rc = load(c, n[0], 0, d, false, &l->attn_norm);
+    if (!rc) rc = load_mat_split(c, n[1], d, 3, qkv_rows, qkv);
+    if (!rc) rc = load_mat(c, n[2], d, q, false, &l->wo);
+    if (!rc) rc = load(c, n[3], 0, d, false, &l->ffn_norm);
+    if (!rc) rc = load_mat_split(c, n[4], d, 2, gu_rows, gu);
+    if (!rc) rc = load_mat(c, n[5], d, cfg->d_ff, false, &l->w_down);
+    return rc;
+}
+
 static int load_layer(hctx *c, int i) {
     const ds_model_config *cfg = &c->m->cfg;
     ds_layer_weights *l = &c->m->layers[i];
@@ -280,7 +420,15 @@ static int load_layer(hctx *c, int i) {
     if (!rc) rc = load_mat(c, n[2], kv, d, false, &l->wk);
     if (!rc) rc = load_mat(c, n[3], kv, d, false, &l->wv);
     if (!rc) rc = load_mat(c, n[4], d, q, false, &l->wo);
-    if (!rc) rc = load(c, n[5], 0, d, false, &l->ffn_norm);
+    /* Gemma: post_attention_layernorm follows the attention; pre_feedforward_layernorm is the FFN's */
+    if (!rc) rc = load(c, n[5], 0, d, false, cfg->post_norms ? &l->attn_post_norm : &l->ffn_norm);
+    if (!rc && cfg->post_norms) {
+        char pre[128], post[128];
+        snprintf(pre, sizeof pre, "model.layers.%d.pre_feedforward_layernorm.weight", i);
+        snprintf(post, sizeof post, "model.layers.%d.post_feedforward_layernorm.weight", i);
+        rc = load(c, pre, 0, d, false, &l->ffn_norm);
+        if (!rc) rc = load(c, post, 0, d, false, &l->ffn_post_norm);
+    }
     if (!rc) rc = load_mat(c, n[6], cfg->d_ff, d, false, &l->w_gate);
     if (!rc) rc = load_mat(c, n[7], cfg->d_ff, d, false, &l->w_up);
     if (!rc) rc = load_mat(c, n[8], d, cfg->d_ff, false, &l->w_down);
@@ -297,25 +445,48 @@ static int load_layer(hctx *c, int i) {
     return rc;
 }
 
+/* Gemma3RMSNorm multiplies by (1 + w), in fp32: folded into the weights once (llama.cpp's converter
+ * stores the GGUF norms so too). */
+static void fold_gemma_norms(ds_model *m) {
+    const ds_model_config *cfg = &m->cfg;
+    for (int32_t i = 0; i < cfg->n_layer; i++) {
+        ds_layer_weights *l = &m->layers[i];
+        float *d_vecs[] = {l->attn_norm, l->attn_post_norm, l->ffn_norm, l->ffn_post_norm};
+        for (size_t k = 0; k < 4; k++)
+            for (int32_t j = 0; j < cfg->d_model; j++) d_vecs[k][j] = 1.0f + d_vecs[k][j];
+        for (int32_t j = 0; j < cfg->head_dim; j++) l->q_norm[j] = 1.0f + l->q_norm[j], l->k_norm[j] = 1.0f + l->k_norm[j];
+    }
+    for (int32_t j = 0; j < cfg->d_model; j++) m->output_norm[j] = 1.0f + m->output_norm[j];
+}
+
 static int load_weights(hctx *c) {
     ds_model *m = c->m;
     const ds_model_config *cfg = &m->cfg;
     int rc = ds_st_set_open_dir(&c->set, c->dir, c->err);
     if (rc) return rc;
-    c->n_expected = 2 + (size_t)cfg->n_layer * ((cfg->qkv_bias ? 12 : 9) + (cfg->qk_norm ? 2 : 0)) + !cfg->tied_embeddings;
+    c->n_expected = 2 +
+                    (size_t)cfg->n_layer * (cfg->fused_qkv ? 6 : (cfg->qkv_bias ? 12 : 9) + (cfg->qk_norm ? 2 : 0) +
+                                                                 (cfg->post_norms ? 2 : 0)) +
+                    !cfg->tied_embeddings;
     if (!(m->layers = calloc((size_t)cfg->n_layer, sizeof *m->layers)))
         return ds_err_set(c->err, DS_ENOMEM, "%s: out of memory", c->dir);
     rc = load_mat(c, "model.embed_tokens.weight", cfg->n_vocab, cfg->d_model, false, &m->tok_embd);
-    for (int i = 0; i < cfg->n_layer && !rc; i++) rc = load_layer(c, i);
+    for (int i = 0; i < cfg->n_layer && !rc; i++) rc = cfg->fused_qkv ? load_layer_fused(c, i) : load_layer(c, i);
     if (!rc) rc = load(c, "model.norm.weight", 0, cfg->d_model, false, &m->output_norm);
     if (!rc && !cfg->tied_embeddings) rc = load_mat(c, "lm_head.weight", cfg->n_vocab, cfg->d_model, false, &m->output);
     if (rc) return rc;
     if (cfg->tied_embeddings) m->output = m->tok_embd;
     if (c->n_loaded < c->set.n_entries)
         DS_LOGW("%s: %zu tensors in the safetensors were not used", c->dir, c->set.n_entries - c->n_loaded);
+    if (cfg->arch == DS_ARCH_GEMMA3) fold_gemma_norms(m);
     if (!(m->inv_freq = ds_model_alloc_floats(m, (size_t)cfg->head_dim / 2)))
         return ds_err_set(c->err, DS_ENOMEM, "%s: out of memory", c->dir);
     ds_rope_inv_freq(cfg, m->inv_freq);
+    if (cfg->rope_theta_swa > 0) {
+        if (!(m->inv_freq_swa = ds_model_alloc_floats(m, (size_t)cfg->head_dim / 2)))
+            return ds_err_set(c->err, DS_ENOMEM, "%s: out of memory", c->dir);
+        ds_rope_inv_freq_swa(cfg, m->inv_freq_swa);
+    }
     return 0;
 }
 

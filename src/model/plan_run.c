@@ -68,10 +68,15 @@ int ds_plan_bottleneck(const ds_plan *p, ds_backend *b, int32_t layer, ds_bn_sit
 /* Embedding LoRA (PEFT Embedding.forward): rows of Aᵀ gathered by token id (the shrink), then
  * out += s · rows · Bᵀ, per segment. Soft-prompt rows are not token embeddings: their placeholder
  * ids get the delta too, but set_rows overwrites them afterwards. */
-int ds_plan_embed(const ds_plan *p, ds_backend *b, const ds_mat *tok_embd, const int32_t *ids, float *out, int32_t n) {
+int ds_plan_embed(const ds_plan *p, ds_backend *b, const ds_mat *tok_embd, const int32_t *ids, float *out, int32_t n,
+                  float embed_scale) {
     const struct ds_backend_iface *f = b->iface;
     const int32_t d = tok_embd->cols;
     DS_TRY(f->embed(b->ctx, tok_embd, ids, out, n));
+    if (embed_scale > 0) {
+        if (!f->scale) return DS_EUNSUPPORTED;
+        DS_TRY(f->scale(b->ctx, out, embed_scale, (size_t)n * d));
+    }
     if (!active(p)) return DS_OK;
     for (int32_t i = 0; i < p->n_embed; i++) {
         const ds_lora_seg *g = &p->embed[i];

@@ -4,8 +4,10 @@
  * filters (Jinja `trim` / Python str.strip) and the exceptions it raises. */
 #include "ds/tokenizer.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "tokenizer/tok_internal.h"
 #include "util/mem.h"
@@ -184,10 +186,114 @@ static int render_mistral(const conv *c, ds_sb *b, spans *sv) {
     return DS_OK;
 }
 
+/* Llama 3.1 / 3.3 (meta-llama/Llama-3.1-8B-Instruct, without tools): bos, a system block that always
+ * states the knowledge cutoff and the template's default date, the system message | trim after it;
+ * every other turn as Llama-3 (content | trim), "tool" / "ipython" turns as ipython with the content
+ * | tojson (a string is iterable to Jinja), i.e. json.dumps(ensure_ascii=False). */
+static void put_json_string(ds_sb *b, const char *s) {
+    ds_sb_puts(b, "\"");
+    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
+        const char *esc = *p == '"' ? "\\\"" : *p == '\\' ? "\\\\" : *p == '\n' ? "\\n" : *p == '\r' ? "\\r"
+                          : *p == '\t' ? "\\t" : *p == '\b' ? "\\b" : *p == '\f' ? "\\f" : NULL;
+        char u[8];
+        if (!esc && *p < 0x20) snprintf(u, sizeof u, "\\u%04x", *p), esc = u;
+        if (esc) ds_sb_puts(b, esc);
+        else ds_sb_append(b, (const char *)p, 1);
+    }
+    ds_sb_puts(b, "\"");
+}
+
+static int render_llama31(const conv *c, bool gen, bool today, ds_sb *b, spans *sv) {
+    size_t first = 0;
+    char date[32] = "26 Jul 2024";
+    if (today) { /* Llama 3.2's strftime_now("%d %b %Y"): transformers' datetime.now(), local time */
+        time_t now = time(NULL);
+        struct tm tm;
+        if (!localtime_r(&now, &tm) || !strftime(date, sizeof date, "%d %b %Y", &tm)) return DS_EINVAL;
+    }
+    ds_sb_puts(b, "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+                  "Cutting Knowledge Date: December 2023\nToday Date: ");
+    ds_sb_puts(b, date);
+    ds_sb_puts(b, "\n\n");
+    if (conv_len(c) && is_role(conv_at(c, 0), "system")) {
+        const size_t a = b->len;
+        sb_strip(b, conv_at(c, 0)->content);
+        if (from_client(c, 0)) span_add(sv, a, b->len);
+        first = 1;
+    }
+    ds_sb_puts(b, "<|eot_id|>");
+    for (size_t i = first; i < conv_len(c); i++) {
+        const ds_chat_msg *m = conv_at(c, i);
+        const bool tool = is_role(m, "tool") || is_role(m, "ipython");
+        ds_sb_puts(b, "<|start_header_id|>");
+        ds_sb_puts(b, tool ? "ipython" : m->role);
+        ds_sb_puts(b, "<|end_header_id|>\n\n");
+        const size_t a = b->len;
+        if (tool) put_json_string(b, m->content);
+        else sb_strip(b, m->content);
+        if (from_client(c, i)) span_add(sv, a, b->len);
+        ds_sb_puts(b, "<|eot_id|>");
+    }
+    if (gen) ds_sb_puts(b, "<|start_header_id|>assistant<|end_header_id|>\n\n");
+    return DS_OK;
+}
+
+/* Phi-3 (microsoft/Phi-3-mini-4k-instruct): '<|' + role + '|>\n' + content + '<|end|>\n' for system,
+ * user and assistant, any other role dropped, nothing stripped; then '<|assistant|>\n', or the eos
+ * '<|endoftext|>' without a generation prompt. Phi-3.5 also drops a system message whose content is
+ * empty ("message['role'] == 'system' and message['content']"). */
+static int render_phi3(const conv *c, bool gen, bool skip_empty_system, ds_sb *b, spans *sv) {
+    for (size_t i = 0; i < conv_len(c); i++) {
+        const ds_chat_msg *m = conv_at(c, i);
+        if (!is_role(m, "system") && !is_role(m, "user") && !is_role(m, "assistant")) continue;
+        if (skip_empty_system && is_role(m, "system") && !*m->content) continue;
+        ds_sb_puts(b, "<|");
+        ds_sb_puts(b, m->role);
+        ds_sb_puts(b, "|>\n");
+        put_content(b, m->content, from_client(c, i), sv);
+        ds_sb_puts(b, "<|end|>\n");
+    }
+    ds_sb_puts(b, gen ? "<|assistant|>\n" : "<|endoftext|>");
+    return DS_OK;
+}
+
+/* Gemma 3 (google/gemma-3-*-it): bos; a leading system message becomes a prefix (content + "\n\n",
+ * untrimmed) of the first turn; turns must alternate user / assistant from a user turn;
+ * '<start_of_turn>' + ("model" for the assistant, else the role) + '\n' + content | trim +
+ * '<end_of_turn>\n'; the generation prompt is '<start_of_turn>model\n'. */
+static int render_gemma3(const conv *c, bool gen, ds_sb *b, spans *sv) {
+    size_t first = 0;
+    ds_sb_puts(b, "<bos>");
+    if (conv_len(c) && is_role(conv_at(c, 0), "system")) first = 1;
+    for (size_t i = first; i < conv_len(c); i++) {
+        const ds_chat_msg *m = conv_at(c, i);
+        if (is_role(m, "user") != ((i - first) % 2 == 0)) return DS_EINVAL;
+        ds_sb_puts(b, "<start_of_turn>");
+        ds_sb_puts(b, is_role(m, "assistant") ? "model" : m->role);
+        ds_sb_puts(b, "\n");
+        if (i == first && first) {
+            put_content(b, conv_at(c, 0)->content, from_client(c, 0), sv);
+            ds_sb_puts(b, "\n\n");
+        }
+        const size_t a = b->len;
+        sb_strip(b, m->content);
+        if (from_client(c, i)) span_add(sv, a, b->len);
+        ds_sb_puts(b, "<end_of_turn>\n");
+    }
+    if (gen) ds_sb_puts(b, "<start_of_turn>model\n");
+    return DS_OK;
+}
+
 ds_chat_format ds_chat_detect(const char *t) {
     if (!t) return DS_CHAT_CHATML;
     if (strstr(t, "<|im_start|>")) return DS_CHAT_CHATML;
-    if (strstr(t, "<|start_header_id|>")) return DS_CHAT_LLAMA3;
+    if (strstr(t, "<|start_header_id|>"))
+        return !strstr(t, "Cutting Knowledge Date") ? DS_CHAT_LLAMA3
+               : strstr(t, "strftime_now")          ? DS_CHAT_LLAMA32
+                                                    : DS_CHAT_LLAMA31;
+    if (strstr(t, "<start_of_turn>")) return DS_CHAT_GEMMA3;
+    if (strstr(t, "<|user|>") && strstr(t, "<|end|>"))
+        return strstr(t, "'system' and message['content']") ? DS_CHAT_PHI35 : DS_CHAT_PHI3;
     if (strstr(t, "[INST]")) return strstr(t, "<<SYS>>") ? DS_CHAT_LLAMA2 : DS_CHAT_MISTRAL;
     return DS_CHAT_CHATML;
 }
@@ -220,6 +326,11 @@ int ds_chat_render_spans(ds_chat_format fmt, const ds_chat_msg *msgs, size_t n_m
     case DS_CHAT_LLAMA3: rc = render_llama3(&c, add_generation_prompt, &b, svp); break;
     case DS_CHAT_LLAMA2: rc = render_llama2(&c, &b, svp); break;
     case DS_CHAT_MISTRAL: rc = render_mistral(&c, &b, svp); break;
+    case DS_CHAT_LLAMA31: rc = render_llama31(&c, add_generation_prompt, false, &b, svp); break;
+    case DS_CHAT_LLAMA32: rc = render_llama31(&c, add_generation_prompt, true, &b, svp); break;
+    case DS_CHAT_PHI3: rc = render_phi3(&c, add_generation_prompt, false, &b, svp); break;
+    case DS_CHAT_PHI35: rc = render_phi3(&c, add_generation_prompt, true, &b, svp); break;
+    case DS_CHAT_GEMMA3: rc = render_gemma3(&c, add_generation_prompt, &b, svp); break;
     default: rc = DS_EINVAL;
     }
     if (!rc && (b.oom || sv.oom)) rc = DS_ENOMEM;

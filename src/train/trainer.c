@@ -137,15 +137,26 @@ int tr_backend_attach(ds_trainer *t, ds_backend *b, ds_err *err) {
                           b->iface->name);
     const ds_model *m = t->m;
     if (!m) return 0; /* a shell trainer for optimizer-only use (tests): no model weights */
+    if (m->cfg.post_norms || m->cfg.ffn_act != DS_FFN_SILU || m->cfg.embed_scale > 0 || m->cfg.attn_scale > 0 ||
+        m->cfg.final_softcap > 0 || m->cfg.rope_theta_swa > 0) /* train_forward.c / train_backward.c: Llama math */
+        return ds_err_set(err, DS_EUNSUPPORTED,
+                          "fine-tuning a %s base (post norms, GeGLU, scaled embeddings, soft-capping) is not supported "
+                          "yet; serving its adapters is",
+                          m->cfg.arch_name);
+    if (m->cfg.qk_norm) /* train_forward.c / train_backward.c have no q_norm / k_norm step yet */
+        return ds_err_set(err, DS_EUNSUPPORTED,
+                          "fine-tuning a %s base (per-head q/k norms) is not supported yet; serving its adapters is",
+                          m->cfg.arch_name);
+    if (m->cfg.fused_qkv) /* peft_save.c writes q_proj/k_proj/... where PEFT expects qkv_proj / gate_up_proj */
+        return ds_err_set(err, DS_EUNSUPPORTED,
+                          "fine-tuning a %s base (fused qkv_proj / gate_up_proj) is not supported yet; serving its "
+                          "adapters is",
+                          m->cfg.arch_name);
     if (m->cfg.sliding_window > 0) /* the training attention (cpu_train.c) is full causal */
         return ds_err_set(err, DS_EUNSUPPORTED,
                           "fine-tuning a base with sliding-window attention (%d positions) is not supported yet; "
                           "serving its adapters is",
                           m->cfg.sliding_window);
-    if (m->cfg.qk_norm) /* train_forward.c / train_backward.c have no q_norm / k_norm step yet */
-        return ds_err_set(err, DS_EUNSUPPORTED,
-                          "fine-tuning a %s base (per-head q/k norms) is not supported yet; serving its adapters is",
-                          m->cfg.arch_name);
     const size_t nw = (size_t)m->cfg.n_layer * DS_PROJ_COUNT;
     if (!(t->wm = calloc(nw, sizeof *t->wm))) return ds_err_set(err, DS_ENOMEM, "out of memory");
     int rc = b->iface->mat_upload(b->ctx, &m->tok_embd, &t->wm_embed);

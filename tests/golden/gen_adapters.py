@@ -72,9 +72,10 @@ torch.use_deterministic_algorithms(True)
 
 N_DECODE = 4
 PROMPT_LENS = (6, 9, 1)
-TINY = ("tiny-llama", "tiny-qwen2", "tiny-qwen3")
+TINY = ("tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-phi3", "tiny-gemma3")
 ADAPTER_NAMES = ("lora-qv", "lora-qk", "lora-all", "lora-bias", "dora", "adalora", "adalora-full",
-                 "ia3", "prompt-tuning", "p-tuning", "prefix", "prefix-proj", "lora-embed-head", "lora-head")
+                 "ia3", "prompt-tuning", "p-tuning", "prefix", "prefix-proj", "lora-embed-head", "lora-head",
+                 "lora-qkv")
 PROMPT_LEARNING = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
 
 
@@ -196,6 +197,22 @@ def peft_config_for(adapter: str, model_name: str, cfg) -> object | None:
     qwen = model_name in ("tiny-qwen2", "tiny-qwen3")  # tied embeddings
     L = cfg.num_hidden_layers
     common = dict(task_type=TaskType.CAUSAL_LM)
+    if model_name == "tiny-phi3":
+        # Phi-3's PEFT module names: the fused qkv_proj and gate_up_proj, o_proj, down_proj
+        if adapter == "lora-qkv":  # with lora_bias: its rows split with the fused output too
+            return LoraConfig(r=4, lora_alpha=8, target_modules=["qkv_proj"], lora_bias=True, lora_dropout=0.0,
+                              **common)
+        if adapter == "lora-all":
+            return LoraConfig(
+                r=4, lora_alpha=8, target_modules="all-linear", use_rslora=True, lora_dropout=0.0,
+                rank_pattern={"qkv_proj": 6, f"model.layers.{L - 1}.self_attn.o_proj": 2},
+                alpha_pattern={"down_proj": 3, "model.layers.0.mlp.gate_up_proj": 5}, **common)
+        if adapter == "dora":
+            return LoraConfig(r=4, lora_alpha=8, target_modules=["qkv_proj", "gate_up_proj", "down_proj"],
+                              use_dora=True, lora_dropout=0.0, **common)
+        if adapter == "ia3":  # feed-forward (input-side) on the fused gate_up_proj
+            return IA3Config(target_modules=["qkv_proj", "gate_up_proj", "down_proj"],
+                             feedforward_modules=["gate_up_proj", "down_proj"], **common)
     if adapter == "lora-qv":
         return LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, **common)
     if adapter == "lora-qk":
@@ -255,6 +272,11 @@ def adapters_for(model_name: str) -> list[str]:
         names.remove("lora-head")
     if model_name == "tiny-qwen3":  # the PEFT types people train on Qwen3; LoRA on q/k runs before q/k_norm
         names = [a for a in names if a in ("lora-qv", "lora-all", "dora", "ia3", "prompt-tuning", "prefix")]
+    names = [a for a in names if a != "lora-qkv"]
+    if model_name == "tiny-phi3":  # fused qkv_proj / gate_up_proj: LoRA, DoRA, IA3 split their rows
+        names = ["lora-qkv", "lora-all", "dora", "ia3", "prompt-tuning", "prefix"]
+    if model_name == "tiny-gemma3":  # soft prompts are not scaled like Gemma's token embeddings
+        names = ["lora-qv", "lora-all", "dora", "ia3", "prompt-tuning"]
     return names
 
 
@@ -269,7 +291,7 @@ def randomize(pm, adapter: str, model_name: str, base_model) -> dict:
     """Overwrite every trainable parameter with seeded random values. Returns notes for the JSON."""
     g = torch.Generator().manual_seed(seed_of(model_name, adapter))
     notes = {}
-    qwen = model_name in ("tiny-qwen2", "tiny-qwen3")
+    qwen = model_name in ("tiny-qwen2", "tiny-qwen3", "tiny-gemma3")  # tied embeddings
 
     def rn(shape, std):
         return std * torch.randn(tuple(shape), generator=g)
@@ -609,8 +631,9 @@ def extra_checks(model_name, adapter, pm, pm2, cfg_json, st, base_model, report)
         # PEFT: [virtual rows ; token embeddings] with positions 0..P+n-1 through the plain model
         ids = [5, 17, 33]
         P = cfg_json["num_virtual_tokens"]
+        # the embedding module, not its weight rows: Gemma 3's scales the token embeddings (not the prompt)
         emb = torch.cat([st["prompt_embeddings"].float(),
-                         base_model.model.embed_tokens.weight[torch.tensor(ids)]], 0).unsqueeze(0)
+                         base_model.model.embed_tokens(torch.tensor(ids))], 0).unsqueeze(0)
         lg = base_model(inputs_embeds=emb).logits[0, P:]
         want = full_logits(pm2, ids, P)
         assert np.max(np.abs(lg.numpy() - want)) < 1e-4, "prompt tuning layout mismatch"
@@ -725,6 +748,10 @@ MIXED = {
                    ("prefix-proj", 1), ("adalora", 1), ("lora-qv", 0)],
     "tiny-qwen3": [("lora-all", 0), (None, 1), ("prefix", 2), ("dora", 0), ("ia3", 1), ("lora-qv", 2),
                    ("prompt-tuning", 0), ("lora-qv", 1)],
+    "tiny-phi3": [("lora-qkv", 0), ("prompt-tuning", 1), (None, 2), ("lora-all", 1), ("dora", 2), ("ia3", 0),
+                  ("prefix", 1), ("lora-qkv", 2), ("lora-all", 0)],
+    "tiny-gemma3": [("lora-all", 0), (None, 1), ("prompt-tuning", 2), ("dora", 1), ("ia3", 0), ("lora-qv", 2),
+                    ("prompt-tuning", 0)],
 }
 
 
@@ -1363,7 +1390,7 @@ def gen_bad(written: list[Path]) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", action="append",
-                    help="a model (tiny-llama, tiny-qwen2, tiny-qwen3, smollm2), 'bad', or an adapter name "
+                    help="a model (tiny-llama, tiny-qwen2, tiny-qwen3, tiny-phi3, tiny-gemma3, smollm2), 'bad', or an adapter name "
                          f"({', '.join(ADAPTER_NAMES)}); repeatable")
     ap.add_argument("--report", type=Path, help="also write a JSON summary of keys/shapes/scales here")
     args = ap.parse_args()

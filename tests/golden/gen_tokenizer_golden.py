@@ -10,6 +10,7 @@ Committed, under tests/data/tokenizer/:
   corpus.json               the test strings (English, Chinese, code, emoji, digits, whitespace, special tokens, ...)
   golden_ids.json           exact HF `tokenizers` ids / decodes for every corpus line and tokenizer
   chat_golden.json          HF apply_chat_template output for ChatML (SmolLM2's real template), Llama-3,
+                            Llama-3.1, Phi-3, Phi-3.5, Gemma 3,
                             Llama-2 and Mistral templates
   {llama3,qwen2,gpt2}_tokenizer.json (+ _config.json)
                             small BPE tokenizers TRAINED here, shaped exactly like Llama-3 (Split regex
@@ -355,6 +356,169 @@ MISTRAL_TEMPLATE = (
     "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}{% else %}"
     "{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}")
 
+# meta-llama/Llama-3.1-8B-Instruct (also Llama-3.3-70B-Instruct): the system block always carries the
+# knowledge cutoff and the default date; tool results go in as the ipython role, | tojson
+LLAMA31_TEMPLATE = """{{- bos_token }}
+{%- if custom_tools is defined %}
+    {%- set tools = custom_tools %}
+{%- endif %}
+{%- if not tools_in_user_message is defined %}
+    {%- set tools_in_user_message = true %}
+{%- endif %}
+{%- if not date_string is defined %}
+    {%- set date_string = "26 Jul 2024" %}
+{%- endif %}
+{%- if not tools is defined %}
+    {%- set tools = none %}
+{%- endif %}
+
+{#- This block extracts the system message, so we can slot it into the right place. #}
+{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content']|trim %}
+    {%- set messages = messages[1:] %}
+{%- else %}
+    {%- set system_message = "" %}
+{%- endif %}
+
+{#- System message + builtin tools #}
+{{- "<|start_header_id|>system<|end_header_id|>\n\n" }}
+{%- if builtin_tools is defined or tools is not none %}
+    {{- "Environment: ipython\n" }}
+{%- endif %}
+{%- if builtin_tools is defined %}
+    {{- "Tools: " + builtin_tools | reject('equalto', 'code_interpreter') | join(", ") + "\n\n"}}
+{%- endif %}
+{{- "Cutting Knowledge Date: December 2023\n" }}
+{{- "Today Date: " + date_string + "\n\n" }}
+{%- if tools is not none and not tools_in_user_message %}
+    {{- "You have access to the following functions. To call a function, please respond with JSON for a function call." }}
+    {{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.' }}
+    {{- "Do not use variables.\n\n" }}
+    {%- for t in tools %}
+        {{- t | tojson(indent=4) }}
+        {{- "\n\n" }}
+    {%- endfor %}
+{%- endif %}
+{{- system_message }}
+{{- "<|eot_id|>" }}
+
+{#- Custom tools are passed in a user message with some extra guidance #}
+{%- if tools_in_user_message and not tools is none %}
+    {#- Extract the first user message so we can plug it in here #}
+    {%- if messages | length != 0 %}
+        {%- set first_user_message = messages[0]['content']|trim %}
+        {%- set messages = messages[1:] %}
+    {%- else %}
+        {{- raise_exception("Cannot put tools in the first user message when there's no first user message!") }}
+{%- endif %}
+    {{- '<|start_header_id|>user<|end_header_id|>\n\n' -}}
+    {{- "Given the following functions, please respond with a JSON for a function call " }}
+    {{- "with its proper arguments that best answers the given prompt.\n\n" }}
+    {{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.' }}
+    {{- "Do not use variables.\n\n" }}
+    {%- for t in tools %}
+        {{- t | tojson(indent=4) }}
+        {{- "\n\n" }}
+    {%- endfor %}
+    {{- first_user_message + "<|eot_id|>"}}
+{%- endif %}
+
+{%- for message in messages %}
+    {%- if not (message.role == 'ipython' or message.role == 'tool' or 'tool_calls' in message) %}
+        {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' }}
+    {%- elif 'tool_calls' in message %}
+        {%- if not message.tool_calls|length == 1 %}
+            {{- raise_exception("This model only supports single tool-calls at once!") }}
+        {%- endif %}
+        {%- set tool_call = message.tool_calls[0].function %}
+        {%- if builtin_tools is defined and tool_call.name in builtin_tools %}
+            {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}
+            {{- "<|python_tag|>" + tool_call.name + ".call(" }}
+            {%- for arg_name, arg_val in tool_call.arguments | items %}
+                {{- arg_name + '="' + arg_val + '"' }}
+                {%- if not loop.last %}
+                    {{- ", " }}
+                {%- endif %}
+                {%- endfor %}
+            {{- ")" }}
+        {%- else  %}
+            {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}
+            {{- '{"name": "' + tool_call.name + '", ' }}
+            {{- '"parameters": ' }}
+            {{- tool_call.arguments | tojson }}
+            {{- "}" }}
+        {%- endif %}
+        {%- if builtin_tools is defined %}
+            {#- This means we're in ipython mode #}
+            {{- "<|eom_id|>" }}
+        {%- else %}
+            {{- "<|eot_id|>" }}
+        {%- endif %}
+    {%- elif message.role == "tool" or message.role == "ipython" %}
+        {{- "<|start_header_id|>ipython<|end_header_id|>\n\n" }}
+        {%- if message.content is mapping or message.content is iterable %}
+            {{- message.content | tojson }}
+        {%- else %}
+            {{- message.content }}
+        {%- endif %}
+        {{- "<|eot_id|>" }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
+{%- endif %}
+"""
+# microsoft/Phi-3-mini-4k-instruct; Phi-3.5-mini-instruct adds "and message['content']" to the system test
+PHI3_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\\n' + message['content'] + "
+    "'<|end|>\\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\\n' + message['content'] + '<|end|>\\n'}}"
+    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\\n' + message['content'] + '<|end|>\\n'}}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}")
+PHI35_TEMPLATE = PHI3_TEMPLATE.replace("message['role'] == 'system' %}",
+                                       "message['role'] == 'system' and message['content'] %}")
+# google/gemma-3-*-it (transformers' convert_gemma3_weights.py writes the same _CHAT_TEMPLATE)
+GEMMA3_TEMPLATE = """{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- if messages[0]['content'] is string -%}
+        {%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}
+    {%- else -%}
+        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\\n\\n' -%}
+    {%- endif -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else "") }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- elif message['content'] is iterable -%}
+        {%- for item in message['content'] -%}
+            {%- if item['type'] == 'image' -%}
+                {{ '<start_of_image>' }}
+            {%- elif item['type'] == 'text' -%}
+                {{ item['text'] | trim }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- else -%}
+        {{ raise_exception("Invalid content type") }}
+    {%- endif -%}
+    {{ '<end_of_turn>\\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{'<start_of_turn>model\\n'}}
+{%- endif -%}
+"""
+
 CONVERSATIONS = [
     [{"role": "user", "content": "Hello!"}],
     [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is 2+2?"},
@@ -371,6 +535,8 @@ CONVERSATIONS = [
     [{"role": "system", "content": "sys only"}],
     [{"role": "user", "content": "emoji 😀 and <tags> & \"quotes\""}, {"role": "assistant", "content": ""}],
     [],
+    [{"role": "system", "content": "  Be brief.\n"}, {"role": "user", "content": "q"},
+     {"role": "tool", "content": "line1\n\t\"quoted\" \\ back\u0001 é 😀"}],
 ]
 
 
@@ -390,6 +556,10 @@ def gen_chat(smollm_template):
         "llama3": {"template": LLAMA3_TEMPLATE, "bos": "<|begin_of_text|>", "eos": "<|eot_id|>"},
         "llama2": {"template": LLAMA2_TEMPLATE, "bos": "<s>", "eos": "</s>"},
         "mistral": {"template": MISTRAL_TEMPLATE, "bos": "<s>", "eos": "</s>"},
+        "llama31": {"template": LLAMA31_TEMPLATE, "bos": "<|begin_of_text|>", "eos": "<|eot_id|>"},
+        "phi3": {"template": PHI3_TEMPLATE, "bos": "<s>", "eos": "<|endoftext|>"},
+        "phi35": {"template": PHI35_TEMPLATE, "bos": "<s>", "eos": "<|endoftext|>"},
+        "gemma3": {"template": GEMMA3_TEMPLATE, "bos": "<bos>", "eos": "<eos>"},
     }
     cases = []
     for name, t in templates.items():
@@ -470,7 +640,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--retrain", action="store_true", help="retrain the small Llama-3/Qwen2/GPT-2 tokenizers")
     ap.add_argument("--skip-unicode", action="store_true", help="keep unicode_classes.json (its scan takes ~30 s)")
+    ap.add_argument("--only-chat", action="store_true",
+                    help="rewrite chat_golden.json only (SmolLM2's template taken from the committed file)")
     args = ap.parse_args()
+    if args.only_chat:
+        with open(os.path.join(DATA, "chat_golden.json"), encoding="utf-8") as f:
+            gen_chat(json.load(f)["templates"]["chatml_smollm2"]["template"])
+        return
     os.makedirs(DATA, exist_ok=True)
     if not os.path.exists(os.path.join(MODELS, GGUF)):
         sys.exit(f"missing models/{GGUF}: run scripts/fetch_model.sh")

@@ -204,12 +204,80 @@ static void run_model(ds_backend **backends, int n_backends, const char *model) 
     ds_model_free(m);
 }
 
+/* PEFT module names follow the base's layout: Phi-3's fused qkv_proj / gate_up_proj on a Llama-layout
+ * base, and q_proj & co. on Phi-3, are refused by name; so is a GGUF LoRA on Phi-3. */
+static void check_fused_names(void) {
+    char llama[512], phi3[512], a_llama[512], a_phi3[512], a_gguf[512];
+    snprintf(llama, sizeof llama, "%s/models/tiny-llama", parity_data_dir());
+    snprintf(phi3, sizeof phi3, "%s/models/tiny-phi3", parity_data_dir());
+    snprintf(a_llama, sizeof a_llama, "%s/adapters/tiny-llama/lora-qv", parity_data_dir());
+    snprintf(a_phi3, sizeof a_phi3, "%s/adapters/tiny-phi3/lora-all", parity_data_dir());
+    snprintf(a_gguf, sizeof a_gguf, "%s/adapters/tiny-llama/lora-qv.gguf", parity_data_dir());
+    if (access(llama, R_OK) || access(phi3, R_OK) || access(a_llama, R_OK) || access(a_phi3, R_OK)) return;
+    ds_err err = {{0}};
+    ds_model_params mp = ds_model_default_params();
+    mp.verbose = false;
+    ds_model *ml = ds_model_load(llama, &mp, &err), *mph = ds_model_load(phi3, &mp, &err);
+    CHECK(ml && mph);
+    ds_adapter_load_params lp = ds_adapter_default_load_params();
+    ds_adapter *a = ml ? ds_adapter_load(a_phi3, ml, &lp, &err) : NULL;
+    CHECK_MSG(!a && strstr(err.msg, "fused") && strstr(err.msg, "llama"), "phi3 adapter on llama: %s", a ? "loaded" : err.msg);
+    ds_adapter_free(a);
+    a = mph ? ds_adapter_load(a_llama, mph, &lp, &err) : NULL;
+    CHECK_MSG(!a && strstr(err.msg, "fuses it into qkv_proj"), "llama adapter on phi3: %s", a ? "loaded" : err.msg);
+    ds_adapter_free(a);
+    a = mph && !access(a_gguf, R_OK) ? ds_adapter_load(a_gguf, mph, &lp, &err) : NULL;
+    CHECK_MSG(!a && (access(a_gguf, R_OK) || strstr(err.msg, "phi3")), "GGUF LoRA on phi3: %s", a ? "loaded" : err.msg);
+    ds_adapter_free(a);
+    ds_model_free(ml);
+    ds_model_free(mph);
+    /* Gemma 3 scales its token embeddings: an embedding LoRA is refused by name, not applied unscaled. */
+    char gemma[512], a_emb[600];
+    snprintf(gemma, sizeof gemma, "%s/models/tiny-gemma3", parity_data_dir());
+    snprintf(a_emb, sizeof a_emb, "%s/adapters/tiny-llama/lora-embed-head", parity_data_dir());
+    if (access(gemma, R_OK) || access(a_emb, R_OK)) return;
+    /* a copy of tiny-llama's embedding LoRA config with only the embedding factors (zeros) */
+    char dir[] = "/tmp/ds_test_gemb_XXXXXX", path[700], *cfg = NULL;
+    CHECK(mkdtemp(dir) != NULL);
+    snprintf(path, sizeof path, "%s/adapter_config.json", a_emb);
+    size_t cfg_len = 0;
+    CHECK(ds_file_read_all(path, 1 << 20, &cfg, &cfg_len, &err) == 0);
+    snprintf(path, sizeof path, "%s/adapter_config.json", dir);
+    FILE *f = fopen(path, "wb");
+    if (f && cfg) fwrite(cfg, 1, cfg_len, f);
+    if (f) fclose(f);
+    free(cfg);
+    const char *hdr = "{\"base_model.model.model.embed_tokens.lora_embedding_A\":{\"dtype\":\"F32\",\"shape\":[4,320],"
+                      "\"data_offsets\":[0,5120]},\"base_model.model.model.embed_tokens.lora_embedding_B\":{\"dtype\":"
+                      "\"F32\",\"shape\":[64,4],\"data_offsets\":[5120,6144]}}";
+    snprintf(path, sizeof path, "%s/adapter_model.safetensors", dir);
+    f = fopen(path, "wb");
+    if (f) {
+        uint64_t hn = strlen(hdr);
+        static const float zeros[1536];
+        fwrite(&hn, 8, 1, f), fwrite(hdr, 1, hn, f), fwrite(zeros, sizeof zeros, 1, f);
+        fclose(f);
+    }
+    ds_model *mg = ds_model_load(gemma, &mp, &err);
+    CHECK(mg);
+    a = mg ? ds_adapter_load(dir, mg, &lp, &err) : NULL;
+    CHECK_MSG(!a && strstr(err.msg, "scaled embeddings"), "embedding LoRA on gemma3: %s", a ? "loaded" : err.msg);
+    ds_adapter_free(a);
+    ds_model_free(mg);
+    char cmd[64];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+    CHECK(system(cmd) == 0);
+}
+
 int main(void) {
     ds_backend *bs[2];
     const int nb = parity_backends(bs, 2);
     run_model(bs, nb, "tiny-llama");
     run_model(bs, nb, "tiny-qwen2");
     run_model(bs, nb, "tiny-qwen3");
+    run_model(bs, nb, "tiny-phi3");
+    run_model(bs, nb, "tiny-gemma3");
+    check_fused_names();
     for (int i = 0; i < nb; i++) ds_backend_free(bs[i]);
     if (ds_test_checks == 0) SKIP("no golden adapters under %s/adapters (run tests/golden/gen_adapters.py)", parity_data_dir());
     return ds_test_result();

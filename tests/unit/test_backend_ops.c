@@ -10,7 +10,7 @@
  * Error measure: normalised mean squared error, NMSE = Σ(y − ref)² / Σ ref², per op, against these
  * tolerances (chosen per backend, see tolerances_for):
  *   data movement (copy, get_rows, kv_store, set_rows, memory)        0 (bit-exact)
- *   fp32 arithmetic (rmsnorm, rope, silu_mul, add, attention, lora,
+ *   fp32 arithmetic (rmsnorm, rope, silu_mul, gelu_tanh_mul, scale, add, attention, lora,
  *                    seg_scale, seg_add)                               CPU 1e-10, CUDA 1e-9
  *   matmul (CUDA: bf16 weights and bf16 inputs, fp32 accumulate)       CPU 1e-10, CUDA 1e-4
  *   embed (CUDA: bf16 table)                                           CPU 0,     CUDA 1e-4
@@ -389,6 +389,23 @@ static void test_silu_add(tcase *t) {
         t_down(t, got, dg, sizeof(float) * n);
         snprintf(what, sizeof what, "n=%zu", n);
         expect(t, "add", what, got, ref, n, t->tol_f32);
+        if (t->b->iface->gelu_tanh_mul && t->b->iface->scale) { /* Gemma 3's GeGLU and embedding scale */
+            const double k = sqrt(2.0 / M_PI);
+            for (size_t i = 0; i < n; i++) {
+                const double x = g[i];
+                ref[i] = 0.5 * x * (1.0 + tanh(k * (x + 0.044715 * x * x * x))) * u[i];
+            }
+            float *dg2 = t_up(t, g, sizeof(float) * n);
+            t_ok(t, "gelu_tanh_mul", t->b->iface->gelu_tanh_mul(t->b->ctx, dg2, du, dg2, n));
+            t_down(t, got, dg2, sizeof(float) * n);
+            snprintf(what, sizeof what, "n=%zu out=gate", n);
+            expect(t, "gelu_tanh_mul", what, got, ref, n, t->tol_f32);
+            for (size_t i = 0; i < n; i++) ref[i] = (double)got[i] * 8.0;
+            t_ok(t, "scale", t->b->iface->scale(t->b->ctx, dg2, 8.0f, n));
+            t_down(t, got, dg2, sizeof(float) * n);
+            snprintf(what, sizeof what, "n=%zu s=8", n);
+            expect(t, "scale", what, got, ref, n, t->tol_f32);
+        }
         t_release_all(t);
         free(g), free(u), free(got), free(ref);
     }

@@ -150,11 +150,11 @@ static void run_model(ds_backend **backends, int n_backends, const char *name, c
     cJSON_Delete(ref);
 }
 
-/* The sliding window is what makes tiny-mistral's reference: the same weights with full attention
+/* The sliding window is what makes a windowed model's reference: the same weights with full attention
  * (window switched off) miss it on the positions past the window. */
-static void check_window_matters(ds_backend *b) {
+static void check_window_matters(ds_backend *b, const char *name, int32_t window) {
     char path[512], refpath[600];
-    snprintf(path, sizeof path, "%s/models/tiny-mistral", parity_data_dir());
+    snprintf(path, sizeof path, "%s/models/%s", parity_data_dir(), name);
     snprintf(refpath, sizeof refpath, "%s/reference.json", path);
     cJSON *ref = golden_load_json(refpath);
     ds_err err = {{0}};
@@ -165,7 +165,7 @@ static void check_window_matters(ds_backend *b) {
         cJSON_Delete(ref);
         return;
     }
-    CHECK(m->cfg.sliding_window == 4 && ds_model_layer_window(&m->cfg, 1) == 4);
+    CHECK(m->cfg.sliding_window == window && ds_model_layer_window(&m->cfg, 1) == window);
     m->cfg.sliding_window = 0;
     ds_llama_params lp = ds_llama_default_params();
     lp.kv_bytes = (size_t)16 << 20;
@@ -179,11 +179,11 @@ static void check_window_matters(ds_backend *b) {
     golden_seqs_init(&g, 1, 64);
     CHECK(L && golden_step(L, &g, &prompt, &n, logits, 1) == 0);
     double worst = 0;
-    for (int r = 4; r < n; r++) {
+    for (int r = window; r < n; r++) {
         const cJSON *row = cJSON_GetArrayItem(cJSON_GetObjectItem(c, "prefill_logits"), r);
         worst = fmax(worst, golden_max_diff(logits + (size_t)r * V, row, V) / (REL_TOL * fmax(1.0, golden_max_abs(row))));
     }
-    printf("tiny-mistral with full attention instead of its window: worst diff %.0fx the tolerance\n", worst);
+    printf("%s with full attention instead of its window: worst diff %.0fx the tolerance\n", name, worst);
     CHECK_MSG(worst > 10, "full attention matches the sliding-window reference (%.2f x tol)", worst);
     golden_seqs_free(&g);
     free(logits);
@@ -196,14 +196,18 @@ static void check_window_matters(ds_backend *b) {
 int main(void) {
     ds_backend *bs[2];
     const int nb = parity_backends(bs, 2);
-    const char *models[] = {"tiny-llama", "tiny-qwen2", "tiny-llama3", "tiny-qwen3", "tiny-mistral"};
-    for (size_t i = 0; i < 5; i++) {
+    const char *models[] = {"tiny-llama", "tiny-qwen2", "tiny-llama3", "tiny-qwen3", "tiny-mistral", "tiny-phi3", "tiny-gemma3"};
+    for (size_t i = 0; i < sizeof models / sizeof models[0]; i++) {
         run_model(bs, nb, models[i], NULL, "reference.json");
         run_model(bs, nb, models[i], "model.gguf", "reference.json");
     }
     run_model(bs, nb, "tiny-llama", "model-q8_0.gguf", "reference-q8_0.json");
     run_model(bs, nb, "tiny-qwen3", "model-q8_0.gguf", "reference-q8_0.json");
-    if (nb > 0) check_window_matters(bs[0]);
+    run_model(bs, nb, "tiny-phi3", "model-q8_0.gguf", "reference-q8_0.json");
+    run_model(bs, nb, "tiny-gemma3", "model-q8_0.gguf", "reference-q8_0.json");
+    if (nb > 0) check_window_matters(bs[0], "tiny-mistral", 4);
+    if (nb > 0) check_window_matters(bs[0], "tiny-phi3", 5);
+    if (nb > 0) check_window_matters(bs[0], "tiny-gemma3", 4);
     for (int i = 0; i < nb; i++) ds_backend_free(bs[i]);
     if (ds_test_checks == 0) SKIP("no golden models under %s/models (run tests/golden/gen_models.py)", parity_data_dir());
     return ds_test_result();

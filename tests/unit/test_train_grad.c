@@ -535,6 +535,22 @@ int main(void) {
         ds_trainer_free(t);
     }
     ds_model_free(m);
+    if ((m = load_model("tiny-phi3"))) { /* Phi-3's fused modules: peft_save.c would write q_proj etc. */
+        ds_err err = {{0}};
+        ds_train_adapter_spec sp = ds_train_default_spec(DS_ADAPTER_LORA);
+        ds_trainer *t = ds_trainer_create(m, &sp, NULL, &err);
+        CHECK_MSG(!t && strstr(err.msg, "phi3") && strstr(err.msg, "fused"), "phi3 trainer: %s", t ? "created" : err.msg);
+        ds_trainer_free(t);
+    }
+    ds_model_free(m);
+    if ((m = load_model("tiny-gemma3"))) { /* Gemma 3: q/k norms, post norms, GeGLU, scaled embeddings */
+        ds_err err = {{0}};
+        ds_train_adapter_spec sp = ds_train_default_spec(DS_ADAPTER_LORA);
+        ds_trainer *t = ds_trainer_create(m, &sp, NULL, &err);
+        CHECK_MSG(!t && strstr(err.msg, "gemma3"), "gemma3 trainer: %s", t ? "created" : err.msg);
+        ds_trainer_free(t);
+    }
+    ds_model_free(m);
     if ((m = load_model("tiny-mistral"))) { /* likewise sliding-window attention */
         ds_err err = {{0}};
         ds_train_adapter_spec sp = ds_train_default_spec(DS_ADAPTER_LORA);

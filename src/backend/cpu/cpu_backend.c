@@ -206,6 +206,21 @@ static int cpu_silu_mul(void *ctx, const float *gate, const float *up, float *ou
     return DS_OK;
 }
 
+/* torch's CPU gelu(approximate="tanh"): 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))) (src/backend/act.c). */
+static int cpu_gelu_tanh_mul(void *ctx, const float *gate, const float *up, float *out, size_t n) {
+#pragma omp parallel for if (n > 262144)
+    for (size_t i = 0; i < n; i++) {
+        const float x = gate[i];
+        out[i] = 0.5f * x * (1.0f + tanhf(0.79788456080286536f * (x + 0.044715f * x * x * x))) * up[i];
+    }
+    return DS_OK;
+}
+
+static int cpu_scale(void *ctx, float *x, float s, size_t n) {
+    for (size_t i = 0; i < n; i++) x[i] *= s;
+    return DS_OK;
+}
+
 static int cpu_add(void *ctx, float *y, const float *x, size_t n) {
     for (size_t i = 0; i < n; i++) y[i] += x[i];
     return DS_OK;
@@ -402,6 +417,8 @@ static const struct ds_backend_iface cpu_iface = {
     .rmsnorm = cpu_rmsnorm,
     .rope = cpu_rope,
     .silu_mul = cpu_silu_mul,
+    .scale = cpu_scale,
+    .gelu_tanh_mul = cpu_gelu_tanh_mul,
     .add = cpu_add,
     .get_rows = cpu_get_rows,
     .kv_store = cpu_kv_store,
