@@ -277,6 +277,7 @@ static const struct ds_backend_iface cuda_iface = {
     .lora_expand = nullptr, /* embedding LoRA: not on CUDA yet (DS_EUNSUPPORTED) */
     .train = nullptr,       /* training ops: CPU only (ds_trainer_create: DS_EUNSUPPORTED) */
     .bottleneck = nullptr,  /* bottleneck adapters: not on CUDA yet (refused at upload) */
+    .sparse = ds_cuda_sparse,
 };
 
 extern "C" ds_backend *ds_backend_cuda_create(const ds_backend_params *params, ds_err *err) {
