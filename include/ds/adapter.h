@@ -157,6 +157,11 @@ typedef struct ds_delta_extract_stats {
 int ds_delta_extract(const struct ds_model *base, const struct ds_model *tuned, const ds_delta_extract_params *p,
                      const char *out_dir, ds_delta_extract_stats *stats, ds_err *err);
 
+/* Writes a delta adapter (sparse deltas and/or bias deltas, e.g. one BitFit trained) as out_dir/
+ * adapter_config.json + adapter_model.safetensors in the format ds_adapter_load reads (F32 values).
+ * Returns 0, DS_EINVAL (not a delta adapter), DS_EIO, DS_ENOMEM. Any thread. */
+int ds_delta_save(const ds_adapter *a, const char *out_dir, const char *base_name, const char *source, ds_err *err);
+
 /* ---- Resident adapters: backend copies of a ds_adapter (src/adapter/resident.c). ---- */
 
 typedef struct ds_lora_dev {

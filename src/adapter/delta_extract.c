@@ -223,7 +223,9 @@ static int uncarried(const ds_model *b, const ds_model *t, ds_delta_extract_stat
 
 /* ---- writing ---- */
 
-static int write_files(extract_ctx *c, const ds_model *base, const ds_delta_extract_params *p, const char *dir) {
+/* adapter_model.safetensors from c's tensors, then adapter_config.json (base name, source text,
+ * density; density < 0: none). */
+static int write_files(extract_ctx *c, const char *base_name, const char *source, double density, const char *dir) {
     ds_err *err = c->err;
     DS_TRY(ds_durable_mkdir(dir, NULL, err));
     ds_sb h;
@@ -258,16 +260,14 @@ static int write_files(extract_ctx *c, const ds_model *base, const ds_delta_extr
     if (rc) return rc;
     ds_sb j;
     ds_sb_init(&j);
-    char how[64];
-    if (p->threshold > 0) snprintf(how, sizeof how, "threshold %g", p->threshold);
-    else snprintf(how, sizeof how, "keep %g%%", p->keep * 100.0);
-    const char *bn = p->base_name ? p->base_name : base->cfg.name;
     ds_sb_puts(&j, "{\n \"adapter_type\": \"delta\",\n \"version\": 1,\n \"base_model_name_or_path\": ");
-    ds_sb_json_str(&j, bn, strlen(bn));
+    ds_sb_json_str(&j, base_name, strlen(base_name));
     ds_sb_puts(&j, ",\n \"target_modules\": [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"gate_proj\", "
                    "\"up_proj\", \"down_proj\"],\n");
-    ds_sb_printf(&j, " \"density\": %.9g,\n \"source\": \"deltaserve delta extract (%s)\"\n}\n",
-                 c->st->params ? (double)c->st->nnz / (double)c->st->params : 0.0, how);
+    if (density >= 0) ds_sb_printf(&j, " \"density\": %.9g,\n", density);
+    ds_sb_puts(&j, " \"source\": ");
+    ds_sb_json_str(&j, source, strlen(source));
+    ds_sb_puts(&j, "\n}\n");
     if (j.oom) rc = ds_err_set(err, DS_ENOMEM, "out of memory");
     else rc = ds_durable_write(dir, "adapter_config.json", &(ds_iovec){j.data, j.len}, 1, err);
     ds_sb_free(&j);
@@ -321,8 +321,56 @@ int ds_delta_extract(const ds_model *base, const ds_model *tuned, const ds_delta
     }
     if (!rc) rc = uncarried(base, tuned, st, ra, rb);
     if (!rc && c.n == 0) rc = ds_err_set(err, DS_EINVAL, "the tuned model's projections equal the base's: no delta");
-    if (!rc) rc = write_files(&c, base, &p, out_dir);
+    char how[96];
+    if (p.threshold > 0) snprintf(how, sizeof how, "deltaserve delta extract (threshold %g)", p.threshold);
+    else snprintf(how, sizeof how, "deltaserve delta extract (keep %g%%)", p.keep * 100.0);
+    if (!rc)
+        rc = write_files(&c, p.base_name ? p.base_name : base->cfg.name, how,
+                         st->params ? (double)st->nnz / (double)st->params : 0.0, out_dir);
     for (size_t i = 0; i < c.n; i++) free(c.t[i].data);
     free(c.t), free(d), free(scratch), free(ra), free(rb), free(keep);
+    return rc;
+}
+
+static void *dup_bytes(const void *p, size_t n) {
+    void *d = malloc(n ? n : 1);
+    if (d) memcpy(d, p, n);
+    return d;
+}
+
+int ds_delta_save(const ds_adapter *a, const char *dir, const char *base_name, const char *source, ds_err *err) {
+    ds_delta_extract_stats st = {0};
+    extract_ctx c = {.st = &st, .err = err};
+    int rc = a->kind == DS_ADAPTER_DELTA && (a->delta || a->dbias)
+                 ? 0
+                 : ds_err_set(err, DS_EINVAL, "%s: not a delta adapter", a->name ? a->name : "?");
+    for (size_t i = 0; !rc && i < (size_t)a->n_layer * DS_PROJ_COUNT; i++) {
+        char mod[96], name[160];
+        module_path((int32_t)(i / DS_PROJ_COUNT), (int)(i % DS_PROJ_COUNT), mod, sizeof mod);
+        const ds_delta_module *m = a->delta ? a->delta[i] : NULL;
+        if (m) {
+            struct {
+                const char *suffix, *dtype;
+                int64_t n;
+                const void *src;
+            } parts[] = {{"delta_indptr", "I32", m->rows + 1, m->row_ptr},
+                         {"delta_indices", "I32", m->nnz, m->col},
+                         {"delta_values", "F32", m->nnz, m->val}};
+            for (int k = 0; !rc && k < 3; k++) {
+                void *copy = dup_bytes(parts[k].src, (size_t)parts[k].n * 4);
+                snprintf(name, sizeof name, "%s.%s", mod, parts[k].suffix);
+                rc = copy ? push(&c, name, parts[k].dtype, parts[k].n, copy) : ds_err_set(err, DS_ENOMEM, "out of memory");
+            }
+        }
+        const int32_t out = a->proj_out[i % DS_PROJ_COUNT];
+        if (!rc && a->dbias && a->dbias[i]) {
+            void *copy = dup_bytes(a->dbias[i], (size_t)out * 4);
+            snprintf(name, sizeof name, "%s.bias_delta", mod);
+            rc = copy ? push(&c, name, "F32", out, copy) : ds_err_set(err, DS_ENOMEM, "out of memory");
+        }
+    }
+    if (!rc) rc = write_files(&c, base_name ? base_name : "", source ? source : "deltaserve", -1.0, dir);
+    for (size_t i = 0; i < c.n; i++) free(c.t[i].data);
+    free(c.t);
     return rc;
 }
