@@ -112,3 +112,34 @@ def test_malformed_delta_refused(server):
         assert status == 400, (name, text)
         assert expect in json.loads(text)["error"]["message"], (name, text)
         assert adapter(server, f"bad-delta-{name}")[0] == 404
+
+
+def test_bitfit_sync_train(server):
+    """POST /v1/adapters/{id}/train on a bias-only delta adapter trains its bias deltas (BitFit) and
+    publishes a new version; a delta with sparse weight deltas is refused as not trainable."""
+    def zero_bias_only(t):
+        for k in [k for k in t if not k.endswith("bias_delta")]:
+            del t[k]
+        for k in t:
+            t[k] = ("F32", [0.0] * len(t[k][1]))
+
+    make_delta(server.adapter_dir / "deltas" / "bitfit", seed=5, layers=range(30), mutate=zero_bias_only)
+    status, text = load(server, "bitfit1", "deltas/bitfit")
+    assert status == 200, text
+    v = adapter(server, "bitfit1")[1]["version"]
+    before = complete(server, "bitfit1", 6, logprobs=1)[1]["choices"][0]["logprobs"]["token_logprobs"]
+    examples = [{"prompt": "The secret word is", "completion": " Zanzibar"}] * 2
+    status, raw = server.post("/v1/adapters/bitfit1/train", {"examples": examples, "n_epochs": 1,
+                                                             "learning_rate": 1e-2}, timeout=600)
+    assert status == 200, raw
+    out = json.loads(raw)
+    assert out["version"] == v + 1 and out["job"]["status"] == "succeeded" and out["job"]["trained_tokens"] > 0, out
+    status, info = adapter(server, "bitfit1")
+    assert info["version"] == v + 1 and info["peft_type"] == "DELTA"
+    after = complete(server, "bitfit1", 6, logprobs=1)[1]["choices"][0]["logprobs"]["token_logprobs"]
+    assert max(abs(a - b) for a, b in zip(after, before)) > 1e-4, "training changed nothing"
+    make_delta(server.adapter_dir / "deltas" / "sparse", seed=6, layers=range(1))
+    assert load(server, "sparse1", "deltas/sparse")[0] == 200
+    status, raw = server.post("/v1/adapters/sparse1/train", {"examples": examples})
+    assert status == 400 and "not trainable" in json.loads(raw)["error"]["message"], raw
+    assert unload(server, "bitfit1")[0] == 200 and unload(server, "sparse1")[0] == 200
