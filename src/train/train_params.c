@@ -177,8 +177,8 @@ int tr_spec_adapter(const ds_model *m, const ds_train_adapter_spec *s, ds_adapte
     if (s->kind != DS_ADAPTER_LORA && s->kind != DS_ADAPTER_PROMPT && s->kind != DS_ADAPTER_PREFIX &&
         s->kind != DS_ADAPTER_DELTA)
         return ds_err_set(err, DS_EUNSUPPORTED,
-                          "adapter type %s cannot be trained: deltaserve trains LoRA, prompt tuning, prefix tuning "
-                          "and BitFit",
+                          "adapter type %s cannot be trained: deltaserve trains LoRA, prompt tuning and prefix tuning "
+                          "(and BitFit bias deltas)",
                           (unsigned)s->kind < sizeof types / sizeof *types ? types[s->kind] : "(unknown)");
     ds_adapter *a = new_adapter(m, s->name, types[s->kind], s->kind);
     if (!a) return ds_err_set(err, DS_ENOMEM, "out of memory");
