@@ -279,6 +279,7 @@ static const struct ds_backend_iface cuda_iface = {
     .bottleneck = nullptr,  /* bottleneck adapters: not on CUDA yet (refused at upload) */
     .scale = ds_cuda_scale,
     .gelu_tanh_mul = ds_cuda_gelu_tanh_mul,
+    .sparse = ds_cuda_sparse,
 };
 
 extern "C" ds_backend *ds_backend_cuda_create(const ds_backend_params *params, ds_err *err) {

@@ -128,6 +128,10 @@ typedef struct ds_cuda_ctx {
     int32_t plan_n_lora, plan_n_vec;
     const ds_vec_seg *plan_vec;
     const ds_vec_seg *plan_vec_dev;
+    /* The sparse-delta table: the caller's host table (its entries hold device CSR pointers),
+     * borrowed until the next plan_upload; sparse.cu launches one kernel per entry. */
+    const ds_sparse_seg *plan_sparse;
+    int32_t plan_n_sparse;
 } ds_cuda_ctx;
 
 /* Makes the context's device current for the calling thread (cudaSetDevice is per thread, and the
@@ -184,6 +188,9 @@ int ds_cuda_attention(void *ctx, const ds_attn_args *a);
 /* sgmv.cu */
 int ds_cuda_plan_upload(void *ctx, const ds_seg_tables *t);
 int ds_cuda_lora(void *ctx, const float *x, int32_t in, float *y, int32_t out, ds_seg_range r);
+
+/* sparse.cu */
+int ds_cuda_sparse(void *ctx, const float *x, int32_t in, float *y, int32_t out, ds_seg_range r);
 
 /* ---- device helpers ---- */
 

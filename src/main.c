@@ -1,4 +1,4 @@
-/* deltaserve command line: serve, generate, tokenize. */
+/* deltaserve command line: serve, generate, tokenize, delta. */
 #include "cli/cli.h"
 
 #include <stdio.h>
@@ -13,6 +13,7 @@ static const char *HELP =
     "  serve      OpenAI-compatible HTTP server (completions, chat, adapters, metrics)\n"
     "  generate   run prompts through the engine from the command line\n"
     "  tokenize   print the token ids of a text\n"
+    "  delta      delta adapters: `delta extract` makes one from a fine-tuned model and its base\n"
     "  version    print the version\n"
     "\n"
     "The default model is SmolLM2-135M-Instruct (Q4_1 GGUF), fetched by scripts/fetch_model.sh.\n";
@@ -26,6 +27,7 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "generate")) return ds_cli_generate(argc - 1, argv + 1);
     if (!strcmp(cmd, "tokenize")) return ds_cli_tokenize(argc - 1, argv + 1);
     if (!strcmp(cmd, "serve")) return ds_cli_serve(argc - 1, argv + 1);
+    if (!strcmp(cmd, "delta")) return ds_cli_delta(argc - 1, argv + 1);
     if (!strcmp(cmd, "version") || !strcmp(cmd, "--version")) return puts("deltaserve 0.1.0"), 0;
     fprintf(stderr, "deltaserve: unknown command '%s' (see deltaserve --help)\n", cmd);
     return 2;

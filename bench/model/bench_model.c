@@ -1,25 +1,28 @@
 /* bench_model: prefill and decode throughput of the forward pass, and decode throughput of a batch
  * of sequences with 0 (base only) and N distinct LoRA adapters on q,k,v,o and/or on all seven
- * projections, and N distinct bottleneck adapters (Houlsby: both sites, swish, width
- * d_model / --bn-rf) — all measured in one run, side by side. Batch-1 decode is printed beside its
+ * projections, N distinct bottleneck adapters (Houlsby: both sites, swish, width
+ * d_model / --bn-rf) and N distinct sparse delta adapters (--delta-keep % of every projection's
+ * entries, CSR) — all measured in one run, side by side. Batch-1 decode is printed beside its
  * memory floor: the bytes of every weight matrix in the backend's storage (bf16 on CUDA) plus the
  * KV cache read, at the bandwidth of the backend's own measured copy. Prints a table and (with
  * --json FILE) raw results.
  *
  *   build/bench_model [-m MODEL | --shape llama3-8b|tiny] [--backend cpu|cuda] [--threads N]
  *                     [--batch N] [--adapters 1,4,16] [--targets qkvo|all|both] [--rank R]
- *                     [--steps N] [--bn-rf RF] [--f32] [--copy-mb N] [--json FILE]
+ *                     [--steps N] [--bn-rf RF] [--delta-keep P] [--f32] [--copy-mb N] [--json FILE]
  *
  * --shape builds a model with random weights in memory (bf16 unless --f32; bench/model/random_model.c)
  * instead of loading one; defaults then become --batch 128 --adapters 1,10,100 --targets both.
- * --bn-rf 0 skips the bottleneck rows (default 16; skipped too on a backend without the op).
- * Adapters are synthetic (random rank-R LoRA, random bottlenecks): only their shapes matter for speed. Their host
+ * --bn-rf 0 skips the bottleneck rows (default 16; skipped too on a backend without the op);
+ * --delta-keep 0 the delta rows (default 1 %: a 1% delta of each projection; same rule).
+ * Adapters are synthetic (random rank-R LoRA, random bottlenecks, random sparse deltas): only their shapes matter for speed. Their host
  * arrays are shared, their backend copies are not. */
 #include "../bench_bw.h"
 #include "ds/adapter.h"
 #include "ds/model.h"
 #include "random_model.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -42,6 +45,7 @@ typedef struct bench {
 typedef struct opts {
     const char *model, *shape, *backend, *json, *targets;
     int threads, rank, steps, batch, copy_mb, bn_rf;
+    double delta_keep; /* percent */
     int adapters[MAX_LIST], n_adapters;
     bool f32;
 } opts;
@@ -169,6 +173,65 @@ static void free_lora(ds_adapter *a) {
     free(a);
 }
 
+/* Host CSR arrays shared by every synthetic delta adapter: per projection, ceil(keep · rows · cols)
+ * entries spread evenly over the rows, one random column in each stride of a row (ascending). */
+typedef struct delta_pool {
+    ds_delta_module mod[DS_PROJ_COUNT];
+} delta_pool;
+
+static int delta_pool_init(delta_pool *dp, const ds_model_config *c, double keep) {
+    for (int p = 0; p < DS_PROJ_COUNT; p++) {
+        int32_t in, out;
+        proj_dims(c, p, &in, &out);
+        const int64_t k = (int64_t)ceil(keep * (double)in * out - 1e-9);
+        ds_delta_module *m = &dp->mod[p];
+        *m = (ds_delta_module){.rows = out, .cols = in, .nnz = k};
+        m->row_ptr = malloc(sizeof(int32_t) * ((size_t)out + 1));
+        m->col = malloc(sizeof(int32_t) * (size_t)(k ? k : 1));
+        m->val = rand_vec((size_t)(k ? k : 1));
+        if (!m->row_ptr || !m->col || !m->val) return DS_ENOMEM;
+        int32_t e = 0;
+        m->row_ptr[0] = 0;
+        for (int32_t r = 0; r < out; r++) {
+            const int32_t nr = (int32_t)(k / out + (r < k % out)), stride = nr ? in / nr : 0;
+            for (int32_t j = 0; j < nr; j++) {
+                g_rng = g_rng * 6364136223846793005ull + 1442695040888963407ull;
+                m->col[e++] = j * stride + (int32_t)((g_rng >> 33) % (uint64_t)stride);
+            }
+            m->row_ptr[r + 1] = e;
+        }
+    }
+    return 0;
+}
+
+static void delta_pool_free(delta_pool *dp) {
+    for (int p = 0; p < DS_PROJ_COUNT; p++) free(dp->mod[p].row_ptr), free(dp->mod[p].col), free(dp->mod[p].val);
+}
+
+/* A synthetic delta adapter on every projection of every layer (the pool's modules, shared). */
+static ds_adapter *make_delta(const ds_model *m, delta_pool *dp, int idx) {
+    const ds_model_config *c = &m->cfg;
+    ds_adapter *a = calloc(1, sizeof *a);
+    if (!a) return NULL;
+    char name[32];
+    snprintf(name, sizeof name, "bench-delta-%d", idx);
+    a->name = strdup(name);
+    a->kind = DS_ADAPTER_DELTA;
+    a->n_layer = c->n_layer;
+    a->d_model = c->d_model;
+    a->delta = calloc((size_t)c->n_layer * DS_PROJ_COUNT, sizeof *a->delta);
+    if (!a->name || !a->delta) return free(a->name), free(a->delta), free(a), NULL;
+    for (int p = 0; p < DS_PROJ_COUNT; p++) proj_dims(c, p, &a->proj_in[p], &a->proj_out[p]);
+    for (size_t i = 0; i < (size_t)c->n_layer * DS_PROJ_COUNT; i++) a->delta[i] = &dp->mod[i % DS_PROJ_COUNT];
+    return a;
+}
+
+static void free_any(ds_adapter *a, int n_proj) {
+    if (n_proj > 0) free_lora(a);
+    else if (n_proj == 0) free_bn(a);
+    else if (a) free(a->delta), free(a->name), free(a); /* modules belong to the pool */
+}
+
 /* One step: n_seqs sequences each feeding n_tok tokens; seq i uses devs[i] (NULL = base). */
 static int step(bench *B, int n_seqs, int n_tok, const ds_adapter_dev **devs) {
     if (n_seqs > B->max_seqs || n_seqs * n_tok > B->max_tokens) return DS_EINVAL;
@@ -238,12 +301,12 @@ static int parse_list(const char *s, int *out) {
 static void usage(FILE *f) {
     fprintf(f, "usage: bench_model [-m MODEL | --shape llama3-8b|tiny] [--backend cpu|cuda] [--threads N] [--batch N]\n"
                "                   [--adapters 1,4,16] [--targets qkvo|all|both] [--rank R] [--steps N] [--f32]\n"
-               "                   [--bn-rf RF] [--copy-mb N] [--json FILE]\n");
+               "                   [--bn-rf RF] [--delta-keep P] [--copy-mb N] [--json FILE]\n");
 }
 
 static int parse(int argc, char **argv, opts *o) {
     *o = (opts){.model = "models/SmolLM2-135M-Instruct.Q4_1.gguf", .backend = "cpu", .rank = 16, .steps = 32,
-                .bn_rf = 16};
+                .bn_rf = 16, .delta_keep = 1.0};
     const char *ads = NULL;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -262,6 +325,7 @@ static int parse(int argc, char **argv, opts *o) {
         else if (!strcmp(a, "--batch")) o->batch = atoi(v);
         else if (!strcmp(a, "--copy-mb")) o->copy_mb = atoi(v);
         else if (!strcmp(a, "--bn-rf")) o->bn_rf = atoi(v);
+        else if (!strcmp(a, "--delta-keep")) o->delta_keep = atof(v);
         else if (!strcmp(a, "--adapters")) ads = v;
         else if (!strcmp(a, "--targets")) o->targets = v;
         else if (!strcmp(a, "--json")) o->json = v;
@@ -272,8 +336,9 @@ static int parse(int argc, char **argv, opts *o) {
     if (!o->targets) o->targets = o->shape ? "both" : "qkvo";
     if (!ads) ads = o->shape ? "1,10,100" : "1,4,16";
     o->n_adapters = parse_list(ads, o->adapters);
-    if (o->n_adapters <= 0 || o->batch <= 0 || o->rank <= 0 || o->steps <= 0 || o->bn_rf < 0)
-        return fprintf(stderr, "bench_model: bad --adapters/--batch/--rank/--steps/--bn-rf\n"), 2;
+    if (o->n_adapters <= 0 || o->batch <= 0 || o->rank <= 0 || o->steps <= 0 || o->bn_rf < 0 ||
+        !(o->delta_keep >= 0 && o->delta_keep <= 100))
+        return fprintf(stderr, "bench_model: bad --adapters/--batch/--rank/--steps/--bn-rf/--delta-keep\n"), 2;
     if (strcmp(o->targets, "qkvo") && strcmp(o->targets, "all") && strcmp(o->targets, "both"))
         return fprintf(stderr, "bench_model: --targets is qkvo, all or both\n"), 2;
     return 0;
@@ -317,31 +382,37 @@ static void bench_free(bench *B) {
 }
 
 /* Decode tokens/s of the batch with each adapter count of o->adapters: LoRA adapters on n_proj
- * projections, or (n_proj 0) bottleneck adapters; tps[k] per count (0 where it failed). Adapters
- * are uploaded for this run only. */
-static int adapter_runs(bench *B, const opts *o, int n_proj, double *tps) {
+ * projections, or (n_proj 0) bottleneck adapters, or (n_proj < 0) sparse delta adapters; tps[k] per
+ * count (0 where it failed). Adapters are uploaded for this run only; *dev_bytes (may be NULL) gets
+ * one adapter's resident bytes. */
+static int adapter_runs(bench *B, const opts *o, int n_proj, double *tps, size_t *dev_bytes) {
     int max_ad = 0;
     for (int k = 0; k < o->n_adapters; k++) max_ad = o->adapters[k] > max_ad ? o->adapters[k] : max_ad;
     if (max_ad > o->batch) max_ad = o->batch;
     lora_pool pl;
     bn_pool bp;
+    delta_pool dp;
     memset(&pl, 0, sizeof pl);
     memset(&bp, 0, sizeof bp);
+    memset(&dp, 0, sizeof dp);
     ds_adapter **ads = calloc((size_t)max_ad + 1, sizeof *ads);
     ds_adapter_dev *devs = calloc((size_t)max_ad + 1, sizeof *devs);
     const ds_adapter_dev **per_seq = calloc((size_t)o->batch, sizeof *per_seq);
     int32_t bn_size = o->bn_rf > 0 ? B->m->cfg.d_model / o->bn_rf : 0;
     int st = !ads || !devs || !per_seq ? DS_ENOMEM
-             : n_proj ? pool_init(&pl, &B->m->cfg, o->rank) : bn_pool_init(&bp, &B->m->cfg, bn_size > 0 ? bn_size : 1);
+             : n_proj > 0 ? pool_init(&pl, &B->m->cfg, o->rank)
+             : n_proj < 0 ? delta_pool_init(&dp, &B->m->cfg, o->delta_keep / 100.0)
+                          : bn_pool_init(&bp, &B->m->cfg, bn_size > 0 ? bn_size : 1);
     int n_up = 0;
     ds_err err = {{0}};
     for (; !st && n_up < max_ad; n_up++) {
-        ads[n_up] = n_proj ? make_lora(B->m, &pl, o->rank, n_proj, n_up) : make_bn(B->m, &bp, n_up);
+        ads[n_up] = n_proj > 0 ? make_lora(B->m, &pl, o->rank, n_proj, n_up)
+                    : n_proj < 0 ? make_delta(B->m, &dp, n_up)
+                                 : make_bn(B->m, &bp, n_up);
         if (!ads[n_up]) st = DS_ENOMEM;
         else if ((st = ds_adapter_dev_upload(B->b, ads[n_up], &devs[n_up], &err))) fprintf(stderr, "%s\n", err.msg);
         if (st) {
-            if (n_proj) free_lora(ads[n_up]);
-            else free_bn(ads[n_up]);
+            free_any(ads[n_up], n_proj);
             ads[n_up] = NULL;
         }
     }
@@ -352,13 +423,14 @@ static int adapter_runs(bench *B, const opts *o, int n_proj, double *tps) {
         for (int s = 0; s < o->batch; s++) per_seq[s] = n ? &devs[(int64_t)s * n / o->batch] : NULL;
         tps[k] = decode_tps(B, o->batch, o->steps, n ? per_seq : NULL);
     }
+    if (dev_bytes && n_up > 0) *dev_bytes = devs[0].dev_bytes;
     for (int i = 0; i < n_up; i++) {
         ds_adapter_dev_release(B->b, &devs[i]);
-        if (n_proj) free_lora(ads[i]);
-        else free_bn(ads[i]);
+        free_any(ads[i], n_proj);
     }
     pool_free(&pl);
     bn_pool_free(&bp);
+    delta_pool_free(&dp);
     free(ads), free(devs), free(per_seq);
     return st;
 }
@@ -367,7 +439,9 @@ typedef struct results {
     double bw, pf1, pf4, dec1, floor_bytes, floor_tps, base;
     double tq[MAX_LIST], ta[MAX_LIST]; /* per adapter count: on q,k,v,o / on all seven */
     double tb[MAX_LIST];               /* per adapter count: bottleneck adapters */
-    bool qkvo, all, bn, failed;
+    double td[MAX_LIST];               /* per adapter count: sparse delta adapters */
+    size_t delta_bytes;                /* one delta adapter's resident bytes */
+    bool qkvo, all, bn, delta, failed;
 } results;
 
 static ds_model *load_model(opts *o, ds_err *err) {
@@ -399,10 +473,13 @@ static void measure(bench *B, const opts *o, results *r) {
     r->qkvo = strcmp(o->targets, "all") != 0;
     r->all = strcmp(o->targets, "qkvo") != 0;
     r->bn = o->bn_rf > 0 && B->b->iface->bottleneck; /* optional op: CUDA has none yet */
-    if (r->qkvo && adapter_runs(B, o, 4, r->tq)) fprintf(stderr, "bench_model: adapters on q,k,v,o failed\n"), r->failed = true;
-    if (r->all && adapter_runs(B, o, DS_PROJ_COUNT, r->ta))
+    if (r->qkvo && adapter_runs(B, o, 4, r->tq, NULL)) fprintf(stderr, "bench_model: adapters on q,k,v,o failed\n"), r->failed = true;
+    if (r->all && adapter_runs(B, o, DS_PROJ_COUNT, r->ta, NULL))
         fprintf(stderr, "bench_model: adapters on all projections failed\n"), r->failed = true;
-    if (r->bn && adapter_runs(B, o, 0, r->tb)) fprintf(stderr, "bench_model: bottleneck adapters failed\n"), r->failed = true;
+    if (r->bn && adapter_runs(B, o, 0, r->tb, NULL)) fprintf(stderr, "bench_model: bottleneck adapters failed\n"), r->failed = true;
+    r->delta = o->delta_keep > 0 && B->b->iface->sparse;
+    if (r->delta && adapter_runs(B, o, -1, r->td, &r->delta_bytes))
+        fprintf(stderr, "bench_model: delta adapters failed\n"), r->failed = true;
     r->failed |= !(r->pf1 > 0 && r->pf4 > 0 && r->dec1 > 0 && r->base > 0);
 }
 
@@ -427,6 +504,14 @@ static void print_report(const opts *o, const ds_model *m, const results *r) {
     for (int k = 0; k < o->n_adapters && r->bn; k++)
         printf("decode   batch %3d, %3d Houlsby bn %-4d: %8.1f tokens/s (%.2fx base)\n", o->batch, o->adapters[k],
                m->cfg.d_model / o->bn_rf, r->tb[k], r->base > 0 ? r->tb[k] / r->base : 0);
+    if (o->delta_keep > 0 && !r->delta) printf("delta adapters: the %s backend has no sparse op\n", o->backend);
+    for (int k = 0; k < o->n_adapters && r->delta; k++)
+        printf("decode   batch %3d, %3d delta %4.3g%%  : %8.1f tokens/s (%.2fx base)\n", o->batch, o->adapters[k],
+               o->delta_keep, r->td[k], r->base > 0 ? r->td[k] / r->base : 0);
+    if (r->delta)
+        printf("delta %.3g%%: %.2f MiB resident per adapter (%.2f%% of the model's %zu weights in fp32)\n",
+               o->delta_keep, r->delta_bytes / 1048576.0, 100.0 * (double)r->delta_bytes / (4.0 * (double)m->n_params),
+               m->n_params);
 }
 
 static void write_json(const opts *o, const results *r) {
@@ -445,6 +530,9 @@ static void write_json(const opts *o, const results *r) {
     fprintf(f, "],\"bottleneck_rf\":%d,\"bottleneck\":[", o->bn_rf);
     for (int k = 0; k < o->n_adapters && r->bn; k++)
         fprintf(f, "%s{\"kind\":\"double_seq_bn\",\"adapters\":%d,\"tps\":%.2f}", k ? "," : "", o->adapters[k], r->tb[k]);
+    fprintf(f, "],\"delta_keep_percent\":%.6g,\"delta_bytes\":%zu,\"delta\":[", o->delta_keep, r->delta_bytes);
+    for (int k = 0; k < o->n_adapters && r->delta; k++)
+        fprintf(f, "%s{\"adapters\":%d,\"tps\":%.2f}", k ? "," : "", o->adapters[k], r->td[k]);
     fprintf(f, "]}\n");
     fclose(f);
 }

@@ -24,7 +24,19 @@ typedef enum {
     DS_ADAPTER_PREFIX,   /* prefix tuning (PEFT, or AdapterHub's: prefix_pos0): per-layer K/V prefixes */
     DS_ADAPTER_BOTTLENECK, /* AdapterHub bottleneck adapters: seq_bn, double_seq_bn, par_bn, scaled par_bn;
                             * with a prefix too for a union (MAM: prefix tuning + scaled parallel) */
+    DS_ADAPTER_DELTA,      /* deltaserve delta adapters: sparse weight deltas and bias deltas
+                            * (diff pruning, BitFit, full fine-tunes extracted as deltas; src/adapter/delta.c) */
 } ds_adapter_kind;
+
+/* One sparse weight delta on one projection, host: δ [rows][cols] (HF [out][in]) in CSR form, the
+ * projection computing y = W x + δ x. Values are held in fp32 whatever the file stored. */
+typedef struct ds_delta_module {
+    int32_t rows, cols;
+    int64_t nnz;
+    int32_t *row_ptr; /* [rows + 1] */
+    int32_t *col;     /* [nnz], strictly ascending within a row */
+    float *val;       /* [nnz] */
+} ds_delta_module;
 
 /* One bottleneck adapter module (one site of one layer), host fp32; see ds_bn_seg for the math. */
 typedef struct ds_bn_module {
@@ -82,6 +94,10 @@ typedef struct ds_adapter {
     bool prefix_pos0;
     /* Bottleneck adapters: [n_layer][DS_BN_SITES], NULL where a site has none (leave_out, config) */
     ds_bn_module **bn;
+    /* Delta adapters: [n_layer][DS_PROJ_COUNT] sparse weight deltas and bias deltas ([out] fp32),
+     * NULL where a projection has none. */
+    ds_delta_module **delta;
+    float **dbias;
     size_t host_bytes;       /* parameter bytes held (for budgets) */
 } ds_adapter;
 
@@ -112,6 +128,39 @@ int ds_adapter_config_check(const char *json, size_t len, ds_err *err);
  * *out is malloc'd. Returns 0, DS_EPERM (outside), DS_ENOTFOUND. */
 int ds_adapter_resolve_path(const char *root, const char *rel, char **out, ds_err *err);
 
+/* ---- Delta extraction (src/adapter/delta_extract.c): a fine-tuned model minus its base. ---- */
+
+typedef struct ds_delta_extract_params {
+    double keep;           /* fraction of each projection's entries kept, (0, 1] (used when threshold <= 0) */
+    double threshold;      /* > 0: keep every |tuned − base| > threshold instead */
+    const char *base_name; /* written as base_model_name_or_path (NULL: the base's config name) */
+} ds_delta_extract_params;
+
+ds_delta_extract_params ds_delta_extract_default_params(void); /* keep 1% */
+
+typedef struct ds_delta_extract_stats {
+    int64_t params;        /* projection weight entries compared */
+    int64_t nnz;           /* entries kept */
+    int32_t n_modules;     /* projections with a sparse delta */
+    int32_t n_bias;        /* projections with a bias delta */
+    size_t adapter_bytes;  /* what the adapter holds once loaded (CSR + bias vectors, fp32 values) */
+    size_t file_bytes;     /* adapter_model.safetensors */
+    double max_uncarried;  /* largest |tuned − base| among tensors a delta cannot carry */
+    char uncarried[48];    /* which ("embed_tokens", "norm", ...) or "" */
+} ds_delta_extract_stats;
+
+/* Writes out_dir/adapter_config.json + adapter_model.safetensors: per projection of every layer the
+ * kept entries of tuned − base (largest |δ| per module, ties to the lower row-major index; zeros
+ * never kept) in CSR, fp32, and the q/k/v bias differences whole. The models must share the
+ * architecture and sizes (any storage types). Returns 0 or DS_EINVAL (mismatch, bad keep, no
+ * difference), DS_EIO, DS_ENOMEM with a message. Any thread. */
+int ds_delta_extract(const struct ds_model *base, const struct ds_model *tuned, const ds_delta_extract_params *p,
+                     const char *out_dir, ds_delta_extract_stats *stats, ds_err *err);
+
+/* Writes a delta adapter (sparse deltas and/or bias deltas, e.g. one BitFit trained) as out_dir/
+ * adapter_config.json + adapter_model.safetensors in the format ds_adapter_load reads (F32 values).
+ * Returns 0, DS_EINVAL (not a delta adapter), DS_EIO, DS_ENOMEM. Any thread. */
+int ds_delta_save(const ds_adapter *a, const char *out_dir, const char *base_name, const char *source, ds_err *err);
 
 /* ---- Resident adapters: backend copies of a ds_adapter (src/adapter/resident.c). ---- */
 
@@ -130,13 +179,17 @@ typedef struct ds_adapter_dev {
     const float **prompt_rows; /* [n_virtual] backend row pointers (prompt tuning / P-tuning) */
     ds_bn_seg *bn;             /* [n_layer * DS_BN_SITES] bottleneck modules with backend pointers
                                 * (start/len unset); size 0 where a site has none. NULL if no bottleneck */
+    ds_sparse_seg *delta;      /* [n_layer * DS_PROJ_COUNT] sparse deltas with backend pointers (start/len
+                                * unset); rows 0 where a projection has none. NULL if no sparse delta */
+    float **dbias;             /* [n_layer * DS_PROJ_COUNT] backend bias-delta vectors or NULL */
     size_t dev_bytes;
     void **allocs;
     size_t n_allocs, cap_allocs;
 } ds_adapter_dev;
 
 /* Copies an adapter's tensors to the backend. Returns 0 or DS_EDEVICE/DS_ENOMEM, or DS_EUNSUPPORTED
- * for a bottleneck adapter on a backend without the bottleneck op (out is then released). Engine thread. */
+ * for an adapter that needs an optional op the backend lacks (bottleneck, sparse, ...; out is then
+ * released). dev_bytes counts what was allocated (a sparse delta at its CSR size). Engine thread. */
 int ds_adapter_dev_upload(ds_backend *b, const ds_adapter *a, ds_adapter_dev *out, ds_err *err);
 void ds_adapter_dev_release(ds_backend *b, ds_adapter_dev *d);
 

@@ -23,7 +23,7 @@
 extern "C" {
 #endif
 
-#define DS_BACKEND_IFACE_VERSION 3
+#define DS_BACKEND_IFACE_VERSION 4
 
 /* A weight matrix in backend memory: logical shape [rows][cols] (torch [out][in]), row r at
  * data + r·row_bytes, in the backend's storage dtype (CPU: the model's own format, borrowed;
@@ -136,9 +136,23 @@ typedef struct ds_bn_seg {
     const float *ln_a_w, *ln_a_b;  /* ln_after [d] each, or NULL */
 } ds_bn_seg;
 
+/* One sparse-delta segment (deltaserve's delta adapters: diff pruning, full fine-tunes extracted as
+ * deltas): tokens [start, start+len) add x · δᵀ with δ [rows][cols] in CSR form:
+ *   y[t][i] += Σ_{k in [row_ptr[i], row_ptr[i+1])} val[k] · x[t][col[k]]
+ * Columns of a row are strictly ascending and < cols (the loader checked). Pointers are backend
+ * pointers. */
+typedef struct ds_sparse_seg {
+    int32_t start, len;
+    int32_t rows, cols;
+    int64_t nnz;
+    const int32_t *row_ptr; /* [rows + 1], row_ptr[0] = 0, row_ptr[rows] = nnz */
+    const int32_t *col;     /* [nnz] */
+    const float *val;       /* [nnz] */
+} ds_sparse_seg;
+
 /* The segment tables of one step (include/ds/plan.h builds them), host arrays. plan_upload()
- * takes them once per step; the segmented ops (lora, seg_scale, seg_add, bottleneck) then name a
- * range of one table instead of passing segments. */
+ * takes them once per step; the segmented ops (lora, seg_scale, seg_add, bottleneck, sparse) then
+ * name a range of one table instead of passing segments. */
 typedef struct ds_seg_tables {
     const ds_lora_seg *lora;
     int32_t n_lora;
@@ -146,6 +160,8 @@ typedef struct ds_seg_tables {
     int32_t n_vec;
     const ds_bn_seg *bn;
     int32_t n_bn;
+    const ds_sparse_seg *sparse;
+    int32_t n_sparse;
 } ds_seg_tables;
 
 /* Entries [first, first + n) of one table of the last plan_upload(). */
@@ -198,7 +214,7 @@ struct ds_backend_iface {
     /* Plan/run: takes the step's segment tables before the first segmented op of the step. The
      * arrays are borrowed until the next plan_upload() (the CPU backend reads them in place; CUDA
      * packs its kernel metadata and copies it to the device here, once per step). Required when any
-     * of lora, seg_scale, seg_add, bottleneck is set. Returns 0, DS_EINVAL (bad segment), DS_EDEVICE. */
+     * of lora, seg_scale, seg_add, bottleneck, sparse is set. Returns 0, DS_EINVAL (bad segment), DS_EDEVICE. */
     int (*plan_upload)(void *ctx, const ds_seg_tables *t);
     /* Segmented LoRA (SGMV): y[t][out] += scale·B·(A·x[t]) for the lora segments of r; x [n][in].
      * May be NULL (backend without adapter support). DS_EINVAL when r is outside the plan. */
@@ -231,6 +247,10 @@ struct ds_backend_iface {
     int (*scale)(void *ctx, float *x, float s, size_t n);
     /* out[i] = gelu_tanh(gate[i]) * up[i], torch's gelu(approximate="tanh") (GeGLU); out may alias gate. */
     int (*gelu_tanh_mul)(void *ctx, const float *gate, const float *up, float *out, size_t n);
+    /* Segmented sparse deltas: y[t][out] += x[t][in] · δᵀ per sparse segment of r (ds_sparse_seg);
+     * DS_EINVAL when r is outside the plan or a segment's shape is not [out][in]. Optional: NULL →
+     * resident copies of sparse delta adapters are refused on this backend (ds_adapter_dev_upload). */
+    int (*sparse)(void *ctx, const float *x, int32_t in, float *y, int32_t out, ds_seg_range r);
 };
 
 typedef struct ds_backend {

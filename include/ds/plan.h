@@ -43,9 +43,11 @@ const char *ds_proj_name(ds_proj p);
  *   x' = x ⊙ l (ia3_in, vec table: IA³ feed-forward side); y = W x'; y += s·B(A x') (lora);
  *   y += s·b_B (lora_bias, vec); DoRA: y = (m/‖W + sBA‖) ⊙ y (dora, vec), then + b (bias, vec: the
  *   base bias over every row, which the matmul leaves out when dora is not empty);
- *   y = y ⊙ l (ia3_out, vec: IA³ attention side). Empty ranges are skipped. */
+ *   y = y ⊙ l (ia3_out, vec: IA³ attention side). Empty ranges are skipped.
+ * Delta adapters (sparse table, vec): y += x'·δᵀ (sparse), y += b_δ (delta_bias), after the LoRA
+ * terms; one segment has one adapter, so their place among the other kinds' steps is immaterial. */
 typedef struct ds_proj_plan {
-    ds_seg_range ia3_in, lora, lora_bias, dora, bias, ia3_out;
+    ds_seg_range ia3_in, lora, lora_bias, sparse, delta_bias, dora, bias, ia3_out;
 } ds_proj_plan;
 
 typedef struct ds_plan {

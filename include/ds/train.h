@@ -39,7 +39,8 @@ extern "C" {
 
 /* What to train when starting from scratch. */
 typedef struct ds_train_adapter_spec {
-    ds_adapter_kind kind;  /* DS_ADAPTER_LORA, DS_ADAPTER_PROMPT (prompt tuning) or DS_ADAPTER_PREFIX */
+    ds_adapter_kind kind;  /* DS_ADAPTER_LORA, DS_ADAPTER_PROMPT (prompt tuning), DS_ADAPTER_PREFIX or
+                            * DS_ADAPTER_DELTA (BitFit: zero bias deltas on `targets`, default all seven) */
     const char *name;      /* adapter id (default "trained") */
     /* LoRA */
     int32_t r;             /* rank (default 8) */
@@ -57,8 +58,8 @@ typedef struct ds_train_adapter_spec {
 
 ds_train_adapter_spec ds_train_default_spec(ds_adapter_kind kind);
 
-/* Parses a method name as the fine-tuning API spells it: "lora", "prompt_tuning", "prefix_tuning"
- * (case-insensitive, '-' or '_'). Known but untrainable types (dora, ia3, adalora, p_tuning, loha,
+/* Parses a method name as the fine-tuning API spells it: "lora", "prompt_tuning", "prefix_tuning",
+ * "bitfit" (case-insensitive, '-' or '_'). Known but untrainable types (dora, ia3, adalora, p_tuning, loha,
  * lokr, …) give DS_EUNSUPPORTED with a message saying what can be trained; anything else DS_EINVAL. */
 int ds_train_kind_parse(const char *method, ds_adapter_kind *out, ds_err *err);
 

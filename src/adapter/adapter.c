@@ -1,5 +1,6 @@
 /* Host-side adapters: defaults, allocation, freeing, and ds_adapter_load's dispatch between a PEFT
- * directory, an AdapterHub bottleneck adapter directory and a llama.cpp GGUF LoRA file. */
+ * directory, an AdapterHub bottleneck adapter directory, a deltaserve delta adapter directory
+ * (adapter_config.json with "adapter_type") and a llama.cpp GGUF LoRA file. */
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -67,6 +68,10 @@ void ds_adapter_free(ds_adapter *a) {
     for (size_t i = 0; a->lora && i < n; i++) ds_lora_module_free(a->lora[i]);
     for (size_t i = 0; a->ia3 && i < n; i++) free(a->ia3[i]);
     for (size_t i = 0; a->bn && i < (size_t)a->n_layer * DS_BN_SITES; i++) ds_bn_module_free(a->bn[i]);
+    for (size_t i = 0; a->delta && i < n; i++) ds_delta_module_free(a->delta[i]);
+    for (size_t i = 0; a->dbias && i < n; i++) free(a->dbias[i]);
+    free(a->delta);
+    free(a->dbias);
     free(a->bn);
     free(a->lora);
     free(a->ia3);
@@ -149,6 +154,7 @@ ds_adapter *ds_adapter_load(const char *path, const ds_model *base, const ds_ada
     if (!a) return NULL;
     int rc = !dir                        ? ds_gguf_lora_load(a, path, base, p.user_scale, err)
              : ds_bottleneck_is_dir(path) ? ds_bottleneck_load(a, path, base, err)
+             : ds_delta_is_dir(path)      ? ds_delta_load(a, path, base, err)
                                           : ds_peft_load(a, path, base, err);
     if (rc) {
         ds_adapter_free(a);

@@ -141,6 +141,17 @@ int ds_ah_prefix_load(ds_adapter *a, const ds_ah_prefix_cfg *cfg, const ds_st_fi
 /* An AdapterHub non_linearity name (bottleneck.c; `legacy`: a config without "version"). */
 int ds_ah_parse_act(const struct cJSON *j, bool legacy, const char *src, ds_act *out, ds_err *err);
 
+/* deltaserve delta adapters (delta.c): sparse weight deltas (CSR) and bias deltas. is_dir: the
+ * directory's adapter_config.json has an "adapter_type" key (PEFT's and AdapterHub's never do). */
+bool ds_delta_is_dir(const char *dir);
+int ds_delta_load(ds_adapter *a, const char *dir, const ds_model *base, ds_err *err);
+void ds_delta_module_free(ds_delta_module *m);
+size_t ds_delta_module_bytes(const ds_delta_module *m);
+/* A config and a safetensors image in memory, validated against `base` as ds_delta_load does
+ * (fuzz target entry point). Returns 0 or a negative status with a message. */
+int ds_delta_check_mem(const char *json, size_t json_len, const void *st_data, size_t st_len, const ds_model *base,
+                       ds_err *err);
+
 /* Allocation helpers (adapter.c): zeroed [n_layer][DS_PROJ_COUNT] tables and one module. */
 int ds_adapter_alloc_lora_table(ds_adapter *a, ds_err *err);
 int ds_adapter_alloc_ia3_table(ds_adapter *a, ds_err *err);

@@ -375,7 +375,8 @@ int ds_peft_load(ds_adapter *a, const char *dir, const ds_model *base, ds_err *e
         case DS_ADAPTER_IA3: rc = peft_load_ia3(&c); break;
         case DS_ADAPTER_PROMPT: rc = peft_load_prompt(&c); break;
         case DS_ADAPTER_PREFIX: rc = peft_load_prefix(&c); break;
-        case DS_ADAPTER_BOTTLENECK: break; /* never from a PEFT config (bottleneck.c) */
+        case DS_ADAPTER_BOTTLENECK: /* never from a PEFT config (bottleneck.c, delta.c) */
+        case DS_ADAPTER_DELTA: break;
         }
     }
     free(c.slots);

@@ -18,12 +18,13 @@ typedef struct plan_store {
     ds_lora_seg *lora, *embed;
     ds_vec_seg *vec;
     ds_bn_seg *bn;
+    ds_sparse_seg *sparse;
     ds_adapter_seg *out_segs; /* lm_head: the segments remapped to output rows */
-    int32_t cap_lora, cap_vec, cap_bn;
+    int32_t cap_lora, cap_vec, cap_bn, cap_sparse;
 } plan_store;
 
 /* Vector kinds of a projection (ds_proj_plan). */
-typedef enum { VEC_IA3_IN, VEC_LORA_BIAS, VEC_DORA, VEC_IA3_OUT } vec_kind;
+typedef enum { VEC_IA3_IN, VEC_LORA_BIAS, VEC_DELTA_BIAS, VEC_DORA, VEC_IA3_OUT } vec_kind;
 
 static const ds_lora_dev *lora_of(const ds_adapter_dev *d, int32_t layer, ds_proj proj) {
     if (layer < 0) return d->lm_head.rank ? &d->lm_head : NULL;
@@ -38,6 +39,7 @@ static const float *vec_of(const ds_adapter_dev *d, int32_t layer, ds_proj proj,
         if (layer < 0 || !d->ia3 || d->host->ia3_is_input[proj] != (k == VEC_IA3_IN)) return NULL;
         return d->ia3[(size_t)layer * DS_PROJ_COUNT + proj];
     }
+    if (k == VEC_DELTA_BIAS) return layer >= 0 && d->dbias ? d->dbias[(size_t)layer * DS_PROJ_COUNT + proj] : NULL;
     const ds_lora_dev *m = lora_of(d, layer, proj);
     if (!m) return NULL;
     if (k == VEC_DORA) return m->dora_scale;
@@ -70,6 +72,22 @@ static ds_seg_range plan_loras(plan_store *P, const ds_adapter_batch *ad, const 
     return r;
 }
 
+static ds_seg_range plan_sparse(plan_store *P, const ds_adapter_batch *ad, const ds_adapter_seg *segs, int32_t n,
+                                int32_t layer, ds_proj proj) {
+    ds_seg_range r = {P->pub.tables.n_sparse, 0};
+    for (int32_t i = 0; i < n && layer >= 0; i++) {
+        const ds_adapter_dev *d = ad->slots[segs[i].slot];
+        const ds_sparse_seg *m = d->delta ? &d->delta[(size_t)layer * DS_PROJ_COUNT + proj] : NULL;
+        if (!m || !m->rows) continue;
+        ds_sparse_seg *e = &P->sparse[r.first + r.n++];
+        *e = *m;
+        e->start = segs[i].start;
+        e->len = segs[i].len;
+    }
+    P->pub.tables.n_sparse += r.n;
+    return r;
+}
+
 /* Everything projection (layer, proj) runs; layer < 0 is lm_head, whose rows are n_rows outputs. */
 static ds_proj_plan plan_proj(plan_store *P, const ds_adapter_batch *ad, const ds_adapter_seg *segs, int32_t n,
                               int32_t layer, ds_proj proj, int32_t n_rows) {
@@ -77,6 +95,8 @@ static ds_proj_plan plan_proj(plan_store *P, const ds_adapter_batch *ad, const d
     pp.ia3_in = plan_vecs(P, ad, segs, n, layer, proj, VEC_IA3_IN);
     pp.lora = plan_loras(P, ad, segs, n, layer, proj);
     pp.lora_bias = plan_vecs(P, ad, segs, n, layer, proj, VEC_LORA_BIAS);
+    pp.sparse = plan_sparse(P, ad, segs, n, layer, proj);
+    pp.delta_bias = plan_vecs(P, ad, segs, n, layer, proj, VEC_DELTA_BIAS);
     pp.dora = plan_vecs(P, ad, segs, n, layer, proj, VEC_DORA);
     const float *bias = layer >= 0 ? ds_llama_proj_bias(P->L, layer, proj) : NULL;
     pp.bias = (ds_seg_range){P->pub.tables.n_vec, 0};
@@ -120,7 +140,7 @@ static int32_t remap_to_outputs(plan_store *P, const ds_adapter_batch *ad, const
 int ds_adapter_plan_build(ds_plan *p, const ds_adapter_batch *ad, const ds_batch *bt) {
     plan_store *P = (plan_store *)p;
     const int32_t n_layer = p->n_layer, n_segs = ad ? ad->n_segs : 0;
-    p->tables = (ds_seg_tables){.lora = P->lora, .vec = P->vec, .bn = P->bn};
+    p->tables = (ds_seg_tables){.lora = P->lora, .vec = P->vec, .bn = P->bn, .sparse = P->sparse};
     p->n_embed = p->n_soft = 0;
     p->active = ad && (n_segs > 0 || ad->n_soft > 0);
     if (!p->active) return DS_OK;
@@ -165,7 +185,8 @@ ds_plan *ds_adapter_plan_create(const ds_llama *L, int32_t max_segs, int32_t max
     P->max_segs = max_segs;
     P->max_tokens = max_tokens;
     P->cap_lora = (int32_t)(n_proj * S);
-    P->cap_vec = (int32_t)(n_proj * (4 * S + 1)); /* ds_proj_plan's four per-segment kinds + the bias */
+    P->cap_vec = (int32_t)(n_proj * (5 * S + 1)); /* ds_proj_plan's five per-segment vec kinds + the bias */
+    P->cap_sparse = (int32_t)(n_proj * S);
     P->cap_bn = (int32_t)((size_t)c->n_layer * DS_BN_SITES * S);
     P->proj = calloc(n_proj, sizeof *P->proj);
     P->bn_ranges = calloc((size_t)c->n_layer * DS_BN_SITES, sizeof *P->bn_ranges);
@@ -173,13 +194,14 @@ ds_plan *ds_adapter_plan_create(const ds_llama *L, int32_t max_segs, int32_t max
     P->embed = malloc(sizeof *P->embed * S);
     P->vec = malloc(sizeof *P->vec * (size_t)P->cap_vec);
     P->bn = malloc(sizeof *P->bn * (size_t)P->cap_bn);
+    P->sparse = malloc(sizeof *P->sparse * (size_t)P->cap_sparse);
     P->out_segs = malloc(sizeof *P->out_segs * S);
     P->pub.scratch = P->b->iface->alloc(P->b->ctx, sizeof(float) * width * (size_t)max_tokens);
     P->pub.n_layer = c->n_layer;
     P->pub.proj = P->proj;
     P->pub.bn = P->bn_ranges;
     P->pub.embed = P->embed;
-    if (!P->proj || !P->bn_ranges || !P->lora || !P->embed || !P->vec || !P->bn || !P->out_segs || !P->pub.scratch) {
+    if (!P->proj || !P->bn_ranges || !P->lora || !P->embed || !P->vec || !P->bn || !P->sparse || !P->out_segs || !P->pub.scratch) {
         ds_adapter_plan_free(&P->pub);
         ds_err_set(err, DS_ENOMEM, "out of memory for the adapter plan (%d segments, %d tokens)", max_segs, max_tokens);
         return NULL;
@@ -191,6 +213,6 @@ void ds_adapter_plan_free(ds_plan *p) {
     if (!p) return;
     plan_store *P = (plan_store *)p;
     if (p->scratch) P->b->iface->release(P->b->ctx, p->scratch);
-    free(P->proj), free(P->bn_ranges), free(P->lora), free(P->embed), free(P->vec), free(P->bn), free(P->out_segs);
+    free(P->proj), free(P->bn_ranges), free(P->lora), free(P->embed), free(P->vec), free(P->bn), free(P->sparse), free(P->out_segs);
     free(P);
 }

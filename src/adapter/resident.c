@@ -7,7 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-static float *dev_copy(ds_backend *b, ds_adapter_dev *d, const float *host, size_t n) {
+static void *dev_copy_bytes(ds_backend *b, ds_adapter_dev *d, const void *host, size_t bytes) {
     if (d->n_allocs == d->cap_allocs) {
         size_t cap = d->cap_allocs ? d->cap_allocs * 2 : 32;
         void **na = realloc(d->allocs, cap * sizeof *na);
@@ -15,12 +15,37 @@ static float *dev_copy(ds_backend *b, ds_adapter_dev *d, const float *host, size
         d->allocs = na;
         d->cap_allocs = cap;
     }
-    float *p = b->iface->alloc(b->ctx, n * sizeof(float));
+    void *p = b->iface->alloc(b->ctx, bytes ? bytes : 1);
     if (!p) return NULL;
     d->allocs[d->n_allocs++] = p;
-    d->dev_bytes += n * sizeof(float);
-    if (b->iface->upload(b->ctx, p, host, n * sizeof(float)) != DS_OK) return NULL;
+    d->dev_bytes += bytes;
+    if (bytes && b->iface->upload(b->ctx, p, host, bytes) != DS_OK) return NULL;
     return p;
+}
+
+static float *dev_copy(ds_backend *b, ds_adapter_dev *d, const float *host, size_t n) {
+    return dev_copy_bytes(b, d, host, n * sizeof(float));
+}
+
+/* Sparse and bias deltas: the CSR arrays as they are (their real size), bias vectors per projection. */
+static int upload_delta(ds_backend *b, const ds_adapter *a, ds_adapter_dev *d) {
+    const size_t n = (size_t)a->n_layer * DS_PROJ_COUNT;
+    if (a->delta && !(d->delta = calloc(n, sizeof *d->delta))) return DS_ENOMEM;
+    if (a->dbias && !(d->dbias = calloc(n, sizeof *d->dbias))) return DS_ENOMEM;
+    for (size_t i = 0; i < n; i++) {
+        const ds_delta_module *m = a->delta ? a->delta[i] : NULL;
+        if (m) {
+            ds_sparse_seg *g = &d->delta[i];
+            *g = (ds_sparse_seg){.rows = m->rows, .cols = m->cols, .nnz = m->nnz};
+            g->row_ptr = dev_copy_bytes(b, d, m->row_ptr, ((size_t)m->rows + 1) * sizeof(int32_t));
+            g->col = dev_copy_bytes(b, d, m->col, (size_t)m->nnz * sizeof(int32_t));
+            g->val = dev_copy(b, d, m->val, (size_t)m->nnz);
+            if (!g->row_ptr || !g->col || !g->val) return DS_EDEVICE;
+        }
+        if (a->dbias && a->dbias[i] && !(d->dbias[i] = dev_copy(b, d, a->dbias[i], (size_t)a->proj_out[i % DS_PROJ_COUNT])))
+            return DS_EDEVICE;
+    }
+    return DS_OK;
 }
 
 static int upload_lora(ds_backend *b, ds_adapter_dev *d, const ds_lora_module *m, ds_lora_dev *out) {
@@ -64,6 +89,7 @@ static int upload_all(ds_backend *b, const ds_adapter *a, ds_adapter_dev *d) {
             if (a->lora[i]) DS_TRY(upload_lora(b, d, a->lora[i], &d->lora[i]));
     }
     if (a->bn) DS_TRY(upload_bn(b, a, d));
+    if (a->delta || a->dbias) DS_TRY(upload_delta(b, a, d));
     if (a->lm_head) DS_TRY(upload_lora(b, d, a->lm_head, &d->lm_head));
     if (a->embed) DS_TRY(upload_lora(b, d, a->embed, &d->embed)); /* A is [in=n_vocab][rank]: same count */
     if (a->ia3) {
@@ -101,6 +127,8 @@ static const char *missing_op(const struct ds_backend_iface *f, const ds_adapter
     if (bias && !f->seg_add) return "seg_add (lora_bias)";
     if (a->prompt && !f->set_rows) return "set_rows (prompt tuning)";
     if (a->bn && !f->bottleneck) return "bottleneck (bottleneck adapters)";
+    if (a->delta && !f->sparse) return "sparse (sparse delta adapters)";
+    if (a->dbias && !f->seg_add) return "seg_add (bias deltas)";
     return NULL;
 }
 
@@ -127,5 +155,7 @@ void ds_adapter_dev_release(ds_backend *b, ds_adapter_dev *d) {
     free(d->ia3);
     free(d->prompt_rows);
     free(d->bn);
+    free(d->delta);
+    free(d->dbias);
     memset(d, 0, sizeof *d);
 }

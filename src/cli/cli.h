@@ -7,6 +7,7 @@
 int ds_cli_generate(int argc, char **argv);
 int ds_cli_tokenize(int argc, char **argv);
 int ds_cli_serve(int argc, char **argv);
+int ds_cli_delta(int argc, char **argv); /* delta extract (src/cli/delta.c) */
 
 /* The model used when none is given: $DS_MODEL, else models/SmolLM2-135M-Instruct.Q4_1.gguf under
  * the current directory or next to the executable's build directory. Returns a static string or

@@ -38,6 +38,14 @@ static int run_proj(const ds_plan *p, ds_backend *b, const ds_proj_plan *pp, con
         if (!f->seg_add) return DS_EUNSUPPORTED;
         DS_TRY(f->seg_add(ctx, y, w->rows, pp->lora_bias));
     }
+    if (pp->sparse.n) {
+        if (!f->sparse) return DS_EUNSUPPORTED;
+        DS_TRY(f->sparse(ctx, x, w->cols, y, w->rows, pp->sparse));
+    }
+    if (pp->delta_bias.n) {
+        if (!f->seg_add) return DS_EUNSUPPORTED;
+        DS_TRY(f->seg_add(ctx, y, w->rows, pp->delta_bias));
+    }
     if (pp->dora.n) {
         DS_TRY(f->seg_scale(ctx, y, w->rows, pp->dora));
         if (pp->bias.n) DS_TRY(f->seg_add(ctx, y, w->rows, pp->bias)); /* the base bias, after the scaling */

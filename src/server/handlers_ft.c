@@ -289,14 +289,17 @@ static bool parse_method(ds_http_req *req, const cJSON *o, ds_ft_job_spec *sp, c
             sp->method = "supervised";
         } else if (!strcmp(t, "dpo") || !strcmp(t, "reinforcement")) {
             ds_server_reply_errorf(req, EP_JOBS, 400, "method.type", "unsupported",
-                                   "method '%s' is not supported: supervised, lora, prompt_tuning or prefix_tuning", t);
+                                   "method '%s' is not supported: supervised, lora, prompt_tuning, prefix_tuning or bitfit",
+                                   t);
             return false;
         } else if (ds_train_kind_parse(t, &sp->kind, &err) != DS_OK) {
             ds_server_reply_errorf(req, EP_JOBS, 400, "method.type", NULL, "%s", err.msg);
             return false;
         } else {
-            sp->method = sp->kind == DS_ADAPTER_LORA ? "lora" : sp->kind == DS_ADAPTER_PROMPT ? "prompt_tuning"
-                                                                                              : "prefix_tuning";
+            sp->method = sp->kind == DS_ADAPTER_LORA     ? "lora"
+                         : sp->kind == DS_ADAPTER_PROMPT ? "prompt_tuning"
+                         : sp->kind == DS_ADAPTER_DELTA  ? "bitfit"
+                                                         : "prefix_tuning";
         }
         const cJSON *sub = cJSON_GetObjectItemCaseSensitive(method, t);
         const cJSON *mhp = cJSON_IsObject(sub) ? cJSON_GetObjectItemCaseSensitive(sub, "hyperparameters") : NULL;

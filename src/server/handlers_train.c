@@ -138,11 +138,12 @@ static bool adapter_method(ds_http_req *req, ds_adapter_registry *reg, const cha
     }
     sp->kind = e->adapter->kind;
     const bool ah_prefix = e->adapter->prefix_pos0; /* AdapterHub's prefix: its own positions, no trainer */
+    const bool bitfit = e->adapter->kind == DS_ADAPTER_DELTA && !e->adapter->delta; /* bias deltas only */
     char type[sizeof e->adapter->peft_type];
     snprintf(type, sizeof type, "%s", e->adapter->peft_type);
     ds_registry_release(reg, e);
     sp->method = sp->kind == DS_ADAPTER_LORA ? "lora" : sp->kind == DS_ADAPTER_PROMPT ? "prompt_tuning"
-               : sp->kind == DS_ADAPTER_PREFIX && !ah_prefix ? "prefix_tuning" : NULL;
+               : sp->kind == DS_ADAPTER_PREFIX && !ah_prefix ? "prefix_tuning" : bitfit ? "bitfit" : NULL;
     if (!sp->method) ds_server_reply_errorf(req, EP_TRAIN, 400, "id", NULL, "adapter `%s` (%s) is not trainable", id, type);
     return sp->method != NULL;
 }

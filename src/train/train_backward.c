@@ -1,5 +1,5 @@
 /* Training backward pass: from d loss / d final hidden (tr_head) back through every frozen layer.
- * Only adapter tensors receive gradients (LoRA A/B, prompt rows, prefix K/V); base weights are
+ * Only adapter tensors receive gradients (LoRA A/B, prompt rows, prefix K/V, BitFit bias deltas); base weights are
  * read-only inputs of the input-gradient GEMMs (dx = dy·W). Below the lowest layer that holds a
  * trainable tensor nothing is computed (prompt tuning needs dx all the way to the embeddings). */
 #include "train/train_internal.h"
@@ -12,6 +12,8 @@ static void linear_bwd(ds_trainer *t, int32_t l, int p, const float *x, const fl
                        bool acc) {
     const int32_t n = t->b.n_rows, in = t->ad->proj_in[p], out = t->ad->proj_out[p];
     if (dx) TR_MATMUL_T(t, dy, tr_wm(t, l, p), dx, n, acc);
+    float *ddb = t->ddbias && l >= 0 && p < DS_PROJ_COUNT ? t->ddbias[(size_t)l * DS_PROJ_COUNT + p] : NULL;
+    if (ddb) TR_OP(t, mm_tn, dy, t->ones, ddb, n, out, 1, 1.0f, 1.0f); /* d b += Σ_t dy[t] */
     const ds_lora_module *m = tr_lora(t, l, p);
     if (!m) return;
     const size_t i = (size_t)l * DS_PROJ_COUNT + (size_t)p;

@@ -88,6 +88,8 @@ struct ds_trainer {
     int32_t n_params;
     float **dA, **dB;         /* [TR_N_SLOTS] gradient arrays of each LoRA module (see TR_SLOT_*) */
     float *dprompt, *dprefix; /* prompt / prefix gradients */
+    float **ddbias;           /* [L * DS_PROJ_COUNT] bias-delta gradients (BitFit) or NULL */
+    float *ones;              /* [max_rows] of 1: Σ_t dy[t] as a GEMM (BitFit), or NULL */
     int32_t r_max, n_virtual, n_prefix;
     /* activations: ck[l] = input of layer l (l = L: final hidden), [L+1][T][d] */
     float **ck;

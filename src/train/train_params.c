@@ -37,7 +37,7 @@ int ds_train_kind_parse(const char *method, ds_adapter_kind *out, ds_err *err) {
         const char *name;
         int kind; /* -1: known, not trainable */
     } table[] = {{"lora", DS_ADAPTER_LORA},     {"rslora", DS_ADAPTER_LORA}, {"prompt_tuning", DS_ADAPTER_PROMPT},
-                 {"prefix_tuning", DS_ADAPTER_PREFIX}, {"dora", -1}, {"ia3", -1}, {"adalora", -1},
+                 {"prefix_tuning", DS_ADAPTER_PREFIX}, {"bitfit", DS_ADAPTER_DELTA}, {"diff_pruning", -1}, {"dora", -1}, {"ia3", -1}, {"adalora", -1},
                  {"p_tuning", -1},          {"loha", -1},                {"lokr", -1}, {"oft", -1}, {"boft", -1},
                  {"vera", -1},              {"fourierft", -1}};
     char buf[32];
@@ -52,10 +52,10 @@ int ds_train_kind_parse(const char *method, ds_adapter_kind *out, ds_err *err) {
         }
         return ds_err_set(err, DS_EUNSUPPORTED,
                           "training method '%s' is not supported: deltaserve trains lora (incl. rsLoRA), "
-                          "prompt_tuning and prefix_tuning",
+                          "prompt_tuning, prefix_tuning and bitfit",
                           method);
     }
-    return ds_err_set(err, DS_EINVAL, "unknown training method '%s' (expected lora, prompt_tuning or prefix_tuning)",
+    return ds_err_set(err, DS_EINVAL, "unknown training method '%s' (expected lora, prompt_tuning, prefix_tuning or bitfit)",
                       method);
 }
 
@@ -154,16 +154,38 @@ static int spec_prompt(ds_adapter *a, const ds_model *m, const ds_train_adapter_
     return 0;
 }
 
+/* BitFit (Ben Zaken et al. 2022): a bias delta on every target projection of every layer, zero at
+ * the start (the model starts as the base); on a base without biases the delta is the bias. Kept as
+ * a delta adapter (src/adapter/delta.c), so it is served and saved like any other. */
+static int spec_bitfit(ds_adapter *a, const ds_model *m, const ds_train_adapter_spec *s, ds_err *err) {
+    if (!s->targets || (s->targets & ~DS_TRAIN_TARGET_ALL_LINEAR))
+        return ds_err_set(err, DS_EINVAL, "BitFit targets: choose among q,k,v,o,gate,up,down_proj");
+    const size_t n = (size_t)m->cfg.n_layer * DS_PROJ_COUNT;
+    if (!(a->dbias = calloc(n, sizeof *a->dbias))) return ds_err_set(err, DS_ENOMEM, "out of memory");
+    for (size_t i = 0; i < n; i++) {
+        const int p = (int)(i % DS_PROJ_COUNT);
+        if (!(s->targets & DS_TRAIN_TARGET(p))) continue;
+        if (!(a->dbias[i] = calloc((size_t)a->proj_out[p], sizeof(float))))
+            return ds_err_set(err, DS_ENOMEM, "out of memory");
+        a->host_bytes += (size_t)a->proj_out[p] * sizeof(float);
+    }
+    return 0;
+}
+
 int tr_spec_adapter(const ds_model *m, const ds_train_adapter_spec *s, ds_adapter **out, ds_err *err) {
-    static const char *const types[] = {"LORA", "IA3", "PROMPT_TUNING", "PREFIX_TUNING"};
-    if (s->kind != DS_ADAPTER_LORA && s->kind != DS_ADAPTER_PROMPT && s->kind != DS_ADAPTER_PREFIX)
+    static const char *const types[] = {"LORA", "IA3", "PROMPT_TUNING", "PREFIX_TUNING", "BOTTLENECK", "DELTA"};
+    if (s->kind != DS_ADAPTER_LORA && s->kind != DS_ADAPTER_PROMPT && s->kind != DS_ADAPTER_PREFIX &&
+        s->kind != DS_ADAPTER_DELTA)
         return ds_err_set(err, DS_EUNSUPPORTED,
-                          "adapter type %s cannot be trained: deltaserve trains LoRA, prompt tuning and prefix tuning",
-                          s->kind == DS_ADAPTER_IA3 ? "IA3" : "(unknown)");
+                          "adapter type %s cannot be trained: deltaserve trains LoRA, prompt tuning and prefix tuning "
+                          "(and BitFit bias deltas)",
+                          (unsigned)s->kind < sizeof types / sizeof *types ? types[s->kind] : "(unknown)");
     ds_adapter *a = new_adapter(m, s->name, types[s->kind], s->kind);
     if (!a) return ds_err_set(err, DS_ENOMEM, "out of memory");
     uint64_t rng = s->seed ^ 0x64656c7461ull;
-    int rc = s->kind == DS_ADAPTER_LORA ? spec_lora(a, m, s, &rng, err) : spec_prompt(a, m, s, &rng, err);
+    int rc = s->kind == DS_ADAPTER_LORA    ? spec_lora(a, m, s, &rng, err)
+             : s->kind == DS_ADAPTER_DELTA ? spec_bitfit(a, m, s, err)
+                                           : spec_prompt(a, m, s, &rng, err);
     if (rc) {
         ds_adapter_free(a);
         return rc;
@@ -230,6 +252,13 @@ int tr_check_trainable(const ds_adapter *a, const ds_model *m, ds_err *err) {
         if (!a->prefix || a->n_virtual < 1 || a->prefix_row != c->n_kv_head * c->head_dim)
             return ds_err_set(err, DS_EINVAL, "%s: prefix does not match the base model", a->name);
         return 0;
+    case DS_ADAPTER_DELTA: /* BitFit: bias deltas; sparse weight deltas (diff pruning) have no trainer yet */
+        if (a->delta)
+            return ds_err_set(err, DS_EUNSUPPORTED,
+                              "%s: delta adapters with sparse weight deltas cannot be trained yet (bias-only ones can: "
+                              "BitFit)",
+                              a->name);
+        return a->dbias ? 0 : ds_err_set(err, DS_EINVAL, "%s: no bias deltas", a->name);
     default:
         return ds_err_set(err, DS_EUNSUPPORTED,
                           "%s: %s adapters cannot be trained (deltaserve trains LoRA, prompt tuning, prefix tuning)",
@@ -266,6 +295,12 @@ static int clone_tensors(ds_adapter *d, const ds_adapter *a) {
     const size_t prow = (size_t)a->n_layer * 2 * (size_t)a->prefix_row;
     if (a->prompt && !(d->prompt = clone_floats(a->prompt, (size_t)a->n_virtual * a->d_model))) return -1;
     if (a->prefix && !(d->prefix = clone_floats(a->prefix, (size_t)a->n_virtual * prow))) return -1;
+    if (a->dbias) {
+        if (!(d->dbias = calloc(n, sizeof *d->dbias))) return -1;
+        for (size_t i = 0; i < n; i++)
+            if (a->dbias[i] && !(d->dbias[i] = clone_floats(a->dbias[i], (size_t)a->proj_out[i % DS_PROJ_COUNT])))
+                return -1;
+    }
     return 0;
 }
 
@@ -322,6 +357,27 @@ static int add_lora(ds_trainer *t, int32_t l, int p, ds_lora_module *mod) {
     return 0;
 }
 
+/* BitFit: one parameter per bias delta (named as the delta format stores it) and the ones vector
+ * that turns Σ_t dy[t] into a GEMM. */
+static int add_bitfit(ds_trainer *t) {
+    const size_t n = (size_t)t->dim.L * DS_PROJ_COUNT;
+    if (!(t->ddbias = calloc(n, sizeof *t->ddbias))) return DS_ENOMEM;
+    for (size_t i = 0; i < n; i++) {
+        if (!t->ad->dbias[i]) continue;
+        char path[96], key[128];
+        tr_module_path((int32_t)(i / DS_PROJ_COUNT), (int)(i % DS_PROJ_COUNT), path, sizeof path);
+        snprintf(key, sizeof key, "%s.bias_delta", path);
+        if (!(t->ddbias[i] = add_param(t, key, t->ad->dbias[i], 1, t->ad->proj_out[i % DS_PROJ_COUNT], 0)))
+            return DS_ENOMEM;
+    }
+    float *h = malloc((size_t)t->max_rows * sizeof *h);
+    if (!h || !(t->ones = tr_alloc(t, (size_t)t->max_rows))) return free(h), DS_ENOMEM;
+    for (int32_t i = 0; i < t->max_rows; i++) h[i] = 1.0f;
+    const int rc = t->be->iface->upload(t->be->ctx, t->ones, h, (size_t)t->max_rows * sizeof *h);
+    free(h);
+    return rc;
+}
+
 int tr_params_build(ds_trainer *t, ds_err *err) {
     const size_t slots = TR_N_SLOTS(t);
     t->params = calloc(2 * slots + 1, sizeof *t->params);
@@ -340,6 +396,7 @@ int tr_params_build(ds_trainer *t, ds_err *err) {
     if (!rc && a->prefix &&
         !(t->dprefix = add_param(t, "prompt_embeddings", a->prefix, 2, a->n_virtual, (int64_t)t->dim.L * 2 * t->dim.kvd)))
         rc = DS_ENOMEM;
+    if (!rc && a->dbias) rc = add_bitfit(t);
     return rc ? ds_err_set(err, rc, "out of memory for gradients") : 0;
 }
 
@@ -347,6 +404,7 @@ void tr_params_free(ds_trainer *t) {
     free(t->params);
     free(t->dA);
     free(t->dB);
+    free(t->ddbias);
 }
 
 void tr_params_zero_grad(ds_trainer *t) {

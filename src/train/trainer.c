@@ -10,7 +10,8 @@
 
 ds_train_adapter_spec ds_train_default_spec(ds_adapter_kind kind) {
     return (ds_train_adapter_spec){.kind = kind, .name = NULL, .r = 8, .lora_alpha = 16.0f, .use_rslora = false,
-                                   .targets = DS_TRAIN_TARGET(DS_PROJ_Q) | DS_TRAIN_TARGET(DS_PROJ_V),
+                                   .targets = kind == DS_ADAPTER_DELTA ? DS_TRAIN_TARGET_ALL_LINEAR /* BitFit */
+                                                                       : DS_TRAIN_TARGET(DS_PROJ_Q) | DS_TRAIN_TARGET(DS_PROJ_V),
                                    .n_virtual = 20, .init_std = 0.0f, .seed = 0};
 }
 

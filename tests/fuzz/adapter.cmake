@@ -9,3 +9,7 @@ target_link_libraries(fuzz_adapter_config PRIVATE PkgConfig::PCRE2)
 ds_fuzz_target(fuzz_bottleneck_config ${CMAKE_SOURCE_DIR}/src/adapter/bottleneck.c
   ${CMAKE_SOURCE_DIR}/src/adapter/ah_prefix.c ${CMAKE_SOURCE_DIR}/src/backend/act.c
   ${CMAKE_SOURCE_DIR}/src/format/safetensors.c ${DS_FUZZ_UTIL})
+
+# deltaserve delta adapters: config + safetensors image against a tiny Llama shape (ds_delta_check_mem).
+ds_fuzz_target(fuzz_delta ${CMAKE_SOURCE_DIR}/src/adapter/delta.c ${CMAKE_SOURCE_DIR}/src/format/safetensors.c
+  ${DS_FUZZ_UTIL})

@@ -11,7 +11,7 @@
  * tolerances (chosen per backend, see tolerances_for):
  *   data movement (copy, get_rows, kv_store, set_rows, memory)        0 (bit-exact)
  *   fp32 arithmetic (rmsnorm, rope, silu_mul, gelu_tanh_mul, scale, add, attention, lora,
- *                    seg_scale, seg_add)                               CPU 1e-10, CUDA 1e-9
+ *                    seg_scale, seg_add, sparse)                       CPU 1e-10, CUDA 1e-9
  *   matmul (CUDA: bf16 weights and bf16 inputs, fp32 accumulate)       CPU 1e-10, CUDA 1e-4
  *   embed (CUDA: bf16 table)                                           CPU 0,     CUDA 1e-4
  * Typed weights (test_typed): every ds_dtype with random blocks, against the dequantised values
@@ -589,6 +589,72 @@ static void test_lora(tcase *t) {
     lora_case(t, 200, 330, ranks[1]);
 }
 
+/* ---- sparse deltas ---- */
+
+/* Three segments, each its own random CSR δ [out][in] at `density` (empty rows included: row 0 is
+ * always empty), against y += x·δᵀ in double precision; a decoy entry outside the range. */
+static void sparse_case(tcase *t, int32_t in, int32_t out, double density) {
+    const size_t ny = (size_t)SEG_TOKENS * out;
+    float *x = rnd_vec((size_t)SEG_TOKENS * in, 1.0f), *y = rnd_vec(ny, 1.0f), *got = malloc(sizeof(float) * ny);
+    double *ref = dvec(ny);
+    ds_sparse_seg segs[4];
+    for (size_t i = 0; i < ny; i++) ref[i] = y[i];
+    int64_t total_nnz = 0;
+    for (int s = 0; s < 3; s++) {
+        int32_t *ptr = malloc(sizeof(int32_t) * ((size_t)out + 1)), *col = malloc(sizeof(int32_t) * (size_t)out * in);
+        float *val = malloc(sizeof(float) * (size_t)out * in);
+        int32_t nnz = 0;
+        ptr[0] = 0;
+        for (int32_t r = 0; r < out; r++) {
+            for (int32_t j = 0; j < in && r > 0; j++)
+                if (rand() < density * RAND_MAX) col[nnz] = j, val[nnz++] = (float)rand() / RAND_MAX - 0.5f;
+            ptr[r + 1] = nnz;
+        }
+        total_nnz += nnz;
+        for (int32_t tk = seg_start[s]; tk < seg_start[s] + seg_len[s]; tk++)
+            for (int32_t r = 0; r < out; r++) {
+                double acc = 0.0;
+                for (int32_t k = ptr[r]; k < ptr[r + 1]; k++) acc += (double)val[k] * x[(size_t)tk * in + col[k]];
+                ref[(size_t)tk * out + r] += acc;
+            }
+        segs[s + 1] = (ds_sparse_seg){.start = seg_start[s], .len = seg_len[s], .rows = out, .cols = in, .nnz = nnz,
+                                      .row_ptr = t_up(t, ptr, sizeof(int32_t) * ((size_t)out + 1)),
+                                      .col = t_up(t, col, sizeof(int32_t) * (size_t)(nnz ? nnz : 1)),
+                                      .val = t_up(t, val, sizeof(float) * (size_t)(nnz ? nnz : 1))};
+        free(ptr), free(col), free(val);
+    }
+    segs[0] = segs[1];
+    segs[0].start = 1, segs[0].len = 2; /* tokens 1-2 belong to no segment the op is given */
+    float *dx = t_up(t, x, sizeof(float) * (size_t)SEG_TOKENS * in), *dy = t_up(t, y, sizeof(float) * ny);
+    const ds_seg_tables tab = {.sparse = segs, .n_sparse = 4};
+    t_ok(t, "plan_upload", t->b->iface->plan_upload(t->b->ctx, &tab));
+    CHECK_MSG(t->b->iface->sparse(t->b->ctx, dx, in, dy, out, (ds_seg_range){2, 3}) == DS_EINVAL,
+              "%s sparse: a range past the plan ran", t->name);
+    CHECK_MSG(t->b->iface->sparse(t->b->ctx, dx, in + 1, dy, out, (ds_seg_range){1, 3}) == DS_EINVAL,
+              "%s sparse: a shape mismatch ran", t->name);
+    t_ok(t, "sparse", t->b->iface->sparse(t->b->ctx, dx, in, dy, out, (ds_seg_range){1, 3}));
+    t_down(t, got, dy, sizeof(float) * ny);
+    char what[80];
+    snprintf(what, sizeof what, "in=%d out=%d density %.3g nnz %lld", in, out, density, (long long)total_nnz);
+    expect(t, "sparse", what, got, ref, ny, t->tol_f32);
+    bool untouched = true;
+    for (size_t i = (size_t)1 * out; i < (size_t)3 * out; i++) untouched &= got[i] == y[i];
+    CHECK_MSG(untouched, "%s sparse: rows outside every segment were modified", t->name);
+    t_release_all(t);
+    free(x), free(y), free(got), free(ref);
+}
+
+static void test_sparse(tcase *t) {
+    if (!t->b->iface->sparse) {
+        printf("%-5s sparse     skipped: backend has no sparse op\n", t->name);
+        return;
+    }
+    srand(13);
+    sparse_case(t, 67, 75, 0.01);
+    sparse_case(t, 200, 330, 0.05);
+    sparse_case(t, 129, 31, 0.5); /* dense enough for the CPU's threaded path */
+}
+
 /* ---- attention ---- */
 
 typedef struct attn_cfg {
@@ -711,6 +777,7 @@ static void run_backend(ds_backend *b) {
     test_kv_store(&t);
     test_seg_vec(&t);
     test_lora(&t);
+    test_sparse(&t);
     test_attention(&t);
     CHECK_EQ_INT(b->iface->synchronize(b->ctx), DS_OK);
 }

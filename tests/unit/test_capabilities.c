@@ -3,7 +3,8 @@
  * never inside a forward pass, where it would fail every request batched with it. A CPU backend
  * whose table lacks lora_expand stands in for a backend without embedding LoRA (CUDA today):
  * the embedding-LoRA adapter is refused, a q/v LoRA adapter is resident and its sequence runs in
- * a batch beside a base-model sequence. */
+ * a batch beside a base-model sequence. A sparse delta adapter is refused by a backend without the
+ * sparse op. */
 #include "adapter_run.h"
 #include "ds_test.h"
 
@@ -73,6 +74,22 @@ int main(void) {
         }
         ds_adapter_dev_release(&b, &dev_qv);
     }
+    /* A sparse delta adapter on a backend without the sparse op (tests/data/delta, gen_delta.py). */
+    ds_adapter *delta = ds_adapter_load(DS_TEST_DATA "/delta/tiny-llama/keep1", m, NULL, &err);
+    CHECK_MSG(delta != NULL, "%s", err.msg);
+    if (delta) {
+        struct ds_backend_iface no_sparse = *cpu->iface;
+        no_sparse.sparse = NULL;
+        no_sparse.name = "cpu-without-sparse";
+        ds_backend bs = {.iface = &no_sparse, .ctx = cpu->ctx};
+        ds_adapter_dev dev;
+        CHECK_EQ_INT(ds_adapter_dev_upload(&bs, delta, &dev, &err), DS_EUNSUPPORTED);
+        CHECK_MSG(strstr(err.msg, "sparse") && strstr(err.msg, "cpu-without-sparse"), "message: %s", err.msg);
+        printf("refused: %s\n", err.msg);
+        CHECK_EQ_INT(ds_adapter_dev_upload(cpu, delta, &dev, &err), 0);
+        ds_adapter_dev_release(cpu, &dev);
+    }
+    ds_adapter_free(delta);
     ds_adapter_free(embed);
     ds_adapter_free(qv);
     ds_backend_free(cpu);

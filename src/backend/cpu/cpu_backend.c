@@ -389,6 +389,58 @@ static int cpu_bottleneck(void *ctx, const float *x, float *o, int32_t d, ds_seg
     return r.n ? ds_cpu_bottleneck(ctx, x, o, d, c->plan.bn + r.first, r.n) : DS_OK;
 }
 
+/* Segmented sparse deltas (CSR). Work is split into chunks of SPARSE_ROWS rows of one segment on
+ * the backend's pool (a decode step with 16 distinct deltas is 16 one-token segments per
+ * projection, too small for an OpenMP region each; see pool.h); within a chunk, rows outer, so a
+ * row's entries are read once for the segment's tokens. Segments never overlap, so chunks write
+ * disjoint outputs. */
+#define SPARSE_ROWS 64
+
+typedef struct sparse_job {
+    const ds_sparse_seg *segs;
+    const float *x;
+    float *y;
+    int32_t in, out, row_blocks;
+} sparse_job;
+
+static void sparse_chunk(void *arg, int64_t i) {
+    const sparse_job *j = arg;
+    const ds_sparse_seg *g = &j->segs[i / j->row_blocks];
+    const int32_t r0 = (int32_t)(i % j->row_blocks) * SPARSE_ROWS;
+    const int32_t r1 = r0 + SPARSE_ROWS < j->out ? r0 + SPARSE_ROWS : j->out;
+    const float *xs = j->x + (size_t)g->start * j->in;
+    float *ys = j->y + (size_t)g->start * j->out;
+    for (int32_t row = r0; row < r1; row++) {
+        const int32_t b = g->row_ptr[row], e = g->row_ptr[row + 1];
+        for (int32_t t = 0; t < g->len && b < e; t++) {
+            const float *xr = xs + (size_t)t * j->in;
+            float acc = 0.0f;
+            for (int32_t k = b; k < e; k++) acc += g->val[k] * xr[g->col[k]];
+            ys[(size_t)t * j->out + row] += acc;
+        }
+    }
+}
+
+static int cpu_sparse(void *ctx, const float *x, int32_t in, float *y, int32_t out, ds_seg_range r) {
+    const cpu_ctx *c = ctx;
+    if (!in_plan(c->plan.n_sparse, r)) return DS_EINVAL;
+    int64_t work = 0;
+    for (int32_t i = 0; i < r.n; i++) {
+        const ds_sparse_seg *g = &c->plan.sparse[r.first + i];
+        if (g->rows != out || g->cols != in || g->start < 0 || g->len < 0) return DS_EINVAL;
+        work += g->nnz * (int64_t)g->len;
+    }
+    sparse_job j = {.segs = c->plan.sparse + r.first, .x = x, .y = y, .in = in, .out = out,
+                    .row_blocks = (out + SPARSE_ROWS - 1) / SPARSE_ROWS};
+    const int64_t n = (int64_t)r.n * j.row_blocks;
+    if (work > 8192) {
+        ds_pool_run(c->pool, n, sparse_chunk, &j);
+    } else {
+        for (int64_t i = 0; i < n; i++) sparse_chunk(&j, i);
+    }
+    return DS_OK;
+}
+
 static int cpu_set_rows(void *ctx, float *dst, int32_t width, const int32_t *rows, const float *const *src, int32_t n) {
     for (int32_t i = 0; i < n; i++) memcpy(dst + (size_t)rows[i] * width, src[i], sizeof(float) * (size_t)width);
     return DS_OK;
@@ -432,6 +484,7 @@ static const struct ds_backend_iface cpu_iface = {
     .lora_expand = cpu_lora_expand,
     .train = &ds_cpu_train_iface,
     .bottleneck = cpu_bottleneck,
+    .sparse = cpu_sparse,
 };
 
 ds_backend *ds_backend_cpu_create(const ds_backend_params *params, ds_err *err) {
