@@ -66,6 +66,8 @@ typedef struct ds_server_params {
     const char *data_dir;          /* uploaded files and fine-tuning jobs persist here (files/,
                                       jobs/; see src/server/file_store.h, include/ds/train.h);
                                       NULL → memory only. Copied. */
+    const struct ds_ft_limits *ft_limits; /* what one fine-tuning job may cost (include/ds/train.h);
+                                      read during ds_server_create; NULL → ds_ft_default_limits() */
 } ds_server_params;
 
 ds_server_params ds_server_default_params(void);

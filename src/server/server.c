@@ -433,6 +433,7 @@ ds_server *ds_server_create(ds_engine *engine, const ds_server_params *params, d
             return NULL;
         }
         ds_ft_manager_attach_engine(s->ft, s->engine, ds_server_train_budget(s));
+        if (s->params.ft_limits) ds_ft_manager_set_limits(s->ft, s->params.ft_limits);
     }
     if (ds_http_server_listen(&s->http, s->host, s->params.port, err) != 0) {
         ds_server_free(s);
