@@ -34,6 +34,8 @@ static const char *SERVE_HELP =
     "      --max-adapters N      adapters resident in the engine at once (default 64)\n"
     "      --adapter-budget-mb N backend memory for resident adapters, LRU-evicted (default 512);\n"
     "                            a request for an adapter larger than all of it is refused (400)\n"
+    "      --adapter-load-timeout S  seconds a runtime adapter load may take; a slower one (a stuck\n"
+    "                            file system) is answered 504 and publishes nothing (default 60)\n"
     "      --data-dir DIR        uploaded files and fine-tuning jobs are kept here across restarts:\n"
     "                            files are listed again, a running job resumes from its last\n"
     "                            checkpoint (SIGTERM saves one) (default: DIR/.deltaserve under\n"
@@ -88,7 +90,7 @@ typedef struct serve_opts {
     long port, max_batch_tokens, max_seqs, kv_mb, max_model_len, max_queue, max_adapters, adapter_mb, threads;
     long max_body_mb, max_connections, ft_max_epochs, ft_disk_mb, ft_keep;
     bool int8_act, content_special;
-    double shutdown_timeout, header_timeout;
+    double shutdown_timeout, header_timeout, load_timeout;
 } serve_opts;
 
 static void opts_default(serve_opts *o) {
@@ -105,6 +107,7 @@ static void opts_default(serve_opts *o) {
     o->max_connections = 1024;
     o->shutdown_timeout = 30;
     o->header_timeout = 10;
+    o->load_timeout = 60;
     const ds_ft_limits fl = ds_ft_default_limits();
     o->ft_max_epochs = fl.max_epochs;
     o->ft_disk_mb = (long)(fl.disk_quota_bytes >> 20);
@@ -158,6 +161,7 @@ static int parse_opt(serve_opts *o, int argc, char **argv, int *i) {
     if (!r) r = int_flag(a, "--ft-max-epochs", v, 1, 1000, &o->ft_max_epochs);
     if (!r) r = int_flag(a, "--ft-disk-quota-mb", v, 1, 1L << 30, &o->ft_disk_mb);
     if (!r) r = int_flag(a, "--ft-keep-checkpoints", v, 1, 1000, &o->ft_keep);
+    if (!r && !strcmp(a, "--adapter-load-timeout")) r = ds_cli_float(a, v, 0.1, 86400, &o->load_timeout) ? 1 : -1;
     if (!r && !strcmp(a, "--header-timeout")) r = ds_cli_float(a, v, 0.1, 3600, &o->header_timeout) ? 1 : -1;
     if (!r && !strcmp(a, "--train-budget")) r = ds_cli_float(a, v, 0.01, 1, &o->train_budget) ? 1 : -1;
     if (!r && !strcmp(a, "--shutdown-timeout")) r = ds_cli_float(a, v, 0, 86400, &o->shutdown_timeout) ? 1 : -1;
@@ -255,6 +259,10 @@ static ds_server_params server_params_of(const serve_opts *o, const char *name, 
     sp.max_lora = (int32_t)o->max_adapters;
     sp.train_budget = (float)o->train_budget;
     sp.content_special_tokens = o->content_special;
+    sp.adapter_load_timeout_s = o->load_timeout;
+    /* test hook (tests/server/test_load_timeout.py): simulates a slow file system */
+    const char *delay = getenv("DS_TEST_SLOW_LOAD_S");
+    if (delay && *delay) sp.test_load_delay_s = atof(delay);
     return sp;
 }
 

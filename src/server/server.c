@@ -465,6 +465,10 @@ void ds_server_free(ds_server *s) {
         begin_stop(s); /* no-op after a normal run; closes everything when never run */
         uv_run(&s->loop, UV_RUN_DEFAULT);
         if (uv_loop_close(&s->loop) != 0) DS_LOGW("server: event loop still busy at free");
+        if (!ds_handlers_adapters_drain(s->params.shutdown_timeout_s > 1 ? s->params.shutdown_timeout_s : 1)) {
+            ds_ft_manager_free(s->ft);
+            return; /* a load thread blocked in the file system still holds s: leak it */
+        }
     } else {
         /* Requests were still pending: the engine may still post to s->http. Leak rather than
          * free memory another thread may touch. */
