@@ -7,6 +7,9 @@
 #include "ds/train.h"
 
 #include <libgen.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 #include <limits.h>
 #include <pthread.h>
 #include <signal.h>
@@ -346,7 +349,19 @@ static int serve(const ds_model *m, ds_adapter_registry *reg, const serve_opts *
     return rc == 0 ? 0 : 1;
 }
 
+/* glibc raises its mmap threshold to the size of each large block freed (up to 32 MiB), after
+ * which such blocks come from the heap and stay with the process: every fine-tuning job (its
+ * activation buffers are tens of MiB) then left RSS higher (+550 MiB after four small jobs,
+ * bench/results/soak-20261202T1915Z). A fixed threshold keeps big blocks mmapped, so freeing them
+ * returns the memory; the steady-state serving path does not allocate (docs/ARCHITECTURE.md). */
+static void fix_mmap_threshold(void) {
+#ifdef __GLIBC__
+    mallopt(M_MMAP_THRESHOLD, 256 << 10);
+#endif
+}
+
 int ds_cli_serve(int argc, char **argv) {
+    fix_mmap_threshold();
     serve_opts o;
     opts_default(&o);
     for (int i = 1; i < argc; i++) {
