@@ -46,8 +46,15 @@ static uint64_t job_disk_bytes(size_t adapter, int32_t keep) {
 
 static double mib(uint64_t b) { return (double)b / (1 << 20); }
 
-int ft_limits_check(const ds_ft_limits *L, const ds_model *m, const ds_ft_job_spec *sp, size_t continue_bytes,
+int ft_limits_check(const ds_ft_limits *L, const ds_model *m, ds_adapter_registry *reg, const ds_ft_job_spec *sp,
                     ds_err *err) {
+    size_t continue_bytes = 0;
+    if (sp->from_adapter) { /* the job's adapter is as large as the one it continues */
+        ds_adapter_entry *e = sp->model && reg ? ds_registry_acquire(reg, sp->model) : NULL;
+        if (!e) return ds_err_set(err, DS_EINVAL, "the adapter to continue is not loaded");
+        continue_bytes = e->adapter->host_bytes;
+        ds_registry_release(reg, e);
+    }
     const int32_t epochs = sp->n_epochs > 0 ? sp->n_epochs : 3;
     if (L->max_epochs > 0 && epochs > L->max_epochs)
         return ds_err_set(err, DS_EINVAL, "n_epochs %d is more than this server allows (--ft-max-epochs %d)",

@@ -603,19 +603,11 @@ void ds_ft_manager_set_limits(ds_ft_manager *m, const ds_ft_limits *l) {
     pthread_mutex_unlock(&m->mu);
 }
 
-/* The job's size against the limits, before anything is stored. */
 static int submit_limits(ds_ft_manager *m, const ds_ft_job_spec *sp, ds_err *err) {
-    size_t cont = 0;
-    if (sp->from_adapter) {
-        ds_adapter_entry *e = sp->model ? ds_registry_acquire(m->reg, sp->model) : NULL;
-        if (!e) return ds_err_set(err, DS_EINVAL, "the adapter to continue is not loaded");
-        cont = e->adapter->host_bytes;
-        ds_registry_release(m->reg, e);
-    }
     pthread_mutex_lock(&m->mu);
     const ds_ft_limits L = m->limits;
     pthread_mutex_unlock(&m->mu);
-    return ft_limits_check(&L, m->base, sp, cont, err);
+    return ft_limits_check(&L, m->base, m->reg, sp, err);
 }
 
 void ds_ft_manager_stop(ds_ft_manager *m) {

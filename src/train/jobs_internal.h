@@ -77,8 +77,8 @@ int ft_state_parse(const unsigned char *buf, size_t len, ft_state_view *out, ds_
 
 /* ---- ft_limits.c ---- */
 /* Checks a job against L before it is queued: 0, or DS_EINVAL saying which limit and its flag.
- * continue_bytes: the adapter's size when the job continues one (sp->from_adapter). */
-int ft_limits_check(const ds_ft_limits *L, const ds_model *m, const ds_ft_job_spec *sp, size_t continue_bytes,
+ * A job that continues an adapter (sp->from_adapter) is sized as that adapter in reg. */
+int ft_limits_check(const ds_ft_limits *L, const ds_model *m, ds_adapter_registry *reg, const ds_ft_job_spec *sp,
                     ds_err *err);
 
 #endif
