@@ -275,6 +275,12 @@ const char *ds_registry_root(const ds_adapter_registry *r);
  * and publishes it as `name`. replace=false and `name` exists → DS_EBUSY. Blocking (file I/O):
  * call from a worker thread, not the event loop. Returns 0 or a negative status with a message. */
 int ds_registry_load(ds_adapter_registry *r, const char *name, const char *path, bool replace, ds_err *err);
+/* ds_registry_load for a caller that may give up (a timeout): claim (an int, 0 at the start) is
+ * set 0 -> 1 atomically, under the registry's lock, just before the adapter is published; a caller
+ * that gives up sets it 0 -> 2 the same way, and when it finds 2 the load publishes nothing and
+ * returns DS_ECANCELED. Whoever wins the exchange decides the outcome. */
+int ds_registry_load_claim(ds_adapter_registry *r, const char *name, const char *path, bool replace, int *claim,
+                           ds_err *err);
 /* Retires `name` (DS_ENOTFOUND if unknown). */
 int ds_registry_unload(ds_adapter_registry *r, const char *name, ds_err *err);
 /* Loads every adapter found directly under the root (PEFT directories and GGUF LoRA files), named

@@ -66,6 +66,12 @@ typedef struct ds_server_params {
     const char *data_dir;          /* uploaded files and fine-tuning jobs persist here (files/,
                                       jobs/; see src/server/file_store.h, include/ds/train.h);
                                       NULL → memory only. Copied. */
+    double adapter_load_timeout_s; /* a runtime adapter load that takes longer is answered 504 and
+                                      publishes nothing (default 0 → 60 s) */
+    double test_load_delay_s;      /* tests only: loads of paths whose last component starts with
+                                      "slow" first wait this long (a slow file system); default 0 */
+    const struct ds_ft_limits *ft_limits; /* what one fine-tuning job may cost (include/ds/train.h);
+                                      read during ds_server_create; NULL → ds_ft_default_limits() */
 } ds_server_params;
 
 ds_server_params ds_server_default_params(void);

@@ -259,6 +259,25 @@ typedef struct ds_ft_checkpoint {
     char path[256];                  /* relative to the adapter directory */
 } ds_ft_checkpoint;
 
+/* What one fine-tuning job may make the server hold, checked by ds_ft_submit before it queues the
+ * job (src/train/ft_limits.c). Zero fields: no limit. */
+typedef struct ds_ft_limits {
+    size_t max_adapter_bytes;  /* the adapter the job produces (f32 parameters, as ds_adapter's
+                                  host_bytes counts them); the server passes --adapter-budget-mb,
+                                  so a trained adapter can always be served. Training holds about
+                                  4x this (values, gradients, AdamW moments) plus activations. */
+    uint64_t disk_quota_bytes; /* one job's peak disk use: published adapter + kept checkpoints +
+                                  resumable state (--ft-disk-quota-mb, default 4096 MiB) */
+    int32_t keep_checkpoints;  /* only the newest k epoch checkpoints are kept; older ones are
+                                  deleted as new ones are written (--ft-keep-checkpoints, default 2) */
+    int32_t max_epochs;        /* n_epochs above this is refused (--ft-max-epochs, default 50) */
+} ds_ft_limits;
+ds_ft_limits ds_ft_default_limits(void);
+/* Bytes of the adapter a new job would produce: LoRA of `rank` on `targets` (DS_TRAIN_TARGET bits,
+ * already defaulted), or n_virtual prompt / prefix rows. Pure; any thread. */
+size_t ds_ft_adapter_bytes(const ds_model *base, ds_adapter_kind kind, int32_t rank, uint32_t targets,
+                           int32_t n_virtual);
+
 typedef struct ds_ft_manager ds_ft_manager;
 
 /* base and reg are borrowed and must outlive the manager; reg may be NULL (jobs then fail to
@@ -275,6 +294,9 @@ ds_ft_manager *ds_ft_manager_create(const ds_model *base, ds_adapter_registry *r
  * run, instead of competing with it from the job thread. The engine must outlive the manager. */
 struct ds_engine;
 void ds_ft_manager_attach_engine(ds_ft_manager *m, struct ds_engine *e, float budget);
+/* Replaces the limits jobs submitted from now on are checked against (a manager starts with
+ * ds_ft_default_limits()). Call before submitting from other threads. */
+void ds_ft_manager_set_limits(ds_ft_manager *m, const ds_ft_limits *l);
 /* ANY THREAD, returns at once: a shutdown begins. The running job saves its state and stops
  * within one training step, staying 'running' on disk so that the next start resumes it; queued
  * jobs stay queued; no job starts any more. NULL is a no-op. */
@@ -282,7 +304,7 @@ void ds_ft_manager_stop(ds_ft_manager *m);
 /* ds_ft_manager_stop, then joins the thread (within one training step), detaches from the engine.
  * NULL is a no-op. */
 void ds_ft_manager_free(ds_ft_manager *m);
-/* Queues a job; its id goes to id_out. DS_EINVAL (bad spec), DS_ENOMEM, DS_EBUSY (too many),
+/* Queues a job; its id goes to id_out. DS_EINVAL (bad spec, or over the manager's ds_ft_limits), DS_ENOMEM, DS_EBUSY (too many),
  * DS_EIO when the job cannot be stored under the data directory (nothing is queued; the message
  * says why and names no server path). Any thread. */
 int ds_ft_submit(ds_ft_manager *m, const ds_ft_job_spec *spec, char id_out[48], ds_err *err);

@@ -74,12 +74,22 @@ static int check_entries(const char *root, const char *dir, const char *rel, ds_
     return rc;
 }
 
-static int resolve(const char *root, const char *rel, char **out, ds_err *err) {
-    size_t n = strlen(root) + strlen(rel) + 2;
+/* How a client's path is named in messages: never absolute (no error names a server path), so an
+ * absolute one below the root reads relative to it, and any other reads "(absolute path)". */
+static const char *shown_path(const char *root, const char *rel) {
+    if (rel[0] != '/') return rel;
+    size_t n = strlen(root);
+    if (n > 1 && !strncmp(rel, root, n) && rel[n] == '/' && rel[n + 1]) return rel + n + 1;
+    return "(absolute path)";
+}
+
+static int resolve(const char *root, const char *path, char **out, ds_err *err) {
+    size_t n = strlen(root) + strlen(path) + 2;
     char *cand = malloc(n);
     if (!cand) return ds_err_set(err, DS_ENOMEM, "out of memory");
-    if (rel[0] == '/') snprintf(cand, n, "%s", rel);
-    else snprintf(cand, n, "%s/%s", root, rel);
+    if (path[0] == '/') snprintf(cand, n, "%s", path);
+    else snprintf(cand, n, "%s/%s", root, path);
+    const char *rel = shown_path(root, path);
     char *real = realpath(cand, NULL);
     int rc = 0;
     if (!real && (errno == ENOENT || errno == ENOTDIR)) rc = classify_missing(root, cand, rel, err);
@@ -103,11 +113,10 @@ int ds_adapter_resolve_path(const char *root, const char *rel, char **out, ds_er
     for (const unsigned char *c = (const unsigned char *)rel; *c; c++)
         if (*c < 0x20 || *c == 0x7f) return ds_err_set(err, DS_EINVAL, "adapter path contains a control character");
     if (strlen(rel) >= PATH_MAX) return ds_err_set(err, DS_EINVAL, "adapter path is too long");
-    if (has_dotdot(rel)) return ds_err_set(err, DS_EPERM, "adapter path '%s' contains '..'", rel);
+    if (has_dotdot(rel)) return ds_err_set(err, DS_EPERM, "adapter path '%s' contains '..'", shown_path(root, rel));
     char *root_real = realpath(root, NULL);
     if (!root_real)
-        return ds_err_set(err, errno == ENOENT ? DS_ENOTFOUND : DS_EIO, "adapter directory '%s': %s", root,
-                          strerror(errno));
+        return ds_err_set(err, errno == ENOENT ? DS_ENOTFOUND : DS_EIO, "the adapter directory: %s", strerror(errno));
     int rc = resolve(root_real, rel, out, err);
     free(root_real);
     return rc;

@@ -39,6 +39,13 @@ ds_adapter_registry *ds_registry_create(const ds_model *base, const char *root, 
     return r;
 }
 
+/* An entry that was never published (its bytes were never counted). */
+static void entry_discard(ds_adapter_entry *e) {
+    ds_adapter_free(e->adapter);
+    free(e->name);
+    free(e);
+}
+
 static void entry_free(ds_adapter_registry *r, ds_adapter_entry *e) {
     if (e->adapter) r->bytes -= e->adapter->host_bytes;
     ds_adapter_free(e->adapter);
@@ -96,7 +103,8 @@ static bool valid_name(const char *name) {
     return true;
 }
 
-int ds_registry_load(ds_adapter_registry *r, const char *name, const char *path, bool replace, ds_err *err) {
+int ds_registry_load_claim(ds_adapter_registry *r, const char *name, const char *path, bool replace, int *claim,
+                           ds_err *err) {
     if (!r->root) return ds_err_set(err, DS_EPERM, "adapters are disabled: the server was started without --adapter-dir");
     if (!name || !valid_name(name))
         return ds_err_set(err, DS_EINVAL, "invalid adapter name (1-120 bytes of printable UTF-8, no spaces, quotes, backslashes or commas)");
@@ -127,10 +135,16 @@ int ds_registry_load(ds_adapter_registry *r, const char *name, const char *path,
     e->created = (double)time(NULL);
     e->load_ms = (ds_time_s() - t0) * 1e3;
     pthread_mutex_lock(&r->mu);
+    int expect = 0;
+    if (claim && !__atomic_compare_exchange_n(claim, &expect, 1, false, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+        pthread_mutex_unlock(&r->mu); /* the caller gave up on this load (a timeout): publish nothing */
+        entry_discard(e);
+        return ds_err_set(err, DS_ECANCELED, "the load of adapter '%s' was abandoned", name);
+    }
     ds_adapter_entry **pp = find_current(r, name);
     if (pp && !replace) { /* raced with another load of the same name */
         pthread_mutex_unlock(&r->mu);
-        entry_free(r, e);
+        entry_discard(e); /* never counted in r->bytes */
         return ds_err_set(err, DS_EBUSY, "The lora adapter '%s' has already been loaded.", name);
     }
     e->version = pp ? (*pp)->version + 1 : 1;
@@ -142,6 +156,10 @@ int ds_registry_load(ds_adapter_registry *r, const char *name, const char *path,
     DS_LOGI("adapter '%s' v%u loaded (%s, %.1f KiB, %.1f ms)", name, e->version, a->peft_type,
             (double)a->host_bytes / 1024.0, e->load_ms);
     return DS_OK;
+}
+
+int ds_registry_load(ds_adapter_registry *r, const char *name, const char *path, bool replace, ds_err *err) {
+    return ds_registry_load_claim(r, name, path, replace, NULL, err);
 }
 
 int ds_registry_unload(ds_adapter_registry *r, const char *name, ds_err *err) {

@@ -4,8 +4,12 @@
 #include "ds/adapter.h"
 #include "ds/engine.h"
 #include "ds/server.h"
+#include "ds/train.h"
 
 #include <libgen.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 #include <limits.h>
 #include <pthread.h>
 #include <signal.h>
@@ -33,6 +37,8 @@ static const char *SERVE_HELP =
     "      --max-adapters N      adapters resident in the engine at once (default 64)\n"
     "      --adapter-budget-mb N backend memory for resident adapters, LRU-evicted (default 512);\n"
     "                            a request for an adapter larger than all of it is refused (400)\n"
+    "      --adapter-load-timeout S  seconds a runtime adapter load may take; a slower one (a stuck\n"
+    "                            file system) is answered 504 and publishes nothing (default 60)\n"
     "      --data-dir DIR        uploaded files and fine-tuning jobs are kept here across restarts:\n"
     "                            files are listed again, a running job resumes from its last\n"
     "                            checkpoint (SIGTERM saves one) (default: DIR/.deltaserve under\n"
@@ -71,6 +77,13 @@ static const char *SERVE_HELP =
     "      --train-budget F      share of the engine's time fine-tuning jobs may take while requests\n"
     "                            are running, 0 < F <= 1 (default 0.25; idle time is all theirs)\n"
     "\n"
+    "fine-tuning limits (checked when a job is created; over them: 400):\n"
+    "                            the adapter a job would produce must fit --adapter-budget-mb\n"
+    "      --ft-max-epochs N     largest n_epochs (default 50)\n"
+    "      --ft-disk-quota-mb N  disk one job may use: adapter + kept checkpoints + resumable state\n"
+    "                            (default 4096)\n"
+    "      --ft-keep-checkpoints K  keep only the newest K epoch checkpoints (default 2)\n"
+    "\n"
     "      --log-level LEVEL     error | warn | info | debug (default info; also $DS_LOG)\n"
     "  -h, --help                this text\n";
 
@@ -78,9 +91,9 @@ typedef struct serve_opts {
     const char *model, *served_name, *adapter_dir, *data_dir, *host, *api_key, *log_level, *backend, *quantize;
     double train_budget;
     long port, max_batch_tokens, max_seqs, kv_mb, max_model_len, max_queue, max_adapters, adapter_mb, threads;
-    long max_body_mb, max_connections;
+    long max_body_mb, max_connections, ft_max_epochs, ft_disk_mb, ft_keep;
     bool int8_act, content_special;
-    double shutdown_timeout, header_timeout;
+    double shutdown_timeout, header_timeout, load_timeout;
 } serve_opts;
 
 static void opts_default(serve_opts *o) {
@@ -97,6 +110,11 @@ static void opts_default(serve_opts *o) {
     o->max_connections = 1024;
     o->shutdown_timeout = 30;
     o->header_timeout = 10;
+    o->load_timeout = 60;
+    const ds_ft_limits fl = ds_ft_default_limits();
+    o->ft_max_epochs = fl.max_epochs;
+    o->ft_disk_mb = (long)(fl.disk_quota_bytes >> 20);
+    o->ft_keep = fl.keep_checkpoints;
     const char *key = getenv("DS_API_KEY");
     o->api_key = key && *key ? key : NULL;
 }
@@ -143,6 +161,10 @@ static int parse_opt(serve_opts *o, int argc, char **argv, int *i) {
     if (!r) r = int_flag(a, "-t", v, 0, 1024, &o->threads);
     if (!r) r = int_flag(a, "--max-body-mb", v, 1, 4096, &o->max_body_mb);
     if (!r) r = int_flag(a, "--max-connections", v, 1, 1 << 20, &o->max_connections);
+    if (!r) r = int_flag(a, "--ft-max-epochs", v, 1, 1000, &o->ft_max_epochs);
+    if (!r) r = int_flag(a, "--ft-disk-quota-mb", v, 1, 1L << 30, &o->ft_disk_mb);
+    if (!r) r = int_flag(a, "--ft-keep-checkpoints", v, 1, 1000, &o->ft_keep);
+    if (!r && !strcmp(a, "--adapter-load-timeout")) r = ds_cli_float(a, v, 0.1, 86400, &o->load_timeout) ? 1 : -1;
     if (!r && !strcmp(a, "--header-timeout")) r = ds_cli_float(a, v, 0.1, 3600, &o->header_timeout) ? 1 : -1;
     if (!r && !strcmp(a, "--train-budget")) r = ds_cli_float(a, v, 0.01, 1, &o->train_budget) ? 1 : -1;
     if (!r && !strcmp(a, "--shutdown-timeout")) r = ds_cli_float(a, v, 0, 86400, &o->shutdown_timeout) ? 1 : -1;
@@ -240,6 +262,10 @@ static ds_server_params server_params_of(const serve_opts *o, const char *name, 
     sp.max_lora = (int32_t)o->max_adapters;
     sp.train_budget = (float)o->train_budget;
     sp.content_special_tokens = o->content_special;
+    sp.adapter_load_timeout_s = o->load_timeout;
+    /* test hook (tests/server/test_load_timeout.py): simulates a slow file system */
+    const char *delay = getenv("DS_TEST_SLOW_LOAD_S");
+    if (delay && *delay) sp.test_load_delay_s = atof(delay);
     return sp;
 }
 
@@ -304,6 +330,12 @@ static int serve(const ds_model *m, ds_adapter_registry *reg, const serve_opts *
     if (data_dir) DS_LOGI("serve: files and fine-tuning jobs are kept in %s", data_dir);
     else DS_LOGI("serve: no data directory: uploaded files and fine-tuning jobs are kept in memory only");
     ds_server_params sp = server_params_of(o, name, ep.max_ctx, reg, data_dir);
+    ds_ft_limits fl = ds_ft_default_limits();
+    fl.max_adapter_bytes = ep.adapter_budget_bytes; /* a trained adapter can always be scheduled */
+    fl.max_epochs = (int32_t)o->ft_max_epochs;
+    fl.disk_quota_bytes = (uint64_t)o->ft_disk_mb << 20;
+    fl.keep_checkpoints = (int32_t)o->ft_keep;
+    sp.ft_limits = &fl;
     ds_server *srv = ds_server_create(e, &sp, &err);
     if (!srv) {
         fprintf(stderr, "deltaserve: %s\n", err.msg);
@@ -317,7 +349,19 @@ static int serve(const ds_model *m, ds_adapter_registry *reg, const serve_opts *
     return rc == 0 ? 0 : 1;
 }
 
+/* glibc raises its mmap threshold to the size of each large block freed (up to 32 MiB), after
+ * which such blocks come from the heap and stay with the process: every fine-tuning job (its
+ * activation buffers are tens of MiB) then left RSS higher (+550 MiB after four small jobs,
+ * bench/results/soak-20261202T1915Z). A fixed threshold keeps big blocks mmapped, so freeing them
+ * returns the memory; the steady-state serving path does not allocate (docs/ARCHITECTURE.md). */
+static void fix_mmap_threshold(void) {
+#ifdef __GLIBC__
+    mallopt(M_MMAP_THRESHOLD, 256 << 10);
+#endif
+}
+
 int ds_cli_serve(int argc, char **argv) {
+    fix_mmap_threshold();
     serve_opts o;
     opts_default(&o);
     for (int i = 1; i < argc; i++) {

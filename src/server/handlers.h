@@ -69,6 +69,10 @@ uint64_t ds_server_random(ds_server *s);
 
 extern const ds_route_table ds_handlers_gen_routes;      /* /v1/completions, /v1/chat/completions */
 extern const ds_route_table ds_handlers_adapters_routes; /* /v1/models, vLLM load/unload, /v1/adapters */
+/* Waits up to timeout_s for the adapter load threads still alive (a stuck one ignores its
+ * deadline). True when none is left; false: one may still touch the server, which must then not be
+ * freed. After the loop has closed; any thread. */
+bool ds_handlers_adapters_drain(double timeout_s);
 extern const ds_route_table ds_handlers_files_routes;    /* /v1/files */
 extern const ds_route_table ds_handlers_ft_routes;       /* /v1/fine_tuning/jobs */
 extern const ds_route_table ds_handlers_train_routes;    /* POST /v1/adapters/{id}/train */

@@ -1,13 +1,19 @@
 /* /v1/models and the runtime adapter endpoints: vLLM's load_lora_adapter / unload_lora_adapter
  * and a REST view (/v1/adapters). Loads read and validate files, which can take a while for
- * large adapters, so they run on a libuv worker thread (uv_queue_work) and the loop keeps
- * serving; the registry is thread-safe and confines every path to --adapter-dir.
+ * large adapters — or forever on a file system that stops answering — so each runs on its own
+ * detached thread (not libuv's small worker pool, which a stuck read would hold) while the loop
+ * keeps serving, and has a deadline (--adapter-load-timeout): past it the request is answered 504
+ * and the load, whenever it ends, publishes nothing (ds_registry_load_claim). The registry is
+ * thread-safe and confines every path to --adapter-dir.
  *
  * Status codes (README.md "Adapters at run time"; vLLM's where it has one): missing/mistyped field 400; name already
  * loaded 400 (vLLM) / 409 (REST); adapter path missing 404; path outside --adapter-dir 403;
  * malformed or incompatible adapter 400; unknown name on unload / GET / DELETE 404. */
 #include <cjson/cJSON.h>
 #include <limits.h>
+#include <pthread.h>
+#include <stddef.h>
+#include <time.h>
 #include <llhttp.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -129,23 +135,77 @@ static void handle_models(ds_http_req *req, void *ud) {
 
 /* ---- loads (worker thread) ------------------------------------------------------------------ */
 
+#define MAX_LOADS 16 /* load threads alive at once, stuck ones included; more get 503 */
+
+/* Load threads alive (process-wide: one server per process). Loop thread increments, load
+ * threads decrement as their last act. */
+static int g_loads;
+
 typedef struct load_job {
-    uv_work_t work;
-    ds_http_req *req;
+    ds_http_task task;  /* the thread's completion, posted to the loop */
+    uv_timer_t timer;   /* the deadline */
+    ds_http_req *req;   /* NULL once answered */
     ds_server *srv;
-    bool vllm;        /* vLLM endpoint: text answer; else the REST adapter object */
+    struct ds_adapter_registry *reg;
+    bool vllm;          /* vLLM endpoint: text answer; else the REST adapter object */
     bool replace, existed;
     char *name, *path;
+    int claim;          /* ds_registry_load_claim: 0 loading, 1 published by the thread, 2 abandoned */
+    int holds;          /* loop side: the timer handle and the pending completion (each 1) */
+    double timeout_s, delay_s;
     int status;
     double seconds;
     ds_err err;
 } load_job;
 
-static void load_work(uv_work_t *w) {
-    load_job *j = w->data;
+static void load_job_free(load_job *j) {
+    free(j->name), free(j->path), free(j);
+}
+
+static void load_release(load_job *j) {
+    if (--j->holds == 0) load_job_free(j);
+}
+
+static void on_timer_closed(uv_handle_t *h) { load_release(h->data); }
+
+/* The test hook (ds_server_params.test_load_delay_s): a load of a path whose last component
+ * starts with "slow" first waits this long, in slices, ending early once the load was abandoned. */
+static void test_delay(load_job *j) {
+    const char *base = strrchr(j->path, '/');
+    base = base ? base + 1 : j->path;
+    if (j->delay_s <= 0 || strncmp(base, "slow", 4)) return;
+    for (double t0 = ds_time_s(); ds_time_s() - t0 < j->delay_s;) {
+        if (__atomic_load_n(&j->claim, __ATOMIC_ACQUIRE) == 2) return;
+        nanosleep(&(struct timespec){0, 20 * 1000 * 1000}, NULL);
+    }
+}
+
+static void load_finished(ds_http_task *t);
+
+static void *load_thread(void *arg) {
+    load_job *j = arg;
     double t0 = ds_time_s();
-    j->status = ds_registry_load(ds_server_registry(j->srv), j->name, j->path, j->replace, &j->err);
+    test_delay(j);
+    j->status = ds_registry_load_claim(j->reg, j->name, j->path, j->replace, &j->claim, &j->err);
     j->seconds = ds_time_s() - t0;
+    j->task.fn = load_finished;
+    if (ds_http_server_post(ds_server_http(j->srv), &j->task) != 0) {
+        /* the server has closed its loop: nobody waits for this answer any more (the request
+         * was answered or dropped at close) */
+    }
+    __atomic_fetch_sub(&g_loads, 1, __ATOMIC_ACQ_REL);
+    return NULL;
+}
+
+bool ds_handlers_adapters_drain(double timeout_s) {
+    for (double t0 = ds_time_s(); __atomic_load_n(&g_loads, __ATOMIC_ACQUIRE) > 0;) {
+        if (ds_time_s() - t0 > timeout_s) {
+            DS_LOGW("server: %d adapter load(s) still blocked at exit", __atomic_load_n(&g_loads, __ATOMIC_ACQUIRE));
+            return false;
+        }
+        nanosleep(&(struct timespec){0, 10 * 1000 * 1000}, NULL);
+    }
+    return true;
 }
 
 static void load_reply_ok(load_job *j) {
@@ -172,9 +232,31 @@ static void load_reply_ok(load_job *j) {
     ds_server_reply_json(j->req, ep, j->existed ? 200 : 201, &b);
 }
 
-static void load_done(uv_work_t *w, int uv_status) {
-    load_job *j = w->data;
-    if (uv_status != 0 && !j->status) j->status = ds_err_set(&j->err, DS_ECANCELED, "load cancelled");
+/* The deadline passed: answer 504 unless the thread is publishing right now. */
+static void on_deadline(uv_timer_t *t) {
+    load_job *j = t->data;
+    int expect = 0;
+    if (!__atomic_compare_exchange_n(&j->claim, &expect, 2, false, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+        return; /* published: load_finished answers */
+    DS_LOGW("adapter '%s': load abandoned after %.1f s (--adapter-load-timeout)", j->name, j->timeout_s);
+    ds_metrics_adapter_load(ds_server_metrics(j->srv), false);
+    ds_server_reply_errorf(j->req, j->vllm ? EP_LOAD : EP_ADAPTERS, 504, j->vllm ? "lora_path" : "path", NULL,
+                           "loading adapter '%s' did not finish within %.0f s (--adapter-load-timeout): the load "
+                           "was abandoned and publishes nothing; is the file system slow or stuck?",
+                           j->name, j->timeout_s);
+    j->req = NULL;
+    uv_close((uv_handle_t *)&j->timer, on_timer_closed);
+}
+
+/* Loop thread: the load thread is done (or the loop is closing with the task still queued). */
+static void load_finished(ds_http_task *t) {
+    load_job *j = (load_job *)((char *)t - offsetof(load_job, task));
+    if (!j->req) { /* answered by the deadline: the thread's result was discarded */
+        load_release(j);
+        return;
+    }
+    uv_timer_stop(&j->timer);
+    uv_close((uv_handle_t *)&j->timer, on_timer_closed);
     ds_metrics *m = ds_server_metrics(j->srv);
     ds_metrics_adapter_load(m, j->status == DS_OK);
     if (j->status == DS_OK) {
@@ -190,7 +272,8 @@ static void load_done(uv_work_t *w, int uv_status) {
         ds_server_reply_errorf(j->req, j->vllm ? EP_LOAD : EP_ADAPTERS, load_status_http(j->status, j->vllm), param,
                                NULL, "%s", j->err.msg);
     }
-    free(j->name), free(j->path), free(j);
+    j->req = NULL;
+    load_release(j);
 }
 
 /* Queues the load; the request is ended by load_done. */
@@ -205,13 +288,35 @@ static void start_load(ds_http_req *req, ds_server *s, bool vllm, const char *na
         ds_server_reply_errorf(req, ep, 500, NULL, NULL, "out of memory");
         return;
     }
-    j->req = req, j->srv = s, j->vllm = vllm, j->replace = replace;
+    j->req = req, j->srv = s, j->reg = reg, j->vllm = vllm, j->replace = replace;
     j->existed = ds_registry_info(reg, name, &info) == DS_OK;
-    j->work.data = j;
-    if (uv_queue_work(ds_server_http(s)->loop, &j->work, load_work, load_done) != 0) {
-        free(j->name), free(j->path), free(j);
-        ds_server_reply_errorf(req, ep, 500, NULL, NULL, "cannot queue the adapter load");
+    const ds_server_params *p = ds_server_get_params(s);
+    j->timeout_s = p->adapter_load_timeout_s > 0 ? p->adapter_load_timeout_s : 60;
+    j->delay_s = p->test_load_delay_s;
+    if (__atomic_add_fetch(&g_loads, 1, __ATOMIC_ACQ_REL) > MAX_LOADS) {
+        __atomic_fetch_sub(&g_loads, 1, __ATOMIC_ACQ_REL);
+        load_job_free(j);
+        ds_server_reply_errorf(req, ep, 503, NULL, NULL,
+                               "%d adapter loads are in progress (or stuck on a slow file system); try again later",
+                               MAX_LOADS);
+        return;
     }
+    pthread_attr_t attr;
+    pthread_t th;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    j->holds = 2;
+    uv_timer_init(ds_server_http(s)->loop, &j->timer);
+    j->timer.data = j;
+    uv_timer_start(&j->timer, on_deadline, (uint64_t)(j->timeout_s * 1000.0 + 0.5), 0);
+    if (pthread_create(&th, &attr, load_thread, j) != 0) {
+        __atomic_fetch_sub(&g_loads, 1, __ATOMIC_ACQ_REL);
+        j->holds = 1; /* no completion will come */
+        j->req = NULL;
+        uv_close((uv_handle_t *)&j->timer, on_timer_closed);
+        ds_server_reply_errorf(req, ep, 503, NULL, NULL, "cannot start the adapter load");
+    }
+    pthread_attr_destroy(&attr);
 }
 
 /* Checks shared by both load endpoints. Returns false after answering. */

@@ -433,6 +433,7 @@ ds_server *ds_server_create(ds_engine *engine, const ds_server_params *params, d
             return NULL;
         }
         ds_ft_manager_attach_engine(s->ft, s->engine, ds_server_train_budget(s));
+        if (s->params.ft_limits) ds_ft_manager_set_limits(s->ft, s->params.ft_limits);
     }
     if (ds_http_server_listen(&s->http, s->host, s->params.port, err) != 0) {
         ds_server_free(s);
@@ -464,6 +465,10 @@ void ds_server_free(ds_server *s) {
         begin_stop(s); /* no-op after a normal run; closes everything when never run */
         uv_run(&s->loop, UV_RUN_DEFAULT);
         if (uv_loop_close(&s->loop) != 0) DS_LOGW("server: event loop still busy at free");
+        if (!ds_handlers_adapters_drain(s->params.shutdown_timeout_s > 1 ? s->params.shutdown_timeout_s : 1)) {
+            ds_ft_manager_free(s->ft);
+            return; /* a load thread blocked in the file system still holds s: leak it */
+        }
     } else {
         /* Requests were still pending: the engine may still post to s->http. Leak rather than
          * free memory another thread may touch. */

@@ -68,6 +68,7 @@ struct ds_ft_manager {
         ds_err *err;
         int status;
     } ho;
+    ds_ft_limits limits; /* under mu */
 };
 
 /* Engine thread: runs the pending trainer call, if any. */
@@ -291,9 +292,16 @@ static int job_epoch_end(ds_ft_manager *m, ft_job *j, ds_trainer *t, const ds_ft
     snprintf(cdir, sizeof cdir, "%s/%s", ds_registry_root(m->reg), ck.path);
     int st = ds_trainer_save(t, cdir, m->base->cfg.name, err);
     if (st) return st;
+    char drop[sizeof ck.path] = "";
     pthread_mutex_lock(&m->mu);
     if (!DS_GROW(j->ck, j->cap_ck, j->n_ck + 1)) j->ck[j->n_ck++] = ck;
+    if (m->limits.keep_checkpoints > 0 && j->n_ck > (size_t)m->limits.keep_checkpoints) { /* keep the newest k */
+        snprintf(drop, sizeof drop, "%s", j->ck[0].path);
+        memmove(j->ck, j->ck + 1, (j->n_ck - 1) * sizeof *j->ck);
+        j->n_ck--;
+    }
     pthread_mutex_unlock(&m->mu);
+    if (drop[0]) ds_durable_remove_dir(ds_registry_root(m->reg), drop);
     if (va->n)
         job_log(m, j, "info", "Epoch %d/%d done: training loss=%.4f, validation loss=%.4f", (int)ep + 1,
                 (int)n_epochs, r->last_loss, ck.valid_loss);
@@ -572,6 +580,7 @@ ds_ft_manager *ds_ft_manager_create(const ds_model *base, ds_adapter_registry *r
     ds_ft_manager *m = calloc(1, sizeof *m);
     if (!m) return ds_err_set(err, DS_ENOMEM, "out of memory"), NULL;
     m->base = base, m->reg = reg;
+    m->limits = ds_ft_default_limits();
     m->counter = (uint64_t)time(NULL) ^ ((uint64_t)(uintptr_t)m << 16);
     if (data_dir && data_dir[0] && !(m->data_dir = ds_strdup(data_dir)))
         return free(m), ds_err_set(err, DS_ENOMEM, "out of memory"), NULL;
@@ -586,6 +595,19 @@ ds_ft_manager *ds_ft_manager_create(const ds_model *base, ds_adapter_registry *r
     }
     m->thread_started = true;
     return m;
+}
+
+void ds_ft_manager_set_limits(ds_ft_manager *m, const ds_ft_limits *l) {
+    pthread_mutex_lock(&m->mu);
+    m->limits = *l;
+    pthread_mutex_unlock(&m->mu);
+}
+
+static int submit_limits(ds_ft_manager *m, const ds_ft_job_spec *sp, ds_err *err) {
+    pthread_mutex_lock(&m->mu);
+    const ds_ft_limits L = m->limits;
+    pthread_mutex_unlock(&m->mu);
+    return ft_limits_check(&L, m->base, m->reg, sp, err);
 }
 
 void ds_ft_manager_stop(ds_ft_manager *m) {
@@ -659,6 +681,8 @@ int ds_ft_submit(ds_ft_manager *m, const ds_ft_job_spec *sp, char id_out[48], ds
         strchr(sp->fine_tuned_model, '/') || sp->fine_tuned_model[0] == '.')
         return ds_err_set(err, DS_EINVAL, "invalid fine-tuned model name");
     if (!sp->train_data || !sp->train_len) return ds_err_set(err, DS_EINVAL, "the training file is empty");
+    int lst = submit_limits(m, sp, err);
+    if (lst) return lst;
     ft_job *j = job_new(sp, err);
     if (!j) return DS_ENOMEM;
     ds_ft_job_info *I = &j->info;

@@ -75,4 +75,10 @@ typedef struct ft_state_view {
 /* Pure; fuzzed. DS_EFORMAT (bad magic, truncated, checksum) or DS_ENOMEM. */
 int ft_state_parse(const unsigned char *buf, size_t len, ft_state_view *out, ds_err *err);
 
+/* ---- ft_limits.c ---- */
+/* Checks a job against L before it is queued: 0, or DS_EINVAL saying which limit and its flag.
+ * A job that continues an adapter (sp->from_adapter) is sized as that adapter in reg. */
+int ft_limits_check(const ds_ft_limits *L, const ds_model *m, ds_adapter_registry *reg, const ds_ft_job_spec *sp,
+                    ds_err *err);
+
 #endif

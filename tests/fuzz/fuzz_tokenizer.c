@@ -3,15 +3,45 @@
  *         decode without trouble.
  *   even: text for the committed Llama-3 / Qwen2 / GPT-2-shaped tokenizers, encoded with the flag bits
  *         of byte 0, then decoded at once and streamed: the decode must be valid UTF-8, equal the
- *         streamed pieces, and (non-NFC tokenizers, specials off, valid UTF-8 input) equal the input. */
+ *         streamed pieces, and (non-NFC tokenizers, specials off, valid UTF-8 input) equal the input.
+ *         The same text also goes through the committed SentencePiece vocabulary
+ *         (tests/data/tokenizer/spm/tokenizer.gguf, src/tokenizer/spm.c: byte fallback, dummy prefix). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "ds/tokenizer.h"
+#include "format/gguf.h"
 #include "tokenizer/tok_internal.h"
 
-static ds_tokenizer *g_tok[3];
+static ds_tokenizer *g_tok[4];
+
+/* The SentencePiece tokenizer of the committed GGUF, described as src/model/model_gguf.c does. */
+static ds_tokenizer *load_spm(void) {
+    ds_gguf g;
+    ds_err e;
+    if (ds_gguf_open(&g, DS_TEST_DATA "/tokenizer/spm/tokenizer.gguf", &e)) abort();
+    char **tokens = NULL;
+    float *scores = NULL;
+    int32_t *types = NULL;
+    size_t n = 0, ns = 0, nt = 0;
+    if (ds_gguf_get_str_array(&g, "tokenizer.ggml.tokens", &tokens, &n, &e) ||
+        ds_gguf_get_f32_array(&g, "tokenizer.ggml.scores", &scores, &ns, &e) || ns != n)
+        abort();
+    if (ds_gguf_get_i32_array(&g, "tokenizer.ggml.token_type", &types, &nt, &e) || nt != n) types = NULL;
+    ds_tokenizer_desc d = {.n_vocab = (int32_t)n, .tokens = (const char *const *)tokens, .token_types = types,
+                           .spm = true, .scores = scores, .add_bos = true, .add_space_prefix = true,
+                           .bos_id = -1, .eos_id = -1, .eot_id = -1, .pad_id = -1, .unk_id = -1};
+    uint32_t v;
+    if (!ds_gguf_get_u32(&g, "tokenizer.ggml.bos_token_id", &v, &e)) d.bos_id = (int32_t)v;
+    if (!ds_gguf_get_u32(&g, "tokenizer.ggml.eos_token_id", &v, &e)) d.eos_id = (int32_t)v;
+    if (!ds_gguf_get_u32(&g, "tokenizer.ggml.unknown_token_id", &v, &e)) d.unk_id = (int32_t)v;
+    ds_tokenizer *t = ds_tokenizer_create(&d, &e);
+    if (!t) abort();
+    free(tokens), free(scores), free(types);
+    ds_gguf_close(&g);
+    return t;
+}
 
 static void init(void) {
     static const char *const names[3] = {"llama3", "qwen2", "gpt2"};
@@ -20,6 +50,7 @@ static void init(void) {
         snprintf(path, sizeof path, "%s/tokenizer/%s_tokenizer.json", DS_TEST_DATA, names[i]);
         if (!(g_tok[i] = ds_tokenizer_load_json(path, NULL, NULL))) abort();
     }
+    g_tok[3] = load_spm();
 }
 
 static void check_stream(const ds_tokenizer *t, const int32_t *ids, size_t n, bool skip, const char *want, size_t wlen) {
@@ -62,5 +93,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         return 0;
     }
     for (int i = 0; i < 3; i++) run_text(g_tok[i], i == 1, data, size, mode);
+    run_text(g_tok[3], true, data, size, mode); /* the dummy prefix: decode need not equal the input */
     return 0;
 }

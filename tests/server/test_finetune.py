@@ -31,7 +31,8 @@ def ft_server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ft")
     adir = tmp / "adapters"
     adir.mkdir()
-    srv = start_server(tmp, adir, args=["--served-model-name", "smollm2"])
+    srv = start_server(tmp, adir, args=["--served-model-name", "smollm2", "--ft-keep-checkpoints", "5",
+                                        "--ft-max-epochs", "200"])
     yield srv
     rc = srv.stop()
     assert rc == 0, f"server exited with {rc}:\n{srv.log()[-4000:]}"
