@@ -2,7 +2,7 @@
  * for each format and token count, the thread CPU time per call (CLOCK_THREAD_CPUTIME_ID, so time
  * spent descheduled by other processes is not counted) and the weight bytes streamed per second.
  *
- *   bench_qmatmul [--rows M] [--cols K] [--n 1,8,64] [--reps R] [--isa generic|avx2|avx512]
+ *   bench_qmatmul [--rows M] [--cols K] [--n 1,8,64] [--reps R] [--isa generic|avx2|avx512] [--dtype Q6_K]
  *
  * Weights are random blocks (sane scales); the figures are kernel throughput only. */
 #include "backend/cpu/qmatmul.h"
@@ -10,6 +10,7 @@
 #include "ds/weight.h"
 
 #include <omp.h>
+#include <strings.h>
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -47,19 +48,20 @@ static uint8_t *rnd_weights(ds_dtype t, int32_t rows, int32_t cols) {
 
 int main(int argc, char **argv) {
     int32_t M = 2048, K = 2048, reps = 20, ns[8] = {1, 8, 64}, n_ns = 3;
-    const char *isa = NULL;
+    const char *isa = NULL, *only = NULL; /* --dtype: one format only */
     for (int i = 1; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "--rows")) M = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--cols")) K = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--reps")) reps = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--isa")) isa = argv[i + 1];
+        else if (!strcmp(argv[i], "--dtype")) only = argv[i + 1];
         else if (!strcmp(argv[i], "--n")) {
             n_ns = 0;
             for (char *p = argv[i + 1]; *p && n_ns < 8; p++) {
                 ns[n_ns++] = (int32_t)strtol(p, &p, 10);
                 if (!*p) break;
             }
-        } else return fprintf(stderr, "usage: %s [--rows M] [--cols K] [--n 1,8,64] [--reps R] [--isa NAME]\n", argv[0]), 2;
+        } else return fprintf(stderr, "usage: %s [--rows M] [--cols K] [--n 1,8,64] [--reps R] [--isa NAME] [--dtype NAME]\n", argv[0]), 2;
     }
     if (M < 1 || K < 256 || K % 256 || reps < 1) return fprintf(stderr, "bench_qmatmul: cols must be a multiple of 256\n"), 2;
     omp_set_num_threads(1);
@@ -79,6 +81,7 @@ int main(int argc, char **argv) {
     float *scratch = malloc(sizeof(float) * ds_qk_scratch_floats(1));
     void *buf = malloc(ds_q8_act_bytes(nmax, K));
     for (size_t d = 0; d < sizeof dts / sizeof dts[0]; d++) {
+        if (only && strcasecmp(only, ds_dtype_name(dts[d]))) continue;
         uint8_t *w = rnd_weights(dts[d], M, K);
         const ds_mat m = {.data = w, .rows = M, .cols = K, .dtype = dts[d], .row_bytes = ds_dtype_row_bytes(dts[d], K),
                           .borrowed = true};

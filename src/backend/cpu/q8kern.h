@@ -670,12 +670,13 @@ static inline __attribute__((always_inline)) void pk32_tokens(const ds_q4_x8 *s,
 }
 
 /* The same for a packed Q6_K group (ds_q6k_x8): Σ_g sc_g·Σ (q − 32)·x̂ per 16 columns. */
-static inline __attribute__((always_inline)) void pk6_tokens(const ds_q6k_x8 *s, int32_t nb, const ds_q8_act *a,
-                                                             int32_t K, int32_t t0, int NT, __m256 *out) {
+static inline __attribute__((always_inline)) void pk6_tokens(const ds_q6k_x8 *s, const uint16_t *dd, int32_t nb,
+                                                             const ds_q8_act *a, int32_t K, int32_t t0, int NT,
+                                                             __m256 *out) {
     const int32_t K16 = K / 16;
     const __m256i m4 = _mm256_set1_epi8(15), m30 = _mm256_set1_epi8(0x30);
     for (int k = 0; k < NT; k++) out[k] = _mm256_setzero_ps();
-    for (int32_t b = 0; b < nb; b++, s++) {
+    for (int32_t b = 0; b < nb; b++, s++, dd += 8) {
         __m256i isum[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
                            _mm256_setzero_si256()};
         __m256i off[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
@@ -683,9 +684,10 @@ static inline __attribute__((always_inline)) void pk6_tokens(const ds_q6k_x8 *s,
         for (int j = 0; j < 8; j++) {
             __m256i al[4], ah[4];
             for (int k = 0; k < NT; k++) al[k] = _mm256_setzero_si256(), ah[k] = _mm256_setzero_si256();
-            const __m256i H0 = ld256(s->qh[j][0]), H1 = ld256(s->qh[j][1]);
+            const __typeof__(s->p[0]) *S = &s->p[j / 2];
+            const __m256i H0 = ld256(S->qh[j % 2][0]), H1 = ld256(S->qh[j % 2][1]);
             for (int v = 0; v < 4; v++) {
-                const __m256i P = ld256(s->ql[j][v]);
+                const __m256i P = ld256(S->ql[j % 2][v]);
                 /* bits 2v..2v+1 of each byte moved to bits 4..5 (a 16-bit shift; the mask keeps the byte's own) */
                 const __m256i h0 = v == 0 ? _mm256_slli_epi16(H0, 4) : v == 1 ? _mm256_slli_epi16(H0, 2)
                                  : v == 2 ? H0 : _mm256_srli_epi16(H0, 2);
@@ -700,7 +702,7 @@ static inline __attribute__((always_inline)) void pk6_tokens(const ds_q6k_x8 *s,
                 }
             }
             /* lane r: (sc[2j], sc[2j+1]) of row r as two i16 */
-            const __m256i sp = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)s->scp[j]));
+            const __m256i sp = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)S->scp[j % 2]));
             const __m256i slo = _mm256_srai_epi32(_mm256_slli_epi32(sp, 16), 16), shi = _mm256_srai_epi32(sp, 16);
             for (int k = 0; k < NT; k++) {
                 isum[k] = _mm256_add_epi32(isum[k], _mm256_add_epi32(_mm256_mullo_epi32(al[k], slo),
@@ -708,7 +710,7 @@ static inline __attribute__((always_inline)) void pk6_tokens(const ds_q6k_x8 *s,
                 off[k] = dpwssd(off[k], sp, _mm256_set1_epi32(ld32(a->bs16 + (size_t)(t0 + k) * K16 + 16 * b + 2 * j)));
             }
         }
-        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)s->d));
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)dd));
         for (int k = 0; k < NT; k++) {
             const __m256i v = _mm256_sub_epi32(isum[k], _mm256_slli_epi32(off[k], 5));
             const __m256 dx = _mm256_set1_ps(a->d[(size_t)(t0 + k) * (K / 256) + b]);
@@ -739,10 +741,11 @@ static inline __attribute__((always_inline)) void pk8_tokens(const ds_q8_x8 *s, 
 }
 
 /* kind: 0 Q4_0/Q4_1, 1 Q4_K, 2 Q6_K, 3 Q8_0 */
-static inline __attribute__((always_inline)) void pk_run(int kind, const void *s, int32_t nb, const ds_q8_act *a,
-                                                         int32_t K, int32_t t0, int NT, __m256 *out) {
+static inline __attribute__((always_inline)) void pk_run(int kind, const void *s, const uint16_t *d6, int32_t nb,
+                                                         const ds_q8_act *a, int32_t K, int32_t t0, int NT,
+                                                         __m256 *out) {
     if (kind == 1) pk4_tokens(s, nb, a, K, t0, NT, out);
-    else if (kind == 2) pk6_tokens(s, nb, a, K, t0, NT, out);
+    else if (kind == 2) pk6_tokens(s, d6, nb, a, K, t0, NT, out);
     else if (kind == 3) pk8_tokens(s, nb, a, K, t0, NT, out);
     else pk32_tokens(s, nb, a, K, t0, NT, out);
 }
@@ -758,14 +761,18 @@ static void packed(const ds_mat *w, int32_t r0, int32_t r1, const ds_q8_act *a, 
                                  : sizeof(ds_q4_x8);
     for (int32_t r = r0; r < r1; r += 8) {
         const void *s = (const uint8_t *)w->aux + per * (size_t)(r / 8) * nb;
+        /* Q6_K: the rows' d follow the structs of all M / 8 groups (ds_q6k_x8) */
+        const uint16_t *d6 = kq == 2 ? (const uint16_t *)((const uint8_t *)w->aux + per * (size_t)(M / 8) * nb) +
+                                           (size_t)(r / 8) * nb * 8
+                                     : NULL;
         const __m256 bv = bias ? _mm256_loadu_ps(bias + r) : _mm256_setzero_ps();
         for (int32_t t0 = 0; t0 < n; t0 += 4) {
             __m256 out[4];
             const int nt = n - t0 < 4 ? n - t0 : 4;
-            if (nt == 4) pk_run(kq, s, nb, a, K, t0, 4, out);
-            else if (nt == 2) pk_run(kq, s, nb, a, K, t0, 2, out);
+            if (nt == 4) pk_run(kq, s, d6, nb, a, K, t0, 4, out);
+            else if (nt == 2) pk_run(kq, s, d6, nb, a, K, t0, 2, out);
             else
-                for (int k = 0; k < nt; k++) pk_run(kq, s, nb, a, K, t0 + k, 1, out + k);
+                for (int k = 0; k < nt; k++) pk_run(kq, s, d6, nb, a, K, t0 + k, 1, out + k);
             for (int k = 0; k < nt; k++) {
                 float *yr = y + (size_t)(t0 + k) * M + r;
                 __m256 v = _mm256_add_ps(out[k], bv);

@@ -288,17 +288,18 @@ static void *pack_q4(const ds_mat *w) {
 static void *pack_q6k(const ds_mat *w) {
     const int32_t G = w->rows / 8, nb = w->cols / 256;
     ds_q6k_x8 *pk = NULL;
-    if (posix_memalign((void **)&pk, 64, sizeof *pk * (size_t)G * nb)) return NULL;
+    if (posix_memalign((void **)&pk, 64, (sizeof *pk + 8 * sizeof(uint16_t)) * (size_t)G * nb)) return NULL;
+    uint16_t *dd = (uint16_t *)(pk + (size_t)G * nb); /* the rows' d, 8 per struct */
 #pragma omp parallel for schedule(static)
     for (int32_t g = 0; g < G; g++)
         for (int32_t b = 0; b < nb; b++) {
             ds_q6k_x8 *o = &pk[(size_t)g * nb + b];
-            memset(o->qh, 0, sizeof o->qh);
+            memset(o, 0, sizeof *o);
             for (int r = 0; r < 8; r++) {
                 const uint8_t *x = (const uint8_t *)w->data + (size_t)(8 * g + r) * w->row_bytes + (size_t)b * 210;
                 const uint8_t *ql = x, *qh = x + 128;
                 const int8_t *sc = (const int8_t *)(x + 192);
-                memcpy(&o->d[r], x + 208, 2);
+                memcpy(&dd[((size_t)g * nb + b) * 8 + r], x + 208, 2);
                 uint8_t code[256]; /* ggml's order: column 128n + 32k + l */
                 for (int n = 0; n < 2; n++)
                     for (int l = 0; l < 32; l++) {
@@ -309,14 +310,16 @@ static void *pack_q6k(const ds_mat *w) {
                         code[128 * n + l + 96] = (uint8_t)((c >> 4) | ((h >> 6) & 3) << 4);
                     }
                 for (int j = 0; j < 8; j++) {
-                    o->scp[j][r][0] = sc[2 * j];
-                    o->scp[j][r][1] = sc[2 * j + 1];
+                    __typeof__(o->p[0]) *P = &o->p[j / 2];
+                    const int jj = j % 2;
+                    P->scp[jj][r][0] = sc[2 * j];
+                    P->scp[jj][r][1] = sc[2 * j + 1];
                     for (int v = 0; v < 4; v++)
                         for (int i = 0; i < 4; i++) {
                             const uint8_t lo = code[32 * j + 4 * v + i], hi = code[32 * j + 16 + 4 * v + i];
-                            o->ql[j][v][4 * r + i] = (uint8_t)((lo & 15) | (hi & 15) << 4);
-                            o->qh[j][0][4 * r + i] |= (uint8_t)((lo >> 4) << (2 * v));
-                            o->qh[j][1][4 * r + i] |= (uint8_t)((hi >> 4) << (2 * v));
+                            P->ql[jj][v][4 * r + i] = (uint8_t)((lo & 15) | (hi & 15) << 4);
+                            P->qh[jj][0][4 * r + i] |= (uint8_t)((lo >> 4) << (2 * v));
+                            P->qh[jj][1][4 * r + i] |= (uint8_t)((hi >> 4) << (2 * v));
                         }
                 }
             }
