@@ -73,9 +73,13 @@ static int copy_added(ds_tokenizer *t, const tok_spec *s, const char ***srcs, ds
             return ds_err_set(err, DS_EFORMAT, "%s: added token %zu has a bad id or no content", s->source, i);
         a->len = strlen(src);
         int rc = DS_OK;
-        if (a->normalized && s->pre.nfc) {
+        /* HF matches a normalized token by its content run through the normaliser — the Prepend one
+         * too, so under the legacy Llama normaliser "<x>" is matched as "▁<x>". */
+        const bool meta_norm = s->meta.on && (s->meta.norm_prepend || s->meta.norm_replace);
+        if (a->normalized && (s->pre.nfc || meta_norm)) {
             uint8_t *nf;
-            rc = tok_nfc((const uint8_t *)src, a->len, &nf, &a->len);
+            rc = meta_norm ? tok_meta_normalize(t, (const uint8_t *)src, a->len, &nf, &a->len)
+                           : tok_nfc((const uint8_t *)src, a->len, &nf, &a->len);
             if (!rc && !(a->content = realloc(nf, a->len + 1))) {
                 free(nf);
                 rc = DS_ENOMEM;
@@ -131,12 +135,19 @@ static size_t decode_spm(const char *txt, size_t n, bool byte_type, uint8_t *out
     return o;
 }
 
-static int build_strings(ds_tokenizer *t, const tok_spec *s, const char **added_text, ds_err *err) {
-    size_t total = 0;
-    for (int32_t i = 0; i < s->n_vocab; i++) total += strlen(spelling(s, added_text, i)) + 1;
-    if (total > UINT32_MAX) return ds_err_set(err, DS_ERANGE, "%s: vocab strings too large", s->source);
+/* dec_text[id] (may be NULL): what the token decodes from when not its spelling — a normalized added
+ * token under a SentencePiece normaliser decodes from its normalised content ("▁<x>" → " <x>"), as
+ * HF's id_to_token gives that. */
+static int build_strings(ds_tokenizer *t, const tok_spec *s, const char **added_text, const char **dec_text,
+                         ds_err *err) {
+    size_t total = 0, btotal = 0;
+    for (int32_t i = 0; i < s->n_vocab; i++) {
+        total += strlen(spelling(s, added_text, i)) + 1;
+        btotal += strlen(dec_text[i] ? dec_text[i] : spelling(s, added_text, i)) + 1;
+    }
+    if (total > UINT32_MAX || btotal > UINT32_MAX) return ds_err_set(err, DS_ERANGE, "%s: vocab strings too large", s->source);
     t->text = malloc(total);
-    t->bytes = malloc(total);
+    t->bytes = malloc(btotal);
     t->text_off = malloc((size_t)s->n_vocab * sizeof(uint32_t));
     t->text_len = malloc((size_t)s->n_vocab * sizeof(uint32_t));
     t->bytes_off = malloc((size_t)s->n_vocab * sizeof(uint32_t));
@@ -154,8 +165,10 @@ static int build_strings(ds_tokenizer *t, const tok_spec *s, const char **added_
         t->bytes_off[i] = (uint32_t)bo;
         /* tokenizer.json: <0xXX> decodes to its byte only under the ByteFallback decoder */
         const bool byte_ok = s->meta.on ? s->meta.dec_bytes : !s->token_types || s->token_types[i] == DS_TOKEN_BYTE;
-        t->bytes_len[i] = (uint32_t)(s->spm || s->meta.on ? decode_spm(sp, n, byte_ok, (uint8_t *)t->bytes + bo)
-                                                          : decode_spelling(sp, n, (uint8_t *)t->bytes + bo));
+        const char *ds = dec_text[i] ? dec_text[i] : sp;
+        const size_t dn = strlen(ds);
+        t->bytes_len[i] = (uint32_t)(s->spm || s->meta.on ? decode_spm(ds, dn, byte_ok, (uint8_t *)t->bytes + bo)
+                                                          : decode_spelling(ds, dn, (uint8_t *)t->bytes + bo));
         bo += t->bytes_len[i];
     }
     return DS_OK;
@@ -244,17 +257,24 @@ static int build_tables(ds_tokenizer *t, const tok_spec *s, ds_err *err) {
     const char **srcs = NULL;
     int rc = copy_added(t, s, &srcs, err);
     const char **added_text = rc ? NULL : calloc((size_t)s->n_vocab, sizeof *added_text);
+    const char **dec_text = rc ? NULL : calloc((size_t)s->n_vocab, sizeof *dec_text);
     t->type = calloc((size_t)s->n_vocab, 1);
     t->flags = calloc((size_t)s->n_vocab, 1);
-    if (!rc && (!added_text || !t->type || !t->flags)) rc = ds_err_set(err, DS_ENOMEM, "%s: out of memory", s->source);
+    if (!rc && (!added_text || !dec_text || !t->type || !t->flags))
+        rc = ds_err_set(err, DS_ENOMEM, "%s: out of memory", s->source);
     /* The spelling of an added token is its content as written, not its normalised match form. */
-    for (size_t i = 0; !rc && i < t->n_added; i++)
-        if (!added_text[t->added[i].id]) added_text[t->added[i].id] = srcs[i];
-    if (!rc) rc = build_strings(t, s, added_text, err);
+    const bool meta_norm = s->meta.on && (s->meta.norm_prepend || s->meta.norm_replace);
+    for (size_t i = 0; !rc && i < t->n_added; i++) {
+        if (added_text[t->added[i].id]) continue;
+        added_text[t->added[i].id] = srcs[i];
+        if (meta_norm && t->added[i].normalized) dec_text[t->added[i].id] = t->added[i].content;
+    }
+    if (!rc) rc = build_strings(t, s, added_text, dec_text, err);
     if (!rc) rc = build_maps(t, s, err);
     if (!rc) set_types(t, s);
     free(srcs);
     free(added_text);
+    free(dec_text);
     return rc;
 }
 

@@ -51,7 +51,14 @@ TEXTS = [
     "sea▁shells",
     " ",
     "",
+    # normalized added tokens: HF matches them by their normalised content ("▁<tool>" under Prepend)
+    "call <tool> now",
+    "<tool>x",
+    "x<tool>",
+    "a b c",
+    "xa b",
 ]
+ADDED = ("<tool>", "a b")
 
 
 def train(tmp, name, model_type, dummy_prefix, vocab_size, byte_fallback=True):
@@ -81,6 +88,7 @@ SPM_DECODER = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.F
 
 def with_specials(tok, extra=()):
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<unk>", "<s>", "</s>", *extra)])
+    tok.add_tokens([AddedToken(t, special=False, normalized=True) for t in ADDED])
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                        special_tokens=[("<s>", 1)])
     return tok
@@ -193,10 +201,10 @@ def main() -> int:
                           "decoded": tok.decode(enc.ids, skip_special_tokens=False)})
         doc["forms"][name] = {"vocab_size": tok.get_vocab_size(), "cases": cases}
     write_gguf(sp_gemma, OUT / "gemma.gguf")
-    doc["gguf_ids"] = [{"text": t, "ids": spm_ids(sp_gemma, t)} for t in TEXTS if "<start_of_turn>" not in t]
-    g = doc["forms"]["gemma"]["cases"]
-    agree = sum(c["ids"] == s["ids"] for c, s in zip([c for c in g if "<start_of_turn>" not in c["text"]],
-                                                   doc["gguf_ids"]))
+    plain = [t for t in TEXTS if "<start_of_turn>" not in t and not any(a in t for a in ADDED)]
+    doc["gguf_ids"] = [{"text": t, "ids": spm_ids(sp_gemma, t)} for t in plain]
+    g = {c["text"]: c["ids"] for c in doc["forms"]["gemma"]["cases"]}
+    agree = sum(g[s["text"]] == s["ids"] for s in doc["gguf_ids"])
     doc["gemma_hf_equals_sentencepiece"] = f"{agree}/{len(doc['gguf_ids'])}"
     (OUT / "spm_hf_golden.json").write_text(json.dumps(doc, ensure_ascii=False, indent=1) + "\n")
     for name, f in doc["forms"].items():

@@ -3,7 +3,8 @@
  * tests/data/tokenizer/spm_hf/: exact ids from HF `tokenizers` for five shapes (Llama legacy
  * Prepend+Replace, Llama Metaspace "first", Gemma Replace + Split(" "), Unigram with byte fallback,
  * Unigram with fused unk and the Metaspace decoder) on leading / doubled / trailing spaces, tabs and
- * newlines, digits, Chinese, emoji, code and special tokens; BOS per tokenizer_config.json; decode equal
+ * newlines, digits, Chinese, emoji, code, special tokens and normalized added tokens (matched by their
+ * normalised content, "▁<tool>" under the legacy Prepend); BOS per tokenizer_config.json; decode equal
  * to tokenizers' decode; streaming detokenisation equal to it, except that the stream keeps the
  * dummy prefix's space (a stream continues a prompt, so nothing is stripped); sentencepiece's ids for the
  * Gemma-style GGUF; refusal of shapes that are not reproduced. */
