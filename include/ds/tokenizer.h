@@ -1,5 +1,6 @@
 /* deltaserve — byte-level BPE (GPT-2 / Llama-3 / Qwen2 / SmolLM families) and SentencePiece (BPE and
- * Unigram, from GGUF or tokenizer.json) tokenizers, and chat templates. A ds_tokenizer is immutable after creation: every const function is thread-safe. */
+ * Unigram, from GGUF or tokenizer.json) tokenizers, and chat templates. A ds_tokenizer is immutable
+ * after creation: every const function is thread-safe. */
 #ifndef DS_TOKENIZER_H
 #define DS_TOKENIZER_H
 
