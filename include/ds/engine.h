@@ -156,6 +156,7 @@ void ds_engine_cancel(ds_engine *e, uint64_t request_id);
 typedef struct ds_engine_stats {
     int32_t n_waiting, n_running;
     int32_t kv_blocks_total, kv_blocks_used, kv_block_size;
+    uint64_t kv_blocks_window_freed; /* blocks returned from behind a sliding window (every layer slides) */
     uint64_t n_preemptions;
     uint64_t prompt_tokens_total, generation_tokens_total;
     uint64_t steps;

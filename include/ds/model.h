@@ -49,6 +49,9 @@ typedef struct ds_model_config {
     ds_rope_scaling rope_scaling;
     float rope_factor, rope_low_freq_factor, rope_high_freq_factor;
     int32_t rope_orig_ctx;   /* original_max_position_embeddings */
+    int32_t n_rot;           /* partial rotary (Phi-3 family: partial_rotary_factor · head_dim, GGUF
+                              * rope.dimension_count): RoPE on each head's first n_rot values, the rest
+                              * pass through; 0 = the whole head */
     bool qkv_bias;
     bool qk_norm;            /* Qwen3: q_norm / k_norm over each head's head_dim values */
     /* Phi-3: the files hold q/k/v as one qkv_proj [q|k|v rows] and gate/up as one gate_up_proj

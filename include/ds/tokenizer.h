@@ -1,5 +1,6 @@
-/* deltaserve — byte-level BPE tokenizer (GPT-2 / Llama-3 / Qwen2 / SmolLM families) and chat
- * templates. A ds_tokenizer is immutable after creation: every const function is thread-safe. */
+/* deltaserve — byte-level BPE (GPT-2 / Llama-3 / Qwen2 / SmolLM families) and SentencePiece (BPE and
+ * Unigram, from GGUF or tokenizer.json) tokenizers, and chat templates. A ds_tokenizer is immutable
+ * after creation: every const function is thread-safe. */
 #ifndef DS_TOKENIZER_H
 #define DS_TOKENIZER_H
 
@@ -60,10 +61,14 @@ int ds_tokenizer_pre_from_name(const char *name, ds_pre_type *out);
 
 /* Loads tokenizer.json (+ optional tokenizer_config.json for bos/eos/add_bos_token and
  * chat_template; config_path may be NULL). Returns NULL with a message naming the file.
- * Supported: model BPE (byte_fallback only when no byte can fall back), normalizer NFC or null,
- * pre_tokenizer ByteLevel / Sequence[Digits, ByteLevel] / Sequence[Split(Llama-3|Qwen2 regex),
- * ByteLevel], post_processor TemplateProcessing / ByteLevel / Sequence of those, decoder ByteLevel;
- * anything else is refused by name. As transformers does, add_bos_token / add_eos_token in the
+ * Supported, byte-level: model BPE (byte_fallback only when no byte can fall back), normalizer NFC
+ * or null, pre_tokenizer ByteLevel / Sequence[Digits, ByteLevel] / Sequence[Split(Llama-3|Qwen2
+ * regex), ByteLevel], decoder ByteLevel. SentencePiece vocabularies (src/tokenizer/metaspace.c):
+ * normalizer Prepend("▁") / Replace(" ", "▁") (or a Sequence of them), pre_tokenizer Metaspace("▁",
+ * prepend_scheme, split), null or Split(" ") after a Replace normalizer; model BPE (byte_fallback,
+ * fuse_unk) or Unigram (byte_fallback); decoder Replace("▁", " ") / ByteFallback / Fuse /
+ * Strip(" ", n, 0) / Metaspace. post_processor TemplateProcessing / ByteLevel / Sequence of those.
+ * Anything else is refused by name. As transformers does, add_bos_token / add_eos_token in the
  * config replace the post-processor's choice. The chat template is taken from the config, else from
  * chat_template.jinja beside tokenizer.json. */
 ds_tokenizer *ds_tokenizer_load_json(const char *tokenizer_json_path, const char *config_path, ds_err *err);
@@ -92,7 +97,8 @@ int ds_tokenizer_encode_plain(const ds_tokenizer *t, const char *text, size_t le
                               const ds_text_span *plain, size_t n_plain, int32_t **ids, size_t *n_ids);
 
 /* Decodes ids to UTF-8 bytes (caller frees *out, NUL-terminated). skip_special drops control
- * tokens. Returns 0 or DS_EINVAL for an id out of range. */
+ * tokens. A tokenizer.json decoder's Strip / Metaspace first-token rule applies, as in HF's decode.
+ * Returns 0 or DS_EINVAL for an id out of range. */
 int ds_tokenizer_decode(const ds_tokenizer *t, const int32_t *ids, size_t n_ids, bool skip_special,
                         char **out, size_t *out_len);
 
@@ -101,7 +107,9 @@ int ds_tokenizer_decode(const ds_tokenizer *t, const int32_t *ids, size_t n_ids,
  * Returns the number of bytes written, or a negative DS_E*: DS_EINVAL for a bad id, DS_ERANGE when
  * the output does not fit in cap (the state is then unchanged; 3 * token bytes + 12 always fits).
  * Invalid bytes become U+FFFD exactly as ds_tokenizer_decode does, so the pushes + flush of a
- * sequence concatenate to its decode. Start from a zeroed ds_detok; one per stream. */
+ * sequence concatenate to its decode — except that nothing is stripped: a stream continues a
+ * prompt, so the leading space a Strip / Metaspace decoder takes off a whole decode is kept. Start
+ * from a zeroed ds_detok; one per stream. */
 typedef struct ds_detok {
     uint8_t pending[8];
     int n_pending;

@@ -206,7 +206,9 @@ static int32_t pick_context(const ds_model *m, const serve_opts *o, const ds_eng
                          (size_t)c->n_layer;
     int64_t blocks = (int64_t)(ep->kv_cache_bytes / block_bytes);
     int64_t kv_tokens = (blocks - 1) * ep->kv_block_size;
-    if (kv_tokens < ctx) {
+    bool all_slide = c->n_layer > 0; /* blocks behind the window are freed (src/engine/scheduler.c) */
+    for (int32_t il = 0; il < c->n_layer; il++) all_slide &= ds_model_layer_window(c, il) > 0;
+    if (kv_tokens < ctx && !all_slide) {
         DS_LOGI("serve: context limited to %lld tokens by the KV cache (%ld MiB; raise --kv-cache-mb for more)",
                 (long long)kv_tokens, o->kv_mb);
         ctx = kv_tokens;

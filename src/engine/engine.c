@@ -47,6 +47,16 @@ static int engine_init(ds_engine *e, ds_err *err) {
     lp.max_blocks_per_seq = (e->max_ctx + e->p.kv_block_size - 1) / e->p.kv_block_size + 2;
     e->llama = ds_llama_create(e->model, e->backend, &lp, err);
     if (!e->llama) return DS_EDEVICE;
+    /* Gemma 3's global layers read the whole context: only a model whose every layer slides frees. */
+    e->kv_window = 0;
+    for (int32_t il = 0; il < e->model->cfg.n_layer; il++) {
+        const int32_t w = ds_model_layer_window(&e->model->cfg, il);
+        if (w <= 0) {
+            e->kv_window = 0;
+            break;
+        }
+        if (w > e->kv_window) e->kv_window = w;
+    }
     int st = ds_kv_alloc_init(&e->kv, ds_llama_n_kv_blocks(e->llama));
     if (st) return ds_err_set(err, st, "out of memory");
     if (ds_engine_batch_init(e) != DS_OK) return ds_err_set(err, DS_ENOMEM, "out of memory for batch buffers");
@@ -85,10 +95,11 @@ ds_engine *ds_engine_create(const ds_model *model, const ds_engine_params *param
         return NULL;
     }
     e->thread_started = true;
-    DS_LOGI("engine: %d KV blocks of %d tokens (%.1f MiB), batch %d tokens, %d sequences, context %d%s",
+    DS_LOGI("engine: %d KV blocks of %d tokens (%.1f MiB), batch %d tokens, %d sequences, context %d%s%s",
             e->kv.n_blocks, e->p.kv_block_size, (double)e->p.kv_cache_bytes / (1 << 20), e->p.max_batch_tokens,
             e->p.max_seqs, e->max_ctx,
-            e->p.int8_activations ? ", int8 activations for quantised weights" : "");
+            e->p.int8_activations ? ", int8 activations for quantised weights" : "",
+            e->kv_window ? ", KV blocks behind the sliding window freed" : "");
     return e;
 }
 
@@ -146,6 +157,16 @@ static int resolve_adapter(ds_engine *e, const ds_gen_request *r, ds_adapter_ent
     return DS_OK;
 }
 
+/* KV blocks a sequence of n slots (extra of them the adapter's virtual ones) holds at its peak: all
+ * of them, one spare. With every layer sliding, at most the window and one step's chunk (the blocks
+ * behind are freed as it grows: one more for a block boundary), the prefix's blocks and one spare. */
+static int64_t kv_need(const ds_engine *e, int64_t n, int64_t extra) {
+    const int64_t bs = e->p.kv_block_size, all = (n + bs - 1) / bs + 1;
+    if (!e->kv_window) return all;
+    const int64_t win = ((int64_t)e->kv_window - 1 + e->p.max_batch_tokens + bs - 1) / bs + 1 + (extra + bs - 1) / bs + 1;
+    return win < all ? win : all;
+}
+
 /* max_tokens 0: the rest of the context — the context length and the KV cache (one block spare,
  * as validate_request reserves it) less the prompt and the adapter's virtual tokens; at least 1,
  * so that a prompt that fills the context is refused by validate_request with its message. */
@@ -153,7 +174,7 @@ static int32_t resolve_max_tokens(const ds_engine *e, const ds_gen_request *r, i
     if (r->max_tokens != 0) return r->max_tokens;
     int64_t room = (int64_t)e->max_ctx - (int64_t)r->n_prompt - extra;
     const int64_t kv_room = (int64_t)(e->kv.n_blocks - 1) * e->p.kv_block_size - (int64_t)r->n_prompt - extra;
-    if (kv_room < room) room = kv_room;
+    if (kv_room < room && kv_need(e, (int64_t)r->n_prompt + extra + room, extra) > e->kv.n_blocks) room = kv_room;
     return room > INT32_MAX ? INT32_MAX : room < 1 ? 1 : (int32_t)room;
 }
 
@@ -171,7 +192,7 @@ static int validate_request(ds_engine *e, const ds_gen_request *r, int32_t extra
                           "(%zu in the prompt, %d for the completion%s).",
                           e->max_ctx, (long long)r->n_prompt + r->max_tokens + extra, r->n_prompt, r->max_tokens,
                           extra ? ", plus the adapter's virtual tokens" : "");
-    int64_t need = ((int64_t)r->n_prompt + r->max_tokens + extra + e->p.kv_block_size - 1) / e->p.kv_block_size + 1;
+    const int64_t need = kv_need(e, (int64_t)r->n_prompt + r->max_tokens + extra, extra);
     if (need > e->kv.n_blocks)
         return ds_err_set(err, DS_ERANGE, "request needs %lld KV blocks but the cache holds %d", (long long)need,
                           e->kv.n_blocks);

@@ -41,6 +41,10 @@ struct ds_engine {
     ds_backend *backend;
     ds_llama *llama;
     ds_kv_alloc kv;
+    /* Every layer slides (Mistral): the widest window, else 0. Own KV blocks that no later token can
+     * attend are then returned to the pool as a sequence grows (scheduler.c free_behind_window). */
+    int32_t kv_window;
+    uint64_t kv_window_freed; /* blocks so returned (engine thread; copied into stats) */
     engine_batch b;
     /* shared with other threads, under mu */
     pthread_mutex_t mu;

@@ -57,8 +57,10 @@ void ds_engine_queue_waiting(ds_engine *e, ds_seq *s, bool front) {
 
 /* Drops every block reference (own and shared prefix ones): the sequence will recompute. */
 static void release_blocks(ds_engine *e, ds_seq *s) {
-    for (int32_t i = 0; i < s->n_blocks; i++) ds_kv_block_unref(&e->kv, s->blocks[i]);
+    for (int32_t i = 0; i < s->n_blocks; i++)
+        if (s->blocks[i] >= 0) ds_kv_block_unref(&e->kv, s->blocks[i]); /* -1: freed behind the window */
     s->n_blocks = 0;
+    s->n_window_freed = 0;
     s->n_prefix_blocks = 0;
     s->n_computed = 0;
     ds_engine_slot_detach(e, s);
@@ -93,6 +95,23 @@ static bool grow_blocks(ds_engine *e, ds_seq *s, int32_t n_own) {
         s->blocks[s->n_blocks++] = b;
     }
     return true;
+}
+
+/* With every layer sliding, the next token to compute (own slot n_computed) attends to own slots from
+ * n_computed + 1 - window on, and later tokens to fewer: own blocks wholly below that are never read
+ * again (attention starts at the window, cpu_backend.c attend_one and cuda/attention.cu), so they go
+ * back to the pool. Their table entries become -1; the table keeps its positions, so slot -> block
+ * stays block_tables[slot / block_size]. Prefix blocks are the adapter slot's and stay. */
+static void free_behind_window(ds_engine *e, ds_seq *s) {
+    if (!e->kv_window) return;
+    const int32_t lo = s->n_computed + 1 - e->kv_window, dead = lo > 0 ? lo / e->p.kv_block_size : 0;
+    for (; s->n_window_freed < dead && s->n_prefix_blocks + s->n_window_freed < s->n_blocks; s->n_window_freed++) {
+        int32_t *b = &s->blocks[s->n_prefix_blocks + s->n_window_freed];
+        if (*b < 0) continue;
+        ds_kv_block_unref(&e->kv, *b);
+        *b = -1;
+        e->kv_window_freed++;
+    }
 }
 
 /* Preempts the most recently admitted running sequence admitted after `keep` (recompute later).
@@ -155,6 +174,7 @@ static int32_t schedule_seq(ds_engine *e, ds_seq *s, int32_t budget, int32_t *n_
     int32_t pending = s->n_tokens - s->n_computed;
     int32_t n = pending < budget ? pending : budget;
     if (n <= 0 || *n_seqs >= e->p.max_seqs) return 0;
+    free_behind_window(e, s);
     while (!grow_blocks(e, s, s->n_computed + n))
         if (!preempt_one(e, s)) return -1;
     e->b.seqs[*n_seqs] = s;
@@ -349,6 +369,7 @@ static void update_stats(ds_engine *e, int32_t n_prompt_tok, uint64_t gen) {
     st->n_waiting = nw;
     st->kv_blocks_total = e->kv.n_blocks;
     st->kv_blocks_used = ds_kv_used(&e->kv);
+    st->kv_blocks_window_freed = e->kv_window_freed;
     st->kv_block_size = e->p.kv_block_size;
     st->prompt_tokens_total += (uint64_t)n_prompt_tok;
     st->generation_tokens_total += gen;

@@ -33,8 +33,9 @@ typedef struct ds_seq {
     /* tokens: [n_virt placeholders] prompt, then generated; KV holds the first n_computed */
     int32_t *tokens;
     int32_t n_tokens, cap_tokens, n_computed, n_gen;
-    int32_t *blocks;
+    int32_t *blocks;      /* [prefix blocks][own blocks]; -1 = freed behind the sliding window */
     int32_t n_blocks, cap_blocks;
+    int32_t n_window_freed; /* own blocks from the first one that were freed behind the window */
     /* text: detok state and text held back because it may start a stop string */
     ds_detok detok;
     char *held;

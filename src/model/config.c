@@ -69,6 +69,10 @@ int ds_model_config_validate(ds_model_config *cfg, const char *source, ds_err *e
                           source, cfg->n_head, cfg->n_kv_head);
     if (cfg->head_dim % 2)
         return ds_err_set(err, DS_EFORMAT, "%s: head_dim %d must be even for RoPE", source, cfg->head_dim);
+    if (cfg->n_rot == cfg->head_dim) cfg->n_rot = 0;
+    if (cfg->n_rot && (cfg->n_rot < 2 || cfg->n_rot > cfg->head_dim || cfg->n_rot % 2))
+        return ds_err_set(err, DS_EFORMAT, "%s: rotary dimensions %d must be even and within head_dim %d", source,
+                          cfg->n_rot, cfg->head_dim);
     if ((int64_t)cfg->n_head * cfg->head_dim > MAX_DMODEL)
         return ds_err_set(err, DS_EFORMAT, "%s: num_attention_heads * head_dim = %lld is too large", source,
                           (long long)cfg->n_head * cfg->head_dim);
@@ -88,7 +92,7 @@ int ds_model_config_validate(ds_model_config *cfg, const char *source, ds_err *e
  * torch evaluates `scalar / tensor` as reciprocal(tensor) * scalar and rounds Python scalars to
  * float; theta^e is taken in double and rounded, i.e. correctly rounded like torch's pow. */
 void ds_rope_inv_freq(const ds_model_config *cfg, float *inv_freq) {
-    const int d = cfg->head_dim;
+    const int d = cfg->n_rot ? cfg->n_rot : cfg->head_dim; /* partial rotary: dim = n_rot, as HF */
     for (int i = 0; i < d / 2; i++) {
         const float e = (float)(2 * i) / (float)d;
         const float p = (float)pow((double)cfg->rope_theta, (double)e);

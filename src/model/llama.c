@@ -33,6 +33,12 @@ struct ds_llama {
     float *output_norm, *inv_freq, *inv_freq_swa; /* inv_freq_swa: sliding layers' RoPE, or NULL */
     llama_layer *layers;
     llama_work w;
+    /* Partial rotary (cfg.n_rot < head_dim): each head is seen as K rows of `chunk` floats; the first R
+     * rows (the n_rot rotated values) are gathered, roped as heads of n_rot, and gathered back, through
+     * the backend's copy / get_rows / rope ops (rope_partial). */
+    float *rot_buf;            /* [copy: G·K rows][rotated: G·R rows] of chunk floats, G = max_tokens·n_head */
+    int32_t *rot_in, *rot_out; /* [G·R], [G·K] row indices into rot_buf */
+    int32_t rot_chunk, rot_k, rot_r;
     void **allocs; /* every backend allocation, for free */
     size_t n_allocs, cap_allocs;
 };
@@ -99,6 +105,55 @@ static int upload_layer(ds_llama *L, int32_t i, ds_err *err) {
         if (!l->attn_post_norm || !l->ffn_post_norm) return ds_err_set(err, DS_EDEVICE, "layer %d: out of backend memory", i);
     }
     return DS_OK;
+}
+
+static int32_t gcd32(int32_t a, int32_t b) {
+    while (b) {
+        const int32_t t = a % b;
+        a = b;
+        b = t;
+    }
+    return a;
+}
+
+/* The gather tables of rope_partial, for every head row g < G (a step uses a prefix of them). */
+static int alloc_rope_partial(ds_llama *L, ds_err *err) {
+    const ds_model_config *c = &L->model->cfg;
+    if (!c->n_rot || c->n_rot == c->head_dim) return DS_OK;
+    const int32_t chunk = gcd32(c->n_rot / 2, c->head_dim), K = c->head_dim / chunk, R = c->n_rot / chunk;
+    const size_t G = (size_t)L->p.max_tokens * (size_t)c->n_head;
+    int32_t *in = malloc(G * (size_t)R * 4), *out = malloc(G * (size_t)K * 4);
+    if (G * (size_t)(K + R) > INT32_MAX || !in || !out) {
+        free(in), free(out);
+        return ds_err_set(err, DS_ENOMEM, "out of memory for partial rotary tables");
+    }
+    for (size_t g = 0; g < G; g++) {
+        for (int32_t j = 0; j < R; j++) in[g * R + j] = (int32_t)(g * K + j);
+        for (int32_t k = 0; k < K; k++) out[g * K + k] = (int32_t)(k < R ? G * K + g * R + k : g * K + k);
+    }
+    L->rot_chunk = chunk, L->rot_k = K, L->rot_r = R;
+    L->rot_buf = balloc(L, G * (size_t)(K + R) * chunk * 4);
+    L->rot_in = balloc(L, G * (size_t)R * 4);
+    L->rot_out = balloc(L, G * (size_t)K * 4);
+    int st = L->rot_buf && L->rot_in && L->rot_out ? DS_OK : DS_EDEVICE;
+    if (!st) st = IFACE(L)->upload(L->b->ctx, L->rot_in, in, G * (size_t)R * 4);
+    if (!st) st = IFACE(L)->upload(L->b->ctx, L->rot_out, out, G * (size_t)K * 4);
+    free(in), free(out);
+    return st ? ds_err_set(err, st, "out of backend memory for partial rotary") : DS_OK;
+}
+
+/* HF Phi-3 apply_rotary_pos_emb with rotary_dim < head_dim: rotate_half RoPE on each head's first
+ * n_rot values (pairs i, i + n_rot/2), the rest unchanged. */
+static int rope_partial(ds_llama *L, float *x, const float *inv_freq, int32_t T, int32_t n_head) {
+    const struct ds_backend_iface *f = IFACE(L);
+    void *ctx = L->b->ctx;
+    const ds_model_config *c = &L->model->cfg;
+    const size_t G = (size_t)L->p.max_tokens * (size_t)c->n_head, g = (size_t)T * (size_t)n_head;
+    float *rot = L->rot_buf + G * (size_t)L->rot_k * L->rot_chunk;
+    DS_TRY(f->copy(ctx, L->rot_buf, x, g * (size_t)c->head_dim * 4));
+    DS_TRY(f->get_rows(ctx, L->rot_buf, L->rot_in, rot, (int32_t)(g * (size_t)L->rot_r), L->rot_chunk));
+    DS_TRY(f->rope(ctx, rot, L->w.pos, inv_freq, T, n_head, c->n_rot));
+    return f->get_rows(ctx, L->rot_buf, L->rot_out, x, (int32_t)(g * (size_t)L->rot_k), L->rot_chunk);
 }
 
 static int alloc_work(ds_llama *L, ds_err *err) {
@@ -181,6 +236,7 @@ static int llama_init(ds_llama *L, ds_err *err) {
     for (int32_t i = 0; i < c->n_layer; i++)
         if ((st = upload_layer(L, i, err))) return st;
     if ((st = alloc_kv(L, err))) return st;
+    if ((st = alloc_rope_partial(L, err))) return st;
     return alloc_work(L, err);
 }
 
@@ -278,8 +334,13 @@ static int attention_block(ds_llama *L, int32_t il, const ds_batch *bt, const ds
         DS_TRY(f->rmsnorm(ctx, w->k, l->k_norm, w->k, T * c->n_kv_head, c->head_dim, c->rms_eps));
     }
     const float *inv_freq = L->inv_freq_swa && ds_model_layer_sliding(c, il) ? L->inv_freq_swa : L->inv_freq;
-    DS_TRY(f->rope(ctx, w->q, w->pos, inv_freq, T, c->n_head, c->head_dim));
-    DS_TRY(f->rope(ctx, w->k, w->pos, inv_freq, T, c->n_kv_head, c->head_dim));
+    if (L->rot_buf) {
+        DS_TRY(rope_partial(L, w->q, inv_freq, T, c->n_head));
+        DS_TRY(rope_partial(L, w->k, inv_freq, T, c->n_kv_head));
+    } else {
+        DS_TRY(f->rope(ctx, w->q, w->pos, inv_freq, T, c->n_head, c->head_dim));
+        DS_TRY(f->rope(ctx, w->k, w->pos, inv_freq, T, c->n_kv_head, c->head_dim));
+    }
     DS_TRY(f->kv_store(ctx, l->k_pool, l->v_pool, w->k, w->v, w->slots, T, kvd));
     ds_attn_args a = {.q = w->q, .out = w->att, .k_cache = l->k_pool, .v_cache = l->v_pool, .n_tokens = T,
                       .n_head = c->n_head, .n_kv_head = c->n_kv_head, .head_dim = c->head_dim,

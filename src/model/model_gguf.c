@@ -162,9 +162,13 @@ static int read_config(gctx *c) {
     if (v_len && v_len != cfg->head_dim)
         return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: value_length %d != key_length %d is not supported", c->path,
                           v_len, cfg->head_dim);
-    if (rope_dim && rope_dim != cfg->head_dim)
+    if (rope_dim && rope_dim != cfg->head_dim && cfg->arch != DS_ARCH_PHI3)
         return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: partial RoPE (rope.dimension_count %d, head_dim %d) is not supported",
                           c->path, rope_dim, cfg->head_dim);
+    if (rope_dim && rope_dim != cfg->head_dim) { /* Phi-3 family (Phi-4-mini): RoPE on the first rope_dim */
+        cfg->n_rot = rope_dim;
+        return ds_model_config_validate(cfg, c->path, c->err);
+    }
     return 0;
 }
 

@@ -22,6 +22,7 @@ typedef struct {
     size_t n_loaded, n_expected;
     size_t dtype_count[3]; /* tensors loaded per DS_ST_F32 / F16 / BF16 */
     double t0;
+    float partial_rotary; /* partial_rotary_factor (Phi-3), 0 when not given */
 } hctx;
 
 static bool exists(const char *path) {
@@ -190,8 +191,12 @@ static int parse_rope(hctx *c, const cJSON *root, ds_model_config *cfg) {
     if (!rc) rc = get_float(c, root, "partial_rotary_factor", &partial, false);
     if (!rc && rp) rc = get_float(c, rp, "partial_rotary_factor", &partial, false);
     if (rc) return rc;
-    if (partial != 1.0f)
-        return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: partial_rotary_factor %g is not supported", c->cfg_path, partial);
+    if (partial != 1.0f && cfg->arch != DS_ARCH_PHI3) /* only Phi-3's attention rotates part of a head */
+        return ds_err_set(c->err, DS_EUNSUPPORTED, "%s: partial_rotary_factor %g is not supported for %s", c->cfg_path,
+                          partial, cfg->arch_name);
+    if (!(partial > 0.0f && partial <= 1.0f))
+        return ds_err_set(c->err, DS_EFORMAT, "%s: partial_rotary_factor %g is not in (0, 1]", c->cfg_path, partial);
+    c->partial_rotary = partial;
     const char *type = rs ? get_str(rs, "rope_type") : NULL;
     if (rs && !type) type = get_str(rs, "type");
     if (!type || !strcmp(type, "default")) return 0;
@@ -281,6 +286,13 @@ static int parse_config(hctx *c, const cJSON *root) {
     if (!rc) rc = get_float(c, root, "rms_norm_eps", &cfg->rms_eps, false);
     if (!rc) rc = get_bool(c, root, "tie_word_embeddings", &cfg->tied_embeddings);
     if (!rc) rc = parse_rope(c, root, cfg);
+    if (!rc && c->partial_rotary > 0 && c->partial_rotary != 1.0f && cfg->n_head > 0) { /* int(head_dim * f) */
+        const int32_t hd = cfg->head_dim ? cfg->head_dim : cfg->d_model / cfg->n_head;
+        cfg->n_rot = (int32_t)((double)hd * (double)c->partial_rotary);
+        if (cfg->n_rot < 2)
+            return ds_err_set(c->err, DS_EFORMAT, "%s: partial_rotary_factor %g leaves %d rotary dimensions", c->cfg_path,
+                              c->partial_rotary, cfg->n_rot);
+    }
     if (!rc && cfg->arch == DS_ARCH_GEMMA3) rc = parse_gemma3(c, root, cfg);
     if (!rc) rc = ds_model_config_validate(cfg, c->cfg_path, c->err);
     if (!rc) rc = parse_sliding(c, root, cfg);

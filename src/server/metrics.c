@@ -250,6 +250,10 @@ static void render_engine(ds_sb *b, const ds_metrics *m, const ds_engine_stats *
                  st->kv_blocks_total);
     simple(b, m, "vllm:num_preemptions_total", "counter", "Cumulative number of preemptions from the engine.",
            (double)st->n_preemptions, true);
+    simple(b, m, "deltaserve_kv_blocks_used", "gauge", "KV-cache blocks held by sequences.", st->kv_blocks_used, false);
+    simple(b, m, "deltaserve_kv_blocks_window_freed_total", "counter",
+           "KV-cache blocks returned to the pool from behind a sliding window (models whose every layer slides).",
+           (double)st->kv_blocks_window_freed, false);
     simple(b, m, "deltaserve_engine_steps_total", "counter", "Engine steps (forward passes) run.", (double)st->steps,
            false);
     simple(b, m, "deltaserve_adapter_resident", "gauge", "Adapters resident on the backend (in slots).",

@@ -222,3 +222,57 @@ int bpe_encode_piece(const ds_tokenizer *t, const uint8_t *s, size_t n, bpe_scra
     }
     return DS_OK;
 }
+
+/* ---- BPE over characters (SentencePiece vocabularies in tokenizer.json) ---- */
+
+static void add_sym(bpe_sym *sym, size_t *k, int32_t id) {
+    sym[*k] = (bpe_sym){id, (int32_t)*k - 1, (int32_t)*k + 1};
+    (*k)++;
+}
+
+/* HF BPE::merge_word: a character in the vocab flushes a pending unk and is one symbol; one that is
+ * not becomes its <0xXX> tokens when all exist (HF adds these without flushing a pending unk, so a
+ * later unk lands after them: kept, to give the same ids), else an unk, fused with a pending one under
+ * fuse_unk. */
+static size_t init_chars(const ds_tokenizer *t, const uint8_t *s, size_t n, bpe_sym *sym) {
+    size_t k = 0;
+    int32_t unk = -1; /* pending unk id */
+    for (size_t i = 0; i < n;) {
+        uint32_t cp;
+        size_t w = tok_utf8_decode(s + i, n - i, &cp);
+        if (!w) w = 1;
+        int32_t id;
+        if (ds_strmap_get(t->vocab, (const char *)s + i, w, &id)) {
+            if (unk >= 0) add_sym(sym, &k, unk), unk = -1;
+            add_sym(sym, &k, id);
+        } else {
+            bool all = t->meta.byte_fallback;
+            for (size_t b = 0; all && b < w; b++) all = t->byte_tok[s[i + b]] >= 0;
+            if (all) {
+                for (size_t b = 0; b < w; b++) add_sym(sym, &k, t->byte_tok[s[i + b]]);
+            } else if (t->unk_id >= 0) {
+                if (unk >= 0 && !t->meta.fuse_unk) add_sym(sym, &k, unk);
+                unk = t->unk_id;
+            }
+        }
+        i += w;
+    }
+    if (unk >= 0) add_sym(sym, &k, unk);
+    if (k) sym[k - 1].next = -1;
+    return k;
+}
+
+int bpe_encode_chars(const ds_tokenizer *t, const uint8_t *s, size_t n, bpe_scratch *sc, tok_ids *out) {
+    if (n == 0) return DS_OK;
+    if (n > INT32_MAX / 2) return DS_ERANGE;
+    int32_t id;
+    if (t->ignore_merges && ds_strmap_get(t->vocab, (const char *)s, n, &id)) return tok_ids_push(out, id);
+    if (DS_GROW(sc->sym, sc->sym_cap, n) || DS_GROW(sc->heap, sc->heap_cap, 3 * n + 2)) return DS_ENOMEM;
+    size_t k = init_chars(t, s, n, sc->sym);
+    merge_all(t, sc->sym, k, sc->heap);
+    for (int32_t i = k ? 0 : -1; i >= 0; i = sc->sym[i].next) {
+        int rc = tok_ids_push(out, sc->sym[i].id);
+        if (rc) return rc;
+    }
+    return DS_OK;
+}

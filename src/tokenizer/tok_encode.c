@@ -26,7 +26,7 @@ static int32_t trie_child(tok_trie *tr, int32_t node, uint8_t byte, bool create)
     return c;
 }
 
-static int trie_insert(tok_trie *tr, const uint8_t *s, size_t n, int32_t idx) {
+int tok_trie_insert(tok_trie *tr, const uint8_t *s, size_t n, int32_t idx) {
     int32_t node = tr->root[s[0]];
     if (node < 0) {
         node = trie_new_node(tr, s[0]);
@@ -38,16 +38,21 @@ static int trie_insert(tok_trie *tr, const uint8_t *s, size_t n, int32_t idx) {
         if (node < 0) return DS_ENOMEM;
     }
     if (tr->nodes[node].added < 0) tr->nodes[node].added = idx; /* first of duplicate contents wins */
+    tr->empty = false;
     return DS_OK;
 }
 
-int tok_trie_build(tok_trie *tr, const tok_added *added, size_t n_added, bool normalized) {
+void tok_trie_init(tok_trie *tr) {
     memset(tr, 0, sizeof *tr);
     for (int i = 0; i < 256; i++) tr->root[i] = -1;
     tr->empty = true;
+}
+
+int tok_trie_build(tok_trie *tr, const tok_added *added, size_t n_added, bool normalized) {
+    tok_trie_init(tr);
     for (size_t i = 0; i < n_added; i++) {
         if (added[i].normalized != normalized || added[i].len == 0) continue;
-        int rc = trie_insert(tr, (const uint8_t *)added[i].content, added[i].len, (int32_t)i);
+        int rc = tok_trie_insert(tr, (const uint8_t *)added[i].content, added[i].len, (int32_t)i);
         if (rc) return rc;
         tr->empty = false;
     }
@@ -125,6 +130,7 @@ typedef struct enc_ctx {
     int copy;              /* matching in a normalised copy (positions are not the text's): 0 no,
                             * 1 of a gap clear of plain ranges, 2 of a gap touching one */
     bool prev_special;     /* SentencePiece: the next fragment starts the text or follows an added token */
+    bool at_start;         /* nothing of the text has been encoded yet (Metaspace prepend_scheme "first") */
     tok_ids ids;
     bpe_scratch sc;
     pcre2_match_data *md;
@@ -169,6 +175,7 @@ static int split_added(enc_ctx *c, const tok_trie *tr, const uint8_t *s, size_t 
         if (start > done) rc = on_gap(c, s + done, start - done);
         if (!rc) rc = tok_ids_push(&c->ids, a->id);
         c->prev_special = true;
+        c->at_start = false;
         done = stop;
     }
     if (!rc && done < n) rc = on_gap(c, s + done, n - done);
@@ -181,6 +188,11 @@ static int on_piece(void *ctx, const uint8_t *piece, size_t len) {
 }
 
 static int gap_pretokenize(enc_ctx *c, const uint8_t *s, size_t n) {
+    if (c->t->meta.on) {
+        const bool first = c->at_start;
+        c->at_start = false;
+        return tok_meta_encode(c->t, s, n, first, &c->sc, &c->ids);
+    }
     if (c->t->spm) { /* SentencePiece: the whole fragment at once, no pre-tokeniser */
         const bool prefix = c->t->space_prefix && c->prev_special;
         c->prev_special = false;
@@ -192,10 +204,11 @@ static int gap_pretokenize(enc_ctx *c, const uint8_t *s, size_t n) {
 /* Each gap left by the raw added tokens is normalised on its own (HF normalises per split), then the
  * normalized added tokens are matched in it. */
 static int gap_normalize(enc_ctx *c, const uint8_t *s, size_t n) {
-    if (!c->t->pre.nfc) return split_added(c, &c->t->trie_norm, s, n, gap_pretokenize);
+    const bool meta = c->t->meta.on && (c->t->meta.norm_prepend || c->t->meta.norm_replace);
+    if (!c->t->pre.nfc && !meta) return split_added(c, &c->t->trie_norm, s, n, gap_pretokenize);
     uint8_t *buf = NULL;
     size_t len = 0;
-    int rc = tok_nfc(s, n, &buf, &len);
+    int rc = meta ? tok_meta_normalize(c->t, s, n, &buf, &len) : tok_nfc(s, n, &buf, &len);
     /* In the copy, special tokens stay text if the gap touches a plain range at all. */
     bool touches = false;
     for (size_t i = 0; i < c->n_plain && c->text; i++)
@@ -213,7 +226,7 @@ static int encode(const ds_tokenizer *t, const char *text, size_t len, bool add_
     *ids = NULL;
     *n_ids = 0;
     enc_ctx c = {.t = t, .parse_special = parse_special, .plain = plain, .n_plain = n_plain,
-                 .text = (const uint8_t *)text, .prev_special = true};
+                 .text = (const uint8_t *)text, .prev_special = true, .at_start = true};
     c.md = pcre2_match_data_create(1, NULL);
     /* Allocated up front so success never hands back NULL, even for no ids. */
     c.ids.cap = 16 + (len < ((size_t)1 << 22) ? len / 2 : ((size_t)1 << 21));

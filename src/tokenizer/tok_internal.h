@@ -6,7 +6,10 @@
  *   2. each remaining gap is normalised (NFC or nothing) and added tokens whose `normalized` is true
  *      are split out of the normalised gap,
  *   3. each remaining gap is pre-tokenised (optional individual-digit split, then one regex),
- *   4. each piece is byte-level BPE'd (or emitted whole under ignore_merges). */
+ *   4. each piece is byte-level BPE'd (or emitted whole under ignore_merges).
+ * SentencePiece vocabularies take other steps 2-4: from GGUF, spm.c (scored merges over the fragment);
+ * from tokenizer.json, the Prepend/Replace normaliser, the Metaspace pre-tokeniser and a BPE over
+ * characters with byte fallback or a Unigram model (metaspace.c, unigram.c). */
 #ifndef DS_TOKENIZER_TOK_INTERNAL_H
 #define DS_TOKENIZER_TOK_INTERNAL_H
 
@@ -100,6 +103,11 @@ void bpe_scratch_free(bpe_scratch *sc);
 /* Appends the ids of one pre-token (raw bytes) to out. Returns 0 or DS_ENOMEM / DS_ERANGE. */
 int bpe_encode_piece(const ds_tokenizer *t, const uint8_t *s, size_t n, bpe_scratch *sc, tok_ids *out);
 
+/* BPE over the UTF-8 characters of one piece (HF BPE with a SentencePiece vocabulary): each character
+ * is its vocab token, else its <0xXX> tokens (byte_fallback), else unk (consecutive unks fused with
+ * fuse_unk), then the ranked merges. Returns 0 or DS_ENOMEM / DS_ERANGE. */
+int bpe_encode_chars(const ds_tokenizer *t, const uint8_t *s, size_t n, bpe_scratch *sc, tok_ids *out);
+
 /* ---- added tokens ---- */
 typedef struct tok_added {
     int32_t id;
@@ -120,6 +128,23 @@ typedef struct tok_trie {
     bool empty;
 } tok_trie;
 
+/* SentencePiece-shaped tokenizer.json (metaspace.c): which steps the file names. */
+typedef enum { TOK_PREPEND_NEVER = 0, TOK_PREPEND_FIRST, TOK_PREPEND_ALWAYS } tok_prepend;
+typedef struct tok_meta {
+    bool on;             /* this pipeline instead of the byte-level one */
+    bool norm_prepend;   /* normalizer Prepend("▁"): before every non-empty split */
+    bool norm_replace;   /* normalizer Replace(" ", "▁") */
+    bool pre_metaspace;  /* pre_tokenizer Metaspace("▁") ... */
+    uint8_t prepend;     /* ... its prepend_scheme (tok_prepend) */
+    bool split;          /* ... its split: a piece starts at every "▁" */
+    bool unigram;        /* model Unigram; else BPE over characters */
+    bool byte_fallback;  /* <0xXX> tokens for characters the vocab lacks */
+    bool fuse_unk;       /* BPE: consecutive unknown characters make one unk */
+    bool dec_bytes;      /* decoder ByteFallback: <0xXX> tokens decode to their byte */
+    int dec_strip;       /* decoder Strip(" ", n, 0): up to n leading spaces off the decoded text */
+    bool dec_meta_first; /* decoder Metaspace: the first token's "▁" are dropped */
+} tok_meta;
+
 /* Per-token flags. */
 enum { TOKF_SPECIAL = 1, TOKF_ADDED = 2, TOKF_EOG = 4, TOKF_MODEL = 8 /* in the BPE model vocab */ };
 
@@ -139,6 +164,10 @@ struct ds_tokenizer {
     bool ignore_merges;
     bool spm, space_prefix; /* SentencePiece BPE (spm.c); scores[id] */
     float *scores;
+    tok_meta meta;       /* SentencePiece-shaped tokenizer.json */
+    double *uscore;      /* [n_vocab] Unigram piece scores (meta.unigram) */
+    double umin;         /* the lowest of them */
+    tok_trie upieces;    /* Unigram: every vocab piece, `added` = its id */
     tok_pre pre;
     tok_added *added;
     size_t n_added;
@@ -164,6 +193,8 @@ typedef struct tok_spec {
     bool add_bos, add_eos;
     bool spm, space_prefix;    /* SentencePiece BPE: tokens spelled with "▁", scores, <0xXX> bytes */
     const float *scores;       /* [n_vocab] when spm */
+    tok_meta meta;             /* SentencePiece-shaped tokenizer.json */
+    const double *uscores;     /* [n_vocab] when meta.unigram */
     const char *chat_template; /* copied, may be NULL */
     const char *source;        /* names the input in error messages */
 } tok_spec;
@@ -178,8 +209,24 @@ ds_tokenizer *tok_load_json_text(const char *text, size_t len, const char *name,
 /* Appends the ids of one text fragment (no special tokens in it); prefix: start it with "▁". */
 int tok_spm_encode(const ds_tokenizer *t, const uint8_t *text, size_t n, bool prefix, tok_ids *out);
 
+/* ---- SentencePiece-shaped tokenizer.json (metaspace.c, unigram.c) ---- */
+/* Metaspace pre-tokenisation and the model on one normalised split; first: the split starts the text
+ * (prepend_scheme "first"). */
+int tok_meta_encode(const ds_tokenizer *t, const uint8_t *s, size_t n, bool first, bpe_scratch *sc, tok_ids *out);
+/* The normaliser (Prepend / Replace) of one split into a malloc'd copy. */
+int tok_meta_normalize(const ds_tokenizer *t, const uint8_t *s, size_t n, uint8_t **out, size_t *out_n);
+/* Unigram (HF models/unigram: Viterbi over the piece scores, unknown characters scored min - 10,
+ * fused, then byte fallback) on one piece. */
+int tok_unigram_encode(const ds_tokenizer *t, const uint8_t *s, size_t n, tok_ids *out);
+/* Builds t->upieces and t->umin from the spec (meta.unigram). */
+int tok_unigram_build(ds_tokenizer *t, const tok_spec *s);
+
 /* ---- trie (tok_encode.c) ---- */
 int tok_trie_build(tok_trie *tr, const tok_added *added, size_t n_added, bool normalized);
+/* An empty trie; tok_trie_insert adds s[0..n) (n >= 1) ending in `value` (the first value of a
+ * repeated key stays). */
+void tok_trie_init(tok_trie *tr);
+int tok_trie_insert(tok_trie *tr, const uint8_t *s, size_t n, int32_t value);
 void tok_trie_free(tok_trie *tr);
 
 #endif

@@ -28,6 +28,8 @@ void ds_tokenizer_free(ds_tokenizer *t) {
     free(t->type);
     free(t->flags);
     free(t->scores);
+    free(t->uscore);
+    tok_trie_free(&t->upieces);
     ds_strmap_free(t->vocab);
     ds_strmap_free(t->lookup);
     tok_merges_free(&t->merges);
@@ -71,9 +73,13 @@ static int copy_added(ds_tokenizer *t, const tok_spec *s, const char ***srcs, ds
             return ds_err_set(err, DS_EFORMAT, "%s: added token %zu has a bad id or no content", s->source, i);
         a->len = strlen(src);
         int rc = DS_OK;
-        if (a->normalized && s->pre.nfc) {
+        /* HF matches a normalized token by its content run through the normaliser — the Prepend one
+         * too, so under the legacy Llama normaliser "<x>" is matched as "▁<x>". */
+        const bool meta_norm = s->meta.on && (s->meta.norm_prepend || s->meta.norm_replace);
+        if (a->normalized && (s->pre.nfc || meta_norm)) {
             uint8_t *nf;
-            rc = tok_nfc((const uint8_t *)src, a->len, &nf, &a->len);
+            rc = meta_norm ? tok_meta_normalize(t, (const uint8_t *)src, a->len, &nf, &a->len)
+                           : tok_nfc((const uint8_t *)src, a->len, &nf, &a->len);
             if (!rc && !(a->content = realloc(nf, a->len + 1))) {
                 free(nf);
                 rc = DS_ENOMEM;
@@ -129,12 +135,19 @@ static size_t decode_spm(const char *txt, size_t n, bool byte_type, uint8_t *out
     return o;
 }
 
-static int build_strings(ds_tokenizer *t, const tok_spec *s, const char **added_text, ds_err *err) {
-    size_t total = 0;
-    for (int32_t i = 0; i < s->n_vocab; i++) total += strlen(spelling(s, added_text, i)) + 1;
-    if (total > UINT32_MAX) return ds_err_set(err, DS_ERANGE, "%s: vocab strings too large", s->source);
+/* dec_text[id] (may be NULL): what the token decodes from when not its spelling — a normalized added
+ * token under a SentencePiece normaliser decodes from its normalised content ("▁<x>" → " <x>"), as
+ * HF's id_to_token gives that. */
+static int build_strings(ds_tokenizer *t, const tok_spec *s, const char **added_text, const char **dec_text,
+                         ds_err *err) {
+    size_t total = 0, btotal = 0;
+    for (int32_t i = 0; i < s->n_vocab; i++) {
+        total += strlen(spelling(s, added_text, i)) + 1;
+        btotal += strlen(dec_text[i] ? dec_text[i] : spelling(s, added_text, i)) + 1;
+    }
+    if (total > UINT32_MAX || btotal > UINT32_MAX) return ds_err_set(err, DS_ERANGE, "%s: vocab strings too large", s->source);
     t->text = malloc(total);
-    t->bytes = malloc(total);
+    t->bytes = malloc(btotal);
     t->text_off = malloc((size_t)s->n_vocab * sizeof(uint32_t));
     t->text_len = malloc((size_t)s->n_vocab * sizeof(uint32_t));
     t->bytes_off = malloc((size_t)s->n_vocab * sizeof(uint32_t));
@@ -150,9 +163,12 @@ static int build_strings(ds_tokenizer *t, const tok_spec *s, const char **added_
         t->text_len[i] = (uint32_t)n;
         to += n + 1;
         t->bytes_off[i] = (uint32_t)bo;
-        t->bytes_len[i] = (uint32_t)(s->spm ? decode_spm(sp, n, !s->token_types || s->token_types[i] == DS_TOKEN_BYTE,
-                                                         (uint8_t *)t->bytes + bo)
-                                            : decode_spelling(sp, n, (uint8_t *)t->bytes + bo));
+        /* tokenizer.json: <0xXX> decodes to its byte only under the ByteFallback decoder */
+        const bool byte_ok = s->meta.on ? s->meta.dec_bytes : !s->token_types || s->token_types[i] == DS_TOKEN_BYTE;
+        const char *ds = dec_text[i] ? dec_text[i] : sp;
+        const size_t dn = strlen(ds);
+        t->bytes_len[i] = (uint32_t)(s->spm || s->meta.on ? decode_spm(ds, dn, byte_ok, (uint8_t *)t->bytes + bo)
+                                                          : decode_spelling(ds, dn, (uint8_t *)t->bytes + bo));
         bo += t->bytes_len[i];
     }
     return DS_OK;
@@ -178,7 +194,7 @@ static int build_maps(ds_tokenizer *t, const tok_spec *s, ds_err *err) {
     }
     for (int b = 0; b < 256; b++) {
         char u[8];
-        size_t n = s->spm ? (size_t)snprintf(u, sizeof u, "<0x%02X>", b)
+        size_t n = s->spm || s->meta.on ? (size_t)snprintf(u, sizeof u, "<0x%02X>", b)
                           : tok_utf8_encode(tok_byte_to_cp((uint8_t)b), (uint8_t *)u);
         if (!ds_strmap_get(t->vocab, u, n, &t->byte_tok[b])) t->byte_tok[b] = -1;
     }
@@ -241,17 +257,24 @@ static int build_tables(ds_tokenizer *t, const tok_spec *s, ds_err *err) {
     const char **srcs = NULL;
     int rc = copy_added(t, s, &srcs, err);
     const char **added_text = rc ? NULL : calloc((size_t)s->n_vocab, sizeof *added_text);
+    const char **dec_text = rc ? NULL : calloc((size_t)s->n_vocab, sizeof *dec_text);
     t->type = calloc((size_t)s->n_vocab, 1);
     t->flags = calloc((size_t)s->n_vocab, 1);
-    if (!rc && (!added_text || !t->type || !t->flags)) rc = ds_err_set(err, DS_ENOMEM, "%s: out of memory", s->source);
+    if (!rc && (!added_text || !dec_text || !t->type || !t->flags))
+        rc = ds_err_set(err, DS_ENOMEM, "%s: out of memory", s->source);
     /* The spelling of an added token is its content as written, not its normalised match form. */
-    for (size_t i = 0; !rc && i < t->n_added; i++)
-        if (!added_text[t->added[i].id]) added_text[t->added[i].id] = srcs[i];
-    if (!rc) rc = build_strings(t, s, added_text, err);
+    const bool meta_norm = s->meta.on && (s->meta.norm_prepend || s->meta.norm_replace);
+    for (size_t i = 0; !rc && i < t->n_added; i++) {
+        if (added_text[t->added[i].id]) continue;
+        added_text[t->added[i].id] = srcs[i];
+        if (meta_norm && t->added[i].normalized) dec_text[t->added[i].id] = t->added[i].content;
+    }
+    if (!rc) rc = build_strings(t, s, added_text, dec_text, err);
     if (!rc) rc = build_maps(t, s, err);
     if (!rc) set_types(t, s);
     free(srcs);
     free(added_text);
+    free(dec_text);
     return rc;
 }
 
@@ -287,6 +310,13 @@ ds_tokenizer *tok_build(const tok_spec *s, ds_err *err) {
     t->ignore_merges = s->ignore_merges;
     t->spm = s->spm;
     t->space_prefix = s->space_prefix;
+    t->meta = s->meta;
+    if (s->meta.unigram && (!s->uscores || tok_unigram_build(t, s))) {
+        ds_err_set(err, s->uscores ? DS_ENOMEM : DS_EINVAL, "%s: %s", s->source,
+                   s->uscores ? "out of memory" : "a Unigram vocabulary needs scores");
+        ds_tokenizer_free(t);
+        return NULL;
+    }
     if (s->spm) {
         if (!s->scores || !(t->scores = malloc(sizeof *t->scores * (size_t)s->n_vocab))) {
             ds_err_set(err, s->scores ? DS_ENOMEM : DS_EINVAL, "%s: %s", s->source,
@@ -412,12 +442,27 @@ int ds_tokenizer_decode(const ds_tokenizer *t, const int32_t *ids, size_t n_ids,
     uint8_t *raw = malloc(raw_n ? raw_n : 1);
     if (!raw) return DS_ENOMEM;
     size_t o = 0;
+    bool first = true;
     for (size_t i = 0; i < n_ids; i++) {
         if (skip_special && (t->flags[ids[i]] & TOKF_SPECIAL)) continue;
-        memcpy(raw + o, t->bytes + t->bytes_off[ids[i]], t->bytes_len[ids[i]]);
-        o += t->bytes_len[ids[i]];
+        const char *b = t->bytes + t->bytes_off[ids[i]];
+        /* HF Metaspace decoder: the first token's "▁" are dropped (model pieces hold no other space) */
+        for (uint32_t k = 0; first && t->meta.dec_meta_first && !(t->flags[ids[i]] & TOKF_ADDED) &&
+                             k < t->bytes_len[ids[i]]; k++)
+            if (b[k] != ' ') raw[o++] = (uint8_t)b[k];
+        if (!(first && t->meta.dec_meta_first && !(t->flags[ids[i]] & TOKF_ADDED))) {
+            memcpy(raw + o, b, t->bytes_len[ids[i]]);
+            o += t->bytes_len[ids[i]];
+        }
+        first = false;
     }
+    raw_n = o;
+    /* HF Strip(" ", n, 0) after Fuse: leading spaces off the whole text. */
+    size_t lead = 0;
+    while ((int)lead < t->meta.dec_strip && lead < raw_n && raw[lead] == ' ') lead++;
     /* HF decodes with String::from_utf8_lossy; do the same so decode always yields valid UTF-8. */
+    raw_n -= lead;
+    memmove(raw, raw + lead, raw_n);
     size_t consumed, need = tok_utf8_lossy(raw, raw_n, true, NULL, 0, &consumed);
     char *s = malloc(need + 1);
     if (!s) {

@@ -23,6 +23,9 @@ typedef struct jl {
     int32_t tmpl_bos, tmpl_eos; /* ids the post-processor adds, -1 none */
     bool has_post;
     bool from_file;        /* look for chat_template.jinja beside path */
+    /* what the pipeline steps say, checked together in check_shape */
+    bool pre_null, pre_split_space, pre_bytelevel, dec_bytelevel, dec_replace, model_bpe_bf;
+    double *uscores;       /* [n_vocab] Unigram scores, owned */
     char *chat_template;
 } jl;
 
@@ -129,9 +132,44 @@ static bool every_byte_in_vocab(const cJSON *vocab) {
     return n == 256;
 }
 
+/* Unigram: vocab [[piece, score], ...] (id = index), unk_id, byte_fallback; always fuses unks. */
+static int parse_unigram(jl *j, const cJSON *model, int32_t max_added) {
+    const cJSON *vocab = field(model, "vocab");
+    const int n = cJSON_IsArray(vocab) ? cJSON_GetArraySize(vocab) : 0;
+    if (n <= 0 || n > TOK_MAX_ID) return fail(j, DS_EFORMAT, "model.vocab is not a non-empty array", 0, 0);
+    j->s.n_vocab = n > max_added ? n : max_added + 1;
+    j->tokens = calloc((size_t)j->s.n_vocab, sizeof *j->tokens);
+    j->uscores = calloc((size_t)j->s.n_vocab, sizeof *j->uscores);
+    if (!j->tokens || !j->uscores) return fail(j, DS_ENOMEM, "out of memory", 0, 0);
+    int i = 0;
+    for (const cJSON *e = vocab->child; e; e = e->next, i++) {
+        const cJSON *p = cJSON_IsArray(e) && cJSON_GetArraySize(e) == 2 ? e->child : NULL;
+        if (!p || !cJSON_IsString(p) || !cJSON_IsNumber(p->next) || !isfinite(p->next->valuedouble)) {
+            char at[32];
+            snprintf(at, sizeof at, "%d", i);
+            return fail(j, DS_EFORMAT, "model.vocab[%s] is not [\"piece\", score]", at, 0);
+        }
+        j->tokens[i] = p->valuestring;
+        j->uscores[i] = p->next->valuedouble;
+    }
+    j->s.tokens = j->tokens;
+    j->s.uscores = j->uscores;
+    j->s.meta.unigram = true;
+    j->s.meta.fuse_unk = true;
+    int bf = get_bool(model, "byte_fallback", false);
+    if (bf < 0) return fail(j, DS_EFORMAT, "model.byte_fallback is not a bool", 0, 0);
+    j->s.meta.byte_fallback = bf;
+    const cJSON *unk = field(model, "unk_id");
+    j->s.unk_id = -1;
+    if (unk && !cJSON_IsNull(unk) && (!get_id(unk, &j->s.unk_id) || j->s.unk_id >= n))
+        return fail(j, DS_EFORMAT, "model.unk_id is not an id in the vocab", 0, 0);
+    return DS_OK;
+}
+
 static int check_model_options(jl *j, const cJSON *model) {
     const char *ty = type_of(model);
-    if (ty && strcmp(ty, "BPE")) return fail(j, DS_EUNSUPPORTED, "model.type is '%.40s'; only BPE is supported", ty, 0);
+    if (ty && strcmp(ty, "BPE"))
+        return fail(j, DS_EUNSUPPORTED, "model.type is '%.40s'; only BPE and Unigram are supported", ty, 0);
     if (!ty && !field(model, "merges"))
         return fail(j, DS_EUNSUPPORTED, "model has no type and no merges; only BPE is supported", 0, 0);
     static const char *const strs[] = {"continuing_subword_prefix", "end_of_word_suffix"};
@@ -143,18 +181,23 @@ static int check_model_options(jl *j, const cJSON *model) {
     const cJSON *dropout = field(model, "dropout");
     if (dropout && !cJSON_IsNull(dropout) && !(cJSON_IsNumber(dropout) && dropout->valuedouble == 0))
         return fail(j, DS_EUNSUPPORTED, "model.dropout is not supported", 0, 0);
-    int im = get_bool(model, "ignore_merges", false), bf = get_bool(model, "byte_fallback", false);
+    int im = get_bool(model, "ignore_merges", false), bf = get_bool(model, "byte_fallback", false),
+        fu = get_bool(model, "fuse_unk", false);
     if (im < 0) return fail(j, DS_EFORMAT, "model.ignore_merges is not a bool", 0, 0);
     if (bf < 0) return fail(j, DS_EFORMAT, "model.byte_fallback is not a bool", 0, 0);
-    if (bf && !every_byte_in_vocab(field(model, "vocab")))
-        return fail(j, DS_EUNSUPPORTED, "model.byte_fallback=true with bytes missing from the vocab is not supported",
-                    0, 0);
+    if (fu < 0) return fail(j, DS_EFORMAT, "model.fuse_unk is not a bool", 0, 0);
+    /* A byte-level vocabulary has every byte already; SentencePiece ones fall back to <0xXX>. */
+    j->model_bpe_bf = bf && !every_byte_in_vocab(field(model, "vocab")); /* refused if byte-level */
     j->s.ignore_merges = im;
+    j->s.meta.byte_fallback = bf;
+    j->s.meta.fuse_unk = fu;
     return DS_OK;
 }
 
 static int parse_model(jl *j, const cJSON *model, int32_t max_added) {
     if (!cJSON_IsObject(model)) return fail(j, DS_EFORMAT, "model is missing or not an object", 0, 0);
+    const char *ty = type_of(model);
+    if (ty && !strcmp(ty, "Unigram")) return parse_unigram(j, model, max_added);
     int rc = check_model_options(j, model);
     if (!rc) rc = parse_vocab(j, field(model, "vocab"), max_added);
     if (!rc) rc = parse_merges(j, field(model, "merges"));
@@ -210,11 +253,54 @@ static int parse_added(jl *j, const cJSON *arr, int32_t *max_id) {
 
 /* ---- normalizer, pre_tokenizer, decoder ---- */
 
+#define META "\xE2\x96\x81" /* U+2581, SentencePiece's space */
+
+/* A Replace step (normalizer or decoder) of the plain string `from` by `to`. */
+static bool replace_is(const cJSON *r, const char *from, const char *to) {
+    const cJSON *pat = field(field(r, "pattern"), "String"), *content = field(r, "content");
+    return cJSON_IsString(pat) && cJSON_IsString(content) && !strcmp(pat->valuestring, from) &&
+           !strcmp(content->valuestring, to);
+}
+
+/* Metaspace (pre-tokenizer or decoder): replacement "▁"; prepend_scheme, or the older add_prefix_space. */
+static int parse_metaspace(jl *j, const cJSON *m, tok_prepend *scheme, bool *split) {
+    const cJSON *rep = field(m, "replacement"), *ps = field(m, "prepend_scheme");
+    if (!cJSON_IsString(rep) || strcmp(rep->valuestring, META))
+        return fail(j, DS_EUNSUPPORTED, "Metaspace replacement other than \"\u2581\" is not supported", 0, 0);
+    if (cJSON_IsString(ps)) {
+        if (!strcmp(ps->valuestring, "first")) *scheme = TOK_PREPEND_FIRST;
+        else if (!strcmp(ps->valuestring, "always")) *scheme = TOK_PREPEND_ALWAYS;
+        else if (!strcmp(ps->valuestring, "never")) *scheme = TOK_PREPEND_NEVER;
+        else return fail(j, DS_EFORMAT, "Metaspace prepend_scheme '%.20s' is not first, always or never", ps->valuestring, 0);
+    } else {
+        int ap = get_bool(m, "add_prefix_space", true);
+        if (ap < 0) return fail(j, DS_EFORMAT, "Metaspace add_prefix_space is not a bool", 0, 0);
+        *scheme = ap ? TOK_PREPEND_ALWAYS : TOK_PREPEND_NEVER;
+    }
+    int sp = get_bool(m, "split", true);
+    if (sp < 0) return fail(j, DS_EFORMAT, "Metaspace split is not a bool", 0, 0);
+    *split = sp;
+    return DS_OK;
+}
+
 static int parse_normalizer(jl *j, const cJSON *n) {
     if (!n || cJSON_IsNull(n)) return DS_OK;
     const char *ty = type_of(n);
     if (ty && !strcmp(ty, "NFC")) {
         j->s.pre.nfc = true;
+        return DS_OK;
+    }
+    if (ty && !strcmp(ty, "Prepend")) { /* the only prepend deltaserve knows: sentencepiece's dummy prefix */
+        const cJSON *pp = field(n, "prepend");
+        if (!cJSON_IsString(pp) || strcmp(pp->valuestring, META))
+            return fail(j, DS_EUNSUPPORTED, "normalizer Prepend of anything but \"\u2581\" is not supported", 0, 0);
+        j->s.meta.norm_prepend = true;
+        return DS_OK;
+    }
+    if (ty && !strcmp(ty, "Replace")) {
+        if (!replace_is(n, " ", META))
+            return fail(j, DS_EUNSUPPORTED, "normalizer Replace other than \" \" -> \"\u2581\" is not supported", 0, 0);
+        j->s.meta.norm_replace = true;
         return DS_OK;
     }
     if (ty && !strcmp(ty, "Sequence") && cJSON_IsArray(field(n, "normalizers"))) {
@@ -224,7 +310,9 @@ static int parse_normalizer(jl *j, const cJSON *n) {
         }
         return DS_OK;
     }
-    return fail(j, DS_EUNSUPPORTED, "normalizer '%.40s' is not supported (only NFC or null)", ty ? ty : "?", 0);
+    return fail(j, DS_EUNSUPPORTED,
+                "normalizer '%.40s' is not supported (only NFC, Prepend(\"\u2581\"), Replace(\" \", \"\u2581\") or null)",
+                ty ? ty : "?", 0);
 }
 
 /* ByteLevel with the given use_regex and no prefix space; anything else is refused. */
@@ -261,6 +349,23 @@ static int parse_split(jl *j, const cJSON *sp) {
 
 static int parse_pre(jl *j, const cJSON *p) {
     const char *ty = p ? type_of(p) : NULL;
+    if (!p || cJSON_IsNull(p)) { /* SentencePiece with its spaces done by the normaliser (Llama legacy) */
+        j->pre_null = true;
+        return DS_OK;
+    }
+    if (ty && !strcmp(ty, "Metaspace")) {
+        tok_prepend scheme;
+        int rc = parse_metaspace(j, p, &scheme, &j->s.meta.split);
+        j->s.meta.prepend = (uint8_t)scheme;
+        j->s.meta.pre_metaspace = true;
+        return rc;
+    }
+    const cJSON *sp_str = ty && !strcmp(ty, "Split") ? field(field(p, "pattern"), "String") : NULL;
+    if (cJSON_IsString(sp_str) && !strcmp(sp_str->valuestring, " ") && get_bool(p, "invert", false) == 0) {
+        j->pre_split_space = true; /* Gemma: a no-op once the normaliser has replaced every space */
+        return DS_OK;
+    }
+    j->pre_bytelevel = true;
     if (ty && !strcmp(ty, "ByteLevel")) return check_byte_level(j, p, true); /* GPT-2 */
     const cJSON *steps = ty && !strcmp(ty, "Sequence") ? field(p, "pretokenizers") : NULL;
     int n = cJSON_IsArray(steps) ? cJSON_GetArraySize(steps) : 0;
@@ -283,10 +388,85 @@ static int parse_pre(jl *j, const cJSON *p) {
     return fail(j, DS_EUNSUPPORTED, "pre_tokenizer Sequence starting with '%.40s' is not supported", ta ? ta : "?", 0);
 }
 
+static int parse_decoder_step(jl *j, const cJSON *d) {
+    const char *ty = d ? type_of(d) : NULL;
+    tok_meta *m = &j->s.meta;
+    if (ty && !strcmp(ty, "ByteLevel")) {
+        j->dec_bytelevel = true;
+        return DS_OK;
+    }
+    if (ty && !strcmp(ty, "Replace") && replace_is(d, META, " ")) {
+        j->dec_replace = true;
+        return DS_OK;
+    }
+    if (ty && !strcmp(ty, "ByteFallback")) {
+        m->dec_bytes = true;
+        return DS_OK;
+    }
+    if (ty && !strcmp(ty, "Fuse")) return DS_OK; /* decode concatenates anyway */
+    if (ty && !strcmp(ty, "Strip")) {
+        const cJSON *c = field(d, "content"), *st = field(d, "start"), *sp = field(d, "stop");
+        int32_t n;
+        if (!cJSON_IsString(c) || strcmp(c->valuestring, " ") || !get_id(st, &n) || n > 16 || !cJSON_IsNumber(sp) ||
+            sp->valuedouble != 0)
+            return fail(j, DS_EUNSUPPORTED, "decoder Strip other than leading \" \" is not supported", 0, 0);
+        m->dec_strip = (int)n;
+        return DS_OK;
+    }
+    if (ty && !strcmp(ty, "Metaspace")) {
+        tok_prepend scheme;
+        bool split;
+        int rc = parse_metaspace(j, d, &scheme, &split);
+        m->dec_meta_first = scheme != TOK_PREPEND_NEVER;
+        j->dec_replace = true;
+        return rc;
+    }
+    return fail(j, DS_EUNSUPPORTED,
+                "decoder '%.40s' is not supported (ByteLevel, or Replace(\"\u2581\", \" \") / ByteFallback / Fuse / "
+                "Strip / Metaspace for SentencePiece vocabularies)",
+                ty ? ty : "null", 0);
+}
+
 static int parse_decoder(jl *j, const cJSON *d) {
     const char *ty = d ? type_of(d) : NULL;
-    if (ty && !strcmp(ty, "ByteLevel")) return DS_OK;
-    return fail(j, DS_EUNSUPPORTED, "decoder '%.40s' is not supported (only ByteLevel)", ty ? ty : "null", 0);
+    if (!(ty && !strcmp(ty, "Sequence"))) return parse_decoder_step(j, d);
+    const cJSON *steps = field(d, "decoders");
+    if (!cJSON_IsArray(steps)) return fail(j, DS_EFORMAT, "decoder Sequence has no decoders array", 0, 0);
+    for (const cJSON *c = steps->child; c; c = c->next) {
+        int rc = parse_decoder_step(j, c);
+        if (rc) return rc;
+    }
+    return DS_OK;
+}
+
+/* Byte-level and SentencePiece steps are not mixed: either spaces become "▁" on the way in and back on
+ * the way out, with a model over characters, or every step is byte-level. */
+static int check_shape(jl *j) {
+    const tok_meta *m = &j->s.meta;
+    const bool in = m->norm_prepend || m->norm_replace || m->pre_metaspace;
+    if (!in && !j->dec_replace && !m->unigram) { /* byte-level */
+        if (j->pre_null || j->pre_split_space)
+            return fail(j, DS_EUNSUPPORTED, "pre_tokenizer '%.40s' is not a supported byte-level shape",
+                        j->pre_null ? "null" : "Split(\" \")", 0);
+        if (!j->dec_bytelevel || m->dec_bytes || m->dec_strip)
+            return fail(j, DS_EUNSUPPORTED, "decoder is not supported with a byte-level vocabulary (only ByteLevel)", 0, 0);
+        if (j->model_bpe_bf)
+            return fail(j, DS_EUNSUPPORTED,
+                        "model.byte_fallback=true with bytes missing from the vocab is not supported", 0, 0);
+        return DS_OK;
+    }
+    if (!in || !j->dec_replace)
+        return fail(j, DS_EUNSUPPORTED, "a SentencePiece vocabulary needs spaces made \"\u2581\" by the %s",
+                    !in ? "normalizer or a Metaspace pre_tokenizer" : "decoder back into spaces (Replace or Metaspace)", 0);
+    if (j->pre_bytelevel || j->dec_bytelevel || j->s.pre.nfc)
+        return fail(j, DS_EUNSUPPORTED, "byte-level or NFC steps with a SentencePiece vocabulary are not supported", 0, 0);
+    if (j->pre_split_space && !m->norm_replace)
+        return fail(j, DS_EUNSUPPORTED, "pre_tokenizer Split(\" \") is supported only after a Replace(\" \") normalizer", 0, 0);
+    if (m->pre_metaspace && (m->norm_prepend || m->norm_replace))
+        return fail(j, DS_EUNSUPPORTED, "a Metaspace pre_tokenizer after a Prepend / Replace normalizer is not supported", 0, 0);
+    if (j->s.n_merges && m->unigram) return fail(j, DS_EFORMAT, "a Unigram model has merges", 0, 0);
+    j->s.meta.on = true;
+    return DS_OK;
 }
 
 /* ---- post_processor: which special ids wrap a single sequence ---- */
@@ -414,10 +594,11 @@ static int parse_root(jl *j, const cJSON *root) {
     if (!cJSON_IsObject(root)) return fail(j, DS_EFORMAT, "not a JSON object", 0, 0);
     int32_t max_added;
     int rc = parse_added(j, field(root, "added_tokens"), &max_added);
-    if (!rc) rc = parse_model(j, field(root, "model"), max_added);
     if (!rc) rc = parse_normalizer(j, field(root, "normalizer"));
     if (!rc) rc = parse_pre(j, field(root, "pre_tokenizer"));
     if (!rc) rc = parse_decoder(j, field(root, "decoder"));
+    if (!rc) rc = parse_model(j, field(root, "model"), max_added);
+    if (!rc) rc = check_shape(j);
     if (!rc) rc = parse_post(j, field(root, "post_processor"));
     if (!rc && j->cfg_path) rc = load_config(j);
     if (rc) return rc;
@@ -435,6 +616,7 @@ static void jl_free(jl *j) {
     for (int32_t i = 0; j->merges && i < j->s.n_merges; i++) free(j->merges[i]);
     free(j->merges);
     free(j->tokens);
+    free(j->uscores);
     free(j->added);
     free(j->chat_template);
 }

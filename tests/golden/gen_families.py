@@ -4,6 +4,7 @@
 Writes, under tests/data/models/:
   tiny-phi3/    Phi3ForCausalLM: fused qkv_proj and gate_up_proj, sliding_window 5, untied;
                 HF dir + model.gguf (F32) + model-q8_0.gguf (Q8_0) in llama.cpp's phi3 layout
+  tiny-phi3-partial/  the same with partial_rotary_factor 0.75 (Phi-4-mini): RoPE on 12 of 16 values
   tiny-gemma3/  Gemma3ForCausalLM (gemma3_text): 6 layers = 5 local (window 4, RoPE base 1e4) + 1
                 global (base 1e6, linear scaling 8), (1 + w) norms, post norms, GeGLU, q/k norms,
                 head_dim 32 != hidden/heads, final logit soft-cap 15, tied; HF dir in the pre-v5 hub
@@ -64,6 +65,21 @@ SPECS = {
             max_position_embeddings=256, original_max_position_embeddings=256,
             tie_word_embeddings=False, rope_theta=10000.0, sliding_window=5, hidden_act="silu",
             bos_token_id=1, eos_token_id=2, pad_token_id=2,
+        ),
+    ),
+    # Phi-4-mini's shape of Phi-3: RoPE on 3/4 of each head (12 of 16 values), the rest passed through
+    "tiny-phi3-partial": dict(
+        arch="phi3",
+        cls=Phi3ForCausalLM,
+        cfg_cls=Phi3Config,
+        seed=6016,
+        resid_std=0.3,
+        config=dict(
+            vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, intermediate_size=96, rms_norm_eps=1e-5,
+            max_position_embeddings=256, original_max_position_embeddings=256,
+            tie_word_embeddings=False, rope_theta=10000.0, sliding_window=5, hidden_act="silu",
+            partial_rotary_factor=0.75, bos_token_id=1, eos_token_id=2, pad_token_id=2,
         ),
     ),
     "tiny-gemma3": dict(

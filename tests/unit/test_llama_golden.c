@@ -193,10 +193,53 @@ static void check_window_matters(ds_backend *b, const char *name, int32_t window
     cJSON_Delete(ref);
 }
 
+/* Partial rotary is what makes tiny-phi3-partial's reference: RoPE over whole heads misses it. */
+static void check_partial_rotary_matters(ds_backend *b) {
+    char path[512], refpath[600];
+    snprintf(path, sizeof path, "%s/models/tiny-phi3-partial", parity_data_dir());
+    snprintf(refpath, sizeof refpath, "%s/reference.json", path);
+    cJSON *ref = golden_load_json(refpath);
+    ds_err err = {{0}};
+    ds_model_params mp = ds_model_default_params();
+    mp.verbose = false;
+    ds_model *m = ref ? ds_model_load(path, &mp, &err) : NULL;
+    if (!m) {
+        cJSON_Delete(ref);
+        return;
+    }
+    CHECK_EQ_INT(m->cfg.n_rot, 12);
+    m->cfg.n_rot = 0;
+    ds_rope_inv_freq(&m->cfg, m->inv_freq);
+    ds_llama_params lp = ds_llama_default_params();
+    lp.kv_bytes = (size_t)16 << 20;
+    lp.max_blocks_per_seq = 64;
+    ds_llama *L = ds_llama_create(m, b, &lp, &err);
+    const cJSON *c = cJSON_GetArrayItem(cJSON_GetObjectItem(ref, "cases"), 1);
+    int n, V = m->cfg.n_vocab;
+    int32_t *prompt = golden_ids(cJSON_GetObjectItem(c, "prompt"), &n);
+    float *logits = malloc(sizeof(float) * (size_t)n * V);
+    golden_seqs g;
+    golden_seqs_init(&g, 1, 64);
+    CHECK(L && golden_step(L, &g, &prompt, &n, logits, 1) == 0);
+    double worst = 0;
+    for (int r = 1; r < n; r++) {
+        const cJSON *row = cJSON_GetArrayItem(cJSON_GetObjectItem(c, "prefill_logits"), r);
+        worst = fmax(worst, golden_max_diff(logits + (size_t)r * V, row, V) / (REL_TOL * fmax(1.0, golden_max_abs(row))));
+    }
+    printf("tiny-phi3-partial with RoPE over whole heads: worst diff %.0fx the tolerance\n", worst);
+    CHECK_MSG(worst > 10, "full rotary matches the partial-rotary reference (%.2f x tol)", worst);
+    golden_seqs_free(&g);
+    free(logits);
+    free(prompt);
+    ds_llama_free(L);
+    ds_model_free(m);
+    cJSON_Delete(ref);
+}
+
 int main(void) {
     ds_backend *bs[2];
     const int nb = parity_backends(bs, 2);
-    const char *models[] = {"tiny-llama", "tiny-qwen2", "tiny-llama3", "tiny-qwen3", "tiny-mistral", "tiny-phi3", "tiny-gemma3"};
+    const char *models[] = {"tiny-llama", "tiny-qwen2", "tiny-llama3", "tiny-qwen3", "tiny-mistral", "tiny-phi3", "tiny-phi3-partial", "tiny-gemma3"};
     for (size_t i = 0; i < sizeof models / sizeof models[0]; i++) {
         run_model(bs, nb, models[i], NULL, "reference.json");
         run_model(bs, nb, models[i], "model.gguf", "reference.json");
@@ -204,10 +247,12 @@ int main(void) {
     run_model(bs, nb, "tiny-llama", "model-q8_0.gguf", "reference-q8_0.json");
     run_model(bs, nb, "tiny-qwen3", "model-q8_0.gguf", "reference-q8_0.json");
     run_model(bs, nb, "tiny-phi3", "model-q8_0.gguf", "reference-q8_0.json");
+    run_model(bs, nb, "tiny-phi3-partial", "model-q8_0.gguf", "reference-q8_0.json");
     run_model(bs, nb, "tiny-gemma3", "model-q8_0.gguf", "reference-q8_0.json");
     if (nb > 0) check_window_matters(bs[0], "tiny-mistral", 4);
     if (nb > 0) check_window_matters(bs[0], "tiny-phi3", 5);
     if (nb > 0) check_window_matters(bs[0], "tiny-gemma3", 4);
+    if (nb > 0) check_partial_rotary_matters(bs[0]);
     for (int i = 0; i < nb; i++) ds_backend_free(bs[i]);
     if (ds_test_checks == 0) SKIP("no golden models under %s/models (run tests/golden/gen_models.py)", parity_data_dir());
     return ds_test_result();

@@ -340,11 +340,13 @@ static void test_hf_errors(void) {
     expect_hf_fail(dir, "llama", ",\"vocab_size\":49", NULL, "model.embed_tokens.weight' has shape [48, 32], expected [49, 32]");
     expect_hf_fail(dir, "llama", ",\"hidden_size\":\"32\"", NULL, "hidden_size");
     /* Phi-3: the fused qkv_proj is required (a Llama-layout file is not split by guesswork); LongRoPE
-     * (Phi-3-*-128k) and partial rotary (Phi-4-mini) are refused by name. */
+     * (Phi-3-*-128k) is refused by name; partial rotary (Phi-4-mini) only on Phi-3 and within (0, 1]. */
     expect_hf_fail(dir, "phi3", "", NULL, "missing tensor 'model.layers.0.self_attn.qkv_proj.weight'");
     expect_hf_fail(dir, "phi3", ",\"rope_scaling\":{\"type\":\"longrope\",\"long_factor\":[1],\"short_factor\":[1]}",
                    NULL, "'longrope'");
-    expect_hf_fail(dir, "phi3", ",\"partial_rotary_factor\":0.75", NULL, "partial_rotary_factor");
+    expect_hf_fail(dir, "phi3", ",\"partial_rotary_factor\":1.5", NULL, "partial_rotary_factor 1.5 is not in (0, 1]");
+    expect_hf_fail(dir, "llama", ",\"partial_rotary_factor\":0.5", NULL, "partial_rotary_factor 0.5 is not supported");
+    expect_hf_fail(dir, "phi3", ",\"partial_rotary_factor\":0.03", NULL, "leaves 0 rotary dimensions");
     write_text(dir, "config.json", "{\"model_type\":");
     CHECK(!ds_model_load(dir, &p, &err) && strstr(err.msg, "config.json"));
     write_text(dir, "config.json", "{\"model_type\":\"llama\"}");

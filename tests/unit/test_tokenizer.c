@@ -326,7 +326,7 @@ static void test_malformed(void) {
         const char *label, *needle;
         mutate_fn fn;
     } cases[] = {
-        {"unigram", "model.type", m_unigram},
+        {"unigram", "model.vocab", m_unigram}, /* a BPE vocab object under type Unigram */
         {"no_vocab", "model.vocab", m_no_vocab},
         {"neg_id", "model.vocab", m_neg_id},
         {"frac_id", "model.vocab", m_frac_id},
@@ -336,7 +336,7 @@ static void test_malformed(void) {
         {"merges_obj", "model.merges", m_merges_obj},
         {"byte_fallback", "byte_fallback", m_byte_fallback},
         {"nfkc", "normalizer 'NFKC'", m_nfkc},
-        {"metaspace", "pre_tokenizer", m_metaspace},
+        {"metaspace", "Metaspace replacement", m_metaspace}, /* no replacement given */
         {"prefix_space", "add_prefix_space", m_prefix_space},
         {"no_pre", "pre_tokenizer", m_no_pre},
         {"decoder", "decoder 'WordPiece'", m_decoder},
