@@ -11,8 +11,10 @@
  *   the saved delta                   ds_adapter_load reads the kept entries bit for bit, and serving
  *                                     it (plan + sparse op) gives PyTorch's logits of base + δ (+ b_δ)
  *                                     within 1e-4 · max(1, max|logit|)
- * and: a save during the warm-up keeps each module's top ceil(density·numel) |δ|; bad specs are
- * refused (density <= 0 or > 1, warm-up 0, non-projection targets). */
+ * and: a save during the warm-up keeps each module's top ceil(density·numel) |δ|; a job's resumable
+ * state (job_store.c) saved after the mask was fixed resumes into a fresh trainer that trains on
+ * bit for bit as the uninterrupted one; bad specs are refused (density <= 0 or > 1, warm-up 0,
+ * non-projection targets). */
 #include "adapter/loader.h"
 #include "adapter_run.h"
 #include "ds/backend.h"
@@ -20,8 +22,10 @@
 #include "ds_test.h"
 #include "format/safetensors.h"
 #include "golden.h"
+#include "train/jobs_internal.h"
 
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 static const char *const PROJ[DS_PROJ_COUNT] = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
@@ -320,6 +324,54 @@ static void warmup_save(ds_model *m) {
     ds_trainer_free(t);
 }
 
+/* Resume: state saved after the mask was fixed, loaded into a fresh trainer (mask re-derived). */
+static void resume(ds_model *m) {
+    ds_err err = {{0}};
+    ds_train_adapter_spec sp = ds_train_default_spec(DS_ADAPTER_DELTA);
+    sp.targets = DS_TRAIN_TARGET(DS_PROJ_Q) | DS_TRAIN_TARGET(DS_PROJ_DOWN);
+    sp.density = 0.05f, sp.dp_warmup_steps = 2, sp.bias = true;
+    ds_train_params p = ds_train_default_params();
+    p.micro_batch_tokens = 64;
+    p.lr = 1e-2f;
+    p.weight_decay = 0.01f;
+    ds_trainer *a = ds_trainer_create(m, &sp, &p, &err), *b = ds_trainer_create(m, &sp, &p, &err);
+    CHECK_MSG(a && b, "%s", err.msg);
+    char dir[] = "/tmp/ds_dp_state_XXXXXX", sub[600];
+    CHECK(mkdtemp(dir) != NULL);
+    static const char id[] = "ftjob-00000000000000000000d1ff";
+    snprintf(sub, sizeof sub, "%s/jobs", dir);
+    mkdir(sub, 0700);
+    snprintf(sub, sizeof sub, "%s/jobs/%s", dir, id);
+    mkdir(sub, 0700);
+    int32_t tok[7] = {5, 77, 140, 3, 9, 200, 31}, lab[7] = {-100, -100, 140, 3, 9, 200, 31};
+    ds_train_example ex = {.tokens = tok, .labels = lab, .n_tokens = 7};
+    ft_progress pr = {.step = 3}, back;
+    bool ok = a && b;
+    for (int k = 0; ok && k < 3; k++) ok = ds_trainer_step(a, &ex, 1, NULL, &err) == 0;
+    ok = ok && ft_state_save(dir, id, a, &pr, &err) == 0 && ft_state_load(dir, id, b, &back, &err) == 0;
+    CHECK_MSG(ok, "%s", err.msg);
+    for (int k = 0; ok && k < 2; k++)
+        ok = ds_trainer_step(a, &ex, 1, NULL, &err) == 0 && ds_trainer_step(b, &ex, 1, NULL, &err) == 0;
+    CHECK_MSG(ok, "%s", err.msg);
+    for (int32_t i = 0; ok && i < ds_trainer_n_tensors(a); i++) {
+        const ds_train_tensor *x = ds_trainer_tensor(a, i), *y = ds_trainer_tensor(b, i);
+        size_t nz = 0;
+        for (size_t k = 0; k < x->n; k++) nz += x->value[k] != 0.0f;
+        CHECK_MSG(!memcmp(x->value, y->value, x->n * sizeof(float)), "resume: %s differs", x->name);
+        if (strstr(x->name, "weight_delta"))
+            CHECK_MSG(nz == (size_t)ceil(0.05 * (double)x->n - 1e-9), "%s: %zu nonzero after the mask", x->name, nz);
+    }
+    snprintf(sub, sizeof sub, "%s/jobs/%s/state.bin", dir, id);
+    unlink(sub);
+    snprintf(sub, sizeof sub, "%s/jobs/%s", dir, id);
+    rmdir(sub);
+    snprintf(sub, sizeof sub, "%s/jobs", dir);
+    rmdir(sub);
+    rmdir(dir);
+    ds_trainer_free(a);
+    ds_trainer_free(b);
+}
+
 static void refusals(ds_model *m) {
     ds_err err = {{0}};
     ds_adapter_kind kind;
@@ -363,6 +415,7 @@ int main(void) {
     ds_model *m = load_model("tiny-llama");
     if (m) {
         warmup_save(m);
+        resume(m);
         refusals(m);
     }
     ds_model_free(m);
