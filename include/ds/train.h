@@ -40,7 +40,8 @@ extern "C" {
 /* What to train when starting from scratch. */
 typedef struct ds_train_adapter_spec {
     ds_adapter_kind kind;  /* DS_ADAPTER_LORA, DS_ADAPTER_PROMPT (prompt tuning), DS_ADAPTER_PREFIX or
-                            * DS_ADAPTER_DELTA (BitFit: zero bias deltas on `targets`, default all seven) */
+                            * DS_ADAPTER_DELTA (BitFit: zero bias deltas on `targets`, default all seven;
+                            * diff pruning when density > 0, below) */
     const char *name;      /* adapter id (default "trained") */
     /* LoRA */
     int32_t r;             /* rank (default 8) */
@@ -163,9 +164,12 @@ typedef struct ds_train_tensor {
 int32_t ds_trainer_n_tensors(const ds_trainer *t);
 /* Valid until ds_trainer_free. i in [0, ds_trainer_n_tensors). */
 const ds_train_tensor *ds_trainer_tensor(const ds_trainer *t, int32_t i);
-/* The live adapter (valid until the next step or free). */
+/* The live adapter (valid until the next step or free). Diff pruning: it holds only the bias
+ * deltas; the trained δ is a trainer tensor, made a sparse delta by ds_trainer_snapshot / _save. */
 const ds_adapter *ds_trainer_adapter(const ds_trainer *t);
-/* A deep copy of the current adapter to publish as a new version (caller frees). NULL + message. */
+/* A deep copy of the current adapter to publish as a new version (caller frees). NULL + message.
+ * Diff pruning: the sparse delta of the mask's entries (during the warm-up: of each module's top
+ * ceil(density·numel) |δ|). */
 ds_adapter *ds_trainer_snapshot(const ds_trainer *t, const char *name, ds_err *err);
 int64_t ds_trainer_steps_done(const ds_trainer *t);
 /* Learning rate of optimizer step k (0-based) under params (HF LambdaLR schedules). */
