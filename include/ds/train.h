@@ -40,7 +40,8 @@ extern "C" {
 /* What to train when starting from scratch. */
 typedef struct ds_train_adapter_spec {
     ds_adapter_kind kind;  /* DS_ADAPTER_LORA, DS_ADAPTER_PROMPT (prompt tuning), DS_ADAPTER_PREFIX or
-                            * DS_ADAPTER_DELTA (BitFit: zero bias deltas on `targets`, default all seven) */
+                            * DS_ADAPTER_DELTA (BitFit: zero bias deltas on `targets`, default all seven;
+                            * diff pruning when density > 0, below) */
     const char *name;      /* adapter id (default "trained") */
     /* LoRA */
     int32_t r;             /* rank (default 8) */
@@ -54,14 +55,25 @@ typedef struct ds_train_adapter_spec {
                             * SAMPLE_VOCAB), prefix tuning uses N(0, 1) as PEFT does */
     uint64_t seed;         /* initialisation as PEFT: LoRA A ~ U(±1/sqrt(in)) (kaiming_uniform(a=√5)), B = 0;
                             * embed_tokens A = 0, B ~ N(0, 1) */
+    /* Diff pruning (kind DS_ADAPTER_DELTA with density > 0; src/train/train_dp.c): a dense weight
+     * delta δ on every target projection (zero at the start) for dp_warmup_steps optimizer steps,
+     * then a fixed mask of each module's ceil(density·numel) largest |δ| (magnitude pruning); only
+     * masked entries train from then on. Saved as a sparse delta adapter (src/adapter/delta.c). */
+    float density;         /* fraction of each module's entries kept, in (0, 1]; 0: BitFit (default) */
+    int32_t dp_warmup_steps; /* dense optimizer steps before the mask is fixed (>= 1; default 1) */
+    bool bias;             /* diff pruning: bias deltas on the targets train too (BitFit-style) */
 } ds_train_adapter_spec;
 
 ds_train_adapter_spec ds_train_default_spec(ds_adapter_kind kind);
 
 /* Parses a method name as the fine-tuning API spells it: "lora", "prompt_tuning", "prefix_tuning",
- * "bitfit" (case-insensitive, '-' or '_'). Known but untrainable types (dora, ia3, adalora, p_tuning, loha,
- * lokr, …) give DS_EUNSUPPORTED with a message saying what can be trained; anything else DS_EINVAL. */
+ * "bitfit", "diff_pruning" (case-insensitive, '-' or '_'; bitfit and diff_pruning both give
+ * DS_ADAPTER_DELTA: ds_train_method_is_diff_pruning tells them apart). Known but untrainable types
+ * (dora, ia3, adalora, p_tuning, loha, lokr, …) give DS_EUNSUPPORTED with a message saying what can
+ * be trained; anything else DS_EINVAL. */
 int ds_train_kind_parse(const char *method, ds_adapter_kind *out, ds_err *err);
+/* True for "diff_pruning" / "diff-pruning" (any case). Pure. */
+bool ds_train_method_is_diff_pruning(const char *method);
 
 typedef enum { DS_LR_CONSTANT = 0, DS_LR_LINEAR, DS_LR_COSINE } ds_lr_schedule;
 typedef enum { DS_RECOMPUTE_AUTO = 0, DS_RECOMPUTE_OFF, DS_RECOMPUTE_ON } ds_recompute;
@@ -152,9 +164,12 @@ typedef struct ds_train_tensor {
 int32_t ds_trainer_n_tensors(const ds_trainer *t);
 /* Valid until ds_trainer_free. i in [0, ds_trainer_n_tensors). */
 const ds_train_tensor *ds_trainer_tensor(const ds_trainer *t, int32_t i);
-/* The live adapter (valid until the next step or free). */
+/* The live adapter (valid until the next step or free). Diff pruning: it holds only the bias
+ * deltas; the trained δ is a trainer tensor, made a sparse delta by ds_trainer_snapshot / _save. */
 const ds_adapter *ds_trainer_adapter(const ds_trainer *t);
-/* A deep copy of the current adapter to publish as a new version (caller frees). NULL + message. */
+/* A deep copy of the current adapter to publish as a new version (caller frees). NULL + message.
+ * Diff pruning: the sparse delta of the mask's entries (during the warm-up: of each module's top
+ * ceil(density·numel) |δ|). */
 ds_adapter *ds_trainer_snapshot(const ds_trainer *t, const char *name, ds_err *err);
 int64_t ds_trainer_steps_done(const ds_trainer *t);
 /* Learning rate of optimizer step k (0-based) under params (HF LambdaLR schedules). */
@@ -222,6 +237,9 @@ typedef struct ds_ft_job_spec {
     bool use_rslora;              /* LoRA: scale alpha/sqrt(r) */
     uint32_t targets;             /* DS_TRAIN_TARGET bits (0: q,v) */
     int32_t n_virtual;            /* prompt/prefix tuning (default 20) */
+    float density;                /* diff pruning (kind DELTA): fraction kept, (0, 1]; 0: BitFit */
+    int32_t dp_warmup_steps;      /* diff pruning: dense steps (<= 0: a quarter of the job's steps, >= 1) */
+    bool bias;                    /* diff pruning: bias deltas too */
     uint64_t seed;
 } ds_ft_job_spec;
 
@@ -238,6 +256,9 @@ typedef struct ds_ft_job_info {
     float learning_rate, alpha, lr_multiplier;
     uint32_t targets;
     bool use_rslora;
+    float density;                   /* diff pruning (0: not diff pruning) */
+    int32_t dp_warmup_steps;         /* diff pruning: 0 = a quarter of the job's steps */
+    bool bias;                       /* diff pruning: bias deltas too */
     uint64_t seed;
     double tokens_per_s;             /* training throughput of the job (0 until a step ran) */
 } ds_ft_job_info;
@@ -277,6 +298,11 @@ ds_ft_limits ds_ft_default_limits(void);
  * already defaulted), or n_virtual prompt / prefix rows. Pure; any thread. */
 size_t ds_ft_adapter_bytes(const ds_model *base, ds_adapter_kind kind, int32_t rank, uint32_t targets,
                            int32_t n_virtual);
+/* Diff pruning on `targets` (projection bits): *dense = bytes of the dense δ the warm-up trains (one
+ * f32 copy; training holds 4x: values, gradients, two moments), *sparse = bytes of the saved delta
+ * at `density` (CSR: row pointers, int32 indices, f32 values), bias deltas included in both when
+ * `bias`. Pure; any thread. */
+void ds_ft_dp_bytes(const ds_model *base, uint32_t targets, float density, bool bias, size_t *dense, size_t *sparse);
 
 typedef struct ds_ft_manager ds_ft_manager;
 

@@ -113,6 +113,11 @@ static int64_t select_entries(const float *d, size_t n, const ds_delta_extract_p
     return (int64_t)k;
 }
 
+int64_t ds_delta_select_top(const float *d, size_t n, double fraction, float *scratch, unsigned char *keep) {
+    const ds_delta_extract_params p = {.keep = fraction, .threshold = 0.0};
+    return select_entries(d, n, &p, scratch, keep);
+}
+
 /* ---- per module ---- */
 
 static void module_path(int32_t layer, int proj, char *buf, size_t cap) {

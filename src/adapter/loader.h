@@ -147,6 +147,10 @@ bool ds_delta_is_dir(const char *dir);
 int ds_delta_load(ds_adapter *a, const char *dir, const ds_model *base, ds_err *err);
 void ds_delta_module_free(ds_delta_module *m);
 size_t ds_delta_module_bytes(const ds_delta_module *m);
+/* Magnitude pruning as extraction does it (delta_extract.c): marks in keep[n] the
+ * k = min(ceil(fraction·n − 1e-9), #nonzero) entries of d[n] of largest |d|, ties to the lower index
+ * (zeros never kept); scratch: n floats. Returns k. Pure (diff-pruning training uses it too). */
+int64_t ds_delta_select_top(const float *d, size_t n, double fraction, float *scratch, unsigned char *keep);
 /* A config and a safetensors image in memory, validated against `base` as ds_delta_load does
  * (fuzz target entry point). Returns 0 or a negative status with a message. */
 int ds_delta_check_mem(const char *json, size_t json_len, const void *st_data, size_t st_len, const ds_model *base,

@@ -93,6 +93,13 @@ static void job_json(ds_sb *b, const ds_ft_job_info *j) {
     ds_sb_json_num(&hp, j->learning_rate);
     if (!strcmp(j->method, "prompt_tuning") || !strcmp(j->method, "prefix_tuning")) {
         ds_sb_printf(&hp, ",\"num_virtual_tokens\":%d", (int)j->n_virtual);
+    } else if (!strcmp(j->method, "diff_pruning")) {
+        ds_sb_puts(&hp, ",\"density\":");
+        ds_sb_json_num(&hp, j->density);
+        if (j->dp_warmup_steps > 0) ds_sb_printf(&hp, ",\"warmup_steps\":%d", (int)j->dp_warmup_steps);
+        else ds_sb_puts(&hp, ",\"warmup_steps\":\"auto\"");
+        ds_sb_puts(&hp, j->bias ? ",\"bias\":true,\"target_modules\":" : ",\"bias\":false,\"target_modules\":");
+        targets_json(&hp, j->targets);
     } else {
         ds_sb_printf(&hp, ",\"rank\":%d,\"alpha\":", (int)j->rank);
         ds_sb_json_num(&hp, j->alpha);
@@ -289,7 +296,8 @@ static bool parse_method(ds_http_req *req, const cJSON *o, ds_ft_job_spec *sp, c
             sp->method = "supervised";
         } else if (!strcmp(t, "dpo") || !strcmp(t, "reinforcement")) {
             ds_server_reply_errorf(req, EP_JOBS, 400, "method.type", "unsupported",
-                                   "method '%s' is not supported: supervised, lora, prompt_tuning, prefix_tuning or bitfit",
+                                   "method '%s' is not supported: supervised, lora, prompt_tuning, prefix_tuning, bitfit or "
+                                   "diff_pruning",
                                    t);
             return false;
         } else if (ds_train_kind_parse(t, &sp->kind, &err) != DS_OK) {
@@ -298,7 +306,7 @@ static bool parse_method(ds_http_req *req, const cJSON *o, ds_ft_job_spec *sp, c
         } else {
             sp->method = sp->kind == DS_ADAPTER_LORA     ? "lora"
                          : sp->kind == DS_ADAPTER_PROMPT ? "prompt_tuning"
-                         : sp->kind == DS_ADAPTER_DELTA  ? "bitfit"
+                         : sp->kind == DS_ADAPTER_DELTA  ? (ds_train_method_is_diff_pruning(t) ? "diff_pruning" : "bitfit")
                                                          : "prefix_tuning";
         }
         const cJSON *sub = cJSON_GetObjectItemCaseSensitive(method, t);
@@ -312,8 +320,35 @@ static bool parse_method(ds_http_req *req, const cJSON *o, ds_ft_job_spec *sp, c
     return true;
 }
 
+/* Diff pruning's hyperparameters: density (fraction kept, (0, 1], default 0.01), warmup_steps (dense
+ * steps before the mask; default a quarter of the job), bias, and target_modules (required:
+ * projections only). False after answering. */
+static bool parse_dp(ds_http_req *req, const cJSON *hp, ds_ft_job_spec *sp) {
+    sp->density = 0.01f;
+    if (!hp_float(req, hp, "density", 0, 1, &sp->density) || !hp_int(req, hp, "warmup_steps", 1, 1000000, &sp->dp_warmup_steps))
+        return false;
+    const cJSON *bias = hp ? cJSON_GetObjectItemCaseSensitive(hp, "bias") : NULL;
+    if (bias && !cJSON_IsBool(bias) && !cJSON_IsNull(bias)) {
+        ds_server_reply_errorf(req, EP_JOBS, 400, "bias", NULL, "'bias' must be a boolean");
+        return false;
+    }
+    sp->bias = cJSON_IsTrue(bias);
+    if (!sp->targets || (sp->targets & ~DS_TRAIN_TARGET_ALL_LINEAR)) {
+        ds_server_reply_errorf(req, EP_JOBS, 400, "target_modules", NULL,
+                               "diff_pruning needs 'target_modules': projections among q,k,v,o,gate,up,down_proj "
+                               "or \"all-linear\" (its dense warm-up holds a full-size delta of each)");
+        return false;
+    }
+    if (sp->from_adapter) {
+        ds_server_reply_errorf(req, EP_JOBS, 400, "model", NULL,
+                               "diff_pruning trains a new delta: give the base model, not an adapter");
+        return false;
+    }
+    return true;
+}
+
 /* The hyperparameters (OpenAI's names plus PEFT's: r, lora_alpha, target_modules, use_rslora,
- * num_virtual_tokens). False after answering. */
+ * num_virtual_tokens; diff pruning's: parse_dp). False after answering. */
 static bool parse_hyperparameters(ds_http_req *req, const cJSON *hp, ds_ft_job_spec *sp) {
     int32_t r = 0;
     if (!hp_int(req, hp, "n_epochs", 1, 1000, &sp->n_epochs) || !hp_int(req, hp, "batch_size", 1, 256, &sp->batch_size) ||
@@ -330,7 +365,7 @@ static bool parse_hyperparameters(ds_http_req *req, const cJSON *hp, ds_ft_job_s
         return false;
     }
     sp->use_rslora = cJSON_IsTrue(rs);
-    return true;
+    return strcmp(sp->method, "diff_pruning") || parse_dp(req, hp, sp);
 }
 
 /* A job being submitted: ds_ft_submit stores it under the data directory (data, record, fsync),

@@ -64,6 +64,10 @@ char *ft_record_encode(const ft_job *j, size_t *len) {
     key_num(&b, "alpha", I->alpha);
     key_num(&b, "lr_multiplier", I->lr_multiplier);
     key_num(&b, "tokens_per_s", I->tokens_per_s);
+    if (I->density > 0) { /* diff pruning (optional keys: older records have none) */
+        key_num(&b, "density", I->density);
+        ds_sb_printf(&b, ",\"dp_warmup_steps\":%d,\"bias\":%s", (int)I->dp_warmup_steps, I->bias ? "true" : "false");
+    }
     ds_sb_puts(&b, ",\"events\":[");
     for (size_t i = 0; i < j->n_ev; i++) {
         const ds_ft_event *e = &j->ev[i];
@@ -172,7 +176,9 @@ static int parse_info(rd *r, ft_job *j) {
     rd_str(r, "error", I->error, sizeof I->error);
     rd_str(r, "error_code", I->error_code, sizeof I->error_code);
     const int64_t kind = rd_int(r, "kind", 0, 16);
-    if (r->ok && kind != DS_ADAPTER_LORA && kind != DS_ADAPTER_PROMPT && kind != DS_ADAPTER_PREFIX) rd_fail(r, "kind");
+    if (r->ok && kind != DS_ADAPTER_LORA && kind != DS_ADAPTER_PROMPT && kind != DS_ADAPTER_PREFIX &&
+        kind != DS_ADAPTER_DELTA)
+        rd_fail(r, "kind");
     j->kind = (ds_adapter_kind)kind;
     j->from_adapter = rd_bool(r, "from_adapter");
     j->valid_len = rd_bool(r, "has_validation"); /* a flag until the data is loaded */
@@ -197,6 +203,13 @@ static int parse_info(rd *r, ft_job *j) {
     I->lr_multiplier = (float)rd_num(r, "lr_multiplier", 0, 1e6);
     I->tokens_per_s = rd_num(r, "tokens_per_s", 0, 1e12);
     if (!isfinite(I->tokens_per_s)) I->tokens_per_s = 0;
+    if (cJSON_GetObjectItemCaseSensitive(r->o, "density")) { /* diff pruning */
+        const double d = rd_num(r, "density", 1e-9, 1);
+        I->density = isfinite(d) ? (float)d : 0.0f;
+        if (r->ok && (!(I->density > 0) || kind != DS_ADAPTER_DELTA)) rd_fail(r, "density");
+        I->dp_warmup_steps = (int32_t)rd_int(r, "dp_warmup_steps", 0, 1e6);
+        I->bias = rd_bool(r, "bias");
+    }
     if (!r->ok) return DS_EFORMAT;
     int s = -1;
     for (int i = 0; i < 5; i++)

@@ -247,6 +247,12 @@ static int job_trainer(ds_ft_manager *m, ft_job *j, const ds_train_params *tp, d
     } else {
         sp.n_virtual = I->n_virtual;
     }
+    if (j->kind == DS_ADAPTER_DELTA && I->density > 0) { /* diff pruning (train_dp.c) */
+        sp.targets = I->targets;
+        sp.density = I->density;
+        sp.bias = I->bias;
+        sp.dp_warmup_steps = I->dp_warmup_steps > 0 ? I->dp_warmup_steps : tp->total_steps / 4 > 1 ? tp->total_steps / 4 : 1;
+    }
     *out = ds_trainer_create(m->base, &sp, tp, err);
     return *out ? 0 : DS_EINVAL;
 }
@@ -664,8 +670,12 @@ static ft_job *job_new(const ds_ft_job_spec *sp, ds_err *err) {
     I->use_rslora = sp->use_rslora;
     I->targets = sp->targets ? sp->targets : DS_TRAIN_TARGET(DS_PROJ_Q) | DS_TRAIN_TARGET(DS_PROJ_V);
     I->n_virtual = sp->n_virtual > 0 ? sp->n_virtual : 20;
+    I->density = sp->kind == DS_ADAPTER_DELTA ? sp->density : 0.0f;
+    I->dp_warmup_steps = sp->dp_warmup_steps > 0 ? sp->dp_warmup_steps : 0;
+    I->bias = sp->bias;
     I->lr_multiplier = sp->lr_multiplier > 0 ? sp->lr_multiplier : 1.0f;
-    float base_lr = j->kind == DS_ADAPTER_LORA ? 2e-4f : 3e-2f;
+    /* diff pruning moves weights themselves: AdamW steps of ~lr per entry, so a LoRA-sized rate */
+    float base_lr = j->kind == DS_ADAPTER_LORA || I->density > 0 ? 2e-4f : 3e-2f;
     I->learning_rate = sp->learning_rate > 0 ? sp->learning_rate : base_lr * I->lr_multiplier;
     I->seed = sp->seed;
     ds_ft_event e = {.valid_loss = NAN};

@@ -12,6 +12,7 @@ static void linear_bwd(ds_trainer *t, int32_t l, int p, const float *x, const fl
                        bool acc) {
     const int32_t n = t->b.n_rows, in = t->ad->proj_in[p], out = t->ad->proj_out[p];
     if (dx) TR_MATMUL_T(t, dy, tr_wm(t, l, p), dx, n, acc);
+    if (t->dp) tr_dp_bwd(t, l, p, x, dy, dx); /* diff pruning: dx += dy·δ, dδ += dyᵀx */
     float *ddb = t->ddbias && l >= 0 && p < DS_PROJ_COUNT ? t->ddbias[(size_t)l * DS_PROJ_COUNT + p] : NULL;
     if (ddb) TR_OP(t, mm_tn, dy, t->ones, ddb, n, out, 1, 1.0f, 1.0f); /* d b += Σ_t dy[t] */
     const ds_lora_module *m = tr_lora(t, l, p);

@@ -90,6 +90,7 @@ struct ds_trainer {
     float *dprompt, *dprefix; /* prompt / prefix gradients */
     float **ddbias;           /* [L * DS_PROJ_COUNT] bias-delta gradients (BitFit) or NULL */
     float *ones;              /* [max_rows] of 1: Σ_t dy[t] as a GEMM (BitFit), or NULL */
+    struct tr_dp *dp;         /* diff pruning's dense deltas and masks (train_dp.c), or NULL */
     int32_t r_max, n_virtual, n_prefix;
     /* activations: ck[l] = input of layer l (l = L: final hidden), [L+1][T][d] */
     float **ck;
@@ -153,6 +154,18 @@ void tr_backward(ds_trainer *t);
 void tr_layer_fwd(ds_trainer *t, int32_t l, tr_act *a);
 tr_act *tr_act_of(ds_trainer *t, int32_t l);
 tr_attn_args tr_attn_args_of(ds_trainer *t, int32_t l, tr_act *a);
+
+/* Diff pruning (train_dp.c): hooks called only when t->dp is set. */
+int tr_dp_check_spec(const ds_train_adapter_spec *s, ds_err *err);
+int tr_dp_init(ds_trainer *t, const ds_train_adapter_spec *s, ds_err *err); /* 0 and no-op unless diff pruning */
+void tr_dp_free(ds_trainer *t);
+void tr_dp_fwd(ds_trainer *t, int32_t l, int p, const float *x, float *y); /* y += x·δᵀ */
+/* dx += dy·δ (dx NULL: not needed), dδ += dyᵀ·x, zeroed outside the mask once it is fixed */
+void tr_dp_bwd(ds_trainer *t, int32_t l, int p, const float *x, const float *dy, float *dx);
+int tr_dp_sync(ds_trainer *t); /* after an update: fixes the mask when the warm-up is over */
+bool tr_dp_masked(const ds_trainer *t);
+ds_adapter *tr_dp_snapshot(const ds_trainer *t, const char *name, ds_err *err);
+int tr_dp_save(const ds_trainer *t, const char *dir, const char *base_model_name_or_path, ds_err *err);
 
 /* AdamW + clipping (optim.c). */
 double tr_grad_norm(ds_trainer *t);

@@ -37,7 +37,7 @@ int ds_train_kind_parse(const char *method, ds_adapter_kind *out, ds_err *err) {
         const char *name;
         int kind; /* -1: known, not trainable */
     } table[] = {{"lora", DS_ADAPTER_LORA},     {"rslora", DS_ADAPTER_LORA}, {"prompt_tuning", DS_ADAPTER_PROMPT},
-                 {"prefix_tuning", DS_ADAPTER_PREFIX}, {"bitfit", DS_ADAPTER_DELTA}, {"diff_pruning", -1}, {"dora", -1}, {"ia3", -1}, {"adalora", -1},
+                 {"prefix_tuning", DS_ADAPTER_PREFIX}, {"bitfit", DS_ADAPTER_DELTA}, {"diff_pruning", DS_ADAPTER_DELTA}, {"dora", -1}, {"ia3", -1}, {"adalora", -1},
                  {"p_tuning", -1},          {"loha", -1},                {"lokr", -1}, {"oft", -1}, {"boft", -1},
                  {"vera", -1},              {"fourierft", -1}};
     char buf[32];
@@ -52,11 +52,15 @@ int ds_train_kind_parse(const char *method, ds_adapter_kind *out, ds_err *err) {
         }
         return ds_err_set(err, DS_EUNSUPPORTED,
                           "training method '%s' is not supported: deltaserve trains lora (incl. rsLoRA), "
-                          "prompt_tuning, prefix_tuning and bitfit",
+                          "prompt_tuning, prefix_tuning, bitfit and diff_pruning",
                           method);
     }
-    return ds_err_set(err, DS_EINVAL, "unknown training method '%s' (expected lora, prompt_tuning, prefix_tuning or bitfit)",
+    return ds_err_set(err, DS_EINVAL, "unknown training method '%s' (expected lora, prompt_tuning, prefix_tuning, bitfit or diff_pruning)",
                       method);
+}
+
+bool ds_train_method_is_diff_pruning(const char *method) {
+    return method && (!strcasecmp(method, "diff_pruning") || !strcasecmp(method, "diff-pruning"));
 }
 
 /* ---- a fresh adapter ---- */
@@ -172,6 +176,14 @@ static int spec_bitfit(ds_adapter *a, const ds_model *m, const ds_train_adapter_
     return 0;
 }
 
+/* DS_ADAPTER_DELTA: BitFit (density 0), or diff pruning, whose dense δ the trainer holds
+ * (train_dp.c): the adapter carries only its bias deltas, when they train too. */
+static int spec_delta(ds_adapter *a, const ds_model *m, const ds_train_adapter_spec *s, ds_err *err) {
+    if (s->density == 0) return spec_bitfit(a, m, s, err);
+    int rc = tr_dp_check_spec(s, err);
+    return rc ? rc : s->bias ? spec_bitfit(a, m, s, err) : 0;
+}
+
 int tr_spec_adapter(const ds_model *m, const ds_train_adapter_spec *s, ds_adapter **out, ds_err *err) {
     static const char *const types[] = {"LORA", "IA3", "PROMPT_TUNING", "PREFIX_TUNING", "BOTTLENECK", "DELTA"};
     if (s->kind != DS_ADAPTER_LORA && s->kind != DS_ADAPTER_PROMPT && s->kind != DS_ADAPTER_PREFIX &&
@@ -184,7 +196,7 @@ int tr_spec_adapter(const ds_model *m, const ds_train_adapter_spec *s, ds_adapte
     if (!a) return ds_err_set(err, DS_ENOMEM, "out of memory");
     uint64_t rng = s->seed ^ 0x64656c7461ull;
     int rc = s->kind == DS_ADAPTER_LORA    ? spec_lora(a, m, s, &rng, err)
-             : s->kind == DS_ADAPTER_DELTA ? spec_bitfit(a, m, s, err)
+             : s->kind == DS_ADAPTER_DELTA ? spec_delta(a, m, s, err)
                                            : spec_prompt(a, m, s, &rng, err);
     if (rc) {
         ds_adapter_free(a);

@@ -130,6 +130,7 @@ int ds_trainer_apply(ds_trainer *t, ds_train_stats *stats, ds_err *err) {
     const float lr = ds_train_lr_at(&t->p, t->step);
     tr_adamw(t, lr);
     if ((rc = tr_op_check(t, err))) return rc; /* the update may be partial */
+    if (t->dp && (rc = tr_dp_sync(t))) return ds_err_set(err, rc, "out of memory fixing the diff-pruning mask");
     if (stats) {
         stats->grad_norm = norm;
         stats->lr = lr;
@@ -158,10 +159,12 @@ const ds_adapter *ds_trainer_adapter(const ds_trainer *t) { return t->ad; }
 int64_t ds_trainer_steps_done(const ds_trainer *t) { return t->step; }
 
 ds_adapter *ds_trainer_snapshot(const ds_trainer *t, const char *name, ds_err *err) {
+    if (t->dp) return tr_dp_snapshot(t, name, err); /* the dense δ as a sparse delta */
     return tr_adapter_clone(t->ad, name, err);
 }
 
 int ds_trainer_save(const ds_trainer *t, const char *dir, const char *base_model_name_or_path, ds_err *err) {
+    if (t->dp) return tr_dp_save(t, dir, base_model_name_or_path, err); /* diff pruning: the sparse delta */
     if (t->ad->kind == DS_ADAPTER_DELTA) /* BitFit: deltaserve's delta format, not PEFT's */
         return ds_delta_save(t->ad, dir, base_model_name_or_path, "deltaserve training (BitFit)", err);
     ds_peft_save_params p = ds_peft_save_default_params();

@@ -12,7 +12,8 @@ ds_train_adapter_spec ds_train_default_spec(ds_adapter_kind kind) {
     return (ds_train_adapter_spec){.kind = kind, .name = NULL, .r = 8, .lora_alpha = 16.0f, .use_rslora = false,
                                    .targets = kind == DS_ADAPTER_DELTA ? DS_TRAIN_TARGET_ALL_LINEAR /* BitFit */
                                                                        : DS_TRAIN_TARGET(DS_PROJ_Q) | DS_TRAIN_TARGET(DS_PROJ_V),
-                                   .n_virtual = 20, .init_std = 0.0f, .seed = 0};
+                                   .n_virtual = 20, .init_std = 0.0f, .seed = 0, .density = 0.0f, .dp_warmup_steps = 1,
+                                   .bias = false};
 }
 
 ds_train_params ds_train_default_params(void) {
@@ -192,7 +193,8 @@ int tr_op_check(ds_trainer *t, ds_err *err) {
     return rc ? ds_err_set(err, rc, "training op failed on backend '%s'", t->be->iface->name) : 0;
 }
 
-static ds_trainer *trainer_init(const ds_model *m, ds_adapter *ad, const ds_train_params *p, ds_err *err) {
+static ds_trainer *trainer_init(const ds_model *m, ds_adapter *ad, const ds_train_params *p,
+                                const ds_train_adapter_spec *spec, ds_err *err) {
     ds_trainer *t = calloc(1, sizeof *t);
     if (!t) {
         ds_adapter_free(ad);
@@ -212,6 +214,7 @@ static ds_trainer *trainer_init(const ds_model *m, ds_adapter *ad, const ds_trai
     t->max_seqs = p->micro_batch_seqs > 0 ? p->micro_batch_seqs : p->micro_batch_tokens;
     int rc = tr_backend_attach(t, p->backend, err);
     if (!rc) rc = tr_params_build(t, err);
+    if (!rc && spec) rc = tr_dp_init(t, spec, err); /* diff pruning's dense δ (train_dp.c) */
     if (!rc && (alloc_acts(t) || alloc_work(t)))
         rc = ds_err_set(err, DS_ENOMEM, "out of memory for training buffers (micro_batch_tokens %d)", t->max_rows);
     if (!rc && t->n_virtual >= t->max_rows)
@@ -233,7 +236,7 @@ ds_trainer *ds_trainer_create(const ds_model *base, const ds_train_adapter_spec 
     }
     ds_adapter *ad = NULL;
     if (check_params(&p, err) || tr_spec_adapter(base, spec, &ad, err)) return NULL;
-    ds_trainer *t = trainer_init(base, ad, &p, err);
+    ds_trainer *t = trainer_init(base, ad, &p, spec, err);
     if (t) {
         t->rslora = spec->use_rslora;
         t->alpha = spec->kind == DS_ADAPTER_LORA ? spec->lora_alpha : 0.0f;
@@ -252,7 +255,7 @@ ds_trainer *ds_trainer_create_from(const ds_model *base, const ds_adapter *init,
     ds_adapter *ad = tr_adapter_clone(init, NULL, err);
     if (!ad) return NULL;
     if (ad->kind == DS_ADAPTER_LORA) snprintf(ad->peft_type, sizeof ad->peft_type, "LORA"); /* e.g. from GGUF */
-    ds_trainer *t = trainer_init(base, ad, &p, err);
+    ds_trainer *t = trainer_init(base, ad, &p, NULL, err);
     if (t) {
         t->rslora = use_rslora;
         t->alpha = lora_alpha > 0 ? lora_alpha : 0.0f;
@@ -265,6 +268,7 @@ void ds_trainer_free(ds_trainer *t) {
     for (size_t i = 0; i < t->n_allocs; i++) free(t->allocs[i]);
     free(t->allocs);
     tr_params_free(t);
+    tr_dp_free(t);
     tr_backend_detach(t);
     ds_adapter_free(t->ad);
     free(t);

@@ -205,6 +205,40 @@ static void test_job_record(void) {
     free(text);
 }
 
+/* A diff-pruning job's settings survive the record; a density out of (0, 1] or on a non-delta job is
+ * refused. */
+static void test_dp_record(void) {
+    ft_job j = {0};
+    ds_ft_job_info *I = &j.info;
+    snprintf(I->id, sizeof I->id, "ftjob-0123456789abcdef0123dddd");
+    snprintf(I->model, sizeof I->model, "smollm2");
+    snprintf(I->fine_tuned_model, sizeof I->fine_tuned_model, "ft-dp");
+    snprintf(I->method, sizeof I->method, "diff_pruning");
+    I->rank = 8, I->n_virtual = 20, I->targets = 0x7f, I->learning_rate = 2e-4f, I->alpha = 16, I->lr_multiplier = 1;
+    I->density = 0.05f, I->dp_warmup_steps = 3, I->bias = true;
+    j.kind = DS_ADAPTER_DELTA;
+    size_t len = 0;
+    char *text = ft_record_encode(&j, &len);
+    ft_job k = {0};
+    ds_err err = {{0}};
+    CHECK_MSG(text && ft_record_parse(text, len, &k, &err) == 0, "%s", err.msg);
+    CHECK(k.kind == DS_ADAPTER_DELTA && k.info.density == 0.05f && k.info.dp_warmup_steps == 3 && k.info.bias);
+    free(k.ev), free(k.ck);
+    const char *edits[][2] = {{"\"density\":0.05", "\"density\":0"}, {"\"density\":0.05", "\"density\":1.5"},
+                              {"\"kind\":5", "\"kind\":0"}};
+    for (size_t i = 0; text && i < sizeof edits / sizeof edits[0]; i++) {
+        const char *at = strstr(text, edits[i][0]);
+        CHECK_MSG(at != NULL, "dp edit %zu", i);
+        if (!at) continue;
+        char buf[8192];
+        snprintf(buf, sizeof buf, "%.*s%s%s", (int)(at - text), text, edits[i][1], at + strlen(edits[i][0]));
+        ft_job x = {0};
+        CHECK_MSG(ft_record_parse(buf, strlen(buf), &x, &err) == DS_EFORMAT, "dp edit %zu accepted", i);
+        free(x.ev), free(x.ck);
+    }
+    free(text);
+}
+
 /* ft_store_load: a stored job comes back; a corrupt record is skipped (and kept, for a person to
  * look at); a directory without a record (a submit cut short) is removed. */
 static void test_store_load(void) {
@@ -254,6 +288,7 @@ int main(void) {
     test_durable();
     test_file_store();
     test_job_record();
+    test_dp_record();
     test_store_load();
     test_state_parse();
     rm_rf(g_root);
