@@ -37,10 +37,44 @@ extern "C" {
 #define DS_TRAIN_TARGET_EMBED (1u << (DS_PROJ_COUNT + 1)) /* embed_tokens (PEFT lora_embedding_A/B) */
 #define DS_TRAIN_TARGET_ALL_LINEAR ((1u << DS_PROJ_COUNT) - 1u) /* PEFT "all-linear": every projection, not lm_head */
 
+/* Bottleneck adapters (AdapterHub `adapters` configs; src/train/train_bn.c). */
+typedef enum {
+    DS_TRAIN_BN_SEQUENTIAL = 0, /* Pfeiffer, SeqBnConfig "seq_bn": after the FFN output, input o + x */
+    DS_TRAIN_BN_HOULSBY,        /* DoubleSeqBnConfig "double_seq_bn": after attention and FFN outputs, input o */
+    DS_TRAIN_BN_PARALLEL,       /* He et al., ParBnConfig "par_bn": beside the FFN, input x, scaled */
+} ds_train_bn_placement;
+
+typedef enum {
+    DS_TRAIN_BN_INIT_DEFAULT = 0, /* the config's: bert (sequential, houlsby), mam_adapter (parallel) */
+    DS_TRAIN_BN_INIT_BERT,        /* down, up ~ N(0, 0.02²), biases 0 (near, not exactly, the identity) */
+    DS_TRAIN_BN_INIT_MAM,         /* down ~ U(±1/sqrt(d)) (kaiming_uniform a=√5), up = 0, biases 0: identity */
+} ds_train_bn_init;
+
+typedef struct ds_train_bn_opts {
+    int32_t reduction_factor;      /* width = d_model / reduction_factor, floored, >= 1 (default 16) */
+    ds_train_bn_placement placement;
+    int32_t act;                   /* ds_act (relu, gelu, gelu_new, silu/swish, tanh); -1 (default): the
+                                    * config's, relu (sequential, parallel) or swish (houlsby) */
+    float scaling;                 /* output scale; 0 (default): the config's, 1 (parallel: 4) */
+    ds_train_bn_init init;
+} ds_train_bn_opts;
+
+ds_train_bn_opts ds_train_bn_default_opts(void);
+/* "sequential" | "pfeiffer" | "seq_bn", "houlsby" | "double_seq_bn", "parallel" | "par_bn". DS_EINVAL
+ * with a message listing them otherwise. */
+int ds_train_bn_placement_parse(const char *s, ds_train_bn_placement *out, ds_err *err);
+/* An AdapterHub non_linearity name the training ops support ("relu", "gelu", "gelu_new", "silu",
+ * "swish", "tanh") → ds_act; another name the package accepts → DS_EUNSUPPORTED, anything else
+ * DS_EINVAL, with a message naming it. */
+int ds_train_bn_act_parse(const char *s, int32_t *out, ds_err *err);
+/* "bert" | "mam_adapter" → ds_train_bn_init; DS_EINVAL otherwise. */
+int ds_train_bn_init_parse(const char *s, ds_train_bn_init *out, ds_err *err);
+
 /* What to train when starting from scratch. */
 typedef struct ds_train_adapter_spec {
-    ds_adapter_kind kind;  /* DS_ADAPTER_LORA, DS_ADAPTER_PROMPT (prompt tuning), DS_ADAPTER_PREFIX or
-                            * DS_ADAPTER_DELTA (BitFit: zero bias deltas on `targets`, default all seven) */
+    ds_adapter_kind kind;  /* DS_ADAPTER_LORA, DS_ADAPTER_PROMPT (prompt tuning), DS_ADAPTER_PREFIX,
+                            * DS_ADAPTER_DELTA (BitFit: zero bias deltas on `targets`, default all seven) or
+                            * DS_ADAPTER_BOTTLENECK (AdapterHub bottleneck adapters, `bn`) */
     const char *name;      /* adapter id (default "trained") */
     /* LoRA */
     int32_t r;             /* rank (default 8) */
@@ -54,12 +88,13 @@ typedef struct ds_train_adapter_spec {
                             * SAMPLE_VOCAB), prefix tuning uses N(0, 1) as PEFT does */
     uint64_t seed;         /* initialisation as PEFT: LoRA A ~ U(±1/sqrt(in)) (kaiming_uniform(a=√5)), B = 0;
                             * embed_tokens A = 0, B ~ N(0, 1) */
+    ds_train_bn_opts bn;   /* DS_ADAPTER_BOTTLENECK */
 } ds_train_adapter_spec;
 
 ds_train_adapter_spec ds_train_default_spec(ds_adapter_kind kind);
 
 /* Parses a method name as the fine-tuning API spells it: "lora", "prompt_tuning", "prefix_tuning",
- * "bitfit" (case-insensitive, '-' or '_'). Known but untrainable types (dora, ia3, adalora, p_tuning, loha,
+ * "bitfit", "bottleneck" (case-insensitive, '-' or '_'). Known but untrainable types (dora, ia3, adalora, p_tuning, loha,
  * lokr, …) give DS_EUNSUPPORTED with a message saying what can be trained; anything else DS_EINVAL. */
 int ds_train_kind_parse(const char *method, ds_adapter_kind *out, ds_err *err);
 
@@ -176,7 +211,17 @@ ds_peft_save_params ds_peft_save_default_params(void);
  * DS_EIO / DS_ENOMEM with a message naming the file. Any thread. */
 int ds_peft_save(const ds_adapter *a, const ds_model *base, const char *dir, const ds_peft_save_params *params,
                  ds_err *err);
-/* ds_peft_save of the trainer's current adapter with its own alpha / rsLoRA settings. */
+/* Writes a bottleneck adapter (kind BOTTLENECK, no prefix, no LayerNorms, a scalar scaling, one
+ * config over every module) as the AdapterHub `adapters` package's save_adapter(dir, name,
+ * with_head=False, use_safetensors=True) does: adapter_config.json (the full bottleneck config:
+ * seq_bn / double_seq_bn / par_bn with its non_linearity, reduction_factor, scaling) and
+ * adapter.safetensors (F32, "model.layers.<i>.<attention|output>_adapters.adapters.<name>.…"), each
+ * written to a temporary file and renamed (src/train/ah_save.c). dir is created if missing (one
+ * level). model_name goes into "model_name". Returns 0, DS_EUNSUPPORTED naming what the format
+ * cannot express, DS_EIO / DS_ENOMEM. Any thread. */
+int ds_ah_save(const ds_adapter *a, const ds_model *base, const char *dir, const char *model_name, ds_err *err);
+/* ds_peft_save of the trainer's current adapter with its own alpha / rsLoRA settings (BitFit: the
+ * delta format; bottleneck: ds_ah_save). */
 int ds_trainer_save(const ds_trainer *t, const char *dir, const char *base_model_name_or_path, ds_err *err);
 
 
@@ -222,6 +267,7 @@ typedef struct ds_ft_job_spec {
     bool use_rslora;              /* LoRA: scale alpha/sqrt(r) */
     uint32_t targets;             /* DS_TRAIN_TARGET bits (0: q,v) */
     int32_t n_virtual;            /* prompt/prefix tuning (default 20) */
+    ds_train_bn_opts bn;          /* bottleneck (ds_train_bn_default_opts) */
     uint64_t seed;
 } ds_ft_job_spec;
 
@@ -239,6 +285,7 @@ typedef struct ds_ft_job_info {
     uint32_t targets;
     bool use_rslora;
     uint64_t seed;
+    ds_train_bn_opts bn;             /* bottleneck jobs */
     double tokens_per_s;             /* training throughput of the job (0 until a step ran) */
 } ds_ft_job_info;
 

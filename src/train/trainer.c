@@ -12,7 +12,7 @@ ds_train_adapter_spec ds_train_default_spec(ds_adapter_kind kind) {
     return (ds_train_adapter_spec){.kind = kind, .name = NULL, .r = 8, .lora_alpha = 16.0f, .use_rslora = false,
                                    .targets = kind == DS_ADAPTER_DELTA ? DS_TRAIN_TARGET_ALL_LINEAR /* BitFit */
                                                                        : DS_TRAIN_TARGET(DS_PROJ_Q) | DS_TRAIN_TARGET(DS_PROJ_V),
-                                   .n_virtual = 20, .init_std = 0.0f, .seed = 0};
+                                   .n_virtual = 20, .init_std = 0.0f, .seed = 0, .bn = ds_train_bn_default_opts()};
 }
 
 ds_train_params ds_train_default_params(void) {
