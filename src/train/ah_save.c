@@ -60,13 +60,22 @@ static int32_t reduction_factor(int32_t d, int32_t size) {
     return 0;
 }
 
+/* A JSON float that Python reads back as a float ("1.0", not cJSON's "1"): the package checks
+ * isinstance(scaling, float) (adapters' Adapter.__init__ refuses an int). */
+static void add_float(cJSON *o, const char *key, double v) {
+    char buf[40];
+    snprintf(buf, sizeof buf, "%.9g", v);
+    if (!strpbrk(buf, ".eEn")) strcat(buf, ".0");
+    cJSON_AddRawToObject(o, key, buf);
+}
+
 static cJSON *config_json(const ds_adapter *a, const ds_model *m, const ah_cfg *c, const char *model_name) {
     const ds_bn_module *f = c->first;
     const bool par = f->flags & DS_BN_PARALLEL, in_plus_x = f->flags & DS_BN_IN_PLUS_X;
     cJSON *root = cJSON_CreateObject(), *k = cJSON_AddObjectToObject(root, "config");
     cJSON_AddBoolToObject(k, "adapter_residual_before_ln", false);
     cJSON_AddBoolToObject(k, "cross_adapter", false);
-    cJSON_AddNumberToObject(k, "dropout", 0.0);
+    add_float(k, "dropout", 0.0);
     cJSON_AddBoolToObject(k, "factorized_phm_W", true);
     cJSON_AddBoolToObject(k, "factorized_phm_rule", false);
     cJSON_AddStringToObject(k, "hypercomplex_nonlinearity", "glorot-uniform");
@@ -92,10 +101,10 @@ static cJSON *config_json(const ds_adapter *a, const ds_model *m, const ah_cfg *
     cJSON_AddNumberToObject(k, "phm_rank", 1);
     cJSON_AddNumberToObject(k, "reduction_factor", reduction_factor(m->cfg.d_model, c->size));
     cJSON_AddBoolToObject(k, "residual_before_ln", true);
-    cJSON_AddNumberToObject(k, "scaling", (double)f->scale);
+    add_float(k, "scaling", (double)f->scale);
     cJSON_AddBoolToObject(k, "shared_W_phm", false);
     cJSON_AddBoolToObject(k, "shared_phm_rule", true);
-    cJSON_AddNumberToObject(k, "stochastic_depth", 0.0);
+    add_float(k, "stochastic_depth", 0.0);
     cJSON_AddBoolToObject(k, "use_gating", false);
     cJSON_AddNumberToObject(root, "hidden_size", m->cfg.d_model);
     /* transformers' class for the model_type: "qwen2" → "Qwen2ForCausalLM" (informational) */
@@ -192,6 +201,39 @@ static int write_tensors(const ds_adapter *a, const char *dir, ds_err *err) {
     return rc;
 }
 
+/* adapter_interface.json, which the package writes beside the config for a model it adapts through
+ * a plugin interface (adapters/wrappers/interfaces.py) rather than its own model classes: of the
+ * bases deltaserve trains, Qwen2 (Llama and Mistral have their own classes, no file). Keys sorted. */
+static cJSON *interface_json(const ds_model *m) {
+    if (strcmp(m->cfg.arch_name, "qwen2")) return NULL;
+    static const char *const kv[][2] = {
+        {"attn_k_proj", "k_proj"}, {"attn_o_proj", "o_proj"}, {"attn_q_proj", "q_proj"}, {"attn_qkv_proj", NULL},
+        {"attn_v_proj", "v_proj"}, {"base_model", NULL}, {"layer_cross_attn", NULL},
+        {"layer_intermediate_proj", "mlp.up_proj"}, {"layer_ln_1", NULL}, {"layer_ln_2", NULL},
+        {"layer_output_proj", "mlp.down_proj"}, {"layer_pre_cross_attn", NULL},
+        {"layer_pre_ffn", "post_attention_layernorm"}, {"layer_pre_self_attn", "input_layernorm"},
+        {"layer_self_attn", "self_attn"}, {"model_embeddings", "embed_tokens"}, {"model_layers", "layers"}};
+    static const char *const methods[] = {"bottleneck", "lora", "reft", "invertible"};
+    cJSON *root = cJSON_CreateObject(), *itf = cJSON_AddObjectToObject(root, "interface");
+    cJSON_AddItemToObject(itf, "adapter_methods", cJSON_CreateStringArray(methods, 4));
+    for (size_t i = 0; i < sizeof kv / sizeof *kv; i++)
+        if (kv[i][1]) cJSON_AddStringToObject(itf, kv[i][0], kv[i][1]);
+        else cJSON_AddNullToObject(itf, kv[i][0]);
+    cJSON_AddStringToObject(root, "model_type", m->cfg.arch_name);
+    cJSON_AddStringToObject(root, "version", "adapters.1.3.0");
+    return root;
+}
+
+static int write_json(const char *dir, const char *name, cJSON *j, ds_err *err) {
+    char *s = j ? cJSON_Print(j) : NULL;
+    cJSON_Delete(j);
+    if (!s) return ds_err_set(err, DS_ENOMEM, "out of memory");
+    const ds_iovec part[2] = {{s, strlen(s)}, {"\n", 1}};
+    int rc = ds_durable_write(dir, name, part, 2, err);
+    free(s);
+    return rc;
+}
+
 int ds_ah_save(const ds_adapter *a, const ds_model *m, const char *dir, const char *model_name, ds_err *err) {
     ah_cfg c;
     int rc = check(a, m, &c, err);
@@ -200,13 +242,10 @@ int ds_ah_save(const ds_adapter *a, const ds_model *m, const char *dir, const ch
         return ds_err_set(err, DS_EUNSUPPORTED, "%s: no integer reduction_factor gives width %d", a->name, c.size);
     if (mkdir(dir, 0755) != 0 && errno != EEXIST)
         return ds_err_set(err, DS_EIO, "cannot create the adapter directory: %s", strerror(errno));
-    cJSON *cfg = config_json(a, m, &c, model_name);
-    char *s = cfg ? cJSON_Print(cfg) : NULL;
-    cJSON_Delete(cfg);
-    if (!s) return ds_err_set(err, DS_ENOMEM, "out of memory");
     rc = write_tensors(a, dir, err);
-    const ds_iovec part[2] = {{s, strlen(s)}, {"\n", 1}};
-    if (!rc) rc = ds_durable_write(dir, "adapter_config.json", part, 2, err);
-    free(s);
+    cJSON *itf = interface_json(m);
+    if (!rc && itf) rc = write_json(dir, "adapter_interface.json", itf, err);
+    else cJSON_Delete(itf);
+    if (!rc) rc = write_json(dir, "adapter_config.json", config_json(a, m, &c, model_name), err);
     return rc;
 }

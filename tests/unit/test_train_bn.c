@@ -10,9 +10,9 @@
  * and, from a spec per placement: the package's initialisation (mam_adapter: up = 0, the identity;
  * bert: N(0, 0.02²)), a few steps lower the loss, ds_trainer_save writes an AdapterHub directory
  * that ds_adapter_load reads back bit for bit, and the served model (ds_llama + the bottleneck op)
- * gives the training forward's loss; refusals by name. DS_BN_EXPORT=<dir>: the parallel adapter's
- * directory and its served logits (ds_logits.json) go there, for
- * gen_train_bottleneck.py --check-saved <dir> tiny-llama. */
+ * gives the training forward's loss (tiny Llama and tiny Qwen2); refusals by name.
+ * DS_BN_EXPORT=<dir>: those trained adapters stay in <dir>/<model>/<placement> with their served
+ * logits (ds_logits.json), for gen_train_bottleneck.py --check-saved <dir>/<model>/<placement> <model>. */
 #include "ds/adapter.h"
 #include "ds/model.h"
 #include "ds/train.h"
@@ -182,15 +182,16 @@ static void export_logits(const char *dir, const float *logits, const int32_t *t
 }
 
 static void rm_dir(const char *dir) {
-    const char *files[] = {"adapter_config.json", "adapter.safetensors", "ds_logits.json"};
+    const char *files[] = {"adapter_config.json", "adapter.safetensors", "adapter_interface.json", "ds_logits.json"};
     char f[700];
-    for (int i = 0; i < 3; i++) snprintf(f, sizeof f, "%s/%s", dir, files[i]), unlink(f);
+    for (int i = 0; i < 4; i++) snprintf(f, sizeof f, "%s/%s", dir, files[i]), unlink(f);
     rmdir(dir);
 }
 
-static void spec_train_save_serve(ds_model *m, ds_train_bn_placement pl) {
+static void spec_train_save_serve(ds_model *m, const char *model, ds_train_bn_placement pl) {
     static const char *const names[] = {"sequential", "houlsby", "parallel"};
-    const char *pn = names[pl];
+    char pn[96];
+    snprintf(pn, sizeof pn, "%s/%s", model, names[pl]);
     ds_err err = {{0}};
     ds_train_adapter_spec sp = ds_train_default_spec(DS_ADAPTER_BOTTLENECK);
     sp.name = "bn-trained";
@@ -229,9 +230,16 @@ static void spec_train_save_serve(ds_model *m, ds_train_bn_placement pl) {
     CHECK_MSG(s.loss < s0.loss, "%s: loss %.5f after 5 steps, %.5f before", pn, s.loss, s0.loss);
     const char *exp_dir = getenv("DS_BN_EXPORT");
     char tmp[] = "/tmp/ds_bn_train_XXXXXX", dir[512];
-    if (exp_dir && pl == DS_TRAIN_BN_PARALLEL) snprintf(dir, sizeof dir, "%s", exp_dir);
-    else snprintf(dir, sizeof dir, "%s", mkdtemp(tmp) ? tmp : "/tmp/ds_bn_train");
-    CHECK_MSG(ds_trainer_save(t, dir, "tests/data/models/tiny-llama", &err) == 0, "%s: save: %s", pn, err.msg);
+    if (exp_dir) {
+        snprintf(dir, sizeof dir, "%s/%s", exp_dir, model);
+        mkdir(exp_dir, 0755), mkdir(dir, 0755);
+        snprintf(dir, sizeof dir, "%s/%s/%s", exp_dir, model, names[pl]);
+    } else {
+        snprintf(dir, sizeof dir, "%s", mkdtemp(tmp) ? tmp : "/tmp/ds_bn_train");
+    }
+    char mname[128];
+    snprintf(mname, sizeof mname, "tests/data/models/%s", model);
+    CHECK_MSG(ds_trainer_save(t, dir, mname, &err) == 0, "%s: save: %s", pn, err.msg);
     ds_adapter *back = ds_adapter_load(dir, m, NULL, &err);
     CHECK_MSG(back != NULL, "%s: reload: %s", pn, err.msg);
     for (size_t i = 0; back && i < (size_t)L * DS_BN_SITES; i++) {
@@ -251,12 +259,12 @@ static void spec_train_save_serve(ds_model *m, ds_train_bn_placement pl) {
             CHECK_MSG(fabs(sl - s.loss) <= 1e-5 * fabs(s.loss), "%s: served loss %.8g, trained %.8g", pn, sl, s.loss);
             printf("%s: loss %.5f -> %.5f in 5 steps; saved, reloaded bit for bit, served loss %.7f (training "
                    "forward %.7f)\n", pn, s0.loss, s.loss, sl, s.loss);
-            if (exp_dir && pl == DS_TRAIN_BN_PARALLEL) export_logits(dir, lg, tok, 8, m->cfg.n_vocab);
+            if (exp_dir) export_logits(dir, lg, tok, 8, m->cfg.n_vocab);
         }
         free(lg);
     }
     ds_adapter_free(back);
-    if (!(exp_dir && pl == DS_TRAIN_BN_PARALLEL)) rm_dir(dir);
+    if (!exp_dir) rm_dir(dir);
 done:
     ds_trainer_free(t);
 }
@@ -322,9 +330,12 @@ int main(void) {
     for (int i = 0; i < 3; i++) grads_vs_torch("tiny-qwen2", qwen[i]);
     ds_model *m = load_model("tiny-llama");
     if (m) {
-        for (int pl = 0; pl < 3; pl++) spec_train_save_serve(m, (ds_train_bn_placement)pl);
+        for (int pl = 0; pl < 3; pl++) spec_train_save_serve(m, "tiny-llama", (ds_train_bn_placement)pl);
         refusals(m);
     }
+    ds_model_free(m);
+    if ((m = load_model("tiny-qwen2")))
+        for (int pl = 0; pl < 3; pl++) spec_train_save_serve(m, "tiny-qwen2", (ds_train_bn_placement)pl);
     ds_model_free(m);
     return ds_test_result();
 }
