@@ -60,6 +60,18 @@ typedef struct ds_train_bn_opts {
 } ds_train_bn_opts;
 
 ds_train_bn_opts ds_train_bn_default_opts(void);
+/* Parameter bytes of the adapter a spec with these options makes on m (fp32; reduction_factor
+ * < 1 counts as 1): what the fine-tuning limits check (ft_limits.c). */
+size_t ds_train_bn_bytes(const struct ds_model *m, const ds_train_bn_opts *o);
+/* Replaces the "config's default" markers (act -1, scaling 0, init DEFAULT) by the values they
+ * stand for under o->placement. */
+void ds_train_bn_resolve(ds_train_bn_opts *o);
+/* The names ds_train_bn_*_parse accept that ds_ah_save / the job API print: "sequential" | "houlsby"
+ * | "parallel"; "relu", "gelu", "gelu_new", "swish", "tanh" (NULL: not trainable); "bert" |
+ * "mam_adapter". */
+const char *ds_train_bn_placement_name(ds_train_bn_placement p);
+const char *ds_train_bn_act_name(int32_t act);
+const char *ds_train_bn_init_name(ds_train_bn_init i);
 /* "sequential" | "pfeiffer" | "seq_bn", "houlsby" | "double_seq_bn", "parallel" | "par_bn". DS_EINVAL
  * with a message listing them otherwise. */
 int ds_train_bn_placement_parse(const char *s, ds_train_bn_placement *out, ds_err *err);
@@ -260,7 +272,8 @@ typedef struct ds_ft_job_spec {
     const char *method;           /* "supervised" | "lora" | "prompt_tuning" | "prefix_tuning" */
     ds_adapter_kind kind;
     int32_t n_epochs, batch_size; /* <= 0: defaults (3, min(4, n examples)) */
-    float learning_rate;          /* > 0: used as is; else 2e-4 * multiplier (prompt/prefix: 3e-2 *) */
+    float learning_rate;          /* > 0: used as is; else 2e-4 * multiplier (prompt/prefix/BitFit: 3e-2 *,
+                                   * bottleneck: 1e-3 *) */
     float lr_multiplier;          /* <= 0: 1 */
     int32_t rank;                 /* LoRA (default 8) */
     float alpha;                  /* LoRA (default 2 * rank) */

@@ -247,6 +247,7 @@ static int job_trainer(ds_ft_manager *m, ft_job *j, const ds_train_params *tp, d
     } else {
         sp.n_virtual = I->n_virtual;
     }
+    sp.bn = I->bn; /* bottleneck */
     *out = ds_trainer_create(m->base, &sp, tp, err);
     return *out ? 0 : DS_EINVAL;
 }
@@ -665,9 +666,13 @@ static ft_job *job_new(const ds_ft_job_spec *sp, ds_err *err) {
     I->targets = sp->targets ? sp->targets : DS_TRAIN_TARGET(DS_PROJ_Q) | DS_TRAIN_TARGET(DS_PROJ_V);
     I->n_virtual = sp->n_virtual > 0 ? sp->n_virtual : 20;
     I->lr_multiplier = sp->lr_multiplier > 0 ? sp->lr_multiplier : 1.0f;
-    float base_lr = j->kind == DS_ADAPTER_LORA ? 2e-4f : 3e-2f;
+    /* bottleneck adapters: 1e-3 (not tuned here; they are commonly trained at 1e-4..1e-3, and the soft
+     * prompts' 3e-2 would swamp the bert-initialised weights) */
+    float base_lr = j->kind == DS_ADAPTER_LORA ? 2e-4f : j->kind == DS_ADAPTER_BOTTLENECK ? 1e-3f : 3e-2f;
     I->learning_rate = sp->learning_rate > 0 ? sp->learning_rate : base_lr * I->lr_multiplier;
     I->seed = sp->seed;
+    I->bn = sp->bn.reduction_factor > 0 ? sp->bn : ds_train_bn_default_opts();
+    ds_train_bn_resolve(&I->bn);
     ds_ft_event e = {.valid_loss = NAN};
     snprintf(e.level, sizeof e.level, "info");
     add_event_locked(j, &e); /* filled in once the id is known */

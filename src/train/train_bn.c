@@ -58,6 +58,31 @@ static const struct {
 } ACTS[] = {{"relu", DS_ACT_RELU}, {"gelu", DS_ACT_GELU}, {"gelu_new", DS_ACT_GELU_TANH},
             {"swish", DS_ACT_SILU}, {"silu", DS_ACT_SILU}, {"tanh", DS_ACT_TANH}};
 
+const char *ds_train_bn_act_name(int32_t act) { return tr_bn_act_name(act); }
+
+const char *ds_train_bn_placement_name(ds_train_bn_placement p) {
+    return p == DS_TRAIN_BN_HOULSBY ? "houlsby" : p == DS_TRAIN_BN_PARALLEL ? "parallel" : "sequential";
+}
+
+const char *ds_train_bn_init_name(ds_train_bn_init i) {
+    return i == DS_TRAIN_BN_INIT_MAM ? "mam_adapter" : i == DS_TRAIN_BN_INIT_BERT ? "bert" : "default";
+}
+
+size_t ds_train_bn_bytes(const ds_model *m, const ds_train_bn_opts *o) {
+    const size_t d = (size_t)m->cfg.d_model, rf = o->reduction_factor > 1 ? (size_t)o->reduction_factor : 1;
+    const size_t size = d / rf ? d / rf : 1, sites = o->placement == DS_TRAIN_BN_HOULSBY ? 2 : 1;
+    return (size_t)m->cfg.n_layer * sites * (2 * size * d + size + d) * sizeof(float);
+}
+
+/* adapters' SeqBnConfig / DoubleSeqBnConfig / ParBnConfig defaults (configuration/adapter_config.py):
+ * non_linearity relu / swish / relu, scaling 1 / 1 / 4, init_weights bert / bert / mam_adapter. */
+void ds_train_bn_resolve(ds_train_bn_opts *o) {
+    const bool par = o->placement == DS_TRAIN_BN_PARALLEL, houlsby = o->placement == DS_TRAIN_BN_HOULSBY;
+    if (o->act < 0) o->act = houlsby ? DS_ACT_SILU : DS_ACT_RELU;
+    if (!(o->scaling > 0)) o->scaling = par ? 4.0f : 1.0f;
+    if (o->init == DS_TRAIN_BN_INIT_DEFAULT) o->init = par ? DS_TRAIN_BN_INIT_MAM : DS_TRAIN_BN_INIT_BERT;
+}
+
 const char *tr_bn_act_name(int32_t act) {
     for (size_t i = 0; i < sizeof ACTS / sizeof *ACTS; i++)
         if ((int32_t)ACTS[i].act == act) return ACTS[i].name;
@@ -119,7 +144,8 @@ static void init_module(ds_bn_module *m, bool mam, uint64_t *rng) {
 }
 
 int tr_bn_spec(ds_adapter *a, const ds_model *m, const ds_train_adapter_spec *s, ds_err *err) {
-    const ds_train_bn_opts *o = &s->bn;
+    ds_train_bn_opts ro = s->bn;
+    const ds_train_bn_opts *o = &ro;
     const int32_t d = m->cfg.d_model, L = m->cfg.n_layer;
     if (m->cfg.post_norms)
         return ds_err_set(err, DS_EUNSUPPORTED, "bottleneck adapters on a %s base are not supported", m->cfg.arch_name);
@@ -130,11 +156,12 @@ int tr_bn_spec(ds_adapter *a, const ds_model *m, const ds_train_adapter_spec *s,
         return ds_err_set(err, DS_EINVAL, "unknown bottleneck placement or init_weights");
     if (!(o->scaling >= 0) || !isfinite(o->scaling))
         return ds_err_set(err, DS_EINVAL, "scaling must be a finite number > 0");
+    ds_train_bn_resolve(&ro);
     const bool par = o->placement == DS_TRAIN_BN_PARALLEL, houlsby = o->placement == DS_TRAIN_BN_HOULSBY;
-    const int32_t act = o->act >= 0 ? o->act : houlsby ? DS_ACT_SILU : DS_ACT_RELU;
+    const int32_t act = o->act;
     if (!tr_bn_act_name(act)) return ds_err_set(err, DS_EUNSUPPORTED, "this non_linearity cannot be trained");
-    const float scale = o->scaling > 0 ? o->scaling : par ? 4.0f : 1.0f;
-    const bool mam = o->init == DS_TRAIN_BN_INIT_MAM || (o->init == DS_TRAIN_BN_INIT_DEFAULT && par);
+    const float scale = o->scaling;
+    const bool mam = o->init == DS_TRAIN_BN_INIT_MAM;
     /* flags as the loader derives them from the package's configs (bottleneck.c flags_of) */
     const uint32_t flags = DS_BN_ADD_X | (par ? DS_BN_PARALLEL : houlsby ? 0u : DS_BN_IN_PLUS_X);
     if (!(a->bn = calloc((size_t)L * DS_BN_SITES, sizeof *a->bn))) return ds_err_set(err, DS_ENOMEM, "out of memory");

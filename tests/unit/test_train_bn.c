@@ -206,6 +206,8 @@ static void spec_train_save_serve(ds_model *m, const char *model, ds_train_bn_pl
     const ds_adapter *a = ds_trainer_adapter(t);
     const int32_t d = m->cfg.d_model, L = m->cfg.n_layer, size = d / 16;
     CHECK_EQ_INT(ds_trainer_n_tensors(t), 4 * L * (pl == DS_TRAIN_BN_HOULSBY ? 2 : 1));
+    CHECK_MSG(ds_train_bn_bytes(m, &sp.bn) == a->host_bytes, "%s: size estimate %zu, adapter %zu", pn,
+              ds_train_bn_bytes(m, &sp.bn), a->host_bytes);
     const ds_bn_module *b = a->bn[DS_BN_FFN];
     CHECK(b && b->size == size && (pl == DS_TRAIN_BN_HOULSBY) == (a->bn[DS_BN_ATTN] != NULL));
     if (!b) goto done;
