@@ -7,6 +7,8 @@
  *   one AdamW step            every parameter max|Δ| <= 1e-5 · max|ref| (elements whose gradient is
  *                             < 1e-4 of the tensor's max: <= 2·lr, the sign of a near-zero gradient
  *                             decides Adam's first step)
+ *   the same gradients with activation recomputation (bit for bit) and one sequence per
+ *   micro-batch (1e-5 of each tensor's scale)
  * and, from a spec per placement: the package's initialisation (mam_adapter: up = 0, the identity;
  * bert: N(0, 0.02²)), a few steps lower the loss, ds_trainer_save writes an AdapterHub directory
  * that ds_adapter_load reads back bit for bit, and the served model (ds_llama + the bottleneck op)
@@ -64,6 +66,31 @@ static void check_step(const char *cs, const ds_train_tensor *x, const cJSON *af
     (void)worst;
 }
 
+/* The same gradients with activation recomputation (bit for bit: the hooks re-save per layer) and
+ * with one sequence per micro-batch (accumulation: fp32 summation order only, 1e-5 of the scale). */
+static void check_variants(const ds_model *m, const ds_adapter *init, const ds_train_params *p0,
+                           const ds_train_example *ex, int n_ex, const ds_trainer *ref, const char *what) {
+    for (int v = 0; v < 2; v++) {
+        ds_train_params p = *p0;
+        if (v == 0) p.recompute = DS_RECOMPUTE_ON;
+        else p.micro_batch_seqs = 1;
+        ds_err err = {{0}};
+        ds_trainer *t = ds_trainer_create_from(m, init, false, 0.0f, &p, &err);
+        ds_train_stats s;
+        CHECK_MSG(t && ds_trainer_compute_grads(t, ex, n_ex, &s, &err) == 0, "%s: %s", what, err.msg);
+        if (!t) continue;
+        CHECK(v == 0 ? s.recompute : s.n_micro_batches == n_ex);
+        for (int32_t i = 0; i < ds_trainer_n_tensors(t); i++) {
+            const ds_train_tensor *a = ds_trainer_tensor(t, i), *b = ds_trainer_tensor(ref, i);
+            double d = 0, mx = 1e-6;
+            for (size_t j = 0; j < a->n; j++) d = fmax(d, fabs(a->grad[j] - b->grad[j])), mx = fmax(mx, fabs(b->grad[j]));
+            if (v == 0) CHECK_MSG(d == 0, "%s: recomputation changed %s by %.3g", what, a->name, d);
+            else CHECK_MSG(d <= 1e-5 * mx, "%s: accumulation changed %s by %.3g of %.3g", what, a->name, d, mx);
+        }
+        ds_trainer_free(t);
+    }
+}
+
 static void grads_vs_torch(const char *model, const char *cs) {
     char dir[512], ref_path[600], what[128];
     snprintf(dir, sizeof dir, "%s/train/bottleneck/%s/%s", DS_TEST_DATA, model, cs);
@@ -107,6 +134,7 @@ static void grads_vs_torch(const char *model, const char *cs) {
             n_t++;
         }
         CHECK_EQ_INT(n_t, cJSON_GetArraySize(grads));
+        check_variants(m, init, &p, ex, n_ex, t, what);
         CHECK_MSG(ds_trainer_apply(t, &s, &err) == 0, "%s: apply: %s", what, err.msg);
         const cJSON *after = cJSON_GetObjectItem(adam, "params");
         for (int32_t i = 0; i < ds_trainer_n_tensors(t); i++) {
