@@ -1,7 +1,8 @@
 /* deltaserve — online adapter training on a frozen base (src/train/).
  *
  * A ds_trainer owns one trainable adapter — LoRA / rsLoRA on any of q,k,v,o,gate,up,down_proj, lm_head
- * and embed_tokens, prompt tuning, or prefix tuning without projection — over a borrowed, immutable
+ * and embed_tokens, prompt tuning, prefix tuning without projection, BitFit bias deltas, or an AdapterHub
+ * bottleneck adapter (sequential, Houlsby, parallel; train_bn.c) — over a borrowed, immutable
  * ds_model. A step runs the forward pass saving what backward needs (or only per-layer checkpoints,
  * recomputing the rest: activation recomputation), back-propagates through every frozen layer to the adapter's
  * parameters only — the base gets no gradient buffers and no optimizer state — and applies AdamW
@@ -159,7 +160,8 @@ typedef struct ds_trainer ds_trainer;
 ds_trainer *ds_trainer_create(const ds_model *base, const ds_train_adapter_spec *spec, const ds_train_params *params,
                               ds_err *err);
 /* Continues training `init` (deep-copied: the registry's version stays immutable). LoRA (incl.
- * rsLoRA, lm_head, GGUF LoRA), prompt tuning and prefix tuning are trainable; DoRA, lora_bias,
+ * rsLoRA, lm_head, GGUF LoRA), prompt tuning, prefix tuning, BitFit and bottleneck adapters without
+ * LayerNorms / channel scaling / MAM prefixes are trainable; DoRA, lora_bias,
  * AdaLoRA, IA³ and P-tuning give DS_EUNSUPPORTED naming the feature. use_rslora / lora_alpha say
  * how `init` was configured, for the saved adapter_config.json (lora_alpha <= 0: derived from each
  * module's scale). */
