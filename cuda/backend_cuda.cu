@@ -170,6 +170,7 @@ static void ctx_destroy(ds_cuda_ctx *c) {
         cudaFree(c->xbf.ptr);
         cudaFree(c->meta.ptr);
         cudaFree(c->lora_tmp.ptr);
+        cudaFree(c->bn_ws.ptr);
         cudaFree(c->plan.ptr);
         if (c->pin) cudaFreeHost(c->pin);
         if (c->err_flag_host) cudaFreeHost(c->err_flag_host);
@@ -276,7 +277,7 @@ static const struct ds_backend_iface cuda_iface = {
     .copy = cu_copy,
     .lora_expand = nullptr, /* embedding LoRA: not on CUDA yet (DS_EUNSUPPORTED) */
     .train = nullptr,       /* training ops: CPU only (ds_trainer_create: DS_EUNSUPPORTED) */
-    .bottleneck = nullptr,  /* bottleneck adapters: not on CUDA yet (refused at upload) */
+    .bottleneck = ds_cuda_bottleneck, /* bottleneck.cu: compiled, not yet run on a GPU */
     .scale = ds_cuda_scale,
     .gelu_tanh_mul = ds_cuda_gelu_tanh_mul,
     .sparse = ds_cuda_sparse,

@@ -132,6 +132,11 @@ typedef struct ds_cuda_ctx {
      * borrowed until the next plan_upload; sparse.cu launches one kernel per entry. */
     const ds_sparse_seg *plan_sparse;
     int32_t plan_n_sparse;
+    /* The bottleneck table likewise (host entries holding device weight pointers), and the
+     * bottleneck op's per-row workspace (bottleneck.cu). */
+    const ds_bn_seg *plan_bn;
+    int32_t plan_n_bn;
+    ds_cuda_ws bn_ws;
 } ds_cuda_ctx;
 
 /* Makes the context's device current for the calling thread (cudaSetDevice is per thread, and the
@@ -191,6 +196,9 @@ int ds_cuda_lora(void *ctx, const float *x, int32_t in, float *y, int32_t out, d
 
 /* sparse.cu */
 int ds_cuda_sparse(void *ctx, const float *x, int32_t in, float *y, int32_t out, ds_seg_range r);
+
+/* bottleneck.cu */
+int ds_cuda_bottleneck(void *ctx, const float *x, float *o, int32_t d, ds_seg_range r);
 
 /* ---- device helpers ---- */
 

@@ -195,7 +195,7 @@ static int pack_lora(ds_cuda_ctx *c, const ds_lora_seg *segs, int32_t n) {
 
 int ds_cuda_plan_upload(void *ctx, const ds_seg_tables *t) {
     ds_cuda_ctx *c = (ds_cuda_ctx *)ctx;
-    c->plan_n_lora = c->plan_n_vec = c->plan_n_sparse = 0; /* a failed upload leaves no plan to run */
+    c->plan_n_lora = c->plan_n_vec = c->plan_n_sparse = c->plan_n_bn = 0; /* a failed upload leaves no plan to run */
     if (t->n_lora < 0 || t->n_vec < 0 || t->n_bn < 0 || t->n_sparse < 0) return DS_EINVAL;
     for (int32_t i = 0; i < t->n_vec; i++)
         if (t->vec[i].start < 0 || t->vec[i].len < 0) return DS_EINVAL;
@@ -213,6 +213,8 @@ int ds_cuda_plan_upload(void *ctx, const ds_seg_tables *t) {
     c->plan_vec_dev = (const ds_vec_seg *)(dev + vec_off);
     c->plan_sparse = t->sparse;
     c->plan_n_sparse = t->n_sparse;
+    c->plan_bn = t->bn;
+    c->plan_n_bn = t->n_bn;
     return DS_OK;
 }
 

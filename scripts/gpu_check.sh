@@ -9,7 +9,7 @@
 #   info       driver and device (nvidia-smi), kit manifest, commit, command
 #   kit        unpack, find libcublasLt.so.13 on this host, every library resolves
 #   gpu        a GPU is present (nvidia-smi -L) and the CUDA backend comes up — else stop (exit 3)
-#   ops        test_backend_ops cuda               (= ctest -L gpu; exit 77 here is a failure)
+#   ops        test_backend_ops cuda, test_backend_bn cuda (= ctest -L gpu; exit 77 here is a failure)
 #   golden     test_llama_golden, test_adapter_golden, test_smollm2: every forward on the CPU and
 #              on CUDA, CUDA's logits and greedy tokens against the CPU's (tests/unit/parity.h)
 #   sgmv       bench_sgmv --shape llama3-8b: LoRA op per projection, rank 8/16/64 × 1/8/64
@@ -153,6 +153,9 @@ nvidia-smi -L
 say "ops: test_backend_ops cuda (every backend op vs a double-precision reference)"
 run ops 60 "$kit/bin/test_backend_ops" cuda
 verdict ops "0" "$( [ "$rc" = 77 ] && echo '— 77: the CUDA backend did not come up on a GPU machine')"
+say "ops: test_backend_bn cuda (the bottleneck kernel, cuda/bottleneck.cu, vs a double-precision reference)"
+run ops_bn 30 "$kit/bin/test_backend_bn" cuda
+verdict ops_bn "0"
 
 # ---- golden parity ---------------------------------------------------------------------------
 for t in test_llama_golden test_adapter_golden test_smollm2; do

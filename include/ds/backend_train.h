@@ -20,7 +20,7 @@ extern "C" {
 
 struct ds_mat;
 
-#define DS_BACKEND_TRAIN_IFACE_VERSION 2
+#define DS_BACKEND_TRAIN_IFACE_VERSION 3
 
 /* Packed sequences for training attention: sequence s owns rows [row0, row0+len). */
 typedef struct ds_train_attn_seq {
@@ -43,6 +43,17 @@ typedef struct ds_train_attn_args {
     float scale;             /* 1/sqrt(hd) */
     float *work;             /* attn_work_floats(max_len, n_prefix, hd) floats */
 } ds_train_attn_args;
+
+/* One bottleneck adapter module for the training ops (AdapterHub's Adapter without LayerNorms):
+ * U(z) = scale·(up·act(down·z + down_b) + up_b). act is a ds_act (ds/backend.h); the ops take
+ * DS_ACT_IDENTITY, RELU, GELU, GELU_TANH, SILU and TANH, others DS_EUNSUPPORTED. */
+typedef struct ds_train_bn_args {
+    const float *down, *down_b; /* [size][d], [size] */
+    const float *up, *up_b;     /* [d][size], [d] */
+    float scale;
+    int32_t act;
+    int32_t n, d, size;         /* rows, d_model, bottleneck width */
+} ds_train_bn_args;
 
 /* One AdamW update (torch.optim.AdamW, single-tensor path); step is 1-based. */
 typedef struct ds_adamw_args {
@@ -132,6 +143,16 @@ struct ds_backend_train_iface {
     int (*scale)(void *ctx, float *x, size_t n, double s);
     /* One AdamW step on one tensor: w, its gradient g and moments m, v ([n] each). */
     int (*adamw)(void *ctx, float *w, const float *g, float *m, float *v, size_t n, const ds_adamw_args *a);
+
+    /* ---- Bottleneck adapters (src/backend/cpu/cpu_train_bn.c). Optional: NULL → bottleneck
+     * adapters cannot be trained on this backend (ds_trainer_create: DS_EUNSUPPORTED). ---- */
+    /* hpre[n][size] = z·downᵀ + down_b (saved for backward); y[n][d] += U(z). tmp: [n][size]. */
+    int (*bn_fwd)(void *ctx, const ds_train_bn_args *a, const float *z, float *hpre, float *tmp, float *y);
+    /* With G = dy [n][d]: dup_b += s·Σₜ G; dup += s·Gᵀ·act(hpre); dh = (s·G·up) ⊙ act'(hpre);
+     * ddown_b += Σₜ dh; ddown += dhᵀ·z; dz = dh·down (overwritten). Gradients accumulate.
+     * tmp: [2][n][size]. */
+    int (*bn_bwd)(void *ctx, const ds_train_bn_args *a, const float *z, const float *hpre, const float *dy, float *dz,
+                  float *ddown, float *ddown_b, float *dup, float *dup_b, float *tmp);
 };
 
 #ifdef __cplusplus

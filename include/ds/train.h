@@ -1,7 +1,8 @@
 /* deltaserve — online adapter training on a frozen base (src/train/).
  *
  * A ds_trainer owns one trainable adapter — LoRA / rsLoRA on any of q,k,v,o,gate,up,down_proj, lm_head
- * and embed_tokens, prompt tuning, or prefix tuning without projection — over a borrowed, immutable
+ * and embed_tokens, prompt tuning, prefix tuning without projection, BitFit bias deltas, or an AdapterHub
+ * bottleneck adapter (sequential, Houlsby, parallel; train_bn.c) — over a borrowed, immutable
  * ds_model. A step runs the forward pass saving what backward needs (or only per-layer checkpoints,
  * recomputing the rest: activation recomputation), back-propagates through every frozen layer to the adapter's
  * parameters only — the base gets no gradient buffers and no optimizer state — and applies AdamW
@@ -37,11 +38,57 @@ extern "C" {
 #define DS_TRAIN_TARGET_EMBED (1u << (DS_PROJ_COUNT + 1)) /* embed_tokens (PEFT lora_embedding_A/B) */
 #define DS_TRAIN_TARGET_ALL_LINEAR ((1u << DS_PROJ_COUNT) - 1u) /* PEFT "all-linear": every projection, not lm_head */
 
+/* Bottleneck adapters (AdapterHub `adapters` configs; src/train/train_bn.c). */
+typedef enum {
+    DS_TRAIN_BN_SEQUENTIAL = 0, /* Pfeiffer, SeqBnConfig "seq_bn": after the FFN output, input o + x */
+    DS_TRAIN_BN_HOULSBY,        /* DoubleSeqBnConfig "double_seq_bn": after attention and FFN outputs, input o */
+    DS_TRAIN_BN_PARALLEL,       /* He et al., ParBnConfig "par_bn": beside the FFN, input x, scaled */
+} ds_train_bn_placement;
+
+typedef enum {
+    DS_TRAIN_BN_INIT_DEFAULT = 0, /* the config's: bert (sequential, houlsby), mam_adapter (parallel) */
+    DS_TRAIN_BN_INIT_BERT,        /* down, up ~ N(0, 0.02²), biases 0 (near, not exactly, the identity) */
+    DS_TRAIN_BN_INIT_MAM,         /* down ~ U(±1/sqrt(d)) (kaiming_uniform a=√5), up = 0, biases 0: identity */
+} ds_train_bn_init;
+
+typedef struct ds_train_bn_opts {
+    int32_t reduction_factor;      /* width = d_model / reduction_factor, floored, >= 1 (default 16) */
+    ds_train_bn_placement placement;
+    int32_t act;                   /* ds_act (relu, gelu, gelu_new, silu/swish, tanh); -1 (default): the
+                                    * config's, relu (sequential, parallel) or swish (houlsby) */
+    float scaling;                 /* output scale; 0 (default): the config's, 1 (parallel: 4) */
+    ds_train_bn_init init;
+} ds_train_bn_opts;
+
+ds_train_bn_opts ds_train_bn_default_opts(void);
+/* Parameter bytes of the adapter a spec with these options makes on m (fp32; reduction_factor
+ * < 1 counts as 1): what the fine-tuning limits check (ft_limits.c). */
+size_t ds_train_bn_bytes(const struct ds_model *m, const ds_train_bn_opts *o);
+/* Replaces the "config's default" markers (act -1, scaling 0, init DEFAULT) by the values they
+ * stand for under o->placement. */
+void ds_train_bn_resolve(ds_train_bn_opts *o);
+/* The names ds_train_bn_*_parse accept that ds_ah_save / the job API print: "sequential" | "houlsby"
+ * | "parallel"; "relu", "gelu", "gelu_new", "swish", "tanh" (NULL: not trainable); "bert" |
+ * "mam_adapter". */
+const char *ds_train_bn_placement_name(ds_train_bn_placement p);
+const char *ds_train_bn_act_name(int32_t act);
+const char *ds_train_bn_init_name(ds_train_bn_init i);
+/* "sequential" | "pfeiffer" | "seq_bn", "houlsby" | "double_seq_bn", "parallel" | "par_bn". DS_EINVAL
+ * with a message listing them otherwise. */
+int ds_train_bn_placement_parse(const char *s, ds_train_bn_placement *out, ds_err *err);
+/* An AdapterHub non_linearity name the training ops support ("relu", "gelu", "gelu_new", "silu",
+ * "swish", "tanh") → ds_act; another name the package accepts → DS_EUNSUPPORTED, anything else
+ * DS_EINVAL, with a message naming it. */
+int ds_train_bn_act_parse(const char *s, int32_t *out, ds_err *err);
+/* "bert" | "mam_adapter" → ds_train_bn_init; DS_EINVAL otherwise. */
+int ds_train_bn_init_parse(const char *s, ds_train_bn_init *out, ds_err *err);
+
 /* What to train when starting from scratch. */
 typedef struct ds_train_adapter_spec {
-    ds_adapter_kind kind;  /* DS_ADAPTER_LORA, DS_ADAPTER_PROMPT (prompt tuning), DS_ADAPTER_PREFIX or
+    ds_adapter_kind kind;  /* DS_ADAPTER_LORA, DS_ADAPTER_PROMPT (prompt tuning), DS_ADAPTER_PREFIX,
                             * DS_ADAPTER_DELTA (BitFit: zero bias deltas on `targets`, default all seven;
-                            * diff pruning when density > 0, below) */
+                            * diff pruning when density > 0, below) or DS_ADAPTER_BOTTLENECK (AdapterHub
+                            * bottleneck adapters, `bn`) */
     const char *name;      /* adapter id (default "trained") */
     /* LoRA */
     int32_t r;             /* rank (default 8) */
@@ -62,15 +109,16 @@ typedef struct ds_train_adapter_spec {
     float density;         /* fraction of each module's entries kept, in (0, 1]; 0: BitFit (default) */
     int32_t dp_warmup_steps; /* dense optimizer steps before the mask is fixed (>= 1; default 1) */
     bool bias;             /* diff pruning: bias deltas on the targets train too (BitFit-style) */
+    ds_train_bn_opts bn;   /* DS_ADAPTER_BOTTLENECK */
 } ds_train_adapter_spec;
 
 ds_train_adapter_spec ds_train_default_spec(ds_adapter_kind kind);
 
 /* Parses a method name as the fine-tuning API spells it: "lora", "prompt_tuning", "prefix_tuning",
- * "bitfit", "diff_pruning" (case-insensitive, '-' or '_'; bitfit and diff_pruning both give
- * DS_ADAPTER_DELTA: ds_train_method_is_diff_pruning tells them apart). Known but untrainable types
- * (dora, ia3, adalora, p_tuning, loha, lokr, …) give DS_EUNSUPPORTED with a message saying what can
- * be trained; anything else DS_EINVAL. */
+ * "bitfit", "diff_pruning", "bottleneck" (case-insensitive, '-' or '_'; bitfit and diff_pruning both
+ * give DS_ADAPTER_DELTA: ds_train_method_is_diff_pruning tells them apart). Known but untrainable
+ * types (dora, ia3, adalora, p_tuning, loha, lokr, …) give DS_EUNSUPPORTED with a message saying what
+ * can be trained; anything else DS_EINVAL. */
 int ds_train_kind_parse(const char *method, ds_adapter_kind *out, ds_err *err);
 /* True for "diff_pruning" / "diff-pruning" (any case). Pure. */
 bool ds_train_method_is_diff_pruning(const char *method);
@@ -124,7 +172,8 @@ typedef struct ds_trainer ds_trainer;
 ds_trainer *ds_trainer_create(const ds_model *base, const ds_train_adapter_spec *spec, const ds_train_params *params,
                               ds_err *err);
 /* Continues training `init` (deep-copied: the registry's version stays immutable). LoRA (incl.
- * rsLoRA, lm_head, GGUF LoRA), prompt tuning and prefix tuning are trainable; DoRA, lora_bias,
+ * rsLoRA, lm_head, GGUF LoRA), prompt tuning, prefix tuning, BitFit and bottleneck adapters without
+ * LayerNorms / channel scaling / MAM prefixes are trainable; DoRA, lora_bias,
  * AdaLoRA, IA³ and P-tuning give DS_EUNSUPPORTED naming the feature. use_rslora / lora_alpha say
  * how `init` was configured, for the saved adapter_config.json (lora_alpha <= 0: derived from each
  * module's scale). */
@@ -191,7 +240,17 @@ ds_peft_save_params ds_peft_save_default_params(void);
  * DS_EIO / DS_ENOMEM with a message naming the file. Any thread. */
 int ds_peft_save(const ds_adapter *a, const ds_model *base, const char *dir, const ds_peft_save_params *params,
                  ds_err *err);
-/* ds_peft_save of the trainer's current adapter with its own alpha / rsLoRA settings. */
+/* Writes a bottleneck adapter (kind BOTTLENECK, no prefix, no LayerNorms, a scalar scaling, one
+ * config over every module) as the AdapterHub `adapters` package's save_adapter(dir, name,
+ * with_head=False, use_safetensors=True) does: adapter_config.json (the full bottleneck config:
+ * seq_bn / double_seq_bn / par_bn with its non_linearity, reduction_factor, scaling) and
+ * adapter.safetensors (F32, "model.layers.<i>.<attention|output>_adapters.adapters.<name>.…"), each
+ * written to a temporary file and renamed (src/train/ah_save.c). dir is created if missing (one
+ * level). model_name goes into "model_name". Returns 0, DS_EUNSUPPORTED naming what the format
+ * cannot express, DS_EIO / DS_ENOMEM. Any thread. */
+int ds_ah_save(const ds_adapter *a, const ds_model *base, const char *dir, const char *model_name, ds_err *err);
+/* ds_peft_save of the trainer's current adapter with its own alpha / rsLoRA settings (BitFit: the
+ * delta format; bottleneck: ds_ah_save). */
 int ds_trainer_save(const ds_trainer *t, const char *dir, const char *base_model_name_or_path, ds_err *err);
 
 
@@ -230,7 +289,8 @@ typedef struct ds_ft_job_spec {
     const char *method;           /* "supervised" | "lora" | "prompt_tuning" | "prefix_tuning" */
     ds_adapter_kind kind;
     int32_t n_epochs, batch_size; /* <= 0: defaults (3, min(4, n examples)) */
-    float learning_rate;          /* > 0: used as is; else 2e-4 * multiplier (prompt/prefix: 3e-2 *) */
+    float learning_rate;          /* > 0: used as is; else 2e-4 * multiplier (prompt/prefix/BitFit: 3e-2 *,
+                                   * bottleneck: 1e-3 *) */
     float lr_multiplier;          /* <= 0: 1 */
     int32_t rank;                 /* LoRA (default 8) */
     float alpha;                  /* LoRA (default 2 * rank) */
@@ -240,6 +300,7 @@ typedef struct ds_ft_job_spec {
     float density;                /* diff pruning (kind DELTA): fraction kept, (0, 1]; 0: BitFit */
     int32_t dp_warmup_steps;      /* diff pruning: dense steps (<= 0: a quarter of the job's steps, >= 1) */
     bool bias;                    /* diff pruning: bias deltas too */
+    ds_train_bn_opts bn;          /* bottleneck (ds_train_bn_default_opts) */
     uint64_t seed;
 } ds_ft_job_spec;
 
@@ -260,6 +321,7 @@ typedef struct ds_ft_job_info {
     int32_t dp_warmup_steps;         /* diff pruning: 0 = a quarter of the job's steps */
     bool bias;                       /* diff pruning: bias deltas too */
     uint64_t seed;
+    ds_train_bn_opts bn;             /* bottleneck jobs */
     double tokens_per_s;             /* training throughput of the job (0 until a step ran) */
 } ds_ft_job_info;
 

@@ -80,6 +80,14 @@ extern const ds_route_table ds_handlers_train_routes;    /* POST /v1/adapters/{i
 struct ds_ft_job_info;
 /* Appends a job as an OpenAI fine_tuning.job object (handlers_ft.c). */
 void ds_handlers_ft_job_json(ds_sb *b, const struct ds_ft_job_info *j);
+struct ds_train_bn_opts;
+struct cJSON;
+/* Method "bottleneck": its hyperparameters (reduction_factor, placement, non_linearity, scaling,
+ * init_weights; absent / null / "auto": the config's default) into *o, resolved
+ * (ds_train_bn_resolve). False after answering 400 naming the field. Appends them to a job's
+ * hyperparameters object (",\"reduction_factor\":16,..."). (handlers_ft_bn.c) */
+bool ds_handlers_ft_bn_parse(ds_http_req *req, const struct cJSON *hp, struct ds_train_bn_opts *o);
+void ds_handlers_ft_bn_json(ds_sb *b, const struct ds_train_bn_opts *o);
 
 /* ---- the reply path (server.c) ------------------------------------------------------------------ */
 

@@ -100,6 +100,8 @@ static void job_json(ds_sb *b, const ds_ft_job_info *j) {
         else ds_sb_puts(&hp, ",\"warmup_steps\":\"auto\"");
         ds_sb_puts(&hp, j->bias ? ",\"bias\":true,\"target_modules\":" : ",\"bias\":false,\"target_modules\":");
         targets_json(&hp, j->targets);
+    } else if (!strcmp(j->method, "bottleneck")) {
+        ds_handlers_ft_bn_json(&hp, &j->bn); /* handlers_ft_bn.c */
     } else {
         ds_sb_printf(&hp, ",\"rank\":%d,\"alpha\":", (int)j->rank);
         ds_sb_json_num(&hp, j->alpha);
@@ -296,8 +298,8 @@ static bool parse_method(ds_http_req *req, const cJSON *o, ds_ft_job_spec *sp, c
             sp->method = "supervised";
         } else if (!strcmp(t, "dpo") || !strcmp(t, "reinforcement")) {
             ds_server_reply_errorf(req, EP_JOBS, 400, "method.type", "unsupported",
-                                   "method '%s' is not supported: supervised, lora, prompt_tuning, prefix_tuning, bitfit or "
-                                   "diff_pruning",
+                                   "method '%s' is not supported: supervised, lora, prompt_tuning, prefix_tuning, bitfit, "
+                                   "diff_pruning or bottleneck",
                                    t);
             return false;
         } else if (ds_train_kind_parse(t, &sp->kind, &err) != DS_OK) {
@@ -307,6 +309,7 @@ static bool parse_method(ds_http_req *req, const cJSON *o, ds_ft_job_spec *sp, c
             sp->method = sp->kind == DS_ADAPTER_LORA     ? "lora"
                          : sp->kind == DS_ADAPTER_PROMPT ? "prompt_tuning"
                          : sp->kind == DS_ADAPTER_DELTA  ? (ds_train_method_is_diff_pruning(t) ? "diff_pruning" : "bitfit")
+                         : sp->kind == DS_ADAPTER_BOTTLENECK ? "bottleneck"
                                                          : "prefix_tuning";
         }
         const cJSON *sub = cJSON_GetObjectItemCaseSensitive(method, t);
@@ -365,7 +368,8 @@ static bool parse_hyperparameters(ds_http_req *req, const cJSON *hp, ds_ft_job_s
         return false;
     }
     sp->use_rslora = cJSON_IsTrue(rs);
-    return strcmp(sp->method, "diff_pruning") || parse_dp(req, hp, sp);
+    if (!strcmp(sp->method, "diff_pruning")) return parse_dp(req, hp, sp);
+    return sp->kind != DS_ADAPTER_BOTTLENECK || ds_handlers_ft_bn_parse(req, hp, &sp->bn); /* handlers_ft_bn.c */
 }
 
 /* A job being submitted: ds_ft_submit stores it under the data directory (data, record, fsync),

@@ -143,7 +143,8 @@ static bool adapter_method(ds_http_req *req, ds_adapter_registry *reg, const cha
     snprintf(type, sizeof type, "%s", e->adapter->peft_type);
     ds_registry_release(reg, e);
     sp->method = sp->kind == DS_ADAPTER_LORA ? "lora" : sp->kind == DS_ADAPTER_PROMPT ? "prompt_tuning"
-               : sp->kind == DS_ADAPTER_PREFIX && !ah_prefix ? "prefix_tuning" : bitfit ? "bitfit" : NULL;
+               : sp->kind == DS_ADAPTER_PREFIX && !ah_prefix ? "prefix_tuning" : bitfit ? "bitfit"
+               : sp->kind == DS_ADAPTER_BOTTLENECK && !ah_prefix ? "bottleneck" : NULL; /* MAM: no trainer */
     if (!sp->method) ds_server_reply_errorf(req, EP_TRAIN, 400, "id", NULL, "adapter `%s` (%s) is not trainable", id, type);
     return sp->method != NULL;
 }

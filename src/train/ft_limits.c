@@ -103,6 +103,7 @@ int ft_limits_check(const ds_ft_limits *L, const ds_model *m, ds_adapter_registr
         const int32_t rank = sp->rank > 0 ? sp->rank : 8;
         const uint32_t tg = sp->targets ? sp->targets : DS_TRAIN_TARGET(DS_PROJ_Q) | DS_TRAIN_TARGET(DS_PROJ_V);
         bytes = ds_ft_adapter_bytes(m, sp->kind, rank, tg, sp->n_virtual > 0 ? sp->n_virtual : 20);
+        if (sp->kind == DS_ADAPTER_BOTTLENECK) bytes = ds_train_bn_bytes(m, &sp->bn); /* train_bn.c */
     }
     if (L->max_adapter_bytes && bytes > L->max_adapter_bytes)
         return ds_err_set(err, DS_EINVAL,

@@ -68,6 +68,10 @@ char *ft_record_encode(const ft_job *j, size_t *len) {
         key_num(&b, "density", I->density);
         ds_sb_printf(&b, ",\"dp_warmup_steps\":%d,\"bias\":%s", (int)I->dp_warmup_steps, I->bias ? "true" : "false");
     }
+    if (j->kind == DS_ADAPTER_BOTTLENECK) /* its hyperparameters (ds_train_bn_opts), to resume with */
+        ds_sb_printf(&b, ",\"bn\":{\"reduction_factor\":%d,\"placement\":%d,\"act\":%d,\"init\":%d,\"scaling\":%.9g}",
+                     (int)I->bn.reduction_factor, (int)I->bn.placement, (int)I->bn.act, (int)I->bn.init,
+                     (double)I->bn.scaling);
     ds_sb_puts(&b, ",\"events\":[");
     for (size_t i = 0; i < j->n_ev; i++) {
         const ds_ft_event *e = &j->ev[i];
@@ -177,8 +181,18 @@ static int parse_info(rd *r, ft_job *j) {
     rd_str(r, "error_code", I->error_code, sizeof I->error_code);
     const int64_t kind = rd_int(r, "kind", 0, 16);
     if (r->ok && kind != DS_ADAPTER_LORA && kind != DS_ADAPTER_PROMPT && kind != DS_ADAPTER_PREFIX &&
-        kind != DS_ADAPTER_DELTA)
+        kind != DS_ADAPTER_DELTA && kind != DS_ADAPTER_BOTTLENECK)
         rd_fail(r, "kind");
+    if (r->ok && kind == DS_ADAPTER_BOTTLENECK) { /* out-of-range options are refused again by the trainer */
+        rd sub = {.o = rd_get(r, "bn"), .ok = true};
+        if (!cJSON_IsObject(sub.o)) rd_fail(r, "bn");
+        I->bn = (ds_train_bn_opts){.reduction_factor = (int32_t)rd_int(&sub, "reduction_factor", 1, 65536),
+                                   .placement = (ds_train_bn_placement)rd_int(&sub, "placement", 0, 2),
+                                   .act = (int32_t)rd_int(&sub, "act", 0, 64),
+                                   .init = (ds_train_bn_init)rd_int(&sub, "init", 0, 2),
+                                   .scaling = (float)rd_num(&sub, "scaling", 1e-9, 1e4)};
+        if (r->ok && !sub.ok) rd_fail(r, "bn");
+    }
     j->kind = (ds_adapter_kind)kind;
     j->from_adapter = rd_bool(r, "from_adapter");
     j->valid_len = rd_bool(r, "has_validation"); /* a flag until the data is loaded */

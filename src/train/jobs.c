@@ -253,6 +253,7 @@ static int job_trainer(ds_ft_manager *m, ft_job *j, const ds_train_params *tp, d
         sp.bias = I->bias;
         sp.dp_warmup_steps = I->dp_warmup_steps > 0 ? I->dp_warmup_steps : tp->total_steps / 4 > 1 ? tp->total_steps / 4 : 1;
     }
+    sp.bn = I->bn; /* bottleneck */
     *out = ds_trainer_create(m->base, &sp, tp, err);
     return *out ? 0 : DS_EINVAL;
 }
@@ -674,10 +675,14 @@ static ft_job *job_new(const ds_ft_job_spec *sp, ds_err *err) {
     I->dp_warmup_steps = sp->dp_warmup_steps > 0 ? sp->dp_warmup_steps : 0;
     I->bias = sp->bias;
     I->lr_multiplier = sp->lr_multiplier > 0 ? sp->lr_multiplier : 1.0f;
-    /* diff pruning moves weights themselves: AdamW steps of ~lr per entry, so a LoRA-sized rate */
-    float base_lr = j->kind == DS_ADAPTER_LORA || I->density > 0 ? 2e-4f : 3e-2f;
+    /* diff pruning moves weights themselves: AdamW steps of ~lr per entry, so a LoRA-sized rate;
+     * bottleneck adapters: 1e-3 (not tuned here; they are commonly trained at 1e-4..1e-3, and the soft
+     * prompts' 3e-2 would swamp the bert-initialised weights) */
+    float base_lr = j->kind == DS_ADAPTER_LORA || I->density > 0 ? 2e-4f : j->kind == DS_ADAPTER_BOTTLENECK ? 1e-3f : 3e-2f;
     I->learning_rate = sp->learning_rate > 0 ? sp->learning_rate : base_lr * I->lr_multiplier;
     I->seed = sp->seed;
+    I->bn = sp->bn.reduction_factor > 0 ? sp->bn : ds_train_bn_default_opts();
+    ds_train_bn_resolve(&I->bn);
     ds_ft_event e = {.valid_loss = NAN};
     snprintf(e.level, sizeof e.level, "info");
     add_event_locked(j, &e); /* filled in once the id is known */

@@ -28,7 +28,9 @@ static void mlp_bwd(ds_trainer *t, int32_t l, tr_act *a) {
     const ds_layer_weights *w = &t->m->layers[l];
     tr_grad_work *g = &t->g;
     const int32_t n = t->b.n_rows;
+    tr_bn_ffn_bwd(t, l); /* bottleneck adapter (train_bn.c) */
     linear_bwd(t, l, DS_PROJ_DOWN, a->act, a->u[DS_PROJ_DOWN], g->dx, g->dact, false);
+    tr_bn_ffn_bwd_res(t, l);
     TR_OP(t, silu_mul_bwd, a->gate, a->up, g->dact, g->dgate, g->dup, (size_t)n * D->ff);
     linear_bwd(t, l, DS_PROJ_GATE, a->h2, a->u[DS_PROJ_GATE], g->dgate, g->dh, false);
     linear_bwd(t, l, DS_PROJ_UP, a->h2, a->u[DS_PROJ_UP], g->dup, g->dh, true);
@@ -41,7 +43,9 @@ static void attention_bwd(ds_trainer *t, int32_t l, tr_act *a, bool need_dx) {
     const ds_layer_weights *w = &t->m->layers[l];
     tr_grad_work *g = &t->g;
     const int32_t n = t->b.n_rows;
+    tr_bn_attn_bwd(t, l); /* bottleneck adapter (train_bn.c) */
     linear_bwd(t, l, DS_PROJ_O, a->att, a->u[DS_PROJ_O], g->dx, g->datt, false);
+    tr_bn_attn_bwd_res(t, l);
     memset(g->dk, 0, (size_t)n * D->kvd * sizeof(float));
     memset(g->dv, 0, (size_t)n * D->kvd * sizeof(float));
     tr_attn_args args = tr_attn_args_of(t, l, a);

@@ -55,6 +55,7 @@ static void attention_block(ds_trainer *t, int32_t l, tr_act *a) {
     tr_attn_args args = tr_attn_args_of(t, l, a);
     TR_OP(t, attention_fwd, &args);
     linear(t, l, DS_PROJ_O, NULL, a->att, a->x_mid, a->u[DS_PROJ_O]);
+    tr_bn_attn_out(t, l, a); /* bottleneck adapter at the attention output (train_bn.c) */
     const size_t nd = (size_t)n * D->d;
     tr_op_note(t, t->be->iface->add(t->be->ctx, a->x_mid, x, nd)); /* residual */
 }
@@ -69,6 +70,7 @@ static void mlp_block(ds_trainer *t, int32_t l, tr_act *a) {
     linear(t, l, DS_PROJ_UP, NULL, a->h2, a->up, a->u[DS_PROJ_UP]);
     TR_OP(t, silu_mul_fwd, a->gate, a->up, a->act, (size_t)n * D->ff); /* down(silu(gate x) ⊙ up x) */
     linear(t, l, DS_PROJ_DOWN, NULL, a->act, out, a->u[DS_PROJ_DOWN]);
+    tr_bn_ffn_out(t, l, a); /* bottleneck adapter at the FFN output (train_bn.c) */
     const size_t nd = (size_t)n * D->d;
     tr_op_note(t, t->be->iface->add(t->be->ctx, out, a->x_mid, nd));
 }

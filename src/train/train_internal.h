@@ -106,6 +106,7 @@ struct ds_trainer {
     size_t n_allocs, cap_allocs;
     int64_t step;
     double accum_loss;        /* Σ CE of the current compute_grads */
+    struct tr_bn_state *bn;   /* bottleneck adapters' saves and gradients (train_bn.c), or NULL */
 };
 
 /* Calls training op `name` of the trainer's backend: TR_OP(t, mm_nt, x, w, y, ...). The first
@@ -166,6 +167,28 @@ int tr_dp_sync(ds_trainer *t); /* after an update: fixes the mask when the warm-
 bool tr_dp_masked(const ds_trainer *t);
 ds_adapter *tr_dp_snapshot(const ds_trainer *t, const char *name, ds_err *err);
 int tr_dp_save(const ds_trainer *t, const char *dir, const char *base_model_name_or_path, ds_err *err);
+/* Bottleneck adapters (train_bn.c): one-line hooks in the files above, no-ops without a bottleneck.
+ * Forward, after a sub-block's output projection wrote o and before the residual add:
+ * tr_bn_attn_out (o = a->x_mid, x = ck[l]) and tr_bn_ffn_out (o = ck[l+1], x = a->x_mid) add the
+ * adapter's U(z) into o. Backward, with g.dx = d loss / d(sub-block output + residual):
+ * tr_bn_*_bwd at the start of the sub-block's backward, tr_bn_*_bwd_res right after its output
+ * projection's input gradient (it routes d/dz to o or x per placement). */
+void tr_bn_attn_out(ds_trainer *t, int32_t l, tr_act *a);
+void tr_bn_ffn_out(ds_trainer *t, int32_t l, tr_act *a);
+void tr_bn_attn_bwd(ds_trainer *t, int32_t l);
+void tr_bn_attn_bwd_res(ds_trainer *t, int32_t l);
+void tr_bn_ffn_bwd(ds_trainer *t, int32_t l);
+void tr_bn_ffn_bwd_res(ds_trainer *t, int32_t l);
+/* Fresh modules per spec->bn into a (tr_spec_adapter); the checks on an adapter to continue; the
+ * deep copy of a->bn into d; the parameters, saves and gradients (tr_params_build) and their free. */
+int tr_bn_spec(ds_adapter *a, const ds_model *m, const ds_train_adapter_spec *s, ds_err *err);
+int tr_bn_check(const ds_adapter *a, const ds_model *m, ds_err *err);
+int tr_bn_clone(ds_adapter *d, const ds_adapter *a);
+int tr_bn_params_build(ds_trainer *t, ds_err *err);
+void tr_bn_free(ds_trainer *t);
+/* AdapterHub's non_linearity name of a trainable ds_act ("relu", "gelu", "gelu_new", "swish",
+ * "tanh"), NULL for the others. */
+const char *tr_bn_act_name(int32_t act);
 
 /* AdamW + clipping (optim.c). */
 double tr_grad_norm(ds_trainer *t);

@@ -37,7 +37,7 @@ int ds_train_kind_parse(const char *method, ds_adapter_kind *out, ds_err *err) {
         const char *name;
         int kind; /* -1: known, not trainable */
     } table[] = {{"lora", DS_ADAPTER_LORA},     {"rslora", DS_ADAPTER_LORA}, {"prompt_tuning", DS_ADAPTER_PROMPT},
-                 {"prefix_tuning", DS_ADAPTER_PREFIX}, {"bitfit", DS_ADAPTER_DELTA}, {"diff_pruning", DS_ADAPTER_DELTA}, {"dora", -1}, {"ia3", -1}, {"adalora", -1},
+                 {"prefix_tuning", DS_ADAPTER_PREFIX}, {"bitfit", DS_ADAPTER_DELTA}, {"diff_pruning", DS_ADAPTER_DELTA}, {"bottleneck", DS_ADAPTER_BOTTLENECK}, {"dora", -1}, {"ia3", -1}, {"adalora", -1},
                  {"p_tuning", -1},          {"loha", -1},                {"lokr", -1}, {"oft", -1}, {"boft", -1},
                  {"vera", -1},              {"fourierft", -1}};
     char buf[32];
@@ -52,10 +52,10 @@ int ds_train_kind_parse(const char *method, ds_adapter_kind *out, ds_err *err) {
         }
         return ds_err_set(err, DS_EUNSUPPORTED,
                           "training method '%s' is not supported: deltaserve trains lora (incl. rsLoRA), "
-                          "prompt_tuning, prefix_tuning, bitfit and diff_pruning",
+                          "prompt_tuning, prefix_tuning, bitfit, diff_pruning and bottleneck",
                           method);
     }
-    return ds_err_set(err, DS_EINVAL, "unknown training method '%s' (expected lora, prompt_tuning, prefix_tuning, bitfit or diff_pruning)",
+    return ds_err_set(err, DS_EINVAL, "unknown training method '%s' (expected lora, prompt_tuning, prefix_tuning, bitfit, diff_pruning or bottleneck)",
                       method);
 }
 
@@ -187,7 +187,7 @@ static int spec_delta(ds_adapter *a, const ds_model *m, const ds_train_adapter_s
 int tr_spec_adapter(const ds_model *m, const ds_train_adapter_spec *s, ds_adapter **out, ds_err *err) {
     static const char *const types[] = {"LORA", "IA3", "PROMPT_TUNING", "PREFIX_TUNING", "BOTTLENECK", "DELTA"};
     if (s->kind != DS_ADAPTER_LORA && s->kind != DS_ADAPTER_PROMPT && s->kind != DS_ADAPTER_PREFIX &&
-        s->kind != DS_ADAPTER_DELTA)
+        s->kind != DS_ADAPTER_DELTA && s->kind != DS_ADAPTER_BOTTLENECK)
         return ds_err_set(err, DS_EUNSUPPORTED,
                           "adapter type %s cannot be trained: deltaserve trains LoRA, prompt tuning and prefix tuning "
                           "(and BitFit bias deltas)",
@@ -197,6 +197,7 @@ int tr_spec_adapter(const ds_model *m, const ds_train_adapter_spec *s, ds_adapte
     uint64_t rng = s->seed ^ 0x64656c7461ull;
     int rc = s->kind == DS_ADAPTER_LORA    ? spec_lora(a, m, s, &rng, err)
              : s->kind == DS_ADAPTER_DELTA ? spec_delta(a, m, s, err)
+             : s->kind == DS_ADAPTER_BOTTLENECK ? tr_bn_spec(a, m, s, err) /* train_bn.c */
                                            : spec_prompt(a, m, s, &rng, err);
     if (rc) {
         ds_adapter_free(a);
@@ -271,6 +272,7 @@ int tr_check_trainable(const ds_adapter *a, const ds_model *m, ds_err *err) {
                               "BitFit)",
                               a->name);
         return a->dbias ? 0 : ds_err_set(err, DS_EINVAL, "%s: no bias deltas", a->name);
+    case DS_ADAPTER_BOTTLENECK: return tr_bn_check(a, m, err); /* train_bn.c */
     default:
         return ds_err_set(err, DS_EUNSUPPORTED,
                           "%s: %s adapters cannot be trained (deltaserve trains LoRA, prompt tuning, prefix tuning)",
@@ -313,6 +315,7 @@ static int clone_tensors(ds_adapter *d, const ds_adapter *a) {
             if (a->dbias[i] && !(d->dbias[i] = clone_floats(a->dbias[i], (size_t)a->proj_out[i % DS_PROJ_COUNT])))
                 return -1;
     }
+    if (a->bn && tr_bn_clone(d, a)) return -1; /* train_bn.c */
     return 0;
 }
 
@@ -409,10 +412,12 @@ int tr_params_build(ds_trainer *t, ds_err *err) {
         !(t->dprefix = add_param(t, "prompt_embeddings", a->prefix, 2, a->n_virtual, (int64_t)t->dim.L * 2 * t->dim.kvd)))
         rc = DS_ENOMEM;
     if (!rc && a->dbias) rc = add_bitfit(t);
+    if (!rc && a->bn) return tr_bn_params_build(t, err); /* train_bn.c; last: it grows t->params */
     return rc ? ds_err_set(err, rc, "out of memory for gradients") : 0;
 }
 
 void tr_params_free(ds_trainer *t) {
+    tr_bn_free(t);
     free(t->params);
     free(t->dA);
     free(t->dB);

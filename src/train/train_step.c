@@ -167,6 +167,7 @@ int ds_trainer_save(const ds_trainer *t, const char *dir, const char *base_model
     if (t->dp) return tr_dp_save(t, dir, base_model_name_or_path, err); /* diff pruning: the sparse delta */
     if (t->ad->kind == DS_ADAPTER_DELTA) /* BitFit: deltaserve's delta format, not PEFT's */
         return ds_delta_save(t->ad, dir, base_model_name_or_path, "deltaserve training (BitFit)", err);
+    if (t->ad->kind == DS_ADAPTER_BOTTLENECK) return ds_ah_save(t->ad, t->m, dir, base_model_name_or_path, err);
     ds_peft_save_params p = ds_peft_save_default_params();
     p.base_model_name_or_path = base_model_name_or_path;
     p.use_rslora = t->rslora;

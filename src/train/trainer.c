@@ -13,7 +13,7 @@ ds_train_adapter_spec ds_train_default_spec(ds_adapter_kind kind) {
                                    .targets = kind == DS_ADAPTER_DELTA ? DS_TRAIN_TARGET_ALL_LINEAR /* BitFit */
                                                                        : DS_TRAIN_TARGET(DS_PROJ_Q) | DS_TRAIN_TARGET(DS_PROJ_V),
                                    .n_virtual = 20, .init_std = 0.0f, .seed = 0, .density = 0.0f, .dp_warmup_steps = 1,
-                                   .bias = false};
+                                   .bias = false, .bn = ds_train_bn_default_opts()};
 }
 
 ds_train_params ds_train_default_params(void) {

@@ -508,4 +508,6 @@ const struct ds_backend_train_iface ds_cpu_train_iface = {
     .sumsq = cpu_t_sumsq,
     .scale = cpu_t_scale,
     .adamw = cpu_t_adamw,
+    .bn_fwd = ds_cpu_train_bn_fwd,
+    .bn_bwd = ds_cpu_train_bn_bwd,
 };
