@@ -61,7 +61,7 @@ static void attention_bwd(ds_trainer *t, int32_t l, tr_act *a, bool need_dx) {
 }
 
 /* Lowest layer holding a trainable tensor (prompt rows / prefixes / embedding LoRA: 0). */
-static int32_t lowest_layer(const ds_trainer *t) {
+int32_t tr_backward_low(const ds_trainer *t) {
     if (t->ad->prompt || t->ad->prefix || t->ad->embed || !t->ad->lora) return 0;
     for (int32_t l = 0; l < t->dim.L; l++)
         for (int p = 0; p < DS_PROJ_COUNT; p++)
@@ -69,18 +69,24 @@ static int32_t lowest_layer(const ds_trainer *t) {
     return t->dim.L; /* lm_head only */
 }
 
-void tr_backward(ds_trainer *t) {
-    const int32_t low = lowest_layer(t);
+void tr_backward_layer(ds_trainer *t, int32_t l, int32_t low) {
     const bool input_grad = t->ad->prompt || t->ad->embed; /* d loss / d embeddings needed */
-    for (int32_t l = t->dim.L - 1; l >= low; l--) {
-        tr_act *a = tr_act_of(t, l);
-        if (t->recompute) tr_layer_fwd(t, l, a); /* activation recomputation from checkpoint ck[l] */
-        mlp_bwd(t, l, a);
-        attention_bwd(t, l, a, l > low || input_grad);
-    }
+    tr_act *a = tr_act_of(t, l);
+    if (t->recompute) tr_layer_fwd(t, l, a); /* activation recomputation from checkpoint ck[l] */
+    mlp_bwd(t, l, a);
+    attention_bwd(t, l, a, l > low || input_grad);
+}
+
+void tr_backward_embed(ds_trainer *t) {
     if (t->ad->prompt) TR_OP(t, embed_bwd_soft, t->b.src, t->g.dx, t->dprompt, t->b.n_rows, t->dim.d);
     const ds_lora_module *e = t->ad->embed;
     if (e)
         TR_OP(t, embed_lora_bwd, e->B, e->scale, t->b.src, t->g.emb_u, t->g.dx, t->dA[TR_SLOT_EMBED(t)],
               t->dB[TR_SLOT_EMBED(t)], t->g.lora_tmp, t->b.n_rows, t->dim.d, e->rank);
+}
+
+void tr_backward(ds_trainer *t) {
+    const int32_t low = tr_backward_low(t);
+    for (int32_t l = t->dim.L - 1; l >= low; l--) tr_backward_layer(t, l, low);
+    tr_backward_embed(t);
 }
