@@ -146,9 +146,10 @@ int ds_trainer_eval(ds_trainer *t, const ds_train_example *ex, int32_t n, ds_tra
 /* ---- A step in bounded units (co-serving: src/train/train_units.c) ----
  *
  * ds_trainer_begin starts a step without computing; each ds_trainer_advance then runs ONE unit:
- * the forward of the next few layers of a micro-batch (the first also embeds it), the LM head and
- * loss of the next few label-row chunks, the backward of the next few layers (the last also the
- * embedding gradients), or the optimizer update. A unit takes as many layers / chunks as the
+ * the forward of the next few half layers (attention or MLP block) of a micro-batch (the first also
+ * embeds it), the LM head and loss of the next few label-row chunks, the backward of the next few
+ * half layers (with recomputation, their forward again first; the last unit also the embedding
+ * gradients), or the optimizer update. A unit takes as many half layers / chunks as the
  * measured per-row times of earlier units fit in the unit target (at least one), so its duration
  * tracks the target however big the model or the micro-batch. The ops and their order are those
  * of the whole-step calls, which are loops over units: results are bit-identical for any target. */

@@ -69,12 +69,24 @@ int32_t tr_backward_low(const ds_trainer *t) {
     return t->dim.L; /* lm_head only */
 }
 
-void tr_backward_layer(ds_trainer *t, int32_t l, int32_t low) {
+int32_t tr_backward_pieces_per_layer(const ds_trainer *t) { return t->recompute ? 4 : 2; }
+
+void tr_backward_piece(ds_trainer *t, int32_t l, int32_t low, int32_t piece) {
     const bool input_grad = t->ad->prompt || t->ad->embed; /* d loss / d embeddings needed */
     tr_act *a = tr_act_of(t, l);
-    if (t->recompute) tr_layer_fwd(t, l, a); /* activation recomputation from checkpoint ck[l] */
-    mlp_bwd(t, l, a);
-    attention_bwd(t, l, a, l > low || input_grad);
+    if (t->recompute) { /* activation recomputation from checkpoint ck[l], half a layer at a time */
+        if (piece < 2) {
+            tr_layer_fwd_half(t, l, piece, a);
+            return;
+        }
+        piece -= 2;
+    }
+    if (piece == 0) mlp_bwd(t, l, a);
+    else attention_bwd(t, l, a, l > low || input_grad);
+}
+
+void tr_backward_layer(ds_trainer *t, int32_t l, int32_t low) {
+    for (int32_t p = 0; p < tr_backward_pieces_per_layer(t); p++) tr_backward_piece(t, l, low, p);
 }
 
 void tr_backward_embed(ds_trainer *t) {

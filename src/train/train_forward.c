@@ -77,6 +77,11 @@ void tr_layer_fwd(ds_trainer *t, int32_t l, tr_act *a) {
     mlp_block(t, l, a);
 }
 
+void tr_layer_fwd_half(ds_trainer *t, int32_t l, int half, tr_act *a) {
+    if (half == 0) attention_block(t, l, a);
+    else mlp_block(t, l, a);
+}
+
 void tr_forward_embed(ds_trainer *t) {
     TR_OP(t, embed, &t->wm_embed, t->ad->prompt, t->b.src, t->ck[0], t->b.n_rows, t->dim.d);
     const ds_lora_module *e = t->ad->embed;
@@ -85,13 +90,16 @@ void tr_forward_embed(ds_trainer *t) {
               e->rank);
 }
 
-void tr_forward_layers(ds_trainer *t, int32_t l0, int32_t l1, bool save) {
-    for (int32_t l = l0; l < l1; l++) tr_layer_fwd(t, l, save ? tr_act_of(t, l) : &t->acts[0]);
+void tr_forward_pieces(ds_trainer *t, int32_t p0, int32_t p1, bool save) {
+    for (int32_t p = p0; p < p1; p++) {
+        const int32_t l = p / 2;
+        tr_layer_fwd_half(t, l, p % 2, save ? tr_act_of(t, l) : &t->acts[0]);
+    }
 }
 
 void tr_forward(ds_trainer *t, bool save) {
     tr_forward_embed(t);
-    tr_forward_layers(t, 0, t->dim.L, save);
+    tr_forward_pieces(t, 0, 2 * t->dim.L, save);
 }
 
 /* One chunk of label rows: final norm, logits (+ lm_head LoRA), CE; with grad the chunk's

@@ -76,13 +76,14 @@ typedef struct tr_run {
     int32_t n, next_ex;         /* examples; the first not yet packed */
     int64_t n_labels;
     float scale;                /* 1 / n_labels */
-    int32_t layer;              /* next layer of the forward (ascending) / backward (descending) */
+    int32_t piece;              /* forward: next half-layer piece (tr_forward_pieces); backward:
+                                 * pieces done from the top (tr_backward_piece) */
     int32_t low;                /* lowest layer the backward reaches (tr_backward_low) */
     int32_t head_row;           /* next label row of the head */
     double mb_loss, loss_sum;   /* CE of the micro-batch's head so far; of the finished ones */
     int32_t n_micro, n_units;
     double t0, busy;            /* begin time; seconds inside units */
-    /* measured seconds per (layer · row) of forward / backward and per label row of the head
+    /* measured seconds per (piece · row) of forward / backward and per label row of the head
      * (exponential averages; 0 until measured): a unit takes as many as unit_seconds fits */
     double s_fwd, s_bwd, s_head;
 } tr_run;
@@ -172,17 +173,22 @@ int32_t tr_pack(ds_trainer *t, const ds_train_example *ex, int32_t n, int32_t k)
 int tr_apply(ds_trainer *t, ds_train_stats *stats, ds_err *err);
 
 /* Forward / backward of one micro-batch (train_forward.c, train_backward.c). tr_forward is
- * tr_forward_embed then tr_forward_layers over every layer; tr_head is tr_head_begin then
+ * tr_forward_embed then tr_forward_pieces (half layers) over every layer; tr_head is tr_head_begin then
  * tr_head_rows over every label row; tr_backward is tr_backward_layer from the top layer down to
  * tr_backward_low, then tr_backward_embed. The pieces let a step run in bounded units
  * (train_units.c) with exactly the same ops in the same order. */
 void tr_forward(ds_trainer *t, bool save);
 void tr_forward_embed(ds_trainer *t);
-void tr_forward_layers(ds_trainer *t, int32_t l0, int32_t l1, bool save); /* layers [l0, l1) */
+/* Forward pieces [p0, p1): piece 2l is layer l's attention block, 2l+1 its MLP block. */
+void tr_forward_pieces(ds_trainer *t, int32_t p0, int32_t p1, bool save);
 void tr_head_begin(ds_trainer *t, bool grad);
 /* Label rows [r0, r1) of t->b (r0 a multiple of head_rows): adds each chunk's Σ CE to *loss. */
 void tr_head_rows(ds_trainer *t, int32_t r0, int32_t r1, float scale, bool grad, double *loss);
 int32_t tr_backward_low(const ds_trainer *t);
+/* Layer l's backward in pieces: [recomputed attention block, recomputed MLP block,] MLP backward,
+ * attention backward; tr_backward_layer runs them all. */
+int32_t tr_backward_pieces_per_layer(const ds_trainer *t);
+void tr_backward_piece(ds_trainer *t, int32_t l, int32_t low, int32_t piece);
 void tr_backward_layer(ds_trainer *t, int32_t l, int32_t low);
 void tr_backward_embed(ds_trainer *t);
 /* LM head + masked CE on the label rows: returns Σ CE; with grad, writes d(scale·ΣCE)/d ck[L]
@@ -191,6 +197,7 @@ double tr_head(ds_trainer *t, float scale, bool grad);
 void tr_backward(ds_trainer *t);
 /* One layer forward from ck[l] into ck[l+1], saving into a (train_forward.c). */
 void tr_layer_fwd(ds_trainer *t, int32_t l, tr_act *a);
+void tr_layer_fwd_half(ds_trainer *t, int32_t l, int half, tr_act *a); /* 0: attention_block, 1: mlp_block */
 tr_act *tr_act_of(ds_trainer *t, int32_t l);
 tr_attn_args tr_attn_args_of(ds_trainer *t, int32_t l, tr_act *a);
 

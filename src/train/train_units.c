@@ -1,8 +1,9 @@
 /* A training step in bounded units (include/ds/train.h, "A step in bounded units"): the state
  * machine that co-serving advances one unit between two inference steps, and that the whole-step
  * calls (train_step.c) run to the end. Every unit calls the same pieces the whole step is made of
- * (tr_forward_layers, tr_head_rows, tr_backward_layer: the per-layer functions of train_forward.c
- * and train_backward.c), in the same order, so a step's results do not depend on how it was cut. */
+ * (tr_forward_pieces, tr_head_rows, tr_backward_piece: the per-layer functions of train_forward.c
+ * and train_backward.c, half a layer at a time), in the same order, so a step's results do not
+ * depend on how it was cut. */
 #include "train/train_internal.h"
 
 #include <math.h>
@@ -43,20 +44,20 @@ bool ds_trainer_busy(const ds_trainer *t) { return t->run.phase != TR_PH_IDLE; }
 
 void ds_trainer_set_unit_target(ds_trainer *t, double seconds) { t->unit_seconds = seconds; }
 
-/* Forward unit: pack the next micro-batch and embed it when starting one, then some layers. */
+/* Forward unit: pack the next micro-batch and embed it when starting one, then some half layers. */
 static void unit_fwd(ds_trainer *t, bool grad) {
     tr_run *r = &t->run;
-    if (r->layer == 0) {
+    if (r->piece == 0) {
         r->next_ex = tr_pack(t, r->ex, r->n, r->next_ex);
         tr_forward_embed(t);
     }
     const int32_t rows = t->b.n_rows;
-    const int32_t k = fit(t, r->s_fwd * rows, t->dim.L - r->layer);
+    const int32_t n_pieces = 2 * t->dim.L, k = fit(t, r->s_fwd * rows, n_pieces - r->piece);
     const double t0 = ds_time_s();
-    tr_forward_layers(t, r->layer, r->layer + k, grad);
+    tr_forward_pieces(t, r->piece, r->piece + k, grad);
     if (k > 0) ema(&r->s_fwd, (ds_time_s() - t0) / ((double)k * rows));
-    r->layer += k;
-    if (r->layer < t->dim.L) return;
+    r->piece += k;
+    if (r->piece < n_pieces) return;
     r->phase = TR_PH_HEAD;
     r->head_row = 0;
     r->mb_loss = 0.0;
@@ -79,25 +80,27 @@ static void unit_head(ds_trainer *t, bool grad) {
     if (grad) {
         r->phase = TR_PH_BWD;
         r->low = tr_backward_low(t);
-        r->layer = t->dim.L - 1;
+        r->piece = 0;
     } else {
         r->phase = r->next_ex < r->n ? TR_PH_FWD : TR_PH_IDLE;
-        r->layer = 0;
+        r->piece = 0;
     }
 }
 
-/* Backward unit: some layers from the top down; the last one adds the embedding gradients. */
+/* Backward unit: some pieces (tr_backward_piece) from the top layer down; the last one adds the
+ * embedding gradients. */
 static void unit_bwd(ds_trainer *t) {
     tr_run *r = &t->run;
     const int32_t rows = t->b.n_rows;
-    const int32_t k = fit(t, r->s_bwd * rows, r->layer - r->low + 1);
+    const int32_t per = tr_backward_pieces_per_layer(t), n_pieces = per * (t->dim.L - r->low);
+    const int32_t k = fit(t, r->s_bwd * rows, n_pieces - r->piece);
     const double t0 = ds_time_s();
-    for (int32_t i = 0; i < k; i++) tr_backward_layer(t, r->layer - i, r->low);
+    for (int32_t i = r->piece; i < r->piece + k; i++) tr_backward_piece(t, t->dim.L - 1 - i / per, r->low, i % per);
     if (k > 0) ema(&r->s_bwd, (ds_time_s() - t0) / ((double)k * rows));
-    r->layer -= k;
-    if (r->layer >= r->low) return;
+    r->piece += k;
+    if (r->piece < n_pieces) return;
     tr_backward_embed(t);
-    r->layer = 0;
+    r->piece = 0;
     r->phase = r->next_ex < r->n ? TR_PH_FWD : r->what == DS_TRAIN_RUN_STEP ? TR_PH_APPLY : TR_PH_IDLE;
 }
 

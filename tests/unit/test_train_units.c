@@ -3,8 +3,10 @@
  *     sizes, three optimizer steps give parameters, gradients, AdamW moments, loss and grad norm
  *     BIT-IDENTICAL to ds_trainer_step, and to the step as train_step.c ran it before units existed
  *     (old_step below: tr_forward, tr_head, tr_backward per micro-batch, then the update);
- *   - with the smallest units the step takes exactly L forward + ceil(label rows / 32) head +
- *     max(L - lowest trained layer, 1) backward units per micro-batch, plus one update;
+ *   - with the smallest units (half a layer: attention or MLP block, forward, recomputation or
+ *     backward) the step takes exactly 2L forward + ceil(label rows / head_rows) head +
+ *     max((2 or 4 with recomputation) · (L − lowest trained layer), 1) backward units per
+ *     micro-batch, plus one update;
  *   - a generous unit target packs the layers of a micro-batch into one unit once measured;
  *   - evaluation unit by unit gives ds_trainer_eval's loss bit for bit;
  *   - misuse: advance without begin (DS_EINVAL), begin during a step (DS_EBUSY), a bad example
@@ -58,7 +60,8 @@ static int32_t expected_units(ds_trainer *t, const ds_train_example *ex, int32_t
     const int32_t L = t->dim.L, low = tr_backward_low(t);
     for (int32_t k = 0; k < n;) {
         k = tr_pack(t, ex, n, k);
-        units += L + (t->b.n_lrows + t->head_rows - 1) / t->head_rows + (L - low > 1 ? L - low : 1);
+        const int32_t bwd = tr_backward_pieces_per_layer(t) * (L - low);
+        units += 2 * L + (t->b.n_lrows + t->head_rows - 1) / t->head_rows + (bwd > 1 ? bwd : 1);
     }
     return units;
 }
