@@ -20,7 +20,7 @@ extern "C" {
 
 struct ds_mat;
 
-#define DS_BACKEND_TRAIN_IFACE_VERSION 2
+#define DS_BACKEND_TRAIN_IFACE_VERSION 3
 
 /* Packed sequences for training attention: sequence s owns rows [row0, row0+len). */
 typedef struct ds_train_attn_seq {
@@ -132,6 +132,15 @@ struct ds_backend_train_iface {
     int (*scale)(void *ctx, float *x, size_t n, double s);
     /* One AdamW step on one tensor: w, its gradient g and moments m, v ([n] each). */
     int (*adamw)(void *ctx, float *w, const float *g, float *m, float *v, size_t n, const ds_adamw_args *a);
+
+    /* ---- Data movement (version 3): what the trainer did with host memset / memcpy ---- */
+    /* x[i] = v, i < n (clearing gradients and accumulators) */
+    int (*fill)(void *ctx, float *x, size_t n, float v);
+    /* dst[i] = src[idx[i]] for rows of d floats, i < n (the LM head's label rows). idx: backend
+     * int32 array. */
+    int (*gather_rows)(void *ctx, const float *src, const int32_t *idx, float *dst, int32_t n, int32_t d);
+    /* dst[idx[i]] = src[i] for rows of d floats, i < n; the indices are distinct (overwrite). */
+    int (*scatter_rows)(void *ctx, const float *src, const int32_t *idx, float *dst, int32_t n, int32_t d);
 };
 
 #ifdef __cplusplus

@@ -41,8 +41,8 @@ static void attention_bwd(ds_trainer *t, int32_t l, tr_act *a, bool need_dx) {
     tr_grad_work *g = &t->g;
     const int32_t n = t->b.n_rows;
     linear_bwd(t, l, DS_PROJ_O, a->att, a->u[DS_PROJ_O], g->dx, g->datt, false);
-    memset(g->dk, 0, (size_t)n * D->kvd * sizeof(float));
-    memset(g->dv, 0, (size_t)n * D->kvd * sizeof(float));
+    TR_OP(t, fill, g->dk, (size_t)n * D->kvd, 0.0f);
+    TR_OP(t, fill, g->dv, (size_t)n * D->kvd, 0.0f);
     tr_attn_args args = tr_attn_args_of(t, l, a);
     float *dpk = NULL, *dpv = NULL;
     if (t->dprefix) {

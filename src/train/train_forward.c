@@ -108,8 +108,7 @@ static double head_chunk(ds_trainer *t, const int32_t *rows, const int32_t *tgt,
     const tr_dims *D = &t->dim;
     tr_head_work *hw = &t->hw;
     const float *xL = t->ck[D->L];
-    for (int32_t i = 0; i < c; i++)
-        memcpy(hw->x + (size_t)i * D->d, xL + (size_t)rows[i] * D->d, (size_t)D->d * sizeof(float));
+    TR_OP(t, gather_rows, xL, rows, hw->x, c, D->d);
     TR_OP(t, rmsnorm_fwd, hw->x, t->m->output_norm, hw->hn, hw->rinv, c, D->d, D->eps);
     TR_MATMUL(t, hw->hn, &t->wm_output, hw->logits, c);
     const ds_lora_module *m = tr_lora(t, -1, DS_PROJ_COUNT);
@@ -124,13 +123,13 @@ static double head_chunk(ds_trainer *t, const int32_t *rows, const int32_t *tgt,
         TR_OP(t, lora_bwd, hw->hn, hw->u, m->A, m->B, m->scale, hw->logits, hw->dhn, t->dA[head], t->dB[head],
               t->g.lora_tmp, c, D->d, D->V, m->rank);
     }
-    memset(hw->dx, 0, (size_t)c * D->d * sizeof(float));
+    TR_OP(t, fill, hw->dx, (size_t)c * D->d, 0.0f);
     TR_OP(t, rmsnorm_bwd, hw->x, t->m->output_norm, hw->rinv, hw->dhn, hw->dx, c, D->d);
     return loss;
 }
 
 void tr_head_begin(ds_trainer *t, bool grad) {
-    if (grad) memset(t->g.dx, 0, (size_t)t->b.n_rows * t->dim.d * sizeof(float));
+    if (grad) TR_OP(t, fill, t->g.dx, (size_t)t->b.n_rows * t->dim.d, 0.0f);
 }
 
 void tr_head_rows(ds_trainer *t, int32_t r0, int32_t r1, float scale, bool grad, double *loss) {
@@ -140,9 +139,7 @@ void tr_head_rows(ds_trainer *t, int32_t r0, int32_t r1, float scale, bool grad,
         const int32_t c = r1 - i0 < C ? r1 - i0 : C;
         *loss += head_chunk(t, t->b.lrow + i0, t->b.ltgt + i0, c, scale, grad); /* chunk by chunk, however cut */
         if (!grad) continue;
-        for (int32_t i = 0; i < c; i++) /* each row appears once: a plain copy */
-            memcpy(t->g.dx + (size_t)t->b.lrow[i0 + i] * D->d, t->hw.dx + (size_t)i * D->d,
-                   (size_t)D->d * sizeof(float));
+        TR_OP(t, scatter_rows, t->hw.dx, t->b.lrow + i0, t->g.dx, c, D->d); /* each row appears once */
     }
 }
 

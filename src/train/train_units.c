@@ -30,8 +30,8 @@ int ds_trainer_begin(ds_trainer *t, ds_train_run what, const ds_train_example *e
     *r = (tr_run){.phase = TR_PH_FWD, .what = what, .ex = ex, .n = n, .n_labels = n_labels,
                   .scale = (float)(1.0 / (double)n_labels), .t0 = ds_time_s(), .s_fwd = s_fwd, .s_bwd = s_bwd,
                   .s_head = s_head};
-    if (what != DS_TRAIN_RUN_EVAL) tr_params_zero_grad(t);
     t->op_rc = 0;
+    if (what != DS_TRAIN_RUN_EVAL) tr_params_zero_grad(t); /* a failure shows at the first advance */
     return 0;
 }
 

@@ -13,7 +13,7 @@
  * torch's formula in double.
  *
  * Error measure: NMSE = Σ(y − ref)² / Σ ref² per op. Tolerances:
- *   data movement (embed of an F32 table, attn_work_floats)            0 (exact)
+ *   data movement (fill, gather_rows, scatter_rows, embed of an F32 table) 0 (exact)
  *   fp32 arithmetic and GEMMs (CPU: fp32 accumulation, or double)       CPU 1e-10
  *   embed of a Q8_0 table (against ds_dequant_row)                      CPU 1e-12
  * A float rounding is 2^-24 relative, so fp32 results have NMSE ~1e-14; an indexing or sign bug
@@ -548,6 +548,38 @@ static void test_optim(tcase *t) {
     t_release_all(t);
 }
 
+/* ---- Data movement: fill, gather_rows, scatter_rows (exact) ---- */
+
+static void test_movement(tcase *t) {
+    const int32_t rows = 9, d = 24, n = 4;
+    const int32_t idx[4] = {7, 0, 3, 8}; /* distinct, unordered */
+    const size_t N = (size_t)rows * d;
+    float *src = rnd_vec(N, 1), *dst0 = rnd_vec(N, 1), *small = rnd_vec((size_t)n * d, 1);
+    double *rf = dvec(N), *rg = dvec((size_t)n * d), *rs = dcopy(dst0, N);
+    for (size_t i = 0; i < N; i++) rf[i] = -2.5;
+    for (int32_t i = 0; i < n; i++)
+        for (int32_t j = 0; j < d; j++) {
+            rg[i * d + j] = src[(size_t)idx[i] * d + j];
+            rs[(size_t)idx[i] * d + j] = small[i * d + j];
+        }
+    const int32_t *dI = t_up(t, idx, sizeof idx);
+    float *dF = t_upf(t, src, N), *dSrc = t_upf(t, src, N), *dG = t_upf(t, NULL, (size_t)n * d);
+    float *dSm = t_upf(t, small, (size_t)n * d), *dDst = t_upf(t, dst0, N), *dZ = t_upf(t, src, N);
+    t_ok(t, "fill", t->op->fill(t->b->ctx, dF, N, -2.5f));
+    t_ok(t, "fill", t->op->fill(t->b->ctx, dZ, N, 0.0f));
+    t_ok(t, "gather_rows", t->op->gather_rows(t->b->ctx, dSrc, dI, dG, n, d));
+    t_ok(t, "scatter_rows", t->op->scatter_rows(t->b->ctx, dSm, dI, dDst, n, d));
+    float *gf = t_down(t, dF, N), *gz = t_down(t, dZ, N), *gg = t_down(t, dG, (size_t)n * d), *gs = t_down(t, dDst, N);
+    expect(t, "fill", "216 floats = -2.5", gf, rf, N, 0.0);
+    bool zero = true;
+    for (size_t i = 0; i < N; i++) zero &= gz[i] == 0.0f && !signbit(gz[i]);
+    CHECK_MSG(zero, "%s fill 0: not all +0.0", t->name);
+    expect(t, "gather_rows", "rows 7,0,3,8 of 9x24", gg, rg, (size_t)n * d, 0.0);
+    expect(t, "scatter_rows", "into rows 7,0,3,8 (others kept)", gs, rs, N, 0.0);
+    free(src), free(dst0), free(small), free(rf), free(rg), free(rs), free(gf), free(gz), free(gg), free(gs);
+    t_release_all(t);
+}
+
 static void run_backend(const char *name, double tol, bool only) {
     ds_err err = {{0}};
     ds_backend_params bp = ds_backend_default_params();
@@ -571,6 +603,7 @@ static void run_backend(const char *name, double tol, bool only) {
     test_attention(&t, 0);
     test_attention(&t, 3);
     test_optim(&t);
+    test_movement(&t);
     ds_backend_free(b);
 }
 

@@ -39,8 +39,8 @@ static int old_step(ds_trainer *t, const ds_train_example *ex, int32_t n, double
     int64_t n_labels;
     int rc = tr_check_batch(t, ex, n, &n_labels, err);
     if (rc) return rc;
-    tr_params_zero_grad(t);
     t->op_rc = 0;
+    tr_params_zero_grad(t);
     const float scale = (float)(1.0 / (double)n_labels);
     double sum = 0.0;
     for (int32_t k = 0; k < n;) {
