@@ -20,7 +20,7 @@ extern "C" {
 
 struct ds_mat;
 
-#define DS_BACKEND_TRAIN_IFACE_VERSION 3
+#define DS_BACKEND_TRAIN_IFACE_VERSION 4 /* 3: bottleneck ops; 4: data movement */
 
 /* Packed sequences for training attention: sequence s owns rows [row0, row0+len). */
 typedef struct ds_train_attn_seq {
@@ -153,6 +153,14 @@ struct ds_backend_train_iface {
      * tmp: [2][n][size]. */
     int (*bn_bwd)(void *ctx, const ds_train_bn_args *a, const float *z, const float *hpre, const float *dy, float *dz,
                   float *ddown, float *ddown_b, float *dup, float *dup_b, float *tmp);
+    /* ---- Data movement (version 4): what the trainer did with host memset / memcpy ---- */
+    /* x[i] = v, i < n (clearing gradients and accumulators) */
+    int (*fill)(void *ctx, float *x, size_t n, float v);
+    /* dst[i] = src[idx[i]] for rows of d floats, i < n (the LM head's label rows). idx: backend
+     * int32 array. */
+    int (*gather_rows)(void *ctx, const float *src, const int32_t *idx, float *dst, int32_t n, int32_t d);
+    /* dst[idx[i]] = src[i] for rows of d floats, i < n; the indices are distinct (overwrite). */
+    int (*scatter_rows)(void *ctx, const float *src, const int32_t *idx, float *dst, int32_t n, int32_t d);
 };
 
 #ifdef __cplusplus

@@ -152,6 +152,10 @@ uint64_t ds_engine_submit(ds_engine *e, const ds_gen_request *req, ds_submit_inf
  * unless it already finished. */
 void ds_engine_cancel(ds_engine *e, uint64_t request_id);
 
+/* Bounds (seconds) of the unit-duration histogram of ds_engine_stats. */
+#define DS_ENGINE_UNIT_BUCKETS 10
+extern const double ds_engine_unit_bounds[DS_ENGINE_UNIT_BUCKETS];
+
 /* Snapshot for /metrics and /health. */
 typedef struct ds_engine_stats {
     int32_t n_waiting, n_running;
@@ -163,6 +167,18 @@ typedef struct ds_engine_stats {
     int32_t n_adapter_slots, n_adapters_resident;
     size_t adapter_dev_bytes;
     uint64_t adapter_uploads, adapter_evictions;
+    /* background work (training units, ds_engine_set_background); seconds on the engine thread */
+    uint64_t bg_units, bg_units_busy;  /* units run; of them while requests ran */
+    double bg_seconds, bg_busy_seconds; /* time in units; in units run while requests ran */
+    double step_seconds;               /* time in inference steps */
+    double bg_share;                   /* recent share of the engine's busy time (steps + units run
+                                          while requests ran) taken by units, decayed as the budget is */
+    float bg_budget;                   /* the --train-budget the share is held to */
+    double bg_unit_target;             /* the unit duration asked of the hook now */
+    double bg_unit_max;                /* longest unit so far */
+    uint64_t bg_unit_hist[DS_ENGINE_UNIT_BUCKETS + 1]; /* units by duration: bucket i counts units
+                                          <= ds_engine_unit_bounds[i] and above bucket i-1's bound;
+                                          the last counts the rest */
 } ds_engine_stats;
 void ds_engine_stats_get(ds_engine *e, ds_engine_stats *out);
 
@@ -175,14 +191,21 @@ void ds_engine_adapter_activity(ds_engine *e, char *running, size_t running_cap,
 /* Requests submitted and not yet finished (for draining on shutdown). */
 int32_t ds_engine_in_flight(ds_engine *e);
 
-/* Background work on the engine thread, between inference steps (training micro-steps, so they
- * share the engine's threads instead of competing with them). run(ud) does one bounded unit of
- * work and returns true while it has more ready; the engine calls it back to back while no
- * request runs, and while requests run only as long as it has used at most `budget` (0..1] of the
- * engine's recent time. One hook per engine; set before use, any thread. */
+/* Background work on the engine thread, between inference steps (training units, so they share
+ * the engine's threads instead of competing with them). run(ud) does ONE bounded unit of work
+ * (about ds_engine_background_unit_target seconds) and returns true while it has more ready. The
+ * engine calls it back to back while no request runs; while requests run, at most once between
+ * two inference steps and only while units have taken at most `budget` (0..1] of the engine's
+ * recent busy time (steps + units), so an inference step never waits behind more than one unit.
+ * Idle-time units do not count against the budget. One hook per engine; set before use, any
+ * thread. */
 void ds_engine_set_background(ds_engine *e, bool (*run)(void *ud), void *ud, float budget);
 /* Tells the engine the hook has work again (any thread). */
 void ds_engine_wake_background(ds_engine *e);
+/* How long one unit should take (seconds): budget/(1−budget) of the recent mean inference step,
+ * so that one unit after every step stays within the budget; within [1 ms, 100 ms]; 10 ms before
+ * any step was measured. ENGINE THREAD (from the hook). */
+double ds_engine_background_unit_target(const ds_engine *e);
 
 #ifdef __cplusplus
 }

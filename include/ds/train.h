@@ -139,6 +139,11 @@ typedef struct ds_train_params {
     int32_t micro_batch_seqs;  /* sequences per micro-batch; 0 = as many as fit (default) */
     ds_recompute recompute;    /* AUTO: recompute when saved activations would exceed activation_budget */
     size_t activation_budget;  /* bytes (default 1 GiB) */
+    int32_t head_rows;         /* label rows the LM head computes at once (bounds its [rows][n_vocab]
+                                * logits and the smallest head unit; default 32) */
+    double unit_seconds;       /* target duration of one unit of a step run by ds_trainer_advance
+                                * (default 0.01); <= 0: the smallest units (one layer, one head
+                                * chunk). Results do not depend on it. */
     struct ds_backend *backend;/* computes the training ops (its iface.train; host-memory backends
                                 * only for now); borrowed. NULL (default): a CPU backend of the
                                 * trainer's own. No training ops → create fails, DS_EUNSUPPORTED. */
@@ -161,7 +166,9 @@ typedef struct ds_train_stats {
     float lr;                  /* learning rate the update used (0 when no update) */
     int64_t step;              /* optimizer steps done so far */
     bool recompute;            /* activation recomputation was on */
-    double seconds;
+    double seconds;            /* wall time from the start of the step to its end */
+    double busy_seconds;       /* time spent computing it (the sum of its units' times) */
+    int32_t n_units;           /* units it ran (ds_trainer_advance calls) */
 } ds_train_stats;
 
 typedef struct ds_trainer ds_trainer;
@@ -196,6 +203,38 @@ int ds_trainer_compute_grads(ds_trainer *t, const ds_train_example *ex, int32_t 
 int ds_trainer_apply(ds_trainer *t, ds_train_stats *stats, ds_err *err);
 /* Loss only (validation): forward, no gradients, no update. */
 int ds_trainer_eval(ds_trainer *t, const ds_train_example *ex, int32_t n, ds_train_stats *stats, ds_err *err);
+
+/* ---- A step in bounded units (co-serving: src/train/train_units.c) ----
+ *
+ * ds_trainer_begin starts a step without computing; each ds_trainer_advance then runs ONE unit:
+ * the forward of the next few half layers (attention or MLP block) of a micro-batch (the first also
+ * embeds it), the LM head and loss of the next few label-row chunks, the backward of the next few
+ * half layers (with recomputation, their forward again first; the last unit also the embedding
+ * gradients), or the optimizer update. A unit takes as many half layers / chunks as the
+ * measured per-row times of earlier units fit in the unit target (at least one), so its duration
+ * tracks the target however big the model or the micro-batch. The ops and their order are those
+ * of the whole-step calls, which are loops over units: results are bit-identical for any target. */
+typedef enum {
+    DS_TRAIN_RUN_STEP = 0,     /* as ds_trainer_step: gradients, then the update (last unit) */
+    DS_TRAIN_RUN_GRADS,        /* as ds_trainer_compute_grads */
+    DS_TRAIN_RUN_EVAL          /* as ds_trainer_eval */
+} ds_train_run;
+
+/* Validates the examples and starts a step; computes nothing. ex (and what it points to) is
+ * borrowed until the step ends. Returns 0, the errors of ds_trainer_step (nothing started), or
+ * DS_EBUSY when a step is already in progress. Grads / step modes zero the gradients. */
+int ds_trainer_begin(ds_trainer *t, ds_train_run what, const ds_train_example *ex, int32_t n, ds_err *err);
+/* Runs one unit of the step in progress. Returns 1 while units remain, 0 when this unit finished
+ * the step (stats, which may be NULL, then get what the whole-step call would give), a negative
+ * DS_E* when an op failed (the step is over; as ds_trainer_step, the parameters are unchanged
+ * unless the update itself failed), DS_EINVAL when no step is in progress. */
+int ds_trainer_advance(ds_trainer *t, ds_train_stats *stats, ds_err *err);
+/* Drops the step in progress, if any (the parameters are unchanged; gradients are not). */
+void ds_trainer_abort(ds_trainer *t);
+bool ds_trainer_busy(const ds_trainer *t); /* a step is in progress */
+/* Sets the unit target (ds_train_params.unit_seconds) from now on; the co-serving engine derives
+ * it from its measured inference step time and budget. */
+void ds_trainer_set_unit_target(ds_trainer *t, double seconds);
 
 /* The trainable tensors, named by their PEFT safetensors keys
  * ("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", "prompt_embeddings").
@@ -262,7 +301,8 @@ int ds_trainer_save(const ds_trainer *t, const char *dir, const char *base_model
  *
  * Jobs run one at a time. A job thread prepares data, checkpoints and publishes; with an engine
  * attached (ds_ft_manager_attach_engine) every optimizer step and validation pass runs on the
- * engine thread between inference steps, within --train-budget of its time while requests run.
+ * engine thread one unit at a time (ds_trainer_advance) between inference steps, within
+ * --train-budget of its busy time while requests run.
  *
  * Datasets are JSON Lines: chat {"messages":[{"role","content","weight"?}, ...]} (assistant turns
  * are trained, "weight": 0 skips one) or {"prompt","completion"} (the completion is trained). Chat
@@ -378,8 +418,9 @@ typedef struct ds_ft_manager ds_ft_manager;
 ds_ft_manager *ds_ft_manager_create(const ds_model *base, ds_adapter_registry *reg, const char *data_dir,
                                     ds_err *err);
 /* Co-serving: every training step and validation pass then runs on the engine's thread as
- * background work (ds_engine_set_background), within `budget` of the engine's time while requests
- * run, instead of competing with it from the job thread. The engine must outlive the manager. */
+ * background work (ds_engine_set_background), one bounded unit (ds_trainer_advance) between two
+ * inference steps, within `budget` of the engine's busy time while requests run, instead of
+ * competing with it from the job thread. The engine must outlive the manager. */
 struct ds_engine;
 void ds_ft_manager_attach_engine(ds_ft_manager *m, struct ds_engine *e, float budget);
 /* Replaces the limits jobs submitted from now on are checked against (a manager starts with

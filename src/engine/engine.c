@@ -319,16 +319,47 @@ void ds_engine_wake_background(ds_engine *e) {
     pthread_mutex_unlock(&e->mu);
 }
 
-/* Runs the background hook when it is within its share of the engine's time (always when no
- * request runs). The shares decay (half-life ~10 s) so the budget tracks recent load. */
+const double ds_engine_unit_bounds[DS_ENGINE_UNIT_BUCKETS] = {0.001, 0.0025, 0.005, 0.01, 0.025,
+                                                             0.05,  0.1,    0.25,  0.5,  1.0};
+
+double ds_engine_background_unit_target(const ds_engine *e) {
+    if (!(e->step_avg > 0)) return 0.01;
+    const double b = e->bg_budget, x = b / (1.0 - b + 1e-9) * e->step_avg;
+    return x < 0.001 ? 0.001 : x > 0.1 ? 0.1 : x;
+}
+
+/* Half-life of the share's memory: the budget tracks the last ~10 s of load. */
+#define SHARE_DECAY_S 14.4
+
+/* Records one unit of dt seconds (busy: requests were running) in the stats; under mu. */
+static void note_unit(ds_engine *e, double dt, bool busy) {
+    ds_engine_stats *st = &e->stats;
+    st->bg_units++;
+    st->bg_seconds += dt;
+    if (busy) st->bg_units_busy++, st->bg_busy_seconds += dt;
+    if (dt > st->bg_unit_max) st->bg_unit_max = dt;
+    int k = 0;
+    while (k < DS_ENGINE_UNIT_BUCKETS && dt > ds_engine_unit_bounds[k]) k++;
+    st->bg_unit_hist[k]++;
+}
+
+/* Runs one unit of the background hook when it is within its share of the engine's busy time
+ * (always when no request runs). Only time while requests run counts: t_inf and t_bg decay with
+ * it, so training while idle never eats into the budget later. */
 static void maybe_background(ds_engine *e, bool inference, double dt_inf) {
-    const double decay = dt_inf > 0 ? exp(-dt_inf / 14.4) : 1.0;
-    e->t_inf = e->t_inf * decay + dt_inf;
-    e->t_bg *= decay;
+    if (inference) {
+        const double decay = exp(-dt_inf / SHARE_DECAY_S);
+        e->t_inf = e->t_inf * decay + dt_inf;
+        e->t_bg *= decay;
+        e->step_avg = e->step_avg > 0 ? 0.9 * e->step_avg + 0.1 * dt_inf : dt_inf;
+    }
     const double b = e->bg_budget;
-    if (inference && e->t_bg > b / (1.0 - b + 1e-9) * e->t_inf) return;
+    const bool allowed = !inference || e->t_bg <= b / (1.0 - b + 1e-9) * e->t_inf;
     pthread_mutex_lock(&e->mu);
-    bool (*run)(void *) = e->bg_run;
+    e->stats.bg_budget = e->bg_budget;
+    e->stats.bg_unit_target = ds_engine_background_unit_target(e);
+    e->stats.bg_share = e->t_inf + e->t_bg > 0 ? e->t_bg / (e->t_inf + e->t_bg) : 0.0;
+    bool (*run)(void *) = allowed ? e->bg_run : NULL;
     void *ud = e->bg_ud;
     const uint64_t wakes = e->bg_wakes;
     e->bg_busy = run != NULL;
@@ -337,9 +368,14 @@ static void maybe_background(ds_engine *e, bool inference, double dt_inf) {
     const double t0 = ds_time_s();
     const bool more = run(ud);
     const double dt = ds_time_s() - t0;
-    e->t_bg += dt;
-    if (!inference) e->t_inf *= exp(-dt / 14.4);
+    if (inference) {
+        const double decay = exp(-dt / SHARE_DECAY_S);
+        e->t_inf *= decay;
+        e->t_bg = e->t_bg * decay + dt;
+    }
     pthread_mutex_lock(&e->mu);
+    note_unit(e, dt, inference);
+    e->stats.bg_share = e->t_inf + e->t_bg > 0 ? e->t_bg / (e->t_inf + e->t_bg) : 0.0;
     e->bg_busy = false;
     if (!more && e->bg_wakes == wakes) e->bg_pending = false; /* a wake during the call keeps it pending */
     pthread_cond_broadcast(&e->cv);
@@ -366,6 +402,7 @@ static void *engine_main(void *arg) {
         }
         if (bg) maybe_background(e, inference, dt);
         pthread_mutex_lock(&e->mu);
+        e->stats.step_seconds += dt;
     }
     pthread_mutex_unlock(&e->mu);
     ds_engine_cancel_all(e);

@@ -72,7 +72,8 @@ struct ds_engine {
     float bg_budget;
     bool bg_pending, bg_busy;
     uint64_t bg_wakes;
-    double t_inf, t_bg; /* exponentially decayed seconds spent in steps / in the hook */
+    double t_inf, t_bg; /* decayed seconds in steps / in the hook while requests ran (share) */
+    double step_avg;    /* recent mean inference step, seconds (0 before the first) */
 };
 
 int ds_engine_batch_init(ds_engine *e);

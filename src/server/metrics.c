@@ -238,6 +238,39 @@ static void render_requests(ds_sb *b, const ds_metrics *m) {
            (double)m->generation_tokens, true);
 }
 
+/* Co-serving (ds_engine_set_background): the share training units actually took of the engine's
+ * busy time, against --train-budget, and how long units were. */
+static void render_train(ds_sb *b, const ds_metrics *m, const ds_engine_stats *st) {
+    simple(b, m, "deltaserve_train_budget", "gauge", "Share of the engine's busy time training may take (--train-budget).",
+           st->bg_budget, false);
+    simple(b, m, "deltaserve_train_share", "gauge",
+           "Recent share of the engine's busy time (inference steps + training units while requests run) taken by "
+           "training units.",
+           st->bg_share, false);
+    simple(b, m, "deltaserve_train_busy_seconds_total", "counter",
+           "Seconds of training units run while requests were running.", st->bg_busy_seconds, false);
+    simple(b, m, "deltaserve_engine_step_seconds_total", "counter", "Seconds of inference steps.", st->step_seconds,
+           false);
+    simple(b, m, "deltaserve_train_units_total", "counter", "Training units run on the engine thread (all).",
+           (double)st->bg_units, false);
+    simple(b, m, "deltaserve_train_units_busy_total", "counter", "Training units run while requests were running.",
+           (double)st->bg_units_busy, false);
+    simple(b, m, "deltaserve_train_unit_target_seconds", "gauge", "Duration asked of one training unit now.",
+           st->bg_unit_target, false);
+    simple(b, m, "deltaserve_train_unit_max_seconds", "gauge", "Longest training unit so far.", st->bg_unit_max,
+           false);
+    head(b, "deltaserve_train_unit_seconds", "histogram", "Duration of training units in seconds.");
+    uint64_t cum = 0;
+    for (int i = 0; i < DS_ENGINE_UNIT_BUCKETS; i++) {
+        cum += st->bg_unit_hist[i];
+        ds_sb_printf(b, "deltaserve_train_unit_seconds_bucket{le=\"%g\"} %llu\n", ds_engine_unit_bounds[i],
+                     (unsigned long long)cum);
+    }
+    ds_sb_printf(b, "deltaserve_train_unit_seconds_bucket{le=\"+Inf\"} %llu\n", (unsigned long long)st->bg_units);
+    ds_sb_printf(b, "deltaserve_train_unit_seconds_sum %.17g\n", st->bg_seconds);
+    ds_sb_printf(b, "deltaserve_train_unit_seconds_count %llu\n", (unsigned long long)st->bg_units);
+}
+
 static void render_engine(ds_sb *b, const ds_metrics *m, const ds_engine_stats *st) {
     simple(b, m, "vllm:num_requests_running", "gauge", "Number of requests in model execution batches.",
            st->n_running, true);
@@ -265,6 +298,7 @@ static void render_engine(ds_sb *b, const ds_metrics *m, const ds_engine_stats *
            (double)st->adapter_uploads, false);
     simple(b, m, "deltaserve_adapter_evictions_total", "counter", "Idle adapters evicted from the backend (LRU).",
            (double)st->adapter_evictions, false);
+    render_train(b, m, st);
 }
 
 /* vllm:lora_requests_info: the value is the unix time the label set last changed (the Gateway

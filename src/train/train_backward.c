@@ -46,8 +46,8 @@ static void attention_bwd(ds_trainer *t, int32_t l, tr_act *a, bool need_dx) {
     tr_bn_attn_bwd(t, l); /* bottleneck adapter (train_bn.c) */
     linear_bwd(t, l, DS_PROJ_O, a->att, a->u[DS_PROJ_O], g->dx, g->datt, false);
     tr_bn_attn_bwd_res(t, l);
-    memset(g->dk, 0, (size_t)n * D->kvd * sizeof(float));
-    memset(g->dv, 0, (size_t)n * D->kvd * sizeof(float));
+    TR_OP(t, fill, g->dk, (size_t)n * D->kvd, 0.0f);
+    TR_OP(t, fill, g->dv, (size_t)n * D->kvd, 0.0f);
     tr_attn_args args = tr_attn_args_of(t, l, a);
     float *dpk = NULL, *dpv = NULL;
     if (t->dprefix) {
@@ -66,7 +66,7 @@ static void attention_bwd(ds_trainer *t, int32_t l, tr_act *a, bool need_dx) {
 }
 
 /* Lowest layer holding a trainable tensor (prompt rows / prefixes / embedding LoRA: 0). */
-static int32_t lowest_layer(const ds_trainer *t) {
+int32_t tr_backward_low(const ds_trainer *t) {
     if (t->ad->prompt || t->ad->prefix || t->ad->embed || !t->ad->lora) return 0;
     for (int32_t l = 0; l < t->dim.L; l++)
         for (int p = 0; p < DS_PROJ_COUNT; p++)
@@ -74,18 +74,36 @@ static int32_t lowest_layer(const ds_trainer *t) {
     return t->dim.L; /* lm_head only */
 }
 
-void tr_backward(ds_trainer *t) {
-    const int32_t low = lowest_layer(t);
+int32_t tr_backward_pieces_per_layer(const ds_trainer *t) { return t->recompute ? 4 : 2; }
+
+void tr_backward_piece(ds_trainer *t, int32_t l, int32_t low, int32_t piece) {
     const bool input_grad = t->ad->prompt || t->ad->embed; /* d loss / d embeddings needed */
-    for (int32_t l = t->dim.L - 1; l >= low; l--) {
-        tr_act *a = tr_act_of(t, l);
-        if (t->recompute) tr_layer_fwd(t, l, a); /* activation recomputation from checkpoint ck[l] */
-        mlp_bwd(t, l, a);
-        attention_bwd(t, l, a, l > low || input_grad);
+    tr_act *a = tr_act_of(t, l);
+    if (t->recompute) { /* activation recomputation from checkpoint ck[l], half a layer at a time */
+        if (piece < 2) {
+            tr_layer_fwd_half(t, l, piece, a);
+            return;
+        }
+        piece -= 2;
     }
+    if (piece == 0) mlp_bwd(t, l, a);
+    else attention_bwd(t, l, a, l > low || input_grad);
+}
+
+void tr_backward_layer(ds_trainer *t, int32_t l, int32_t low) {
+    for (int32_t p = 0; p < tr_backward_pieces_per_layer(t); p++) tr_backward_piece(t, l, low, p);
+}
+
+void tr_backward_embed(ds_trainer *t) {
     if (t->ad->prompt) TR_OP(t, embed_bwd_soft, t->b.src, t->g.dx, t->dprompt, t->b.n_rows, t->dim.d);
     const ds_lora_module *e = t->ad->embed;
     if (e)
         TR_OP(t, embed_lora_bwd, e->B, e->scale, t->b.src, t->g.emb_u, t->g.dx, t->dA[TR_SLOT_EMBED(t)],
               t->dB[TR_SLOT_EMBED(t)], t->g.lora_tmp, t->b.n_rows, t->dim.d, e->rank);
+}
+
+void tr_backward(ds_trainer *t) {
+    const int32_t low = tr_backward_low(t);
+    for (int32_t l = t->dim.L - 1; l >= low; l--) tr_backward_layer(t, l, low);
+    tr_backward_embed(t);
 }

@@ -80,13 +80,29 @@ void tr_layer_fwd(ds_trainer *t, int32_t l, tr_act *a) {
     mlp_block(t, l, a);
 }
 
-void tr_forward(ds_trainer *t, bool save) {
+void tr_layer_fwd_half(ds_trainer *t, int32_t l, int half, tr_act *a) {
+    if (half == 0) attention_block(t, l, a);
+    else mlp_block(t, l, a);
+}
+
+void tr_forward_embed(ds_trainer *t) {
     TR_OP(t, embed, &t->wm_embed, t->ad->prompt, t->b.src, t->ck[0], t->b.n_rows, t->dim.d);
     const ds_lora_module *e = t->ad->embed;
     if (e)
         TR_OP(t, embed_lora_fwd, e->A, e->B, e->scale, t->b.src, t->g.emb_u, t->ck[0], t->b.n_rows, t->dim.d,
               e->rank);
-    for (int32_t l = 0; l < t->dim.L; l++) tr_layer_fwd(t, l, save ? tr_act_of(t, l) : &t->acts[0]);
+}
+
+void tr_forward_pieces(ds_trainer *t, int32_t p0, int32_t p1, bool save) {
+    for (int32_t p = p0; p < p1; p++) {
+        const int32_t l = p / 2;
+        tr_layer_fwd_half(t, l, p % 2, save ? tr_act_of(t, l) : &t->acts[0]);
+    }
+}
+
+void tr_forward(ds_trainer *t, bool save) {
+    tr_forward_embed(t);
+    tr_forward_pieces(t, 0, 2 * t->dim.L, save);
 }
 
 /* One chunk of label rows: final norm, logits (+ lm_head LoRA), CE; with grad the chunk's
@@ -95,8 +111,7 @@ static double head_chunk(ds_trainer *t, const int32_t *rows, const int32_t *tgt,
     const tr_dims *D = &t->dim;
     tr_head_work *hw = &t->hw;
     const float *xL = t->ck[D->L];
-    for (int32_t i = 0; i < c; i++)
-        memcpy(hw->x + (size_t)i * D->d, xL + (size_t)rows[i] * D->d, (size_t)D->d * sizeof(float));
+    TR_OP(t, gather_rows, xL, rows, hw->x, c, D->d);
     TR_OP(t, rmsnorm_fwd, hw->x, t->m->output_norm, hw->hn, hw->rinv, c, D->d, D->eps);
     TR_MATMUL(t, hw->hn, &t->wm_output, hw->logits, c);
     const ds_lora_module *m = tr_lora(t, -1, DS_PROJ_COUNT);
@@ -111,22 +126,29 @@ static double head_chunk(ds_trainer *t, const int32_t *rows, const int32_t *tgt,
         TR_OP(t, lora_bwd, hw->hn, hw->u, m->A, m->B, m->scale, hw->logits, hw->dhn, t->dA[head], t->dB[head],
               t->g.lora_tmp, c, D->d, D->V, m->rank);
     }
-    memset(hw->dx, 0, (size_t)c * D->d * sizeof(float));
+    TR_OP(t, fill, hw->dx, (size_t)c * D->d, 0.0f);
     TR_OP(t, rmsnorm_bwd, hw->x, t->m->output_norm, hw->rinv, hw->dhn, hw->dx, c, D->d);
     return loss;
 }
 
-double tr_head(ds_trainer *t, float scale, bool grad) {
+void tr_head_begin(ds_trainer *t, bool grad) {
+    if (grad) TR_OP(t, fill, t->g.dx, (size_t)t->b.n_rows * t->dim.d, 0.0f);
+}
+
+void tr_head_rows(ds_trainer *t, int32_t r0, int32_t r1, float scale, bool grad, double *loss) {
     const tr_dims *D = &t->dim;
-    if (grad) memset(t->g.dx, 0, (size_t)t->b.n_rows * D->d * sizeof(float));
-    double loss = 0.0;
-    for (int32_t i0 = 0; i0 < t->b.n_lrows; i0 += TR_HEAD_CHUNK) {
-        const int32_t c = t->b.n_lrows - i0 < TR_HEAD_CHUNK ? t->b.n_lrows - i0 : TR_HEAD_CHUNK;
-        loss += head_chunk(t, t->b.lrow + i0, t->b.ltgt + i0, c, scale, grad);
+    const int32_t C = t->head_rows;
+    for (int32_t i0 = r0; i0 < r1; i0 += C) {
+        const int32_t c = r1 - i0 < C ? r1 - i0 : C;
+        *loss += head_chunk(t, t->b.lrow + i0, t->b.ltgt + i0, c, scale, grad); /* chunk by chunk, however cut */
         if (!grad) continue;
-        for (int32_t i = 0; i < c; i++) /* each row appears once: a plain copy */
-            memcpy(t->g.dx + (size_t)t->b.lrow[i0 + i] * D->d, t->hw.dx + (size_t)i * D->d,
-                   (size_t)D->d * sizeof(float));
+        TR_OP(t, scatter_rows, t->hw.dx, t->b.lrow + i0, t->g.dx, c, D->d); /* each row appears once */
     }
+}
+
+double tr_head(ds_trainer *t, float scale, bool grad) {
+    tr_head_begin(t, grad);
+    double loss = 0.0;
+    tr_head_rows(t, 0, t->b.n_lrows, scale, grad, &loss);
     return loss;
 }

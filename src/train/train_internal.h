@@ -6,8 +6,6 @@
 #include "ds/backend.h"
 #include "ds/train.h"
 
-/* Rows of logits computed at once by the LM head (bounds the [rows][n_vocab] buffer). */
-#define TR_HEAD_CHUNK 32
 
 /* LoRA gradient slots: l·DS_PROJ_COUNT + p for the layers, then lm_head, then embed_tokens. */
 #define TR_SLOT_HEAD(t) ((size_t)(t)->dim.L * DS_PROJ_COUNT)
@@ -65,9 +63,30 @@ typedef struct tr_grad_work {
 } tr_grad_work;
 
 /* LM-head chunk buffers. */
-typedef struct tr_head_work {
+typedef struct tr_head_work { /* C = head_rows */
     float *x, *hn, *rinv, *logits, *dhn, *u, *dx; /* [C][d], [C][d], [C], [C][V], [C][d], [C][r], [C][d] */
 } tr_head_work;
+
+/* A step in progress, advanced one bounded unit at a time (train_units.c). */
+typedef enum { TR_PH_IDLE = 0, TR_PH_FWD, TR_PH_HEAD, TR_PH_BWD, TR_PH_APPLY } tr_phase;
+typedef struct tr_run {
+    tr_phase phase;
+    ds_train_run what;
+    const ds_train_example *ex; /* borrowed until the step ends */
+    int32_t n, next_ex;         /* examples; the first not yet packed */
+    int64_t n_labels;
+    float scale;                /* 1 / n_labels */
+    int32_t piece;              /* forward: next half-layer piece (tr_forward_pieces); backward:
+                                 * pieces done from the top (tr_backward_piece) */
+    int32_t low;                /* lowest layer the backward reaches (tr_backward_low) */
+    int32_t head_row;           /* next label row of the head */
+    double mb_loss, loss_sum;   /* CE of the micro-batch's head so far; of the finished ones */
+    int32_t n_micro, n_units;
+    double t0, busy;            /* begin time; seconds inside units */
+    /* measured seconds per (piece · row) of forward / backward and per label row of the head
+     * (exponential averages; 0 until measured): a unit takes as many as unit_seconds fits */
+    double s_fwd, s_bwd, s_head;
+} tr_run;
 
 struct ds_trainer {
     const ds_model *m;
@@ -107,6 +126,9 @@ struct ds_trainer {
     int64_t step;
     double accum_loss;        /* Σ CE of the current compute_grads */
     struct tr_bn_state *bn;   /* bottleneck adapters' saves and gradients (train_bn.c), or NULL */
+    tr_run run;               /* the step in progress (ds_trainer_begin / ds_trainer_advance) */
+    double unit_seconds;      /* target duration of one unit (ds_trainer_set_unit_target) */
+    int32_t head_rows;        /* label rows the LM head takes at once (ds_train_params.head_rows) */
 };
 
 /* Calls training op `name` of the trainer's backend: TR_OP(t, mm_nt, x, w, y, ...). The first
@@ -145,14 +167,39 @@ int tr_spec_adapter(const ds_model *m, const ds_train_adapter_spec *s, ds_adapte
 int tr_check_trainable(const ds_adapter *a, const ds_model *m, ds_err *err);
 ds_adapter *tr_adapter_clone(const ds_adapter *a, const char *name, ds_err *err);
 
-/* Forward / backward of one micro-batch (train_forward.c, train_backward.c). */
+/* Examples (train_step.c): validation (counting the label tokens) and packing examples [k, ...)
+ * into t->b (returns the next unpacked index). */
+int tr_check_batch(const ds_trainer *t, const ds_train_example *ex, int32_t n, int64_t *n_labels, ds_err *err);
+int32_t tr_pack(ds_trainer *t, const ds_train_example *ex, int32_t n, int32_t k);
+/* The update: clip the gradients and apply AdamW (train_step.c, ds_trainer_apply). */
+int tr_apply(ds_trainer *t, ds_train_stats *stats, ds_err *err);
+
+/* Forward / backward of one micro-batch (train_forward.c, train_backward.c). tr_forward is
+ * tr_forward_embed then tr_forward_pieces (half layers) over every layer; tr_head is tr_head_begin then
+ * tr_head_rows over every label row; tr_backward is tr_backward_layer from the top layer down to
+ * tr_backward_low, then tr_backward_embed. The pieces let a step run in bounded units
+ * (train_units.c) with exactly the same ops in the same order. */
 void tr_forward(ds_trainer *t, bool save);
+void tr_forward_embed(ds_trainer *t);
+/* Forward pieces [p0, p1): piece 2l is layer l's attention block, 2l+1 its MLP block. */
+void tr_forward_pieces(ds_trainer *t, int32_t p0, int32_t p1, bool save);
+void tr_head_begin(ds_trainer *t, bool grad);
+/* Label rows [r0, r1) of t->b (r0 a multiple of head_rows): adds each chunk's Σ CE to *loss. */
+void tr_head_rows(ds_trainer *t, int32_t r0, int32_t r1, float scale, bool grad, double *loss);
+int32_t tr_backward_low(const ds_trainer *t);
+/* Layer l's backward in pieces: [recomputed attention block, recomputed MLP block,] MLP backward,
+ * attention backward; tr_backward_layer runs them all. */
+int32_t tr_backward_pieces_per_layer(const ds_trainer *t);
+void tr_backward_piece(ds_trainer *t, int32_t l, int32_t low, int32_t piece);
+void tr_backward_layer(ds_trainer *t, int32_t l, int32_t low);
+void tr_backward_embed(ds_trainer *t);
 /* LM head + masked CE on the label rows: returns Σ CE; with grad, writes d(scale·ΣCE)/d ck[L]
  * into g.dx (zero elsewhere) and accumulates the lm_head LoRA gradients. */
 double tr_head(ds_trainer *t, float scale, bool grad);
 void tr_backward(ds_trainer *t);
 /* One layer forward from ck[l] into ck[l+1], saving into a (train_forward.c). */
 void tr_layer_fwd(ds_trainer *t, int32_t l, tr_act *a);
+void tr_layer_fwd_half(ds_trainer *t, int32_t l, int half, tr_act *a); /* 0: attention_block, 1: mlp_block */
 tr_act *tr_act_of(ds_trainer *t, int32_t l);
 tr_attn_args tr_attn_args_of(ds_trainer *t, int32_t l, tr_act *a);
 

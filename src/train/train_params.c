@@ -425,5 +425,5 @@ void tr_params_free(ds_trainer *t) {
 }
 
 void tr_params_zero_grad(ds_trainer *t) {
-    for (int32_t i = 0; i < t->n_params; i++) memset(t->params[i].grad, 0, t->params[i].pub.n * sizeof(float));
+    for (int32_t i = 0; i < t->n_params; i++) TR_OP(t, fill, t->params[i].grad, t->params[i].pub.n, 0.0f);
 }

@@ -37,7 +37,7 @@ static int check_example(const ds_trainer *t, const ds_train_example *e, int32_t
     return 0;
 }
 
-static int check_batch(const ds_trainer *t, const ds_train_example *ex, int32_t n, int64_t *n_labels, ds_err *err) {
+int tr_check_batch(const ds_trainer *t, const ds_train_example *ex, int32_t n, int64_t *n_labels, ds_err *err) {
     if (!ex || n < 1) return ds_err_set(err, DS_EINVAL, "no training examples");
     *n_labels = 0;
     for (int32_t k = 0; k < n; k++) {
@@ -64,8 +64,7 @@ static void add_seq(ds_trainer *t, const ds_train_example *e) {
     b->n_rows += len;
 }
 
-/* Packs examples [k, ...) into t->b; returns the next unpacked index. */
-static int32_t pack(ds_trainer *t, const ds_train_example *ex, int32_t n, int32_t k) {
+int32_t tr_pack(ds_trainer *t, const ds_train_example *ex, int32_t n, int32_t k) {
     tr_batch *b = &t->b;
     b->n_rows = b->n_seqs = b->n_lrows = 0;
     for (; k < n && b->n_seqs < t->max_seqs; k++) {
@@ -75,51 +74,26 @@ static int32_t pack(ds_trainer *t, const ds_train_example *ex, int32_t n, int32_
     return k;
 }
 
-/* Runs every micro-batch; grad: forward saving activations, head with d/dlogits scaled by
- * 1/n_labels (so accumulation equals the full batch), backward. Returns the number of micro-batches. */
-static int32_t run_batches(ds_trainer *t, const ds_train_example *ex, int32_t n, int64_t n_labels, bool grad,
-                           double *loss_sum) {
-    const float scale = (float)(1.0 / (double)n_labels);
-    int32_t n_micro = 0;
-    *loss_sum = 0.0;
-    for (int32_t k = 0; k < n; n_micro++) {
-        k = pack(t, ex, n, k);
-        tr_forward(t, grad);
-        *loss_sum += tr_head(t, scale, grad);
-        if (grad) tr_backward(t);
-        if (t->op_rc) break; /* reported by run() */
-    }
-    return n_micro;
-}
-
-static int run(ds_trainer *t, const ds_train_example *ex, int32_t n, bool grad, ds_train_stats *stats,
-               ds_err *err) {
-    const double t0 = ds_time_s();
-    int64_t n_labels;
-    int rc = check_batch(t, ex, n, &n_labels, err);
+/* The whole-step calls: a step advanced unit by unit to its end (train_units.c). */
+static int run_all(ds_trainer *t, ds_train_run what, const ds_train_example *ex, int32_t n, ds_train_stats *stats,
+                   ds_err *err) {
+    int rc = ds_trainer_begin(t, what, ex, n, err);
     if (rc) return rc;
-    if (grad) tr_params_zero_grad(t);
-    double loss_sum;
-    t->op_rc = 0;
-    const int32_t n_micro = run_batches(t, ex, n, n_labels, grad, &loss_sum);
-    if ((rc = tr_op_check(t, err))) return rc;
-    if (stats)
-        *stats = (ds_train_stats){.loss = loss_sum / (double)n_labels, .n_label_tokens = n_labels,
-                                  .n_micro_batches = n_micro, .step = t->step, .recompute = t->recompute,
-                                  .seconds = ds_time_s() - t0};
-    return 0;
+    do rc = ds_trainer_advance(t, stats, err);
+    while (rc == 1);
+    return rc;
 }
 
 int ds_trainer_compute_grads(ds_trainer *t, const ds_train_example *ex, int32_t n, ds_train_stats *stats,
                              ds_err *err) {
-    return run(t, ex, n, true, stats, err);
+    return run_all(t, DS_TRAIN_RUN_GRADS, ex, n, stats, err);
 }
 
 int ds_trainer_eval(ds_trainer *t, const ds_train_example *ex, int32_t n, ds_train_stats *stats, ds_err *err) {
-    return run(t, ex, n, false, stats, err);
+    return run_all(t, DS_TRAIN_RUN_EVAL, ex, n, stats, err);
 }
 
-int ds_trainer_apply(ds_trainer *t, ds_train_stats *stats, ds_err *err) {
+int tr_apply(ds_trainer *t, ds_train_stats *stats, ds_err *err) {
     t->op_rc = 0;
     const double norm = tr_grad_norm(t);
     int rc = tr_op_check(t, err);
@@ -139,14 +113,13 @@ int ds_trainer_apply(ds_trainer *t, ds_train_stats *stats, ds_err *err) {
     return 0;
 }
 
+int ds_trainer_apply(ds_trainer *t, ds_train_stats *stats, ds_err *err) {
+    if (t->run.phase) return ds_err_set(err, DS_EBUSY, "a training step is in progress");
+    return tr_apply(t, stats, err);
+}
+
 int ds_trainer_step(ds_trainer *t, const ds_train_example *ex, int32_t n, ds_train_stats *stats, ds_err *err) {
-    const double t0 = ds_time_s();
-    ds_train_stats s;
-    int rc = ds_trainer_compute_grads(t, ex, n, &s, err);
-    if (!rc) rc = ds_trainer_apply(t, &s, err);
-    s.seconds = ds_time_s() - t0;
-    if (!rc && stats) *stats = s;
-    return rc;
+    return run_all(t, DS_TRAIN_RUN_STEP, ex, n, stats, err);
 }
 
 /* ---- accessors ---- */

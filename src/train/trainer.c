@@ -20,7 +20,7 @@ ds_train_params ds_train_default_params(void) {
     return (ds_train_params){.lr = 1e-4f, .beta1 = 0.9f, .beta2 = 0.999f, .eps = 1e-8f, .weight_decay = 0.0f,
                              .schedule = DS_LR_LINEAR, .warmup_steps = 0, .total_steps = 0, .max_grad_norm = 1.0f,
                              .micro_batch_tokens = 512, .micro_batch_seqs = 0, .recompute = DS_RECOMPUTE_AUTO,
-                             .activation_budget = (size_t)1 << 30, .backend = NULL};
+                             .activation_budget = (size_t)1 << 30, .unit_seconds = 0.01, .head_rows = 32, .backend = NULL};
 }
 
 static void *alloc_bytes(ds_trainer *t, size_t bytes) {
@@ -50,6 +50,8 @@ static int check_params(const ds_train_params *p, ds_err *err) {
     if (p->warmup_steps < 0 || p->total_steps < 0)
         return ds_err_set(err, DS_EINVAL, "warmup_steps and total_steps must be >= 0");
     if (isnan(p->max_grad_norm)) return ds_err_set(err, DS_EINVAL, "max_grad_norm must be a number");
+    if (p->head_rows < 1 || p->head_rows > 4096)
+        return ds_err_set(err, DS_EINVAL, "head_rows must be in [1, 4096]");
     if (p->micro_batch_tokens < 2 || p->micro_batch_tokens > (1 << 20) || p->micro_batch_seqs < 0)
         return ds_err_set(err, DS_EINVAL, "micro_batch_tokens must be in [2, 2^20], micro_batch_seqs >= 0");
     if ((unsigned)p->schedule > DS_LR_COSINE || (unsigned)p->recompute > DS_RECOMPUTE_ON)
@@ -80,7 +82,7 @@ static int alloc_act(ds_trainer *t, tr_act *a, const bool has_u[DS_PROJ_COUNT]) 
 
 static int alloc_work(ds_trainer *t) {
     const tr_dims *D = &t->dim;
-    const size_t T = (size_t)t->max_rows, C = TR_HEAD_CHUNK, R = (size_t)(t->r_max > 0 ? t->r_max : 1);
+    const size_t T = (size_t)t->max_rows, C = (size_t)t->head_rows, R = (size_t)(t->r_max > 0 ? t->r_max : 1);
     tr_grad_work *g = &t->g;
     tr_head_work *h = &t->hw;
     float **f[] = {&g->dx, &g->dh, &g->dq, &g->datt, &g->dk, &g->dv, &g->dgate, &g->dup, &g->dact, &g->lora_tmp,
@@ -212,6 +214,8 @@ static ds_trainer *trainer_init(const ds_model *m, ds_adapter *ad, const ds_trai
     t->n_prefix = ad->prefix ? ad->n_virtual : 0;
     t->max_rows = p->micro_batch_tokens;
     t->max_seqs = p->micro_batch_seqs > 0 ? p->micro_batch_seqs : p->micro_batch_tokens;
+    t->unit_seconds = p->unit_seconds;
+    t->head_rows = p->head_rows;
     int rc = tr_backend_attach(t, p->backend, err);
     if (!rc) rc = tr_params_build(t, err);
     if (!rc && spec) rc = tr_dp_init(t, spec, err); /* diff pruning's dense δ (train_dp.c) */

@@ -354,6 +354,28 @@ static int cpu_t_adamw(void *ctx, float *w, const float *g, float *m, float *v, 
     return 0;
 }
 
+static int cpu_t_fill(void *ctx, float *x, size_t n, float v) {
+    (void)ctx;
+    if (v == 0.0f) memset(x, 0, n * sizeof(float)); /* +0.0f is all zero bits */
+    else
+        for (size_t j = 0; j < n; j++) x[j] = v;
+    return 0;
+}
+
+static int cpu_t_gather_rows(void *ctx, const float *src, const int32_t *idx, float *dst, int32_t n, int32_t d) {
+    (void)ctx;
+    for (int32_t i = 0; i < n; i++)
+        memcpy(dst + (size_t)i * d, src + (size_t)idx[i] * d, (size_t)d * sizeof(float));
+    return 0;
+}
+
+static int cpu_t_scatter_rows(void *ctx, const float *src, const int32_t *idx, float *dst, int32_t n, int32_t d) {
+    (void)ctx;
+    for (int32_t i = 0; i < n; i++)
+        memcpy(dst + (size_t)idx[i] * d, src + (size_t)i * d, (size_t)d * sizeof(float));
+    return 0;
+}
+
 /* ---- The table: the tr_* math in the (ctx, ..., status) shape ---- */
 
 static int cpu_t_mm_nt(void *ctx, const float *x, const float *w, float *y, int32_t n, int32_t m, int32_t k,
@@ -510,4 +532,7 @@ const struct ds_backend_train_iface ds_cpu_train_iface = {
     .adamw = cpu_t_adamw,
     .bn_fwd = ds_cpu_train_bn_fwd,
     .bn_bwd = ds_cpu_train_bn_bwd,
+    .fill = cpu_t_fill,
+    .gather_rows = cpu_t_gather_rows,
+    .scatter_rows = cpu_t_scatter_rows,
 };
