@@ -13,6 +13,7 @@ runs=${FUZZ_RUNS:-10000000}
 max_s=${FUZZ_MAX_S:-3600}
 out=${FUZZ_OUT:-bench/results/fuzz-$(date -u +%Y%m%dT%H%M%SZ)}
 mkdir -p "$out"
+commit=$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src include tests/fuzz || echo -dirty)
 targets=("$@")
 [ ${#targets[@]} -eq 0 ] && for f in "$build"/fuzz/fuzz_*; do targets+=("$(basename "$f")"); done
 for name in "${targets[@]}"; do
@@ -20,7 +21,9 @@ for name in "${targets[@]}"; do
   [ -x "$bin" ] || { echo "no $bin" >&2; continue; }
   work=$(mktemp -d)
   start=$(date +%s)
-  "$bin" -runs="$runs" -max_total_time="$max_s" -print_final_stats=1 -artifact_prefix="$out/$name-" \
+  opts=() # per-target libFuzzer flags (tests/fuzz/options/<target>, one a line), as scripts/test.sh uses them
+  [ -f "tests/fuzz/options/$name" ] && mapfile -t opts <"tests/fuzz/options/$name"
+  "$bin" -runs="$runs" -max_total_time="$max_s" -print_final_stats=1 -artifact_prefix="$out/$name-" "${opts[@]}" \
     "$work" "tests/fuzz/corpus/$name" >"$out/$name.full" 2>&1
   rc=$?
   secs=$(( $(date +%s) - start ))
@@ -30,11 +33,13 @@ for name in "${targets[@]}"; do
   eps=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$out/$name.tail" | tail -n 1)
   corpus=$(ls "$work" | wc -l)
   rm -rf "$work"
-  printf '{"target":"%s","rc":%d,"executions":%s,"exec_per_s":%s,"wall_s":%d,"runs_asked":%s,"max_s":%s,"new_corpus_files":%d}\n' \
-    "$name" "$rc" "${execs:-null}" "${eps:-null}" "$secs" "$runs" "$max_s" "$corpus" >>"$out/runs.jsonl"
+  printf '{"target":"%s","commit":"%s","started":"%s","rc":%d,"executions":%s,"exec_per_s":%s,"wall_s":%d,"runs_asked":%s,"max_s":%s,"nice":%d,"options":"%s","new_corpus_files":%d}\n' \
+    "$name" "$commit" "$(date -u -d "@$start" +%Y-%m-%dT%H:%M:%SZ)" "$rc" "${execs:-null}" "${eps:-null}" "$secs" "$runs" \
+    "$max_s" "$(nice)" "${opts[*]}" "$corpus" >>"$out/runs.jsonl"
   echo "$name rc=$rc execs=${execs:-?} exec/s=${eps:-?} ${secs}s"
 done
-# meta.json: the machine and commit, and one entry per run.
+# meta.json: the machine and commit, and one entry per run (each run names the commit it was built
+# from; several invocations may share one FUZZ_OUT).
 {
   printf '{"commit":"%s","host_cpus":%d,"clang":"%s","runs":[' "$(git rev-parse --short HEAD)" "$(nproc)" \
     "$(clang --version | head -n 1)"

@@ -20,7 +20,9 @@ for f in build-fuzz/fuzz/fuzz_*; do
   name=$(basename "$f")
   work=$(mktemp -d)
   "$f" -runs=0 "tests/fuzz/corpus/$name" >/dev/null 2>&1 || { echo "corpus replay failed: $name"; exit 1; }
-  "$f" -max_total_time="$DS_FUZZ_SECONDS" -print_final_stats=0 "$work" "tests/fuzz/corpus/$name" 2>&1 | tail -n 1
+  opts=() # per-target flags, as bench/fuzz_long.sh uses them
+  [ -f "tests/fuzz/options/$name" ] && mapfile -t opts <"tests/fuzz/options/$name"
+  "$f" -max_total_time="$DS_FUZZ_SECONDS" -print_final_stats=0 "${opts[@]}" "$work" "tests/fuzz/corpus/$name" 2>&1 | tail -n 1
   rm -rf "$work"
 done
 if ls tests/server/test_*.py >/dev/null 2>&1; then

@@ -118,9 +118,12 @@ static int parse_merges(jl *j, const cJSON *merges) {
 
 /* byte_fallback only changes anything when some byte has no token of its own; refuse it only then. */
 static bool every_byte_in_vocab(const cJSON *vocab) {
+    /* A vocab that is not an object is refused later, by name (parse_vocab); its entries have no
+     * key to read here (an array vocab with byte_fallback crashed fuzz_tokenizer). */
+    if (!cJSON_IsObject(vocab)) return true;
     bool seen[256] = {false};
     int n = 0;
-    for (const cJSON *e = vocab ? vocab->child : NULL; e; e = e->next) {
+    for (const cJSON *e = vocab->child; e; e = e->next) {
         uint32_t cp;
         size_t len = strlen(e->string), w = tok_utf8_decode((const uint8_t *)e->string, len, &cp);
         int b = w && w == len ? tok_cp_to_byte(cp) : -1;

@@ -27,8 +27,13 @@ static void init(void) {
 /* What ds_chat_detect keys on: ChatML, Llama 3, Llama 2, Mistral. */
 static char *const g_templates[4] = {"<|im_start|>", "<|start_header_id|>", "[INST] <<SYS>>", "[INST]"};
 
+int LLVMFuzzerInitialize(int *argc, char ***argv) {
+    (void)argc, (void)argv;
+    init();
+    return 0;
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
-    if (!g_model.tok) init();
     if (size > 1 << 16) return 0;
     ds_err err = {0};
     int n = ds_ft_data_check((const char *)data, size, &err);

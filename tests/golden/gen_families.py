@@ -208,18 +208,8 @@ def write_gguf(path: Path, name: str, arch: str, config, sd: dict[str, np.ndarra
         data = np.ascontiguousarray(data.astype(np.float32))
         if norm_shift(arch, hf_name):
             data = (torch.from_numpy(data) + norm_shift(arch, hf_name)).numpy()  # fp32, as the converter
-        if qtype is not None and data.ndim == 2:
-            q = gguf.quants.quantize(data, qtype)
-            w.add_tensor(gname, q, raw_dtype=qtype)
-            stored[gname] = gguf.quants.dequantize(q, qtype).astype(np.float32)
-        else:
-            w.add_tensor(gname, data)
-            stored[gname] = data
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return stored
+        G.add_tensor(w, stored, gname, data, qtype if data.ndim == 2 else None)
+    return G.close_gguf(w, stored)
 
 
 def gguf_files(spec) -> list[tuple[str, str, gguf.GGMLQuantizationType | None]]:

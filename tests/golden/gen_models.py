@@ -453,13 +453,25 @@ def write_gguf(path: Path, name: str, arch: str, config, sd: dict[str, np.ndarra
             elif hf_name.endswith(("k_proj.weight", "k_proj.bias")):
                 data = permute_qk(data, n_kv)
         data = np.ascontiguousarray(data)
-        if qtype is not None and data.ndim == 2 and not gname.endswith("_norm.weight"):
-            q = gguf.quants.quantize(data, qtype)
-            w.add_tensor(gname, q, raw_dtype=qtype)
-            stored[gname] = gguf.quants.dequantize(q, qtype).astype(np.float32)
-        else:
-            w.add_tensor(gname, data)
-            stored[gname] = data
+        add_tensor(w, stored, gname, data, qtype if data.ndim == 2 and not gname.endswith("_norm.weight") else None)
+    return close_gguf(w, stored)
+
+
+def add_tensor(w: gguf.GGUFWriter, stored: dict[str, np.ndarray], gname: str, data: np.ndarray,
+               qtype: gguf.GGMLQuantizationType | None) -> None:
+    """Adds one fp32 tensor to a GGUF being written, quantised to qtype unless it is None, and records
+    in stored what a reader gets back (the dequantised values for a quantised tensor)."""
+    if qtype is not None:
+        q = gguf.quants.quantize(data, qtype)
+        w.add_tensor(gname, q, raw_dtype=qtype)
+        stored[gname] = gguf.quants.dequantize(q, qtype).astype(np.float32)
+    else:
+        w.add_tensor(gname, data)
+        stored[gname] = data
+
+
+def close_gguf(w: gguf.GGUFWriter, stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Writes the header, key/values and tensors of w, closes it and returns stored."""
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

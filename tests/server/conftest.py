@@ -203,3 +203,64 @@ def wait_idle(srv, timeout=30.0):
             return
         time.sleep(0.05)
     raise AssertionError("the engine did not become idle")
+
+
+# Fine-tuning: a private server per test module and the client helpers, shared by test_finetune.py,
+# test_ft_limits.py, test_no_paths.py and test_persistence.py.
+
+@pytest.fixture(scope="module")
+def ft_server(request, tmp_path_factory):
+    """A private server for fine-tuning jobs (a job adds an adapter to its adapter directory and keeps
+    the CPU busy), started with the test module's FT_SERVER_ARGS; srv.tmp is its directory."""
+    tmp = tmp_path_factory.mktemp("ft")
+    adir = tmp / "adapters"
+    adir.mkdir()
+    srv = start_server(tmp, adir, args=["--served-model-name", "smollm2",
+                                        *getattr(request.module, "FT_SERVER_ARGS", ())])
+    srv.tmp = tmp
+    yield srv
+    rc = srv.stop()
+    assert rc == 0, f"server exited with {rc}:\n{srv.log()[-4000:]}"
+
+
+def jsonl(rows):
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def upload(srv, content, filename="train.jsonl", purpose="fine-tune"):
+    """multipart/form-data upload, built by hand (what curl -F and the openai client send)."""
+    boundary = "----deltaserveTestBoundary7MA4YWxk"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\n{purpose}\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\n"
+            f"Content-Type: application/jsonl\r\n\r\n").encode() + content.encode() + f"\r\n--{boundary}--\r\n".encode()
+    status, raw = srv.post("/v1/files", body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    return status, json.loads(raw)
+
+
+def create_job(srv, file_id, **kw):
+    body = {"model": "smollm2", "training_file": file_id, **kw}
+    status, raw = srv.post("/v1/fine_tuning/jobs", body)
+    return status, json.loads(raw)
+
+
+def get_job(srv, job_id):
+    status, raw = srv.get(f"/v1/fine_tuning/jobs/{job_id}")
+    assert status == 200, raw
+    return json.loads(raw)
+
+
+def wait_job(srv, job_id, timeout=120.0, until=("succeeded", "failed", "cancelled")):
+    end = time.time() + timeout
+    while time.time() < end:
+        job = get_job(srv, job_id)
+        if job["status"] in until:
+            return job
+        time.sleep(0.25)
+    raise AssertionError(f"job {job_id} still {job['status']} after {timeout} s:\n{srv.log()[-3000:]}")
+
+
+def chat(srv, model, content, max_tokens=12):
+    status, raw = srv.post("/v1/chat/completions", {"model": model, "temperature": 0, "max_tokens": max_tokens,
+                                                    "messages": [{"role": "user", "content": content}]})
+    assert status == 200, raw
+    return json.loads(raw)["choices"][0]["message"]["content"]

@@ -3,13 +3,8 @@ gigabytes or fill the disk. The adapter a job would produce must fit --adapter-b
 use (adapter + kept checkpoints + resumable state) --ft-disk-quota-mb, its n_epochs --ft-max-epochs;
 only the newest --ft-keep-checkpoints epoch checkpoints stay on disk. Errors name no server path."""
 import json
-import os
-import time
 
-import pytest
-
-from conftest import start_server
-from test_finetune import create_job, get_job, jsonl, upload, wait_job
+from conftest import create_job, jsonl, start_server, upload, wait_job
 
 TINY = jsonl([{"prompt": "2+2=", "completion": " 4"}, {"prompt": "3+3=", "completion": " 6"}])
 
@@ -21,66 +16,57 @@ def rss_kib(pid):
     return 0
 
 
-@pytest.fixture(scope="module")
-def lim_server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ftlim")
-    adir = tmp / "adapters"
-    adir.mkdir()
-    srv = start_server(tmp, adir, args=["--served-model-name", "smollm2", "--ft-keep-checkpoints", "1",
-                                        "--ft-max-epochs", "20"])
-    srv.tmp = tmp
-    yield srv
-    rc = srv.stop()
-    assert rc == 0, f"server exited with {rc}:\n{srv.log()[-4000:]}"
+# The private server: conftest.py's ft_server fixture, with these options.
+FT_SERVER_ARGS = ["--ft-keep-checkpoints", "1", "--ft-max-epochs", "20"]
 
 
 def no_path(srv, text):
     assert str(srv.tmp) not in text and "/tmp/" not in text, text
 
 
-def test_the_amplifying_job_of_the_issue_is_400(lim_server):
+def test_the_amplifying_job_of_the_issue_is_400(ft_server):
     """The reported 259-byte job: rank 512 on q/o/gate/up/down + lm_head + embed_tokens, 2 epochs —
     a ~735 MiB adapter (4.3 GiB of RSS and 2.1 GB written before); refused before anything runs."""
-    status, f = upload(lim_server, TINY)
+    status, f = upload(ft_server, TINY)
     assert status == 200, f
-    before = rss_kib(lim_server.proc.pid)
+    before = rss_kib(ft_server.proc.pid)
     hp = {"n_epochs": 2, "rank": 512,
           "target_modules": ["q_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head", "embed_tokens"]}
     body = {"model": "smollm2", "training_file": f["id"], "hyperparameters": hp}
     assert len(json.dumps(body)) < 300
-    status, raw = lim_server.post("/v1/fine_tuning/jobs", body)
+    status, raw = ft_server.post("/v1/fine_tuning/jobs", body)
     assert status == 400, raw
     msg = json.loads(raw)["error"]["message"]
     assert "adapter budget" in msg and "--adapter-budget-mb" in msg, msg
-    no_path(lim_server, msg)
-    assert rss_kib(lim_server.proc.pid) - before < 32 << 10  # KiB
-    status, raw = lim_server.get("/v1/fine_tuning/jobs")
+    no_path(ft_server, msg)
+    assert rss_kib(ft_server.proc.pid) - before < 32 << 10  # KiB
+    status, raw = ft_server.get("/v1/fine_tuning/jobs")
     assert status == 200 and json.loads(raw)["data"] == []  # nothing was queued
-    assert not list((lim_server.adapter_dir / ".deltaserve" / "jobs").glob("ftjob*"))
+    assert not list((ft_server.adapter_dir / ".deltaserve" / "jobs").glob("ftjob*"))
 
 
-def test_epochs_over_the_limit_are_400(lim_server):
-    status, f = upload(lim_server, TINY)
-    status, body = create_job(lim_server, f["id"], hyperparameters={"n_epochs": 21})
+def test_epochs_over_the_limit_are_400(ft_server):
+    status, f = upload(ft_server, TINY)
+    status, body = create_job(ft_server, f["id"], hyperparameters={"n_epochs": 21})
     assert status == 400, body
     assert "--ft-max-epochs 20" in body["error"]["message"]
-    status, body = create_job(lim_server, f["id"], hyperparameters={"n_epochs": 1001})
+    status, body = create_job(ft_server, f["id"], hyperparameters={"n_epochs": 1001})
     assert status == 400, body
 
 
-def test_only_the_newest_checkpoints_are_kept(lim_server):
-    status, f = upload(lim_server, TINY)
+def test_only_the_newest_checkpoints_are_kept(ft_server):
+    status, f = upload(ft_server, TINY)
     hp = {"n_epochs": 3, "batch_size": 2, "rank": 1, "target_modules": ["q_proj"]}
-    status, job = create_job(lim_server, f["id"], hyperparameters=hp, suffix="keep1")
+    status, job = create_job(ft_server, f["id"], hyperparameters=hp, suffix="keep1")
     assert status == 200, job
-    job = wait_job(lim_server, job["id"], timeout=120)
+    job = wait_job(ft_server, job["id"], timeout=120)
     assert job["status"] == "succeeded", job
-    status, raw = lim_server.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints")
+    status, raw = ft_server.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints")
     assert status == 200
     ck = json.loads(raw)["data"]
     assert len(ck) == 1 and ck[0]["step_number"] == 3, ck
     name = job["fine_tuned_model"]
-    dirs = sorted(p.name for p in (lim_server.adapter_dir / name).iterdir() if p.name.startswith("checkpoint-"))
+    dirs = sorted(p.name for p in (ft_server.adapter_dir / name).iterdir() if p.name.startswith("checkpoint-"))
     assert dirs == ["checkpoint-3"], dirs
 
 

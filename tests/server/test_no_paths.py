@@ -9,9 +9,8 @@ import shutil
 
 import pytest
 
-from conftest import start_server
+from conftest import create_job, jsonl, start_server, upload, wait_job
 from peft_gen import make_lora
-from test_finetune import create_job, jsonl, upload, wait_job
 
 # an absolute filesystem path: '/' after start, space, quote, '(' or ':' and a name with another '/'
 ABS = re.compile(r"""(?:^|[\s'"(:=])/(?!v1/)[^\s'"/]+/""")

@@ -12,8 +12,8 @@ import signal
 import threading
 import time
 
-from conftest import start_server
-from test_finetune import ANSWER, QUESTIONS, TRAIN, chat, create_job, get_job, jsonl, upload, wait_job
+from conftest import chat, create_job, get_job, jsonl, start_server, upload, wait_job
+from test_finetune import ANSWER, QUESTIONS, TRAIN
 
 
 def events_of(srv, job_id):

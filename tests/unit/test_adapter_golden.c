@@ -5,7 +5,7 @@
  * Runs on every available backend: the CPU against PEFT, CUDA against the CPU's rows (parity.h
  * states the tolerance); an adapter whose ops a backend lacks (DS_EUNSUPPORTED) is reported and
  * left out of that backend's runs. */
-#include "adapter_run.h"
+#include "adapter_group.h"
 #include "ds_test.h"
 #include "golden.h"
 #include "parity.h"
@@ -36,59 +36,16 @@ static void check_row(const char *what, const float *logits, const cJSON *ref, i
 /* Runs the given (adapter, case) pairs together: one prefill step, then the decode steps. Returns
  * DS_EUNSUPPORTED when a non-reference backend lacks an op the group needs, else 0. */
 static int run_group(ds_llama *L, const ds_model *m, loaded **ads, const int *case_idx, int n, const char *label) {
-    const int V = m->cfg.n_vocab;
-    ar_ctx c;
-    ar_init(&c, L, m);
-    int32_t *toks[AR_MAX_SEQS] = {0};
-    int nt[AR_MAX_SEQS] = {0}, total = 0;
-    const cJSON *cases[AR_MAX_SEQS] = {0};
-    for (int i = 0; i < n; i++) {
-        ar_add(&c, ads[i]->a ? &ads[i]->dev : NULL);
-        cases[i] = cJSON_GetArrayItem(cJSON_GetObjectItem(ads[i]->ref, "cases"), case_idx[i]);
-        toks[i] = golden_ids(cJSON_GetObjectItem(cases[i], "prompt"), &nt[i]);
-        total += nt[i];
-    }
-    float *logits = malloc(sizeof(float) * (size_t)total * V);
-    int st = ar_step(&c, toks, nt, logits);
+    ag_member mem[AR_MAX_SEQS];
+    for (int i = 0; i < n; i++)
+        mem[i] = (ag_member){ads[i]->name, ads[i]->a ? &ads[i]->dev : NULL,
+                             cJSON_GetArrayItem(cJSON_GetObjectItem(ads[i]->ref, "cases"), case_idx[i]), case_idx[i]};
+    const int st = ag_run(L, m, mem, n, label, check_row);
     if (st == DS_EUNSUPPORTED && !P.record) {
         printf("%s: %s: an op is unsupported on %s: skipped\n", label, n == 1 ? ads[0]->name : "group", P.backend);
-        for (int i = 0; i < n; i++) free(toks[i]);
-        free(logits);
-        ar_free(&c);
         return DS_EUNSUPPORTED;
     }
     CHECK(st == 0);
-    char what[512];
-    size_t off = 0;
-    for (int i = 0; i < n; i++) {
-        for (int r = 0; r < nt[i]; r++) {
-            snprintf(what, sizeof what, "%s %s case %d prefill pos %d", label, ads[i]->name, case_idx[i], r);
-            check_row(what, logits + off, cJSON_GetArrayItem(cJSON_GetObjectItem(cases[i], "prefill_logits"), r), V);
-            off += (size_t)V;
-        }
-    }
-    int steps = cJSON_GetArraySize(cJSON_GetObjectItem(cases[0], "decode"));
-    for (int k = 0; k < steps; k++) {
-        int32_t dt[AR_MAX_SEQS], *dp[AR_MAX_SEQS];
-        int ones[AR_MAX_SEQS];
-        for (int i = 0; i < n; i++) {
-            const cJSON *st = cJSON_GetArrayItem(cJSON_GetObjectItem(cases[i], "decode"), k);
-            dt[i] = st ? (int32_t)cJSON_GetObjectItem(st, "token")->valuedouble : 0;
-            dp[i] = &dt[i];
-            ones[i] = st ? 1 : 0;
-        }
-        CHECK(ar_step(&c, dp, ones, logits) == 0);
-        int row = 0;
-        for (int i = 0; i < n; i++) {
-            if (!ones[i]) continue;
-            const cJSON *st = cJSON_GetArrayItem(cJSON_GetObjectItem(cases[i], "decode"), k);
-            snprintf(what, sizeof what, "%s %s case %d decode %d", label, ads[i]->name, case_idx[i], k);
-            check_row(what, logits + (size_t)row++ * V, cJSON_GetObjectItem(st, "logits"), V);
-        }
-    }
-    for (int i = 0; i < n; i++) free(toks[i]);
-    free(logits);
-    ar_free(&c);
     return 0;
 }
 

@@ -11,9 +11,7 @@
  *  - every non_linearity name the package accepts, loaded from a config and run through the CPU op,
  *    against the package's own activation values;
  *  - a backend without the bottleneck op refuses the resident copy. */
-#include "adapter_run.h"
-#include "ds_test.h"
-#include "golden.h"
+#include "adapter_group.h"
 
 #include <dirent.h>
 #include <stdlib.h>
@@ -39,48 +37,11 @@ static void check_row(const char *what, const float *logits, const cJSON *ref, i
 
 /* One prefill step for every (adapter, case), then the decode steps, all sequences in each step. */
 static void run_group(ds_llama *L, const ds_model *m, loaded **ads, const int *case_idx, int n, const char *label) {
-    const int V = m->cfg.n_vocab;
-    ar_ctx c;
-    ar_init(&c, L, m);
-    int32_t *toks[AR_MAX_SEQS] = {0};
-    int nt[AR_MAX_SEQS] = {0}, total = 0;
-    const cJSON *cases[AR_MAX_SEQS] = {0};
-    for (int i = 0; i < n; i++) {
-        ar_add(&c, ads[i]->a ? &ads[i]->dev : NULL);
-        cases[i] = cJSON_GetArrayItem(cJSON_GetObjectItem(ads[i]->ref, "cases"), case_idx[i]);
-        toks[i] = golden_ids(cJSON_GetObjectItem(cases[i], "prompt"), &nt[i]);
-        total += nt[i];
-    }
-    float *logits = malloc(sizeof(float) * (size_t)total * V);
-    CHECK(ar_step(&c, toks, nt, logits) == 0);
-    char what[256];
-    size_t off = 0;
+    ag_member mem[AR_MAX_SEQS];
     for (int i = 0; i < n; i++)
-        for (int r = 0; r < nt[i]; r++, off += (size_t)V) {
-            snprintf(what, sizeof what, "%.32s %.64s case %d prefill pos %d", label, ads[i]->name, case_idx[i], r);
-            check_row(what, logits + off, cJSON_GetArrayItem(cJSON_GetObjectItem(cases[i], "prefill_logits"), r), V);
-        }
-    int steps = cJSON_GetArraySize(cJSON_GetObjectItem(cases[0], "decode"));
-    for (int k = 0; k < steps; k++) {
-        int32_t dt[AR_MAX_SEQS], *dp[AR_MAX_SEQS];
-        int ones[AR_MAX_SEQS];
-        for (int i = 0; i < n; i++) {
-            const cJSON *st = cJSON_GetArrayItem(cJSON_GetObjectItem(cases[i], "decode"), k);
-            dt[i] = st ? (int32_t)cJSON_GetObjectItem(st, "token")->valuedouble : 0;
-            dp[i] = &dt[i];
-            ones[i] = st ? 1 : 0;
-        }
-        CHECK(ar_step(&c, dp, ones, logits) == 0);
-        for (int i = 0, row = 0; i < n; i++) {
-            if (!ones[i]) continue;
-            const cJSON *st = cJSON_GetArrayItem(cJSON_GetObjectItem(cases[i], "decode"), k);
-            snprintf(what, sizeof what, "%.32s %.64s case %d decode %d", label, ads[i]->name, case_idx[i], k);
-            check_row(what, logits + (size_t)row++ * V, cJSON_GetObjectItem(st, "logits"), V);
-        }
-    }
-    for (int i = 0; i < n; i++) free(toks[i]);
-    free(logits);
-    ar_free(&c);
+        mem[i] = (ag_member){ads[i]->name, ads[i]->a ? &ads[i]->dev : NULL,
+                             cJSON_GetArrayItem(cJSON_GetObjectItem(ads[i]->ref, "cases"), case_idx[i]), case_idx[i]};
+    CHECK(ag_run(L, m, mem, n, label, check_row) == 0);
 }
 
 static bool load_one(const char *dir, const char *name, const ds_model *m, ds_backend *b, loaded *l) {

@@ -10,9 +10,7 @@
  *   - memory: host and backend bytes of a delta equal its CSR size;
  *   - every malformed directory of tests/data/delta/bad is refused with the expected message. */
 #include "adapter/loader.h"
-#include "adapter_run.h"
-#include "ds_test.h"
-#include "golden.h"
+#include "adapter_group.h"
 #include "parity.h"
 
 #include <dirent.h>
@@ -37,48 +35,11 @@ static void check_row(const char *what, const float *logits, const cJSON *ref, i
 
 /* Runs entries e[0..n) in one batch: a prefill step, then the reference's decode tokens. */
 static void run_group(ds_llama *L, const ds_model *m, ent *e, int n, const char *label) {
-    const int V = m->cfg.n_vocab;
-    ar_ctx c;
-    ar_init(&c, L, m);
-    int32_t *toks[AR_MAX_SEQS] = {0};
-    int nt[AR_MAX_SEQS] = {0}, total = 0;
-    const cJSON *cases[AR_MAX_SEQS];
-    for (int i = 0; i < n; i++) {
-        ar_add(&c, e[i].a ? &e[i].dev : NULL);
-        cases[i] = cJSON_GetArrayItem(cJSON_GetObjectItem(e[i].ref, "cases"), e[i].case_idx);
-        toks[i] = golden_ids(cJSON_GetObjectItem(cases[i], "prompt"), &nt[i]);
-        total += nt[i];
-    }
-    float *logits = malloc(sizeof(float) * (size_t)total * V);
-    CHECK(ar_step(&c, toks, nt, logits) == 0);
-    char what[256];
-    size_t off = 0;
+    ag_member mem[AR_MAX_SEQS];
     for (int i = 0; i < n; i++)
-        for (int r = 0; r < nt[i]; r++, off += (size_t)V) {
-            snprintf(what, sizeof what, "%s %s case %d prefill %d", label, e[i].name, e[i].case_idx, r);
-            check_row(what, logits + off, cJSON_GetArrayItem(cJSON_GetObjectItem(cases[i], "prefill_logits"), r), V);
-        }
-    const int steps = cJSON_GetArraySize(cJSON_GetObjectItem(cases[0], "decode"));
-    for (int k = 0; k < steps; k++) {
-        int32_t dt[AR_MAX_SEQS], *dp[AR_MAX_SEQS];
-        int ones[AR_MAX_SEQS];
-        for (int i = 0; i < n; i++) {
-            const cJSON *s = cJSON_GetArrayItem(cJSON_GetObjectItem(cases[i], "decode"), k);
-            dt[i] = s ? (int32_t)cJSON_GetObjectItem(s, "token")->valuedouble : 0;
-            dp[i] = &dt[i];
-            ones[i] = s ? 1 : 0;
-        }
-        CHECK(ar_step(&c, dp, ones, logits) == 0);
-        for (int i = 0, row = 0; i < n; i++) {
-            if (!ones[i]) continue;
-            const cJSON *s = cJSON_GetArrayItem(cJSON_GetObjectItem(cases[i], "decode"), k);
-            snprintf(what, sizeof what, "%s %s case %d decode %d", label, e[i].name, e[i].case_idx, k);
-            check_row(what, logits + (size_t)row++ * V, cJSON_GetObjectItem(s, "logits"), V);
-        }
-    }
-    for (int i = 0; i < n; i++) free(toks[i]);
-    free(logits);
-    ar_free(&c);
+        mem[i] = (ag_member){e[i].name, e[i].a ? &e[i].dev : NULL,
+                             cJSON_GetArrayItem(cJSON_GetObjectItem(e[i].ref, "cases"), e[i].case_idx), e[i].case_idx};
+    CHECK(ag_run(L, m, mem, n, label, check_row) == 0);
 }
 
 static bool open_ent(ent *e, const char *name, const char *dir, const char *ref, const ds_model *m) {

@@ -294,6 +294,14 @@ static void m_byte_fallback(cJSON *j) {
     cJSON_AddItemToObject(at(j, "model"), "byte_fallback", cJSON_CreateTrue());
     cJSON_DeleteItemFromObject(at(at(j, "model"), "vocab"), "Ġ");
 }
+/* An array vocab with byte_fallback: fuzz_tokenizer found the byte check reading its entries' keys. */
+static void m_fallback_array_vocab(cJSON *j) {
+    cJSON_DeleteItemFromObject(at(j, "model"), "byte_fallback");
+    cJSON_AddItemToObject(at(j, "model"), "byte_fallback", cJSON_CreateTrue());
+    cJSON *a = cJSON_CreateArray();
+    cJSON_AddItemToArray(a, cJSON_CreateString("H e"));
+    cJSON_ReplaceItemInObject(at(j, "model"), "vocab", a);
+}
 static void m_nfkc(cJSON *j) {
     cJSON *n = cJSON_CreateObject();
     cJSON_AddStringToObject(n, "type", "NFKC");
@@ -335,6 +343,7 @@ static void test_malformed(void) {
         {"merge_shape", "model.merges[", m_merge_shape},
         {"merges_obj", "model.merges", m_merges_obj},
         {"byte_fallback", "byte_fallback", m_byte_fallback},
+        {"fallback_array_vocab", "model.vocab", m_fallback_array_vocab},
         {"nfkc", "normalizer 'NFKC'", m_nfkc},
         {"metaspace", "Metaspace replacement", m_metaspace}, /* no replacement given */
         {"prefix_space", "add_prefix_space", m_prefix_space},
