@@ -1,8 +1,11 @@
-/* deltaserve — what the fine-tuning job files share (jobs.c drives jobs, job_store.c keeps them
- * under the data directory). Private to src/train/. */
+/* deltaserve — what the fine-tuning job files share (jobs.c keeps the jobs, job_run.c runs one,
+ * job_store.c keeps them under the data directory). Private to src/train/. */
 #ifndef DS_TRAIN_JOBS_INTERNAL_H
 #define DS_TRAIN_JOBS_INTERNAL_H
 
+#include <pthread.h>
+
+#include "ds/engine.h"
 #include "ds/train.h"
 
 typedef struct ft_job {
@@ -80,5 +83,50 @@ int ft_state_parse(const unsigned char *buf, size_t len, ft_state_view *out, ds_
  * A job that continues an adapter (sp->from_adapter) is sized as that adapter in reg. */
 int ft_limits_check(const ds_ft_limits *L, const ds_model *m, ds_adapter_registry *reg, const ds_ft_job_spec *sp,
                     ds_err *err);
+
+/* ---- jobs.c / job_run.c: the manager ----
+ * jobs.c keeps the job list, the training thread and the API of include/ds/train.h; job_run.c
+ * runs one job (datasets, trainer, epochs, checkpoints, resume) and hands its trainer calls to the
+ * engine thread when one is attached (co-serving). */
+struct ds_ft_manager {
+    const ds_model *base;
+    ds_adapter_registry *reg;
+    pthread_t thread;
+    bool thread_started;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    bool stop;
+    ft_job *head, *tail; /* creation order */
+    size_t n_jobs;
+    uint64_t counter;
+    char *data_dir;      /* jobs persist under data_dir/jobs/ (job_store.c); NULL: memory only */
+    pthread_mutex_t io_mu; /* serialises record writes (taken before mu, never inside it) */
+    /* co-serving: trainer calls handed to the engine thread (under mu) */
+    ds_engine *engine;
+    pthread_cond_t ho_cv;
+    struct {
+        ds_trainer *t;
+        const ds_train_example *ex;
+        int32_t n;
+        bool eval, pending, started, done;
+        const int *cancel; /* the job's cancel flag (atomic) */
+        ds_train_stats *stats;
+        ds_err *err;
+        int status;
+    } ho;
+    ds_ft_limits limits; /* under mu */
+};
+
+static inline bool ft_stopping(ds_ft_manager *m) { return __atomic_load_n(&m->stop, __ATOMIC_ACQUIRE); }
+/* Under m->mu: appends an event (numbered and dated here). */
+void ft_add_event_locked(ft_job *j, const ds_ft_event *e);
+/* An event at `level` ("info", "error"), also logged; takes m->mu. */
+void ft_job_log(ds_ft_manager *m, ft_job *j, const char *level, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+/* Writes the record of a queued or running job. 0, or DS_EIO / DS_ENOMEM with a message. */
+int ft_persist(ds_ft_manager *m, ft_job *j, ds_err *err);
+/* The whole job, on the training thread (job_run.c). 0, DS_ECANCELED or an error (message in
+ * err); *suspended when a stop saved its state for the next start. */
+int ft_run_job(ds_ft_manager *m, ft_job *j, bool *suspended, ds_err *err);
 
 #endif
