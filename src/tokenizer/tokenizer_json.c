@@ -59,6 +59,17 @@ static bool get_id(const cJSON *v, int32_t *out) {
 
 /* ---- model ---- */
 
+/* Tables are sized by the largest id, so ids must be about as many as the entries that use them:
+ * a 1 KiB file naming id 16,000,000 would otherwise cost hundreds of MB and seconds to load.
+ * Real files are dense (ids 0..n-1, added tokens right after); this leaves room for holes. */
+static int check_id_space(jl *j, int64_t n_ids, int64_t n_entries) {
+    if (n_ids <= 2 * n_entries + 1024) return DS_OK;
+    char a[32], b[32];
+    snprintf(a, sizeof a, "%lld", (long long)n_ids - 1);
+    snprintf(b, sizeof b, "%lld", (long long)n_entries);
+    return fail(j, DS_EFORMAT, "token ids reach %s for %s tokens: the ids are not dense", a, b);
+}
+
 static int parse_vocab(jl *j, const cJSON *vocab, int32_t max_added) {
     if (!cJSON_IsObject(vocab)) return fail(j, DS_EFORMAT, "model.vocab is missing or not an object", 0, 0);
     int32_t max_id = max_added;
@@ -69,6 +80,8 @@ static int parse_vocab(jl *j, const cJSON *vocab, int32_t max_added) {
         if (id > max_id) max_id = id;
     }
     if (max_id < 0) return fail(j, DS_EFORMAT, "model.vocab is empty", 0, 0);
+    int rc = check_id_space(j, (int64_t)max_id + 1, (int64_t)cJSON_GetArraySize(vocab) + (int64_t)j->s.n_added);
+    if (rc) return rc;
     j->s.n_vocab = max_id + 1;
     j->tokens = calloc((size_t)j->s.n_vocab, sizeof *j->tokens);
     if (!j->tokens) return fail(j, DS_ENOMEM, "out of memory", 0, 0);
@@ -141,6 +154,8 @@ static int parse_unigram(jl *j, const cJSON *model, int32_t max_added) {
     const int n = cJSON_IsArray(vocab) ? cJSON_GetArraySize(vocab) : 0;
     if (n <= 0 || n > TOK_MAX_ID) return fail(j, DS_EFORMAT, "model.vocab is not a non-empty array", 0, 0);
     j->s.n_vocab = n > max_added ? n : max_added + 1;
+    int rc = check_id_space(j, j->s.n_vocab, (int64_t)n + (int64_t)j->s.n_added);
+    if (rc) return rc;
     j->tokens = calloc((size_t)j->s.n_vocab, sizeof *j->tokens);
     j->uscores = calloc((size_t)j->s.n_vocab, sizeof *j->uscores);
     if (!j->tokens || !j->uscores) return fail(j, DS_ENOMEM, "out of memory", 0, 0);

@@ -302,6 +302,12 @@ static void m_fallback_array_vocab(cJSON *j) {
     cJSON_AddItemToArray(a, cJSON_CreateString("H e"));
     cJSON_ReplaceItemInObject(at(j, "model"), "vocab", a);
 }
+static void m_sparse_vocab(cJSON *j) { /* one id far past the entries: tables would take 400 MB */
+    cJSON_AddItemToObject(at(at(j, "model"), "vocab"), "zz", cJSON_CreateNumber(16000000));
+}
+static void m_sparse_added(cJSON *j) {
+    cJSON_ReplaceItemInObject(cJSON_GetArrayItem(at(j, "added_tokens"), 0), "id", cJSON_CreateNumber(16000000));
+}
 static void m_nfkc(cJSON *j) {
     cJSON *n = cJSON_CreateObject();
     cJSON_AddStringToObject(n, "type", "NFKC");
@@ -344,6 +350,8 @@ static void test_malformed(void) {
         {"merges_obj", "model.merges", m_merges_obj},
         {"byte_fallback", "byte_fallback", m_byte_fallback},
         {"fallback_array_vocab", "model.vocab", m_fallback_array_vocab},
+        {"sparse_vocab", "token ids reach 16000000 for", m_sparse_vocab},
+        {"sparse_added", "the ids are not dense", m_sparse_added},
         {"nfkc", "normalizer 'NFKC'", m_nfkc},
         {"metaspace", "Metaspace replacement", m_metaspace}, /* no replacement given */
         {"prefix_space", "add_prefix_space", m_prefix_space},
