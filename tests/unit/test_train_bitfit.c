@@ -15,39 +15,30 @@
 #include <string.h>
 
 static void grads_vs_torch(const char *model) {
-    char dir[512], ref_path[600];
+    char dir[512];
     snprintf(dir, sizeof dir, "%s/train/bitfit/%s", DS_TEST_DATA, model);
-    snprintf(ref_path, sizeof ref_path, "%s/reference.json", dir);
+    tg_case c;
     ds_err err = {{0}};
-    ds_model *m = tg_load_model(model);
-    ds_adapter *init = m ? ds_adapter_load(dir, m, NULL, &err) : NULL;
-    cJSON *ref = golden_load_json(ref_path);
-    CHECK_MSG(m && init && ref, "%s: %s", model, err.msg);
-    if (!m || !init || !ref) goto out;
-    ds_train_example ex[TG_MAX_EXAMPLES];
-    int32_t *bufs[2 * TG_MAX_EXAMPLES] = {0};
-    const int n_ex = tg_read_examples(ref, ex, bufs);
+    ds_trainer *t = NULL;
+    if (!tg_case_open(&c, model, dir, true, model)) goto out;
     ds_train_params p = ds_train_default_params();
     p.micro_batch_tokens = 64;
-    ds_trainer *t = ds_trainer_create_from(m, init, false, 0.0f, &p, &err);
+    t = ds_trainer_create_from(c.m, c.init, false, 0.0f, &p, &err);
     CHECK_MSG(t != NULL, "%s: %s", model, err.msg);
     ds_train_stats s;
-    if (t && ds_trainer_compute_grads(t, ex, n_ex, &s, &err) == 0) {
-        const double want = cJSON_GetObjectItem(ref, "loss")->valuedouble;
+    if (t && ds_trainer_compute_grads(t, c.ex, c.n_ex, &s, &err) == 0) {
+        const double want = cJSON_GetObjectItem(c.ref, "loss")->valuedouble;
         tg_check_loss(model, s.loss, want);
-        const cJSON *grads = cJSON_GetObjectItem(ref, "grads");
+        const cJSON *grads = cJSON_GetObjectItem(c.ref, "grads");
         const double worst = tg_check_grads(t, grads, model);
         printf("%s: BitFit loss %.7f (torch %.7f), %d bias-delta gradients, worst relative error %.2e\n", model,
                s.loss, want, cJSON_GetArraySize(grads), worst);
     } else {
         CHECK_MSG(0, "%s: compute_grads: %s", model, err.msg);
     }
-    ds_trainer_free(t);
-    tg_free_examples(bufs, n_ex);
 out:
-    cJSON_Delete(ref);
-    ds_adapter_free(init);
-    ds_model_free(m);
+    ds_trainer_free(t);
+    tg_case_close(&c);
 }
 
 /* From a spec: zero start, one step moves the deltas, save → load round trip; refusals. */

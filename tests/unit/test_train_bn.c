@@ -68,20 +68,14 @@ static void check_variants(const ds_model *m, const ds_adapter *init, const ds_t
 }
 
 static void grads_vs_torch(const char *model, const char *cs) {
-    char dir[512], ref_path[600], what[128];
+    char dir[512], what[128];
     snprintf(dir, sizeof dir, "%s/train/bottleneck/%s/%s", DS_TEST_DATA, model, cs);
-    snprintf(ref_path, sizeof ref_path, "%s/reference.json", dir);
     snprintf(what, sizeof what, "%s/%s", model, cs);
+    tg_case c;
     ds_err err = {{0}};
-    ds_model *m = tg_load_model(model);
-    ds_adapter *init = m ? ds_adapter_load(dir, m, NULL, &err) : NULL;
-    cJSON *ref = golden_load_json(ref_path);
-    CHECK_MSG(m && init && ref, "%s: %s", what, err.msg);
-    if (!m || !init || !ref) goto out;
-    ds_train_example ex[TG_MAX_EXAMPLES];
-    int32_t *bufs[2 * TG_MAX_EXAMPLES] = {0};
-    const int n_ex = tg_read_examples(ref, ex, bufs);
-    const cJSON *adam = cJSON_GetObjectItem(ref, "adamw");
+    ds_trainer *t = NULL;
+    if (!tg_case_open(&c, model, dir, true, what)) goto out;
+    const cJSON *adam = cJSON_GetObjectItem(c.ref, "adamw");
     ds_train_params p = ds_train_default_params();
     p.micro_batch_tokens = 64;
     p.schedule = DS_LR_CONSTANT;
@@ -89,15 +83,15 @@ static void grads_vs_torch(const char *model, const char *cs) {
     p.lr = (float)cJSON_GetObjectItem(adam, "lr")->valuedouble;
     p.weight_decay = (float)cJSON_GetObjectItem(adam, "weight_decay")->valuedouble;
     p.eps = (float)cJSON_GetObjectItem(adam, "eps")->valuedouble;
-    ds_trainer *t = ds_trainer_create_from(m, init, false, 0.0f, &p, &err);
+    t = ds_trainer_create_from(c.m, c.init, false, 0.0f, &p, &err);
     CHECK_MSG(t != NULL, "%s: %s", what, err.msg);
     ds_train_stats s;
-    if (t && ds_trainer_compute_grads(t, ex, n_ex, &s, &err) == 0) {
-        const double want = cJSON_GetObjectItem(ref, "loss")->valuedouble;
+    if (t && ds_trainer_compute_grads(t, c.ex, c.n_ex, &s, &err) == 0) {
+        const double want = cJSON_GetObjectItem(c.ref, "loss")->valuedouble;
         tg_check_loss(what, s.loss, want);
-        const cJSON *grads = cJSON_GetObjectItem(ref, "grads");
+        const cJSON *grads = cJSON_GetObjectItem(c.ref, "grads");
         const double worst = tg_check_grads(t, grads, what);
-        check_variants(m, init, &p, ex, n_ex, t, what);
+        check_variants(c.m, c.init, &p, c.ex, c.n_ex, t, what);
         CHECK_MSG(ds_trainer_apply(t, &s, &err) == 0, "%s: apply: %s", what, err.msg);
         const cJSON *after = cJSON_GetObjectItem(adam, "params");
         for (int32_t i = 0; i < ds_trainer_n_tensors(t); i++) {
@@ -111,12 +105,9 @@ static void grads_vs_torch(const char *model, const char *cs) {
     } else {
         CHECK_MSG(0, "%s: compute_grads: %s", what, err.msg);
     }
-    ds_trainer_free(t);
-    tg_free_examples(bufs, n_ex);
 out:
-    cJSON_Delete(ref);
-    ds_adapter_free(init);
-    ds_model_free(m);
+    ds_trainer_free(t);
+    tg_case_close(&c);
 }
 
 /* Serves `a` on probe tokens: logits [n][V] (malloc'd), or NULL. */

@@ -188,15 +188,12 @@ static void check_saved(ds_trainer *t, const ds_model *m, const cJSON *ref, cons
 }
 
 static void golden_run(const char *model) {
-    char dir[512], path[600];
+    char dir[512];
     snprintf(dir, sizeof dir, "%s/train/diff_pruning/%s", DS_TEST_DATA, model);
-    snprintf(path, sizeof path, "%s/reference.json", dir);
+    tg_case c;
     ds_err err = {{0}};
-    ds_model *m = tg_load_model(model);
-    cJSON *ref = golden_load_json(path);
-    CHECK_MSG(ref != NULL, "%s missing", path);
-    if (!m || !ref) goto out;
-    const cJSON *cfg = cJSON_GetObjectItem(ref, "config");
+    if (!tg_case_open(&c, model, dir, false, model)) goto out;
+    const cJSON *cfg = cJSON_GetObjectItem(c.ref, "config");
     ds_train_adapter_spec sp = ds_train_default_spec(DS_ADAPTER_DELTA);
     sp.targets = target_bits(cJSON_GetObjectItem(cfg, "targets"));
     sp.density = (float)cJSON_GetObjectItem(cfg, "density")->valuedouble;
@@ -209,13 +206,10 @@ static void golden_run(const char *model) {
     p.warmup_steps = cJSON_GetObjectItem(cfg, "lr_warmup_steps")->valueint;
     p.weight_decay = (float)cJSON_GetObjectItem(cfg, "weight_decay")->valuedouble;
     p.max_grad_norm = (float)cJSON_GetObjectItem(cfg, "max_grad_norm")->valuedouble;
-    ds_trainer *t = ds_trainer_create(m, &sp, &p, &err);
+    ds_trainer *t = ds_trainer_create(c.m, &sp, &p, &err);
     CHECK_MSG(t != NULL, "%s: %s", model, err.msg);
-    ds_train_example ex[TG_MAX_EXAMPLES];
-    int32_t *bufs[2 * TG_MAX_EXAMPLES] = {0};
-    const int n_ex = tg_read_examples(ref, ex, bufs);
-    const int n_expect = cJSON_GetArraySize(cJSON_GetObjectItem(ref, "modules")) +
-                         cJSON_GetArraySize(cJSON_GetObjectItem(ref, "bias"));
+    const int n_expect = cJSON_GetArraySize(cJSON_GetObjectItem(c.ref, "modules")) +
+                         cJSON_GetArraySize(cJSON_GetObjectItem(c.ref, "bias"));
     if (t) CHECK_EQ_INT(ds_trainer_n_tensors(t), n_expect);
     ds_st_file init = {0}, g0 = {0};
     char ipath[640], gpath[640];
@@ -225,35 +219,33 @@ static void golden_run(const char *model) {
     CHECK_MSG(ok, "%s: %s", model, err.msg);
     double worst_0 = 0, worst_g = 0, worst_v = 0;
     ok = ok && read_all(t, &init, ipath, true, model, &worst_0);
-    const cJSON *losses = cJSON_GetObjectItem(ref, "loss");
+    const cJSON *losses = cJSON_GetObjectItem(c.ref, "loss");
     for (int k = 0; ok && k < 3; k++) {
         ds_train_stats s;
-        ok = ds_trainer_compute_grads(t, ex, n_ex, &s, &err) == 0;
+        ok = ds_trainer_compute_grads(t, c.ex, c.n_ex, &s, &err) == 0;
         CHECK_MSG(ok, "%s step %d: %s", model, k, err.msg);
         if (!ok) break;
         char what[96];
         snprintf(what, sizeof what, "%s step %d", model, k);
         tg_check_loss(what, s.loss, cJSON_GetArrayItem(losses, k)->valuedouble);
         if (k == 0) read_all(t, &g0, gpath, false, model, &worst_0);
-        else worst_g = fmax(worst_g, check_masked(t, ref, k, false, model));
+        else worst_g = fmax(worst_g, check_masked(t, c.ref, k, false, model));
         ok = ds_trainer_apply(t, &s, &err) == 0;
         CHECK_MSG(ok, "%s step %d apply: %s", model, k, err.msg);
         if (k == 0) CHECK_MSG(s.lr == 0.0f, "step 0 should run at lr 0 (one warm-up step)");
-        if (k > 0) worst_v = fmax(worst_v, check_masked(t, ref, k, true, model));
+        if (k > 0) worst_v = fmax(worst_v, check_masked(t, c.ref, k, true, model));
     }
     if (ok) {
         printf("%s: diff pruning, 3 steps: dense gradients worst relative error %.2e, masked %.2e, values worst "
                "|diff| %.2e\n",
                model, worst_0, worst_g, worst_v);
-        check_saved(t, m, ref, model);
+        check_saved(t, c.m, c.ref, model);
     }
     ds_st_close(&init);
     ds_st_close(&g0);
     ds_trainer_free(t);
-    tg_free_examples(bufs, n_ex);
 out:
-    cJSON_Delete(ref);
-    ds_model_free(m);
+    tg_case_close(&c);
 }
 
 /* A save during the warm-up prunes the live dense δ to each module's top ceil(density·numel). */

@@ -14,6 +14,9 @@
 #include "ds_test.h"
 #include "golden.h"
 
+#include <stdbool.h>
+#include <string.h>
+
 #define TG_FN static __attribute__((unused))
 #define TG_LOSS_RTOL 1e-5
 #define TG_GRAD_RTOL 1e-4
@@ -56,6 +59,40 @@ TG_FN void tg_free_examples(int32_t *bufs[2 * TG_MAX_EXAMPLES], int n_ex) {
     for (int i = 0; i < 2 * n_ex; i++) free(bufs[i]);
 }
 
+/* One golden case: the model, the adapter it starts from (NULL when the test builds the trainer from
+ * a spec), dir/reference.json and its micro-batch. */
+typedef struct tg_case {
+    ds_model *m;
+    ds_adapter *init;
+    cJSON *ref;
+    ds_train_example ex[TG_MAX_EXAMPLES];
+    int32_t *bufs[2 * TG_MAX_EXAMPLES];
+    int n_ex;
+} tg_case;
+
+/* Opens tests/data/models/<model>, the adapter in dir (with_adapter) and dir/reference.json. False
+ * (CHECKed, with what in the message) when one fails: tg_case_close still frees what was opened. */
+TG_FN bool tg_case_open(tg_case *c, const char *model, const char *dir, bool with_adapter, const char *what) {
+    memset(c, 0, sizeof *c);
+    char path[600];
+    snprintf(path, sizeof path, "%s/reference.json", dir);
+    ds_err err = {{0}};
+    c->m = tg_load_model(model);
+    c->init = c->m && with_adapter ? ds_adapter_load(dir, c->m, NULL, &err) : NULL;
+    c->ref = golden_load_json(path);
+    const bool ok = c->m && (c->init || !with_adapter) && c->ref;
+    CHECK_MSG(ok, "%s: %s%s", what, c->ref ? "" : "no reference.json; ", err.msg);
+    if (ok) c->n_ex = tg_read_examples(c->ref, c->ex, c->bufs);
+    return ok;
+}
+
+TG_FN void tg_case_close(tg_case *c) {
+    tg_free_examples(c->bufs, c->n_ex);
+    cJSON_Delete(c->ref);
+    ds_adapter_free(c->init);
+    ds_model_free(c->m);
+}
+
 /* The loss against the reference's; what names it in the failure message. */
 TG_FN void tg_check_loss(const char *what, double loss, double want) {
     CHECK_MSG(fabs(loss - want) <= TG_LOSS_RTOL * fabs(want), "%s: loss %.8g vs %.8g", what, loss, want);
@@ -88,7 +125,10 @@ TG_FN void tg_rm_saved(const char *dir) {
     static const char *const files[] = {"adapter_config.json", "adapter_model.safetensors", "adapter.safetensors",
                                         "adapter_interface.json", "ds_logits.json"};
     char f[700];
-    for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) snprintf(f, sizeof f, "%s/%s", dir, files[i]), unlink(f);
+    for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) {
+        snprintf(f, sizeof f, "%s/%s", dir, files[i]);
+        unlink(f);
+    }
     rmdir(dir);
 }
 #endif
