@@ -77,7 +77,7 @@ static void spec_save_refusals(void) {
                   !memcmp(back->dbias[i], a->dbias[i], sizeof(float) * (size_t)a->proj_out[i % DS_PROJ_COUNT]));
         if (back) CHECK(!strcmp(back->peft_type, "DELTA") && !back->delta);
         ds_adapter_free(back);
-        tg_rm_saved(tmp);
+        golden_rm_saved(tmp);
     }
     ds_trainer_free(t);
     /* a sparse delta (diff pruning / an extracted fine-tune) has no trainer yet */

@@ -241,7 +241,7 @@ static void spec_train_save_serve(ds_model *m, const char *model, ds_train_bn_pl
         free(lg);
     }
     ds_adapter_free(back);
-    if (!exp_dir) tg_rm_saved(dir);
+    if (!exp_dir) golden_rm_saved(dir);
 done:
     ds_trainer_free(t);
 }

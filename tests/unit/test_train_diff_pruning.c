@@ -121,7 +121,7 @@ static void check_saved(ds_trainer *t, const ds_model *m, const cJSON *ref, cons
     CHECK_MSG(ds_trainer_save(t, tmp, "tests/data/models", &err) == 0, "%s save: %s", label, err.msg);
     ds_adapter *a = ds_adapter_load(tmp, m, NULL, &err);
     CHECK_MSG(a != NULL, "%s reload: %s", label, err.msg);
-    tg_rm_saved(tmp);
+    golden_rm_saved(tmp);
     if (!a) return;
     CHECK(!strcmp(a->peft_type, "DELTA") && a->delta);
     const cJSON *mods = cJSON_GetObjectItem(ref, "modules");

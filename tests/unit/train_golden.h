@@ -119,16 +119,4 @@ TG_FN double tg_check_grads(const ds_trainer *t, const cJSON *grads, const char 
     return worst;
 }
 
-/* Removes a saved adapter directory: the files ds_trainer_save writes for any kind (PEFT, delta,
- * AdapterHub) and test_train_bn.c's exported logits, then the directory. */
-TG_FN void tg_rm_saved(const char *dir) {
-    static const char *const files[] = {"adapter_config.json", "adapter_model.safetensors", "adapter.safetensors",
-                                        "adapter_interface.json", "ds_logits.json"};
-    char f[700];
-    for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) {
-        snprintf(f, sizeof f, "%s/%s", dir, files[i]);
-        unlink(f);
-    }
-    rmdir(dir);
-}
 #endif
