@@ -235,28 +235,7 @@ int tr_bn_clone(ds_adapter *d, const ds_adapter *a) {
 
 /* ---- the parameter table ---- */
 
-/* Appends one trainable tensor to t->params (grown here, last in tr_params_build: the table
- * train_params.c sizes does not count bottleneck modules; the public names point into the
- * entries, so they are re-pointed). */
-static float *add_param(ds_trainer *t, const char *name, float *value, int nd, int64_t s0, int64_t s1) {
-    tr_param *np = realloc(t->params, (size_t)(t->n_params + 1) * sizeof *np);
-    if (!np) return NULL;
-    t->params = np;
-    for (int32_t i = 0; i < t->n_params; i++) np[i].pub.name = np[i].name;
-    tr_param *p = &np[t->n_params];
-    memset(p, 0, sizeof *p);
-    const size_t n = (size_t)s0 * (size_t)(nd == 2 ? s1 : 1);
-    snprintf(p->name, sizeof p->name, "%s", name);
-    p->grad = tr_alloc(t, n);
-    p->m = tr_alloc(t, n);
-    p->v = tr_alloc(t, n);
-    if (!p->grad || !p->m || !p->v) return NULL;
-    p->pub = (ds_train_tensor){.name = p->name, .n_dims = nd, .shape = {s0, nd == 2 ? s1 : 0}, .n = n,
-                               .value = value, .grad = p->grad};
-    t->n_params++;
-    return p->grad;
-}
-
+/* A module's four tensors (the table has room: tr_bn_params_build grows it) and its saves. */
 static int add_module(ds_trainer *t, int32_t l, int site, ds_bn_module *b) {
     tr_bn_state *s = t->bn;
     const size_t i = (size_t)l * DS_BN_SITES + site, T = (size_t)t->max_rows;
@@ -268,7 +247,7 @@ static int add_module(ds_trainer *t, int32_t l, int site, ds_bn_module *b) {
         char key[sizeof t->params[0].name];
         snprintf(key, sizeof key, "model.layers.%d.%s_adapters.adapters.%s.%s", l,
                  site == DS_BN_ATTN ? "attention" : "output", t->ad->name, sfx[k]);
-        if (!(s->g[i][k] = add_param(t, key, val[k], shp[k][1] ? 2 : 1, shp[k][0], shp[k][1]))) return DS_ENOMEM;
+        if (!(s->g[i][k] = tr_param_add(t, key, val[k], shp[k][1] ? 2 : 1, shp[k][0], shp[k][1]))) return DS_ENOMEM;
     }
     if (!(s->z[i] = tr_alloc(t, T * b->d)) || !(s->hpre[i] = tr_alloc(t, T * b->size))) return DS_ENOMEM;
     return 0;
@@ -286,7 +265,9 @@ int tr_bn_params_build(ds_trainer *t, ds_err *err) {
     if (!s || !(s->z = calloc(n, sizeof *s->z)) || !(s->hpre = calloc(n, sizeof *s->hpre)) ||
         !(s->g = calloc(n, sizeof *s->g)))
         return ds_err_set(err, DS_ENOMEM, "out of memory");
-    int32_t size_max = 1;
+    int32_t size_max = 1, n_mod = 0;
+    for (size_t i = 0; i < n; i++) n_mod += a->bn[i] != NULL;
+    rc = tr_params_grow(t, P_COUNT * n_mod); /* last in tr_params_build: its table counts no modules */
     for (size_t i = 0; !rc && i < n; i++) {
         if (!a->bn[i]) continue;
         if (a->bn[i]->size > size_max) size_max = a->bn[i]->size;

@@ -50,15 +50,6 @@ int tr_dp_check_spec(const ds_train_adapter_spec *s, ds_err *err) {
     return 0;
 }
 
-/* Grows the parameter table by `extra` entries (names live inside the entries: re-pointed). */
-static int grow_params(ds_trainer *t, int32_t extra) {
-    tr_param *np = realloc(t->params, ((size_t)t->n_params + (size_t)extra) * sizeof *np);
-    if (!np) return DS_ENOMEM;
-    t->params = np;
-    for (int32_t i = 0; i < t->n_params; i++) np[i].pub.name = np[i].name;
-    return 0;
-}
-
 static int add_module(ds_trainer *t, dp_mod *d, int32_t l, int p) {
     d->out = t->ad->proj_out[p];
     d->in = t->ad->proj_in[p];
@@ -82,7 +73,7 @@ int tr_dp_init(ds_trainer *t, const ds_train_adapter_spec *s, ds_err *err) {
     int32_t n_mod = 0;
     for (int p = 0; p < DS_PROJ_COUNT; p++) n_mod += (s->targets & DS_TRAIN_TARGET(p)) ? L : 0;
     struct tr_dp *dp = calloc(1, sizeof *dp);
-    if (!dp || !(dp->mod = calloc((size_t)L * DS_PROJ_COUNT, sizeof *dp->mod)) || grow_params(t, n_mod)) {
+    if (!dp || !(dp->mod = calloc((size_t)L * DS_PROJ_COUNT, sizeof *dp->mod)) || tr_params_grow(t, n_mod)) {
         if (dp) free(dp->mod);
         free(dp);
         return ds_err_set(err, DS_ENOMEM, "out of memory for the diff-pruning delta");

@@ -161,6 +161,13 @@ const ds_lora_module *tr_lora(const ds_trainer *t, int32_t layer, int proj); /* 
 /* HF module path: "model.layers.3.self_attn.q_proj", "model.layers.0.mlp.down_proj", "lm_head". */
 void tr_module_path(int32_t layer, int proj, char *buf, size_t cap);
 int tr_params_build(ds_trainer *t, ds_err *err);
+/* Appends a trainable tensor of value [s0] (nd 1) or [s0][s1] (nd 2) named `name` to t->params, with
+ * zeroed gradient and moments from tr_alloc; the table must have room (tr_params_build sizes it for
+ * LoRA, prompts and bias deltas; tr_params_grow adds more). Returns the gradient, NULL on OOM. */
+float *tr_param_add(ds_trainer *t, const char *name, float *value, int nd, int64_t s0, int64_t s1);
+/* Makes room for `extra` more entries in t->params (re-pointing the public names into the moved
+ * entries): 0 or DS_ENOMEM. */
+int tr_params_grow(ds_trainer *t, int32_t extra);
 void tr_params_free(ds_trainer *t);
 void tr_params_zero_grad(ds_trainer *t);
 int tr_spec_adapter(const ds_model *m, const ds_train_adapter_spec *s, ds_adapter **out, ds_err *err);

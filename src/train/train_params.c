@@ -343,8 +343,18 @@ oom:
 
 /* ---- the parameter table ---- */
 
-static float *add_param(ds_trainer *t, const char *name, float *value, int nd, int64_t s0, int64_t s1) {
+int tr_params_grow(ds_trainer *t, int32_t extra) {
+    if (extra <= 0) return 0; /* realloc to 0 bytes may free the table */
+    tr_param *np = realloc(t->params, ((size_t)t->n_params + (size_t)extra) * sizeof *np);
+    if (!np) return DS_ENOMEM;
+    t->params = np;
+    for (int32_t i = 0; i < t->n_params; i++) np[i].pub.name = np[i].name; /* the names live in the entries */
+    return 0;
+}
+
+float *tr_param_add(ds_trainer *t, const char *name, float *value, int nd, int64_t s0, int64_t s1) {
     tr_param *p = &t->params[t->n_params];
+    memset(p, 0, sizeof *p);
     const size_t n = (size_t)s0 * (size_t)(nd == 2 ? s1 : 1);
     snprintf(p->name, sizeof p->name, "%s", name);
     p->grad = tr_alloc(t, n);
@@ -364,10 +374,10 @@ static int add_lora(ds_trainer *t, int32_t l, int p, ds_lora_module *mod) {
     const size_t i = emb ? TR_SLOT_EMBED(t) : p == DS_PROJ_COUNT ? TR_SLOT_HEAD(t) : (size_t)l * DS_PROJ_COUNT + p;
     snprintf(key, sizeof key, emb ? "base_model.model.%s.lora_embedding_A" : "base_model.model.%s.lora_A.weight", path);
     /* embedding A is stored transposed: [n_vocab][r] */
-    if (!(t->dA[i] = add_param(t, key, mod->A, 2, emb ? mod->in : mod->rank, emb ? mod->rank : mod->in)))
+    if (!(t->dA[i] = tr_param_add(t, key, mod->A, 2, emb ? mod->in : mod->rank, emb ? mod->rank : mod->in)))
         return DS_ENOMEM;
     snprintf(key, sizeof key, emb ? "base_model.model.%s.lora_embedding_B" : "base_model.model.%s.lora_B.weight", path);
-    if (!(t->dB[i] = add_param(t, key, mod->B, 2, mod->out, mod->rank))) return DS_ENOMEM;
+    if (!(t->dB[i] = tr_param_add(t, key, mod->B, 2, mod->out, mod->rank))) return DS_ENOMEM;
     if (mod->rank > t->r_max) t->r_max = mod->rank;
     return 0;
 }
@@ -382,7 +392,7 @@ static int add_bitfit(ds_trainer *t) {
         char path[96], key[128];
         tr_module_path((int32_t)(i / DS_PROJ_COUNT), (int)(i % DS_PROJ_COUNT), path, sizeof path);
         snprintf(key, sizeof key, "%s.bias_delta", path);
-        if (!(t->ddbias[i] = add_param(t, key, t->ad->dbias[i], 1, t->ad->proj_out[i % DS_PROJ_COUNT], 0)))
+        if (!(t->ddbias[i] = tr_param_add(t, key, t->ad->dbias[i], 1, t->ad->proj_out[i % DS_PROJ_COUNT], 0)))
             return DS_ENOMEM;
     }
     float *h = malloc((size_t)t->max_rows * sizeof *h);
@@ -406,10 +416,10 @@ int tr_params_build(ds_trainer *t, ds_err *err) {
             if (a->lora[(size_t)l * DS_PROJ_COUNT + p]) rc = add_lora(t, l, p, a->lora[(size_t)l * DS_PROJ_COUNT + p]);
     if (!rc && a->lm_head) rc = add_lora(t, -1, DS_PROJ_COUNT, a->lm_head);
     if (!rc && a->embed) rc = add_lora(t, -1, TR_PROJ_EMBED, a->embed);
-    if (!rc && a->prompt && !(t->dprompt = add_param(t, "prompt_embeddings", a->prompt, 2, a->n_virtual, t->dim.d)))
+    if (!rc && a->prompt && !(t->dprompt = tr_param_add(t, "prompt_embeddings", a->prompt, 2, a->n_virtual, t->dim.d)))
         rc = DS_ENOMEM;
-    if (!rc && a->prefix &&
-        !(t->dprefix = add_param(t, "prompt_embeddings", a->prefix, 2, a->n_virtual, (int64_t)t->dim.L * 2 * t->dim.kvd)))
+    if (!rc && a->prefix && !(t->dprefix = tr_param_add(t, "prompt_embeddings", a->prefix, 2, a->n_virtual,
+                                                         (int64_t)t->dim.L * 2 * t->dim.kvd)))
         rc = DS_ENOMEM;
     if (!rc && a->dbias) rc = add_bitfit(t);
     if (!rc && a->bn) return tr_bn_params_build(t, err); /* train_bn.c; last: it grows t->params */

@@ -35,6 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from golden_json import dump_json, round_row, write_text  # noqa: E402  (the golden JSON style)
+
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = ROOT / "tests" / "data" / "models"
 OUT = ROOT / "tests" / "data" / "adapters"
@@ -80,50 +83,8 @@ PROMPT_LEARNING = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
 
 
 # --------------------------------------------------------------------------------------------
-# Small utilities (same JSON style as gen_models.py; copied so the two scripts stay independent)
+# Small utilities (the JSON style is golden_json.py's, shared with gen_models.py and gen_bottleneck.py)
 # --------------------------------------------------------------------------------------------
-def fmt_float(x: float, digits: int = 7) -> str:
-    x = float(x)
-    if not math.isfinite(x):
-        raise ValueError("non-finite value in golden data")
-    s = "%.*g" % (digits, x)
-    return "0" if s == "-0" else s
-
-
-def dump_json(obj, indent: int = 0) -> str:
-    """Compact-but-diffable JSON: scalar lists on one line, everything else indented."""
-    pad = " " * indent
-    pad2 = " " * (indent + 1)
-    if isinstance(obj, dict):
-        if not obj:
-            return "{}"
-        items = [f"{pad2}{json.dumps(k)}: {dump_json(v, indent + 1)}" for k, v in obj.items()]
-        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
-    if isinstance(obj, (list, tuple)):
-        if all(not isinstance(v, (dict, list, tuple)) for v in obj):
-            return "[" + ",".join(dump_json(v) for v in obj) + "]"
-        items = [pad2 + dump_json(v, indent + 1) for v in obj]
-        return "[\n" + ",\n".join(items) + "\n" + pad + "]"
-    if isinstance(obj, bool) or obj is None:
-        return json.dumps(obj)
-    if isinstance(obj, float):
-        return fmt_float(obj)
-    if isinstance(obj, (int, np.integer)):
-        return str(int(obj))
-    if isinstance(obj, str):
-        return json.dumps(obj, ensure_ascii=False)
-    raise TypeError(type(obj))
-
-
-def write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-
-
-def round_row(row) -> list:
-    return [float(v) for v in np.asarray(row, dtype=np.float32).tolist()]
-
-
 def seed_of(*parts) -> int:
     return zlib.crc32("/".join(str(p) for p in parts).encode()) & 0x7FFFFFFF
 

@@ -36,6 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from golden_json import dump_json, round_row, write_text  # noqa: E402  (the golden JSON style)
+
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = ROOT / "tests" / "data" / "models"
 PEFT = ROOT / "tests" / "data" / "adapters"   # gen_adapters.py's PEFT adapters (for the mixed batch)
@@ -73,46 +76,7 @@ N_DECODE = 4
 PROMPT_LENS = (7, 1)
 
 
-# ---- utilities (same JSON style as gen_adapters.py; copied: that script needs peft, not installed here) ----
-def fmt_float(x: float, digits: int = 7) -> str:
-    x = float(x)
-    if not math.isfinite(x):
-        raise ValueError("non-finite value in golden data")
-    s = "%.*g" % (digits, x)
-    return "0" if s == "-0" else s
-
-
-def dump_json(obj, indent: int = 0) -> str:
-    pad, pad2 = " " * indent, " " * (indent + 1)
-    if isinstance(obj, dict):
-        if not obj:
-            return "{}"
-        items = [f"{pad2}{json.dumps(k)}: {dump_json(v, indent + 1)}" for k, v in obj.items()]
-        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
-    if isinstance(obj, (list, tuple)):
-        if all(not isinstance(v, (dict, list, tuple)) for v in obj):
-            return "[" + ",".join(dump_json(v) for v in obj) + "]"
-        return "[\n" + ",\n".join(pad2 + dump_json(v, indent + 1) for v in obj) + "\n" + pad + "]"
-    if isinstance(obj, bool) or obj is None:
-        return json.dumps(obj)
-    if isinstance(obj, float):
-        return fmt_float(obj)
-    if isinstance(obj, (int, np.integer)):
-        return str(int(obj))
-    if isinstance(obj, str):
-        return json.dumps(obj, ensure_ascii=False)
-    raise TypeError(type(obj))
-
-
-def write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-
-
-def round_row(row) -> list:
-    return [float(v) for v in np.asarray(row, dtype=np.float32).tolist()]
-
-
+# ---- utilities (the JSON style is golden_json.py's: it needs only numpy, no peft or gguf) ----
 def seed_of(*parts) -> int:
     return zlib.crc32("/".join(str(p) for p in parts).encode()) & 0x7FFFFFFF
 

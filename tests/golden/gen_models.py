@@ -31,6 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from golden_json import Exact, dump_json, round_row, write_text  # noqa: E402  (the golden JSON style)
+
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "tests" / "data" / "models"
 SMOLLM2_GGUF = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -159,59 +162,12 @@ PROMPT_LENS = (7, 12, 1)
 # --------------------------------------------------------------------------------------------
 # Small utilities
 # --------------------------------------------------------------------------------------------
-def fmt_float(x: float, digits: int = 7) -> str:
-    x = float(x)
-    if not math.isfinite(x):
-        raise ValueError("non-finite value in golden data")
-    s = "%.*g" % (digits, x)
-    return "0" if s == "-0" else s
-
-
-class Exact(float):
-    """A float that the JSON writer prints with 9 significant digits (exact fp32 round trip)."""
-
-
-def dump_json(obj, indent: int = 0) -> str:
-    """Compact-but-diffable JSON: scalar lists on one line, everything else indented."""
-    pad = " " * indent
-    pad2 = " " * (indent + 1)
-    if isinstance(obj, dict):
-        if not obj:
-            return "{}"
-        items = [f"{pad2}{json.dumps(k)}: {dump_json(v, indent + 1)}" for k, v in obj.items()]
-        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
-    if isinstance(obj, (list, tuple)):
-        if all(not isinstance(v, (dict, list, tuple)) for v in obj):
-            return "[" + ",".join(dump_json(v) for v in obj) + "]"
-        items = [pad2 + dump_json(v, indent + 1) for v in obj]
-        return "[\n" + ",\n".join(items) + "\n" + pad + "]"
-    if isinstance(obj, bool) or obj is None:
-        return json.dumps(obj)
-    if isinstance(obj, Exact):
-        return fmt_float(obj, 9)
-    if isinstance(obj, float):
-        return fmt_float(obj)
-    if isinstance(obj, (int, np.integer)):
-        return str(int(obj))
-    if isinstance(obj, str):
-        return json.dumps(obj, ensure_ascii=False)
-    raise TypeError(type(obj))
-
-
-def write_text(path: Path, text: str) -> None:
-    path.write_text(text, encoding="utf-8")
-
-
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def round_row(row) -> list:
-    return [float(v) for v in np.asarray(row, dtype=np.float32).tolist()]
 
 
 def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:

@@ -38,10 +38,9 @@ Machine learning models read text as tokens: words, pieces of words and bytes.
 Adapters are small trained modules that change what a frozen base model does.
 """ * 20
 
-TEXTS = [
-    "Hello world",
-    "Hello world!",
-    " leading space",
+# spaces, whitespace runs, digits, text outside the corpus (byte fallback), code: gen_spm_hf_golden.py
+# checks them too, in its own list
+COMMON_TEXTS = [
     "two  spaces  here",
     "trailing space ",
     "\n\nnewlines\tand\ttabs\n",
@@ -50,6 +49,13 @@ TEXTS = [
     "emoji 🙂👍 and café naïve",
     "def f(x):\n    return x**2",
     "unknown wordsXyzzy qwertyuiop",
+]
+
+TEXTS = [
+    "Hello world",
+    "Hello world!",
+    " leading space",
+    *COMMON_TEXTS,
     "<s> inside </s> text",
     "</s>",
     "a<s>b",
@@ -89,23 +95,25 @@ def token_type(sp, i):
     return gguf.TokenType.NORMAL
 
 
-def main() -> int:
-    OUT.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        corpus = Path(tmp) / "corpus.txt"
-        corpus.write_text(CORPUS)
-        prefix = str(Path(tmp) / "spm")
-        spm.SentencePieceTrainer.train(
-            input=str(corpus), model_prefix=prefix, vocab_size=520, model_type="bpe", byte_fallback=True,
-            character_coverage=1.0, normalization_rule_name="identity", add_dummy_prefix=True,
-            remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
-            unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
-        sp = spm.SentencePieceProcessor(model_file=prefix + ".model")
+def train_spm(tmp, name, model_type, dummy_prefix, vocab_size, byte_fallback=True):
+    """A sentencepiece model trained on CORPUS in directory tmp, configured the way Llama's is."""
+    corpus = Path(tmp) / "corpus.txt"
+    corpus.write_text(CORPUS)
+    prefix = str(Path(tmp) / name)
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=prefix, vocab_size=vocab_size, model_type=model_type,
+        byte_fallback=byte_fallback, character_coverage=1.0, normalization_rule_name="identity",
+        add_dummy_prefix=dummy_prefix, remove_extra_whitespaces=False, split_digits=True,
+        allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
+    return spm.SentencePieceProcessor(model_file=prefix + ".model")
 
+
+def write_vocab_gguf(sp, path, name, add_space_prefix):
+    """sp's vocabulary as a vocab-only llama GGUF (convert_hf_to_gguf.py's SentencePiece layout)."""
     n = sp.get_piece_size()
-    w = gguf.GGUFWriter(str(OUT / "tokenizer.gguf"), "llama")
+    w = gguf.GGUFWriter(str(path), "llama")
     w.add_type(gguf.GGUFType.MODEL)
-    w.add_name("spm-tiny")
+    w.add_name(name)
     for k, v in (("block_count", 1), ("context_length", 64), ("embedding_length", 8), ("feed_forward_length", 16)):
         w.add_uint32(f"llama.{k}", v)
     w.add_head_count(2)
@@ -120,13 +128,21 @@ def main() -> int:
     w.add_unk_token_id(0)
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
-    w.add_add_space_prefix(True)
+    w.add_add_space_prefix(add_space_prefix)
     # the loader sizes the vocabulary from token_embd (the tokenizer needs no other tensor)
     w.add_tensor("token_embd.weight", np.zeros((n, 8), dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def main() -> int:
+    OUT.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        sp = train_spm(tmp, "spm", "bpe", True, 520)
+    n = sp.get_piece_size()
+    write_vocab_gguf(sp, OUT / "tokenizer.gguf", "spm-tiny", True)
 
     cases = []
     for t in TEXTS:

@@ -18,15 +18,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-import gguf
-import numpy as np
 import sentencepiece as spm
 import tokenizers
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers.tokenization_utils_base import generate_merges
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gen_spm_golden import CORPUS, token_type  # noqa: E402
+from gen_spm_golden import COMMON_TEXTS, encode_like_llama, train_spm, write_vocab_gguf  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "tests" / "data" / "tokenizer" / "spm_hf"
@@ -35,14 +33,7 @@ TEXTS = [
     "Hello world",
     " leading space",
     "  two leading spaces",
-    "two  spaces  here",
-    "trailing space ",
-    "\n\nnewlines\tand\ttabs\n",
-    "The year 2024 and 12345.",
-    "数字和中文，还有标点。",
-    "emoji 🙂👍 and café naïve",
-    "def f(x):\n    return x**2",
-    "unknown wordsXyzzy qwertyuiop",
+    *COMMON_TEXTS,
     "ÿ¿ control \u0007 bell",
     "<s> inside </s> text",
     "a<s>b",
@@ -59,18 +50,6 @@ TEXTS = [
     "xa b",
 ]
 ADDED = ("<tool>", "a b")
-
-
-def train(tmp, name, model_type, dummy_prefix, vocab_size, byte_fallback=True):
-    corpus = Path(tmp) / "corpus.txt"
-    corpus.write_text(CORPUS)
-    prefix = str(Path(tmp) / name)
-    spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=prefix, vocab_size=vocab_size, model_type=model_type,
-        byte_fallback=byte_fallback, character_coverage=1.0, normalization_rule_name="identity",
-        add_dummy_prefix=dummy_prefix, remove_extra_whitespaces=False, split_digits=True,
-        allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
-    return spm.SentencePieceProcessor(model_file=prefix + ".model")
 
 
 def pieces(sp):
@@ -123,55 +102,13 @@ def unigram(sp, byte_fallback, decoder):
     return with_specials(tok)
 
 
-def write_gguf(sp, path):
-    n = sp.get_piece_size()
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_type(gguf.GGUFType.MODEL)
-    w.add_name("spm-gemma-style")
-    for k, v in (("block_count", 1), ("context_length", 64), ("embedding_length", 8), ("feed_forward_length", 16)):
-        w.add_uint32(f"llama.{k}", v)
-    w.add_head_count(2)
-    w.add_head_count_kv(2)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_tokenizer_model("llama")
-    w.add_token_list([sp.id_to_piece(i).encode() for i in range(n)])
-    w.add_token_scores([float(sp.get_score(i)) for i in range(n)])
-    w.add_token_types([int(token_type(sp, i)) for i in range(n)])
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_unk_token_id(0)
-    w.add_add_bos_token(True)
-    w.add_add_eos_token(False)
-    w.add_add_space_prefix(False)
-    w.add_tensor("token_embd.weight", np.zeros((n, 8), dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
-def spm_ids(sp, text):
-    """sentencepiece ids with <s> / </s> split out first (how llama.cpp treats control tokens)."""
-    ids, i, start = [], 0, 0
-    while i < len(text):
-        hit = next((s for s in ("<s>", "</s>") if text.startswith(s, i)), None)
-        if hit is None:
-            i += 1
-            continue
-        ids += sp.encode(text[start:i]) if i > start else []
-        ids.append(sp.piece_to_id(hit))
-        i += len(hit)
-        start = i
-    return ids + (sp.encode(text[start:]) if start < len(text) else [])
-
-
 def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        sp_llama = train(tmp, "llama", "bpe", True, 520)
-        sp_gemma = train(tmp, "gemma", "bpe", False, 520)
-        sp_uni = train(tmp, "uni", "unigram", True, 380)
-        sp_uni_nobf = train(tmp, "uni_nobf", "unigram", True, 120, byte_fallback=False)
+        sp_llama = train_spm(tmp, "llama", "bpe", True, 520)
+        sp_gemma = train_spm(tmp, "gemma", "bpe", False, 520)
+        sp_uni = train_spm(tmp, "uni", "unigram", True, 380)
+        sp_uni_nobf = train_spm(tmp, "uni_nobf", "unigram", True, 120, byte_fallback=False)
     forms = {
         "llama_legacy": (llama_legacy(sp_llama), True),
         "llama_metaspace": (llama_metaspace(sp_llama), True),
@@ -200,9 +137,9 @@ def main() -> int:
                           "with_bos": tok.encode(t).ids if add_bos else enc.ids,
                           "decoded": tok.decode(enc.ids, skip_special_tokens=False)})
         doc["forms"][name] = {"vocab_size": tok.get_vocab_size(), "cases": cases}
-    write_gguf(sp_gemma, OUT / "gemma.gguf")
+    write_vocab_gguf(sp_gemma, OUT / "gemma.gguf", "spm-gemma-style", False)
     plain = [t for t in TEXTS if "<start_of_turn>" not in t and not any(a in t for a in ADDED)]
-    doc["gguf_ids"] = [{"text": t, "ids": spm_ids(sp_gemma, t)} for t in plain]
+    doc["gguf_ids"] = [{"text": t, "ids": encode_like_llama(sp_gemma, t)} for t in plain]
     g = {c["text"]: c["ids"] for c in doc["forms"]["gemma"]["cases"]}
     agree = sum(g[s["text"]] == s["ids"] for s in doc["gguf_ids"])
     doc["gemma_hf_equals_sentencepiece"] = f"{agree}/{len(doc['gguf_ids'])}"

@@ -13,45 +13,27 @@ the bias; Qwen2's q/k/v add it to theirs). Labels follow HF (labels[i] is the ta
 at i - 1); the first 3 of every example are -100.
 
 Usage (from the repo root): .peer/venv/bin/python tests/golden/gen_train_bitfit.py
-Deterministic: fixed seeds, one CPU thread, eager attention, fp32.
+Deterministic: fixed seeds, one CPU thread, eager attention, fp32 (the model and batch setup is
+tests/golden/train_batch.py's).
 """
 import json
-import os
 import sys
-import warnings
-import zlib
 from pathlib import Path
 
 import numpy as np
 
-warnings.filterwarnings("ignore")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_batch import ROOT, batch, load_frozen, make_examples, seed_of  # noqa: E402  (sets up torch first)
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
-MODELS = ROOT / "tests" / "data" / "models"
 OUT = ROOT / "tests" / "data" / "train" / "bitfit"
 PROJS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-LENGTHS = (7, 5)
-N_MASKED = 3
-
-transformers.logging.set_verbosity_error()
-torch.set_num_threads(1)
-torch.use_deterministic_algorithms(True)
-
-
-def seed_of(*parts) -> int:
-    return zlib.crc32("/".join(str(p) for p in parts).encode()) & 0x7FFFFFFF
 
 
 def gen(name: str):
-    model = AutoModelForCausalLM.from_pretrained(MODELS / name, dtype=torch.float32, attn_implementation="eager")
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model = load_frozen(name)
     rng = np.random.default_rng(seed_of("bitfit-train", name))
     params, hooks, tensors = {}, [], {}
     for l, layer in enumerate(model.model.layers):
@@ -63,20 +45,8 @@ def gen(name: str):
             t = torch.tensor(b, requires_grad=True)
             params[key] = t
             hooks.append(lin.register_forward_hook(lambda mod, inp, out, t=t: out + t))
-    V = model.config.vocab_size
-    examples = []
-    for n in LENGTHS:
-        ids = [int(v) for v in rng.integers(3, V, size=n)]
-        examples.append({"tokens": ids, "labels": [-100] * N_MASKED + ids[N_MASKED:]})
-    T = max(LENGTHS)
-    ids = torch.zeros((len(examples), T), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    labels = torch.full_like(ids, -100)
-    for i, e in enumerate(examples):
-        n = len(e["tokens"])
-        ids[i, :n] = torch.tensor(e["tokens"])
-        mask[i, :n] = 1
-        labels[i, :n] = torch.tensor(e["labels"])
+    examples = make_examples(rng, model.config.vocab_size)
+    ids, mask, labels = batch(examples)
     loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     loss.backward()
     d = OUT / name

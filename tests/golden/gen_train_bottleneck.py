@@ -12,8 +12,8 @@ Writes, for each case below on tests/data/models/<model> (gen_models.py):
       {"examples": [{"tokens", "labels"}], "loss": HF's masked mean CE of the right-padded batch,
        "grads": {key: d loss / d tensor}, "adamw": {lr, betas, eps, weight_decay, "params": {key: after
        one torch.optim.AdamW step on those gradients}}, versions}
-Keys are the adapter.safetensors names. The micro-batch and loss conventions are gen_train_bitfit.py's:
-two examples (7 and 5 tokens), the first 3 labels of each -100, labels[i] the target of position i-1.
+Keys are the adapter.safetensors names. The micro-batch and loss conventions are train_batch.py's
+(shared with gen_train_bitfit.py and gen_train_diff_pruning.py): two examples (7 and 5 tokens), the first 3 labels of each -100, labels[i] the target of position i-1.
 
 Cases: every placement with two non-linearities between the two models (Llama: sequential relu,
 Houlsby swish, parallel relu with scaling 4; Qwen2: sequential gelu_new, Houlsby tanh, parallel gelu).
@@ -22,35 +22,28 @@ Houlsby swish, parallel relu with scaling 4; Qwen2: sequential gelu_new, Houlsby
 loads an adapter deltaserve trained and saved (DIR: adapter_config.json + adapter.safetensors +
 ds_logits.json, written by test_train_bn with DS_BN_EXPORT=DIR) into the package on
 tests/data/models/MODEL and prints max|logits(package) − logits(deltaserve)| over the probe prompt.
-Deterministic: fixed seeds, one CPU thread, eager attention, fp32.
+Deterministic: fixed seeds, one CPU thread, eager attention, fp32 (the model and batch setup is
+tests/golden/train_batch.py's).
 """
 from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import sys
-import warnings
-import zlib
 from pathlib import Path
 
 import numpy as np
 
-warnings.filterwarnings("ignore")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_batch import ROOT, batch, load_frozen, make_examples, seed_of  # noqa: E402  (sets up torch first)
 import torch  # noqa: E402
 import transformers  # noqa: E402
 import adapters  # noqa: E402
 from adapters import DoubleSeqBnConfig, ParBnConfig, SeqBnConfig  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
-MODELS = ROOT / "tests" / "data" / "models"
 OUT = ROOT / "tests" / "data" / "train" / "bottleneck"
-LENGTHS = (7, 5)
-N_MASKED = 3
 ADAM = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
 
 CASES = {
@@ -66,20 +59,9 @@ CASES = {
     },
 }
 
-transformers.logging.set_verbosity_error()
-torch.set_num_threads(1)
-torch.use_deterministic_algorithms(True)
-
-
-def seed_of(*parts) -> int:
-    return zlib.crc32("/".join(str(p) for p in parts).encode()) & 0x7FFFFFFF
-
 
 def load_base(name: str):
-    m = AutoModelForCausalLM.from_pretrained(MODELS / name, dtype=torch.float32, attn_implementation="eager")
-    m.eval()
-    for p in m.parameters():
-        p.requires_grad_(False)
+    m = load_frozen(name)
     adapters.init(m)
     return m
 
@@ -91,19 +73,6 @@ def rounded(t: torch.Tensor) -> list:
 def adapter_params(model, name: str) -> dict:
     """The adapter's parameters by their adapter.safetensors key."""
     return {k: p for k, p in model.named_parameters() if f".adapters.{name}." in k}
-
-
-def batch(examples):
-    T = max(len(e["tokens"]) for e in examples)
-    ids = torch.zeros((len(examples), T), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    labels = torch.full_like(ids, -100)
-    for i, e in enumerate(examples):
-        n = len(e["tokens"])
-        ids[i, :n] = torch.tensor(e["tokens"])
-        mask[i, :n] = 1
-        labels[i, :n] = torch.tensor(e["labels"])
-    return ids, mask, labels
 
 
 def gen(model_name: str, case: str, cfg) -> None:
@@ -132,11 +101,7 @@ def gen(model_name: str, case: str, cfg) -> None:
     assert set(saved) == set(params), (sorted(saved)[:3], sorted(params)[:3])
 
     rng = np.random.default_rng(seed_of("bn-train-data", model_name, case))
-    V = model.config.vocab_size
-    examples = []
-    for n in LENGTHS:
-        ids = [int(v) for v in rng.integers(3, V, size=n)]
-        examples.append({"tokens": ids, "labels": [-100] * N_MASKED + ids[N_MASKED:]})
+    examples = make_examples(rng, model.config.vocab_size)
     ids, mask, labels = batch(examples)
     loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     loss.backward()

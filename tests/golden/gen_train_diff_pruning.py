@@ -27,27 +27,22 @@ Writes tests/data/train/diff_pruning/<model>/:
                       "cases": [{"prompt", "prefill_logits"}]}
 
 Usage (from the repo root): .peer/venv/bin/python tests/golden/gen_train_diff_pruning.py
-Deterministic: fixed seeds, one CPU thread, eager attention, fp32.
+Deterministic: fixed seeds, one CPU thread, eager attention, fp32 (the model and batch setup is
+tests/golden/train_batch.py's).
 """
 import json
 import math
-import os
 import sys
-import warnings
-import zlib
 from pathlib import Path
 
 import numpy as np
 
-warnings.filterwarnings("ignore")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_batch import ROOT, batch, load_frozen, make_examples, seed_of  # noqa: E402  (sets up torch first)
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
-MODELS = ROOT / "tests" / "data" / "models"
 OUT = ROOT / "tests" / "data" / "train" / "diff_pruning"
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 CASES = {
@@ -57,17 +52,7 @@ CASES = {
 DENSITY = 0.05
 LR = 1e-3
 WD = 0.01
-LENGTHS = (7, 5)
-N_MASKED = 3
 PROMPTS = ([5, 17, 99, 200, 31, 8], [250, 3, 3, 140])
-
-transformers.logging.set_verbosity_error()
-torch.set_num_threads(1)
-torch.use_deterministic_algorithms(True)
-
-
-def seed_of(*parts) -> int:
-    return zlib.crc32("/".join(str(p) for p in parts).encode()) & 0x7FFFFFFF
 
 
 def f9(x) -> float:
@@ -84,24 +69,8 @@ def top_mask(d: np.ndarray) -> np.ndarray:
     return m.reshape(d.shape)
 
 
-def batch(examples):
-    T = max(len(e["tokens"]) for e in examples)
-    ids = torch.zeros((len(examples), T), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    labels = torch.full_like(ids, -100)
-    for i, e in enumerate(examples):
-        n = len(e["tokens"])
-        ids[i, :n] = torch.tensor(e["tokens"])
-        mask[i, :n] = 1
-        labels[i, :n] = torch.tensor(e["labels"])
-    return ids, mask, labels
-
-
 def gen(name: str, case: dict):
-    model = AutoModelForCausalLM.from_pretrained(MODELS / name, dtype=torch.float32, attn_implementation="eager")
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model = load_frozen(name)
     rng = np.random.default_rng(seed_of("diff-pruning-train", name))
     deltas, biases, init = {}, {}, {}
     for l, layer in enumerate(model.model.layers):
@@ -123,11 +92,7 @@ def gen(name: str, case: dict):
                 out = out + torch.nn.functional.linear(inp[0], d)
                 return out + b if b is not None else out
             lin.register_forward_hook(hook)
-    V = model.config.vocab_size
-    examples = []
-    for n in LENGTHS:
-        ids = [int(v) for v in rng.integers(3, V, size=n)]
-        examples.append({"tokens": ids, "labels": [-100] * N_MASKED + ids[N_MASKED:]})
+    examples = make_examples(rng, model.config.vocab_size)
     ids, am, labels = batch(examples)
     params = list(deltas.values()) + list(biases.values())
     opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=WD, foreach=False)

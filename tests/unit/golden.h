@@ -49,6 +49,20 @@ GOLDEN_FN double golden_max_abs(const cJSON *ref) {
     return mx;
 }
 
+/* Removes an adapter directory a test saved: the files ds_trainer_save and the delta extraction
+ * write for any kind (PEFT, delta, AdapterHub) and test_train_bn.c's exported logits, then the
+ * directory (left in place if it holds anything else). */
+GOLDEN_FN void golden_rm_saved(const char *dir) {
+    static const char *const files[] = {"adapter_config.json", "adapter_model.safetensors", "adapter.safetensors",
+                                        "adapter_interface.json", "ds_logits.json"};
+    char f[1100];
+    for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) {
+        snprintf(f, sizeof f, "%s/%s", dir, files[i]);
+        unlink(f);
+    }
+    rmdir(dir);
+}
+
 /* A set of sequences with private, contiguous block tables: sequence s owns blocks
  * [s*max_blocks, (s+1)*max_blocks). */
 typedef struct golden_seqs {

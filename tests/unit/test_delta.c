@@ -105,15 +105,6 @@ static size_t csr_bytes(const ds_adapter *a) {
     return n;
 }
 
-static void rmtree(const char *dir) {
-    char p[1024];
-    snprintf(p, sizeof p, "%s/adapter_config.json", dir);
-    unlink(p);
-    snprintf(p, sizeof p, "%s/adapter_model.safetensors", dir);
-    unlink(p);
-    rmdir(dir);
-}
-
 static void run_model(const char *model) {
     const char *data = parity_data_dir();
     char mpath[512], tpath[512], ddir[512], p1[600], p2[600];
@@ -220,8 +211,8 @@ static void run_model(const char *model) {
     }
     for (int i = 0; i < nm; i++) close_ent(&e[i]);
 
-    rmtree(out_full);
-    rmtree(out_k1);
+    golden_rm_saved(out_full);
+    golden_rm_saved(out_k1);
     rmdir(tmp);
     ds_llama_free(L);
     ds_model_free(t);

@@ -6,6 +6,7 @@
 #include "ds/adapter.h"
 #include "ds/model.h"
 #include "ds_test.h"
+#include "golden.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -71,12 +72,7 @@ int main(void) {
         CHECK_MSG(frac <= 0.03, "a 1%% delta is %.2f%% of the model's fp32 bytes (> 3%%)", 100.0 * frac);
         ds_adapter_dev_release(b, &dev);
     }
-    char f[1100];
-    snprintf(f, sizeof f, "%s/adapter_config.json", tmp);
-    unlink(f);
-    snprintf(f, sizeof f, "%s/adapter_model.safetensors", tmp);
-    unlink(f);
-    rmdir(tmp);
+    golden_rm_saved(tmp);
     ds_adapter_free(a);
     ds_backend_free(b);
     ds_model_free(tuned);

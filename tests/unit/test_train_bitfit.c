@@ -1,8 +1,8 @@
 /* BitFit training (bias deltas of delta adapters) against PyTorch (tests/data/train/bitfit/, made by
  * tests/golden/gen_train_bitfit.py): on tiny Llama (no biases: the delta is the bias) and tiny Qwen2
  * (q/k/v biases: the delta adds), from a seeded non-zero start,
- *   loss                       |ours − ref| <= 1e-5 · |ref|
- *   every bias-delta gradient  max|ours − ref| <= 1e-4 · max(max|ref|, 1e-6)
+ *   loss                       |ours − ref| <= 1e-5 · |ref|                     (train_golden.h)
+ *   every bias-delta gradient  max|ours − ref| <= 1e-4 · max(max|ref|, 1e-6)   (train_golden.h)
  * and: a BitFit spec ("bitfit") starts at zero on all seven projections, a step changes the deltas,
  * ds_trainer_save writes a delta adapter that ds_adapter_load reads back bit for bit; sparse delta
  * adapters cannot be continued (diff pruning trains from a spec: test_train_diff_pruning.c). */
@@ -10,77 +10,41 @@
 #include "ds/train.h"
 #include "ds_test.h"
 #include "golden.h"
+#include "train_golden.h"
 
 #include <string.h>
 
 static void grads_vs_torch(const char *model) {
-    char mpath[512], dir[512], ref_path[600];
-    snprintf(mpath, sizeof mpath, "%s/models/%s", DS_TEST_DATA, model);
+    char dir[512];
     snprintf(dir, sizeof dir, "%s/train/bitfit/%s", DS_TEST_DATA, model);
-    snprintf(ref_path, sizeof ref_path, "%s/reference.json", dir);
+    tg_case c;
     ds_err err = {{0}};
-    ds_model_params mp = ds_model_default_params();
-    mp.verbose = false;
-    mp.load_tokenizer = false;
-    ds_model *m = ds_model_load(mpath, &mp, &err);
-    ds_adapter *init = m ? ds_adapter_load(dir, m, NULL, &err) : NULL;
-    cJSON *ref = golden_load_json(ref_path);
-    CHECK_MSG(m && init && ref, "%s: %s", model, err.msg);
-    if (!m || !init || !ref) goto out;
-    ds_train_example ex[4];
-    int32_t *bufs[8] = {0};
-    int n_ex = 0;
-    const cJSON *e;
-    cJSON_ArrayForEach(e, cJSON_GetObjectItem(ref, "examples")) {
-        int n, nl;
-        bufs[2 * n_ex] = golden_ids(cJSON_GetObjectItem(e, "tokens"), &n);
-        bufs[2 * n_ex + 1] = golden_ids(cJSON_GetObjectItem(e, "labels"), &nl);
-        ex[n_ex] = (ds_train_example){.tokens = bufs[2 * n_ex], .labels = bufs[2 * n_ex + 1], .n_tokens = n};
-        n_ex++;
-    }
+    ds_trainer *t = NULL;
+    if (!tg_case_open(&c, model, dir, true, model)) goto out;
     ds_train_params p = ds_train_default_params();
     p.micro_batch_tokens = 64;
-    ds_trainer *t = ds_trainer_create_from(m, init, false, 0.0f, &p, &err);
+    t = ds_trainer_create_from(c.m, c.init, false, 0.0f, &p, &err);
     CHECK_MSG(t != NULL, "%s: %s", model, err.msg);
     ds_train_stats s;
-    if (t && ds_trainer_compute_grads(t, ex, n_ex, &s, &err) == 0) {
-        const double want = cJSON_GetObjectItem(ref, "loss")->valuedouble;
-        CHECK_MSG(fabs(s.loss - want) <= 1e-5 * fabs(want), "%s: loss %.8g vs %.8g", model, s.loss, want);
-        const cJSON *grads = cJSON_GetObjectItem(ref, "grads");
-        int n_t = 0;
-        double worst = 0;
-        for (int32_t i = 0; i < ds_trainer_n_tensors(t); i++) {
-            const ds_train_tensor *tt = ds_trainer_tensor(t, i);
-            const cJSON *g = cJSON_GetObjectItem(grads, tt->name);
-            CHECK_MSG(g != NULL, "%s: no reference gradient for %s", model, tt->name);
-            if (!g) continue;
-            const double scale = fmax(golden_max_abs(g), 1e-6), d = golden_max_diff(tt->grad, g, (int)tt->n);
-            CHECK_MSG(d <= 1e-4 * scale, "%s %s: max|d grad| %.3g > %.3g", model, tt->name, d, 1e-4 * scale);
-            worst = fmax(worst, d / scale);
-            n_t++;
-        }
-        CHECK_EQ_INT(n_t, cJSON_GetArraySize(grads));
+    if (t && ds_trainer_compute_grads(t, c.ex, c.n_ex, &s, &err) == 0) {
+        const double want = cJSON_GetObjectItem(c.ref, "loss")->valuedouble;
+        tg_check_loss(model, s.loss, want);
+        const cJSON *grads = cJSON_GetObjectItem(c.ref, "grads");
+        const double worst = tg_check_grads(t, grads, model);
         printf("%s: BitFit loss %.7f (torch %.7f), %d bias-delta gradients, worst relative error %.2e\n", model,
-               s.loss, want, n_t, worst);
+               s.loss, want, cJSON_GetArraySize(grads), worst);
     } else {
         CHECK_MSG(0, "%s: compute_grads: %s", model, err.msg);
     }
-    ds_trainer_free(t);
-    for (int i = 0; i < 2 * n_ex; i++) free(bufs[i]);
 out:
-    cJSON_Delete(ref);
-    ds_adapter_free(init);
-    ds_model_free(m);
+    ds_trainer_free(t);
+    tg_case_close(&c);
 }
 
 /* From a spec: zero start, one step moves the deltas, save → load round trip; refusals. */
 static void spec_save_refusals(void) {
     ds_err err = {{0}};
-    ds_model_params mp = ds_model_default_params();
-    mp.verbose = false;
-    mp.load_tokenizer = false;
-    ds_model *m = ds_model_load(DS_TEST_DATA "/models/tiny-llama", &mp, &err);
-    CHECK_MSG(m != NULL, "%s", err.msg);
+    ds_model *m = tg_load_model("tiny-llama");
     if (!m) return;
     ds_adapter_kind kind;
     CHECK_EQ_INT(ds_train_kind_parse("bitfit", &kind, &err), 0);
@@ -113,12 +77,7 @@ static void spec_save_refusals(void) {
                   !memcmp(back->dbias[i], a->dbias[i], sizeof(float) * (size_t)a->proj_out[i % DS_PROJ_COUNT]));
         if (back) CHECK(!strcmp(back->peft_type, "DELTA") && !back->delta);
         ds_adapter_free(back);
-        char f[600];
-        snprintf(f, sizeof f, "%s/adapter_config.json", tmp);
-        unlink(f);
-        snprintf(f, sizeof f, "%s/adapter_model.safetensors", tmp);
-        unlink(f);
-        rmdir(tmp);
+        golden_rm_saved(tmp);
     }
     ds_trainer_free(t);
     /* a sparse delta (diff pruning / an extracted fine-tune) has no trainer yet */

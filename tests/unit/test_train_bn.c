@@ -2,8 +2,8 @@
  * src/train/ah_save.c) against the AdapterHub `adapters` package (tests/data/train/bottleneck/,
  * made by tests/golden/gen_train_bottleneck.py): sequential, Houlsby and parallel adapters on tiny
  * Llama and tiny Qwen2, two non-linearities per placement, from seeded non-zero parameters:
- *   loss                      |ours − ref| <= 1e-5 · |ref|
- *   every gradient tensor     max|ours − ref| <= 1e-4 · max(max|ref|, 1e-6)
+ *   loss                      |ours − ref| <= 1e-5 · |ref|                     (train_golden.h)
+ *   every gradient tensor     max|ours − ref| <= 1e-4 · max(max|ref|, 1e-6)   (train_golden.h)
  *   one AdamW step            every parameter max|Δ| <= 1e-5 · max|ref| (elements whose gradient is
  *                             < 1e-4 of the tensor's max: <= 2·lr, the sign of a near-zero gradient
  *                             decides Adam's first step)
@@ -21,36 +21,12 @@
 #include "ds_test.h"
 #include "golden.h"
 #include "adapter_run.h"
+#include "train_golden.h"
 
 #include <math.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
-
-static ds_model *load_model(const char *name) {
-    char path[512];
-    snprintf(path, sizeof path, "%s/models/%s", DS_TEST_DATA, name);
-    ds_err err = {{0}};
-    ds_model_params mp = ds_model_default_params();
-    mp.verbose = false;
-    mp.load_tokenizer = false;
-    ds_model *m = ds_model_load(path, &mp, &err);
-    CHECK_MSG(m != NULL, "%s: %s", name, err.msg);
-    return m;
-}
-
-static int read_examples(const cJSON *ref, ds_train_example *ex, int32_t **bufs) {
-    int n_ex = 0;
-    const cJSON *e;
-    cJSON_ArrayForEach(e, cJSON_GetObjectItem(ref, "examples")) {
-        int n, nl;
-        bufs[2 * n_ex] = golden_ids(cJSON_GetObjectItem(e, "tokens"), &n);
-        bufs[2 * n_ex + 1] = golden_ids(cJSON_GetObjectItem(e, "labels"), &nl);
-        ex[n_ex] = (ds_train_example){.tokens = bufs[2 * n_ex], .labels = bufs[2 * n_ex + 1], .n_tokens = n};
-        n_ex++;
-    }
-    return n_ex;
-}
 
 /* One AdamW step vs torch: |Δ| <= 1e-5·max|ref|, or 2·lr where the gradient is relatively tiny. */
 static void check_step(const char *cs, const ds_train_tensor *x, const cJSON *after, const cJSON *grad, float lr) {
@@ -92,20 +68,14 @@ static void check_variants(const ds_model *m, const ds_adapter *init, const ds_t
 }
 
 static void grads_vs_torch(const char *model, const char *cs) {
-    char dir[512], ref_path[600], what[128];
+    char dir[512], what[128];
     snprintf(dir, sizeof dir, "%s/train/bottleneck/%s/%s", DS_TEST_DATA, model, cs);
-    snprintf(ref_path, sizeof ref_path, "%s/reference.json", dir);
     snprintf(what, sizeof what, "%s/%s", model, cs);
+    tg_case c;
     ds_err err = {{0}};
-    ds_model *m = load_model(model);
-    ds_adapter *init = m ? ds_adapter_load(dir, m, NULL, &err) : NULL;
-    cJSON *ref = golden_load_json(ref_path);
-    CHECK_MSG(m && init && ref, "%s: %s", what, err.msg);
-    if (!m || !init || !ref) goto out;
-    ds_train_example ex[4];
-    int32_t *bufs[8] = {0};
-    const int n_ex = read_examples(ref, ex, bufs);
-    const cJSON *adam = cJSON_GetObjectItem(ref, "adamw");
+    ds_trainer *t = NULL;
+    if (!tg_case_open(&c, model, dir, true, what)) goto out;
+    const cJSON *adam = cJSON_GetObjectItem(c.ref, "adamw");
     ds_train_params p = ds_train_default_params();
     p.micro_batch_tokens = 64;
     p.schedule = DS_LR_CONSTANT;
@@ -113,28 +83,15 @@ static void grads_vs_torch(const char *model, const char *cs) {
     p.lr = (float)cJSON_GetObjectItem(adam, "lr")->valuedouble;
     p.weight_decay = (float)cJSON_GetObjectItem(adam, "weight_decay")->valuedouble;
     p.eps = (float)cJSON_GetObjectItem(adam, "eps")->valuedouble;
-    ds_trainer *t = ds_trainer_create_from(m, init, false, 0.0f, &p, &err);
+    t = ds_trainer_create_from(c.m, c.init, false, 0.0f, &p, &err);
     CHECK_MSG(t != NULL, "%s: %s", what, err.msg);
     ds_train_stats s;
-    if (t && ds_trainer_compute_grads(t, ex, n_ex, &s, &err) == 0) {
-        const double want = cJSON_GetObjectItem(ref, "loss")->valuedouble;
-        CHECK_MSG(fabs(s.loss - want) <= 1e-5 * fabs(want), "%s: loss %.8g vs %.8g", what, s.loss, want);
-        const cJSON *grads = cJSON_GetObjectItem(ref, "grads");
-        int n_t = 0;
-        double worst = 0;
-        for (int32_t i = 0; i < ds_trainer_n_tensors(t); i++) {
-            const ds_train_tensor *tt = ds_trainer_tensor(t, i);
-            const cJSON *g = cJSON_GetObjectItem(grads, tt->name);
-            CHECK_MSG(g != NULL && cJSON_GetArraySize(g) == (int)tt->n, "%s: no reference gradient for %s", what,
-                      tt->name);
-            if (!g || cJSON_GetArraySize(g) != (int)tt->n) continue;
-            const double scale = fmax(golden_max_abs(g), 1e-6), d = golden_max_diff(tt->grad, g, (int)tt->n);
-            CHECK_MSG(d <= 1e-4 * scale, "%s %s: max|d grad| %.3g > %.3g", what, tt->name, d, 1e-4 * scale);
-            worst = fmax(worst, d / scale);
-            n_t++;
-        }
-        CHECK_EQ_INT(n_t, cJSON_GetArraySize(grads));
-        check_variants(m, init, &p, ex, n_ex, t, what);
+    if (t && ds_trainer_compute_grads(t, c.ex, c.n_ex, &s, &err) == 0) {
+        const double want = cJSON_GetObjectItem(c.ref, "loss")->valuedouble;
+        tg_check_loss(what, s.loss, want);
+        const cJSON *grads = cJSON_GetObjectItem(c.ref, "grads");
+        const double worst = tg_check_grads(t, grads, what);
+        check_variants(c.m, c.init, &p, c.ex, c.n_ex, t, what);
         CHECK_MSG(ds_trainer_apply(t, &s, &err) == 0, "%s: apply: %s", what, err.msg);
         const cJSON *after = cJSON_GetObjectItem(adam, "params");
         for (int32_t i = 0; i < ds_trainer_n_tensors(t); i++) {
@@ -144,16 +101,13 @@ static void grads_vs_torch(const char *model, const char *cs) {
             if (a && g && cJSON_GetArraySize(a) == (int)tt->n) check_step(what, tt, a, g, p.lr);
         }
         printf("%s: loss %.7f (torch %.7f), %d gradients, worst relative error %.2e; AdamW step checked\n", what,
-               s.loss, want, n_t, worst);
+               s.loss, want, cJSON_GetArraySize(grads), worst);
     } else {
         CHECK_MSG(0, "%s: compute_grads: %s", what, err.msg);
     }
-    ds_trainer_free(t);
-    for (int i = 0; i < 2 * n_ex; i++) free(bufs[i]);
 out:
-    cJSON_Delete(ref);
-    ds_adapter_free(init);
-    ds_model_free(m);
+    ds_trainer_free(t);
+    tg_case_close(&c);
 }
 
 /* Serves `a` on probe tokens: logits [n][V] (malloc'd), or NULL. */
@@ -207,13 +161,6 @@ static void export_logits(const char *dir, const float *logits, const int32_t *t
     fprintf(f, "]}\n");
     fclose(f);
     printf("exported %s\n", path);
-}
-
-static void rm_dir(const char *dir) {
-    const char *files[] = {"adapter_config.json", "adapter.safetensors", "adapter_interface.json", "ds_logits.json"};
-    char f[700];
-    for (int i = 0; i < 4; i++) snprintf(f, sizeof f, "%s/%s", dir, files[i]), unlink(f);
-    rmdir(dir);
 }
 
 static void spec_train_save_serve(ds_model *m, const char *model, ds_train_bn_placement pl) {
@@ -294,7 +241,7 @@ static void spec_train_save_serve(ds_model *m, const char *model, ds_train_bn_pl
         free(lg);
     }
     ds_adapter_free(back);
-    if (!exp_dir) rm_dir(dir);
+    if (!exp_dir) golden_rm_saved(dir);
 done:
     ds_trainer_free(t);
 }
@@ -358,13 +305,13 @@ int main(void) {
     static const char *const qwen[] = {"seq-gelu_new", "houlsby-tanh", "par-gelu"};
     for (int i = 0; i < 3; i++) grads_vs_torch("tiny-llama", llama[i]);
     for (int i = 0; i < 3; i++) grads_vs_torch("tiny-qwen2", qwen[i]);
-    ds_model *m = load_model("tiny-llama");
+    ds_model *m = tg_load_model("tiny-llama");
     if (m) {
         for (int pl = 0; pl < 3; pl++) spec_train_save_serve(m, "tiny-llama", (ds_train_bn_placement)pl);
         refusals(m);
     }
     ds_model_free(m);
-    if ((m = load_model("tiny-qwen2")))
+    if ((m = tg_load_model("tiny-qwen2")))
         for (int pl = 0; pl < 3; pl++) spec_train_save_serve(m, "tiny-qwen2", (ds_train_bn_placement)pl);
     ds_model_free(m);
     return ds_test_result();

@@ -2,7 +2,7 @@
  * made by tests/golden/gen_train_diff_pruning.py): tiny Llama (k,o,up,down_proj, no bias deltas)
  * and tiny Qwen2 (q,v,gate_proj with bias deltas added to its own q/v biases), density 0.05, one
  * dense warm-up step (at lr 0: HF warm-up), then two masked steps at lr 1e-3, weight decay 0.01:
- *   loss of each step                 |ours − ref| <= 1e-5 · |ref|
+ *   loss of each step                 |ours − ref| <= 1e-5 · |ref| (train_golden.h)
  *   step 0's dense δ / bias gradients max|ours − ref| <= 1e-4 · max|ref|
  *   the mask fixed after the warm-up  exactly PyTorch's kept entries (δ nonzero there, 0 elsewhere)
  *   steps 1, 2: gradients             at kept entries as above; exactly 0 outside the mask
@@ -23,6 +23,7 @@
 #include "format/safetensors.h"
 #include "golden.h"
 #include "train/jobs_internal.h"
+#include "train_golden.h"
 
 #include <string.h>
 #include <sys/stat.h>
@@ -30,27 +31,6 @@
 
 static const char *const PROJ[DS_PROJ_COUNT] = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                 "down_proj"};
-
-static void rm_saved(const char *dir) {
-    char f[600];
-    snprintf(f, sizeof f, "%s/adapter_config.json", dir);
-    unlink(f);
-    snprintf(f, sizeof f, "%s/adapter_model.safetensors", dir);
-    unlink(f);
-    rmdir(dir);
-}
-
-static ds_model *load_model(const char *name) {
-    char path[512];
-    snprintf(path, sizeof path, "%s/models/%s", DS_TEST_DATA, name);
-    ds_err err = {{0}};
-    ds_model_params mp = ds_model_default_params();
-    mp.verbose = false;
-    mp.load_tokenizer = false;
-    ds_model *m = ds_model_load(path, &mp, &err);
-    CHECK_MSG(m != NULL, "%s: %s", name, err.msg);
-    return m;
-}
 
 /* Every trainer tensor from `f` (by name): into the values, or checked against the gradients (worst
  * relative error into *worst). False if one is missing. */
@@ -141,7 +121,7 @@ static void check_saved(ds_trainer *t, const ds_model *m, const cJSON *ref, cons
     CHECK_MSG(ds_trainer_save(t, tmp, "tests/data/models", &err) == 0, "%s save: %s", label, err.msg);
     ds_adapter *a = ds_adapter_load(tmp, m, NULL, &err);
     CHECK_MSG(a != NULL, "%s reload: %s", label, err.msg);
-    rm_saved(tmp);
+    golden_rm_saved(tmp);
     if (!a) return;
     CHECK(!strcmp(a->peft_type, "DELTA") && a->delta);
     const cJSON *mods = cJSON_GetObjectItem(ref, "modules");
@@ -208,15 +188,12 @@ static void check_saved(ds_trainer *t, const ds_model *m, const cJSON *ref, cons
 }
 
 static void golden_run(const char *model) {
-    char dir[512], path[600];
+    char dir[512];
     snprintf(dir, sizeof dir, "%s/train/diff_pruning/%s", DS_TEST_DATA, model);
-    snprintf(path, sizeof path, "%s/reference.json", dir);
+    tg_case c;
     ds_err err = {{0}};
-    ds_model *m = load_model(model);
-    cJSON *ref = golden_load_json(path);
-    CHECK_MSG(ref != NULL, "%s missing", path);
-    if (!m || !ref) goto out;
-    const cJSON *cfg = cJSON_GetObjectItem(ref, "config");
+    if (!tg_case_open(&c, model, dir, false, model)) goto out;
+    const cJSON *cfg = cJSON_GetObjectItem(c.ref, "config");
     ds_train_adapter_spec sp = ds_train_default_spec(DS_ADAPTER_DELTA);
     sp.targets = target_bits(cJSON_GetObjectItem(cfg, "targets"));
     sp.density = (float)cJSON_GetObjectItem(cfg, "density")->valuedouble;
@@ -229,21 +206,10 @@ static void golden_run(const char *model) {
     p.warmup_steps = cJSON_GetObjectItem(cfg, "lr_warmup_steps")->valueint;
     p.weight_decay = (float)cJSON_GetObjectItem(cfg, "weight_decay")->valuedouble;
     p.max_grad_norm = (float)cJSON_GetObjectItem(cfg, "max_grad_norm")->valuedouble;
-    ds_trainer *t = ds_trainer_create(m, &sp, &p, &err);
+    ds_trainer *t = ds_trainer_create(c.m, &sp, &p, &err);
     CHECK_MSG(t != NULL, "%s: %s", model, err.msg);
-    ds_train_example ex[4];
-    int32_t *bufs[8] = {0};
-    int n_ex = 0;
-    const cJSON *e;
-    cJSON_ArrayForEach(e, cJSON_GetObjectItem(ref, "examples")) {
-        int n, nl;
-        bufs[2 * n_ex] = golden_ids(cJSON_GetObjectItem(e, "tokens"), &n);
-        bufs[2 * n_ex + 1] = golden_ids(cJSON_GetObjectItem(e, "labels"), &nl);
-        ex[n_ex] = (ds_train_example){.tokens = bufs[2 * n_ex], .labels = bufs[2 * n_ex + 1], .n_tokens = n};
-        n_ex++;
-    }
-    const int n_expect = cJSON_GetArraySize(cJSON_GetObjectItem(ref, "modules")) +
-                         cJSON_GetArraySize(cJSON_GetObjectItem(ref, "bias"));
+    const int n_expect = cJSON_GetArraySize(cJSON_GetObjectItem(c.ref, "modules")) +
+                         cJSON_GetArraySize(cJSON_GetObjectItem(c.ref, "bias"));
     if (t) CHECK_EQ_INT(ds_trainer_n_tensors(t), n_expect);
     ds_st_file init = {0}, g0 = {0};
     char ipath[640], gpath[640];
@@ -253,34 +219,33 @@ static void golden_run(const char *model) {
     CHECK_MSG(ok, "%s: %s", model, err.msg);
     double worst_0 = 0, worst_g = 0, worst_v = 0;
     ok = ok && read_all(t, &init, ipath, true, model, &worst_0);
-    const cJSON *losses = cJSON_GetObjectItem(ref, "loss");
+    const cJSON *losses = cJSON_GetObjectItem(c.ref, "loss");
     for (int k = 0; ok && k < 3; k++) {
         ds_train_stats s;
-        ok = ds_trainer_compute_grads(t, ex, n_ex, &s, &err) == 0;
+        ok = ds_trainer_compute_grads(t, c.ex, c.n_ex, &s, &err) == 0;
         CHECK_MSG(ok, "%s step %d: %s", model, k, err.msg);
         if (!ok) break;
-        const double want = cJSON_GetArrayItem(losses, k)->valuedouble;
-        CHECK_MSG(fabs(s.loss - want) <= 1e-5 * fabs(want), "%s step %d: loss %.8g vs %.8g", model, k, s.loss, want);
+        char what[96];
+        snprintf(what, sizeof what, "%s step %d", model, k);
+        tg_check_loss(what, s.loss, cJSON_GetArrayItem(losses, k)->valuedouble);
         if (k == 0) read_all(t, &g0, gpath, false, model, &worst_0);
-        else worst_g = fmax(worst_g, check_masked(t, ref, k, false, model));
+        else worst_g = fmax(worst_g, check_masked(t, c.ref, k, false, model));
         ok = ds_trainer_apply(t, &s, &err) == 0;
         CHECK_MSG(ok, "%s step %d apply: %s", model, k, err.msg);
         if (k == 0) CHECK_MSG(s.lr == 0.0f, "step 0 should run at lr 0 (one warm-up step)");
-        if (k > 0) worst_v = fmax(worst_v, check_masked(t, ref, k, true, model));
+        if (k > 0) worst_v = fmax(worst_v, check_masked(t, c.ref, k, true, model));
     }
     if (ok) {
         printf("%s: diff pruning, 3 steps: dense gradients worst relative error %.2e, masked %.2e, values worst "
                "|diff| %.2e\n",
                model, worst_0, worst_g, worst_v);
-        check_saved(t, m, ref, model);
+        check_saved(t, c.m, c.ref, model);
     }
     ds_st_close(&init);
     ds_st_close(&g0);
     ds_trainer_free(t);
-    for (int i = 0; i < 2 * n_ex; i++) free(bufs[i]);
 out:
-    cJSON_Delete(ref);
-    ds_model_free(m);
+    tg_case_close(&c);
 }
 
 /* A save during the warm-up prunes the live dense δ to each module's top ceil(density·numel). */
@@ -416,7 +381,7 @@ int main(void) {
     ds_log_set_level(DS_LOG_WARN);
     golden_run("tiny-llama");
     golden_run("tiny-qwen2");
-    ds_model *m = load_model("tiny-llama");
+    ds_model *m = tg_load_model("tiny-llama");
     if (m) {
         warmup_save(m);
         resume(m);

@@ -17,6 +17,7 @@
 #include "test_weights.h"
 #include "ds_test.h"
 #include "golden.h"
+#include "train_golden.h"
 #include "train/train_internal.h"
 
 #include <string.h>
@@ -336,18 +337,6 @@ static void check_upper_only(const ds_model *m, ds_adapter *ad, const examples *
     for (int q = 0; q < DS_PROJ_COUNT; q++) ad->lora[q] = saved[q];
 }
 
-static ds_model *load_model(const char *name) {
-    char path[600];
-    snprintf(path, sizeof path, "%s/models/%s", DS_TEST_DATA, name);
-    ds_model_params mp = ds_model_default_params();
-    mp.verbose = false;
-    mp.load_tokenizer = false;
-    ds_err err = {{0}};
-    ds_model *m = ds_model_load(path, &mp, &err);
-    CHECK_MSG(m != NULL, "%s: %s", path, err.msg);
-    return m;
-}
-
 static void run_case(const char *cs) {
     char dir[600], path[700];
     snprintf(dir, sizeof dir, "%s/train/%s", DS_TEST_DATA, cs);
@@ -356,7 +345,7 @@ static void run_case(const char *cs) {
     CHECK_MSG(ref != NULL, "%s: missing (run tests/golden/gen_train.py)", path);
     if (!ref) return;
     const char *peft_type = cJSON_GetObjectItem(ref, "peft_type")->valuestring;
-    ds_model *m = load_model(cJSON_GetObjectItem(ref, "model")->valuestring);
+    ds_model *m = tg_load_model(cJSON_GetObjectItem(ref, "model")->valuestring);
     snprintf(path, sizeof path, "%s/adapter", dir);
     ds_err err = {{0}};
     ds_adapter *ad = m ? ds_adapter_load(path, m, NULL, &err) : NULL;
@@ -520,14 +509,14 @@ int main(void) {
                                         "lora-embed",     "prompt-tuning",   "prompt-tuning-nomask", "prefix"};
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) run_case(cases[i]);
     test_schedules_and_clip();
-    ds_model *m = load_model("tiny-llama");
+    ds_model *m = tg_load_model("tiny-llama");
     if (m) {
         test_refusals(m);
         test_steps(m);
     }
     ds_model_free(m);
     /* Qwen3's per-head q/k norms have no training step yet: refused by name, not trained wrongly. */
-    if ((m = load_model("tiny-qwen3"))) {
+    if ((m = tg_load_model("tiny-qwen3"))) {
         ds_err err = {{0}};
         ds_train_adapter_spec sp = ds_train_default_spec(DS_ADAPTER_LORA);
         ds_trainer *t = ds_trainer_create(m, &sp, NULL, &err);
@@ -535,7 +524,7 @@ int main(void) {
         ds_trainer_free(t);
     }
     ds_model_free(m);
-    if ((m = load_model("tiny-phi3"))) { /* Phi-3's fused modules: peft_save.c would write q_proj etc. */
+    if ((m = tg_load_model("tiny-phi3"))) { /* Phi-3's fused modules: peft_save.c would write q_proj etc. */
         ds_err err = {{0}};
         ds_train_adapter_spec sp = ds_train_default_spec(DS_ADAPTER_LORA);
         ds_trainer *t = ds_trainer_create(m, &sp, NULL, &err);
@@ -543,7 +532,7 @@ int main(void) {
         ds_trainer_free(t);
     }
     ds_model_free(m);
-    if ((m = load_model("tiny-gemma3"))) { /* Gemma 3: q/k norms, post norms, GeGLU, scaled embeddings */
+    if ((m = tg_load_model("tiny-gemma3"))) { /* Gemma 3: q/k norms, post norms, GeGLU, scaled embeddings */
         ds_err err = {{0}};
         ds_train_adapter_spec sp = ds_train_default_spec(DS_ADAPTER_LORA);
         ds_trainer *t = ds_trainer_create(m, &sp, NULL, &err);
@@ -551,7 +540,7 @@ int main(void) {
         ds_trainer_free(t);
     }
     ds_model_free(m);
-    if ((m = load_model("tiny-mistral"))) { /* likewise sliding-window attention */
+    if ((m = tg_load_model("tiny-mistral"))) { /* likewise sliding-window attention */
         ds_err err = {{0}};
         ds_train_adapter_spec sp = ds_train_default_spec(DS_ADAPTER_LORA);
         ds_trainer *t = ds_trainer_create(m, &sp, NULL, &err);

@@ -11,6 +11,7 @@
 #include "ds/train.h"
 #include "ds_test.h"
 #include "golden.h"
+#include "train_golden.h"
 
 #include <dirent.h>
 #include <sys/stat.h>
@@ -27,18 +28,6 @@ typedef struct icase {
 
 static const int32_t toks[2][N_TOK] = {{5, 77, 140, 3, 250, 19, 64, 311, 128, 42, 7, 199},
                                        {300, 12, 8, 91, 160, 33, 275, 4, 58, 222, 17, 90}};
-
-static ds_model *load_model(const char *name) {
-    char path[600];
-    snprintf(path, sizeof path, "%s/models/%s", DS_TEST_DATA, name);
-    ds_model_params mp = ds_model_default_params();
-    mp.verbose = false;
-    mp.load_tokenizer = false;
-    ds_err err = {{0}};
-    ds_model *m = ds_model_load(path, &mp, &err);
-    CHECK_MSG(m != NULL, "%s: %s", path, err.msg);
-    return m;
-}
 
 static bool same_module(const ds_lora_module *a, const ds_lora_module *b) {
     if (!a || !b) return a == b;
@@ -182,7 +171,7 @@ static ds_trainer *make_trainer(const ds_model *m, const icase *ic) {
 }
 
 static void run_case(const icase *ic, const char *keep_dir) {
-    ds_model *m = load_model(ic->model);
+    ds_model *m = tg_load_model(ic->model);
     ds_trainer *t = m ? make_trainer(m, ic) : NULL;
     if (!t) {
         ds_model_free(m);
@@ -233,7 +222,7 @@ static void run_case(const icase *ic, const char *keep_dir) {
 }
 
 static void test_refused_save(void) {
-    ds_model *m = load_model("tiny-llama");
+    ds_model *m = tg_load_model("tiny-llama");
     char path[600];
     snprintf(path, sizeof path, "%s/adapters/tiny-llama/ia3", DS_TEST_DATA);
     ds_err err = {{0}};
