@@ -18,7 +18,7 @@ out=${OUT:-bench/results/soak-$(date -u +%Y%m%dT%H%MZ)}
 mkdir -p "$out"
 work=$(mktemp -d)
 pid=
-trap '[ -n "$pid" ] && kill "$pid" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
+trap 'set +e; [ -n "$pid" ] && kill "$pid" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT # set +e: see bench/train_coserve.sh
 adir="$work/adapters"
 mkdir -p "$adir/pool"
 # 4 adapters served throughout (found by the start-up scan) and 8 more under pool/ to churn
