@@ -74,6 +74,28 @@ def test_api_key_from_env(fresh_server):
     assert srv.stop() == 0
 
 
+def _environ(pid):
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        return dict(e.split(b"=", 1) for e in f.read().split(b"\0") if b"=" in e)
+
+
+def test_openmp_short_spin(fresh_server):
+    """src/util/omp_env.c: without a user setting the server runs (the same pid, re-executed) with
+    GOMP_SPINCOUNT=1000; a user's own setting is kept."""
+    import os
+    user = os.environ.get("GOMP_SPINCOUNT") or ("(policy)" if os.environ.get("OMP_WAIT_POLICY") else None)
+    srv = fresh_server()
+    got = _environ(srv.proc.pid).get(b"GOMP_SPINCOUNT")
+    if user is None:
+        assert got == b"1000"
+    elif user != "(policy)":
+        assert got == user.encode()
+    assert srv.stop() == 0
+    srv = fresh_server(env={"GOMP_SPINCOUNT": "7"})
+    assert _environ(srv.proc.pid).get(b"GOMP_SPINCOUNT") == b"7"
+    assert srv.stop() == 0
+
+
 def test_port_in_use(fresh_server, tmp_path):
     srv = fresh_server()
     out = subprocess.run([str(BINARY), "serve", "-m", str(MODEL), "--port", str(srv.port), "--threads", "1"],
