@@ -43,15 +43,15 @@ tr_attn_args tr_attn_args_of(ds_trainer *t, int32_t l, tr_act *a) {
 
 static void attention_block(ds_trainer *t, int32_t l, tr_act *a) {
     const tr_dims *D = &t->dim;
-    const ds_layer_weights *w = &t->m->layers[l];
+    const tr_layer_vecs *w = &t->lv[l];
     const int32_t n = t->b.n_rows;
     const float *x = t->ck[l];
     TR_OP(t, rmsnorm_fwd, x, w->attn_norm, a->h1, a->r1, n, D->d, D->eps);
     linear(t, l, DS_PROJ_Q, w->bq, a->h1, a->q, a->u[DS_PROJ_Q]);
     linear(t, l, DS_PROJ_K, w->bk, a->h1, a->k, a->u[DS_PROJ_K]);
     linear(t, l, DS_PROJ_V, w->bv, a->h1, a->v, a->u[DS_PROJ_V]);
-    TR_OP(t, rope, a->q, t->b.pos, t->m->inv_freq, n, D->n_head, D->hd, +1);
-    TR_OP(t, rope, a->k, t->b.pos, t->m->inv_freq, n, D->n_kv, D->hd, +1);
+    TR_OP(t, rope, a->q, t->b.pos, t->inv_freq, n, D->n_head, D->hd, +1);
+    TR_OP(t, rope, a->k, t->b.pos, t->inv_freq, n, D->n_kv, D->hd, +1);
     tr_attn_args args = tr_attn_args_of(t, l, a);
     TR_OP(t, attention_fwd, &args);
     linear(t, l, DS_PROJ_O, NULL, a->att, a->x_mid, a->u[DS_PROJ_O]);
@@ -62,7 +62,7 @@ static void attention_block(ds_trainer *t, int32_t l, tr_act *a) {
 
 static void mlp_block(ds_trainer *t, int32_t l, tr_act *a) {
     const tr_dims *D = &t->dim;
-    const ds_layer_weights *w = &t->m->layers[l];
+    const tr_layer_vecs *w = &t->lv[l];
     const int32_t n = t->b.n_rows;
     float *out = t->ck[l + 1];
     TR_OP(t, rmsnorm_fwd, a->x_mid, w->ffn_norm, a->h2, a->r2, n, D->d, D->eps);
@@ -112,7 +112,7 @@ static double head_chunk(ds_trainer *t, const int32_t *rows, const int32_t *tgt,
     tr_head_work *hw = &t->hw;
     const float *xL = t->ck[D->L];
     TR_OP(t, gather_rows, xL, rows, hw->x, c, D->d);
-    TR_OP(t, rmsnorm_fwd, hw->x, t->m->output_norm, hw->hn, hw->rinv, c, D->d, D->eps);
+    TR_OP(t, rmsnorm_fwd, hw->x, t->output_norm, hw->hn, hw->rinv, c, D->d, D->eps);
     TR_MATMUL(t, hw->hn, &t->wm_output, hw->logits, c);
     const ds_lora_module *m = tr_lora(t, -1, DS_PROJ_COUNT);
     if (m) TR_OP(t, lora_fwd, hw->hn, m->A, m->B, m->scale, hw->u, hw->logits, c, D->d, D->V, m->rank);
@@ -127,7 +127,7 @@ static double head_chunk(ds_trainer *t, const int32_t *rows, const int32_t *tgt,
               t->g.lora_tmp, c, D->d, D->V, m->rank);
     }
     TR_OP(t, fill, hw->dx, (size_t)c * D->d, 0.0f);
-    TR_OP(t, rmsnorm_bwd, hw->x, t->m->output_norm, hw->rinv, hw->dhn, hw->dx, c, D->d);
+    TR_OP(t, rmsnorm_bwd, hw->x, t->output_norm, hw->rinv, hw->dhn, hw->dx, c, D->d);
     return loss;
 }
 
