@@ -96,7 +96,7 @@ void tr_backward_layer(ds_trainer *t, int32_t l, int32_t low) {
 
 void tr_backward_embed(ds_trainer *t) {
     if (t->ad->prompt) TR_OP(t, embed_bwd_soft, t->b.src, t->g.dx, t->dprompt, t->b.n_rows, t->dim.d);
-    const ds_lora_module *e = t->ad->embed;
+    const ds_lora_module *e = t->res->embed;
     if (e)
         TR_OP(t, embed_lora_bwd, e->B, e->scale, t->b.src, t->g.emb_u, t->g.dx, t->dA[TR_SLOT_EMBED(t)],
               t->dB[TR_SLOT_EMBED(t)], t->g.lora_tmp, t->b.n_rows, t->dim.d, e->rank);

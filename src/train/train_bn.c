@@ -310,7 +310,7 @@ void tr_bn_free(ds_trainer *t) {
 /* ---- forward / backward hooks ---- */
 
 static const ds_bn_module *module_at(const ds_trainer *t, int32_t l, int site) {
-    return t->bn ? t->ad->bn[(size_t)l * DS_BN_SITES + site] : NULL;
+    return t->bn ? t->res->bn[(size_t)l * DS_BN_SITES + site] : NULL; /* resident arrays */
 }
 
 static ds_train_bn_args args_of(const ds_bn_module *b, int32_t n) {

@@ -112,7 +112,9 @@ struct ds_trainer {
     int op_rc;                /* first failing op's status since the last check, 0 if none */
     tr_dims dim;
     ds_train_params p;
-    ds_adapter *ad;           /* owned: the live parameters */
+    ds_adapter *ad;           /* owned: the HOST adapter, a mirror of res filled by tr_resident_sync */
+    ds_adapter *res;          /* owned: the live parameters, ad's structure with backend arrays
+                               * (train_resident.c); the ops read these */
     bool rslora;
     float alpha;              /* spec alpha for saving (0: derive) */
     tr_param *params;
@@ -171,6 +173,18 @@ float *tr_alloc(ds_trainer *t, size_t n);
 const ds_lora_module *tr_lora(const ds_trainer *t, int32_t layer, int proj); /* proj DS_PROJ_COUNT = lm_head */
 /* proj value naming embed_tokens in tr_module_path and the parameter table */
 #define TR_PROJ_EMBED (DS_PROJ_COUNT + 1)
+
+/* The resident adapter (train_resident.c). build: t->res from t->ad, uploaded (before
+ * tr_params_build); remap: the parameter table's values become t->res's arrays (after it); sync:
+ * downloads t->res into t->ad (before any host reader: save, snapshot, ds_trainer_adapter). */
+int tr_resident_build(ds_trainer *t);
+int tr_resident_remap(ds_trainer *t);
+int tr_resident_sync(const ds_trainer *t);
+void tr_resident_free(ds_trainer *t);
+/* Parameter i's value / first moment / second moment / gradient to (write: upload) or from
+ * (download) pub.n floats of host memory, any alignment: the jobs' resumable state (job_store.c). */
+enum { TR_VALUE = 0, TR_M, TR_V, TR_GRAD };
+int tr_param_io(const ds_trainer *t, int32_t i, int which, void *host, bool write);
 
 /* Parameters (train_params.c). */
 /* HF module path: "model.layers.3.self_attn.q_proj", "model.layers.0.mlp.down_proj", "lm_head". */

@@ -138,15 +138,22 @@ int32_t ds_trainer_n_tensors(const ds_trainer *t) { return t->n_params; }
 const ds_train_tensor *ds_trainer_tensor(const ds_trainer *t, int32_t i) {
     return i >= 0 && i < t->n_params ? &t->params[i].pub : NULL;
 }
-const ds_adapter *ds_trainer_adapter(const ds_trainer *t) { return t->ad; }
+const ds_adapter *ds_trainer_adapter(const ds_trainer *t) { return tr_resident_sync(t) ? NULL : t->ad; }
 int64_t ds_trainer_steps_done(const ds_trainer *t) { return t->step; }
 
 ds_adapter *ds_trainer_snapshot(const ds_trainer *t, const char *name, ds_err *err) {
+    const int rc = tr_resident_sync(t); /* a publication: the host copy of the live parameters */
+    if (rc) {
+        ds_err_set(err, rc, "reading the adapter from backend '%s' failed", t->be->iface->name);
+        return NULL;
+    }
     if (t->dp) return tr_dp_snapshot(t, name, err); /* the dense δ as a sparse delta */
     return tr_adapter_clone(t->ad, name, err);
 }
 
 int ds_trainer_save(const ds_trainer *t, const char *dir, const char *base_model_name_or_path, ds_err *err) {
+    const int rc = tr_resident_sync(t); /* a save: the host copy of the live parameters */
+    if (rc) return ds_err_set(err, rc, "reading the adapter from backend '%s' failed", t->be->iface->name);
     if (t->dp) return tr_dp_save(t, dir, base_model_name_or_path, err); /* diff pruning: the sparse delta */
     if (t->ad->kind == DS_ADAPTER_DELTA) /* BitFit: deltaserve's delta format, not PEFT's */
         return ds_delta_save(t->ad, dir, base_model_name_or_path, "deltaserve training (BitFit)", err);

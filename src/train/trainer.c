@@ -1,5 +1,14 @@
 /* ds_trainer: creation (buffers sized once for micro_batch_tokens: a step allocates nothing),
- * example validation, micro-batch packing, gradient accumulation, the masked mean loss. */
+ * example validation, micro-batch packing, gradient accumulation, the masked mean loss.
+ *
+ * Memory: every buffer the ops touch is the backend's (tr_alloc: be->iface->alloc, zeroed,
+ * released in ds_trainer_free), and the host never dereferences it. The host keeps only tables of
+ * backend pointers (acts, ck, lv), the batch's staging arrays (uploaded once per micro-batch by
+ * tr_pack) and the attention sequence table the interface takes from the host. The model's small
+ * vectors are uploaded once here; the frozen projections are the backend's ds_mat handles. The
+ * adapter's parameters, gradients and moments are resident too (train_resident.c): downloaded
+ * only for a save, a snapshot, ds_trainer_adapter or the jobs' state (docs/ARCHITECTURE.md,
+ * "What is resident where"; tests/unit/test_train_shim.c). */
 #include "adapter/loader.h"
 #include "train/train_internal.h"
 
@@ -252,7 +261,10 @@ static ds_trainer *trainer_init(const ds_model *m, ds_adapter *ad, const ds_trai
     t->unit_seconds = p->unit_seconds;
     t->head_rows = p->head_rows;
     int rc = tr_backend_attach(t, p->backend, err);
+    if (!rc && (rc = tr_resident_build(t))) /* the parameters, uploaded once (train_resident.c) */
+        ds_err_set(err, rc, "backend '%s': uploading the adapter's parameters: %s", t->be->iface->name, ds_strerror(rc));
     if (!rc) rc = tr_params_build(t, err);
+    if (!rc && (rc = tr_resident_remap(t))) ds_err_set(err, rc, "internal: a trainable array is not a parameter");
     if (!rc && spec) rc = tr_dp_init(t, spec, err); /* diff pruning's dense δ (train_dp.c) */
     if (!rc && (alloc_acts(t) || alloc_work(t)))
         rc = ds_err_set(err, DS_ENOMEM, "out of memory for training buffers (micro_batch_tokens %d)", t->max_rows);
@@ -312,6 +324,7 @@ void ds_trainer_free(ds_trainer *t) {
     free(t->b.h_idx);
     tr_params_free(t);
     tr_dp_free(t);
+    tr_resident_free(t);
     tr_backend_detach(t);
     ds_adapter_free(t->ad);
     free(t);
