@@ -11,8 +11,10 @@
  *   - during a step nothing is downloaded (the loss and the squared norms come back as the ops'
  *     host scalars), except diff pruning's one download of δ when its mask is fixed; the only
  *     uploads are the four index arrays of each micro-batch; no alloc / release inside a step;
- *   - publication (ds_trainer_save, ds_trainer_snapshot) and the jobs' state save / load
- *     (job_store.c) run through the shim and give the same files / values as the CPU trainer. */
+ *   - publication (ds_trainer_save, ds_trainer_snapshot, ds_trainer_adapter) and the jobs' state
+ *     save / load (job_store.c) run through the shim and give the same files / values as the CPU
+ *     trainer; a trainer continuing from the snapshot (ds_trainer_create_from) evaluates and steps
+ *     bit-identically on both backends. */
 #include "ds/train.h"
 #include "ds_test.h"
 #include "shim_backend.h"
@@ -137,8 +139,25 @@ static void check_publish(const ds_model *m, const cfg *c, ds_trainer *cpu, ds_t
     CHECK_MSG(ds_trainer_save(cpu, da, "tiny", &err) == 0, "%s: %s", c->name, err.msg);
     CHECK_MSG(ds_trainer_save(sh, db, "tiny", &err) == 0, "%s: %s", c->name, err.msg);
     CHECK_MSG(same_dirs(da, db), "%s: the saved adapters differ", c->name);
+    CHECK_MSG(ds_trainer_adapter(sh) != NULL, "%s: ds_trainer_adapter through the shim", c->name);
     ds_adapter *sa = ds_trainer_snapshot(sh, "snap", &err);
     CHECK_MSG(sa != NULL, "%s: %s", c->name, err.msg);
+    if (sa && !c->density) { /* continuing from it (create_from uploads it), evaluated and stepped */
+        ds_train_params tp = ds_train_default_params();
+        tp.micro_batch_tokens = 80;
+        ds_trainer *x = ds_trainer_create_from(m, sa, c->rslora, 0, &tp, &err);
+        tp.backend = be;
+        ds_trainer *y = ds_trainer_create_from(m, sa, c->rslora, 0, &tp, &err);
+        CHECK_MSG(x && y, "%s: create_from: %s", c->name, err.msg);
+        ds_train_example ex[N_EX];
+        make_examples(ex, m->cfg.n_vocab);
+        ds_train_stats a = {0}, b = {0};
+        CHECK(x && y && !ds_trainer_eval(x, ex, N_EX, &a, &err) && !ds_trainer_eval(y, ex, N_EX, &b, &err));
+        CHECK_MSG(!memcmp(&a.loss, &b.loss, sizeof a.loss), "%s: eval loss %.9g / %.9g", c->name, a.loss, b.loss);
+        CHECK(x && y && !ds_trainer_step(x, ex, N_EX, &a, &err) && !ds_trainer_step(y, ex, N_EX, &b, &err));
+        CHECK_MSG(x && y && same_state(x, y, c->name), "%s: a step from create_from differs", c->name);
+        ds_trainer_free(x), ds_trainer_free(y);
+    }
     ds_adapter_free(sa);
     /* state.bin written from the shim trainer, read into a fresh one: the same values and moments */
     ft_progress p = {.step = 3, .tokens = 123}, q = {0};
