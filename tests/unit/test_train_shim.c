@@ -137,7 +137,14 @@ static void check_publish(const ds_model *m, const cfg *c, ds_trainer *cpu, ds_t
     CHECK(mkdtemp(da) && mkdtemp(db));
     ds_err err = {{0}};
     CHECK_MSG(ds_trainer_save(cpu, da, "tiny", &err) == 0, "%s: %s", c->name, err.msg);
+    shim *s = be->ctx;
+    shim_reset_counts(s);
     CHECK_MSG(ds_trainer_save(sh, db, "tiny", &err) == 0, "%s: %s", c->name, err.msg);
+    size_t param_bytes = 0; /* a save downloads the parameters once: values only, no moments */
+    for (int32_t i = 0; i < sh->n_params; i++) param_bytes += sh->params[i].pub.n * sizeof(float);
+    CHECK_MSG(s->down_bytes == param_bytes && !shim_count(s, "upload"), "%s: save downloaded %zu bytes of %zu",
+              c->name, s->down_bytes, param_bytes);
+    printf("%-22s save: %ld downloads, %zu B (the parameters)\n", c->name, shim_count(s, "download"), s->down_bytes);
     CHECK_MSG(same_dirs(da, db), "%s: the saved adapters differ", c->name);
     CHECK_MSG(ds_trainer_adapter(sh) != NULL, "%s: ds_trainer_adapter through the shim", c->name);
     ds_adapter *sa = ds_trainer_snapshot(sh, "snap", &err);
