@@ -21,8 +21,8 @@
  * activations, the batch's index arrays (uploaded once per micro-batch), and the adapter's
  * parameters, gradients and AdamW moments, which stay resident and are downloaded only for a save,
  * a snapshot, ds_trainer_adapter or the jobs' state save (tests/unit/test_train_shim.c checks it
- * with a backend whose memory faults on any host access). Threading: a trainer is used by one thread at a time; several trainers may
- * share one ds_model. */
+ * with a backend whose memory faults on any host access). Threading: a trainer is used by one
+ * thread at a time; several trainers may share one ds_model. */
 #ifndef DS_TRAIN_H
 #define DS_TRAIN_H
 

@@ -354,7 +354,8 @@ static void bwd_res(ds_trainer *t, int32_t l, int site) {
     if (!b) return;
     const size_t nd = (size_t)t->b.n_rows * b->d;
     if (b->flags & DS_BN_PARALLEL) tr_op_note(t, t->be->iface->add(t->be->ctx, t->g.dx, t->bn->dz, nd));
-    else if (!(b->flags & DS_BN_IN_PLUS_X)) tr_op_note(t, t->be->iface->copy(t->be->ctx, t->g.dx, t->bn->G, nd * sizeof(float)));
+    else if (!(b->flags & DS_BN_IN_PLUS_X))
+        tr_op_note(t, t->be->iface->copy(t->be->ctx, t->g.dx, t->bn->G, nd * sizeof(float)));
 }
 
 void tr_bn_attn_bwd(ds_trainer *t, int32_t l) { bwd(t, l, DS_BN_ATTN); }

@@ -228,7 +228,9 @@ ds_adapter *tr_dp_snapshot(const ds_trainer *t, const char *name, ds_err *err) {
     const size_t max_n = max_module(t);
     unsigned char *keep = dp->masked ? NULL : malloc(max_n);
     float *scratch = dp->masked ? NULL : malloc(max_n * sizeof *scratch), *w = malloc(max_n * sizeof *w);
-    int rc = (!dp->masked && (!keep || !scratch)) || !w || !(a->delta = calloc(n_slots, sizeof *a->delta)) ? DS_ENOMEM : 0;
+    int rc = (!dp->masked && (!keep || !scratch)) || !w || !(a->delta = calloc(n_slots, sizeof *a->delta))
+                 ? DS_ENOMEM
+                 : 0;
     for (size_t i = 0; !rc && i < n_slots; i++) {
         const dp_mod *d = &dp->mod[i];
         if (!d->n) continue;

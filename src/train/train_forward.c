@@ -21,7 +21,8 @@ static void linear(ds_trainer *t, int32_t l, int p, const float *bias, const flo
     const ds_lora_module *m = tr_lora(t, l, p);
     if (m) TR_OP(t, lora_fwd, x, m->A, m->B, m->scale, u, y, n, in, out, m->rank);
     if (t->dp) tr_dp_fwd(t, l, p, x, y); /* diff pruning: y += x·δᵀ */
-    const float *db = t->res->dbias && l >= 0 && p < DS_PROJ_COUNT ? t->res->dbias[(size_t)l * DS_PROJ_COUNT + p] : NULL;
+    const float *db =
+        t->res->dbias && l >= 0 && p < DS_PROJ_COUNT ? t->res->dbias[(size_t)l * DS_PROJ_COUNT + p] : NULL;
     if (db) TR_OP(t, add_bias, y, db, n, out); /* BitFit: the bias delta (the bias itself on a bias-free base) */
 }
 

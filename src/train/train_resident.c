@@ -125,5 +125,6 @@ int tr_param_io(const ds_trainer *t, int32_t i, int which, void *host, bool writ
     const tr_param *p = &t->params[i];
     float *dev = which == TR_VALUE ? p->pub.value : which == TR_M ? p->m : which == TR_V ? p->v : p->grad;
     const size_t bytes = p->pub.n * sizeof(float);
-    return write ? t->be->iface->upload(t->be->ctx, dev, host, bytes) : t->be->iface->download(t->be->ctx, host, dev, bytes);
+    void *c = t->be->ctx;
+    return write ? t->be->iface->upload(c, dev, host, bytes) : t->be->iface->download(c, host, dev, bytes);
 }

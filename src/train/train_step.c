@@ -80,7 +80,8 @@ int32_t tr_pack(ds_trainer *t, const ds_train_example *ex, int32_t n, int32_t k)
     int32_t *dev[4] = {b->src, b->pos, b->lrow, b->ltgt};
     const int32_t len[4] = {b->n_rows, b->n_rows, b->n_lrows, b->n_lrows};
     for (int i = 0; i < 4; i++)
-        if (len[i]) tr_op_note(t, t->be->iface->upload(t->be->ctx, dev[i], staged(t, i), (size_t)len[i] * sizeof(int32_t)));
+        if (len[i])
+            tr_op_note(t, t->be->iface->upload(t->be->ctx, dev[i], staged(t, i), (size_t)len[i] * sizeof(int32_t)));
     return k;
 }
 
