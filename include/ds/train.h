@@ -17,8 +17,12 @@
  *
  * Every op runs through a backend's training table (ds/backend_train.h): the params' backend, else
  * a CPU backend of the trainer's own; fp32 activations and gradients over the model's weights in
- * their stored type. Threading: a trainer is used by one thread at a time; several trainers may
- * share one ds_model. */
+ * their stored type. All the trainer's memory is that backend's (alloc / upload / download): the
+ * activations, the batch's index arrays (uploaded once per micro-batch), and the adapter's
+ * parameters, gradients and AdamW moments, which stay resident and are downloaded only for a save,
+ * a snapshot, ds_trainer_adapter or the jobs' state save (tests/unit/test_train_shim.c checks it
+ * with a backend whose memory faults on any host access). Threading: a trainer is used by one
+ * thread at a time; several trainers may share one ds_model. */
 #ifndef DS_TRAIN_H
 #define DS_TRAIN_H
 
@@ -144,8 +148,8 @@ typedef struct ds_train_params {
     double unit_seconds;       /* target duration of one unit of a step run by ds_trainer_advance
                                 * (default 0.01); <= 0: the smallest units (one layer, one head
                                 * chunk). Results do not depend on it. */
-    struct ds_backend *backend;/* computes the training ops (its iface.train; host-memory backends
-                                * only for now); borrowed. NULL (default): a CPU backend of the
+    struct ds_backend *backend;/* computes the training ops (its iface.train) and holds all the
+                                * trainer's memory; borrowed. NULL (default): a CPU backend of the
                                 * trainer's own. No training ops → create fails, DS_EUNSUPPORTED. */
 } ds_train_params;
 
@@ -238,21 +242,24 @@ void ds_trainer_set_unit_target(ds_trainer *t, double seconds);
 
 /* The trainable tensors, named by their PEFT safetensors keys
  * ("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", "prompt_embeddings").
- * Values are the adapter's storage: the same layout as the key except embed_tokens'
+ * Values have the adapter's layout: the same as the key except embed_tokens'
  * lora_embedding_A, stored transposed ([n_vocab][r] where PEFT has [r][n_vocab]; shape says so). */
 typedef struct ds_train_tensor {
     const char *name;
     int32_t n_dims;
     int64_t shape[2];
     size_t n;
-    float *value;              /* [n] live parameters (inside the trainer's adapter); writable between steps */
-    const float *grad;         /* [n] gradient of the last compute_grads (clipped after a step) */
+    float *value;              /* [n] live parameters, BACKEND memory of the trainer's backend (host
+                                * memory on the CPU backend); writable between steps */
+    const float *grad;         /* [n] gradient of the last compute_grads (clipped after a step), backend
+                                * memory like value */
 } ds_train_tensor;
 
 int32_t ds_trainer_n_tensors(const ds_trainer *t);
 /* Valid until ds_trainer_free. i in [0, ds_trainer_n_tensors). */
 const ds_train_tensor *ds_trainer_tensor(const ds_trainer *t, int32_t i);
-/* The live adapter (valid until the next step or free). Diff pruning: it holds only the bias
+/* The live adapter as a host copy: the resident parameters are downloaded into it (NULL if that
+ * fails); valid until the next step or free. Diff pruning: it holds only the bias
  * deltas; the trained δ is a trainer tensor, made a sparse delta by ds_trainer_snapshot / _save. */
 const ds_adapter *ds_trainer_adapter(const ds_trainer *t);
 /* A deep copy of the current adapter to publish as a new version (caller frees). NULL + message.

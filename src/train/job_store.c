@@ -453,12 +453,12 @@ static void put(wbuf *b, const void *src, size_t n) {
         b->oom = true;
         return;
     }
-    memcpy(b->p + b->len, src, n);
+    if (src) memcpy(b->p + b->len, src, n); /* NULL: room the caller fills */
     b->len += n;
 }
 
-/* The parameters live in host memory today (train_internal.h); a device-resident trainer would
- * download value / m / v here, which is when the issue's "downloaded only for a checkpoint" is. */
+/* The parameters and moments are resident in the trainer's backend: a state save is one of the
+ * moments they are downloaded (tr_param_io), a load one of the moments they are uploaded. */
 int ft_state_save(const char *data_dir, const char *id, const ds_trainer *t, const ft_progress *p, ds_err *err) {
     wbuf b = {0};
     const uint32_t version = 1, n = (uint32_t)t->n_params;
@@ -467,14 +467,21 @@ int ft_state_save(const char *data_dir, const char *id, const ds_trainer *t, con
     put(&b, &version, 4), put(&b, &n, 4);
     put(&b, &p->step, 8), put(&b, &p->tokens, 8), put(&b, &p->epoch, 8), put(&b, &p->batch, 8);
     put(&b, &p->t_train, 8), put(&b, &p->last_loss, 8), put(&b, &ts, 8);
-    for (int32_t i = 0; i < t->n_params; i++) {
+    int io = 0;
+    for (int32_t i = 0; i < t->n_params && !io; i++) {
         const tr_param *tp = &t->params[i];
         const uint32_t nl = (uint32_t)strlen(tp->pub.name);
         const uint64_t cnt = tp->pub.n;
         put(&b, &nl, 4), put(&b, tp->pub.name, nl), put(&b, &cnt, 8);
-        put(&b, tp->pub.value, cnt * sizeof(float));
-        put(&b, tp->m, cnt * sizeof(float));
-        put(&b, tp->v, cnt * sizeof(float));
+        for (int k = TR_VALUE; k <= TR_V && !io; k++) { /* value, m, v downloaded in place */
+            const size_t at = b.len;
+            put(&b, NULL, cnt * sizeof(float));
+            if (!b.oom) io = tr_param_io(t, i, k, b.p + at, false);
+        }
+    }
+    if (io) {
+        free(b.p);
+        return ds_err_set(err, io, "reading the training state from backend '%s' failed", t->be->iface->name);
     }
     const uint64_t sum = b.oom ? 0 : fnv1a(b.p, b.len);
     put(&b, &sum, 8);
@@ -563,10 +570,10 @@ int ft_state_load(const char *data_dir, const char *id, ds_trainer *t, ft_progre
             st = ds_err_set(err, DS_EFORMAT, "tensor %u of the state does not match the job's adapter", (unsigned)i);
     }
     for (uint32_t i = 0; !st && i < v.n_tensors; i++) {
-        tr_param *tp = &t->params[i];
-        memcpy(tp->pub.value, v.t[i].value, tp->pub.n * sizeof(float));
-        memcpy(tp->m, v.t[i].m, tp->pub.n * sizeof(float));
-        memcpy(tp->v, v.t[i].v, tp->pub.n * sizeof(float));
+        const unsigned char *src[3] = {v.t[i].value, v.t[i].m, v.t[i].v};
+        for (int k = TR_VALUE; k <= TR_V && !st; k++) /* uploaded straight from the file's bytes */
+            if ((st = tr_param_io(t, (int32_t)i, k, (void *)src[k], true)))
+                ds_err_set(err, st, "writing the training state to backend '%s' failed", t->be->iface->name);
     }
     if (!st) {
         t->step = v.trainer_step;

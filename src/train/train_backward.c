@@ -25,7 +25,7 @@ static void linear_bwd(ds_trainer *t, int32_t l, int p, const float *x, const fl
 /* g.dx: d/d(layer output) on entry, d/d x_mid on exit. */
 static void mlp_bwd(ds_trainer *t, int32_t l, tr_act *a) {
     const tr_dims *D = &t->dim;
-    const ds_layer_weights *w = &t->m->layers[l];
+    const tr_layer_vecs *w = &t->lv[l];
     tr_grad_work *g = &t->g;
     const int32_t n = t->b.n_rows;
     tr_bn_ffn_bwd(t, l); /* bottleneck adapter (train_bn.c) */
@@ -40,7 +40,7 @@ static void mlp_bwd(ds_trainer *t, int32_t l, tr_act *a) {
 /* g.dx: d/d x_mid on entry, d/d(layer input) on exit when need_dx. */
 static void attention_bwd(ds_trainer *t, int32_t l, tr_act *a, bool need_dx) {
     const tr_dims *D = &t->dim;
-    const ds_layer_weights *w = &t->m->layers[l];
+    const tr_layer_vecs *w = &t->lv[l];
     tr_grad_work *g = &t->g;
     const int32_t n = t->b.n_rows;
     tr_bn_attn_bwd(t, l); /* bottleneck adapter (train_bn.c) */
@@ -56,8 +56,8 @@ static void attention_bwd(ds_trainer *t, int32_t l, tr_act *a, bool need_dx) {
     }
     TR_OP(t, attention_bwd, &args, g->datt, g->dq, g->dk, g->dv, dpk, dpv);
     /* RoPE backward: rotate by −θ */
-    TR_OP(t, rope, g->dq, t->b.pos, t->m->inv_freq, n, D->n_head, D->hd, -1);
-    TR_OP(t, rope, g->dk, t->b.pos, t->m->inv_freq, n, D->n_kv, D->hd, -1);
+    TR_OP(t, rope, g->dq, t->b.pos, t->inv_freq, n, D->n_head, D->hd, -1);
+    TR_OP(t, rope, g->dk, t->b.pos, t->inv_freq, n, D->n_kv, D->hd, -1);
     float *dh = need_dx ? g->dh : NULL;
     linear_bwd(t, l, DS_PROJ_Q, a->h1, a->u[DS_PROJ_Q], g->dq, dh, false);
     linear_bwd(t, l, DS_PROJ_K, a->h1, a->u[DS_PROJ_K], g->dk, dh, true);
@@ -96,7 +96,7 @@ void tr_backward_layer(ds_trainer *t, int32_t l, int32_t low) {
 
 void tr_backward_embed(ds_trainer *t) {
     if (t->ad->prompt) TR_OP(t, embed_bwd_soft, t->b.src, t->g.dx, t->dprompt, t->b.n_rows, t->dim.d);
-    const ds_lora_module *e = t->ad->embed;
+    const ds_lora_module *e = t->res->embed;
     if (e)
         TR_OP(t, embed_lora_bwd, e->B, e->scale, t->b.src, t->g.emb_u, t->g.dx, t->dA[TR_SLOT_EMBED(t)],
               t->dB[TR_SLOT_EMBED(t)], t->g.lora_tmp, t->b.n_rows, t->dim.d, e->rank);

@@ -291,7 +291,7 @@ void tr_bn_free(ds_trainer *t) {
 /* ---- forward / backward hooks ---- */
 
 static const ds_bn_module *module_at(const ds_trainer *t, int32_t l, int site) {
-    return t->bn ? t->ad->bn[(size_t)l * DS_BN_SITES + site] : NULL;
+    return t->bn ? t->res->bn[(size_t)l * DS_BN_SITES + site] : NULL; /* resident arrays */
 }
 
 static ds_train_bn_args args_of(const ds_bn_module *b, int32_t n) {
@@ -305,8 +305,7 @@ static void fwd(ds_trainer *t, int32_t l, int site, float *o, const float *x) {
     tr_bn_state *s = t->bn;
     const size_t i = (size_t)l * DS_BN_SITES + site, nd = (size_t)t->b.n_rows * b->d;
     float *z = s->z[i];
-    if (b->flags & DS_BN_PARALLEL) memcpy(z, x, nd * sizeof(float));
-    else memcpy(z, o, nd * sizeof(float));
+    tr_op_note(t, t->be->iface->copy(t->be->ctx, z, b->flags & DS_BN_PARALLEL ? x : o, nd * sizeof(float)));
     if (!(b->flags & DS_BN_PARALLEL) && (b->flags & DS_BN_IN_PLUS_X))
         tr_op_note(t, t->be->iface->add(t->be->ctx, z, x, nd));
     const ds_train_bn_args a = args_of(b, t->b.n_rows);
@@ -326,7 +325,8 @@ static void bwd(ds_trainer *t, int32_t l, int site) {
     TR_OP(t, bn_bwd, &a, s->z[i], s->hpre[i], t->g.dx, s->dz, g[P_DOWN_W], g[P_DOWN_B], g[P_UP_W], g[P_UP_B],
           s->tmp);
     if (b->flags & DS_BN_PARALLEL) return; /* dz belongs to x: bwd_res */
-    if (!(b->flags & DS_BN_IN_PLUS_X)) memcpy(s->G, t->g.dx, nd * sizeof(float)); /* houlsby: x gets G alone */
+    if (!(b->flags & DS_BN_IN_PLUS_X)) /* houlsby: x gets G alone */
+        tr_op_note(t, t->be->iface->copy(t->be->ctx, s->G, t->g.dx, nd * sizeof(float)));
     tr_op_note(t, t->be->iface->add(t->be->ctx, t->g.dx, s->dz, nd));
 }
 
@@ -335,7 +335,8 @@ static void bwd_res(ds_trainer *t, int32_t l, int site) {
     if (!b) return;
     const size_t nd = (size_t)t->b.n_rows * b->d;
     if (b->flags & DS_BN_PARALLEL) tr_op_note(t, t->be->iface->add(t->be->ctx, t->g.dx, t->bn->dz, nd));
-    else if (!(b->flags & DS_BN_IN_PLUS_X)) memcpy(t->g.dx, t->bn->G, nd * sizeof(float));
+    else if (!(b->flags & DS_BN_IN_PLUS_X))
+        tr_op_note(t, t->be->iface->copy(t->be->ctx, t->g.dx, t->bn->G, nd * sizeof(float)));
 }
 
 void tr_bn_attn_bwd(ds_trainer *t, int32_t l) { bwd(t, l, DS_BN_ATTN); }

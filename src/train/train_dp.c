@@ -15,9 +15,11 @@
  * any other tensor. A snapshot / save turns them into the sparse delta format (CSR, delta.c): the
  * mask's entries, or — before the mask is fixed — the top-k of the current δ.
  *
- * The forward / backward use the training table's dense GEMMs (mm_nt, mm_nn, mm_tn); the mask is
- * applied by host loops over the trainer's buffers, which are host memory (ds_train_params.backend:
- * host-memory backends only). */
+ * δ, its gradient and moments are backend buffers like every trainer buffer. The forward / backward
+ * use the training table's dense GEMMs (mm_nt, mm_nn, mm_tn). The mask is chosen on the host from a
+ * download of δ (once, when it is fixed, and for a snapshot / save); it is applied with backend ops:
+ * the kept entries' indices are uploaded once, and "zero outside the mask" is gather the kept
+ * entries, fill 0, scatter them back (gather_rows / fill / scatter_rows on rows of one float). */
 #include "adapter/loader.h"
 #include "train/train_internal.h"
 
@@ -30,7 +32,9 @@ typedef struct dp_mod {
     int32_t out, in;
     size_t n;             /* out·in */
     float *w, *g, *m, *v; /* [out][in] δ, gradient, AdamW moments (trainer-owned) */
-    unsigned char *mask;  /* [n] 1 = trained after the warm-up; NULL until the mask is fixed */
+    unsigned char *mask;  /* [n] host: 1 = trained after the warm-up; NULL until the mask is fixed */
+    int32_t *keep;        /* backend [nnz]: the indices where mask is 1, ascending */
+    int32_t nnz;
 } dp_mod;
 
 struct tr_dp {
@@ -38,6 +42,7 @@ struct tr_dp {
     int32_t warmup;
     bool masked;
     dp_mod *mod; /* [L·DS_PROJ_COUNT]; n = 0 where a projection is not a target */
+    float *kept; /* backend [max nnz]: the kept entries while the rest is cleared */
 };
 
 int tr_dp_check_spec(const ds_train_adapter_spec *s, ds_err *err) {
@@ -98,26 +103,55 @@ void tr_dp_free(ds_trainer *t) {
     t->dp = NULL;
 }
 
-/* Fixes every module's mask from the current δ (once, when the warm-up is over). */
+static size_t max_module(const ds_trainer *t) {
+    size_t max_n = 1;
+    for (size_t i = 0; i < (size_t)t->dim.L * DS_PROJ_COUNT; i++)
+        max_n = t->dp->mod[i].n > max_n ? t->dp->mod[i].n : max_n;
+    return max_n;
+}
+
+/* x[k] = 0 where d's mask is 0, with backend ops (gather the kept entries, clear, scatter back). */
+static void clear_outside(ds_trainer *t, const dp_mod *d, float *x) {
+    if (d->nnz) TR_OP(t, gather_rows, x, d->keep, t->dp->kept, d->nnz, 1);
+    TR_OP(t, fill, x, d->n, 0.0f);
+    if (d->nnz) TR_OP(t, scatter_rows, t->dp->kept, d->keep, x, d->nnz, 1);
+}
+
+/* Module d's mask from δ downloaded into host (n floats; scratch n floats), its kept indices
+ * uploaded (idx: n int32 of host staging). */
+static int module_mask(ds_trainer *t, dp_mod *d, float *host, float *scratch, int32_t *idx) {
+    int rc = t->be->iface->download(t->be->ctx, host, d->w, d->n * sizeof(float));
+    if (rc || !(d->mask = malloc(d->n))) return rc ? rc : DS_ENOMEM;
+    ds_delta_select_top(host, d->n, t->dp->density, scratch, d->mask);
+    d->nnz = 0;
+    for (size_t k = 0; k < d->n; k++)
+        if (d->mask[k]) idx[d->nnz++] = (int32_t)k;
+    if (!d->nnz) return 0;
+    if (!(d->keep = tr_alloc_bytes(t, (size_t)d->nnz * sizeof(int32_t)))) return DS_ENOMEM;
+    return t->be->iface->upload(t->be->ctx, d->keep, idx, (size_t)d->nnz * sizeof(int32_t));
+}
+
+/* Fixes every module's mask from the current δ (once, when the warm-up is over) and zeroes δ, its
+ * moments and gradient outside it. */
 static int fix_mask(ds_trainer *t) {
     struct tr_dp *dp = t->dp;
-    size_t max_n = 0;
-    for (size_t i = 0; i < (size_t)t->dim.L * DS_PROJ_COUNT; i++) max_n = dp->mod[i].n > max_n ? dp->mod[i].n : max_n;
-    float *scratch = malloc((max_n ? max_n : 1) * sizeof *scratch);
-    if (!scratch) return DS_ENOMEM;
-    int rc = 0;
+    const size_t max_n = max_module(t);
+    float *host = malloc(max_n * sizeof *host), *scratch = malloc(max_n * sizeof *scratch);
+    int32_t *idx = malloc(max_n * sizeof *idx);
+    int rc = host && scratch && idx ? 0 : DS_ENOMEM;
+    int32_t max_nnz = 1;
     for (size_t i = 0; !rc && i < (size_t)t->dim.L * DS_PROJ_COUNT; i++) {
         dp_mod *d = &dp->mod[i];
-        if (!d->n) continue;
-        if (!(d->mask = malloc(d->n))) {
-            rc = DS_ENOMEM;
-            break;
-        }
-        ds_delta_select_top(d->w, d->n, dp->density, scratch, d->mask);
-        for (size_t k = 0; k < d->n; k++)
-            if (!d->mask[k]) d->w[k] = d->m[k] = d->v[k] = d->g[k] = 0.0f;
+        if (d->n && !(rc = module_mask(t, d, host, scratch, idx))) max_nnz = d->nnz > max_nnz ? d->nnz : max_nnz;
     }
-    free(scratch);
+    free(host), free(scratch), free(idx);
+    if (!rc && !(dp->kept = tr_alloc(t, (size_t)max_nnz))) rc = DS_ENOMEM;
+    for (size_t i = 0; !rc && i < (size_t)t->dim.L * DS_PROJ_COUNT; i++) {
+        const dp_mod *d = &dp->mod[i];
+        if (!d->n) continue;
+        float *x[4] = {d->w, d->m, d->v, d->g};
+        for (int k = 0; k < 4; k++) clear_outside(t, d, x[k]);
+    }
     if (!rc) dp->masked = true;
     return rc;
 }
@@ -143,14 +177,13 @@ void tr_dp_bwd(ds_trainer *t, int32_t l, int p, const float *x, const float *dy,
     const int32_t n = t->b.n_rows;
     if (dx) TR_OP(t, mm_nn, dy, d->w, dx, n, d->out, d->in, 1.0f, 1.0f); /* dx += dy·δ */
     TR_OP(t, mm_tn, dy, x, d->g, n, d->out, d->in, 1.0f, 1.0f);          /* dδ += dyᵀ·x */
-    if (d->mask)
-        for (size_t k = 0; k < d->n; k++)
-            if (!d->mask[k]) d->g[k] = 0.0f;
+    if (d->mask) clear_outside(t, d, d->g);
 }
 
 /* ---- publishing: the sparse delta ---- */
 
-static ds_delta_module *to_csr(const dp_mod *d, const unsigned char *keep) {
+/* w: d's δ downloaded to the host. */
+static ds_delta_module *to_csr(const dp_mod *d, const float *w, const unsigned char *keep) {
     size_t nnz = 0;
     for (size_t k = 0; k < d->n; k++) nnz += keep[k] != 0;
     if (!nnz) return NULL; /* an all-zero δ (no step yet): no module */
@@ -171,7 +204,7 @@ static ds_delta_module *to_csr(const dp_mod *d, const unsigned char *keep) {
             const size_t k = (size_t)r * (size_t)d->in + (size_t)j;
             if (!keep[k]) continue;
             c->col[e] = j;
-            c->val[e++] = d->w[k];
+            c->val[e++] = w[k];
         }
         c->row_ptr[r + 1] = (int32_t)e;
     }
@@ -183,25 +216,28 @@ ds_adapter *tr_dp_snapshot(const ds_trainer *t, const char *name, ds_err *err) {
     if (!a) return NULL;
     const struct tr_dp *dp = t->dp;
     const size_t n_slots = (size_t)t->dim.L * DS_PROJ_COUNT;
-    size_t max_n = 0;
-    for (size_t i = 0; i < n_slots; i++) max_n = dp->mod[i].n > max_n ? dp->mod[i].n : max_n;
-    unsigned char *keep = dp->masked ? NULL : malloc(max_n ? max_n : 1);
-    float *scratch = dp->masked ? NULL : malloc((max_n ? max_n : 1) * sizeof *scratch);
-    int rc = (!dp->masked && (!keep || !scratch)) || !(a->delta = calloc(n_slots, sizeof *a->delta)) ? DS_ENOMEM : 0;
+    const size_t max_n = max_module(t);
+    unsigned char *keep = dp->masked ? NULL : malloc(max_n);
+    float *scratch = dp->masked ? NULL : malloc(max_n * sizeof *scratch), *w = malloc(max_n * sizeof *w);
+    int rc = (!dp->masked && (!keep || !scratch)) || !w || !(a->delta = calloc(n_slots, sizeof *a->delta))
+                 ? DS_ENOMEM
+                 : 0;
     for (size_t i = 0; !rc && i < n_slots; i++) {
         const dp_mod *d = &dp->mod[i];
         if (!d->n) continue;
-        if (!dp->masked) ds_delta_select_top(d->w, d->n, dp->density, scratch, keep); /* still in the warm-up */
+        if ((rc = t->be->iface->download(t->be->ctx, w, d->w, d->n * sizeof(float)))) break; /* publication */
+        if (!dp->masked) ds_delta_select_top(w, d->n, dp->density, scratch, keep); /* still in the warm-up */
         const unsigned char *kept = dp->masked ? d->mask : keep;
         size_t nnz = 0;
         for (size_t k = 0; k < d->n; k++) nnz += kept[k] != 0;
-        if (nnz && !(a->delta[i] = to_csr(d, kept))) rc = DS_ENOMEM;
+        if (nnz && !(a->delta[i] = to_csr(d, w, kept))) rc = DS_ENOMEM;
         else if (nnz) a->host_bytes += ds_delta_module_bytes(a->delta[i]);
     }
-    free(keep), free(scratch);
+    free(keep), free(scratch), free(w);
     if (rc) {
         ds_adapter_free(a);
-        ds_err_set(err, DS_ENOMEM, "out of memory building the sparse delta");
+        ds_err_set(err, rc, rc == DS_ENOMEM ? "out of memory building the sparse delta"
+                                            : "diff pruning: reading the delta from the backend failed");
         return NULL;
     }
     snprintf(a->peft_type, sizeof a->peft_type, "DELTA");

@@ -9,8 +9,8 @@
 tr_act *tr_act_of(ds_trainer *t, int32_t l) { return &t->acts[t->n_acts == 1 ? 0 : l]; }
 
 const ds_lora_module *tr_lora(const ds_trainer *t, int32_t layer, int proj) {
-    if (!t->ad->lora && proj < DS_PROJ_COUNT) return NULL;
-    return proj == DS_PROJ_COUNT ? t->ad->lm_head : t->ad->lora[(size_t)layer * DS_PROJ_COUNT + proj];
+    if (!t->res->lora && proj < DS_PROJ_COUNT) return NULL; /* resident modules: backend A, B */
+    return proj == DS_PROJ_COUNT ? t->res->lm_head : t->res->lora[(size_t)layer * DS_PROJ_COUNT + proj];
 }
 
 /* y = x·Wᵀ (+ bias) (+ s·(x·Aᵀ)·Bᵀ, u = x·Aᵀ saved): PEFT adds the LoRA branch to the base output. */
@@ -21,7 +21,8 @@ static void linear(ds_trainer *t, int32_t l, int p, const float *bias, const flo
     const ds_lora_module *m = tr_lora(t, l, p);
     if (m) TR_OP(t, lora_fwd, x, m->A, m->B, m->scale, u, y, n, in, out, m->rank);
     if (t->dp) tr_dp_fwd(t, l, p, x, y); /* diff pruning: y += x·δᵀ */
-    const float *db = t->ad->dbias && l >= 0 && p < DS_PROJ_COUNT ? t->ad->dbias[(size_t)l * DS_PROJ_COUNT + p] : NULL;
+    const float *db =
+        t->res->dbias && l >= 0 && p < DS_PROJ_COUNT ? t->res->dbias[(size_t)l * DS_PROJ_COUNT + p] : NULL;
     if (db) TR_OP(t, add_bias, y, db, n, out); /* BitFit: the bias delta (the bias itself on a bias-free base) */
 }
 
@@ -32,10 +33,10 @@ tr_attn_args tr_attn_args_of(ds_trainer *t, int32_t l, tr_act *a) {
     tr_attn_args r = {.q = a->q, .k = a->k, .v = a->v, .out = a->att, .lse = a->lse, .seqs = t->b.seqs,
                       .n_seqs = t->b.n_seqs, .n_head = D->n_head, .n_kv = D->n_kv, .hd = D->hd,
                       .scale = 1.0f / sqrtf((float)D->hd), .work = t->attn_work};
-    if (t->ad->prefix) {
+    if (t->res->prefix) {
         r.n_prefix = t->n_prefix;
         r.p_stride = (size_t)D->L * 2 * D->kvd;
-        r.pk = t->ad->prefix + (size_t)l * 2 * D->kvd;
+        r.pk = t->res->prefix + (size_t)l * 2 * D->kvd;
         r.pv = r.pk + D->kvd;
     }
     return r;
@@ -43,15 +44,15 @@ tr_attn_args tr_attn_args_of(ds_trainer *t, int32_t l, tr_act *a) {
 
 static void attention_block(ds_trainer *t, int32_t l, tr_act *a) {
     const tr_dims *D = &t->dim;
-    const ds_layer_weights *w = &t->m->layers[l];
+    const tr_layer_vecs *w = &t->lv[l];
     const int32_t n = t->b.n_rows;
     const float *x = t->ck[l];
     TR_OP(t, rmsnorm_fwd, x, w->attn_norm, a->h1, a->r1, n, D->d, D->eps);
     linear(t, l, DS_PROJ_Q, w->bq, a->h1, a->q, a->u[DS_PROJ_Q]);
     linear(t, l, DS_PROJ_K, w->bk, a->h1, a->k, a->u[DS_PROJ_K]);
     linear(t, l, DS_PROJ_V, w->bv, a->h1, a->v, a->u[DS_PROJ_V]);
-    TR_OP(t, rope, a->q, t->b.pos, t->m->inv_freq, n, D->n_head, D->hd, +1);
-    TR_OP(t, rope, a->k, t->b.pos, t->m->inv_freq, n, D->n_kv, D->hd, +1);
+    TR_OP(t, rope, a->q, t->b.pos, t->inv_freq, n, D->n_head, D->hd, +1);
+    TR_OP(t, rope, a->k, t->b.pos, t->inv_freq, n, D->n_kv, D->hd, +1);
     tr_attn_args args = tr_attn_args_of(t, l, a);
     TR_OP(t, attention_fwd, &args);
     linear(t, l, DS_PROJ_O, NULL, a->att, a->x_mid, a->u[DS_PROJ_O]);
@@ -62,7 +63,7 @@ static void attention_block(ds_trainer *t, int32_t l, tr_act *a) {
 
 static void mlp_block(ds_trainer *t, int32_t l, tr_act *a) {
     const tr_dims *D = &t->dim;
-    const ds_layer_weights *w = &t->m->layers[l];
+    const tr_layer_vecs *w = &t->lv[l];
     const int32_t n = t->b.n_rows;
     float *out = t->ck[l + 1];
     TR_OP(t, rmsnorm_fwd, a->x_mid, w->ffn_norm, a->h2, a->r2, n, D->d, D->eps);
@@ -86,8 +87,8 @@ void tr_layer_fwd_half(ds_trainer *t, int32_t l, int half, tr_act *a) {
 }
 
 void tr_forward_embed(ds_trainer *t) {
-    TR_OP(t, embed, &t->wm_embed, t->ad->prompt, t->b.src, t->ck[0], t->b.n_rows, t->dim.d);
-    const ds_lora_module *e = t->ad->embed;
+    TR_OP(t, embed, &t->wm_embed, t->res->prompt, t->b.src, t->ck[0], t->b.n_rows, t->dim.d);
+    const ds_lora_module *e = t->res->embed;
     if (e)
         TR_OP(t, embed_lora_fwd, e->A, e->B, e->scale, t->b.src, t->g.emb_u, t->ck[0], t->b.n_rows, t->dim.d,
               e->rank);
@@ -112,7 +113,7 @@ static double head_chunk(ds_trainer *t, const int32_t *rows, const int32_t *tgt,
     tr_head_work *hw = &t->hw;
     const float *xL = t->ck[D->L];
     TR_OP(t, gather_rows, xL, rows, hw->x, c, D->d);
-    TR_OP(t, rmsnorm_fwd, hw->x, t->m->output_norm, hw->hn, hw->rinv, c, D->d, D->eps);
+    TR_OP(t, rmsnorm_fwd, hw->x, t->output_norm, hw->hn, hw->rinv, c, D->d, D->eps);
     TR_MATMUL(t, hw->hn, &t->wm_output, hw->logits, c);
     const ds_lora_module *m = tr_lora(t, -1, DS_PROJ_COUNT);
     if (m) TR_OP(t, lora_fwd, hw->hn, m->A, m->B, m->scale, hw->u, hw->logits, c, D->d, D->V, m->rank);
@@ -127,7 +128,7 @@ static double head_chunk(ds_trainer *t, const int32_t *rows, const int32_t *tgt,
               t->g.lora_tmp, c, D->d, D->V, m->rank);
     }
     TR_OP(t, fill, hw->dx, (size_t)c * D->d, 0.0f);
-    TR_OP(t, rmsnorm_bwd, hw->x, t->m->output_norm, hw->rinv, hw->dhn, hw->dx, c, D->d);
+    TR_OP(t, rmsnorm_bwd, hw->x, t->output_norm, hw->rinv, hw->dhn, hw->dx, c, D->d);
     return loss;
 }
 

@@ -41,16 +41,25 @@ typedef struct tr_act {
     float *u[DS_PROJ_COUNT]; /* LoRA shrink outputs x·Aᵀ [T][r] where adapted */
 } tr_act;
 
-/* The packed micro-batch: sequence s owns rows [seqs[s].row0, +len). */
+/* The packed micro-batch: sequence s owns rows [seqs[s].row0, +len). The index arrays are
+ * backend arrays, uploaded once per micro-batch by tr_pack from their host staging h_idx; seqs
+ * is host memory (ds_train_attn_args.seqs is a HOST array). */
 typedef struct tr_batch {
     int32_t n_rows, n_seqs;
-    tr_attn_seq *seqs; /* [max_seqs] */
+    tr_attn_seq *seqs; /* [max_seqs] host */
     int32_t *src;      /* [rows] token id, or −(p+1) for prompt-tuning virtual row p */
     int32_t *pos;      /* [rows] RoPE positions */
     int32_t *lrow;     /* rows that have a target, ascending */
     int32_t *ltgt;     /* their targets */
+    int32_t *h_idx;    /* host [4][max_rows]: src, pos, lrow, ltgt as tr_pack writes them */
     int32_t n_lrows;
 } tr_batch;
+
+/* Backend copies of a layer's fp32 vectors (NULL where the model has none). */
+typedef struct tr_layer_vecs {
+    float *attn_norm, *ffn_norm; /* [d] */
+    float *bq, *bk, *bv;         /* [qd], [kvd], [kvd] or NULL */
+} tr_layer_vecs;
 
 /* Gradient work buffers, shared by every layer. */
 typedef struct tr_grad_work {
@@ -90,17 +99,22 @@ typedef struct tr_run {
 
 struct ds_trainer {
     const ds_model *m;
-    ds_backend *be;           /* computes every op (a host-memory backend: the buffers are host) */
+    ds_backend *be;           /* computes every op; every float / index buffer below is its memory
+                               * (alloc / upload / download), never dereferenced on the host */
     const struct ds_backend_train_iface *op; /* be->iface->train */
     /* The frozen base weights as ds_mat handles of `be`, typed as the model holds them (CPU:
      * borrowed views, no copy): wm[l·DS_PROJ_COUNT + p], the embedding and the LM head. */
     ds_mat *wm;
     ds_mat wm_embed, wm_output;
+    tr_layer_vecs *lv;        /* [L] host table of backend vectors (trainer.c upload_vectors) */
+    float *output_norm, *inv_freq; /* backend copies: [d], [hd/2] */
     bool own_be;              /* created by the trainer (ds_train_params.backend NULL) */
     int op_rc;                /* first failing op's status since the last check, 0 if none */
     tr_dims dim;
     ds_train_params p;
-    ds_adapter *ad;           /* owned: the live parameters */
+    ds_adapter *ad;           /* owned: the HOST adapter, a mirror of res filled by tr_resident_sync */
+    ds_adapter *res;          /* owned: the live parameters, ad's structure with backend arrays
+                               * (train_resident.c); the ops read these */
     bool rslora;
     float alpha;              /* spec alpha for saving (0: derive) */
     tr_param *params;
@@ -152,10 +166,25 @@ int tr_backend_attach(ds_trainer *t, ds_backend *b, ds_err *err);
 void tr_backend_detach(ds_trainer *t);
 
 /* Geometry and allocation (trainer.c). */
-float *tr_alloc(ds_trainer *t, size_t n); /* zeroed floats owned by the trainer; NULL on OOM */
+/* Zeroed backend memory (be->iface->alloc) owned by the trainer, released by ds_trainer_free; NULL
+ * on OOM. */
+void *tr_alloc_bytes(ds_trainer *t, size_t bytes);
+float *tr_alloc(ds_trainer *t, size_t n);
 const ds_lora_module *tr_lora(const ds_trainer *t, int32_t layer, int proj); /* proj DS_PROJ_COUNT = lm_head */
 /* proj value naming embed_tokens in tr_module_path and the parameter table */
 #define TR_PROJ_EMBED (DS_PROJ_COUNT + 1)
+
+/* The resident adapter (train_resident.c). build: t->res from t->ad, uploaded (before
+ * tr_params_build); remap: the parameter table's values become t->res's arrays (after it); sync:
+ * downloads t->res into t->ad (before any host reader: save, snapshot, ds_trainer_adapter). */
+int tr_resident_build(ds_trainer *t);
+int tr_resident_remap(ds_trainer *t);
+int tr_resident_sync(const ds_trainer *t);
+void tr_resident_free(ds_trainer *t);
+/* Parameter i's value / first moment / second moment / gradient to (write: upload) or from
+ * (download) pub.n floats of host memory, any alignment: the jobs' resumable state (job_store.c). */
+enum { TR_VALUE = 0, TR_M, TR_V, TR_GRAD };
+int tr_param_io(const ds_trainer *t, int32_t i, int which, void *host, bool write);
 
 /* Parameters (train_params.c). */
 /* HF module path: "model.layers.3.self_attn.q_proj", "model.layers.0.mlp.down_proj", "lm_head". */

@@ -48,22 +48,28 @@ int tr_check_batch(const ds_trainer *t, const ds_train_example *ex, int32_t n, i
     return *n_labels ? 0 : ds_err_set(err, DS_EINVAL, "the batch has no label token (every label is -100)");
 }
 
+/* Host staging (tr_batch.h_idx) of src, pos, lrow, ltgt. */
+static int32_t *staged(ds_trainer *t, int i) { return t->b.h_idx + (size_t)i * (size_t)t->max_rows; }
+
 static void add_seq(ds_trainer *t, const ds_train_example *e) {
     tr_batch *b = &t->b;
+    int32_t *src = staged(t, 0), *pos = staged(t, 1), *lrow = staged(t, 2), *ltgt = staged(t, 3);
     const int32_t P = t->n_virtual, row0 = b->n_rows, len = P + e->n_tokens;
     b->seqs[b->n_seqs++] = (tr_attn_seq){.row0 = row0, .len = len};
     for (int32_t r = 0; r < len; r++) {
-        b->src[row0 + r] = r < P ? -(r + 1) : e->tokens[r - P];
-        b->pos[row0 + r] = t->n_prefix + r; /* prompt rows at 0..P-1; prefix: real tokens from P */
+        src[row0 + r] = r < P ? -(r + 1) : e->tokens[r - P];
+        pos[row0 + r] = t->n_prefix + r; /* prompt rows at 0..P-1; prefix: real tokens from P */
         if (r + 1 >= len || r + 1 < P) continue;
         const int32_t y = label_at(e, r + 1 - P);
         if (y < 0) continue;
-        b->lrow[b->n_lrows] = row0 + r;
-        b->ltgt[b->n_lrows++] = y;
+        lrow[b->n_lrows] = row0 + r;
+        ltgt[b->n_lrows++] = y;
     }
     b->n_rows += len;
 }
 
+/* Packs on the host, then uploads the four index arrays once for the micro-batch (a failure is
+ * kept in t->op_rc like an op's). */
 int32_t tr_pack(ds_trainer *t, const ds_train_example *ex, int32_t n, int32_t k) {
     tr_batch *b = &t->b;
     b->n_rows = b->n_seqs = b->n_lrows = 0;
@@ -71,6 +77,11 @@ int32_t tr_pack(ds_trainer *t, const ds_train_example *ex, int32_t n, int32_t k)
         if (b->n_seqs && b->n_rows + ex[k].n_tokens + t->n_virtual > t->max_rows) break;
         add_seq(t, &ex[k]);
     }
+    int32_t *dev[4] = {b->src, b->pos, b->lrow, b->ltgt};
+    const int32_t len[4] = {b->n_rows, b->n_rows, b->n_lrows, b->n_lrows};
+    for (int i = 0; i < 4; i++)
+        if (len[i])
+            tr_op_note(t, t->be->iface->upload(t->be->ctx, dev[i], staged(t, i), (size_t)len[i] * sizeof(int32_t)));
     return k;
 }
 
@@ -128,15 +139,22 @@ int32_t ds_trainer_n_tensors(const ds_trainer *t) { return t->n_params; }
 const ds_train_tensor *ds_trainer_tensor(const ds_trainer *t, int32_t i) {
     return i >= 0 && i < t->n_params ? &t->params[i].pub : NULL;
 }
-const ds_adapter *ds_trainer_adapter(const ds_trainer *t) { return t->ad; }
+const ds_adapter *ds_trainer_adapter(const ds_trainer *t) { return tr_resident_sync(t) ? NULL : t->ad; }
 int64_t ds_trainer_steps_done(const ds_trainer *t) { return t->step; }
 
 ds_adapter *ds_trainer_snapshot(const ds_trainer *t, const char *name, ds_err *err) {
+    const int rc = tr_resident_sync(t); /* a publication: the host copy of the live parameters */
+    if (rc) {
+        ds_err_set(err, rc, "reading the adapter from backend '%s' failed", t->be->iface->name);
+        return NULL;
+    }
     if (t->dp) return tr_dp_snapshot(t, name, err); /* the dense δ as a sparse delta */
     return tr_adapter_clone(t->ad, name, err);
 }
 
 int ds_trainer_save(const ds_trainer *t, const char *dir, const char *base_model_name_or_path, ds_err *err) {
+    const int rc = tr_resident_sync(t); /* a save: the host copy of the live parameters */
+    if (rc) return ds_err_set(err, rc, "reading the adapter from backend '%s' failed", t->be->iface->name);
     if (t->dp) return tr_dp_save(t, dir, base_model_name_or_path, err); /* diff pruning: the sparse delta */
     if (t->ad->kind == DS_ADAPTER_DELTA) /* BitFit: deltaserve's delta format, not PEFT's */
         return ds_delta_save(t->ad, dir, base_model_name_or_path, "deltaserve training (BitFit)", err);

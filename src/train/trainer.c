@@ -1,5 +1,14 @@
 /* ds_trainer: creation (buffers sized once for micro_batch_tokens: a step allocates nothing),
- * example validation, micro-batch packing, gradient accumulation, the masked mean loss. */
+ * example validation, micro-batch packing, gradient accumulation, the masked mean loss.
+ *
+ * Memory: every buffer the ops touch is the backend's (tr_alloc: be->iface->alloc, zeroed,
+ * released in ds_trainer_free), and the host never dereferences it. The host keeps only tables of
+ * backend pointers (acts, ck, lv), the batch's staging arrays (uploaded once per micro-batch by
+ * tr_pack) and the attention sequence table the interface takes from the host. The model's small
+ * vectors are uploaded once here; the frozen projections are the backend's ds_mat handles. The
+ * adapter's parameters, gradients and moments are resident too (train_resident.c): downloaded
+ * only for a save, a snapshot, ds_trainer_adapter or the jobs' state (docs/ARCHITECTURE.md,
+ * "What is resident where"; tests/unit/test_train_shim.c). */
 #include "adapter/loader.h"
 #include "train/train_internal.h"
 
@@ -23,7 +32,8 @@ ds_train_params ds_train_default_params(void) {
                              .activation_budget = (size_t)1 << 30, .unit_seconds = 0.01, .head_rows = 32, .backend = NULL};
 }
 
-static void *alloc_bytes(ds_trainer *t, size_t bytes) {
+/* Backend memory (zeroed, as ds_backend_iface.alloc promises), released with the trainer. */
+void *tr_alloc_bytes(ds_trainer *t, size_t bytes) {
     if (t->n_allocs == t->cap_allocs) {
         size_t cap = t->cap_allocs ? 2 * t->cap_allocs : 64;
         void **na = realloc(t->allocs, cap * sizeof *na);
@@ -31,14 +41,43 @@ static void *alloc_bytes(ds_trainer *t, size_t bytes) {
         t->allocs = na;
         t->cap_allocs = cap;
     }
-    void *p = calloc(1, bytes ? bytes : 1);
+    void *p = t->be->iface->alloc(t->be->ctx, bytes ? bytes : 1);
     if (p) t->allocs[t->n_allocs++] = p;
     return p;
 }
 
 float *tr_alloc(ds_trainer *t, size_t n) {
     size_t bytes;
-    return ds_mul_ok(n, sizeof(float), &bytes) ? alloc_bytes(t, bytes) : NULL;
+    return ds_mul_ok(n, sizeof(float), &bytes) ? tr_alloc_bytes(t, bytes) : NULL;
+}
+
+/* n floats of host memory uploaded into a new backend buffer (NULL src: NULL, no buffer). */
+static int upload_vec(ds_trainer *t, const float *src, size_t n, float **out) {
+    *out = NULL;
+    if (!src) return 0;
+    if (!(*out = tr_alloc(t, n))) return DS_ENOMEM;
+    return t->be->iface->upload(t->be->ctx, *out, src, n * sizeof(float));
+}
+
+/* The model's small fp32 vectors the training ops read (norm weights, q/k/v biases, RoPE inverse
+ * frequencies): backend copies, uploaded once, as src/model/llama.c does for inference. */
+static int upload_vectors(ds_trainer *t) {
+    const ds_model *m = t->m;
+    const ds_model_config *c = &m->cfg;
+    if (!(t->lv = calloc((size_t)c->n_layer, sizeof *t->lv))) return DS_ENOMEM;
+    int rc = upload_vec(t, m->output_norm, (size_t)c->d_model, &t->output_norm);
+    if (!rc) rc = upload_vec(t, m->inv_freq, (size_t)c->head_dim / 2, &t->inv_freq);
+    const size_t qd = (size_t)c->n_head * c->head_dim, kvd = (size_t)c->n_kv_head * c->head_dim;
+    for (int32_t l = 0; l < c->n_layer && !rc; l++) {
+        const ds_layer_weights *w = &m->layers[l];
+        tr_layer_vecs *v = &t->lv[l];
+        rc = upload_vec(t, w->attn_norm, (size_t)c->d_model, &v->attn_norm);
+        if (!rc) rc = upload_vec(t, w->ffn_norm, (size_t)c->d_model, &v->ffn_norm);
+        if (!rc) rc = upload_vec(t, w->bq, qd, &v->bq);
+        if (!rc) rc = upload_vec(t, w->bk, kvd, &v->bk);
+        if (!rc) rc = upload_vec(t, w->bv, kvd, &v->bv);
+    }
+    return rc;
 }
 
 static int check_params(const ds_train_params *p, ds_err *err) {
@@ -94,13 +133,15 @@ static int alloc_work(ds_trainer *t) {
         if (!(*f[i] = tr_alloc(t, n[i]))) return DS_ENOMEM;
     const size_t attn_floats = t->op->attn_work_floats(t->be->ctx, t->max_rows, t->n_prefix, D->hd);
     if (!(t->attn_work = tr_alloc(t, attn_floats))) return DS_ENOMEM;
+    /* the packed batch: host staging arrays written by tr_pack, uploaded once per micro-batch into
+     * the backend arrays the ops read; seqs stays host (ds_train_attn_args.seqs is a HOST array) */
     tr_batch *b = &t->b;
-    b->seqs = alloc_bytes(t, (size_t)t->max_seqs * sizeof *b->seqs);
-    b->src = alloc_bytes(t, T * sizeof(int32_t));
-    b->pos = alloc_bytes(t, T * sizeof(int32_t));
-    b->lrow = alloc_bytes(t, T * sizeof(int32_t));
-    b->ltgt = alloc_bytes(t, T * sizeof(int32_t));
-    return b->seqs && b->src && b->pos && b->lrow && b->ltgt ? 0 : DS_ENOMEM;
+    b->seqs = calloc((size_t)t->max_seqs, sizeof *b->seqs);
+    b->h_idx = calloc(4 * T, sizeof *b->h_idx);
+    int32_t **dev[] = {&b->src, &b->pos, &b->lrow, &b->ltgt};
+    for (int i = 0; i < 4; i++)
+        if (!(*dev[i] = tr_alloc_bytes(t, T * sizeof(int32_t)))) return DS_ENOMEM;
+    return b->seqs && b->h_idx ? 0 : DS_ENOMEM;
 }
 
 /* Activations: per layer, or (recomputation) one shared set plus the per-layer inputs ck[]. */
@@ -112,8 +153,8 @@ static int alloc_acts(ds_trainer *t) {
     t->recompute = t->p.recompute == DS_RECOMPUTE_ON ||
                    (t->p.recompute == DS_RECOMPUTE_AUTO && per_layer * (size_t)t->dim.L > t->p.activation_budget);
     t->n_acts = t->recompute ? 1 : t->dim.L;
-    t->acts = alloc_bytes(t, (size_t)t->n_acts * sizeof *t->acts);
-    t->ck = alloc_bytes(t, (size_t)(t->dim.L + 1) * sizeof *t->ck);
+    t->acts = calloc((size_t)t->n_acts, sizeof *t->acts); /* host tables of backend pointers */
+    t->ck = calloc((size_t)(t->dim.L + 1), sizeof *t->ck);
     if (!t->acts || !t->ck) return DS_ENOMEM;
     for (int32_t l = 0; l <= t->dim.L; l++)
         if (!(t->ck[l] = tr_alloc(t, (size_t)t->max_rows * t->dim.d))) return DS_ENOMEM;
@@ -170,6 +211,7 @@ int tr_backend_attach(ds_trainer *t, ds_backend *b, ds_err *err) {
         const ds_weight *src[DS_PROJ_COUNT] = {&w->wq, &w->wk, &w->wv, &w->wo, &w->w_gate, &w->w_up, &w->w_down};
         for (int p = 0; p < DS_PROJ_COUNT && !rc; p++) rc = b->iface->mat_upload(b->ctx, src[p], &t->wm[(size_t)l * DS_PROJ_COUNT + p]);
     }
+    if (!rc) rc = upload_vectors(t);
     if (rc) return ds_err_set(err, rc, "backend '%s': base weights for training: %s", b->iface->name, ds_strerror(rc));
     return 0;
 }
@@ -182,7 +224,9 @@ void tr_backend_detach(ds_trainer *t) {
         if (t->wm_embed.data) t->be->iface->mat_free(t->be->ctx, &t->wm_embed);
     }
     free(t->wm);
+    free(t->lv); /* the vectors themselves are trainer buffers (t->allocs) */
     t->wm = NULL;
+    t->lv = NULL;
     if (t->own_be) ds_backend_free(t->be);
     t->be = NULL;
     t->op = NULL;
@@ -217,7 +261,10 @@ static ds_trainer *trainer_init(const ds_model *m, ds_adapter *ad, const ds_trai
     t->unit_seconds = p->unit_seconds;
     t->head_rows = p->head_rows;
     int rc = tr_backend_attach(t, p->backend, err);
+    if (!rc && (rc = tr_resident_build(t))) /* the parameters, uploaded once (train_resident.c) */
+        ds_err_set(err, rc, "backend '%s': uploading the adapter's parameters: %s", t->be->iface->name, ds_strerror(rc));
     if (!rc) rc = tr_params_build(t, err);
+    if (!rc && (rc = tr_resident_remap(t))) ds_err_set(err, rc, "internal: a trainable array is not a parameter");
     if (!rc && spec) rc = tr_dp_init(t, spec, err); /* diff pruning's dense δ (train_dp.c) */
     if (!rc && (alloc_acts(t) || alloc_work(t)))
         rc = ds_err_set(err, DS_ENOMEM, "out of memory for training buffers (micro_batch_tokens %d)", t->max_rows);
@@ -269,10 +316,15 @@ ds_trainer *ds_trainer_create_from(const ds_model *base, const ds_adapter *init,
 
 void ds_trainer_free(ds_trainer *t) {
     if (!t) return;
-    for (size_t i = 0; i < t->n_allocs; i++) free(t->allocs[i]);
+    for (size_t i = 0; i < t->n_allocs; i++) t->be->iface->release(t->be->ctx, t->allocs[i]);
     free(t->allocs);
+    free(t->acts);
+    free(t->ck);
+    free(t->b.seqs);
+    free(t->b.h_idx);
     tr_params_free(t);
     tr_dp_free(t);
+    tr_resident_free(t);
     tr_backend_detach(t);
     ds_adapter_free(t->ad);
     free(t);

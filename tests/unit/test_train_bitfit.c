@@ -64,6 +64,7 @@ static void spec_save_refusals(void) {
         ds_train_example ex = {.tokens = tok, .labels = lab, .n_tokens = 6};
         ds_train_stats s;
         CHECK_MSG(ds_trainer_step(t, &ex, 1, &s, &err) == 0, "%s", err.msg);
+        a = ds_trainer_adapter(t); /* valid until the next step: read again (downloads the resident values) */
         double moved = 0;
         for (int32_t i = 0; i < a->proj_out[0]; i++) moved = fmax(moved, fabs(a->dbias[0][i]));
         CHECK_MSG(moved > 0, "a step left q_proj's bias delta at zero");
