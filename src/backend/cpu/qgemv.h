@@ -203,6 +203,9 @@ static inline __attribute__((always_inline)) void qg_prep8(ds_dtype t, qg_raw v,
 #endif
 }
 
+#ifndef QG_PF
+#define QG_PF 2048
+#endif
 #ifndef QG_GROUP8
 #define QG_GROUP8 1
 #endif
@@ -280,7 +283,7 @@ static inline __attribute__((always_inline)) void qg_deq(ds_dtype t, const uint8
         return;
     }
     case DS_DTYPE_Q8_0:
-        for (int v = 0; v < QMAXV; v++) w[v] = cvt(sx(b + 2 + v * QK_VW)) * c->s[ci];
+        for (int v = 0; v < QMAXV; v++) w[v] = cvt(sx(b + 2 + v * QK_VW)); /* unscaled: qg_group scales the sums */
         return;
     case DS_DTYPE_Q4_K:
     case DS_DTYPE_Q5_K: { /* chunk j: nibble j%2 of qs[32·(j/2) ..]; Q5_K: bit j of qh[0..31] */
@@ -332,6 +335,12 @@ static inline __attribute__((always_inline)) void qg_group(ds_dtype t, const int
                                                             bool multi, const qg_raw *raw, const int nc) {
     const size_t bb = qg_blk_bytes(t);
     qg_sc c[4];
+    /* weights streamed from DRAM (the big matrices: lm_head, 1B-class layers): ask for the lines
+     * QG_PF bytes ahead, so each row's stream has several misses in flight */
+#pragma GCC unroll 4
+    for (int i = 0; i < R; i++)
+        for (size_t o = 0; o < (size_t)nc * (multi ? bb : bb / (qg_blk(t) / 32)) ; o += 64)
+            __builtin_prefetch(g + i * rs + QG_PF + o);
 #pragma GCC unroll 4
     for (int i = 0; i < R; i++) {
         if (multi) qg_prep8(t, raw[i], &c[i]);
@@ -347,6 +356,21 @@ static inline __attribute__((always_inline)) void qg_group(ds_dtype t, const int
         for (int i = 0; i < R; i++) {
             if (multi) qg_deq(t, g + i * rs + j * bb, 0, j, &c[i], q[i]);
             else qg_deq(t, g + i * rs, j, 0, &c[i], q[i]);
+        }
+        if (t == DS_DTYPE_Q8_0) { /* no min: Σ d·q·x = d·Σ q·x, one scaling per chunk (d·(q·x) order) */
+#pragma GCC unroll 8
+            for (int tt = 0; tt < N; tt++) {
+                vf p[4];
+#pragma GCC unroll 4
+                for (int v = 0; v < QMAXV; v++) {
+                    const vf xv = vload(xb + (size_t)tt * K + 32 * j + v * QK_VW);
+#pragma GCC unroll 4
+                    for (int i = 0; i < R; i++) p[i] = v ? p[i] + q[i][v] * xv : q[i][v] * xv;
+                }
+#pragma GCC unroll 4
+                for (int i = 0; i < R; i++) a[(i * N + tt) * AV + j % AV] += p[i] * c[i].s[multi ? j : 0];
+            }
+            continue;
         }
 #pragma GCC unroll 8
         for (int tt = 0; tt < N; tt++)
