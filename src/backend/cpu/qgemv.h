@@ -489,7 +489,11 @@ QG_FN(2, 8, 1)
 static void gemv_fused(const ds_mat *w, int32_t r0, int32_t r1, const float *x, int32_t n, float *y, const float *bias,
                        bool acc) {
     switch (n) {
-    case 1: QG_RUN(QG_R1, 1); return;
+    case 1:
+        /* Q8_0 / Q6_K a row at a time: faster out of DRAM (bench_qmatmul --rows 16384) */
+        if (w->dtype == DS_DTYPE_Q8_0 || w->dtype == DS_DTYPE_Q6_K) QG_RUN(1, 1);
+        else QG_RUN(QG_R1, 1);
+        return;
     case 2: QG_RUN(QG_R2, 2); return;
     case 3: QG_RUN(QG_RN, 3); return;
     case 4: QG_RUN(QG_RN, 4); return;
