@@ -2,7 +2,7 @@
  * for each format and token count, the thread CPU time per call (CLOCK_THREAD_CPUTIME_ID, so time
  * spent descheduled by other processes is not counted) and the weight bytes streamed per second.
  *
- *   bench_qmatmul [--rows M] [--cols K] [--n 1,8,64] [--reps R] [--isa generic|avx2|avx512] [--dtype Q6_K]
+ *   bench_qmatmul [--rows M] [--cols K (a multiple of 32; 256 for the K-quants)] [--n 1,8,64] [--reps R] [--isa generic|avx2|avx512] [--dtype Q6_K]
  *
  * Weights are random blocks (sane scales); the figures are kernel throughput only. */
 #include "backend/cpu/qmatmul.h"
@@ -63,7 +63,7 @@ int main(int argc, char **argv) {
             }
         } else return fprintf(stderr, "usage: %s [--rows M] [--cols K] [--n 1,8,64] [--reps R] [--isa NAME] [--dtype NAME]\n", argv[0]), 2;
     }
-    if (M < 1 || K < 256 || K % 256 || reps < 1) return fprintf(stderr, "bench_qmatmul: cols must be a multiple of 256\n"), 2;
+    if (M < 1 || K < 32 || K % 32 || reps < 1) return fprintf(stderr, "bench_qmatmul: cols must be a multiple of 32\n"), 2;
     omp_set_num_threads(1);
     const char *qk_name, *q8_name;
     const ds_qk_ops *qk = isa ? ds_qk_by_name(isa) : ds_qk_best(&qk_name);
@@ -82,6 +82,7 @@ int main(int argc, char **argv) {
     void *buf = malloc(ds_q8_act_bytes(nmax, K));
     for (size_t d = 0; d < sizeof dts / sizeof dts[0]; d++) {
         if (only && strcasecmp(only, ds_dtype_name(dts[d]))) continue;
+        if (K % ds_dtype_block(dts[d])) continue; /* the K-quants need cols % 256 == 0 */
         uint8_t *w = rnd_weights(dts[d], M, K);
         const ds_mat m = {.data = w, .rows = M, .cols = K, .dtype = dts[d], .row_bytes = ds_dtype_row_bytes(dts[d], K),
                           .borrowed = true};

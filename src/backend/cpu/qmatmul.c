@@ -29,8 +29,6 @@ static bool has_f16c(void) {
 #endif
 }
 
-#define DS_QK_XS_MAX 16384 /* floats: 8 tokens × 32768 columns */
-
 static bool cpu_has(const char *isa) {
 #if defined(__x86_64__)
     __builtin_cpu_init();
@@ -85,16 +83,16 @@ static int32_t k_chunk(const ds_mat *w) { return w->cols <= DS_QK_TILE_K ? w->co
 typedef struct {
     const ds_qk_ops *k;
     const ds_mat *w;
-    const float *x, *bias, *xs;
+    const float *x, *bias;
     float *y;
     int32_t n, chunk;
-    bool acc;
+    bool acc, fused;
 } gemv_job;
 
 static void gemv_chunk(void *arg, int64_t i) {
     const gemv_job *j = arg;
     const int32_t r0 = (int32_t)i * j->chunk, r1 = r0 + j->chunk < j->w->rows ? r0 + j->chunk : j->w->rows;
-    if (j->xs) j->k->gemv_fused(j->w, r0, r1, j->x, j->xs, j->n, j->y, j->bias, j->acc);
+    if (j->fused) j->k->gemv_fused(j->w, r0, r1, j->x, j->n, j->y, j->bias, j->acc);
     else j->k->gemv(j->w, r0, r1, j->x, j->n, j->y, j->bias, j->acc);
 }
 
@@ -109,19 +107,7 @@ int ds_qk_matmul(const ds_qk_ops *k, const float *x, const ds_mat *w, const floa
         int32_t chunk = (M + 8 * nt - 1) / (8 * nt);
         if (chunk < 16) chunk = 16;
         gemv_job j = {.k = k, .w = w, .x = x, .bias = bias, .y = y, .n = n, .chunk = chunk, .acc = acc};
-        /* group sums of x for the fused kernels: a few KiB, on this thread's stack */
-        float xs_buf[DS_QK_XS_MAX];
-        const int32_t K16 = K / 16;
-        if (ds_qk_fused_dtype(w->dtype) && (size_t)n * (size_t)K16 <= DS_QK_XS_MAX) {
-            for (int32_t t = 0; t < n; t++)
-                for (int32_t g = 0; g < K16; g++) {
-                    const float *xt = x + (size_t)t * K + (size_t)g * 16;
-                    float s = 0.0f;
-                    for (int i = 0; i < 16; i++) s += xt[i];
-                    xs_buf[(size_t)t * K16 + g] = s;
-                }
-            j.xs = xs_buf;
-        }
+        j.fused = k->gemv_fused && ds_qk_fused(w);
         const int64_t n_chunks = (M + chunk - 1) / chunk;
         if (pool) ds_pool_run(pool, n_chunks, gemv_chunk, &j);
         else

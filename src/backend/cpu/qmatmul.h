@@ -13,10 +13,10 @@ typedef struct ds_qk_ops {
     /* y[t][r] (=|+=) W[r]·x[t] (+ bias[r]), rows [r0, r1), n ≤ DS_QK_GEMV_MAX; y rows are w->rows wide. */
     void (*gemv)(const ds_mat *w, int32_t r0, int32_t r1, const float *x, int32_t n, float *y, const float *bias,
                  bool acc);
-    /* The same for Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K (ds_qk_fused_dtype) without expanding the
-     * weights: xs[t][K/16] holds the sums of x[t] over each 16 columns. */
-    void (*gemv_fused)(const ds_mat *w, int32_t r0, int32_t r1, const float *x, const float *xs, int32_t n,
-                       float *y, const float *bias, bool acc);
+    /* The same for the weights ds_qk_fused takes, 1 ≤ n ≤ DS_QK_GEMV_MAX, straight from the blocks in
+     * registers (qgemv.h); faster than gemv, which expands spans of a row into a buffer. */
+    void (*gemv_fused)(const ds_mat *w, int32_t r0, int32_t r1, const float *x, int32_t n, float *y,
+                       const float *bias, bool acc);
     /* dst[nr][kn] = rows [r0, r0+nr), columns [k0, k0+kn) of W as fp32 (k0, kn whole blocks). */
     void (*deq_tile)(const ds_mat *w, int32_t r0, int32_t nr, int32_t k0, int32_t kn, float *dst);
     int vw; /* fp32 lanes */
@@ -25,6 +25,15 @@ typedef struct ds_qk_ops {
 static inline bool ds_qk_fused_dtype(ds_dtype t) {
     return t == DS_DTYPE_Q4_0 || t == DS_DTYPE_Q4_1 || t == DS_DTYPE_Q8_0 || t == DS_DTYPE_Q4_K || t == DS_DTYPE_Q5_K ||
            t == DS_DTYPE_Q6_K;
+}
+/* Weights gemv_fused takes: every block format, and F32/F16/BF16 rows of whole 32-column chunks. */
+static inline bool ds_qk_fused(const ds_mat *w) {
+    switch (w->dtype) {
+    case DS_DTYPE_F32:
+    case DS_DTYPE_F16:
+    case DS_DTYPE_BF16: return w->cols % 32 == 0;
+    default: return true;
+    }
 }
 
 extern const ds_qk_ops ds_qk_generic;
