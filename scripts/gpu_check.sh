@@ -9,7 +9,8 @@
 #   info       driver and device (nvidia-smi), kit manifest, commit, command
 #   kit        unpack, find libcublasLt.so.13 on this host, every library resolves
 #   gpu        a GPU is present (nvidia-smi -L) and the CUDA backend comes up — else stop (exit 3)
-#   ops        test_backend_ops cuda, test_backend_bn cuda (= ctest -L gpu; exit 77 here is a failure)
+#   ops        test_backend_ops cuda, test_backend_bn cuda, test_train_ops cuda (= ctest -L gpu; exit 77
+#              here is a failure)
 #   golden     test_llama_golden, test_adapter_golden, test_smollm2: every forward on the CPU and
 #              on CUDA, CUDA's logits and greedy tokens against the CPU's (tests/unit/parity.h)
 #   sgmv       bench_sgmv --shape llama3-8b: LoRA op per projection, rank 8/16/64 × 1/8/64
@@ -156,6 +157,9 @@ verdict ops "0" "$( [ "$rc" = 77 ] && echo '— 77: the CUDA backend did not com
 say "ops: test_backend_bn cuda (the bottleneck kernel, cuda/bottleneck.cu, vs a double-precision reference)"
 run ops_bn 30 "$kit/bin/test_backend_bn" cuda
 verdict ops_bn "0"
+say "ops: test_train_ops cuda (the training ops, cuda/train_ops.cu + train_attn.cu, vs a double-precision reference)"
+run ops_train 60 "$kit/bin/test_train_ops" cuda
+verdict ops_train "0"
 
 # ---- golden parity ---------------------------------------------------------------------------
 for t in test_llama_golden test_adapter_golden test_smollm2; do
