@@ -468,6 +468,7 @@ static __global__ void tr_fill_kernel(float *x, size_t n, float v) {
 static int t_fill(void *ctx, float *x, size_t n, float v) {
     if (!n) return DS_OK;
     ENTER(ctx);
+    if (v == 0.0f) v = 0.0f; /* −0 fills +0, as the CPU reference's memset does */
     tr_fill_kernel<<<ds_cuda_blocks(n, TR_THREADS), TR_THREADS, 0, c->stream>>>(x, n, v);
     CU_CHECK_LAUNCH("tr_fill_kernel");
     return DS_OK;
