@@ -17,7 +17,8 @@
 #              adapters × batch 1…256, beside the byte floor at the measured D2D copy bandwidth
 #   model      bench_model --shape llama3-8b: random bf16 Llama-3-8B, batch-1 decode beside the
 #              HBM floor; batch-128 decode with 0/1/10/100 rank-16 adapters on q,k,v,o and all 7
-#   memcheck   compute-sanitizer --tool memcheck test_backend_ops cuda (with what time is left)
+#   memcheck   compute-sanitizer --tool memcheck test_backend_ops cuda, then test_train_ops cuda
+#              (with what time is left)
 #
 # Results (at most 8 files, the device tool's limit): log.txt (everything), summary.txt (one line
 # per step), info.txt, bench_sgmv.json, bench_model.json. Exit: 0 all passed, 1 a step failed,
@@ -194,6 +195,8 @@ say "memcheck: compute-sanitizer --tool memcheck test_backend_ops cuda"
 if command -v compute-sanitizer >/dev/null; then
   run memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 "$kit/bin/test_backend_ops" cuda
   verdict memcheck "0"
+  run memcheck_train 60 compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 "$kit/bin/test_train_ops" cuda
+  verdict memcheck_train "0"
 else
   note memcheck "not run: compute-sanitizer is not on this machine"
 fi
