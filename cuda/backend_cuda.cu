@@ -6,6 +6,7 @@
  *
  * Not verified on a GPU yet: this file compiles in CI (nvcc, no device); see cuda/CMakeLists.txt. */
 #include "common.cuh"
+#include "train_ops.cuh"
 
 #include <stdlib.h>
 #include <string.h>
@@ -171,6 +172,7 @@ static void ctx_destroy(ds_cuda_ctx *c) {
         cudaFree(c->meta.ptr);
         cudaFree(c->lora_tmp.ptr);
         cudaFree(c->bn_ws.ptr);
+        cudaFree(c->train_ws.ptr);
         cudaFree(c->plan.ptr);
         if (c->pin) cudaFreeHost(c->pin);
         if (c->err_flag_host) cudaFreeHost(c->err_flag_host);
@@ -260,7 +262,7 @@ static const struct ds_backend_iface cuda_iface = {
     .mat_upload = ds_cuda_mat_upload,
     .mat_free = ds_cuda_mat_free,
     .matmul = ds_cuda_matmul,
-    .matmul_t = nullptr, /* training: CPU only */
+    .matmul_t = ds_cuda_matmul_t, /* train_ops.cu: compiled, not yet run on a GPU */
     .embed = ds_cuda_embed,
     .rmsnorm = ds_cuda_rmsnorm,
     .rope = ds_cuda_rope,
@@ -276,7 +278,7 @@ static const struct ds_backend_iface cuda_iface = {
     .set_rows = ds_cuda_set_rows,
     .copy = cu_copy,
     .lora_expand = nullptr, /* embedding LoRA: not on CUDA yet (DS_EUNSUPPORTED) */
-    .train = nullptr,       /* training ops: CPU only (ds_trainer_create: DS_EUNSUPPORTED) */
+    .train = &ds_cuda_train_iface, /* train_ops.cu, train_attn.cu: compiled, not yet run on a GPU */
     .bottleneck = ds_cuda_bottleneck, /* bottleneck.cu: compiled, not yet run on a GPU */
     .scale = ds_cuda_scale,
     .gelu_tanh_mul = ds_cuda_gelu_tanh_mul,

@@ -137,6 +137,8 @@ typedef struct ds_cuda_ctx {
     const ds_bn_seg *plan_bn;
     int32_t plan_n_bn;
     ds_cuda_ws bn_ws;
+    /* The training ops' scratch (train_ops.cu, train_attn.cu): per-row doubles of the reductions. */
+    ds_cuda_ws train_ws;
 } ds_cuda_ctx;
 
 /* Makes the context's device current for the calling thread (cudaSetDevice is per thread, and the
@@ -221,6 +223,37 @@ static __device__ __forceinline__ float ds_block_sum(float v, float *red) {
     __syncthreads();
     v = lane < n_warps ? red[lane] : 0.0f;
     return ds_warp_sum(v);
+}
+
+/* Maximum over the block, like ds_block_sum (`red` is __shared__ float[32]). */
+static __device__ __forceinline__ float ds_block_max(float v, float *red) {
+    const int lane = threadIdx.x % DS_CUDA_WARP, warp = threadIdx.x / DS_CUDA_WARP;
+    const int n_warps = blockDim.x / DS_CUDA_WARP;
+#pragma unroll
+    for (int o = DS_CUDA_WARP / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    __syncthreads();
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    v = lane < n_warps ? red[lane] : -INFINITY;
+#pragma unroll
+    for (int o = DS_CUDA_WARP / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+/* Sum over the block in double, like ds_block_sum (`red` is __shared__ double[32]); the order of
+ * the additions is fixed by blockDim, so the result is deterministic. */
+static __device__ __forceinline__ double ds_block_sum_d(double v, double *red) {
+    const int lane = threadIdx.x % DS_CUDA_WARP, warp = threadIdx.x / DS_CUDA_WARP;
+    const int n_warps = blockDim.x / DS_CUDA_WARP;
+#pragma unroll
+    for (int o = DS_CUDA_WARP / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    __syncthreads();
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    v = lane < n_warps ? red[lane] : 0.0;
+#pragma unroll
+    for (int o = DS_CUDA_WARP / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
 }
 
 /* Grid size for a grid-stride loop over n elements with `threads` per block. */

@@ -9,14 +9,16 @@
 #   info       driver and device (nvidia-smi), kit manifest, commit, command
 #   kit        unpack, find libcublasLt.so.13 on this host, every library resolves
 #   gpu        a GPU is present (nvidia-smi -L) and the CUDA backend comes up — else stop (exit 3)
-#   ops        test_backend_ops cuda, test_backend_bn cuda (= ctest -L gpu; exit 77 here is a failure)
+#   ops        test_backend_ops cuda, test_backend_bn cuda, test_train_ops cuda (= ctest -L gpu; exit 77
+#              here is a failure)
 #   golden     test_llama_golden, test_adapter_golden, test_smollm2: every forward on the CPU and
 #              on CUDA, CUDA's logits and greedy tokens against the CPU's (tests/unit/parity.h)
 #   sgmv       bench_sgmv --shape llama3-8b: LoRA op per projection, rank 8/16/64 × 1/8/64
 #              adapters × batch 1…256, beside the byte floor at the measured D2D copy bandwidth
 #   model      bench_model --shape llama3-8b: random bf16 Llama-3-8B, batch-1 decode beside the
 #              HBM floor; batch-128 decode with 0/1/10/100 rank-16 adapters on q,k,v,o and all 7
-#   memcheck   compute-sanitizer --tool memcheck test_backend_ops cuda (with what time is left)
+#   memcheck   compute-sanitizer --tool memcheck test_backend_ops cuda, then test_train_ops cuda
+#              (with what time is left)
 #
 # Results (at most 8 files, the device tool's limit): log.txt (everything), summary.txt (one line
 # per step), info.txt, bench_sgmv.json, bench_model.json. Exit: 0 all passed, 1 a step failed,
@@ -156,6 +158,9 @@ verdict ops "0" "$( [ "$rc" = 77 ] && echo '— 77: the CUDA backend did not com
 say "ops: test_backend_bn cuda (the bottleneck kernel, cuda/bottleneck.cu, vs a double-precision reference)"
 run ops_bn 30 "$kit/bin/test_backend_bn" cuda
 verdict ops_bn "0"
+say "ops: test_train_ops cuda (the training ops, cuda/train_ops.cu + train_attn.cu, vs a double-precision reference)"
+run ops_train 60 "$kit/bin/test_train_ops" cuda
+verdict ops_train "0"
 
 # ---- golden parity ---------------------------------------------------------------------------
 for t in test_llama_golden test_adapter_golden test_smollm2; do
@@ -190,6 +195,8 @@ say "memcheck: compute-sanitizer --tool memcheck test_backend_ops cuda"
 if command -v compute-sanitizer >/dev/null; then
   run memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 "$kit/bin/test_backend_ops" cuda
   verdict memcheck "0"
+  run memcheck_train 60 compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 "$kit/bin/test_train_ops" cuda
+  verdict memcheck_train "0"
 else
   note memcheck "not run: compute-sanitizer is not on this machine"
 fi

@@ -42,7 +42,7 @@ for a in "$@"; do
   esac
 done
 
-BINS=(deltaserve tests/test_backend_ops tests/test_backend_bn tests/test_llama_golden tests/test_adapter_golden tests/test_smollm2
+BINS=(deltaserve tests/test_backend_ops tests/test_backend_bn tests/test_train_ops tests/test_llama_golden tests/test_adapter_golden tests/test_smollm2
       bench_sgmv bench_model)
 # Libraries every Linux host (and the GPU image) has, or must not come from us: glibc's, the C++
 # runtime, the dynamic loader, the NVIDIA driver. Everything else ldd finds goes into the kit.
@@ -139,6 +139,8 @@ if [ $run_checks = 1 ]; then
   cpu_run "backend ops, every backend" 0 "$tmp/bin/test_backend_ops"
   cpu_run "backend ops, cuda only (ctest -L gpu)" 77 "$tmp/bin/test_backend_ops" cuda
   cpu_run "bottleneck op, every backend" 0 "$tmp/bin/test_backend_bn"
+  cpu_run "training ops, every backend" 0 "$tmp/bin/test_train_ops"
+  cpu_run "training ops, cuda only (ctest -L gpu)" 77 "$tmp/bin/test_train_ops" cuda
   cpu_run "golden forward" 0 "$tmp/bin/test_llama_golden"
   cpu_run "golden adapters" 0 "$tmp/bin/test_adapter_golden"
   # the comparison path the GPU run takes (tests/unit/parity.h), here a second CPU backend vs the first
