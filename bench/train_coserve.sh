@@ -7,7 +7,7 @@
 # job's throughput with requests against alone (>= 50%), and the share of the engine's busy time
 # training took (deltaserve_train_share, against --train-budget). Raw results under
 # bench/results/coserve-<date>/ (or --out DIR).
-#   bench/train_coserve.sh [--rate 2] [--num-prompts 30] [--train-batch 4] [--train-budget 0.25]
+#   bench/train_coserve.sh [--rate 2] [--num-prompts 30] [--train-batch 4] [--train-budget 0.1]
 #                          [--train-window 60] [--threads N] [--port 8125] [--model FILE] [--out DIR]
 # A dry run (checks the script end to end, not a measurement):
 #   bench/train_coserve.sh --num-prompts 4 --train-window 10
@@ -15,7 +15,7 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
-rate=2 num=30 port=8125 tbatch=4 budget=0.25 window=60 threads="" model="" out=""
+rate=2 num=30 port=8125 tbatch=4 budget=0.1 window=60 threads="" model="" out=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --rate) rate=$2; shift 2 ;; --train-batch) tbatch=$2; shift 2 ;; --train-budget) budget=$2; shift 2 ;;

@@ -203,8 +203,9 @@ void ds_engine_set_background(ds_engine *e, bool (*run)(void *ud), void *ud, flo
 /* Tells the engine the hook has work again (any thread). */
 void ds_engine_wake_background(ds_engine *e);
 /* How long one unit should take (seconds): budget/(1−budget) of the recent mean inference step,
- * so that one unit after every step stays within the budget; within [1 ms, 100 ms]; 10 ms before
- * any step was measured. ENGINE THREAD (from the hook). */
+ * so that one unit after every step stays within the budget; at least 25 ms while no request
+ * runs (idle time is all training: larger units train faster); within [1 ms, 100 ms]; 10 ms
+ * before any step was measured. ENGINE THREAD (from the hook). */
 double ds_engine_background_unit_target(const ds_engine *e);
 
 #ifdef __cplusplus

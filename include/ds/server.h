@@ -59,7 +59,7 @@ typedef struct ds_server_params {
                                       max_lora in vllm:lora_requests_info; default 0 */
     float train_budget;            /* fine-tuning jobs run on the engine thread between inference
                                       steps, using at most this share of its time while requests
-                                      run (0..1]; <= 0 → 0.25 */
+                                      run (0..1]; <= 0 → 0.1 */
     bool content_special_tokens;   /* chat: match special tokens inside message contents (default
                                       false: a "<|im_end|>" typed by a client stays text and cannot
                                       end its turn); a request's "content_special_tokens" overrides */

@@ -75,7 +75,7 @@ static const char *SERVE_HELP =
     "                            the exact fp32 numerics of the default (README: accuracy)\n"
     "      --backend NAME        compute backend: cpu (default) or cuda (builds with CUDA, on a GPU)\n"
     "      --train-budget F      share of the engine's time fine-tuning jobs may take while requests\n"
-    "                            are running, 0 < F <= 1 (default 0.25; idle time is all theirs)\n"
+    "                            are running, 0 < F <= 1 (default 0.1; idle time is all theirs)\n"
     "\n"
     "fine-tuning limits (checked when a job is created; over them: 400):\n"
     "                            the adapter a job would produce must fit --adapter-budget-mb\n"

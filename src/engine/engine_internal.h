@@ -74,6 +74,7 @@ struct ds_engine {
     uint64_t bg_wakes;
     double t_inf, t_bg; /* decayed seconds in steps / in the hook while requests ran (share) */
     double step_avg;    /* recent mean inference step, seconds (0 before the first) */
+    bool bg_idle;       /* the unit being run has no request beside it (engine thread) */
 };
 
 int ds_engine_batch_init(ds_engine *e);

@@ -79,7 +79,7 @@ const ds_server_params *ds_server_get_params(const ds_server *s) { return &s->pa
 ds_http_server *ds_server_http(ds_server *s) { return &s->http; }
 struct ds_adapter_registry *ds_server_registry(const ds_server *s) { return s->params.registry; }
 float ds_server_train_budget(const ds_server *s) {
-    return s->params.train_budget > 0.0f && s->params.train_budget <= 1.0f ? s->params.train_budget : 0.25f;
+    return s->params.train_budget > 0.0f && s->params.train_budget <= 1.0f ? s->params.train_budget : 0.1f;
 }
 ds_metrics *ds_server_metrics(ds_server *s) { return s->metrics; }
 bool ds_server_draining(const ds_server *s) { return s->stopping; }
