@@ -70,7 +70,7 @@ static int get_i32(const cJSON *o, const char *key, int64_t lo, int64_t hi, int3
                    ds_oai_error *e) {
     const cJSON *v = field(o, key);
     if (!v) return 0;
-    int64_t x;
+    int64_t x = 0; /* set by int_value on success (GCC cannot see it) */
     int st = int_value(v, key, lo, hi, &x, e);
     if (st) return st;
     *out = (int32_t)x;
@@ -88,7 +88,7 @@ static int token_array(const cJSON *arr, const char *param, int32_t **out, size_
     int i = 0;
     const cJSON *v;
     cJSON_ArrayForEach(v, arr) {
-        int64_t x;
+        int64_t x = 0;
         if (int_value(v, param, 0, INT32_MAX, &x, e)) {
             free(ids);
             return 400;
