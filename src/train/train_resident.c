@@ -120,11 +120,3 @@ void tr_resident_free(ds_trainer *t) {
     free(r); /* the float arrays are trainer buffers (t->allocs) */
     t->res = NULL;
 }
-
-int tr_param_io(const ds_trainer *t, int32_t i, int which, void *host, bool write) {
-    const tr_param *p = &t->params[i];
-    float *dev = which == TR_VALUE ? p->pub.value : which == TR_M ? p->m : which == TR_V ? p->v : p->grad;
-    const size_t bytes = p->pub.n * sizeof(float);
-    void *c = t->be->ctx;
-    return write ? t->be->iface->upload(c, dev, host, bytes) : t->be->iface->download(c, host, dev, bytes);
-}
