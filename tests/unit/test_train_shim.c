@@ -21,25 +21,15 @@
 #include "train/jobs_internal.h"
 #include "util/durable.h"
 #include "train/train_internal.h"
+#include "train_examples.h"
 
 #include <dirent.h>
 #include <signal.h>
 #include <sys/wait.h>
 
-#define N_EX 3
-static int32_t toks[N_EX][60];
-static const int32_t lens[N_EX] = {45, 20, 58};
+#define N_EX TX_N_EX
 
-static void make_examples(ds_train_example *ex, int32_t V) {
-    uint64_t s = 4242;
-    for (int e = 0; e < N_EX; e++) {
-        for (int i = 0; i < lens[e]; i++) {
-            s = s * 6364136223846793005ull + 1442695040888963407ull;
-            toks[e][i] = (int32_t)((s >> 33) % (uint64_t)V);
-        }
-        ex[e] = (ds_train_example){.tokens = toks[e], .labels = NULL, .n_tokens = lens[e]};
-    }
-}
+static void make_examples(ds_train_example *ex, int32_t V) { tx_make_examples(ex, V, 4242ull); }
 
 typedef struct cfg {
     const char *name, *model;

@@ -16,23 +16,13 @@
 #include "ds/train.h"
 #include "ds_test.h"
 #include "train/train_internal.h"
+#include "train_examples.h"
 
 #include <string.h>
 
-#define N_EX 3
-static int32_t toks[N_EX][60];
-static const int32_t lens[N_EX] = {45, 20, 58};
+#define N_EX TX_N_EX
 
-static void make_examples(ds_train_example *ex, int32_t V) {
-    uint64_t s = 12345;
-    for (int e = 0; e < N_EX; e++) {
-        for (int i = 0; i < lens[e]; i++) {
-            s = s * 6364136223846793005ull + 1442695040888963407ull;
-            toks[e][i] = (int32_t)((s >> 33) % (uint64_t)V);
-        }
-        ex[e] = (ds_train_example){.tokens = toks[e], .labels = NULL, .n_tokens = lens[e]};
-    }
-}
+static void make_examples(ds_train_example *ex, int32_t V) { tx_make_examples(ex, V, 12345ull); }
 
 /* The step exactly as train_step.c ran it before units (the whole-pass functions it called). */
 static int old_step(ds_trainer *t, const ds_train_example *ex, int32_t n, double *loss, ds_err *err) {
