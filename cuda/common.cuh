@@ -256,6 +256,18 @@ static __device__ __forceinline__ double ds_block_sum_d(double v, double *red) {
     return v;
 }
 
+/* log Σ exp(x[j]) over j < n, max-shifted, the sum in double; every thread of the block calls it
+ * and gets the result (training softmax: cross-entropy rows, attention scores). */
+static __device__ __forceinline__ double ds_block_logsumexp(const float *x, int32_t n, float *redf, double *redd) {
+    float mx = -INFINITY;
+    for (int32_t j = threadIdx.x; j < n; j += blockDim.x) mx = fmaxf(mx, x[j]);
+    mx = ds_block_max(mx, redf);
+    double sum = 0.0;
+    for (int32_t j = threadIdx.x; j < n; j += blockDim.x) sum += exp((double)x[j] - mx);
+    sum = ds_block_sum_d(sum, redd);
+    return mx + log(sum);
+}
+
 /* Grid size for a grid-stride loop over n elements with `threads` per block. */
 static inline unsigned ds_cuda_blocks(size_t n, unsigned threads) {
     size_t b = (n + threads - 1) / threads;

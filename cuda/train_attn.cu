@@ -56,13 +56,7 @@ static __global__ void ta_fwd_kernel(ta_dev t, float *out, float *lse_out) {
     const int32_t nv = t.n_prefix + i + 1, qd = t.n_head * t.hd;
     const float *qr = t.q + (size_t)(t.row0 + i) * qd + (size_t)h * t.hd;
     ta_scores(t, qr, g, nv, S);
-    float mx = -INFINITY;
-    for (int32_t j = threadIdx.x; j < nv; j += blockDim.x) mx = fmaxf(mx, S[j]);
-    mx = ds_block_max(mx, redf);
-    double sum = 0.0;
-    for (int32_t j = threadIdx.x; j < nv; j += blockDim.x) sum += exp((double)S[j] - mx);
-    sum = ds_block_sum_d(sum, redd);
-    const double lse = mx + log(sum);
+    const double lse = ds_block_logsumexp(S, nv, redf, redd);
     for (int32_t j = threadIdx.x; j < nv; j += blockDim.x) S[j] = (float)exp((double)S[j] - lse);
     __syncthreads();
     float *o = out + (size_t)(t.row0 + i) * qd + (size_t)h * t.hd;

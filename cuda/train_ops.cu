@@ -342,13 +342,7 @@ static __global__ void tr_ce_kernel(float *logits, const int32_t *target, int32_
     const size_t t = blockIdx.x;
     float *z = logits + t * V;
     const int32_t tg = target[t];
-    float mx = -INFINITY;
-    for (int32_t j = threadIdx.x; j < V; j += blockDim.x) mx = fmaxf(mx, z[j]);
-    mx = ds_block_max(mx, redf);
-    double sum = 0.0;
-    for (int32_t j = threadIdx.x; j < V; j += blockDim.x) sum += exp((double)z[j] - mx);
-    sum = ds_block_sum_d(sum, redd);
-    const double lse = mx + log(sum);
+    const double lse = ds_block_logsumexp(z, V, redf, redd);
     const float zt = (tg >= 0 && tg < V) ? z[tg] : NAN; /* every thread reads before anyone writes */
     if (threadIdx.x == 0) rowloss[t] = lse - zt;
     if (!grad) return;
