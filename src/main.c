@@ -1,6 +1,6 @@
 /* deltaserve command line: serve, generate, tokenize, delta. */
 #include "cli/cli.h"
-#include "util/omp_env.h"
+#include "backend/cpu/cpu_env.h"
 
 #include <stdio.h>
 #include <string.h>
@@ -20,7 +20,7 @@ static const char *HELP =
     "The default model is SmolLM2-135M-Instruct (Q4_1 GGUF), fetched by scripts/fetch_model.sh.\n";
 
 int main(int argc, char **argv) {
-    ds_omp_env_reexec(argv); /* short OpenMP spins: returns only once they are set (or cannot be) */
+    ds_cpu_env_reexec(argv); /* short OpenMP spins: returns only once they are set (or cannot be) */
     if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
         fputs(HELP, stdout);
         return argc < 2 ? 2 : 0;

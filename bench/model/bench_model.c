@@ -21,7 +21,7 @@
 #include "ds/adapter.h"
 #include "ds/model.h"
 #include "random_model.h"
-#include "util/omp_env.h"
+#include "backend/cpu/cpu_env.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -539,7 +539,7 @@ static void write_json(const opts *o, const results *r) {
 }
 
 int main(int argc, char **argv) {
-    ds_omp_env_reexec(argv); /* the server's OpenMP wait policy (src/main.c) */
+    ds_cpu_env_reexec(argv); /* the server's OpenMP wait policy (src/main.c) */
     setvbuf(stdout, NULL, _IOLBF, 0); /* progress survives a timeout kill under a pipe */
     opts o;
     int rc = parse(argc, argv, &o);

@@ -11,7 +11,7 @@
  * pages of the mapped GGUF touched so far) and at the end (every weight page touched). One JSON
  * object on stdout; progress on stderr. Uses the public API only. */
 #include "ds/model.h"
-#include "util/omp_env.h"
+#include "backend/cpu/cpu_env.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -100,7 +100,7 @@ static int usage(int rc) {
 }
 
 int main(int argc, char **argv) {
-    ds_omp_env_reexec(argv); /* the server's OpenMP wait policy (src/main.c) */
+    ds_cpu_env_reexec(argv); /* the server's OpenMP wait policy (src/main.c) */
     const char *model = "models/SmolLM2-135M-Instruct.Q4_1.gguf", *backend = "cpu";
     int n_prompt = 512, n_gen = 128, threads = 0, reps = 5;
     bool int8_act = false;

@@ -80,7 +80,7 @@ def _environ(pid):
 
 
 def test_openmp_short_spin(fresh_server):
-    """src/util/omp_env.c: without a user setting the server runs (the same pid, re-executed) with
+    """src/backend/cpu/cpu_env.c: without a user setting the server runs (the same pid, re-executed) with
     GOMP_SPINCOUNT=1000; a user's own setting is kept."""
     import os
     user = os.environ.get("GOMP_SPINCOUNT") or ("(policy)" if os.environ.get("OMP_WAIT_POLICY") else None)
@@ -91,8 +91,10 @@ def test_openmp_short_spin(fresh_server):
     elif user != "(policy)":
         assert got == user.encode()
     assert srv.stop() == 0
-    srv = fresh_server(env={"GOMP_SPINCOUNT": "7"})
-    assert _environ(srv.proc.pid).get(b"GOMP_SPINCOUNT") == b"7"
+    srv = fresh_server(env={"GOMP_SPINCOUNT": "7", "OPENBLAS_CORETYPE": "Haswell"})
+    env = _environ(srv.proc.pid)
+    assert env.get(b"GOMP_SPINCOUNT") == b"7"
+    assert env.get(b"OPENBLAS_CORETYPE") == b"Haswell"  # the user's kernel choice is kept too
     assert srv.stop() == 0
 
 

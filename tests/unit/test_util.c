@@ -5,6 +5,7 @@
 
 #include "ds/common.h"
 #include "ds_test.h"
+#include "backend/cpu/cpu_env.h"
 #include "util/mem.h"
 #include "util/rng.h"
 #include "util/sb.h"
@@ -74,7 +75,21 @@ static void test_try(void) {
     CHECK_EQ_INT(try_twice(0, 0, &reached), 7);
 }
 
+/* OpenBLAS's kernel set by cpuid when it fell back on a CPU model it does not know. */
+static void test_blas_core(void) {
+    CHECK(!strcmp(ds_blas_core_for("Prescott", true, true), "SkylakeX"));
+    CHECK(!strcmp(ds_blas_core_for("Prescott", true, false), "Haswell"));
+    CHECK(!strcmp(ds_blas_core_for("Sandybridge", true, false), "Haswell"));
+    CHECK(ds_blas_core_for("Prescott", false, false) == NULL);   /* nothing better to ask for */
+    CHECK(ds_blas_core_for("SkylakeX", true, true) == NULL);     /* its own choice is wide already */
+    CHECK(ds_blas_core_for("haswell", true, true) == NULL);
+    CHECK(ds_blas_core_for("Zen", true, true) == NULL);
+    CHECK(ds_blas_core_for("Cooperlake", true, true) == NULL);
+    CHECK(ds_blas_core_for(NULL, true, true) == NULL);
+}
+
 int main(void) {
+    test_blas_core();
     test_sb();
     test_rng();
     test_mem();

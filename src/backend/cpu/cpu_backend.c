@@ -505,7 +505,12 @@ ds_backend *ds_backend_cpu_create(const ds_backend_params *params, ds_err *err) 
     }
     const char *isa;
     c->qk = ds_qk_best(&isa);
-    if (params && params->int8_activations) c->q8 = ds_q8_best(NULL);
+    const char *q8 = NULL;
+    if (params && params->int8_activations) c->q8 = ds_q8_best(&q8);
+    const char *was = getenv("DS_BLAS_CORE_WAS"); /* src/backend/cpu/cpu_env.h */
+    DS_LOGI("cpu backend: %d threads, matmul kernels %s%s%s, OpenBLAS %s kernels%s%s%s", c->n_threads, isa,
+            q8 ? ", int8 activations " : "", q8 ? q8 : "", openblas_get_corename(), was ? " (it chose " : "",
+            was ? was : "", was ? " for this CPU: see $OPENBLAS_CORETYPE)" : "");
     if (!(c->pool = ds_pool_create(c->n_threads))) {
         free(b);
         free(c);
