@@ -294,6 +294,76 @@ static void attn_chunk(void *arg, int64_t i) {
     attend_one(j->a, (int32_t)(i / j->a->n_head), (int32_t)(i % j->a->n_head), j->scores + (size_t)i * j->per);
 }
 
+/* Prefill attention by GEMM: a run of at least ATTN_RUN_MIN consecutive tokens of one sequence at
+ * consecutive positions (a prefill chunk; no sliding window) attends in tasks of up to ATTN_CHUNK
+ * tokens × one KV head: the keys and values the chunk's last token sees are gathered from the paged
+ * cache into contiguous rows, then per query head of the group S = scale·Q·Kᵀ (one sgemm), a
+ * causal softmax per row (keys past a token's own count set to 0) and O = P·V (one sgemm). It
+ * computes what attend_one does, in fp32, with OpenBLAS's kernels instead of a dot product per
+ * (token, head, key) — that loop took 46% of a 512-token prefill of the default model. */
+#define ATTN_RUN_MIN 8
+#define ATTN_CHUNK 64
+
+typedef struct {
+    int32_t t0, n, kvh;
+} attn_task;
+
+static void attend_chunk(const ds_attn_args *a, const attn_task *k, float *buf) {
+    const int32_t hd = a->head_dim, row = a->n_kv_head * hd, group = a->n_head / a->n_kv_head;
+    const int32_t s = a->tok_seq[k->t0], nkv = a->tok_nkv[k->t0 + k->n - 1];
+    const int32_t *bt = a->block_tables + (size_t)s * a->max_blocks;
+    const int32_t pre = a->seq_prefix ? a->seq_prefix[s] : 0;
+    float *kc = buf, *vc = kc + (size_t)nkv * hd, *S = vc + (size_t)nkv * hd;
+    for (int32_t i = 0; i < nkv; i++) {
+        const int64_t slot = ds_kv_slot(bt, pre, a->block_size, i) * row + (int64_t)k->kvh * hd;
+        memcpy(kc + (size_t)i * hd, a->k_cache + slot, sizeof(float) * (size_t)hd);
+        memcpy(vc + (size_t)i * hd, a->v_cache + slot, sizeof(float) * (size_t)hd);
+    }
+    const int32_t ld = a->n_head * hd;
+    for (int32_t g = 0; g < group; g++) {
+        const int32_t h = k->kvh * group + g;
+        const size_t at = ((size_t)k->t0 * a->n_head + h) * hd;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, k->n, nkv, hd, a->scale, a->q + at, ld, kc, hd, 0.0f, S,
+                    nkv);
+        for (int32_t r = 0; r < k->n; r++) {
+            float *p = S + (size_t)r * nkv;
+            const int32_t m = a->tok_nkv[k->t0 + r];
+            float mx = -INFINITY, sum = 0.0f;
+            for (int32_t i = 0; i < m; i++) mx = p[i] > mx ? p[i] : mx;
+            for (int32_t i = 0; i < m; i++) sum += (p[i] = expf(p[i] - mx));
+            const float inv = 1.0f / sum;
+            for (int32_t i = 0; i < m; i++) p[i] *= inv;
+            for (int32_t i = m; i < nkv; i++) p[i] = 0.0f;
+        }
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, k->n, hd, nkv, 1.0f, S, nkv, vc, hd, 0.0f, a->out + at,
+                    ld);
+    }
+}
+
+/* Splits the step's tokens into GEMM tasks (runs of a prefill, cut into ATTN_CHUNK tokens × each
+ * KV head) and single tokens for attend_one (`single`); returns the number of tasks, and in
+ * *max_nkv the most keys one task gathers. */
+static int32_t attn_plan(const ds_attn_args *a, attn_task *tasks, int32_t *single, int32_t *n_single,
+                         int32_t *max_nkv) {
+    int32_t nt = 0, ns = 0;
+    *max_nkv = 0;
+    for (int32_t t = 0; t < a->n_tokens;) {
+        int32_t e = t + 1;
+        while (e < a->n_tokens && a->tok_seq[e] == a->tok_seq[t] && a->tok_nkv[e] == a->tok_nkv[e - 1] + 1) e++;
+        if (e - t >= ATTN_RUN_MIN && a->window <= 0) {
+            for (int32_t c = t; c < e; c += ATTN_CHUNK) {
+                const int32_t n = e - c < ATTN_CHUNK ? e - c : ATTN_CHUNK;
+                for (int32_t h = 0; h < a->n_kv_head; h++) tasks[nt++] = (attn_task){.t0 = c, .n = n, .kvh = h};
+                if (a->tok_nkv[c + n - 1] > *max_nkv) *max_nkv = a->tok_nkv[c + n - 1];
+            }
+        } else
+            for (int32_t i = t; i < e; i++) single[ns++] = i;
+        t = e;
+    }
+    *n_single = ns;
+    return nt;
+}
+
 static int cpu_attention(void *ctx, const ds_attn_args *a) {
     if (a->n_head % a->n_kv_head) return DS_EINVAL;
     cpu_ctx *c = ctx;
@@ -308,14 +378,26 @@ static int cpu_attention(void *ctx, const ds_attn_args *a) {
         ds_pool_run(c->pool, n, attn_chunk, &j);
         return DS_OK;
     }
-    float *all = cpu_scratch(ctx, per_thread * (size_t)omp_get_max_threads());
+    /* tasks, single tokens, then per thread: scores for attend_one or K, V, S for a GEMM task */
+    const size_t n_tasks_max = ((size_t)a->n_tokens / ATTN_CHUNK + (size_t)a->n_tokens / ATTN_RUN_MIN + 1) *
+                               (size_t)a->n_kv_head;
+    const size_t meta = (n_tasks_max * sizeof(attn_task) + (size_t)a->n_tokens * sizeof(int32_t)) / sizeof(float) + 1;
+    const size_t per = per_thread * (2 * (size_t)a->head_dim + ATTN_CHUNK);
+    const int nth = omp_get_max_threads();
+    float *all = cpu_scratch(ctx, meta + per * (size_t)nth);
     if (!all) return DS_ENOMEM;
+    attn_task *tasks = (attn_task *)(void *)all;
+    int32_t *single = (int32_t *)(void *)(tasks + n_tasks_max), n_single, max_nkv;
+    const int32_t n_tasks = attn_plan(a, tasks, single, &n_single, &max_nkv);
+    float *work = all + meta;
 #pragma omp parallel
     {
-        float *scores = all + per_thread * (size_t)omp_get_thread_num();
+        float *mine = work + per * (size_t)omp_get_thread_num();
+#pragma omp for schedule(dynamic, 1) nowait
+        for (int32_t i = 0; i < n_tasks; i++) attend_chunk(a, &tasks[i], mine);
 #pragma omp for collapse(2) schedule(dynamic, 4)
-        for (int32_t t = 0; t < a->n_tokens; t++)
-            for (int32_t h = 0; h < a->n_head; h++) attend_one(a, t, h, scores);
+        for (int32_t i = 0; i < n_single; i++)
+            for (int32_t h = 0; h < a->n_head; h++) attend_one(a, single[i], h, mine);
     }
     return DS_OK;
 }

@@ -96,6 +96,16 @@ static void gemv_chunk(void *arg, int64_t i) {
     else j->k->gemv(j->w, r0, r1, j->x, j->n, j->y, j->bias, j->acc);
 }
 
+/* Rows per GEMM tile: as many as DS_QK_TILE_ROWS allows while every thread gets the same number of
+ * tiles (576 rows on 2 threads: 2 × 288, not 512 + 64), a multiple of 16. */
+static int32_t tile_rows(int32_t M, int nt) {
+    if (nt < 1) nt = 1;
+    const int32_t per_thread = (M + nt * DS_QK_TILE_ROWS - 1) / (nt * DS_QK_TILE_ROWS);
+    int32_t r = (M + nt * per_thread - 1) / (nt * per_thread);
+    r = (r + 15) & ~15;
+    return r < 16 ? 16 : r > DS_QK_TILE_ROWS ? DS_QK_TILE_ROWS : r;
+}
+
 int ds_qk_matmul(const ds_qk_ops *k, const float *x, const ds_mat *w, const float *bias, float *y, int32_t n,
                  bool acc, float *scratch, struct ds_pool *pool) {
     const int32_t M = w->rows, K = w->cols;
@@ -114,11 +124,11 @@ int ds_qk_matmul(const ds_qk_ops *k, const float *x, const ds_mat *w, const floa
             for (int64_t i = 0; i < n_chunks; i++) gemv_chunk(&j, i);
         return DS_OK;
     }
-    const int32_t kc = k_chunk(w), n_tiles = (M + DS_QK_TILE_ROWS - 1) / DS_QK_TILE_ROWS;
+    const int32_t kc = k_chunk(w), tr = tile_rows(M, omp_get_max_threads()), n_tiles = (M + tr - 1) / tr;
 #pragma omp parallel for schedule(dynamic, 1)
     for (int32_t tile = 0; tile < n_tiles; tile++) {
         float *buf = scratch + (size_t)omp_get_thread_num() * DS_QK_TILE_ROWS * DS_QK_TILE_K;
-        const int32_t r0 = tile * DS_QK_TILE_ROWS, nr = M - r0 < DS_QK_TILE_ROWS ? M - r0 : DS_QK_TILE_ROWS;
+        const int32_t r0 = tile * tr, nr = M - r0 < tr ? M - r0 : tr;
         for (int32_t k0 = 0; k0 < K; k0 += kc) {
             const int32_t kn = K - k0 < kc ? K - k0 : kc;
             k->deq_tile(w, r0, nr, k0, kn, buf);
