@@ -72,15 +72,19 @@ api() { # METHOD PATH [JSON-BODY-FILE] -> body on stdout
 jget() { "$py" -c 'import json,sys; d=json.load(sys.stdin)
 for k in sys.argv[1].split("."): d=d[k]
 print(d)' "$1"; }
+# CPU time the hypervisor took from this VM (/proc/stat steal, in seconds): a phase the host
+# disturbed shows here, not as a change in the server
+steal() { awk -v hz="$(getconf CLK_TCK)" '/^cpu /{printf "%.2f", $9 / hz}' /proc/stat; }
+minus() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.3f", a - b}'; } # bc prints .5 (not JSON) for 0.5
 metric() { curl -s "$url/metrics" | awk -v n="$1" '$1 == n {print $2}'; }
 trained() { api GET "/v1/fine_tuning/jobs/$job_id" | jget trained_tokens; }
 
 bench=(build/ds-bench --url "$url" --model "$name" --num-prompts "$num" --input-len 64 --output-len 32 --ignore-eos
        --seed 3 --no-progress --request-rate "$rate" --adapters 8 --adapter-pattern 'lora-{i}' --adapter-dist uniform)
 echo "== 1. inference alone"
-s_a0=$(metric deltaserve_engine_step_seconds_total); ti0=$(date +%s.%N)
+s_a0=$(metric deltaserve_engine_step_seconds_total); ti0=$(date +%s.%N); st_i0=$(steal)
 "${bench[@]}" --json "$out/infer-alone.json" | tee "$out/infer-alone.txt"
-s_a1=$(metric deltaserve_engine_step_seconds_total); ti1=$(date +%s.%N)
+s_a1=$(metric deltaserve_engine_step_seconds_total); ti1=$(date +%s.%N); st_i1=$(steal)
 
 "$py" -c 'import json,sys; print(json.dumps({"filename":"train.jsonl","purpose":"fine-tune","content":open(sys.argv[1]).read()}))' \
   "$adir/train.jsonl" > "$adir/upload.json"
@@ -113,17 +117,17 @@ PY
 poller=$!
 echo "== 2. training alone: job $job_id, ${window} s without requests"
 for _ in $(seq 600); do [ "$(trained)" -gt 0 ] && break; sleep 1; done # data ready, first step done
-ta0=$(date +%s.%N)
+ta0=$(date +%s.%N); st_a0=$(steal)
 sleep "$window"
-ta1=$(date +%s.%N)
+ta1=$(date +%s.%N); st_a1=$(steal)
 
 echo "== 3. inference while job $job_id trains"
 b0=$(metric deltaserve_train_busy_seconds_total); s0=$(metric deltaserve_engine_step_seconds_total)
-tb0=$(date +%s.%N)
+tb0=$(date +%s.%N); st_b0=$(steal)
 "${bench[@]}" --json "$out/infer-with-job.json" | tee "$out/infer-with-job.txt"
-tb1=$(date +%s.%N)
+tb1=$(date +%s.%N); st_b1=$(steal)
 b1=$(metric deltaserve_train_busy_seconds_total); s1=$(metric deltaserve_engine_step_seconds_total)
-echo "{\"infer_alone\": [$ti0, $ti1], \"infer_alone_step_s\": $(echo "$s_a1 - $s_a0" | bc), \"alone\": [$ta0, $ta1], \"with_infer\": [$tb0, $tb1], \"train_busy_s\": $(echo "$b1 - $b0" | bc), \"step_s\": $(echo "$s1 - $s0" | bc)}" > "$out/phases.json"
+echo "{\"infer_alone\": [$ti0, $ti1], \"infer_alone_step_s\": $(minus "$s_a1" "$s_a0"), \"alone\": [$ta0, $ta1], \"with_infer\": [$tb0, $tb1], \"train_busy_s\": $(minus "$b1" "$b0"), \"step_s\": $(minus "$s1" "$s0"), \"steal_s\": {\"infer_alone\": $(minus "$st_i1" "$st_i0"), \"alone\": $(minus "$st_a1" "$st_a0"), \"with_infer\": $(minus "$st_b1" "$st_b0")}}" > "$out/phases.json"
 curl -s "$url/metrics" > "$out/metrics.txt"
 api GET "/v1/fine_tuning/jobs/$job_id" > "$out/job.json"
 api POST "/v1/fine_tuning/jobs/$job_id/cancel" > /dev/null
@@ -167,5 +171,10 @@ if "infer_alone_step_s" in ph:
     print(f"\ninference alone kept the engine busy {u:.1%} of the time: training beside it can reach at most "
           f"about {1 - u:.2f}x its throughput alone (the issue asks >= 0.5x), and a unit after every step "
           f"adds share/(1-share) to each token's time (+{budget / (1 - budget):.0%} at the budget)")
+if "steal_s" in ph:
+    st = ph["steal_s"]
+    print(f"\nCPU time the host took from this VM (/proc/stat steal, all cores): inference alone {st['infer_alone']:.1f} s, "
+          f"training alone {st['alone']:.1f} s, both {st['with_infer']:.1f} s — a phase with much more than the others "
+          f"was disturbed from outside: rerun")
 PY
 echo "results in $out"
