@@ -254,6 +254,15 @@ static inline float dot8(const float *a, const float *b, int32_t n) {
     return r;
 }
 
+/* p[0..m) = softmax(p[0..m)) in fp32 (max-shifted, then normalised in place). */
+static void softmax_row(float *p, int32_t m) {
+    float mx = -INFINITY, sum = 0.0f;
+    for (int32_t i = 0; i < m; i++) mx = p[i] > mx ? p[i] : mx;
+    for (int32_t i = 0; i < m; i++) sum += (p[i] = expf(p[i] - mx));
+    const float inv = 1.0f / sum;
+    for (int32_t i = 0; i < m; i++) p[i] *= inv;
+}
+
 static void attend_one(const ds_attn_args *a, int32_t t, int32_t h, float *scores) {
     const int32_t s = a->tok_seq[t], nkv = a->tok_nkv[t], hd = a->head_dim;
     const int32_t kvh = h / (a->n_head / a->n_kv_head); /* contiguous GQA groups */
@@ -262,23 +271,16 @@ static void attend_one(const ds_attn_args *a, int32_t t, int32_t h, float *score
     const int32_t pre = a->seq_prefix ? a->seq_prefix[s] : 0;
     const float *q = a->q + ((size_t)t * a->n_head + h) * hd;
     const int32_t lo = a->window > 0 && nkv > a->window ? nkv - a->window : 0; /* sliding window */
-    float mx = -INFINITY;
     for (int32_t i = lo; i < nkv; i++) {
         const float *k = a->k_cache + ds_kv_slot(bt, pre, a->block_size, i) * row + (size_t)kvh * hd;
         scores[i - lo] = dot8(q, k, hd) * a->scale;
-        if (scores[i - lo] > mx) mx = scores[i - lo];
     }
-    float sum = 0.0f;
-    for (int32_t i = lo; i < nkv; i++) {
-        scores[i - lo] = expf(scores[i - lo] - mx);
-        sum += scores[i - lo];
-    }
+    softmax_row(scores, nkv - lo);
     float *o = a->out + ((size_t)t * a->n_head + h) * hd;
     memset(o, 0, sizeof(float) * (size_t)hd);
-    const float inv = 1.0f / sum;
     for (int32_t i = lo; i < nkv; i++) {
         const float *v = a->v_cache + ds_kv_slot(bt, pre, a->block_size, i) * row + (size_t)kvh * hd;
-        const float p = scores[i - lo] * inv;
+        const float p = scores[i - lo];
         for (int32_t d = 0; d < hd; d++) o[d] += p * v[d];
     }
 }
@@ -328,11 +330,7 @@ static void attend_chunk(const ds_attn_args *a, const attn_task *k, float *buf) 
         for (int32_t r = 0; r < k->n; r++) {
             float *p = S + (size_t)r * nkv;
             const int32_t m = a->tok_nkv[k->t0 + r];
-            float mx = -INFINITY, sum = 0.0f;
-            for (int32_t i = 0; i < m; i++) mx = p[i] > mx ? p[i] : mx;
-            for (int32_t i = 0; i < m; i++) sum += (p[i] = expf(p[i] - mx));
-            const float inv = 1.0f / sum;
-            for (int32_t i = 0; i < m; i++) p[i] *= inv;
+            softmax_row(p, m);
             for (int32_t i = m; i < nkv; i++) p[i] = 0.0f;
         }
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, k->n, hd, nkv, 1.0f, S, nkv, vc, hd, 0.0f, a->out + at,
@@ -341,12 +339,9 @@ static void attend_chunk(const ds_attn_args *a, const attn_task *k, float *buf) 
 }
 
 /* Splits the step's tokens into GEMM tasks (runs of a prefill, cut into ATTN_CHUNK tokens × each
- * KV head) and single tokens for attend_one (`single`); returns the number of tasks, and in
- * *max_nkv the most keys one task gathers. */
-static int32_t attn_plan(const ds_attn_args *a, attn_task *tasks, int32_t *single, int32_t *n_single,
-                         int32_t *max_nkv) {
+ * KV head) and single tokens for attend_one (`single`); returns the number of tasks. */
+static int32_t attn_plan(const ds_attn_args *a, attn_task *tasks, int32_t *single, int32_t *n_single) {
     int32_t nt = 0, ns = 0;
-    *max_nkv = 0;
     for (int32_t t = 0; t < a->n_tokens;) {
         int32_t e = t + 1;
         while (e < a->n_tokens && a->tok_seq[e] == a->tok_seq[t] && a->tok_nkv[e] == a->tok_nkv[e - 1] + 1) e++;
@@ -354,7 +349,6 @@ static int32_t attn_plan(const ds_attn_args *a, attn_task *tasks, int32_t *singl
             for (int32_t c = t; c < e; c += ATTN_CHUNK) {
                 const int32_t n = e - c < ATTN_CHUNK ? e - c : ATTN_CHUNK;
                 for (int32_t h = 0; h < a->n_kv_head; h++) tasks[nt++] = (attn_task){.t0 = c, .n = n, .kvh = h};
-                if (a->tok_nkv[c + n - 1] > *max_nkv) *max_nkv = a->tok_nkv[c + n - 1];
             }
         } else
             for (int32_t i = t; i < e; i++) single[ns++] = i;
@@ -387,8 +381,8 @@ static int cpu_attention(void *ctx, const ds_attn_args *a) {
     float *all = cpu_scratch(ctx, meta + per * (size_t)nth);
     if (!all) return DS_ENOMEM;
     attn_task *tasks = (attn_task *)(void *)all;
-    int32_t *single = (int32_t *)(void *)(tasks + n_tasks_max), n_single, max_nkv;
-    const int32_t n_tasks = attn_plan(a, tasks, single, &n_single, &max_nkv);
+    int32_t *single = (int32_t *)(void *)(tasks + n_tasks_max), n_single;
+    const int32_t n_tasks = attn_plan(a, tasks, single, &n_single);
     float *work = all + meta;
 #pragma omp parallel
     {

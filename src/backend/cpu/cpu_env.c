@@ -35,10 +35,8 @@ void ds_cpu_env_reexec(char **argv) {
     bool again = false;
     if (!getenv("GOMP_SPINCOUNT") && !getenv("OMP_WAIT_POLICY"))
         again |= setenv("GOMP_SPINCOUNT", DS_GOMP_SPINCOUNT, 1) == 0;
-    const char *core = blas_core_fix();
-    if (core && setenv("OPENBLAS_CORETYPE", core, 1) == 0 &&
-        setenv("DS_BLAS_CORE_WAS", openblas_get_corename(), 1) == 0)
-        again = true;
+    const char *core = blas_core_fix(), *was = openblas_get_corename();
+    if (core && setenv("OPENBLAS_CORETYPE", core, 1) == 0 && setenv("DS_BLAS_CORE_WAS", was, 1) == 0) again = true;
     if (!again) return;
     execv("/proc/self/exe", argv);
     /* no /proc or no exec: run on with the libraries' defaults (the variables stay set, so a child
