@@ -600,6 +600,15 @@ static void tile8(const ds_mat *w, int32_t r0, int32_t r1, const ds_q8_act *a, i
 
 /* ---- packed Q4_K (ds_q4k_x8, built at upload: ds_q8_pack) ---- */
 
+/* Each 8-row group is one contiguous stream; the hardware prefetcher alone keeps too few lines in
+ * flight for it (bench_qmatmul on a 302 MB Q4_K matrix, one thread: 43 ms → 29 ms with this), so
+ * every block asks for the lines PK_PF bytes ahead (2048..8192 measured alike). */
+#ifndef PK_PF
+#define PK_PF 4096
+#endif
+#define PK_PREFETCH(s)                                                                                               \
+    for (size_t o_ = 0; o_ < sizeof *(s); o_ += 64) __builtin_prefetch((const char *)(s) + PK_PF + o_)
+
 /* NT tokens (from t0) against one packed 8-row group: out[k] = the 8 rows' dot products. */
 static inline __attribute__((always_inline)) void pk4_tokens(const ds_q4k_x8 *s, int32_t nb, const ds_q8_act *a,
                                                              int32_t K, int32_t t0, int NT, __m256 *out) {
@@ -607,6 +616,7 @@ static inline __attribute__((always_inline)) void pk4_tokens(const ds_q4k_x8 *s,
     const __m256i m4 = _mm256_set1_epi8(15);
     for (int k = 0; k < NT; k++) out[k] = _mm256_setzero_ps();
     for (int32_t b = 0; b < nb; b++, s++) {
+        PK_PREFETCH(s);
         __m256i isum[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
                            _mm256_setzero_si256()};
         for (int j = 0; j < 8; j++) {
@@ -647,6 +657,7 @@ static inline __attribute__((always_inline)) void pk32_tokens(const ds_q4_x8 *s,
     const __m256i m4 = _mm256_set1_epi8(15);
     for (int k = 0; k < NT; k++) out[k] = _mm256_setzero_ps();
     for (int32_t b = 0; b < nb; b++, s++) {
+        PK_PREFETCH(s);
         __m256i acc[4];
         for (int k = 0; k < NT; k++) acc[k] = _mm256_setzero_si256();
         for (int v = 0; v < 4; v++) {
@@ -677,6 +688,7 @@ static inline __attribute__((always_inline)) void pk6_tokens(const ds_q6k_x8 *s,
     const __m256i m4 = _mm256_set1_epi8(15), m30 = _mm256_set1_epi8(0x30);
     for (int k = 0; k < NT; k++) out[k] = _mm256_setzero_ps();
     for (int32_t b = 0; b < nb; b++, s++, dd += 8) {
+        PK_PREFETCH(s);
         __m256i isum[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
                            _mm256_setzero_si256()};
         __m256i off[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
@@ -725,6 +737,7 @@ static inline __attribute__((always_inline)) void pk8_tokens(const ds_q8_x8 *s, 
     const int32_t K32 = K / 32;
     for (int k = 0; k < NT; k++) out[k] = _mm256_setzero_ps();
     for (int32_t b = 0; b < nb; b++, s++) {
+        PK_PREFETCH(s);
         __m256i acc[4];
         for (int k = 0; k < NT; k++) acc[k] = _mm256_setzero_si256();
         for (int g = 0; g < 8; g++) {

@@ -117,6 +117,14 @@ static inline void qg_scale8_u(const uint8_t *p, float d, float *o) {
     for (int i = 0; i < 8; i++) o[i] = d * p[i];
 #endif
 }
+static inline void qg_scale8_q(uint64_t p, float d, float *o) { /* the same, 8 bytes in a word */
+#if defined(__AVX2__)
+    _mm256_storeu_ps(o, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)p))),
+                                      _mm256_set1_ps(d)));
+#else
+    for (int i = 0; i < 8; i++) o[i] = d * (float)(uint8_t)(p >> 8 * i);
+#endif
+}
 static inline void qg_scale8_s(const int8_t *p, float d, float *o) {
 #if defined(__AVX2__)
     _mm256_storeu_ps(o, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p))),
@@ -142,15 +150,15 @@ static inline __attribute__((always_inline)) void qg_prep(ds_dtype t, const uint
     case DS_DTYPE_Q5_K: {
         /* the 12 bytes of 6-bit scales and mins → 8 + 8 bytes (llama.cpp's unpacking of
          * get_scale_min_k4 with 32-bit masks), then 8 lanes each */
-        uint32_t u[4];
-        memcpy(u, b + 4, 12);
-        u[3] = ((u[2] >> 4) & 0x0f0f0f0f) | (((u[1] >> 6) & 0x03030303) << 4);
-        const uint32_t mins = u[1] & 0x3f3f3f3f;
-        u[1] = (u[2] & 0x0f0f0f0f) | (((u[0] >> 6) & 0x03030303) << 4);
-        u[2] = mins;
-        u[0] &= 0x3f3f3f3f;
-        qg_scale8_u((const uint8_t *)u, f16v(b), c->s);
-        qg_scale8_u((const uint8_t *)(u + 2), -f16v(b + 2), c->m);
+        uint64_t q;
+        uint32_t h;
+        memcpy(&q, b + 4, 8);
+        memcpy(&h, b + 12, 4);
+        const uint32_t q03 = (uint32_t)q, q47 = (uint32_t)(q >> 32);
+        const uint64_t sc = (q03 & 0x3f3f3f3f) | (uint64_t)((h & 0x0f0f0f0f) | ((q03 >> 2) & 0x30303030)) << 32;
+        const uint64_t mn = (q47 & 0x3f3f3f3f) | (uint64_t)(((h >> 4) & 0x0f0f0f0f) | ((q47 >> 2) & 0x30303030)) << 32;
+        qg_scale8_q(sc, f16v(b), c->s);
+        qg_scale8_q(mn, -f16v(b + 2), c->m);
         return;
     }
     case DS_DTYPE_Q6_K: { /* chunk j = 4·half + jj, elements 16g..: ggml's scale 8·half + 2·jj + g = 2j + g */
