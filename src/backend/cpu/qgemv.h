@@ -137,6 +137,9 @@ static inline void qg_scale8_s(const int8_t *p, float d, float *o) {
 /* A block's scales: chunk j of 32 elements is q·s[j] + m[j] (Q6_K: halves j·2, j·2+1 of 16). */
 typedef struct {
     float s[16], m[16];
+#if defined(__AVX512F__) && QK_VW == 16
+    uint8_t y[256]; /* Q6_K: the block's 6-bit codes, a byte each, in element order (qg_prep) */
+#endif
 } qg_sc;
 
 static inline __attribute__((always_inline)) void qg_prep(ds_dtype t, const uint8_t *b, qg_sc *c) {
@@ -166,6 +169,25 @@ static inline __attribute__((always_inline)) void qg_prep(ds_dtype t, const uint
         qg_scale8_s((const int8_t *)b + 192, d, c->s);
         qg_scale8_s((const int8_t *)b + 200, d, c->s + 8);
         for (int i = 0; i < 16; i++) c->m[i] = -32.0f * c->s[i];
+#if defined(__AVX512F__) && QK_VW == 16
+        /* the codes assembled 64 at a time in bytes (ggml's q1..q4 of each 128-element half: low
+         * nibbles of ql[0..63] with qh bits 0-1 / 2-3, high nibbles with bits 4-5 / 6-7), so that
+         * qg_deq widens each 16 with one load: a third of the per-weight work of doing it in int32
+         * lanes (bench_qmatmul --dtype q6_k) */
+        const __m512i m0f = _mm512_set1_epi8(0x0f), m30 = _mm512_set1_epi8(0x30);
+        const __m512i sl = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1);
+        const __m512i sr = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1);
+        for (int h = 0; h < 2; h++) {
+            const __m512i ql = _mm512_loadu_si512(b + 64 * h);
+            const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(b + 128 + 32 * h)));
+            /* (a & b) | c: imm 0xEA */
+            _mm512_storeu_si512(c->y + 128 * h,
+                                _mm512_ternarylogic_epi32(ql, m0f, _mm512_and_si512(_mm512_sllv_epi16(qh, sl), m30), 0xEA));
+            _mm512_storeu_si512(c->y + 128 * h + 64,
+                                _mm512_ternarylogic_epi32(_mm512_srli_epi16(ql, 4), m0f,
+                                                          _mm512_and_si512(_mm512_srlv_epi16(qh, sr), m30), 0xEA));
+        }
+#endif
         return;
     }
     default: return;
@@ -322,6 +344,10 @@ static inline __attribute__((always_inline)) void qg_deq(ds_dtype t, const uint8
         return;
     }
     case DS_DTYPE_Q6_K: { /* chunk j = 4·half + jj: ql nibble jj/2 of ql[64·half + 32·(jj%2)], qh bits 2·jj */
+#if QG_TABLE
+        for (int v = 0; v < QMAXV; v++) w[v] = cvt(zx(c->y + 32 * j + 16 * v)) * c->s[2 * j + v] + c->m[2 * j + v];
+        return;
+#endif
         const int half = j / 4, jj = j % 4;
         const uint8_t *ql = b + 64 * half + 32 * (jj % 2), *qh = b + 128 + 32 * half;
         for (int v = 0; v < QMAXV; v++) {
