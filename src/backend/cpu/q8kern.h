@@ -731,24 +731,23 @@ static inline __attribute__((always_inline)) void pk6_tokens(const ds_q6k_x8 *s,
     }
 }
 
-/* The same for a packed Q8_0 group (ds_q8_x8; VNNI only): (x̂ + 128)·q − 128·Σq per block. */
+/* The same for a packed Q8_0 group (ds_q8_x8; VNNI only): (q + 128)·x̂ − 128·Σx̂ per block. */
 static inline __attribute__((always_inline)) void pk8_tokens(const ds_q8_x8 *s, int32_t nb, const ds_q8_act *a,
                                                              int32_t K, int32_t t0, int NT, __m256 *out) {
     const int32_t K32 = K / 32;
     for (int k = 0; k < NT; k++) out[k] = _mm256_setzero_ps();
     for (int32_t b = 0; b < nb; b++, s++) {
         PK_PREFETCH(s);
-        __m256i acc[4];
-        for (int k = 0; k < NT; k++) acc[k] = _mm256_setzero_si256();
+        __m256i acc[4]; /* starting from −128·Σx̂ */
+        for (int k = 0; k < NT; k++) acc[k] = _mm256_set1_epi32(-128 * (int32_t)a->bs[(size_t)(t0 + k) * K32 + b]);
         for (int g = 0; g < 8; g++) {
             const __m256i W = ld256(s->q[g]);
             for (int k = 0; k < NT; k++)
-                acc[k] = dpbusd(acc[k], _mm256_set1_epi32(ld32(a->qu + (size_t)(t0 + k) * K + 32 * b + 4 * g)), W);
+                acc[k] = dpbusd(acc[k], W, _mm256_set1_epi32(ld32(a->q + (size_t)(t0 + k) * K + 32 * b + 4 * g)));
         }
         const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)s->d));
-        const __m256i corr = _mm256_slli_epi32(_mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i *)s->sum)), 7);
         for (int k = 0; k < NT; k++)
-            out[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc[k], corr)),
+            out[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[k]),
                                      _mm256_mul_ps(d, _mm256_set1_ps(a->d[(size_t)(t0 + k) * K32 + b])), out[k]);
     }
 }

@@ -335,10 +335,8 @@ static void *pack_q8(const ds_mat *w) {
                 const uint8_t *x = (const uint8_t *)w->data + (size_t)(8 * g + r) * w->row_bytes + (size_t)b * 34;
                 const int8_t *q = (const int8_t *)(x + 2);
                 memcpy(&o->d[r], x, 2);
-                int s = 0;
-                for (int i = 0; i < 32; i++) s += q[i];
-                o->sum[r] = (int16_t)s;
-                for (int v = 0; v < 8; v++) memcpy(&o->q[v][4 * r], q + 4 * v, 4);
+                for (int v = 0; v < 8; v++)
+                    for (int i = 0; i < 4; i++) o->q[v][4 * r + i] = (uint8_t)(q[4 * v + i] + 128);
             }
         }
     return pk;

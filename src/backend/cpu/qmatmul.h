@@ -146,12 +146,12 @@ typedef struct ds_q6k_x8 {
 } ds_q6k_x8;
 
 /* Q8_0 repacked (VNNI only, ds_q8_ops.tile_q8_0): vector g of a 32-column block holds columns
- * 4g..4g+3 of row r in lane r; sum[r] = Σq of the row's block (the unsigned activations' offset of
- * 128 is taken out with it). 288 bytes for 8 × 34. */
+ * 4g..4g+3 of row r in lane r as q + 128, the unsigned operand of vpdpbusd (the offset comes out
+ * with the activations' block sum, ds_q8_act.bs). 272 bytes for 8 × 34: the pack is no bigger
+ * than the file. */
 typedef struct ds_q8_x8 {
-    int8_t q[8][32];
-    uint16_t d[8];  /* f16 per row */
-    int16_t sum[8];
+    uint8_t q[8][32];
+    uint16_t d[8]; /* f16 per row */
 } ds_q8_x8;
 
 /* The pack of w's whole 8-row groups (row group-major: rows/8 × blocks per row of ds_q4k_x8 for
