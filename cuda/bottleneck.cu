@@ -19,33 +19,10 @@
  * tokens for prefill. One launch per segment; sizes come from the caller's host table, borrowed
  * until the next plan_upload (sgmv.cu). */
 #include "common.cuh"
+#include "backend/act_math.h" /* ds_act_f, shared with the host */
 
 #define BN_THREADS 256
 
-/* ds_act on the device: the formulas of src/backend/act.c in fp32. */
-static __device__ float bn_act(ds_act a, float x) {
-    switch (a) {
-    case DS_ACT_IDENTITY: return x;
-    case DS_ACT_RELU: return x > 0.0f ? x : 0.0f;
-    case DS_ACT_RELU2: return x > 0.0f ? x * x : 0.0f;
-    case DS_ACT_RELU6: return x < 0.0f ? 0.0f : x > 6.0f ? 6.0f : x;
-    case DS_ACT_LEAKY_RELU: return x > 0.0f ? x : 0.01f * x;
-    case DS_ACT_GELU: return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
-    case DS_ACT_GELU_10: {
-        const float g = 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
-        return g < -10.0f ? -10.0f : g > 10.0f ? 10.0f : g;
-    }
-    case DS_ACT_GELU_TANH: return 0.5f * x * (1.0f + tanhf(0.79788456080286536f * (x + 0.044715f * x * x * x)));
-    case DS_ACT_GELU_FAST: return 0.5f * x * (1.0f + tanhf(x * 0.7978845608f * (1.0f + 0.044715f * x * x)));
-    case DS_ACT_QUICK_GELU: return x / (1.0f + expf(-1.702f * x));
-    case DS_ACT_SILU: return x / (1.0f + expf(-x));
-    case DS_ACT_SIGMOID: return 1.0f / (1.0f + expf(-x));
-    case DS_ACT_TANH: return tanhf(x);
-    case DS_ACT_MISH: return x * tanhf(x > 20.0f ? x : log1pf(expf(x)));
-    case DS_ACT_LAPLACE: return 0.5f * (1.0f + erff((x - 0.707107f) / (0.282095f * 1.41421356237309505f)));
-    }
-    return x;
-}
 
 /* v ← LayerNorm(v)·w + b over d, in place; the whole block calls it. */
 static __device__ void bn_layer_norm(float *v, const float *__restrict__ w, const float *__restrict__ b, int32_t d,
@@ -85,7 +62,7 @@ static __global__ void bn_kernel(ds_bn_seg g, const float *__restrict__ x, float
         float acc = 0.0f;
         for (int32_t i = lane; i < d; i += DS_CUDA_WARP) acc += dw[i] * zin[i];
         acc = ds_warp_sum(acc);
-        if (lane == 0) h[j] = bn_act(g.act, acc + g.down_b[j]);
+        if (lane == 0) h[j] = ds_act_f(g.act, acc + g.down_b[j]);
     }
     __syncthreads(); /* h complete; z (LNb output) is consumed: u goes there */
     float *u = z;

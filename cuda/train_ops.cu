@@ -7,6 +7,7 @@
  * train_attn.cu. Compiled in CI; checked only by tests/unit/test_train_ops.c on a GPU. */
 #include "common.cuh"
 #include "train_ops.cuh"
+#include "backend/act_math.h" /* ds_act_f, ds_act_grad, ds_act_trainable: shared with the host */
 
 #define TR_THREADS 256
 #define TR_TILE 16
@@ -496,45 +497,6 @@ static int t_scatter_rows(void *ctx, const float *src, const int32_t *idx, float
 
 /* ---- bottleneck adapters (cpu_train_bn.c) ---- */
 
-static bool bn_act_ok(int32_t a) {
-    return a == DS_ACT_IDENTITY || a == DS_ACT_RELU || a == DS_ACT_GELU || a == DS_ACT_GELU_TANH ||
-           a == DS_ACT_SILU || a == DS_ACT_TANH;
-}
-
-/* ds_act_eval's formulas (src/backend/act.c) for the six activations, fp32. */
-static __device__ float tb_act(int32_t a, float x) {
-    switch (a) {
-    case DS_ACT_RELU: return x > 0.0f ? x : 0.0f;
-    case DS_ACT_GELU: return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
-    case DS_ACT_GELU_TANH: return 0.5f * x * (1.0f + tanhf(0.79788456080286536f * (x + 0.044715f * x * x * x)));
-    case DS_ACT_SILU: return x / (1.0f + expf(-x));
-    case DS_ACT_TANH: return tanhf(x);
-    default: return x;
-    }
-}
-
-/* cpu_train_bn.c's act_grad, in double. */
-static __device__ float tb_act_grad(int32_t a, float xf) {
-    const double x = xf;
-    switch (a) {
-    case DS_ACT_RELU: return x > 0 ? 1.0f : 0.0f;
-    case DS_ACT_GELU: return (float)(0.5 * (1.0 + erf(x * 0.7071067811865476)) + x * exp(-0.5 * x * x) * 0.3989422804014327);
-    case DS_ACT_GELU_TANH: {
-        const double k = 0.7978845608028654, inner = k * (x + 0.044715 * x * x * x), th = tanh(inner);
-        return (float)(0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * k * (1.0 + 3.0 * 0.044715 * x * x));
-    }
-    case DS_ACT_SILU: {
-        const double s = 1.0 / (1.0 + exp(-x));
-        return (float)(s * (1.0 + x * (1.0 - s)));
-    }
-    case DS_ACT_TANH: {
-        const double th = tanh(x);
-        return (float)(1.0 - th * th);
-    }
-    default: return 1.0f;
-    }
-}
-
 /* mode 0: hpre += down_b, tmp = act(hpre); 1: tmp = act(hpre); 2: dh *= act'(hpre). */
 static __global__ void tb_elem_kernel(float *hpre_or_dh, const float *hpre, const float *bias, float *tmp, int32_t r,
                                       size_t total, int32_t act, int mode) {
@@ -542,11 +504,11 @@ static __global__ void tb_elem_kernel(float *hpre_or_dh, const float *hpre, cons
         if (mode == 0) {
             const float h = hpre_or_dh[e] + bias[e % r];
             hpre_or_dh[e] = h;
-            tmp[e] = tb_act(act, h);
+            tmp[e] = ds_act_f(act, h);
         } else if (mode == 1) {
-            tmp[e] = tb_act(act, hpre[e]);
+            tmp[e] = ds_act_f(act, hpre[e]);
         } else {
-            hpre_or_dh[e] *= tb_act_grad(act, hpre[e]);
+            hpre_or_dh[e] *= ds_act_grad(act, hpre[e]);
         }
     }
 }
@@ -569,8 +531,8 @@ static __global__ void tb_cols_kernel(float *out, const float *m, int32_t n, int
 
 static int tb_check(const ds_train_bn_args *a) {
     if (!a || !a->down || !a->down_b || !a->up || !a->up_b || a->n < 0 || a->d <= 0 || a->size <= 0)
-        return a && !bn_act_ok(a->act) ? DS_EUNSUPPORTED : DS_EINVAL;
-    return bn_act_ok(a->act) ? DS_OK : DS_EUNSUPPORTED;
+        return a && !ds_act_trainable(a->act) ? DS_EUNSUPPORTED : DS_EINVAL;
+    return ds_act_trainable(a->act) ? DS_OK : DS_EUNSUPPORTED;
 }
 
 static int t_bn_fwd(void *ctx, const ds_train_bn_args *a, const float *z, float *hpre, float *tmp, float *y) {

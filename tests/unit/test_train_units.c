@@ -204,19 +204,9 @@ int main(void) {
         {"lora qwen2", "tiny-qwen2", DS_ADAPTER_LORA, all, false, DS_RECOMPUTE_OFF},
     };
     ds_model *models[2] = {0};
-    const char *names[2] = {"tiny-llama", "tiny-qwen2"};
-    for (int i = 0; i < 2; i++) {
-        char path[512];
-        snprintf(path, sizeof path, "%s/models/%s", DS_TEST_DATA, names[i]);
-        ds_model_params mp = ds_model_default_params();
-        mp.verbose = false;
-        mp.load_tokenizer = false;
-        ds_err err = {{0}};
-        models[i] = ds_model_load(path, &mp, &err);
-        CHECK_MSG(models[i] != NULL, "%s: %s", names[i], err.msg);
-    }
+    tx_load_models(models);
     for (size_t i = 0; i < sizeof cfgs / sizeof cfgs[0]; i++) {
-        const ds_model *m = models[strcmp(cfgs[i].model, "tiny-llama") ? 1 : 0];
+        const ds_model *m = tx_model(models, cfgs[i].model);
         if (m) check_cfg(m, &cfgs[i]);
     }
     if (models[0]) misuse(models[0]);

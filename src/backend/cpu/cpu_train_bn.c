@@ -1,47 +1,20 @@
 /* The CPU backend's training ops for bottleneck adapters (ds/backend_train.h bn_fwd / bn_bwd):
  * U(z) = s·(up·act(down·z + down_b) + up_b) as AdapterHub's Adapter computes it without its
  * LayerNorms (src/adapter/bottleneck.c has the full forward). Two OpenBLAS GEMMs each way; the
- * activation derivatives are torch's autograd formulas, evaluated in double. */
+ * activation derivatives are torch's autograd formulas, evaluated in double (src/backend/act_math.h). */
+#include "backend/act_math.h"
 #include "backend/cpu/cpu_train.h"
 
 #include <cblas.h>
 #include <math.h>
 
-static bool act_ok(int32_t a) {
-    return a == DS_ACT_IDENTITY || a == DS_ACT_RELU || a == DS_ACT_GELU || a == DS_ACT_GELU_TANH ||
-           a == DS_ACT_SILU || a == DS_ACT_TANH;
-}
-
-/* d act / dx at x (torch: relu' = [x > 0]; gelu' = Φ(x) + x·φ(x); gelu_tanh' from the tanh form;
- * silu' = σ(x)(1 + x(1 − σ(x))); tanh' = 1 − tanh²). */
-static float act_grad(int32_t a, float xf) {
-    const double x = xf;
-    switch (a) {
-    case DS_ACT_RELU: return x > 0 ? 1.0f : 0.0f;
-    case DS_ACT_GELU: return (float)(0.5 * (1.0 + erf(x * 0.7071067811865476)) + x * exp(-0.5 * x * x) * 0.3989422804014327);
-    case DS_ACT_GELU_TANH: {
-        const double k = 0.7978845608028654, inner = k * (x + 0.044715 * x * x * x), th = tanh(inner);
-        return (float)(0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * k * (1.0 + 3.0 * 0.044715 * x * x));
-    }
-    case DS_ACT_SILU: {
-        const double s = 1.0 / (1.0 + exp(-x));
-        return (float)(s * (1.0 + x * (1.0 - s)));
-    }
-    case DS_ACT_TANH: {
-        const double th = tanh(x);
-        return (float)(1.0 - th * th);
-    }
-    default: return 1.0f; /* identity */
-    }
-}
-
 static bool args_ok(const ds_train_bn_args *a) {
-    return a && a->down && a->down_b && a->up && a->up_b && a->n >= 0 && a->d > 0 && a->size > 0 && act_ok(a->act);
+    return a && a->down && a->down_b && a->up && a->up_b && a->n >= 0 && a->d > 0 && a->size > 0 && ds_act_trainable(a->act);
 }
 
 int ds_cpu_train_bn_fwd(void *ctx, const ds_train_bn_args *a, const float *z, float *hpre, float *tmp, float *y) {
     (void)ctx;
-    if (!args_ok(a)) return a && !act_ok(a->act) ? DS_EUNSUPPORTED : DS_EINVAL;
+    if (!args_ok(a)) return a && !ds_act_trainable(a->act) ? DS_EUNSUPPORTED : DS_EINVAL;
     const int32_t n = a->n, d = a->d, r = a->size;
     if (n == 0) return DS_OK;
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, r, d, 1.0f, z, d, a->down, d, 0.0f, hpre, r);
@@ -61,7 +34,7 @@ int ds_cpu_train_bn_fwd(void *ctx, const ds_train_bn_args *a, const float *z, fl
 int ds_cpu_train_bn_bwd(void *ctx, const ds_train_bn_args *a, const float *z, const float *hpre, const float *dy,
                         float *dz, float *ddown, float *ddown_b, float *dup, float *dup_b, float *tmp) {
     (void)ctx;
-    if (!args_ok(a)) return a && !act_ok(a->act) ? DS_EUNSUPPORTED : DS_EINVAL;
+    if (!args_ok(a)) return a && !ds_act_trainable(a->act) ? DS_EUNSUPPORTED : DS_EINVAL;
     const int32_t n = a->n, d = a->d, r = a->size;
     if (n == 0) return DS_OK;
     float *act = tmp, *dh = tmp + (size_t)n * r;
@@ -75,7 +48,7 @@ int ds_cpu_train_bn_bwd(void *ctx, const ds_train_bn_args *a, const float *z, co
     cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, d, r, n, a->scale, dy, d, act, r, 1.0f, dup, r);
     /* dh[n][r] = s·dy·up, then ⊙ act'(hpre) */
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, r, d, a->scale, dy, d, a->up, r, 0.0f, dh, r);
-    for (size_t i = 0; i < (size_t)n * r; i++) dh[i] *= act_grad(a->act, hpre[i]);
+    for (size_t i = 0; i < (size_t)n * r; i++) dh[i] *= ds_act_grad(a->act, hpre[i]);
     for (int32_t j = 0; j < r; j++) {
         double s = 0.0;
         for (int32_t t = 0; t < n; t++) s += dh[(size_t)t * r + j];
