@@ -254,7 +254,7 @@ out:
     free(w), free(wf), free(x), free(bias), free(y0), free(dy), free(dx0), free(got), free(ref);
 }
 
-/* Awkward shapes: n = 1, odd n, the gemv/tile boundary (8, 9), rows that are not a multiple of any
+/* Awkward shapes: n = 1, odd n, the gemv/tile boundaries (8, 9; 16, 17 for the fused kernels), rows that are not a multiple of any
  * tile, several column blocks, columns past one K chunk (2304 = 2048 + 256), and for the 16/32-bit
  * formats columns that are not a multiple of 32. */
 static void test_typed(tcase *t) {
@@ -265,6 +265,8 @@ static void test_typed(tcase *t) {
         typed_case(t, dt, 3, 64, k2, true);
         typed_case(t, dt, 8, 33, k1, true);
         typed_case(t, dt, 9, 70, k2, false);
+        typed_case(t, dt, 16, 33, k2, true);
+        typed_case(t, dt, 17, 20, k1, false);
         typed_case(t, dt, 37, 45, k2, true);
         typed_case(t, dt, 2, 17, 2304, true);
         typed_case(t, dt, 20, 40, 2304, false);

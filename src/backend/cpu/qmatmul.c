@@ -1,7 +1,7 @@
 /* Matmul on typed weights: the run-time choice of kernels and the split over threads.
  *
- * Decode-sized steps (n ≤ DS_QK_GEMV_MAX tokens) stream each weight row once through the gemv
- * kernel, rows split over the threads. Larger steps (prefill chunks, big decode batches)
+ * Decode-sized steps (n ≤ DS_QK_GEMV_MAX tokens; DS_QK_FUSED_MAX for the fused kernels, in passes)
+ * stream each weight row once through the gemv kernel, rows split over the threads. Larger steps (prefill chunks, big decode batches)
  * dequantise a tile of DS_QK_TILE_ROWS rows × up to DS_QK_TILE_K columns once into per-thread
  * scratch and multiply it with every token of the step by one single-threaded OpenBLAS sgemm, so
  * the dequantisation is paid once per step, not once per token. */
@@ -92,8 +92,15 @@ typedef struct {
 static void gemv_chunk(void *arg, int64_t i) {
     const gemv_job *j = arg;
     const int32_t r0 = (int32_t)i * j->chunk, r1 = r0 + j->chunk < j->w->rows ? r0 + j->chunk : j->w->rows;
-    if (j->fused) j->k->gemv_fused(j->w, r0, r1, j->x, j->n, j->y, j->bias, j->acc);
-    else j->k->gemv(j->w, r0, r1, j->x, j->n, j->y, j->bias, j->acc);
+    if (!j->fused) {
+        j->k->gemv(j->w, r0, r1, j->x, j->n, j->y, j->bias, j->acc);
+        return;
+    }
+    const size_t K = (size_t)j->w->cols, M = (size_t)j->w->rows;
+    for (int32_t t0 = 0; t0 < j->n; t0 += DS_QK_GEMV_MAX) {
+        const int32_t nt = j->n - t0 < DS_QK_GEMV_MAX ? j->n - t0 : DS_QK_GEMV_MAX;
+        j->k->gemv_fused(j->w, r0, r1, j->x + (size_t)t0 * K, nt, j->y + (size_t)t0 * M, j->bias, j->acc);
+    }
 }
 
 /* Rows per GEMM tile: as many as DS_QK_TILE_ROWS allows while every thread gets the same number of
@@ -110,14 +117,15 @@ int ds_qk_matmul(const ds_qk_ops *k, const float *x, const ds_mat *w, const floa
                  bool acc, float *scratch, struct ds_pool *pool) {
     const int32_t M = w->rows, K = w->cols;
     if (n <= 0) return DS_OK;
-    if (n <= DS_QK_GEMV_MAX) {
+    const bool fused = k->gemv_fused && ds_qk_fused(w);
+    if (n <= DS_QK_GEMV_MAX || (fused && n <= DS_QK_FUSED_MAX)) {
         /* ~8 chunks per thread (at least 16 rows): a thread that a neighbour slows down leaves
          * its share to the others */
         const int32_t nt = pool ? ds_pool_threads(pool) : 1;
         int32_t chunk = (M + 8 * nt - 1) / (8 * nt);
         if (chunk < 16) chunk = 16;
         gemv_job j = {.k = k, .w = w, .x = x, .bias = bias, .y = y, .n = n, .chunk = chunk, .acc = acc};
-        j.fused = k->gemv_fused && ds_qk_fused(w);
+        j.fused = fused;
         const int64_t n_chunks = (M + chunk - 1) / chunk;
         if (pool) ds_pool_run(pool, n_chunks, gemv_chunk, &j);
         else

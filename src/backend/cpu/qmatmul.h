@@ -5,9 +5,14 @@
 
 #include "ds/backend.h"
 
-/* Largest token count that takes the gemv path; more tokens dequantise tiles once per step and
- * multiply them with OpenBLAS. */
+/* Largest token count one gemv call takes; more tokens dequantise tiles once per step and
+ * multiply them with OpenBLAS... */
 #define DS_QK_GEMV_MAX 8
+/* ...except that the fused kernels (ds_qk_fused weights) take up to this many in passes of
+ * DS_QK_GEMV_MAX over each chunk of rows, which stays in cache between passes: per token they cost
+ * less than a tile + sgemm step of fewer than ~24 tokens (build/bench_qmatmul, 2048 × 2048, every
+ * block format: 8 tokens 0.17-0.19 ms a token, a 16-token sgemm step 0.21-0.23). */
+#define DS_QK_FUSED_MAX 16
 
 typedef struct ds_qk_ops {
     /* y[t][r] (=|+=) W[r]·x[t] (+ bias[r]), rows [r0, r1), n ≤ DS_QK_GEMV_MAX; y rows are w->rows wide. */
