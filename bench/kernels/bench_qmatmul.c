@@ -5,6 +5,7 @@
  *   bench_qmatmul [--rows M] [--cols K (a multiple of 32; 256 for the K-quants)] [--n 1,8,64] [--reps R] [--isa generic|avx2|avx512] [--dtype Q6_K]
  *
  * Weights are random blocks (sane scales); the figures are kernel throughput only. */
+#include "backend/cpu/cpu_env.h"
 #include "backend/cpu/qmatmul.h"
 #include "ds/common.h"
 #include "ds/weight.h"
@@ -47,6 +48,8 @@ static uint8_t *rnd_weights(ds_dtype t, int32_t rows, int32_t cols) {
 }
 
 int main(int argc, char **argv) {
+    ds_cpu_env_reexec(argv); /* the server's OpenMP and OpenBLAS settings (src/main.c): the exact
+                              * path's tiles multiply with OpenBLAS, whose own CPU choice can be SSE3 */
     int32_t M = 2048, K = 2048, reps = 20, ns[8] = {1, 8, 64}, n_ns = 3;
     const char *isa = NULL, *only = NULL; /* --dtype: one format only */
     for (int i = 1; i + 1 < argc; i += 2) {
