@@ -71,6 +71,10 @@ typedef struct ds_file_map {
 /* Returns 0, or DS_EIO with a message naming the path. Empty files map with data == NULL. */
 int ds_file_map_open(ds_file_map *m, const char *path, ds_err *err);
 void ds_file_map_close(ds_file_map *m);
+/* Drops the whole pages inside [p, p + n) of a read-only private mapping from the resident set
+ * (MADV_DONTNEED: a later read faults them in from the file again). For bytes that were copied or
+ * repacked and are not read in place. */
+void ds_file_map_release(const void *p, size_t n);
 
 /* Reads a whole file into a NUL-terminated malloc'd buffer (caller frees). Refuses files
  * larger than max_bytes with DS_ERANGE. */

@@ -8,6 +8,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -49,6 +50,12 @@ void ds_file_map_close(ds_file_map *m) {
     m->data = NULL;
     m->size = 0;
     m->fd = -1;
+}
+
+void ds_file_map_release(const void *p, size_t n) {
+    const uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    const uintptr_t lo = ((uintptr_t)p + page - 1) & ~(page - 1), hi = ((uintptr_t)p + n) & ~(page - 1);
+    if (hi > lo) (void)madvise((void *)lo, hi - lo, MADV_DONTNEED);
 }
 
 int ds_file_read_all(const char *path, size_t max_bytes, char **out, size_t *out_len, ds_err *err) {

@@ -16,8 +16,6 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
-#include <unistd.h>
 
 typedef struct cpu_ctx {
     int n_threads;
@@ -90,11 +88,7 @@ static int cpu_sync(void *ctx) { return DS_OK; }
  * (MADV_DONTNEED on a private file mapping that was never written: the next access reads the file
  * again — embedding rows, the trainer's exact path). Copies in memory are left as they are. */
 static void release_packed_rows(const ds_weight *host, const ds_mat *m) {
-    if (!host->file_view) return;
-    const uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
-    const uintptr_t lo = ((uintptr_t)m->data + page - 1) & ~(page - 1);
-    const uintptr_t hi = ((uintptr_t)m->data + (size_t)(m->rows / 8 * 8) * m->row_bytes) & ~(page - 1);
-    if (hi > lo) (void)madvise((void *)lo, hi - lo, MADV_DONTNEED);
+    if (host->file_view) ds_file_map_release(m->data, (size_t)(m->rows / 8 * 8) * m->row_bytes);
 }
 
 static int cpu_mat_upload(void *ctx, const ds_weight *host, ds_mat *out) {
