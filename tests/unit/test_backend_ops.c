@@ -254,9 +254,9 @@ out:
     free(w), free(wf), free(x), free(bias), free(y0), free(dy), free(dx0), free(got), free(ref);
 }
 
-/* Awkward shapes: n = 1, odd n, the gemv/tile boundaries (8, 9; 16, 17 for the fused kernels), rows that are not a multiple of any
- * tile, several column blocks, columns past one K chunk (2304 = 2048 + 256), and for the 16/32-bit
- * formats columns that are not a multiple of 32. */
+/* Awkward shapes: n = 1, odd n, the gemv/tile boundaries (8, 9; 16, 17 for the fused kernels),
+ * rows that are not a multiple of any tile, several column blocks, columns past one K chunk
+ * (2304 = 2048 + 256), and for the 16/32-bit formats columns that are not a multiple of 32. */
 static void test_typed(tcase *t) {
     for (size_t d = 0; d < N_DTYPES; d++) {
         const ds_dtype dt = ALL_DTYPES[d];

@@ -118,8 +118,9 @@ static int cpu_matmul(void *ctx, const float *x, const ds_mat *w, const float *b
         return ds_q8_matmul(c->q8, x, w, bias, y, n, accumulate, c->q8buf, c->pool);
     }
     if (w->dtype != DS_DTYPE_F32) {
-        float *scratch = n > DS_QK_GEMV_MAX ? cpu_qscratch(c) : NULL;
-        if (n > DS_QK_GEMV_MAX && !scratch) return DS_ENOMEM;
+        const bool tiled = ds_qk_tiled(c->qk, w, n);
+        float *scratch = tiled ? cpu_qscratch(c) : NULL;
+        if (tiled && !scratch) return DS_ENOMEM;
         return ds_qk_matmul(c->qk, x, w, bias, y, n, accumulate, scratch, c->pool);
     }
     const int32_t m = w->rows, k = w->cols;

@@ -107,17 +107,9 @@ static inline size_t qg_blk_bytes(ds_dtype t) {
     }
 }
 
-/* o[i] = d · p[i], i < 8: unsigned bytes (the K-quants' 6-bit scales and mins; a negative d gives
- * the minus of the mins) or signed ones (Q6_K's scales). */
-static inline void qg_scale8_u(const uint8_t *p, float d, float *o) {
-#if defined(__AVX2__)
-    _mm256_storeu_ps(o, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p))),
-                                      _mm256_set1_ps(d)));
-#else
-    for (int i = 0; i < 8; i++) o[i] = d * p[i];
-#endif
-}
-static inline void qg_scale8_q(uint64_t p, float d, float *o) { /* the same, 8 bytes in a word */
+/* o[i] = d · byte i of p, i < 8: the K-quants' 6-bit scales and mins (a negative d gives the minus
+ * of the mins); qg_scale8_s: the same for signed bytes in memory (Q6_K's scales). */
+static inline void qg_scale8_q(uint64_t p, float d, float *o) {
 #if defined(__AVX2__)
     _mm256_storeu_ps(o, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)p))),
                                       _mm256_set1_ps(d)));

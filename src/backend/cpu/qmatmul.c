@@ -1,7 +1,8 @@
 /* Matmul on typed weights: the run-time choice of kernels and the split over threads.
  *
  * Decode-sized steps (n ≤ DS_QK_GEMV_MAX tokens; DS_QK_FUSED_MAX for the fused kernels, in passes)
- * stream each weight row once through the gemv kernel, rows split over the threads. Larger steps (prefill chunks, big decode batches)
+ * stream each weight row once through the gemv kernel, rows split over the threads. Larger steps
+ * (prefill chunks, big decode batches)
  * dequantise a tile of DS_QK_TILE_ROWS rows × up to DS_QK_TILE_K columns once into per-thread
  * scratch and multiply it with every token of the step by one single-threaded OpenBLAS sgemm, so
  * the dequantisation is paid once per step, not once per token. */
@@ -117,15 +118,14 @@ int ds_qk_matmul(const ds_qk_ops *k, const float *x, const ds_mat *w, const floa
                  bool acc, float *scratch, struct ds_pool *pool) {
     const int32_t M = w->rows, K = w->cols;
     if (n <= 0) return DS_OK;
-    const bool fused = k->gemv_fused && ds_qk_fused(w);
-    if (n <= DS_QK_GEMV_MAX || (fused && n <= DS_QK_FUSED_MAX)) {
+    if (!ds_qk_tiled(k, w, n)) {
         /* ~8 chunks per thread (at least 16 rows): a thread that a neighbour slows down leaves
          * its share to the others */
         const int32_t nt = pool ? ds_pool_threads(pool) : 1;
         int32_t chunk = (M + 8 * nt - 1) / (8 * nt);
         if (chunk < 16) chunk = 16;
         gemv_job j = {.k = k, .w = w, .x = x, .bias = bias, .y = y, .n = n, .chunk = chunk, .acc = acc};
-        j.fused = fused;
+        j.fused = k->gemv_fused && ds_qk_fused(w);
         const int64_t n_chunks = (M + chunk - 1) / chunk;
         if (pool) ds_pool_run(pool, n_chunks, gemv_chunk, &j);
         else

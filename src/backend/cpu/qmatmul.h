@@ -61,9 +61,15 @@ const ds_qk_ops *ds_qk_by_name(const char *name);
 #define DS_QK_TILE_K 2048
 size_t ds_qk_scratch_floats(int n_threads);
 
+/* Whether ds_qk_matmul takes n tokens of w by tiles + OpenBLAS (and so needs its scratch) rather
+ * than the gemv kernels. */
+static inline bool ds_qk_tiled(const ds_qk_ops *k, const ds_mat *w, int32_t n) {
+    return n > DS_QK_GEMV_MAX && !(n <= DS_QK_FUSED_MAX && k->gemv_fused && ds_qk_fused(w));
+}
+
 /* y[n][rows] (=|+=) x[n][cols] · Wᵀ (+ bias) with the given kernels; scratch holds
- * ds_qk_scratch_floats(omp threads) floats. Decode-sized n runs on `pool` (NULL: the calling
- * thread alone), larger n on OpenMP threads. */
+ * ds_qk_scratch_floats(omp threads) floats when ds_qk_tiled (else it may be NULL). Decode-sized n
+ * runs on `pool` (NULL: the calling thread alone), larger n on OpenMP threads. */
 struct ds_pool;
 int ds_qk_matmul(const ds_qk_ops *k, const float *x, const ds_mat *w, const float *bias, float *y, int32_t n,
                  bool acc, float *scratch, struct ds_pool *pool);
