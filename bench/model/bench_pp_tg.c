@@ -1,11 +1,13 @@
 /* bench_pp_tg: deltaserve's answer to llama-bench's pp/tg test on one GGUF (or HF directory), so
  * the two can be compared on the same file (bench/peer/quant_bench.sh, issue 15).
  *
- *   build/bench_pp_tg [-m MODEL] [-p 512] [-n 128] [-t THREADS] [-r REPS] [--backend cpu|cuda]
+ *   build/bench_pp_tg [-m MODEL] [-p 512] [-n 128] [-d 0] [-t THREADS] [-r REPS] [--backend cpu|cuda]
  *
  * Same definitions as llama-bench: ppN is one batch of N prompt tokens into an empty KV cache
  * (tokens/s = N / time); tgN is N single-token decode steps starting from an empty cache
- * (tokens/s = N / time). One warm-up run of each first, then REPS runs; the mean and standard
+ * (tokens/s = N / time). -d D (llama-bench's depth): both start after D tokens already in the
+ * cache (filled once, in prompt-sized steps, before the runs), so attention over D keys is part of
+ * every step. One warm-up run of each first, then REPS runs; the mean and standard
  * deviation of the per-run tokens/s are reported (llama-bench's avg_ts / stddev_ts). Memory: VmRSS
  * and VmHWM from /proc/self/status after loading (ds_llama with its KV pool and activations, and the
  * pages of the mapped GGUF touched so far) and at the end (every weight page touched). One JSON
@@ -55,17 +57,18 @@ static int step(run *R, int32_t start, int32_t n) {
     return st;
 }
 
-/* Tokens/s of one prompt of n tokens into an empty cache (the cache is simply overwritten). */
-static double pp_once(run *R, int32_t n) {
+/* Tokens/s of one prompt of n tokens after `depth` cached ones (the rest of the cache is simply
+ * overwritten). */
+static double pp_once(run *R, int32_t depth, int32_t n) {
     double t0 = ds_time_s();
-    if (step(R, 0, n)) return -1;
+    if (step(R, depth, n)) return -1;
     return n / (ds_time_s() - t0);
 }
 
-static double tg_once(run *R, int32_t n) {
+static double tg_once(run *R, int32_t depth, int32_t n) {
     double t0 = ds_time_s();
     for (int32_t i = 0; i < n; i++)
-        if (step(R, i, 1)) return -1;
+        if (step(R, depth + i, 1)) return -1;
     return n / (ds_time_s() - t0);
 }
 
@@ -94,15 +97,16 @@ static void json_str(const char *key, const char *s) {
 
 static int usage(int rc) {
     fprintf(rc ? stderr : stdout,
-            "usage: bench_pp_tg [-m MODEL] [-p N_PROMPT] [-n N_GEN] [-t THREADS] [-r REPS] [--backend cpu|cuda]\n"
-            "                   [--int8-activations]\n");
+            "usage: bench_pp_tg [-m MODEL] [-p N_PROMPT] [-n N_GEN] [-d DEPTH] [-t THREADS] [-r REPS]\n"
+            "                   [--backend cpu|cuda] [--int8-activations]\n"
+            "  -d DEPTH  tokens already in the KV cache before each test (llama-bench -d; default 0)\n");
     return rc;
 }
 
 int main(int argc, char **argv) {
     ds_cpu_env_reexec(argv); /* the server's OpenMP wait policy (src/main.c) */
     const char *model = "models/SmolLM2-135M-Instruct.Q4_1.gguf", *backend = "cpu";
-    int n_prompt = 512, n_gen = 128, threads = 0, reps = 5;
+    int n_prompt = 512, n_gen = 128, depth = 0, threads = 0, reps = 5;
     bool int8_act = false;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -115,13 +119,14 @@ int main(int argc, char **argv) {
         if (!strcmp(a, "-m")) model = v;
         else if (!strcmp(a, "-p")) n_prompt = atoi(v);
         else if (!strcmp(a, "-n")) n_gen = atoi(v);
+        else if (!strcmp(a, "-d")) depth = atoi(v);
         else if (!strcmp(a, "-t")) threads = atoi(v);
         else if (!strcmp(a, "-r")) reps = atoi(v);
         else if (!strcmp(a, "--backend")) backend = v;
         else return usage(2);
         i++;
     }
-    if (n_prompt < 0 || n_gen < 0 || reps < 1 || reps > 100 || n_prompt + n_gen == 0) return usage(2);
+    if (n_prompt < 0 || n_gen < 0 || depth < 0 || depth > (1 << 20) || reps < 1 || reps > 100 || n_prompt + n_gen == 0) return usage(2);
 
     long rss0, hwm0, rss_load, hwm_load, rss_end, hwm_end;
     mem_kb(&rss0, &hwm0);
@@ -139,8 +144,8 @@ int main(int argc, char **argv) {
 
     /* One sequence, a KV pool just big enough for the longer test: memory stays what the model needs. */
     ds_llama_params lp = ds_llama_default_params();
-    const int32_t longest = n_prompt > n_gen ? n_prompt : n_gen;
-    lp.max_tokens = n_prompt > 1 ? n_prompt : 1;
+    const int32_t longest = depth + (n_prompt > n_gen ? n_prompt : n_gen);
+    lp.max_tokens = n_prompt > 1 ? n_prompt : depth > 0 ? (depth < 512 ? depth : 512) : 1;
     lp.max_seqs = 1;
     lp.max_out = 1; /* one logits row per step: the logits buffer is one vocabulary row */
     lp.max_blocks_per_seq = (longest + lp.kv_block_size - 1) / lp.kv_block_size + 1; /* + 1: the pool's minimum is 2 */
@@ -163,15 +168,18 @@ int main(int argc, char **argv) {
 
     double *pp = calloc((size_t)reps, sizeof(double)), *tg = calloc((size_t)reps, sizeof(double));
     int failed = 0;
+    if (depth > 0) fprintf(stderr, "bench_pp_tg: filling %d tokens of context\n", depth);
+    for (int32_t d = 0; d < depth && !failed; d += lp.max_tokens)
+        failed |= step(&R, d, depth - d < lp.max_tokens ? depth - d : lp.max_tokens) != 0;
     if (n_prompt > 0) {
         fprintf(stderr, "bench_pp_tg: pp%d warm-up + %d runs\n", n_prompt, reps);
-        failed |= pp_once(&R, n_prompt) < 0;
-        for (int r = 0; r < reps && !failed; r++) failed |= (pp[r] = pp_once(&R, n_prompt)) < 0;
+        failed |= pp_once(&R, depth, n_prompt) < 0;
+        for (int r = 0; r < reps && !failed; r++) failed |= (pp[r] = pp_once(&R, depth, n_prompt)) < 0;
     }
     if (n_gen > 0 && !failed) {
         fprintf(stderr, "bench_pp_tg: tg%d warm-up + %d runs\n", n_gen, reps);
-        failed |= step(&R, 0, 1) != 0; /* llama-bench warms tg up with one token */
-        for (int r = 0; r < reps && !failed; r++) failed |= (tg[r] = tg_once(&R, n_gen)) < 0;
+        failed |= step(&R, depth, 1) != 0; /* llama-bench warms tg up with one token */
+        for (int r = 0; r < reps && !failed; r++) failed |= (tg[r] = tg_once(&R, depth, n_gen)) < 0;
     }
     mem_kb(&rss_end, &hwm_end);
     if (failed) return 1;
@@ -186,7 +194,8 @@ int main(int argc, char **argv) {
     printf("  \"n_vocab\": %d, \"d_model\": %d, \"n_layer\": %d, \"n_head\": %d, \"n_kv_head\": %d, \"d_ff\": %d,\n",
            c->n_vocab, c->d_model, c->n_layer, c->n_head, c->n_kv_head, c->d_ff);
     printf("  \"n_params\": %zu,\n", m->n_params);
-    printf("  \"threads\": %d, \"n_prompt\": %d, \"n_gen\": %d, \"reps\": %d,\n", threads, n_prompt, n_gen, reps);
+    printf("  \"threads\": %d, \"n_prompt\": %d, \"n_gen\": %d, \"depth\": %d, \"reps\": %d,\n", threads, n_prompt,
+           n_gen, depth, reps);
     printf("  \"load_s\": %.3f,\n", load_s);
     printf("  \"pp_tps\": %.3f, \"pp_tps_sd\": %.3f,\n", pp_mean, pp_sd);
     printf("  \"tg_tps\": %.3f, \"tg_tps_sd\": %.3f,\n", tg_mean, tg_sd);

@@ -99,7 +99,7 @@ static bool grow_blocks(ds_engine *e, ds_seq *s, int32_t n_own) {
 
 /* With every layer sliding, the next token to compute (own slot n_computed) attends to own slots from
  * n_computed + 1 - window on, and later tokens to fewer: own blocks wholly below that are never read
- * again (attention starts at the window, cpu_backend.c attend_one and cuda/attention.cu), so they go
+ * again (attention starts at the window, src/backend/cpu/attn_kern.h and cuda/attention.cu), so they go
  * back to the pool. Their table entries become -1; the table keeps its positions, so slot -> block
  * stays block_tables[slot / block_size]. Prefix blocks are the adapter slot's and stay. */
 static void free_behind_window(ds_engine *e, ds_seq *s) {

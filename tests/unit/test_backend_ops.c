@@ -661,13 +661,18 @@ static void test_sparse(tcase *t) {
 
 typedef struct attn_cfg {
     int32_t n_head, n_kv_head, head_dim, block_size;
-    bool prefix; /* false: seq_prefix = NULL */
+    bool prefix;     /* false: seq_prefix = NULL */
+    bool decode;     /* one new token per sequence after long cached contexts (the decode kernel's
+                      * split over parts of the keys), else a mixed prefill + decode step */
+    int32_t window;  /* sliding window (0: none) */
 } attn_cfg;
 
-/* Three sequences, 300 tokens: s0 prefix 5 (last prefix block partial), 3 cached + 9 new tokens;
- * s1 one decode token after 20 cached; s2 prefix of exactly one block, 290-token prefill. */
-enum { A_SEQS = 3, A_BLOCKS = 160 };
-static const int32_t a_cached[A_SEQS] = {3, 20, 0}, a_new[A_SEQS] = {9, 1, 290};
+/* Mixed: three sequences, 300 tokens: s0 prefix 5 (last prefix block partial), 3 cached + 9 new
+ * tokens; s1 one decode token after 20 cached; s2 prefix of exactly one block, 290-token prefill.
+ * Decode: one token each after 1500, 700 and 40 cached tokens. */
+enum { A_SEQS = 3, A_BLOCKS = 640, A_MAXB = 560 };
+static const int32_t a_cached_mix[A_SEQS] = {3, 20, 0}, a_new_mix[A_SEQS] = {9, 1, 290};
+static const int32_t a_cached_dec[A_SEQS] = {1500, 700, 40}, a_new_dec[A_SEQS] = {1, 1, 1};
 
 static int32_t a_prefix(const attn_cfg *c, int s) { return !c->prefix ? 0 : s == 0 ? 5 : s == 2 ? c->block_size : 0; }
 
@@ -682,13 +687,14 @@ static int64_t ref_slot(const int32_t *table, int32_t pre, int32_t bs, int32_t i
 static void attn_ref(const attn_cfg *c, const float *q, const float *kc, const float *vc, const int32_t *tok_seq,
                      const int32_t *tok_nkv, const int32_t *tables, int32_t max_blocks, int32_t n, double *ref) {
     const int32_t hd = c->head_dim, row = c->n_kv_head * hd, group = c->n_head / c->n_kv_head;
-    double *p = dvec(1024);
+    double *p = dvec(4096);
     for (int32_t t = 0; t < n; t++)
         for (int32_t h = 0; h < c->n_head; h++) {
             const int32_t s = tok_seq[t], nkv = tok_nkv[t];
+            const int32_t lo = c->window > 0 && nkv > c->window ? nkv - c->window : 0;
             const float *qh = q + ((size_t)t * c->n_head + h) * hd;
             double mx = -INFINITY, sum = 0.0;
-            for (int32_t i = 0; i < nkv; i++) {
+            for (int32_t i = lo; i < nkv; i++) {
                 const float *k = kc + ref_slot(tables + s * max_blocks, a_prefix(c, s), c->block_size, i) * row +
                                  (h / group) * hd;
                 double dot = 0.0;
@@ -696,9 +702,9 @@ static void attn_ref(const attn_cfg *c, const float *q, const float *kc, const f
                 p[i] = dot / sqrt((double)hd);
                 if (p[i] > mx) mx = p[i];
             }
-            for (int32_t i = 0; i < nkv; i++) sum += (p[i] = exp(p[i] - mx));
+            for (int32_t i = lo; i < nkv; i++) sum += (p[i] = exp(p[i] - mx));
             double *o = ref + ((size_t)t * c->n_head + h) * hd;
-            for (int32_t i = 0; i < nkv; i++) {
+            for (int32_t i = lo; i < nkv; i++) {
                 const float *v = vc + ref_slot(tables + s * max_blocks, a_prefix(c, s), c->block_size, i) * row +
                                  (h / group) * hd;
                 for (int32_t d = 0; d < hd; d++) o[d] += p[i] / sum * v[d];
@@ -708,8 +714,10 @@ static void attn_ref(const attn_cfg *c, const float *q, const float *kc, const f
 }
 
 static void attention_case(tcase *t, const attn_cfg *c) {
-    const int32_t bs = c->block_size, hd = c->head_dim, row = c->n_kv_head * hd, max_blocks = 96;
-    int32_t n = 0, tok_seq[300], tok_nkv[300], tables[A_SEQS * 96], prefix[A_SEQS], perm[A_BLOCKS], used = 0;
+    const int32_t bs = c->block_size, hd = c->head_dim, row = c->n_kv_head * hd, max_blocks = A_MAXB;
+    const int32_t *a_cached = c->decode ? a_cached_dec : a_cached_mix, *a_new = c->decode ? a_new_dec : a_new_mix;
+    static int32_t tables[A_SEQS * A_MAXB], perm[A_BLOCKS];
+    int32_t n = 0, tok_seq[300], tok_nkv[300], prefix[A_SEQS], used = 0;
     for (int32_t i = 0; i < A_BLOCKS; i++) perm[i] = i;
     for (int32_t i = A_BLOCKS - 1; i > 0; i--) { /* physical blocks in random order */
         const int32_t j = rnd_i(i + 1), tmp = perm[i];
@@ -719,6 +727,7 @@ static void attention_case(tcase *t, const attn_cfg *c) {
         prefix[s] = a_prefix(c, s);
         const int32_t own = a_cached[s] + a_new[s];
         const int32_t nb = (prefix[s] + bs - 1) / bs + (own + bs - 1) / bs;
+        DS_ASSERT(nb <= max_blocks);
         for (int32_t b = 0; b < max_blocks; b++) tables[s * max_blocks + b] = b < nb ? perm[used + b] : -1;
         used += nb;
         for (int32_t j = 0; j < a_new[s]; j++, n++) {
@@ -726,7 +735,7 @@ static void attention_case(tcase *t, const attn_cfg *c) {
             tok_nkv[n] = prefix[s] + a_cached[s] + j + 1; /* causal: up to and including itself */
         }
     }
-    DS_ASSERT(used <= A_BLOCKS && n == 300);
+    DS_ASSERT(used <= A_BLOCKS && n <= 300);
     const size_t pool = (size_t)A_BLOCKS * bs * row, nq = (size_t)n * c->n_head * hd;
     float *kc = rnd_vec(pool, 1.0f), *vc = rnd_vec(pool, 1.0f), *q = rnd_vec(nq, 2.0f);
     float *got = malloc(sizeof(float) * nq);
@@ -739,19 +748,23 @@ static void attention_case(tcase *t, const attn_cfg *c) {
                       .tok_nkv = t_up(t, tok_nkv, sizeof(int32_t) * n),
                       .block_tables = t_up(t, tables, sizeof tables),
                       .seq_prefix = c->prefix ? t_up(t, prefix, sizeof prefix) : NULL, .n_seqs = A_SEQS,
-                      .max_blocks = max_blocks, .scale = 1.0f / sqrtf((float)hd)};
+                      .max_blocks = max_blocks, .scale = 1.0f / sqrtf((float)hd), .window = c->window};
     t_ok(t, "attention", t->b->iface->attention(t->b->ctx, &a));
     t_down(t, got, a.out, sizeof(float) * nq);
-    char what[96];
-    snprintf(what, sizeof what, "heads %d/%d hd=%d block=%d %s", c->n_head, c->n_kv_head, hd, bs,
-             c->prefix ? "prefix 5/0/block" : "no prefix");
+    char what[128];
+    snprintf(what, sizeof what, "heads %d/%d hd=%d block=%d %s %s window %d", c->n_head, c->n_kv_head, hd, bs,
+             c->prefix ? "prefix 5/0/block" : "no prefix", c->decode ? "decode" : "mixed", c->window);
     expect(t, "attention", what, got, ref, nq, t->tol_f32);
     t_release_all(t);
     free(kc), free(vc), free(q), free(got), free(ref);
 }
 
 static void test_attention(tcase *t) {
-    const attn_cfg cfgs[] = {{6, 2, 40, 4, true}, {4, 4, 128, 16, true}, {8, 1, 80, 16, false}, {2, 1, 256, 8, true}};
+    const attn_cfg cfgs[] = {{6, 2, 40, 4, true, false, 0},   {4, 4, 128, 16, true, false, 0},
+                             {8, 1, 80, 16, false, false, 0}, {2, 1, 256, 8, true, false, 0},
+                             {9, 3, 64, 16, true, true, 0},   {32, 8, 128, 16, false, true, 0},
+                             {20, 1, 48, 8, true, true, 0},   {4, 2, 64, 16, false, true, 600},
+                             {6, 2, 40, 4, true, false, 7}};
     for (size_t i = 0; i < sizeof cfgs / sizeof cfgs[0]; i++) attention_case(t, &cfgs[i]);
 }
 

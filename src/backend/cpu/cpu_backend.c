@@ -239,16 +239,6 @@ static int cpu_kv_store(void *ctx, float *k_cache, float *v_cache, const float *
 /* One query head of one token against its sequence's paged KV: softmax in fp32 (two-pass, stable). */
 /* Dot product in 8 independent partial sums (so the compiler vectorises it without reassociating
  * one chain): attention's inner loops over head_dim. */
-static inline float dot8(const float *a, const float *b, int32_t n) {
-    float s[8] = {0};
-    int32_t d = 0;
-    for (; d + 8 <= n; d += 8)
-        for (int k = 0; k < 8; k++) s[k] += a[d + k] * b[d + k];
-    float r = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
-    for (; d < n; d++) r += a[d] * b[d];
-    return r;
-}
-
 /* p[0..m) = softmax(p[0..m)) in fp32 (max-shifted, then normalised in place). */
 static void softmax_row(float *p, int32_t m) {
     float mx = -INFINITY, sum = 0.0f;
@@ -258,37 +248,64 @@ static void softmax_row(float *p, int32_t m) {
     for (int32_t i = 0; i < m; i++) p[i] *= inv;
 }
 
-static void attend_one(const ds_attn_args *a, int32_t t, int32_t h, float *scores) {
-    const int32_t s = a->tok_seq[t], nkv = a->tok_nkv[t], hd = a->head_dim;
-    const int32_t kvh = h / (a->n_head / a->n_kv_head); /* contiguous GQA groups */
-    const int32_t row = a->n_kv_head * hd;
-    const int32_t *bt = a->block_tables + (size_t)s * a->max_blocks;
-    const int32_t pre = a->seq_prefix ? a->seq_prefix[s] : 0;
-    const float *q = a->q + ((size_t)t * a->n_head + h) * hd;
-    const int32_t lo = a->window > 0 && nkv > a->window ? nkv - a->window : 0; /* sliding window */
-    for (int32_t i = lo; i < nkv; i++) {
-        const float *k = a->k_cache + ds_kv_slot(bt, pre, a->block_size, i) * row + (size_t)kvh * hd;
-        scores[i - lo] = dot8(q, k, hd) * a->scale;
-    }
-    softmax_row(scores, nkv - lo);
-    float *o = a->out + ((size_t)t * a->n_head + h) * hd;
-    memset(o, 0, sizeof(float) * (size_t)hd);
-    for (int32_t i = lo; i < nkv; i++) {
-        const float *v = a->v_cache + ds_kv_slot(bt, pre, a->block_size, i) * row + (size_t)kvh * hd;
-        const float p = scores[i - lo];
-        for (int32_t d = 0; d < hd; d++) o[d] += p * v[d];
-    }
-}
+/* Decode attention (attn_kern.h): tasks of one token × one KV head × one part of its keys; each
+ * writes its group's unnormalised outputs and (max, sum) pairs, then attn_merge combines a token's
+ * parts. Parts split long contexts so that a one-token step with few KV heads still gives every
+ * thread work (SmolLM2: 3 KV heads on 2 threads). */
+#define ATTN_PART_MIN 256 /* keys per part at least */
 
 typedef struct {
     const ds_attn_args *a;
-    float *scores;
-    size_t per;
+    const ds_qk_ops *qk;
+    const int32_t *tok;  /* tokens (indices into a) */
+    int32_t n_parts, stride; /* floats per task: group·(head_dim + 2) */
+    float *buf;
 } attn_job;
+
+static void attn_part_range(const ds_attn_args *a, int32_t t, int32_t part, int32_t n_parts, int32_t *i0, int32_t *i1) {
+    const int32_t nkv = a->tok_nkv[t], lo = a->window > 0 && nkv > a->window ? nkv - a->window : 0;
+    const int64_t n = nkv - lo;
+    *i0 = lo + (int32_t)(n * part / n_parts);
+    *i1 = lo + (int32_t)(n * (part + 1) / n_parts);
+}
 
 static void attn_chunk(void *arg, int64_t i) {
     const attn_job *j = arg;
-    attend_one(j->a, (int32_t)(i / j->a->n_head), (int32_t)(i % j->a->n_head), j->scores + (size_t)i * j->per);
+    const int32_t part = (int32_t)(i % j->n_parts), kvh = (int32_t)(i / j->n_parts % j->a->n_kv_head);
+    const int32_t t = j->tok[i / j->n_parts / j->a->n_kv_head];
+    const int32_t group = j->a->n_head / j->a->n_kv_head;
+    float *o = j->buf + (size_t)i * (size_t)j->stride;
+    int32_t i0, i1;
+    attn_part_range(j->a, t, part, j->n_parts, &i0, &i1);
+    j->qk->attn_dec(j->a, t, kvh, i0, i1, o, o + (size_t)group * j->a->head_dim);
+}
+
+/* out[t][h] = Σ_p e^{m_p−M}·o_p / Σ_p e^{m_p−M}·l_p over the parts of token tok[i], for i < n. */
+static void attn_merge(const attn_job *j, int32_t n) {
+    const ds_attn_args *a = j->a;
+    const int32_t hd = a->head_dim, group = a->n_head / a->n_kv_head, P = j->n_parts;
+    for (int32_t i = 0; i < n; i++)
+        for (int32_t kvh = 0; kvh < a->n_kv_head; kvh++)
+            for (int32_t g = 0; g < group; g++) {
+                const float *t0 = j->buf + ((size_t)i * a->n_kv_head + kvh) * P * (size_t)j->stride;
+                float M = -INFINITY, L = 0.0f, c[64];
+                for (int32_t p = 0; p < P; p++) {
+                    const float m = t0[(size_t)p * j->stride + (size_t)group * hd + 2 * g];
+                    M = m > M ? m : M;
+                }
+                for (int32_t p = 0; p < P; p++) {
+                    const float *ml = t0 + (size_t)p * j->stride + (size_t)group * hd + 2 * g;
+                    c[p] = ml[0] == -INFINITY ? 0.0f : expf(ml[0] - M);
+                    L += c[p] * ml[1];
+                }
+                float *out = a->out + ((size_t)j->tok[i] * a->n_head + (size_t)kvh * group + g) * hd;
+                const float inv = 1.0f / L;
+                for (int32_t d = 0; d < hd; d++) {
+                    float v = 0.0f;
+                    for (int32_t p = 0; p < P; p++) v += c[p] * t0[(size_t)p * j->stride + (size_t)g * hd + d];
+                    out[d] = v * inv;
+                }
+            }
 }
 
 /* Prefill attention by GEMM: a run of at least ATTN_RUN_MIN consecutive tokens of one sequence at
@@ -296,7 +313,7 @@ static void attn_chunk(void *arg, int64_t i) {
  * tokens × one KV head: the keys and values the chunk's last token sees are gathered from the paged
  * cache into contiguous rows, then per query head of the group S = scale·Q·Kᵀ (one sgemm), a
  * causal softmax per row (keys past a token's own count set to 0) and O = P·V (one sgemm). It
- * computes what attend_one does, in fp32, with OpenBLAS's kernels instead of a dot product per
+ * computes what attn_dec (attn_kern.h) does, in fp32, with OpenBLAS's kernels instead of a dot product per
  * (token, head, key) — that loop took 46% of a 512-token prefill of the default model. */
 #define ATTN_RUN_MIN 8
 #define ATTN_CHUNK 64
@@ -334,7 +351,7 @@ static void attend_chunk(const ds_attn_args *a, const attn_task *k, float *buf) 
 }
 
 /* Splits the step's tokens into GEMM tasks (runs of a prefill, cut into ATTN_CHUNK tokens × each
- * KV head) and single tokens for attend_one (`single`); returns the number of tasks. */
+ * KV head) and single tokens for attn_dec (`single`); returns the number of tasks. */
 static int32_t attn_plan(const ds_attn_args *a, attn_task *tasks, int32_t *single, int32_t *n_single) {
     int32_t nt = 0, ns = 0;
     for (int32_t t = 0; t < a->n_tokens;) {
@@ -360,34 +377,50 @@ static int cpu_attention(void *ctx, const ds_attn_args *a) {
     for (int32_t t = 0; t < a->n_tokens; t++)
         if (a->tok_nkv[t] > max_kv) max_kv = a->tok_nkv[t];
     const size_t per_thread = (size_t)(max_kv > 0 ? max_kv : 1);
-    if (a->n_tokens <= DS_QK_GEMV_MAX) { /* decode: one chunk per (token, head) on the pool */
-        const int64_t n = (int64_t)a->n_tokens * a->n_head;
-        attn_job j = {.a = a, .scores = cpu_scratch(c, per_thread * (size_t)n), .per = per_thread};
-        if (!j.scores) return DS_ENOMEM;
-        ds_pool_run(c->pool, n, attn_chunk, &j);
+    const int32_t group = a->n_head / a->n_kv_head;
+    const size_t stride = (size_t)group * ((size_t)a->head_dim + 2);
+    if (a->n_tokens <= DS_QK_GEMV_MAX) { /* decode: tasks on the pool */
+        /* parts: about 4 tasks a thread, none shorter than ATTN_PART_MIN keys */
+        const int32_t tasks = a->n_tokens * a->n_kv_head, want = 4 * c->n_threads;
+        int32_t P = (want + tasks - 1) / tasks, by_len = (max_kv + ATTN_PART_MIN - 1) / ATTN_PART_MIN;
+        P = P < by_len ? P : by_len;
+        P = P < 1 ? 1 : P > 64 ? 64 : P;
+        const size_t n_tok = (size_t)a->n_tokens, n = n_tok * (size_t)a->n_kv_head * (size_t)P;
+        float *buf = cpu_scratch(c, n * stride + n_tok);
+        if (!buf) return DS_ENOMEM;
+        int32_t *tok = (int32_t *)(void *)(buf + n * stride);
+        for (int32_t t = 0; t < a->n_tokens; t++) tok[t] = t;
+        attn_job j = {.a = a, .qk = c->qk, .tok = tok, .n_parts = P, .stride = (int32_t)stride, .buf = buf};
+        ds_pool_run(c->pool, (int64_t)n, attn_chunk, &j);
+        attn_merge(&j, a->n_tokens);
         return DS_OK;
     }
-    /* tasks, single tokens, then per thread: scores for attend_one or K, V, S for a GEMM task */
+    /* tasks, single tokens, then per thread: K, V, S for a GEMM task */
     const size_t n_tasks_max = ((size_t)a->n_tokens / ATTN_CHUNK + (size_t)a->n_tokens / ATTN_RUN_MIN + 1) *
                                (size_t)a->n_kv_head;
     const size_t meta = (n_tasks_max * sizeof(attn_task) + (size_t)a->n_tokens * sizeof(int32_t)) / sizeof(float) + 1;
     const size_t per = per_thread * (2 * (size_t)a->head_dim + ATTN_CHUNK);
     const int nth = omp_get_max_threads();
-    float *all = cpu_scratch(ctx, meta + per * (size_t)nth);
+    /* + one task's outputs per (single token, KV head) */
+    const size_t singles = (size_t)a->n_tokens * (size_t)a->n_kv_head * stride;
+    float *all = cpu_scratch(ctx, meta + per * (size_t)nth + singles);
     if (!all) return DS_ENOMEM;
     attn_task *tasks = (attn_task *)(void *)all;
     int32_t *single = (int32_t *)(void *)(tasks + n_tasks_max), n_single;
     const int32_t n_tasks = attn_plan(a, tasks, single, &n_single);
     float *work = all + meta;
+    attn_job j = {.a = a, .qk = c->qk, .tok = single, .n_parts = 1, .stride = (int32_t)stride,
+                  .buf = work + per * (size_t)nth};
+    const int64_t n_single_tasks = (int64_t)n_single * a->n_kv_head;
 #pragma omp parallel
     {
         float *mine = work + per * (size_t)omp_get_thread_num();
 #pragma omp for schedule(dynamic, 1) nowait
         for (int32_t i = 0; i < n_tasks; i++) attend_chunk(a, &tasks[i], mine);
-#pragma omp for collapse(2) schedule(dynamic, 4)
-        for (int32_t i = 0; i < n_single; i++)
-            for (int32_t h = 0; h < a->n_head; h++) attend_one(a, single[i], h, mine);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t i = 0; i < n_single_tasks; i++) attn_chunk(&j, i);
     }
+    attn_merge(&j, n_single);
     return DS_OK;
 }
 

@@ -262,5 +262,6 @@ static void deq_tile(const ds_mat *w, int32_t r0, int32_t nr, int32_t k0, int32_
 }
 
 #include "backend/cpu/qgemv.h"
+#include "backend/cpu/attn_kern.h"
 
-const ds_qk_ops QK_NAME = {.gemv = gemv, .gemv_fused = gemv_fused, .deq_tile = deq_tile, .vw = QK_VW};
+const ds_qk_ops QK_NAME = {.gemv = gemv, .gemv_fused = gemv_fused, .deq_tile = deq_tile, .attn_dec = attn_dec, .vw = QK_VW};

@@ -24,6 +24,10 @@ typedef struct ds_qk_ops {
                        const float *bias, bool acc);
     /* dst[nr][kn] = rows [r0, r0+nr), columns [k0, k0+kn) of W as fp32 (k0, kn whole blocks). */
     void (*deq_tile)(const ds_mat *w, int32_t r0, int32_t nr, int32_t k0, int32_t kn, float *dst);
+    /* Decode attention of token t over keys [i0, i1) for KV head kvh and its group of query heads:
+     * o[group][head_dim] = Σ e^{s−m}·v unnormalised, ml[group][2] = {m, Σ e^{s−m}}
+     * (attn_kern.h). */
+    void (*attn_dec)(const struct ds_attn_args *a, int32_t t, int32_t kvh, int32_t i0, int32_t i1, float *o, float *ml);
     int vw; /* fp32 lanes */
 } ds_qk_ops;
 
