@@ -514,6 +514,58 @@ QG_FN(2, 8, 1)
         for (; r < r1; r++) qg_r1_n##N(w, r, x, y, bias, acc);                                                        \
     } while (0)
 
+#if QG_TABLE
+/* Q4_K, one token (AVX-512). qg_deq widens each 16 codes with vpmovzxbd, a shuffle on the port
+ * vpermps also needs, so a chunk cost two shuffles per 16 weights. Here the 32 code bytes of a chunk
+ * pair are broadcast to both halves of a register (a load, no shuffle) and each 16 codes are picked
+ * by a per-lane shift: lane i < 8 takes byte 4i + 2v, lane 8 + i byte 4i + 2v + 1, its low or high
+ * nibble (v ∈ {0, 1}, nibble h = which chunk of the pair) — vpermps reads only the low 4 bits. The
+ * activations are permuted the same way once per call (xp), so each lane meets its own weight's
+ * x. Weights are the table's exact values (qg_table, as qg_deq); only the summation order differs. */
+#define QG_Q4K_KMAX 16384 /* columns that fit the stack copy of the permuted activations */
+static void qg_q4k_n1(const ds_mat *w, int32_t r0, int32_t r1, const float *x, float *y, const float *bias, bool acc) {
+    const int32_t K = w->cols, nb = K / 256;
+    const size_t rs = w->row_bytes;
+    float xp[QG_Q4K_KMAX];
+    const __m512i p0 = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 1, 5, 9, 13, 17, 21, 25, 29);
+    const __m512i p1 = _mm512_add_epi32(p0, _mm512_set1_epi32(2));
+    for (int32_t c = 0; c < K / 32; c++) { /* xp[32c + 16v + i] = x[32c + byte index of lane i] */
+        const __m512 a = _mm512_loadu_ps(x + 32 * c), b = _mm512_loadu_ps(x + 32 * c + 16);
+        _mm512_storeu_ps(xp + 32 * c, _mm512_permutex2var_ps(a, p0, b));
+        _mm512_storeu_ps(xp + 32 * c + 16, _mm512_permutex2var_ps(a, p1, b));
+    }
+    /* shifts for (v, h): lanes 0-7 byte 2v, lanes 8-15 byte 2v + 1, nibble h */
+    const __m512i base = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi32(8), 1);
+    const __m512i sh00 = base, sh01 = _mm512_add_epi32(base, _mm512_set1_epi32(4));
+    const __m512i sh10 = _mm512_add_epi32(base, _mm512_set1_epi32(16)), sh11 = _mm512_add_epi32(base, _mm512_set1_epi32(20));
+    for (int32_t r = r0; r < r1; r++) {
+        const uint8_t *row = (const uint8_t *)w->data + (size_t)r * rs;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int32_t ib = 0; ib < nb; ib++) {
+            const uint8_t *blk = row + (size_t)ib * 144;
+            for (int o = 0; o < 144; o += 64) __builtin_prefetch(blk + QG_PF + o);
+            qg_sc c;
+            qg_prep(DS_DTYPE_Q4_K, blk, &c);
+            __asm__ volatile("" : : "r"(&c) : "memory"); /* scales broadcast from memory (qg_group) */
+            const float *xb = xp + (size_t)ib * 256;
+#pragma GCC unroll 4
+            for (int p = 0; p < 4; p++) {
+                const __m512i q = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * p)));
+                const __m512 t0 = qg_table(c.s[2 * p], c.m[2 * p], 0.0f), t1 = qg_table(c.s[2 * p + 1], c.m[2 * p + 1], 0.0f);
+                const float *xc = xb + 64 * p;
+                a0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srlv_epi32(q, sh00), t0), _mm512_loadu_ps(xc), a0);
+                a1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srlv_epi32(q, sh10), t0), _mm512_loadu_ps(xc + 16), a1);
+                a2 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srlv_epi32(q, sh01), t1), _mm512_loadu_ps(xc + 32), a2);
+                a3 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srlv_epi32(q, sh11), t1), _mm512_loadu_ps(xc + 48), a3);
+            }
+        }
+        float o = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+        if (bias) o += bias[r];
+        y[r] = acc ? y[r] + o : o;
+    }
+}
+#endif
+
 /* y[t][r] (=|+=) W[r]·x[t] (+ bias[r]), rows [r0, r1), 1 ≤ n ≤ DS_QK_GEMV_MAX (ds_qk_ops.gemv_fused). */
 static void gemv_fused(const ds_mat *w, int32_t r0, int32_t r1, const float *x, int32_t n, float *y, const float *bias,
                        bool acc) {
@@ -523,6 +575,12 @@ static void gemv_fused(const ds_mat *w, int32_t r0, int32_t r1, const float *x, 
          * thread comes out of DRAM faster than two (bench_qmatmul, 302 MB, one thread: Q4_K 55 →
          * 44 ms, Q6_K 45 → 32); matrices that stay in cache take QG_R1 rows (Q4_K 2048 × 2048:
          * 0.32 ms against 0.34) */
+#if QG_TABLE
+        if (w->dtype == DS_DTYPE_Q4_K && w->cols <= QG_Q4K_KMAX) {
+            qg_q4k_n1(w, r0, r1, x, y, bias, acc);
+            return;
+        }
+#endif
         if (w->dtype == DS_DTYPE_Q8_0 || w->dtype == DS_DTYPE_Q6_K || (size_t)w->rows * w->row_bytes >= QG_R1_BYTES)
             QG_RUN(1, 1);
         else QG_RUN(QG_R1, 1);
