@@ -263,5 +263,12 @@ static void deq_tile(const ds_mat *w, int32_t r0, int32_t nr, int32_t k0, int32_
 
 #include "backend/cpu/qgemv.h"
 #include "backend/cpu/attn_kern.h"
+#if defined(__AVX512F__) && QK_VW == 16
+#include "backend/cpu/qgemm.h"
+#define QK_GEMM_TILE gemm_tile
+#else
+#define QK_GEMM_TILE NULL
+#endif
 
-const ds_qk_ops QK_NAME = {.gemv = gemv, .gemv_fused = gemv_fused, .deq_tile = deq_tile, .attn_dec = attn_dec, .vw = QK_VW};
+const ds_qk_ops QK_NAME = {.gemv = gemv, .gemv_fused = gemv_fused, .deq_tile = deq_tile, .gemm_tile = QK_GEMM_TILE,
+                           .attn_dec = attn_dec, .vw = QK_VW};

@@ -24,6 +24,11 @@ typedef struct ds_qk_ops {
                        const float *bias, bool acc);
     /* dst[nr][kn] = rows [r0, r0+nr), columns [k0, k0+kn) of W as fp32 (k0, kn whole blocks). */
     void (*deq_tile)(const ds_mat *w, int32_t r0, int32_t nr, int32_t k0, int32_t kn, float *dst);
+    /* y[t][i] (=|+=) Σ_k tile[i][k]·x[t][k], t < n, i < nr, k < kn: the GEMM of a deq_tile tile
+     * without OpenBLAS's repacking (qgemm.h; AVX-512 only, else NULL and the driver calls sgemm);
+     * work holds DS_QK_GEMM_WORK floats. */
+    void (*gemm_tile)(const float *tile, int32_t nr, int32_t kn, const float *x, int32_t ldx, int32_t n, float *y,
+                      int32_t ldy, bool acc, float *work);
     /* Decode attention of token t over keys [i0, i1) for KV head kvh and its group of query heads:
      * o[group][head_dim] = Σ e^{s−m}·v unnormalised, ml[group][2] = {m, Σ e^{s−m}}
      * (attn_kern.h). */
@@ -63,6 +68,13 @@ const ds_qk_ops *ds_qk_by_name(const char *name);
  * prefill (pp512 1B Q4_K_M 81 -> 93 tokens/s at 512 rows). */
 #define DS_QK_TILE_ROWS 512
 #define DS_QK_TILE_K 2048
+/* gemm_tile's work per thread: 64 tokens' activations transposed ([k][64]) and the tile's partial
+ * sums ([rows][64]). */
+#define DS_QK_GEMM_WORK ((size_t)(DS_QK_TILE_K + DS_QK_TILE_ROWS) * 64)
+/* Steps of up to this many tokens take gemm_tile, on tiles of DS_QK_GEMM_TILE_ROWS rows (without
+ * repacking, a smaller tile costs nothing, and 128 × 2048 floats stay in L2). */
+#define DS_QK_GEMM_TILE_MAX 128
+#define DS_QK_GEMM_TILE_ROWS 128
 size_t ds_qk_scratch_floats(int n_threads);
 
 /* Whether ds_qk_matmul takes n tokens of w by tiles + OpenBLAS (and so needs its scratch) rather
