@@ -314,6 +314,24 @@ static void test_cpu_isas(void) {
                 expect(&t, "qk", what, y, ref, (size_t)n * rows, 1e-10);
                 free(w), free(wf), free(x), free(y), free(ref);
             }
+        /* softmax's exponentials (exp_sum): every element within 4e-7 of e^x relative (libm's expf
+         * is within ~1.2e-7), from −90 (below the underflow cut: 0) up to the shift itself, and
+         * a length with a vector tail */
+        enum { NE = 1237 };
+        float p[NE], m = 3.5f;
+        for (int32_t j = 0; j < NE; j++) p[j] = m - 90.0f * (float)j / (NE - 1);
+        double sum_ref = 0.0, worst = 0.0;
+        float want[NE];
+        for (int32_t j = 0; j < NE; j++) want[j] = p[j] - m, sum_ref += exp((double)want[j]);
+        const float sum = k->exp_sum(p, NE, m);
+        for (int32_t j = 0; j < NE; j++) {
+            const double e = exp((double)want[j]);
+            const double err = want[j] < -87.3f ? fabs((double)p[j] - e) : fabs((double)p[j] - e) / e;
+            if (err > worst) worst = err;
+        }
+        printf("cpu   exp_sum    %-7s worst relative error %.2e, sum %.7g (ref %.7g)\n", isas[i], worst, sum, sum_ref);
+        CHECK(worst <= 4e-7);
+        CHECK(fabs(sum - sum_ref) <= 1e-6 * sum_ref);
     }
     free(scratch);
 }

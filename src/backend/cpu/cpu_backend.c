@@ -238,15 +238,12 @@ static int cpu_kv_store(void *ctx, float *k_cache, float *v_cache, const float *
     return DS_OK;
 }
 
-/* One query head of one token against its sequence's paged KV: softmax in fp32 (two-pass, stable). */
-/* Dot product in 8 independent partial sums (so the compiler vectorises it without reassociating
- * one chain): attention's inner loops over head_dim. */
-/* p[0..m) = softmax(p[0..m)) in fp32 (max-shifted, then normalised in place). */
-static void softmax_row(float *p, int32_t m) {
-    float mx = -INFINITY, sum = 0.0f;
+/* p[0..m) = softmax(p[0..m)) in fp32 (max-shifted, then normalised in place; the exponentials by the
+ * instruction set's exp_sum, attn_kern.h). */
+static void softmax_row(const ds_qk_ops *k, float *p, int32_t m) {
+    float mx = -INFINITY;
     for (int32_t i = 0; i < m; i++) mx = p[i] > mx ? p[i] : mx;
-    for (int32_t i = 0; i < m; i++) sum += (p[i] = expf(p[i] - mx));
-    const float inv = 1.0f / sum;
+    const float inv = 1.0f / k->exp_sum(p, m, mx);
     for (int32_t i = 0; i < m; i++) p[i] *= inv;
 }
 
@@ -324,7 +321,7 @@ typedef struct {
     int32_t t0, n, kvh;
 } attn_task;
 
-static void attend_chunk(const ds_attn_args *a, const attn_task *k, float *buf) {
+static void attend_chunk(const ds_qk_ops *qk, const ds_attn_args *a, const attn_task *k, float *buf) {
     const int32_t hd = a->head_dim, row = a->n_kv_head * hd, group = a->n_head / a->n_kv_head;
     const int32_t s = a->tok_seq[k->t0], nkv = a->tok_nkv[k->t0 + k->n - 1];
     const int32_t *bt = a->block_tables + (size_t)s * a->max_blocks;
@@ -344,7 +341,7 @@ static void attend_chunk(const ds_attn_args *a, const attn_task *k, float *buf) 
         for (int32_t r = 0; r < k->n; r++) {
             float *p = S + (size_t)r * nkv;
             const int32_t m = a->tok_nkv[k->t0 + r];
-            softmax_row(p, m);
+            softmax_row(qk, p, m);
             for (int32_t i = m; i < nkv; i++) p[i] = 0.0f;
         }
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, k->n, hd, nkv, 1.0f, S, nkv, vc, hd, 0.0f, a->out + at,
@@ -418,7 +415,7 @@ static int cpu_attention(void *ctx, const ds_attn_args *a) {
     {
         float *mine = work + per * (size_t)omp_get_thread_num();
 #pragma omp for schedule(dynamic, 1) nowait
-        for (int32_t i = 0; i < n_tasks; i++) attend_chunk(a, &tasks[i], mine);
+        for (int32_t i = 0; i < n_tasks; i++) attend_chunk(c->qk, a, &tasks[i], mine);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t i = 0; i < n_single_tasks; i++) attn_chunk(&j, i);
     }

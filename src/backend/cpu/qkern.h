@@ -271,4 +271,4 @@ static void deq_tile(const ds_mat *w, int32_t r0, int32_t nr, int32_t k0, int32_
 #endif
 
 const ds_qk_ops QK_NAME = {.gemv = gemv, .gemv_fused = gemv_fused, .deq_tile = deq_tile, .gemm_tile = QK_GEMM_TILE,
-                           .attn_dec = attn_dec, .vw = QK_VW};
+                           .attn_dec = attn_dec, .exp_sum = exp_sub_sum, .vw = QK_VW};
