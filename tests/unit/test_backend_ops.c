@@ -332,6 +332,18 @@ static void test_cpu_isas(void) {
         printf("cpu   exp_sum    %-7s worst relative error %.2e, sum %.7g (ref %.7g)\n", isas[i], worst, sum, sum_ref);
         CHECK(worst <= 4e-7);
         CHECK(fabs(sum - sum_ref) <= 1e-6 * sum_ref);
+        /* SiLU(g)·u over [−100, 100] (both exp16 tails), odd length: within 1e-6 relative or 1e-30 */
+        float gs[NE], us[NE], out[NE];
+        double sworst = 0.0;
+        for (int32_t j = 0; j < NE; j++) gs[j] = -100.0f + 200.0f * (float)j / (NE - 1), us[j] = 1.0f + (float)(j % 7) * 0.25f;
+        k->silu_mul(gs, us, out, NE);
+        for (int32_t j = 0; j < NE; j++) {
+            const double r = (double)gs[j] / (1.0 + exp(-(double)gs[j])) * us[j];
+            const double err = fabs(out[j] - r) / (fabs(r) + 1e-30);
+            if (fabs(r) > 1e-30 && err > sworst) sworst = err;
+        }
+        printf("cpu   silu_mul   %-7s worst relative error %.2e\n", isas[i], sworst);
+        CHECK(sworst <= 1e-6);
     }
     free(scratch);
 }

@@ -192,12 +192,13 @@ static int cpu_rope(void *ctx, float *x, const int32_t *pos, const float *inv_fr
     return DS_OK;
 }
 
+/* SiLU(gate)·up by the instruction set's kernel (act_kern.h) in slices of 16 Ki elements over the
+ * OpenMP threads; decode steps stay serial: no OpenMP region. */
 static int cpu_silu_mul(void *ctx, const float *gate, const float *up, float *out, size_t n) {
-#pragma omp parallel for if (n > 262144) /* decode steps stay serial: no OpenMP region */
-    for (size_t i = 0; i < n; i++) {
-        const float g = gate[i];
-        out[i] = g / (1.0f + expf(-g)) * up[i];
-    }
+    const ds_qk_ops *k = ((cpu_ctx *)ctx)->qk;
+    const size_t S = 16384, n_s = (n + S - 1) / S;
+#pragma omp parallel for if (n > 262144)
+    for (size_t s = 0; s < n_s; s++) k->silu_mul(gate + s * S, up + s * S, out + s * S, n - s * S < S ? n - s * S : S);
     return DS_OK;
 }
 
@@ -239,7 +240,7 @@ static int cpu_kv_store(void *ctx, float *k_cache, float *v_cache, const float *
 }
 
 /* p[0..m) = softmax(p[0..m)) in fp32 (max-shifted, then normalised in place; the exponentials by the
- * instruction set's exp_sum, attn_kern.h). */
+ * instruction set's exp_sum, act_kern.h). */
 static void softmax_row(const ds_qk_ops *k, float *p, int32_t m) {
     float mx = -INFINITY;
     for (int32_t i = 0; i < m; i++) mx = p[i] > mx ? p[i] : mx;

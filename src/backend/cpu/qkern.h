@@ -262,6 +262,7 @@ static void deq_tile(const ds_mat *w, int32_t r0, int32_t nr, int32_t k0, int32_
 }
 
 #include "backend/cpu/qgemv.h"
+#include "backend/cpu/act_kern.h"
 #include "backend/cpu/attn_kern.h"
 #if defined(__AVX512F__) && QK_VW == 16
 #include "backend/cpu/qgemm.h"
@@ -271,4 +272,5 @@ static void deq_tile(const ds_mat *w, int32_t r0, int32_t nr, int32_t k0, int32_
 #endif
 
 const ds_qk_ops QK_NAME = {.gemv = gemv, .gemv_fused = gemv_fused, .deq_tile = deq_tile, .gemm_tile = QK_GEMM_TILE,
-                           .attn_dec = attn_dec, .exp_sum = exp_sub_sum, .vw = QK_VW};
+                           .attn_dec = attn_dec, .exp_sum = exp_sub_sum,
+                           .silu_mul = silu_mul, .vw = QK_VW};

@@ -33,8 +33,10 @@ typedef struct ds_qk_ops {
      * o[group][head_dim] = Σ e^{s−m}·v unnormalised, ml[group][2] = {m, Σ e^{s−m}}
      * (attn_kern.h). */
     void (*attn_dec)(const struct ds_attn_args *a, int32_t t, int32_t kvh, int32_t i0, int32_t i1, float *o, float *ml);
-    /* p[i] = e^{p[i] − m} for i < n, returns Σ (attn_kern.h; vectorised on AVX-512) */
+    /* p[i] = e^{p[i] − m} for i < n, returns Σ (act_kern.h; vectorised on AVX-512) */
     float (*exp_sum)(float *p, int32_t n, float m);
+    /* out[i] = SiLU(g[i])·u[i] (out may be g) */
+    void (*silu_mul)(const float *g, const float *u, float *out, size_t n);
     int vw; /* fp32 lanes */
 } ds_qk_ops;
 
