@@ -17,16 +17,16 @@
 
 /* Sum of a vector's lanes as a tree (vsum adds them in order: a chain of QK_VW dependent adds per
  * dot product, which was the kernel's critical path). */
-typedef float ahalf __attribute__((vector_size(QK_VW * 2)));
+typedef float aoct __attribute__((vector_size(32)));
+typedef float aquad __attribute__((vector_size(16)));
 static inline float attn_hsum(vf v) {
 #if QK_VW == 16
-    ahalf h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-    typedef float q4 __attribute__((vector_size(16)));
-    q4 x = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+    const aoct h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                   __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
 #else
-    typedef float q4 __attribute__((vector_size(16)));
-    q4 x = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+    const aoct h = v;
 #endif
+    const aquad x = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
     return (x[0] + x[2]) + (x[1] + x[3]);
 }
 #define ATTN_GROUP_MAX 16 /* query heads that share one pass over the keys (larger groups: several) */

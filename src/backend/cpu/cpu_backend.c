@@ -253,6 +253,7 @@ static void softmax_row(const ds_qk_ops *k, float *p, int32_t m) {
  * parts. Parts split long contexts so that a one-token step with few KV heads still gives every
  * thread work (SmolLM2: 3 KV heads on 2 threads). */
 #define ATTN_PART_MIN 256 /* keys per part at least */
+#define ATTN_PARTS_MAX 64  /* parts of one token's keys at most (attn_merge's weights) */
 
 typedef struct {
     const ds_attn_args *a;
@@ -288,7 +289,7 @@ static void attn_merge(const attn_job *j, int32_t n) {
         for (int32_t kvh = 0; kvh < a->n_kv_head; kvh++)
             for (int32_t g = 0; g < group; g++) {
                 const float *t0 = j->buf + ((size_t)i * a->n_kv_head + kvh) * P * (size_t)j->stride;
-                float M = -INFINITY, L = 0.0f, c[64];
+                float M = -INFINITY, L = 0.0f, c[ATTN_PARTS_MAX];
                 for (int32_t p = 0; p < P; p++) {
                     const float m = t0[(size_t)p * j->stride + (size_t)group * hd + 2 * g];
                     M = m > M ? m : M;
@@ -384,7 +385,7 @@ static int cpu_attention(void *ctx, const ds_attn_args *a) {
         const int32_t tasks = a->n_tokens * a->n_kv_head, want = 4 * c->n_threads;
         int32_t P = (want + tasks - 1) / tasks, by_len = (max_kv + ATTN_PART_MIN - 1) / ATTN_PART_MIN;
         P = P < by_len ? P : by_len;
-        P = P < 1 ? 1 : P > 64 ? 64 : P;
+        P = P < 1 ? 1 : P > ATTN_PARTS_MAX ? ATTN_PARTS_MAX : P;
         const size_t n_tok = (size_t)a->n_tokens, n = n_tok * (size_t)a->n_kv_head * (size_t)P;
         float *buf = cpu_scratch(c, n * stride + n_tok);
         if (!buf) return DS_ENOMEM;

@@ -571,10 +571,10 @@ static void gemv_fused(const ds_mat *w, int32_t r0, int32_t r1, const float *x, 
                        bool acc) {
     switch (n) {
     case 1:
-        /* Q8_0 / Q6_K, and any matrix too big to stay in cache, a row at a time: one stream per
-         * thread comes out of DRAM faster than two (bench_qmatmul, 302 MB, one thread: Q4_K 55 →
-         * 44 ms, Q6_K 45 → 32); matrices that stay in cache take QG_R1 rows (Q4_K 2048 × 2048:
-         * 0.32 ms against 0.34) */
+        /* Q4_K on AVX-512: its own loop, a row at a time. Q8_0 / Q6_K, and any matrix too big to
+         * stay in cache, a row at a time: one stream per thread comes out of DRAM faster than two
+         * (bench_qmatmul, 302 MB, one thread: Q4_K 55 → 44 ms, Q6_K 45 → 32, before qg_q4k_n1);
+         * matrices that stay in cache take QG_R1 rows (Q4_K 2048 × 2048: 0.32 ms against 0.34) */
 #if QG_TABLE
         if (w->dtype == DS_DTYPE_Q4_K && w->cols <= QG_Q4K_KMAX) {
             qg_q4k_n1(w, r0, r1, x, y, bias, acc);

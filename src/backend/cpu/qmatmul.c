@@ -3,9 +3,10 @@
  * Decode-sized steps (n ≤ DS_QK_GEMV_MAX tokens; DS_QK_FUSED_MAX for the fused kernels, in passes)
  * stream each weight row once through the gemv kernel, rows split over the threads. Larger steps
  * (prefill chunks, big decode batches)
- * dequantise a tile of DS_QK_TILE_ROWS rows × up to DS_QK_TILE_K columns once into per-thread
- * scratch and multiply it with every token of the step by one single-threaded OpenBLAS sgemm, so
- * the dequantisation is paid once per step, not once per token. */
+ * dequantise a tile of rows × up to DS_QK_TILE_K columns once into per-thread scratch and multiply
+ * it with every token of the step — by the kernels' own gemm_tile up to DS_QK_GEMM_TILE_MAX tokens,
+ * else by one single-threaded OpenBLAS sgemm — so the dequantisation is paid once per step, not
+ * once per token. */
 #include "backend/cpu/qmatmul.h"
 
 #include "backend/cpu/pool.h"
@@ -74,9 +75,11 @@ const ds_qk_ops *ds_qk_best(const char **name) {
     return best;
 }
 
-size_t ds_qk_scratch_floats(int n_threads) {
-    return (size_t)(n_threads > 0 ? n_threads : 1) * ((size_t)DS_QK_TILE_ROWS * DS_QK_TILE_K + DS_QK_GEMM_WORK);
-}
+/* One thread's scratch: the dequantised tile, then gemm_tile's work. */
+#define TILE_FLOATS ((size_t)DS_QK_TILE_ROWS * DS_QK_TILE_K)
+#define THREAD_FLOATS (TILE_FLOATS + DS_QK_GEMM_WORK)
+
+size_t ds_qk_scratch_floats(int n_threads) { return (size_t)(n_threads > 0 ? n_threads : 1) * THREAD_FLOATS; }
 
 /* Column chunk: whole row when it fits, else DS_QK_TILE_K (a multiple of every block size). */
 static int32_t k_chunk(const ds_mat *w) { return w->cols <= DS_QK_TILE_K ? w->cols : DS_QK_TILE_K; }
@@ -139,14 +142,13 @@ int ds_qk_matmul(const ds_qk_ops *k, const float *x, const ds_mat *w, const floa
     const int32_t kc = k_chunk(w), tr = tile_rows(M, omp_get_max_threads(), own ? DS_QK_GEMM_TILE_ROWS : DS_QK_TILE_ROWS), n_tiles = (M + tr - 1) / tr;
 #pragma omp parallel for schedule(dynamic, 1)
     for (int32_t tile = 0; tile < n_tiles; tile++) {
-        float *buf = scratch + (size_t)omp_get_thread_num() * ((size_t)DS_QK_TILE_ROWS * DS_QK_TILE_K + DS_QK_GEMM_WORK);
+        float *buf = scratch + (size_t)omp_get_thread_num() * THREAD_FLOATS;
         const int32_t r0 = tile * tr, nr = M - r0 < tr ? M - r0 : tr;
         for (int32_t k0 = 0; k0 < K; k0 += kc) {
             const int32_t kn = K - k0 < kc ? K - k0 : kc;
             k->deq_tile(w, r0, nr, k0, kn, buf);
             if (own)
-                k->gemm_tile(buf, nr, kn, x + k0, K, n, y + r0, M, acc || k0 > 0,
-                             buf + (size_t)DS_QK_TILE_ROWS * DS_QK_TILE_K);
+                k->gemm_tile(buf, nr, kn, x + k0, K, n, y + r0, M, acc || k0 > 0, buf + TILE_FLOATS);
             else
                 cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, nr, kn, 1.0f, x + k0, K, buf, kn,
                             (acc || k0 > 0) ? 1.0f : 0.0f, y + r0, M);

@@ -6,7 +6,7 @@
 #include "ds/backend.h"
 
 /* Largest token count one gemv call takes; more tokens dequantise tiles once per step and
- * multiply them with OpenBLAS... */
+ * multiply them by a GEMM (gemm_tile or OpenBLAS)... */
 #define DS_QK_GEMV_MAX 8
 /* ...except that the fused kernels (ds_qk_fused weights) take up to this many in passes of
  * DS_QK_GEMV_MAX over each chunk of rows, which stays in cache between passes: per token they cost
@@ -81,7 +81,7 @@ const ds_qk_ops *ds_qk_by_name(const char *name);
 #define DS_QK_GEMM_TILE_ROWS 128
 size_t ds_qk_scratch_floats(int n_threads);
 
-/* Whether ds_qk_matmul takes n tokens of w by tiles + OpenBLAS (and so needs its scratch) rather
+/* Whether ds_qk_matmul takes n tokens of w by tiles + a GEMM (and so needs its scratch) rather
  * than the gemv kernels. */
 static inline bool ds_qk_tiled(const ds_qk_ops *k, const ds_mat *w, int32_t n) {
     return n > DS_QK_GEMV_MAX && !(n <= DS_QK_FUSED_MAX && k->gemv_fused && ds_qk_fused(w));
