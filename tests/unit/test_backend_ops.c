@@ -256,7 +256,8 @@ out:
 
 /* Awkward shapes: n = 1, odd n, the gemv/tile boundaries (8, 9; 16, 17 for the fused kernels),
  * rows that are not a multiple of any tile, several column blocks, columns past one K chunk
- * (2304 = 2048 + 256), 64-token passes of the tile GEMM (80, 129), and for the 16/32-bit formats
+ * (2304 = 2048 + 256), 64-token passes of the tile GEMM (80, 129) and the few tokens past a
+ * multiple of 16 that it takes as dot products (17, 20, 37, 66, 70), and for the 16/32-bit formats
  * columns that are not a multiple of 32. */
 static void test_typed(tcase *t) {
     for (size_t d = 0; d < N_DTYPES; d++) {
@@ -274,6 +275,7 @@ static void test_typed(tcase *t) {
         /* the CPU's own tile GEMM (qgemm.h): passes of 64 tokens (80 = 64 + 16: four vectors, then
          * one), 16×16 transposes and their tails; 129 tokens go to OpenBLAS */
         typed_case(t, dt, 80, 50, k2, true);
+        typed_case(t, dt, 66, 41, k1, true); /* 64 + 2: the last tokens by dot products (gt_dot) */
         typed_case(t, dt, 129, 18, k1, false);
         if (B == 1) typed_case(t, dt, 5, 29, 53, true);
         if (B == 1) typed_case(t, dt, 70, 35, 53, false);

@@ -73,6 +73,73 @@ static inline __attribute__((always_inline)) void gt_block(const float *tile, si
         for (int v = 0; v < V; v++) _mm512_storeu_ps(ct + (size_t)(r + i) * GT_TOK + 16 * v, c[i * V + v]);
 }
 
+/* Rows [r, r + R) against tokens [0, T) of x, whole rows at a time (the tile's kn columns, kt = kn
+ * rounded down to 16, the rest masked): y[t][r + i] (=|+=) Σ_k tile[r + i][k]·x[t][k], vectors
+ * along k and one reduction per (row, token). For the few tokens past a step's last 16 (a 64-token
+ * prefill with a decode or two beside it): gemm_tile's lanes are tokens, so one token there costs
+ * a whole vector FMA per weight where here it costs a sixteenth (bench_qmatmul --n 64,65). */
+static inline __attribute__((always_inline)) void gt_dot(const float *tile, size_t kn, int32_t r, const int R,
+                                                          const int T, const float *x, size_t ldx, float *y,
+                                                          size_t ldy, bool acc) {
+    __m512 c[16];
+#pragma GCC unroll 16
+    for (int i = 0; i < R * T; i++) c[i] = _mm512_setzero_ps();
+    const float *w = tile + (size_t)r * kn;
+    const size_t kt = kn / 16 * 16;
+    for (size_t k = 0; k < kn; k += 16) {
+        const __mmask16 m = k < kt ? (__mmask16)0xffff : (__mmask16)((1u << (kn - kt)) - 1);
+        __m512 xv[4];
+#pragma GCC unroll 4
+        for (int t = 0; t < T; t++) xv[t] = _mm512_maskz_loadu_ps(m, x + (size_t)t * ldx + k);
+#pragma GCC unroll 4
+        for (int i = 0; i < R; i++) {
+            const __m512 wv = _mm512_maskz_loadu_ps(m, w + (size_t)i * kn + k);
+#pragma GCC unroll 4
+            for (int t = 0; t < T; t++) c[i * T + t] = _mm512_fmadd_ps(wv, xv[t], c[i * T + t]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < R; i++)
+#pragma GCC unroll 4
+        for (int t = 0; t < T; t++) {
+            float *yo = y + (size_t)t * ldy + r + i;
+            const float s = _mm512_reduce_add_ps(c[i * T + t]);
+            *yo = acc ? *yo + s : s;
+        }
+}
+
+/* gt_dot over every row of the tile and tokens [0, n), 4 tokens at a time. */
+static void gt_dot_rows(const float *tile, int32_t nr, size_t kn, const float *x, size_t ldx, int32_t n, float *y,
+                        size_t ldy, bool acc) {
+    for (int32_t t = 0; t < n; t += 4) {
+        const float *xt = x + (size_t)t * ldx;
+        float *yt = y + (size_t)t * ldy;
+        int32_t r = 0;
+        switch (n - t < 4 ? n - t : 4) {
+        case 1:
+            for (; r + 4 <= nr; r += 4) gt_dot(tile, kn, r, 4, 1, xt, ldx, yt, ldy, acc);
+            for (; r < nr; r++) gt_dot(tile, kn, r, 1, 1, xt, ldx, yt, ldy, acc);
+            break;
+        case 2:
+            for (; r + 4 <= nr; r += 4) gt_dot(tile, kn, r, 4, 2, xt, ldx, yt, ldy, acc);
+            for (; r < nr; r++) gt_dot(tile, kn, r, 1, 2, xt, ldx, yt, ldy, acc);
+            break;
+        case 3:
+            for (; r + 4 <= nr; r += 4) gt_dot(tile, kn, r, 4, 3, xt, ldx, yt, ldy, acc);
+            for (; r < nr; r++) gt_dot(tile, kn, r, 1, 3, xt, ldx, yt, ldy, acc);
+            break;
+        default:
+            for (; r + 4 <= nr; r += 4) gt_dot(tile, kn, r, 4, 4, xt, ldx, yt, ldy, acc);
+            for (; r < nr; r++) gt_dot(tile, kn, r, 1, 4, xt, ldx, yt, ldy, acc);
+            break;
+        }
+    }
+}
+
+/* Tokens past the last multiple of 16 that go to gt_dot_rows instead of a pass of their own (a
+ * vector of token lanes, mostly padding). */
+#define GT_DOT_MAX 15
+
 /* Every row of the tile over columns [kb, ke) with V token vectors: blocks of RB rows, then the rest
  * one row at a time. */
 #define GT_ROWS(RB, V)                                                                                                \
@@ -88,6 +155,12 @@ static void gemm_tile(const float *tile, int32_t nr, int32_t kn, const float *x,
                       int32_t ldy, bool acc, float *work) {
     float *xt = work, *ct = work + (size_t)kn * GT_TOK;
     const int32_t k16 = kn / 16 * 16, r16 = nr / 16 * 16;
+    if (n > 16 && n % 16 <= GT_DOT_MAX) { /* the last few tokens by dot products, the rest in passes */
+        const int32_t nd = n % 16;
+        gt_dot_rows(tile, nr, (size_t)kn, x + (size_t)(n - nd) * ldx, (size_t)ldx, nd, y + (size_t)(n - nd) * ldy,
+                    (size_t)ldy, acc);
+        n -= nd;
+    }
     for (int32_t t0 = 0; t0 < n; t0 += GT_TOK) {
         const int32_t nt = n - t0 < GT_TOK ? n - t0 : GT_TOK, t16 = nt / 16 * 16;
         /* xt[k][t] = x[t0 + t][k], tokens past nt zero */
